@@ -1,0 +1,126 @@
+"""Fixtures shared by every test suite in the repo (core and backends).
+
+Every test runs with its own MESHRUN_HOME, lease directory and configuration, so tests never see each
+other's jobs, the user's real job store, or the machine's real GPU leases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+FAKES = REPO / "tests" / "fakes"
+
+
+@pytest.fixture(autouse=True)
+def meshrun_home(tmp_path, monkeypatch):
+    """An isolated job store, lease directory and config for each test."""
+    home = tmp_path / "meshrun-home"
+    leases = tmp_path / "leases"
+    monkeypatch.setenv("MESHRUN_HOME", str(home))
+    monkeypatch.setenv("MESHRUN_LEASE_DIR", str(leases))
+    monkeypatch.setenv("MESHRUN_CONFIG", str(tmp_path / "no-such-config.toml"))
+    monkeypatch.delenv("MESHRUN_GPUS", raising=False)
+    monkeypatch.delenv("MESHRUN_BACKEND", raising=False)
+    (tmp_path / "no-such-config.toml").write_text("")
+    _reset_meshrun()
+    yield home
+    _stop_fork_servers(home)
+    _reset_meshrun()
+
+
+def _reset_meshrun() -> None:
+    if "meshrun._config" in sys.modules:
+        from meshrun import _config, _registry, _store
+
+        _registry.reset()
+        _config._current = None
+        with _store._stores_lock:
+            for s in _store._stores.values():
+                s.close()
+            _store._stores.clear()
+
+
+def _stop_fork_servers(home: Path) -> None:
+    """Ask this test's warm fork servers to exit (removing the socket makes them stop within a second)."""
+    for sock in list(home.glob("agent-*.sock")) if home.exists() else []:
+        try:
+            sock.unlink()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def fake_gpus(tmp_path, monkeypatch):
+    """Declare fake GPUs through a fake nvidia-smi on PATH. Call it with a count or a list of names; returns
+    a helper whose ``.processes`` list (pid, gpu index) can be changed to fake foreign GPU processes."""
+
+    class Fake:
+        def __init__(self):
+            self.path = tmp_path / "fake-nvidia-smi.json"
+            self.gpus: list[dict] = []
+            self.processes: list[dict] = []
+
+        def __call__(self, n: int | list[str] = 4, name: str = "NVIDIA H100 80GB HBM3"):
+            names = n if isinstance(n, list) else [name] * n
+            self.gpus = [
+                {"index": i, "uuid": f"GPU-fake-{i:04d}-{os.getpid()}", "name": nm, "memory_mib": 81559}
+                for i, nm in enumerate(names)
+            ]
+            self.write()
+            monkeypatch.setenv("FAKE_NVIDIA_SMI", str(self.path))
+            monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+            return self
+
+        def add_process(self, pid: int, gpu_index: int, name: str = "python"):
+            self.processes.append({"pid": pid, "gpu_uuid": self.gpus[gpu_index]["uuid"], "name": name})
+            self.write()
+
+        def clear_processes(self):
+            self.processes = []
+            self.write()
+
+        def write(self):
+            self.path.write_text(json.dumps({"gpus": self.gpus, "processes": self.processes}))
+
+    return Fake()
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``pred`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def proc_alive(pid: int) -> bool:
+    """True for a live process, False for a dead or zombie one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def helpers():
+    class H:
+        wait_until = staticmethod(wait_until)
+        proc_alive = staticmethod(proc_alive)
+        repo = REPO
+        fakes = FAKES
+
+    return H

@@ -1,0 +1,1269 @@
+"""The meshrun host agent: everything that happens on the machine a job runs on.
+
+Standard library only, and one self-contained file on purpose: the local backend imports it, and the
+SSH backend uploads this very file to a remote host and runs it there with whatever ``python3`` the
+host has (3.8 or newer).
+
+What it does:
+
+* GPU inventory (``nvidia-smi``, or ``MESHRUN_GPUS`` declared by an admin or a test);
+* GPU leases in a machine-wide directory (``MESHRUN_LEASE_DIR``), shared by every OS user of the host,
+  guarded by ``flock``; a lease belongs to a job's process session and is reclaimed when no process of
+  that session is left; GPUs busy with processes meshrun did not start are never handed out;
+* a first-come-first-served queue for jobs that ask for more GPUs than are free;
+* the job supervisor (``run``): starts the job in its own session with ``CUDA_VISIBLE_DEVICES`` set to
+  its leased GPUs, enforces the time limit, forwards cancellation to the whole process tree, reaps every
+  process and writes the job's exit record;
+* a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
+  instead of paying for a fresh Python start-up;
+* a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
+
+The contract with the core is the job directory: the core writes ``launch.json`` (and ``payload.pkl`` for
+function jobs); the agent writes ``state.json``, ``exit.json``, ``output.log`` and, for function jobs,
+``result.pkl`` or ``error.json``/``error.pkl``.
+"""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+AGENT_VERSION = "1"
+
+# Files of a job directory (the contract between the core and the agent).
+LAUNCH = "launch.json"
+STATE = "state.json"
+EXIT = "exit.json"
+LOG = "output.log"
+PAYLOAD = "payload.pkl"
+RESULT = "result.pkl"
+ERROR_JSON = "error.json"
+ERROR_PKL = "error.pkl"
+CANCEL = "cancel.json"
+
+DEFAULT_LEASE_DIR = "/var/tmp/meshrun-leases"
+SPAWN_GRACE = 30.0  # seconds a job dir may go without a state file before it counts as lost
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def now():
+    return time.time()
+
+
+def atomic_write(path, data, mode=0o644):
+    """Write bytes to ``path`` so that readers see the old or the new content, never a torn file."""
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:  # no fsync: records must survive killed processes, which the page cache does
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)  # umask must not narrow a machine-wide file
+    os.replace(tmp, path)
+
+
+def write_json(path, obj, mode=0o644):
+    atomic_write(path, (json.dumps(obj, sort_keys=True) + "\n").encode(), mode)
+
+
+def read_json(path, default=None):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return default
+
+
+def user_name():
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except Exception:  # pragma: no cover - no passwd entry (containers)
+        return os.environ.get("USER") or str(os.getuid())
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except Exception:  # pragma: no cover
+        return None
+
+
+def prctl(option, value):
+    libc = _libc()
+    if libc is None or not sys.platform.startswith("linux"):
+        return False
+    return libc.prctl(option, value, 0, 0, 0) == 0
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+# --------------------------------------------------------------------------------------------------
+# processes
+
+
+def _proc_stat(pid):
+    """(state, ppid, pgid, sid, starttime) of a process from /proc, or None if it does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    # the command name is in parentheses and may itself contain spaces and parentheses
+    rest = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+HAVE_PROC = os.path.isdir("/proc/self")
+
+
+def proc_start(pid):
+    """Start time of a live (non-zombie) process, used to tell a process from a later one with its pid."""
+    if not pid:
+        return None
+    if HAVE_PROC:
+        st = _proc_stat(pid)
+        if st is None or st[0] in ("Z", "X"):
+            return None
+        return st[4]
+    try:  # pragma: no cover - no /proc (macOS): no start time, liveness only
+        os.kill(pid, 0)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            return 0
+        return None
+    return 0
+
+
+def pid_alive(pid, start=None):
+    s = proc_start(pid)
+    if s is None:
+        return False
+    return start is None or s == start
+
+
+def session_members(sid):
+    """Live (non-zombie) processes whose session id is ``sid``."""
+    if not sid or not HAVE_PROC:
+        return [sid] if sid and pid_alive(sid) else []
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = _proc_stat(int(name))
+        if st is not None and st[3] == sid and st[0] not in ("Z", "X"):
+            out.append(int(name))
+    return out
+
+
+def proc_session(pid):
+    st = _proc_stat(pid) if HAVE_PROC else None
+    return st[3] if st else None
+
+
+def kill_session(sid, sig, exclude=()):
+    """Send ``sig`` to every live process of session ``sid`` (also those that left its process group)."""
+    hit = []
+    for pid in session_members(sid):
+        if pid in exclude:
+            continue
+        try:
+            os.kill(pid, sig)
+            hit.append(pid)
+        except OSError:
+            pass
+    return hit
+
+
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# GPUs
+
+
+def _run(argv, timeout=15):
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+    if p.returncode != 0:
+        return None, (p.stderr or p.stdout).decode(errors="replace").strip() or "exit %d" % p.returncode
+    return p.stdout.decode(errors="replace"), None
+
+
+def _csv_rows(text):
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            rows.append([c.strip() for c in line.split(",")])
+    return rows
+
+
+def nvidia_smi_gpus():
+    """GPUs as nvidia-smi reports them: (list of dicts, error or None)."""
+    out, err = _run(
+        ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
+    )
+    if out is None:
+        return [], err
+    gpus = []
+    for row in _csv_rows(out):
+        if len(row) < 4:
+            continue
+        try:
+            mem = int(float(row[3])) * 1024 * 1024
+        except ValueError:
+            mem = None
+        gpus.append({"index": int(row[0]), "uuid": row[1], "name": row[2], "memory": mem})
+    return gpus, None
+
+
+def nvidia_smi_processes():
+    """Compute processes on the GPUs: (list of {pid, gpu_uuid, used_memory, process_name}, error)."""
+    out, err = _run(
+        [
+            "nvidia-smi",
+            "--query-compute-apps=pid,gpu_uuid,used_memory,process_name",
+            "--format=csv,noheader,nounits",
+        ]
+    )
+    if out is None:
+        return [], err
+    procs = []
+    for row in _csv_rows(out):
+        if len(row) < 2 or not row[0].isdigit():
+            continue
+        procs.append(
+            {
+                "pid": int(row[0]),
+                "gpu_uuid": row[1],
+                "used_memory": row[2] if len(row) > 2 else "",
+                "process_name": ",".join(row[3:]) if len(row) > 3 else "",
+            }
+        )
+    return procs, None
+
+
+def parse_declared(value):
+    """``MESHRUN_GPUS``: "0,1,2,3", "0-3", "none" or "" (no GPUs)."""
+    value = value.strip()
+    if value.lower() in ("", "none"):
+        return []
+    idx = []
+    for part in value.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            idx.extend(range(int(a), int(b) + 1))
+        elif part:
+            idx.append(int(part))
+    if len(set(idx)) != len(idx) or any(i < 0 for i in idx):
+        raise ValueError("MESHRUN_GPUS must list distinct GPU indices, e.g. '0,1,2,3' or '0-3'")
+    return idx
+
+
+def discover_gpus(env=None):
+    """The GPUs meshrun may hand out here: (gpus, source, error).
+
+    ``MESHRUN_GPUS`` restricts discovery to those indices (taking their details from nvidia-smi when it
+    answers) or declares them outright on a machine without nvidia-smi.
+    """
+    env = os.environ if env is None else env
+    declared = env.get("MESHRUN_GPUS")
+    smi, err = nvidia_smi_gpus()
+    if declared is None:
+        return smi, "nvidia-smi", err
+    wanted = parse_declared(declared)
+    by_index = {g["index"]: g for g in smi}
+    gpus = []
+    for i in wanted:
+        if i in by_index:
+            gpus.append(by_index[i])
+        else:
+            gpus.append({"index": i, "uuid": "GPU-declared-%d" % i, "name": "declared", "memory": None})
+    return gpus, "MESHRUN_GPUS", None
+
+
+def _real_gpus(gpus):
+    """True when at least one GPU came from nvidia-smi (declared-only GPUs have no processes to ask about)."""
+    return any(g.get("name") != "declared" for g in gpus)
+
+
+def gpu_matches(gpu, gpu_type):
+    if not gpu_type:
+        return True
+    norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
+    return norm(gpu_type) in norm(gpu.get("name") or "")
+
+
+# --------------------------------------------------------------------------------------------------
+# leases
+
+
+class LeaseError(Exception):
+    pass
+
+
+def lease_dir(env=None):
+    env = os.environ if env is None else env
+    return env.get("MESHRUN_LEASE_DIR") or DEFAULT_LEASE_DIR
+
+
+class Leases:
+    """The machine-wide lease table: which session holds which GPU, and who waits in line.
+
+    One JSON file, ``leases.json``, rewritten atomically under an exclusive ``flock`` on ``lock``. The
+    directory is world-writable (not sticky) so that any user's job can reclaim a lease whose holder has
+    died; this is a cooperative scheme for a shared workstation, not a security boundary.
+    """
+
+    def __init__(self, path=None):
+        self.path = path or lease_dir()
+        self._fd = None
+
+    # -- locking
+    def _ensure(self):
+        if not os.path.isdir(self.path):
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                raise LeaseError("cannot create lease directory %s: %s" % (self.path, e))
+            try:
+                os.chmod(self.path, 0o777)
+            except OSError:
+                pass
+        lock = os.path.join(self.path, "lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise LeaseError(
+                "cannot open %s: %s (the lease directory must be writable by every user of "
+                "this machine; set MESHRUN_LEASE_DIR to use another)" % (lock, e)
+            )
+        try:
+            if os.fstat(fd).st_uid == os.getuid():
+                os.fchmod(fd, 0o666)
+        except OSError:
+            pass
+        return fd
+
+    def __enter__(self):
+        import fcntl
+
+        self._fd = self._ensure()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    # -- state (call only while locked)
+    def load(self):
+        state = read_json(os.path.join(self.path, "leases.json"))
+        if not isinstance(state, dict) or state.get("boot_id") != boot_id():
+            # first use, a corrupt file, or a reboot: nobody can hold anything any more
+            state = {"boot_id": boot_id(), "gpus": {}, "queue": [], "seq": 0}
+        state.setdefault("gpus", {})
+        state.setdefault("queue", [])
+        state.setdefault("seq", 0)
+        return state
+
+    def save(self, state):
+        write_json(os.path.join(self.path, "leases.json"), state, mode=0o666)
+
+    @staticmethod
+    def holder_alive(rec):
+        """A lease or ticket is live while its supervisor lives or any process of its session does."""
+        if pid_alive(rec.get("pid"), rec.get("pid_start")):
+            return True
+        sid = rec.get("sid")
+        return bool(sid) and bool(session_members(sid))
+
+    def reclaim(self, state):
+        """Drop leases and tickets whose processes are all gone; returns what was dropped."""
+        dropped = []
+        for key in list(state["gpus"]):
+            if not self.holder_alive(state["gpus"][key]):
+                dropped.append(("gpu", key, state["gpus"].pop(key)))
+        keep = []
+        for t in state["queue"]:
+            if pid_alive(t.get("pid"), t.get("pid_start")):
+                keep.append(t)
+            else:
+                dropped.append(("ticket", t.get("ticket"), t))
+        state["queue"] = keep
+        return dropped
+
+
+def foreign_busy(gpus, state, procs):
+    """GPU uuids in use by processes that belong to no live meshrun lease."""
+    leased_sids = set(r.get("sid") for r in state["gpus"].values() if r.get("sid"))
+    busy = {}
+    for p in procs:
+        sid = proc_session(p["pid"])
+        if sid is not None and sid in leased_sids:
+            continue
+        busy.setdefault(p["gpu_uuid"], []).append(p)
+    return busy
+
+
+def plan_grants(gpus, state, busy_uuids):
+    """First come, first served: walk the queue in ticket order, giving each ticket the GPUs it asks for
+    while they last; the first ticket that cannot be served stops the walk (no one jumps the line).
+    Returns {ticket: [gpu index, ...]} for tickets that can start now."""
+    leased = set(state["gpus"])
+    free = [
+        g for g in sorted(gpus, key=lambda g: g["index"])
+        if str(g["index"]) not in leased and g["uuid"] not in busy_uuids
+    ]
+    grants = {}
+    for t in sorted(state["queue"], key=lambda t: t["ticket"]):
+        fit = [g for g in free if gpu_matches(g, t.get("gpu_type"))][: t["gpus"]]
+        if len(fit) < t["gpus"]:
+            break
+        grants[t["ticket"]] = [g["index"] for g in fit]
+        taken = set(id(g) for g in fit)
+        free = [g for g in free if id(g) not in taken]
+    return grants
+
+
+def snapshot(env=None, with_processes=True):
+    """Everything ``meshrun gpus`` shows: inventory, leases, queue and foreign processes."""
+    env = os.environ if env is None else env
+    gpus, source, err = discover_gpus(env)
+    procs, perr = nvidia_smi_processes() if (with_processes and _real_gpus(gpus)) else ([], None)
+    leases = Leases(lease_dir(env))
+    try:
+        with leases:
+            state = leases.load()
+            if leases.reclaim(state):
+                leases.save(state)
+    except LeaseError as e:
+        return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {}}
+    busy = foreign_busy(gpus, state, procs)
+    return {
+        "host": socket.gethostname(),
+        "agent_version": AGENT_VERSION,
+        "gpus": gpus,
+        "source": source,
+        "error": err,
+        "process_error": perr,
+        "leases": state["gpus"],
+        "queue": state["queue"],
+        "foreign": busy,
+        "lease_dir": leases.path,
+        "time": now(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the job supervisor
+
+
+class _Stop(Exception):
+    """Raised from a signal handler: the job is to be stopped ("cancel" or "timeout")."""
+
+    def __init__(self, how):
+        self.how = how
+
+
+class _Fail(Exception):
+    """The job cannot run at all (unsatisfiable request, command not found)."""
+
+
+def _log(msg):
+    sys.stderr.write("[meshrun] %s\n" % msg)
+    sys.stderr.flush()
+
+
+def _redirect_output(job_dir):
+    fd = os.open(os.path.join(job_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+
+
+class Supervisor:
+    """Runs one job to the end: lease, start, wait, time limit, cancel, clean-up, exit record."""
+
+    def __init__(self, job_dir, env=None):
+        self.job_dir = os.path.abspath(job_dir)
+        self.launch = read_json(os.path.join(self.job_dir, LAUNCH))
+        if not isinstance(self.launch, dict):
+            raise SystemExit("meshrun agent: no readable %s in %s" % (LAUNCH, self.job_dir))
+        self.env = dict(os.environ if env is None else env)
+        self.pid = os.getpid()
+        self.pid_start = proc_start(self.pid)
+        self.sid = os.getsid(0)
+        self.child = None
+        self.stop = None  # "cancel" or "timeout" once asked to stop
+        self.stop_signal = None
+        self.started_at = None
+        self.gpus = []
+        self.ticket = None
+        self.leases = Leases(lease_dir(self.env))
+
+    # -- records
+    def _state(self, state, **extra):
+        rec = {
+            "state": state,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "sid": self.sid,
+            "host": socket.gethostname(),
+            "user": user_name(),
+            "since": now(),
+            "agent_version": AGENT_VERSION,
+        }
+        rec.update(extra)
+        write_json(os.path.join(self.job_dir, STATE), rec, mode=0o600)
+
+    def _exit(self, state, exit_code=None, reason=None, signal_num=None):
+        rec = {
+            "state": state,
+            "exit_code": exit_code,
+            "signal": signal_num,
+            "reason": reason,
+            "started_at": self.started_at,
+            "ended_at": now(),
+            "gpus": self.gpus,
+            "host": socket.gethostname(),
+        }
+        if not os.path.exists(os.path.join(self.job_dir, EXIT)):
+            write_json(os.path.join(self.job_dir, EXIT), rec, mode=0o600)
+
+    # -- signals
+    def _on_signal(self, signum, frame):
+        if self.stop is None:
+            self.stop = "timeout" if signum == signal.SIGALRM else "cancel"
+            self.stop_signal = signum
+        raise _Stop(self.stop)
+
+    # -- leases
+    def _acquire(self):
+        n = int(self.launch.get("gpus") or 0)
+        gpu_type = self.launch.get("gpu_type")
+        if n <= 0:
+            return []
+        gpus, source, err = discover_gpus(self.env)
+        fitting = [g for g in gpus if gpu_matches(g, gpu_type)]
+        if len(fitting) < n:
+            what = "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n
+            have = "%d GPU(s)%s" % (len(fitting), " of type %s" % gpu_type if gpu_type else "")
+            detail = " (%s)" % err if err and not gpus else ""
+            raise _Fail("the job asks for %s and this machine has %s%s" % (what, have, detail))
+        check_foreign = _real_gpus(gpus)
+        delay, last_msg = 0.01, None
+        while True:
+            procs = nvidia_smi_processes()[0] if check_foreign else []
+            with self.leases:
+                state = self.leases.load()
+                changed = bool(self.leases.reclaim(state))
+                if self.ticket is None:
+                    state["seq"] += 1
+                    self.ticket = state["seq"]
+                    state["queue"].append(
+                        {
+                            "ticket": self.ticket,
+                            "job_id": self.launch.get("job_id"),
+                            "name": self.launch.get("name"),
+                            "user": user_name(),
+                            "uid": os.getuid(),
+                            "gpus": n,
+                            "gpu_type": gpu_type,
+                            "pid": self.pid,
+                            "pid_start": self.pid_start,
+                            "sid": self.sid,
+                            "since": now(),
+                        }
+                    )
+                    changed = True
+                busy = foreign_busy(gpus, state, procs)
+                grants = plan_grants(gpus, state, set(busy))
+                mine = grants.get(self.ticket)
+                if mine is not None:
+                    state["queue"] = [t for t in state["queue"] if t["ticket"] != self.ticket]
+                    for idx in mine:
+                        state["gpus"][str(idx)] = {
+                            "job_id": self.launch.get("job_id"),
+                            "name": self.launch.get("name"),
+                            "user": user_name(),
+                            "uid": os.getuid(),
+                            "pid": self.pid,
+                            "pid_start": self.pid_start,
+                            "sid": self.sid,
+                            "since": now(),
+                            "job_dir": self.job_dir,
+                        }
+                    self.leases.save(state)
+                    self.ticket = None
+                    by_index = {g["index"]: g for g in gpus}
+                    return [by_index[i] for i in mine]
+                if changed:
+                    self.leases.save(state)
+                ahead = [t for t in state["queue"] if t["ticket"] < self.ticket]
+                free = [g for g in gpus if str(g["index"]) not in state["gpus"] and g["uuid"] not in busy]
+            msg = "waiting for %s: %d of %d free%s, %d job(s) ahead in the queue" % (
+                "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n,
+                len(free),
+                len(gpus),
+                " (%d busy with processes meshrun did not start)" % len(busy) if busy else "",
+                len(ahead),
+            )
+            if msg != last_msg:
+                _log(msg)
+                self._state("queued", reason=msg, position=len(ahead) + 1)
+                last_msg = msg
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _release(self):
+        try:
+            with self.leases:
+                state = self.leases.load()
+                mine = [k for k, r in state["gpus"].items() if r.get("pid") == self.pid and r.get("sid") == self.sid]
+                for k in mine:
+                    del state["gpus"][k]
+                before = len(state["queue"])
+                state["queue"] = [t for t in state["queue"] if t.get("pid") != self.pid]
+                if mine or len(state["queue"]) != before:
+                    self.leases.save(state)
+        except Exception as e:  # never let clean-up hide the job's own outcome
+            _log("could not release GPU lease: %s" % e)
+
+    # -- the job's environment
+    def _job_env(self):
+        env = dict(self.env)
+        env.update(self.launch.get("env") or {})
+        env["MESHRUN_JOB_ID"] = str(self.launch.get("job_id") or "")
+        env["MESHRUN_JOB_DIR"] = self.job_dir
+        if self.launch.get("name") is not None:
+            env["MESHRUN_JOB_NAME"] = self.launch["name"]
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for k, v in (self.launch.get("dist") or {}).items():
+            env.setdefault(k, str(v))
+        if self.launch.get("mask_gpus", True):
+            if self.gpus:
+                env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g["index"]) for g in self.gpus)
+                env["MESHRUN_GPU_UUIDS"] = ",".join(g["uuid"] for g in self.gpus)
+            else:
+                # a CPU job must not wander onto a GPU someone else leased
+                env["CUDA_VISIBLE_DEVICES"] = ""
+        if "GPUS_PER_NODE" not in (self.launch.get("dist") or {}):
+            env["GPUS_PER_NODE"] = str(len(self.gpus))
+        return env
+
+    # -- starting the job
+    def _start(self, env):
+        cwd = self.launch.get("cwd") or self.job_dir
+        setup = self.launch.get("setup") or []
+        kind = self.launch.get("kind")
+        if kind == "function":
+            pid = os.fork()
+            if pid == 0:  # the worker: runs setup, then the function, in this (forked) interpreter
+                try:
+                    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                    os.environ.clear()
+                    os.environ.update(env)
+                    os.chdir(cwd)
+                    code = _run_setup(setup, env, cwd)
+                    if code:
+                        os._exit(code)
+                    os._exit(_run_function(self.job_dir, self.launch))
+                except BaseException:  # pragma: no cover - last resort
+                    import traceback
+
+                    traceback.print_exc()
+                    os._exit(70)
+            return pid
+        if kind == "command":
+            argv = self.launch.get("argv")
+            if argv is None:
+                argv = ["/bin/bash", "-c", self.launch["shell"]]
+            if setup:
+                # setup commands run first, in the same environment; the command itself is exec'd so
+                # its argv reaches it untouched (no shell between meshrun and the user's arguments)
+                script = 'set -e\nfor __mr_s in "${@:2:$1}"; do /bin/bash -c "$__mr_s"; done\nshift "$(( $1 + 1 ))"\nexec "$@"'
+                argv = ["/bin/bash", "-c", script, "meshrun-setup", str(len(setup))] + list(setup) + list(argv)
+
+            def pre():
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+            try:
+                p = subprocess.Popen(argv, env=env, cwd=cwd, preexec_fn=pre, close_fds=True)
+            except OSError as e:
+                raise _Fail("failed to start: %s: %s" % (argv[0], e.strerror or e))
+            return p.pid
+        raise _Fail("failed to start: launch.json has unknown kind %r" % (kind,))
+
+    def _reap_all(self):
+        """Reap every child (we are a subreaper, so orphaned grandchildren come to us too)."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def _kill_tree(self, grace):
+        """TERM every other process of our session, wait up to ``grace`` s, then KILL what is left."""
+        me = set([self.pid])
+        if not kill_session(self.sid, signal.SIGTERM, exclude=me):
+            self._reap_all()
+            return
+        deadline = now() + grace
+        while now() < deadline:
+            self._reap_all()
+            if not [p for p in session_members(self.sid) if p != self.pid]:
+                return
+            time.sleep(0.05)
+        for _ in range(50):
+            kill_session(self.sid, signal.SIGKILL, exclude=me)
+            self._reap_all()
+            if not [p for p in session_members(self.sid) if p != self.pid]:
+                return
+            time.sleep(0.02)
+
+    def _wait_child(self):
+        """Wait for the main child, reaping others as they come; returns its wait status."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return None
+            except InterruptedError:  # pragma: no cover - PEP 475 retries this for us
+                continue
+            if pid == self.child:
+                return status
+
+    def run(self):
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+            signal.signal(s, self._on_signal)
+        grace = float(self.launch.get("grace_period") or 10)
+        state, code, reason, signum = "failed", None, None, None
+        try:
+            if os.path.exists(os.path.join(self.job_dir, CANCEL)):
+                raise _Stop("cancel")
+            self._state("queued" if self.launch.get("gpus") else "starting")
+            self.gpus = self._acquire()
+            env = self._job_env()
+            limit = self.launch.get("time_limit")
+            self.started_at = now()
+            self.child = self._start(env)
+            self._state(
+                "running",
+                started_at=self.started_at,
+                child=self.child,
+                gpus=[g["index"] for g in self.gpus],
+                gpu_uuids=[g["uuid"] for g in self.gpus],
+            )
+            if limit:
+                signal.setitimer(signal.ITIMER_REAL, float(limit))
+            status = self._wait_child()
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if status is None:
+                reason = "lost track of the job's process"
+            elif os.WIFEXITED(status):
+                code = os.WEXITSTATUS(status)
+                state = "succeeded" if code == 0 else "failed"
+                if code:
+                    reason = _failure_reason(self.job_dir, code)
+            else:
+                signum = os.WTERMSIG(status)
+                code = 128 + signum
+                reason = "killed by signal %d (%s)" % (signum, _signame(signum))
+        except _Stop as stop:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
+            if stop.how == "timeout":
+                state = "timeout"
+                reason = "exceeded its time limit of %ss" % _fmt_secs(self.launch.get("time_limit"))
+            else:
+                state, reason = "cancelled", _cancel_reason(self.job_dir, self.stop_signal)
+            if self.child:
+                _log("stopping the job (%s); grace period %ss" % (state, _fmt_secs(grace)))
+        except _Fail as fail:
+            state, reason = "failed", str(fail)
+            _log(reason)
+        except Exception as e:  # the supervisor itself failed: say so rather than vanish
+            import traceback
+
+            traceback.print_exc()
+            state, reason = "failed", "meshrun agent error: %s: %s" % (type(e).__name__, e)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
+            self._kill_tree(grace)
+            self._release()
+            self._exit(state, code, reason, signum)
+        return 0 if state == "succeeded" else 1
+
+
+def _signame(n):
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return "?"
+
+
+def _fmt_secs(s):
+    try:
+        f = float(s)
+    except (TypeError, ValueError):
+        return str(s)
+    return ("%d" % f) if f == int(f) else ("%.3g" % f)
+
+
+def _cancel_reason(job_dir, signum=None):
+    rec = read_json(os.path.join(job_dir, CANCEL))
+    if rec is None and signum:
+        return "stopped by signal %s" % _signame(signum)
+    who = (rec or {}).get("user")
+    return "cancelled%s" % (" by %s" % who if who else "")
+
+
+def _failure_reason(job_dir, code):
+    err = read_json(os.path.join(job_dir, ERROR_JSON))
+    if isinstance(err, dict) and err.get("type"):
+        msg = "%s: %s" % (err["type"], err.get("message", ""))
+        return msg if len(msg) < 300 else msg[:297] + "..."
+    return "exited with code %d" % code
+
+
+def _run_setup(setup, env, cwd):
+    for i, cmd in enumerate(setup):
+        rc = subprocess.call(["/bin/bash", "-c", cmd], env=env, cwd=cwd)
+        if rc != 0:
+            _log("setup command %d of %d failed with exit code %d" % (i + 1, len(setup), rc))
+            return rc if 0 < rc < 256 else 1
+    return 0
+
+
+def _version_tuple():
+    cp = None
+    try:
+        import cloudpickle
+
+        cp = cloudpickle.__version__
+    except Exception:
+        pass
+    return "%d.%d" % sys.version_info[:2], cp
+
+
+def _write_error(job_dir, etype, message, tb, exc=None):
+    write_json(
+        os.path.join(job_dir, ERROR_JSON),
+        {"type": etype, "message": message, "traceback": tb},
+        mode=0o600,
+    )
+    if exc is not None:
+        try:
+            import cloudpickle
+
+            atomic_write(os.path.join(job_dir, ERROR_PKL), cloudpickle.dumps(exc), mode=0o600)
+        except Exception:
+            pass
+
+
+def _run_function(job_dir, launch):
+    """In the worker: load the payload, call the function, write the result or the error."""
+    import traceback
+
+    for p in reversed(launch.get("sys_path") or []):
+        if p and p not in sys.path and os.path.isdir(p):
+            sys.path.insert(0, p)
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    path = os.path.join(job_dir, launch.get("payload") or PAYLOAD)
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.readline().decode())
+            body = f.read()
+    except (OSError, ValueError) as e:
+        _write_error(job_dir, "PayloadError", "cannot read the payload %s: %s" % (path, e), "")
+        return 3
+    py, cp = _version_tuple()
+    if header.get("python") != py or (header.get("cloudpickle") and header.get("cloudpickle") != cp):
+        msg = (
+            "the job was pickled with Python %s and cloudpickle %s, but this runner has Python %s and "
+            "cloudpickle %s (%s); a function job needs the same Python minor version and cloudpickle "
+            "version on both sides: point the backend at a matching interpreter or install cloudpickle==%s"
+            % (header.get("python"), header.get("cloudpickle"), py, cp or "not installed", sys.executable,
+               header.get("cloudpickle"))
+        )
+        _write_error(job_dir, "VersionMismatch", msg, "")
+        _log(msg)
+        return 3
+    import pickle
+
+    try:
+        fn, args, kwargs = pickle.loads(body)
+    except Exception as e:
+        tb = traceback.format_exc()
+        _write_error(job_dir, "PayloadError", "cannot unpickle the function: %s: %s" % (type(e).__name__, e), tb)
+        sys.stderr.write(tb)
+        return 3
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: B902 - the user's code may raise anything, SystemExit included
+        if isinstance(e, SystemExit) and (e.code is None or e.code == 0):
+            result = None
+        else:
+            tb = traceback.format_exc()
+            sys.stderr.write(tb)
+            sys.stderr.flush()
+            _write_error(job_dir, type(e).__name__, str(e), tb, e)
+            return 1
+    import cloudpickle
+
+    try:
+        data = cloudpickle.dumps(result)
+    except Exception as e:
+        tb = traceback.format_exc()
+        _write_error(job_dir, "ResultError", "the return value cannot be pickled: %s: %s" % (type(e).__name__, e), tb)
+        return 1
+    atomic_write(os.path.join(job_dir, RESULT), data, mode=0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 0
+
+
+def run_job(job_dir, env=None):
+    """Supervise one job in the foreground (this process becomes its session leader if it is not yet).
+
+    A job is started at most once: a second supervisor for the same directory (a retried spawn) exits
+    at once without touching it."""
+    try:
+        os.close(os.open(os.path.join(job_dir, ".started"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return 0
+    try:
+        os.setsid()
+    except OSError:
+        pass  # already a session leader
+    _redirect_output(job_dir)
+    return Supervisor(job_dir, env).run()
+
+
+# --------------------------------------------------------------------------------------------------
+# starting, inspecting and cancelling jobs (what the local backend and the SSH backend call)
+
+
+def _spawn_direct(job_dir, env=None, python=None):
+    """Start a supervisor as a fresh interpreter in its own session (the slow, always-available path)."""
+    argv = [python or sys.executable, os.path.abspath(__file__), "run", job_dir]
+    p = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    return p
+
+
+def spawn(job_dir, env=None, server=None):
+    """Start the job in ``job_dir``: through the warm fork server at ``server`` when one answers, else as a
+    new process. Returns (pid, Popen or None)."""
+    if server:
+        pid = server_spawn(server, job_dir, env)
+        if pid:
+            return pid, None
+    p = _spawn_direct(job_dir, env)
+    return p.pid, p
+
+
+def job_status(job_dir):
+    """The job's state as the agent sees it from its directory and the process table."""
+    ex = read_json(os.path.join(job_dir, EXIT))
+    if isinstance(ex, dict):
+        return ex
+    st = read_json(os.path.join(job_dir, STATE))
+    if isinstance(st, dict):
+        if pid_alive(st.get("pid"), st.get("pid_start")):
+            return st
+        # the supervisor is gone without an exit record: killed (kill -9, OOM killer, reboot)
+        ex = read_json(os.path.join(job_dir, EXIT))  # it may have finished between the two reads
+        if isinstance(ex, dict):
+            return ex
+        return {
+            "state": "lost",
+            "reason": "the job's supervisor (pid %s on %s) died without writing an exit record"
+            % (st.get("pid"), st.get("host")),
+            "exit_code": None,
+        }
+    launch = os.path.join(job_dir, LAUNCH)
+    try:
+        age = now() - os.stat(launch).st_mtime
+    except OSError:
+        return {"state": "lost", "reason": "no job directory at %s" % job_dir}
+    if os.path.exists(os.path.join(job_dir, CANCEL)) and age > 2:
+        return {"state": "cancelled", "reason": _cancel_reason(job_dir)}
+    if age > SPAWN_GRACE:
+        return {"state": "lost", "reason": "the job never started (no supervisor after %ds)" % SPAWN_GRACE}
+    return {"state": "pending", "reason": "starting"}
+
+
+def cancel(job_dir, grace=None, wait=True):
+    """Cancel a job: ask its supervisor to stop (it ends the whole process tree and frees the GPUs); if the
+    supervisor is gone, end what is left of the session ourselves and write the exit record."""
+    if os.path.exists(os.path.join(job_dir, EXIT)):
+        return job_status(job_dir)
+    write_json(os.path.join(job_dir, CANCEL), {"user": user_name(), "time": now()}, mode=0o600)
+    launch = read_json(os.path.join(job_dir, LAUNCH)) or {}
+    grace = float(grace if grace is not None else launch.get("grace_period") or 10)
+    deadline = now() + grace + 5
+    while True:
+        st = read_json(os.path.join(job_dir, STATE))
+        if isinstance(st, dict) or now() > deadline:
+            break
+        time.sleep(0.02)  # the supervisor is still starting; it checks for cancel.json itself
+        if os.path.exists(os.path.join(job_dir, EXIT)):
+            return job_status(job_dir)
+    if isinstance(st, dict) and pid_alive(st.get("pid"), st.get("pid_start")):
+        try:
+            os.kill(st["pid"], signal.SIGTERM)
+        except OSError:
+            pass
+        if not wait:
+            return {"state": "cancelling"}
+        while now() < deadline:
+            if os.path.exists(os.path.join(job_dir, EXIT)) and not pid_alive(st["pid"], st.get("pid_start")):
+                return job_status(job_dir)
+            time.sleep(0.02)
+    # no live supervisor: clean up after it
+    sid = st.get("sid") if isinstance(st, dict) else None
+    if sid:
+        kill_session(sid, signal.SIGKILL)
+        t_end = now() + 5
+        while session_members(sid) and now() < t_end:
+            time.sleep(0.05)
+    if isinstance(st, dict):
+        try:
+            leases = Leases(lease_dir())
+            with leases:
+                state = leases.load()
+                if leases.reclaim(state):
+                    leases.save(state)
+        except LeaseError:
+            pass
+    if not os.path.exists(os.path.join(job_dir, EXIT)):
+        write_json(
+            os.path.join(job_dir, EXIT),
+            {"state": "cancelled", "reason": _cancel_reason(job_dir), "exit_code": None, "ended_at": now()},
+            mode=0o600,
+        )
+    return job_status(job_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# the fork server: a warm interpreter that starts supervisors by fork()
+
+
+def server_spawn(path, job_dir, env=None, timeout=2.0):
+    """Ask the fork server at ``path`` to start ``job_dir``; returns the pid, or None if it does not answer."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        req = {"op": "spawn", "job_dir": job_dir, "env": dict(os.environ if env is None else env)}
+        s.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        rep = json.loads(buf.decode())
+        return rep.get("pid")
+    except (OSError, ValueError):
+        return None
+    finally:
+        s.close()
+
+
+def serve(path, idle=600.0):
+    """Accept spawn requests on a unix socket until idle for ``idle`` seconds."""
+    try:
+        import cloudpickle  # noqa: F401 - warm the import the function jobs will need
+    except Exception:
+        pass
+    os.setsid() if os.getsid(0) != os.getpid() else None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = "%s.%d" % (path, os.getpid())
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    old = os.umask(0o077)
+    try:
+        sock.bind(tmp)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    os.replace(tmp, path)  # the socket appears only once it accepts
+    ino = os.stat(path).st_ino
+
+    def still_ours():
+        try:
+            return os.stat(path).st_ino == ino
+        except OSError:
+            return False
+
+    sock.settimeout(1.0)
+    last = now()
+    try:
+        while now() - last < idle:
+            try:
+                conn, _ = sock.accept()
+            except socket.timeout:
+                _reap_children()
+                if not still_ours():
+                    return  # removed, or another server took the path over
+                continue
+            last = now()
+            try:
+                conn.settimeout(5)
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    buf += chunk
+                req = json.loads(buf.decode())
+                pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn)
+                conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+            except Exception as e:  # a bad request must not take the server down
+                try:
+                    conn.sendall((json.dumps({"error": str(e)}) + "\n").encode())
+                except OSError:
+                    pass
+            finally:
+                conn.close()
+            _reap_children()
+    finally:
+        if still_ours():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        sock.close()
+
+
+def _reap_children():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork_supervisor(job_dir, env, *close):
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        for c in close:
+            try:
+                c.close()
+            except Exception:
+                pass
+        os.setsid()
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        code = run_job(job_dir, env)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 70
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line (for remote callers and for debugging)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK\n")
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    out = sys.stdout
+    if cmd == "version":
+        py, cp = _version_tuple()
+        out.write(json.dumps({"agent_version": AGENT_VERSION, "python": py, "cloudpickle": cp,
+                              "executable": sys.executable, "host": socket.gethostname(),
+                              "user": user_name()}) + "\n")
+        return 0
+    if cmd == "gpus":
+        out.write(json.dumps(snapshot()) + "\n")
+        return 0
+    if cmd == "run":
+        return run_job(rest[0])
+    if cmd == "submit":
+        pid, p = spawn(os.path.abspath(rest[0]), server=rest[1] if len(rest) > 1 else None)
+        out.write(json.dumps({"pid": pid}) + "\n")
+        return 0
+    if cmd == "status":
+        out.write(json.dumps({d: job_status(d) for d in rest}) + "\n")
+        return 0
+    if cmd == "cancel":
+        out.write(json.dumps(cancel(rest[0])) + "\n")
+        return 0
+    if cmd == "serve":
+        serve(rest[0], float(rest[1]) if len(rest) > 1 else 600.0)
+        return 0
+    sys.stderr.write("unknown command %r\n" % cmd)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

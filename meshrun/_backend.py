@@ -1,0 +1,242 @@
+"""The backend contract: small on purpose.
+
+``check() -> Availability`` (cheap, never raises) · ``offers(spec) -> list[Offer]`` · ``submit(submission,
+offer) -> backend job id`` · ``status(ids) -> {id: JobStatus}`` (batched) · ``cancel(id)`` · ``logs(id)``.
+
+The core pickles, stages and collects results; a backend only gets the job's supervisor (the host agent,
+``python3 _agent.py run JOB_DIR``) or the user's command running on the resources it offered, and maps its
+states to :class:`JobState`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._spec import JobSpec
+
+
+class JobState(str, enum.Enum):
+    """Where a job is in its life. TIMEOUT, PREEMPTED and CANCELLED stay distinct from FAILED."""
+
+    SUBMITTING = "submitting"  # meshrun is handing it to a backend
+    PENDING = "pending"  # accepted, waiting for resources (a queue, a GPU lease, provisioning)
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    PREEMPTED = "preempted"
+    LOST = "lost"  # the backend no longer knows the job and no outcome was recorded
+    UNKNOWN = "unknown"  # the backend could not be asked just now (it may still be fine)
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def ok(self) -> bool:
+        return self is JobState.SUCCEEDED
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TERMINAL = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.PREEMPTED, JobState.LOST}
+)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One backend's answer about one job."""
+
+    state: JobState
+    reason: str | None = None  # why it waits or how it ended, in the backend's words
+    exit_code: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    where: str | None = None  # host, node list, pod, region
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+
+class Feature(enum.Flag):
+    NONE = 0
+    COMMANDS = enum.auto()
+    FUNCTIONS = enum.auto()
+    GPUS = enum.auto()
+    MULTI_NODE = enum.auto()
+    ARRAYS = enum.auto()  # submit_array is one native submission, not a loop
+    LOGS_FOLLOW = enum.auto()
+    REATTACH = enum.auto()  # find(job_id) can rediscover a job without its backend id
+    SPOT = enum.auto()
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can be used at all right now, and if not, why and how to fix it."""
+
+    ok: bool
+    reason: str = ""
+    hint: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+EXPECTED_NOW = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A place where a job could run, with its price and when it could start.
+
+    ``price_per_hour`` is per node; ``total_price_per_hour`` multiplies by nodes. ``expected_start`` is in
+    seconds from now: 0 means now, None means unknown. An offer with ``fits=False`` is kept (with its
+    ``reason``) so placement can explain every rejection.
+    """
+
+    backend: str
+    where: str
+    gpus: int = 0
+    gpu_type: str | None = None
+    gpu_memory: int | None = None
+    cpus: float | None = None
+    memory: int | None = None
+    nodes: int = 1
+    price_per_hour: float = 0.0
+    spot: bool = False
+    expected_start: float | None = EXPECTED_NOW
+    start_note: str = "now"
+    fits: bool = True
+    reason: str | None = None
+    instance_type: str | None = None
+    region: str | None = None
+    launcher: str | None = None  # the backend that would launch it, when not ``backend`` itself
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_price_per_hour(self) -> float:
+        return self.price_per_hour * self.nodes
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the offer, used for deterministic tie-breaking and history."""
+        parts = [self.backend, self.where, self.instance_type or "", "spot" if self.spot else "on-demand"]
+        return "/".join(p for p in parts if p)
+
+    def rejected(self, reason: str) -> "Offer":
+        return replace(self, fits=False, reason=reason)
+
+    def describe(self) -> str:
+        res = f"{self.nodes}x " if self.nodes > 1 else ""
+        if self.gpus:
+            res += f"{self.gpus}x{self.gpu_type or 'GPU'}"
+        else:
+            res += "CPU"
+        price = f"${self.total_price_per_hour:.2f}/h"
+        return f"{self.key} ({res}, {price}{', spot' if self.spot else ''})"
+
+
+@dataclass
+class Submission:
+    """What a backend gets to submit: the job's id, its local folder (already holding ``launch.json`` and,
+    for a function job, ``payload.pkl``), the spec, and the launch description the host agent reads."""
+
+    job_id: str
+    job_dir: Path
+    spec: "JobSpec"
+    launch: dict[str, Any]
+    attempt: int = 1
+
+    @property
+    def name(self) -> str:
+        """The name a backend should give the job so it can be found again: ``meshrun-<job id>``."""
+        return f"meshrun-{self.job_id}"
+
+    def files(self) -> list[Path]:
+        """The files of the job folder a remote backend must place next to the job."""
+        return sorted(p for p in self.job_dir.iterdir() if p.is_file() and p.name in STAGED_FILES)
+
+
+STAGED_FILES = ("launch.json", "payload.pkl", "spec.json")
+
+# files the agent writes that a remote backend brings back into the local job folder
+RESULT_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
+
+
+class Backend(ABC):
+    """Base class of every backend. Subclasses set ``name`` and implement the abstract methods.
+
+    Constructors must not do I/O: the registry creates backends freely (``meshrun backends`` lists them).
+    ``config`` is the backend's table from the meshrun config (``[backends.<name>]``), already merged
+    with ``MESHRUN_<NAME>_<KEY>`` environment variables.
+    """
+
+    name: ClassVar[str] = ""
+    features: ClassVar[Feature] = Feature.COMMANDS | Feature.FUNCTIONS
+    install_hint: ClassVar[str] = ""
+    #: how often to poll a job's status: (first interval, longest interval) in seconds
+    poll_interval: ClassVar[tuple[float, float]] = (0.5, 10.0)
+
+    def __init__(self, config: Mapping[str, Any] | None = None):
+        self.config: dict[str, Any] = dict(config or {})
+
+    # -- required
+    @abstractmethod
+    def check(self) -> Availability:
+        """Cheap and never raising: can this backend be used right now?"""
+
+    @abstractmethod
+    def offers(self, spec: "JobSpec") -> list[Offer]:
+        """Where this backend could run ``spec``, priced, with ``fits=False`` offers saying why not."""
+
+    @abstractmethod
+    def submit(self, submission: Submission, offer: Offer | None = None) -> str:
+        """Start the job; return the backend's id for it."""
+
+    @abstractmethod
+    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        """The status of many jobs at once (one call to the scheduler, not one per job)."""
+
+    @abstractmethod
+    def cancel(self, backend_id: str) -> None:
+        """Stop the job and everything it started."""
+
+    @abstractmethod
+    def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
+        """The job's output as text chunks; with ``follow``, keep yielding until the job ends."""
+
+    # -- optional
+    def submit_array(self, submissions: Sequence[Submission], offer: Offer | None = None) -> list[str]:
+        """Submit many jobs of one shape; backends with native arrays override this."""
+        return [self.submit(s, offer) for s in submissions]
+
+    def fetch_results(self, backend_id: str, job_dir: Path) -> None:
+        """Bring the agent's records (``RESULT_FILES``) back into ``job_dir``; no-op on a shared filesystem."""
+
+    def find(self, job_id: str) -> str | None:
+        """The backend id of a meshrun job found by its name or label, or None."""
+        return None
+
+    def close(self) -> None:
+        """Release connections and helper processes."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def wait_interval(start: float, first: float, longest: float) -> float:
+    """Polling back-off: begins at ``first`` and grows with the time already waited, up to ``longest``."""
+    waited = time.monotonic() - start
+    return min(longest, max(first, waited / 10.0))

@@ -1,0 +1,490 @@
+"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from ._display import is_terminal, print_kv, print_table, state_style
+from ._units import format_duration, format_size
+
+EPILOG = """examples:
+  meshrun run --gpus 2 -- python train.py --lr 0.1
+  meshrun run -d --name sweep -- bash -c 'echo $HOSTNAME'
+  meshrun ls
+  meshrun logs -f JOB_ID
+  meshrun gpus
+"""
+
+
+def _add_resource_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources")
+    g.add_argument("--gpus", help='GPUs per node: a count (2) or type:count ("H100:8")')
+    g.add_argument("--gpu-type", help='GPU model, e.g. "A100"')
+    g.add_argument("--cpus", help="CPU cores per node")
+    g.add_argument("--memory", help='memory per node, e.g. "32GiB"')
+    g.add_argument("--nodes", type=int, help="number of nodes")
+    g.add_argument("--time", dest="time_limit", help='time limit, e.g. "2h", "90m", "01:30:00"')
+
+
+def _resource_fields(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in ("gpus", "gpu_type", "cpus", "memory", "nodes", "time_limit"):
+        v = getattr(a, k, None)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement")
+    g.add_argument("--backend", "-b", help="run on this backend (default: placement chooses)")
+    g.add_argument("--objective", choices=["cost", "start", "balanced"], help="what placement optimises")
+    g.add_argument("--max-price", dest="max_price_per_hour", type=float, help="highest acceptable $/hour")
+    g.add_argument("--deadline", help='the job must start within this, e.g. "1h"')
+    g.add_argument("--value-of-time", dest="value_of_time", type=float, help="$ an hour of waiting is worth")
+    g.add_argument("--runtime", help='expected runtime for cost estimates (default "1h")')
+    g.add_argument("--no-spot", dest="allow_spot", action="store_false", default=None, help="exclude spot offers")
+    g.add_argument("--exclude", dest="exclude_backends", action="append", help="never use this backend")
+    g.add_argument("--region", dest="regions", action="append", help="allowed region (repeatable)")
+
+
+def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for k in ("objective", "max_price_per_hour", "deadline", "value_of_time", "runtime", "allow_spot",
+              "exclude_backends", "regions"):
+        v = getattr(a, k, None)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    p = argparse.ArgumentParser(
+        prog="meshrun",
+        description="Define a job once; run it on this machine, SSH workstations, Slurm, Kubernetes or the cloud.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"meshrun {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a command as a job", epilog="Everything after -- is the command.")
+    r.add_argument("--name", "-n", help="job name")
+    r.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
+    r.add_argument("--workdir", "-w", help="working directory (default: the current one)")
+    r.add_argument("--setup", action="append", default=[], help="shell command to run first (repeatable)")
+    r.add_argument("--detach", "-d", action="store_true", help="print the job id and return at once")
+    r.add_argument("--shell", action="store_true", help="run the command as one bash -c string")
+    r.add_argument("--json", action="store_true", help="print the job as JSON (with --detach)")
+    _add_resource_args(r)
+    _add_placement_args(r)
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...], or a task YAML file")
+
+    ls = sub.add_parser("ls", help="list jobs")
+    ls.add_argument("--limit", "-l", type=int, default=30)
+    ls.add_argument("--state", "-s", action="append", help="only jobs in this state (repeatable)")
+    ls.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="show one job in detail")
+    st.add_argument("job_id")
+    st.add_argument("--json", action="store_true")
+
+    lg = sub.add_parser("logs", help="print a job's output")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+
+    c = sub.add_parser("cancel", help="cancel jobs (the whole process tree; frees their GPUs)")
+    c.add_argument("job_ids", nargs="+")
+
+    w = sub.add_parser("wait", help="wait for jobs to end; exit code 0 if all succeeded")
+    w.add_argument("job_ids", nargs="+")
+    w.add_argument("--timeout", type=float)
+
+    g = sub.add_parser("gpus", help="who holds which GPU on this machine (or a backend's hosts)")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--backend", "-b", default="local", help="local (default) or a backend with hosts, e.g. ssh")
+
+    b = sub.add_parser("backends", help="installed backends and whether they can be used")
+    b.add_argument("--json", action="store_true")
+
+    o = sub.add_parser("offers", help="where a job of this shape could run, ranked")
+    _add_resource_args(o)
+    _add_placement_args(o)
+    o.add_argument("--json", action="store_true")
+
+    be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
+                        add_help=False)
+    be.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "bench":
+        from .bench._cli import main as bench_main
+
+        return bench_main(argv[1:])
+    args = parser.parse_args(argv)
+    if not args.cmd:
+        parser.print_help()
+        return 2
+    from ._errors import JobNotFound, MeshrunError
+
+    try:
+        return int(COMMANDS[args.cmd](args) or 0)
+    except JobNotFound as e:
+        print(f"meshrun: {e}", file=sys.stderr)
+        return 2
+    except MeshrunError as e:
+        print(f"meshrun: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `meshrun logs ID | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from . import _scheduler
+    from ._errors import SpecError
+    from ._spec import JobSpec
+
+    command = list(a.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SpecError("command", "nothing to run: give the command after --, e.g. meshrun run -- python train.py")
+    env = {}
+    for item in a.env:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SpecError("env", f"expected KEY=VALUE, got {item!r}")
+        env[k] = v
+    fields: dict[str, Any] = _resource_fields(a)
+    if a.name:
+        fields["name"] = a.name
+    if env:
+        fields["env"] = env
+    if a.workdir:
+        fields["workdir"] = a.workdir
+    if a.setup:
+        fields["setup"] = a.setup
+    if len(command) == 1 and command[0].endswith((".yaml", ".yml")) and os.path.isfile(command[0]):
+        from ._taskyaml import spec_from_task_yaml
+
+        spec = spec_from_task_yaml(command[0]).replace(**fields) if fields else spec_from_task_yaml(command[0])
+    else:
+        spec = JobSpec(command=" ".join(command) if a.shell else command, **fields)
+    job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
+    if a.detach:
+        if a.json:
+            print(json.dumps(_job_json(job)))
+        else:
+            print(job.id)
+        return 0
+    print(f"meshrun: job {job.id} submitted to {job.backend}", file=sys.stderr)
+    return _follow(job)
+
+
+def _follow(job: Any) -> int:
+    """Stream a job's output while it runs; Ctrl-C detaches (the job keeps running)."""
+    from ._backend import JobState
+
+    shown_state = None
+    status_line = is_terminal(sys.stderr)
+    try:
+        start = time.monotonic()
+        while True:
+            st = job.status()
+            if st is not JobState.PENDING and st is not JobState.SUBMITTING:
+                break
+            msg = f"meshrun: {job.id} {st.value}" + (f": {job.reason}" if job.reason else "")
+            if msg != shown_state and (status_line or time.monotonic() - start > 1.0):
+                if status_line:
+                    sys.stderr.write("\r" + msg[:120].ljust(120))
+                else:
+                    sys.stderr.write(msg + "\n")
+                sys.stderr.flush()
+                shown_state = msg
+            time.sleep(min(1.0, 0.05 + (time.monotonic() - start) / 20))
+        if status_line and shown_state:
+            sys.stderr.write("\r" + " " * 120 + "\r")
+        for chunk in job.logs(follow=True):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        job.wait()
+    except KeyboardInterrupt:
+        print(f"\nmeshrun: detached; job {job.id} keeps running (meshrun cancel {job.id} to stop it)",
+              file=sys.stderr)
+        return 130
+    rec = job.record
+    if rec.state is JobState.SUCCEEDED:
+        return 0
+    print(f"meshrun: job {job.id} {rec.state.value}: {rec.reason or ''}".rstrip(": "), file=sys.stderr)
+    return rec.exit_code if isinstance(rec.exit_code, int) and 0 < rec.exit_code < 256 else 1
+
+
+def _job_json(job: Any) -> dict[str, Any]:
+    r = job.record
+    return {
+        "id": r.id,
+        "name": r.name,
+        "state": r.state.value,
+        "reason": r.reason,
+        "backend": r.backend,
+        "backend_id": r.backend_id,
+        "where": r.where,
+        "exit_code": r.exit_code,
+        "created_at": r.created_at,
+        "started_at": r.started_at,
+        "ended_at": r.ended_at,
+        "attempt": r.attempt,
+        "history": r.history,
+        "job_dir": str(r.job_dir),
+    }
+
+
+def _age(ts: float | None) -> str:
+    return "-" if not ts else format_duration(time.time() - ts) + " ago"
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    from ._backend import JobState
+    from ._job import Job, refresh
+    from ._store import get_store
+
+    store = get_store()
+    states = [JobState(s) for s in a.state] if a.state else None
+    recs = store.list(limit=a.limit, states=states)
+    jobs = [Job(r.id, store=store, _record=r) for r in recs]
+    refresh([j for j in jobs if not j.record.terminal])
+    if a.json:
+        print(json.dumps([_job_json(j) for j in jobs], indent=2))
+        return 0
+    rows = []
+    for j in jobs:
+        r = j.record
+        runtime = format_duration((r.ended_at or time.time()) - r.started_at) if r.started_at else "-"
+        rows.append([r.id, r.name, r.state.value, r.backend or "-", r.where or "-", _age(r.created_at), runtime])
+    if not rows:
+        print("no jobs yet (meshrun run -- CMD to start one)")
+        return 0
+    print_table(["ID", "NAME", "STATE", "BACKEND", "WHERE", "SUBMITTED", "RUNTIME"], rows,
+                styles={2: state_style})
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from ._job import Job
+
+    job = Job.attach(a.job_id)
+    job.refresh()
+    if a.json:
+        print(json.dumps(_job_json(job), indent=2))
+        return 0
+    r = job.record
+    pairs = [
+        ("id", r.id),
+        ("name", r.name),
+        ("state", r.state.value + (f" ({r.reason})" if r.reason else "")),
+        ("what", r.summary),
+        ("backend", f"{r.backend or '-'}" + (f"  id {r.backend_id}" if r.backend_id else "")),
+        ("where", r.where or "-"),
+        ("submitted", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))),
+    ]
+    if r.started_at:
+        pairs.append(("runtime", format_duration((r.ended_at or time.time()) - r.started_at)))
+    if r.exit_code is not None:
+        pairs.append(("exit code", r.exit_code))
+    if r.attempt > 1:
+        pairs.append(("attempt", r.attempt))
+    pairs.append(("folder", str(r.job_dir)))
+    print_kv(pairs)
+    if r.history:
+        print()
+        rows = []
+        for h in r.history:
+            extra = {k: v for k, v in h.items() if k not in ("time", "event") and v not in (None, "")}
+            rows.append([time.strftime("%H:%M:%S", time.localtime(h["time"])), h["event"],
+                         ", ".join(f"{k}={v}" for k, v in extra.items())])
+        print_table(["TIME", "EVENT", "DETAIL"], rows, title="history")
+    return 0
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    from ._job import Job
+
+    job = Job.attach(a.job_id)
+    if a.follow:
+        try:
+            for chunk in job.logs(follow=True):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return 130
+    else:
+        sys.stdout.write(job.logs())
+    return 0
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    from ._job import Job
+
+    for jid in a.job_ids:
+        job = Job.attach(jid)
+        before = job.status()
+        if before.terminal:
+            print(f"{job.id}: already {before.value}")
+            continue
+        job.cancel()
+        print(f"{job.id}: {job.record.state.value}")
+    return 0
+
+
+def cmd_wait(a: argparse.Namespace) -> int:
+    from ._job import Job, wait
+
+    jobs = [Job.attach(j) for j in a.job_ids]
+    try:
+        wait(jobs, timeout=a.timeout)
+    except TimeoutError as e:
+        print(f"meshrun: {e}", file=sys.stderr)
+        return 124
+    bad = [j for j in jobs if not j.record.state.ok]
+    for j in jobs:
+        print(f"{j.id}: {j.record.state.value}" + (f" ({j.record.reason})" if j.record.reason else ""))
+    return 1 if bad else 0
+
+
+def cmd_gpus(a: argparse.Namespace) -> int:
+    from ._registry import get_backend
+
+    b = get_backend(a.backend)
+    if not hasattr(b, "gpus"):
+        print(f"meshrun: the {a.backend} backend does not report GPU leases", file=sys.stderr)
+        return 2
+    snaps = b.gpus()
+    if isinstance(snaps, dict) and "gpus" in snaps:
+        snaps = {snaps.get("host", "local"): snaps}
+    if a.json:
+        print(json.dumps(snaps, indent=2, sort_keys=True))
+        return 0
+    for host, snap in snaps.items():
+        _print_gpu_snapshot(host, snap, len(snaps) > 1)
+    return 0
+
+
+def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
+    gpus = snap.get("gpus") or []
+    if snap.get("unreachable"):
+        print(f"{host}: unreachable: {snap['unreachable']}")
+        return
+    if not gpus:
+        why = snap.get("error") or "no GPUs found"
+        print(f"{host + ': ' if many else ''}no GPUs ({why}); set MESHRUN_GPUS to declare some")
+        return
+    leases = snap.get("leases") or {}
+    foreign = snap.get("foreign") or {}
+    rows = []
+    for g in gpus:
+        lease = leases.get(str(g["index"]))
+        procs = foreign.get(g["uuid"]) or []
+        if lease:
+            holder = lease.get("user", "?")
+            job = f"{lease.get('job_id')} ({lease.get('name')})"
+            since = _age(lease.get("since"))
+        elif procs:
+            holder = "foreign"
+            job = ", ".join(f"pid {p['pid']} {p.get('process_name') or ''}".strip() for p in procs)
+            since = "-"
+        else:
+            holder, job, since = "free", "-", "-"
+        rows.append([str(g["index"]), g.get("name") or "-", format_size(g.get("memory")), holder, job, since,
+                     g.get("uuid", "")])
+    title = f"{host} ({snap.get('source')})" if many or snap.get("source") else host
+    print_table(["GPU", "NAME", "MEMORY", "HOLDER", "JOB / PROCESSES", "SINCE", "UUID"], rows, title=title,
+                styles={3: lambda v: "green" if v == "free" else ("red" if v == "foreign" else "yellow")})
+    queue = snap.get("queue") or []
+    if queue:
+        qrows = [[str(i + 1), t.get("user"), f"{t.get('job_id')} ({t.get('name')})",
+                  f"{t.get('gpus')}{' ' + t['gpu_type'] if t.get('gpu_type') else ''}", _age(t.get("since"))]
+                 for i, t in enumerate(sorted(queue, key=lambda t: t["ticket"]))]
+        print_table(["#", "USER", "JOB", "GPUS", "WAITING SINCE"], qrows, title="queue")
+
+
+def cmd_backends(a: argparse.Namespace) -> int:
+    from ._registry import get_backend, list_backends
+
+    rows = []
+    out = []
+    for info in list_backends():
+        status, detail = "not installed", info.hint
+        if info.installed and not info.loaded:
+            status, detail = "failed to load", info.error or ""
+        elif info.loaded:
+            try:
+                av = get_backend(info.name).check()
+                status = "ready" if av.ok else "unavailable"
+                detail = av.reason + (f" (hint: {av.hint})" if av.hint else "") if not av.ok else \
+                    ", ".join(f"{k}={v}" for k, v in av.detail.items())
+            except Exception as e:
+                status, detail = "error", f"{type(e).__name__}: {e}"
+        rows.append([info.name, status, info.version or ("built in" if info.name == "local" else "-"), detail])
+        out.append({"name": info.name, "status": status, "version": info.version, "detail": detail})
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print_table(["BACKEND", "STATUS", "VERSION", "DETAIL"], rows,
+                styles={1: lambda v: {"ready": "green", "unavailable": "yellow", "failed to load": "red",
+                                      "error": "red"}.get(v, "dim")})
+    return 0
+
+
+def cmd_offers(a: argparse.Namespace) -> int:
+    from ._placement import plan
+    from ._spec import JobSpec
+
+    spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
+    kw = _plan_kwargs(a)
+    if a.backend:
+        kw["backends"] = [a.backend]
+    p = plan(spec, raise_on_empty=False, **kw)
+    if a.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return 0
+    p.print()
+    return 0 if p.chosen is not None else 1
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "ls": cmd_ls,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
+    "wait": cmd_wait,
+    "gpus": cmd_gpus,
+    "backends": cmd_backends,
+    "offers": cmd_offers,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
