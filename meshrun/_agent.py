@@ -46,6 +46,16 @@ ERROR_PKL = "error.pkl"
 CANCEL = "cancel.json"
 
 DEFAULT_LEASE_DIR = "/var/tmp/meshrun-leases"
+
+
+def rank_name(name, rank):
+    """The per-node name of a record file: node 0 uses the plain name, node R ``stem.rankR.ext``."""
+    if not rank:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        return "%s.rank%d" % (name, rank)
+    return "%s.rank%d.%s" % (stem, rank, ext)
 SPAWN_GRACE = 30.0  # seconds a job dir may go without a state file before it counts as lost
 
 
@@ -503,8 +513,8 @@ def _log(msg):
     sys.stderr.flush()
 
 
-def _redirect_output(job_dir):
-    fd = os.open(os.path.join(job_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _redirect_output(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -522,6 +532,14 @@ class Supervisor:
         if not isinstance(self.launch, dict):
             raise SystemExit("meshrun agent: no readable %s in %s" % (LAUNCH, self.job_dir))
         self.env = dict(os.environ if env is None else env)
+        # multi-node: one supervisor per node, each with NODE_RANK in its environment; node 0 owns the
+        # job's plain record files, node R writes state.rankR.json, exit.rankR.json, output.rankR.log ...
+        self.rank = 0
+        if int(self.launch.get("nodes") or 1) > 1:
+            try:
+                self.rank = int(self.env.get("NODE_RANK") or (self.launch.get("dist") or {}).get("NODE_RANK") or 0)
+            except ValueError:
+                self.rank = 0
         self.pid = os.getpid()
         self.pid_start = proc_start(self.pid)
         self.sid = os.getsid(0)
@@ -546,7 +564,7 @@ class Supervisor:
             "agent_version": AGENT_VERSION,
         }
         rec.update(extra)
-        write_json(os.path.join(self.job_dir, STATE), rec, mode=0o600)
+        write_json(self._path(STATE), rec, mode=0o600)
 
     def _exit(self, state, exit_code=None, reason=None, signal_num=None):
         rec = {
@@ -559,8 +577,11 @@ class Supervisor:
             "gpus": self.gpus,
             "host": socket.gethostname(),
         }
-        if not os.path.exists(os.path.join(self.job_dir, EXIT)):
-            write_json(os.path.join(self.job_dir, EXIT), rec, mode=0o600)
+        if not os.path.exists(self._path(EXIT)):
+            write_json(self._path(EXIT), rec, mode=0o600)
+
+    def _path(self, name):
+        return os.path.join(self.job_dir, rank_name(name, self.rank))
 
     # -- signals
     def _on_signal(self, signum, frame):
@@ -571,6 +592,8 @@ class Supervisor:
 
     # -- leases
     def _acquire(self):
+        if self.launch.get("lease") is False:
+            return []
         n = int(self.launch.get("gpus") or 0)
         gpu_type = self.launch.get("gpu_type")
         if n <= 0:
@@ -703,7 +726,7 @@ class Supervisor:
                     code = _run_setup(setup, env, cwd)
                     if code:
                         os._exit(code)
-                    os._exit(_run_function(self.job_dir, self.launch))
+                    os._exit(_run_function(self.job_dir, self.launch, self.rank))
                 except BaseException:  # pragma: no cover - last resort
                     import traceback
 
@@ -805,7 +828,7 @@ class Supervisor:
                 code = os.WEXITSTATUS(status)
                 state = "succeeded" if code == 0 else "failed"
                 if code:
-                    reason = _failure_reason(self.job_dir, code)
+                    reason = _failure_reason(self.job_dir, code, self.rank)
             else:
                 signum = os.WTERMSIG(status)
                 code = 128 + signum
@@ -862,8 +885,8 @@ def _cancel_reason(job_dir, signum=None):
     return "cancelled%s" % (" by %s" % who if who else "")
 
 
-def _failure_reason(job_dir, code):
-    err = read_json(os.path.join(job_dir, ERROR_JSON))
+def _failure_reason(job_dir, code, rank=0):
+    err = read_json(os.path.join(job_dir, rank_name(ERROR_JSON, rank)))
     if isinstance(err, dict) and err.get("type"):
         msg = "%s: %s" % (err["type"], err.get("message", ""))
         return msg if len(msg) < 300 else msg[:297] + "..."
@@ -890,9 +913,9 @@ def _version_tuple():
     return "%d.%d" % sys.version_info[:2], cp
 
 
-def _write_error(job_dir, etype, message, tb, exc=None):
+def _write_error(job_dir, etype, message, tb, exc=None, rank=0):
     write_json(
-        os.path.join(job_dir, ERROR_JSON),
+        os.path.join(job_dir, rank_name(ERROR_JSON, rank)),
         {"type": etype, "message": message, "traceback": tb},
         mode=0o600,
     )
@@ -900,14 +923,17 @@ def _write_error(job_dir, etype, message, tb, exc=None):
         try:
             import cloudpickle
 
-            atomic_write(os.path.join(job_dir, ERROR_PKL), cloudpickle.dumps(exc), mode=0o600)
+            atomic_write(os.path.join(job_dir, rank_name(ERROR_PKL, rank)), cloudpickle.dumps(exc), mode=0o600)
         except Exception:
             pass
 
 
-def _run_function(job_dir, launch):
+def _run_function(job_dir, launch, rank=0):
     """In the worker: load the payload, call the function, write the result or the error."""
     import traceback
+
+    def fail(etype, message, tb, exc=None):
+        _write_error(job_dir, etype, message, tb, exc, rank)
 
     for p in reversed(launch.get("sys_path") or []):
         if p and p not in sys.path and os.path.isdir(p):
@@ -921,7 +947,7 @@ def _run_function(job_dir, launch):
             header = json.loads(f.readline().decode())
             body = f.read()
     except (OSError, ValueError) as e:
-        _write_error(job_dir, "PayloadError", "cannot read the payload %s: %s" % (path, e), "")
+        fail("PayloadError", "cannot read the payload %s: %s" % (path, e), "")
         return 3
     py, cp = _version_tuple()
     if header.get("python") != py or (header.get("cloudpickle") and header.get("cloudpickle") != cp):
@@ -932,7 +958,7 @@ def _run_function(job_dir, launch):
             % (header.get("python"), header.get("cloudpickle"), py, cp or "not installed", sys.executable,
                header.get("cloudpickle"))
         )
-        _write_error(job_dir, "VersionMismatch", msg, "")
+        fail("VersionMismatch", msg, "")
         _log(msg)
         return 3
     import pickle
@@ -941,7 +967,7 @@ def _run_function(job_dir, launch):
         fn, args, kwargs = pickle.loads(body)
     except Exception as e:
         tb = traceback.format_exc()
-        _write_error(job_dir, "PayloadError", "cannot unpickle the function: %s: %s" % (type(e).__name__, e), tb)
+        fail("PayloadError", "cannot unpickle the function: %s: %s" % (type(e).__name__, e), tb)
         sys.stderr.write(tb)
         return 3
     try:
@@ -953,7 +979,7 @@ def _run_function(job_dir, launch):
             tb = traceback.format_exc()
             sys.stderr.write(tb)
             sys.stderr.flush()
-            _write_error(job_dir, type(e).__name__, str(e), tb, e)
+            fail(type(e).__name__, str(e), tb, e)
             return 1
     import cloudpickle
 
@@ -961,9 +987,9 @@ def _run_function(job_dir, launch):
         data = cloudpickle.dumps(result)
     except Exception as e:
         tb = traceback.format_exc()
-        _write_error(job_dir, "ResultError", "the return value cannot be pickled: %s: %s" % (type(e).__name__, e), tb)
+        fail("ResultError", "the return value cannot be pickled: %s: %s" % (type(e).__name__, e), tb)
         return 1
-    atomic_write(os.path.join(job_dir, RESULT), data, mode=0o600)
+    atomic_write(os.path.join(job_dir, rank_name(RESULT, rank)), data, mode=0o600)
     sys.stdout.flush()
     sys.stderr.flush()
     return 0
@@ -974,16 +1000,19 @@ def run_job(job_dir, env=None):
 
     A job is started at most once: a second supervisor for the same directory (a retried spawn) exits
     at once without touching it."""
+    sup = Supervisor(job_dir, env)
     try:
-        os.close(os.open(os.path.join(job_dir, ".started"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(sup._path(".started"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         return 0
     try:
         os.setsid()
     except OSError:
         pass  # already a session leader
-    _redirect_output(job_dir)
-    return Supervisor(job_dir, env).run()
+    _redirect_output(sup._path(LOG))
+    sup.pid_start = proc_start(sup.pid)
+    sup.sid = os.getsid(0)
+    return sup.run()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1016,17 +1045,17 @@ def spawn(job_dir, env=None, server=None):
     return p.pid, p
 
 
-def job_status(job_dir):
+def job_status(job_dir, rank=0):
     """The job's state as the agent sees it from its directory and the process table."""
-    ex = read_json(os.path.join(job_dir, EXIT))
+    ex = read_json(os.path.join(job_dir, rank_name(EXIT, rank)))
     if isinstance(ex, dict):
         return ex
-    st = read_json(os.path.join(job_dir, STATE))
+    st = read_json(os.path.join(job_dir, rank_name(STATE, rank)))
     if isinstance(st, dict):
         if pid_alive(st.get("pid"), st.get("pid_start")):
             return st
         # the supervisor is gone without an exit record: killed (kill -9, OOM killer, reboot)
-        ex = read_json(os.path.join(job_dir, EXIT))  # it may have finished between the two reads
+        ex = read_json(os.path.join(job_dir, rank_name(EXIT, rank)))  # it may have finished between the two reads
         if isinstance(ex, dict):
             return ex
         return {
