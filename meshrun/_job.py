@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ._backend import JobState, JobStatus, RESULT_FILES
+from ._backend import JobState, JobStatus
 from ._errors import (
     BackendError,
     JobCancelled,
@@ -305,6 +305,12 @@ def refresh(jobs: Sequence[Job]) -> None:
             st = statuses.get(j._record.backend_id)
             if st is not None:
                 _apply(j, st, backend)
+    # jobs pending past their spec's max_pending move to the next offer of their plan
+    from ._scheduler import failover_if_stuck
+
+    for j in jobs:
+        if j._record.state is JobState.PENDING:
+            failover_if_stuck(j)
 
 
 def _apply(job: Job, st: JobStatus, backend: Any) -> None:

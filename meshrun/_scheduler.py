@@ -239,3 +239,10 @@ def submit_function(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Job
 
 _PLAN_KWARGS = ("objective", "max_price_per_hour", "backends", "exclude_backends", "allow_spot", "regions",
                 "value_of_time", "deadline", "runtime")
+
+
+def failover_if_stuck(job: Job) -> None:
+    """Called on every status refresh of a PENDING job: if it was placed by a plan and has waited longer
+    than its spec's ``max_pending``, cancel it and submit it to the next offer, recording the attempt.
+    (Filled in by the placement work; a no-op until then.)"""
+    return None
