@@ -752,6 +752,8 @@ class Supervisor:
                 p = subprocess.Popen(argv, env=env, cwd=cwd, preexec_fn=pre, close_fds=True)
             except OSError as e:
                 raise _Fail("failed to start: %s: %s" % (argv[0], e.strerror or e))
+            # keep the Popen alive: its __del__ would reap a fast child before our own waitpid sees it
+            self._popen = p
             return p.pid
         raise _Fail("failed to start: launch.json has unknown kind %r" % (kind,))
 
@@ -970,6 +972,8 @@ def _run_function(job_dir, launch, rank=0):
         fail("PayloadError", "cannot unpickle the function: %s: %s" % (type(e).__name__, e), tb)
         sys.stderr.write(tb)
         return 3
+    if header.get("filename"):
+        fn = _restore_filename(fn, header["filename"])
     try:
         result = fn(*args, **kwargs)
     except BaseException as e:  # noqa: B902 - the user's code may raise anything, SystemExit included
@@ -993,6 +997,27 @@ def _run_function(job_dir, launch, rank=0):
     sys.stdout.flush()
     sys.stderr.flush()
     return 0
+
+
+def _restore_filename(fn, filename):
+    """cloudpickle rewrites the file name of functions it pickles by value to "<dynamic-code>"; put the
+    real one back so tracebacks show the user's file and lines."""
+    import types
+
+    def fix(code):
+        consts = tuple(fix(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        if code.co_filename == "<dynamic-code>":
+            return code.replace(co_filename=filename, co_consts=consts)
+        return code.replace(co_consts=consts)
+
+    target = getattr(fn, "__func__", fn)
+    code = getattr(target, "__code__", None)
+    if isinstance(code, types.CodeType) and code.co_filename == "<dynamic-code>":
+        try:
+            target.__code__ = fix(code)
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return fn
 
 
 def run_job(job_dir, env=None):

@@ -46,7 +46,11 @@ def dumps(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
             f"the pickled function and arguments take {format_size(len(body))}, more than the "
             f"{format_size(max_bytes)} limit; pass large data as files (files=...) or paths instead",
         )
-    header = json.dumps(versions(), sort_keys=True).encode() + b"\n"
+    stamp = versions()
+    code = getattr(target, "__code__", None)
+    if code is not None and not code.co_filename.startswith("<"):
+        stamp["filename"] = code.co_filename  # restored on the other side for readable tracebacks
+    header = json.dumps(stamp, sort_keys=True).encode() + b"\n"
     return header + body
 
 

@@ -265,19 +265,19 @@ class JobSpec(BaseModel):
         return cls.model_json_schema()
 
     def replace(self, **changes: Any) -> "JobSpec":
-        """A new spec with some fields changed (validated like a new one)."""
-        data = {k: getattr(self, k) for k in type(self).model_fields}
-        res = data.pop("resources")
-        if any(k in changes for k in RESOURCE_FIELDS):
-            base = res.model_dump()
-            for k in RESOURCE_FIELDS:
-                if k in changes:
-                    base[k] = changes.pop(k)
-            if "gpus" in base and isinstance(base["gpus"], str) and ":" in base["gpus"]:
-                base.pop("gpu_type", None)
-            data["resources"] = Resources(**base) if "resources" not in changes else changes.pop("resources")
+        """A new spec with some fields changed (validated like a new one; resource fields may be flat)."""
+        data = {k: getattr(self, k) for k in type(self).model_fields if k != "resources"}
+        if "resources" in changes:
+            data["resources"] = changes.pop("resources")
+        elif any(k in changes for k in RESOURCE_FIELDS):
+            flat = self.resources.model_dump()
+            g = changes.get("gpus")
+            if isinstance(g, str) and not g.strip().isdigit() and "gpu_type" not in changes:
+                flat.pop("gpu_type")  # "H100:2" brings its own type
+            flat.update({k: changes.pop(k) for k in RESOURCE_FIELDS if k in changes})
+            data.update(flat)
         else:
-            data["resources"] = res
+            data["resources"] = self.resources
         data.update(changes)
         return type(self)(**data)
 
