@@ -1,0 +1,255 @@
+"""GPU leases on a shared machine, with real processes: racing submitters (also of another OS user), FCFS
+queueing, reclaim after SIGKILL, foreign GPU processes, masking, and `meshrun gpus`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import meshrun
+from meshrun import JobState, _agent
+
+AGENT = _agent.__file__
+
+
+def _record_job(out_dir: Path, sleep: float) -> list[str]:
+    """A command that records (its GPUs, start, end) into out_dir, holding the GPUs for ``sleep`` s."""
+    code = (
+        "import json, os, sys, time, uuid; t0 = time.time(); time.sleep(float(sys.argv[2])); "
+        "rec = {'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), 'uuids': os.environ.get('MESHRUN_GPU_UUIDS'), "
+        "'start': t0, 'end': time.time(), 'user': os.getuid(), 'job': os.environ.get('MESHRUN_JOB_ID')}; "
+        "open(os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'), 'w').write(json.dumps(rec))"
+    )
+    return ["python3", "-c", code, str(out_dir), str(sleep)]
+
+
+def _assert_no_overlap(records: list[dict]) -> None:
+    by_gpu: dict[str, list[tuple[float, float, str]]] = {}
+    for r in records:
+        assert r["gpus"], f"a GPU job ran without GPUs: {r}"
+        for g in r["gpus"].split(","):
+            by_gpu.setdefault(g, []).append((r["start"], r["end"], r["job"]))
+    for g, spans in by_gpu.items():
+        spans.sort()
+        for (s1, e1, j1), (s2, e2, j2) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"GPU {g} was held by {j1} and {j2} at the same time"
+
+
+@pytest.fixture
+def shared_lease_dir(monkeypatch):
+    """A lease directory every user of the machine can reach (tmp_path is private to root)."""
+    d = Path(f"/tmp/meshrun-test-leases-{os.getpid()}-{time.time_ns()}")
+    monkeypatch.setenv("MESHRUN_LEASE_DIR", str(d))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def other_user():
+    """A second OS user (created if we are root), for cross-user lease tests."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second OS user")
+    name = "mrlease"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/bin/bash", name], check=True)
+    return name
+
+
+SUBMITTER = textwrap.dedent(
+    """
+    import json, sys
+    import meshrun
+    out, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    jobs = [meshrun.run(json.loads(sys.argv[4]), gpus=1 + (i + k) % 3, name=f"racer-{k}-{i}") for i in range(n)]
+    meshrun.wait(jobs, timeout=240)
+    bad = [j.id for j in jobs if j.status() is not meshrun.JobState.SUCCEEDED]
+    print(json.dumps(bad))
+    """
+)
+
+
+@pytest.mark.slow
+def test_racing_submitters_of_two_users_never_share_a_gpu(tmp_path, shared_lease_dir, other_user, monkeypatch):
+    monkeypatch.setenv("MESHRUN_GPUS", "0-7")
+    out = Path(f"/tmp/meshrun-race-{os.getpid()}-{time.time_ns()}")
+    out.mkdir(mode=0o777)
+    os.chmod(out, 0o777)
+    try:
+        script = tmp_path / "submitter.py"
+        script.write_text(SUBMITTER)
+        cmd = json.dumps(_record_job(out, 0.25))
+        procs = [
+            subprocess.Popen([sys.executable, str(script), str(out), "4", str(k), cmd], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "MESHRUN_HOME": str(tmp_path / f"home{k}")})
+            for k in range(6)
+        ]
+        # the other user drives the host agent directly (its lease rules are the whole story; it needs
+        # nothing but the system python3), racing the meshrun clients above for the same 8 GPUs
+        agent = Path(f"/tmp/meshrun-agent-{os.getpid()}.py")
+        shutil.copy(AGENT, agent)
+        os.chmod(agent, 0o755)
+        other_dirs = []
+        for i in range(6):
+            d = out / f"other-{i}"
+            d.mkdir()
+            (d / "launch.json").write_text(json.dumps({
+                "job_id": f"other-{i}", "name": f"other-{i}", "kind": "command", "argv": _record_job(out, 0.25),
+                "env": {}, "cwd": "/tmp", "gpus": 1 + i % 3, "nodes": 1,
+            }))
+            os.system(f"chown -R {other_user} {d}")
+            other_dirs.append(d)
+        env = {"PATH": "/usr/bin:/bin", "MESHRUN_LEASE_DIR": str(shared_lease_dir), "MESHRUN_GPUS": "0-7"}
+        others = [
+            subprocess.Popen([shutil.which("runuser") or "/usr/sbin/runuser", "-u", other_user, "--", "/usr/bin/python3", str(agent), "run", str(d)],
+                             env=env)
+            for d in other_dirs
+        ]
+        for p in others:
+            assert p.wait(240) == 0
+        for p in procs:
+            stdout, _ = p.communicate(timeout=240)
+            assert p.returncode == 0
+            assert json.loads(stdout.strip().splitlines()[-1]) == []
+        for d in other_dirs:
+            assert json.loads((d / "exit.json").read_text())["state"] == "succeeded"
+        records = [json.loads(f.read_text()) for f in out.glob("*.json")]
+        assert len(records) == 6 * 4 + 6
+        assert {r["user"] for r in records} == {0, pwd.getpwnam(other_user).pw_uid}
+        _assert_no_overlap(records)
+        # nothing is left leased afterwards
+        snap = _agent.snapshot()
+        assert snap["leases"] == {} and snap["queue"] == []
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        Path(f"/tmp/meshrun-agent-{os.getpid()}.py").unlink(missing_ok=True)
+
+
+def test_job_sees_exactly_its_gpus(monkeypatch, tmp_path):
+    monkeypatch.setenv("MESHRUN_GPUS", "0,1,2,3")
+    out = tmp_path / "rec"
+    out.mkdir()
+    job = meshrun.run(_record_job(out, 0), gpus=2)
+    job.result(timeout=60)
+    rec = json.loads(next(out.glob("*.json")).read_text())
+    assert len(rec["gpus"].split(",")) == 2
+    assert rec["uuids"].count("GPU-declared") == 2
+    cpu = meshrun.run(["bash", "-c", 'echo "[$CUDA_VISIBLE_DEVICES]"'])
+    cpu.result(timeout=60)
+    assert cpu.logs().strip() == "[]"  # CPU jobs are kept off every GPU
+
+
+def test_fcfs_queue_and_no_overtaking(monkeypatch, tmp_path):
+    monkeypatch.setenv("MESHRUN_GPUS", "0,1")
+    out = tmp_path / "rec"
+    out.mkdir()
+    first = meshrun.run(_record_job(out, 1.0), gpus=2, name="first")
+    _wait(lambda: first.status() is JobState.RUNNING)
+    second = meshrun.run(_record_job(out, 0.3), gpus=2, name="second")
+    _wait(lambda: "waiting for 2 GPU(s)" in (second.refresh().reason or ""))
+    third = meshrun.run(_record_job(out, 0.1), gpus=1, name="third")
+    _wait(lambda: third.refresh().reason and "1 job(s) ahead" in third.record.reason)
+    assert second.status() is JobState.PENDING
+    meshrun.wait([first, second, third], timeout=60)
+    recs = {r["job"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
+    # the 1-GPU job did not jump ahead of the 2-GPU job waiting before it
+    assert recs[third.id]["start"] >= recs[second.id]["start"]
+    assert recs[second.id]["start"] >= recs[first.id]["end"]
+    assert "waiting for 2 GPU(s)" in second.logs()
+
+
+def test_sigkill_of_the_lease_holder_frees_its_gpus(monkeypatch):
+    monkeypatch.setenv("MESHRUN_GPUS", "0")
+    holder = meshrun.run(["sleep", "1000"], gpus=1, name="holder")
+    _wait(lambda: holder.status() is JobState.RUNNING)
+    waiter = meshrun.run(["true"], gpus=1, name="waiter")
+    _wait(lambda: "waiting" in (waiter.refresh().reason or ""))
+    snap = meshrun.get_backend("local").gpus()
+    assert snap["leases"]["0"]["job_id"] == holder.id
+    st = json.loads((holder.job_dir / "state.json").read_text())
+    os.kill(st["pid"], signal.SIGKILL)  # the supervisor dies; its job's process dies with it
+    assert waiter.result(timeout=60) == 0
+    assert holder.status() is JobState.LOST
+
+
+def test_foreign_gpu_processes_are_respected(fake_gpus, tmp_path):
+    fake = fake_gpus(4)
+    out = tmp_path / "rec"
+    out.mkdir()
+    squatter = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # someone else's training run
+    try:
+        fake.add_process(squatter.pid, 0)
+        job = meshrun.run(_record_job(out, 0), gpus=3)
+        job.result(timeout=60)
+        rec = json.loads(next(out.glob("*.json")).read_text())
+        assert sorted(rec["gpus"].split(",")) == ["1", "2", "3"]
+        assert rec["uuids"].split(",") == [fake.gpus[i]["uuid"] for i in (1, 2, 3)]
+        whole = meshrun.run(["true"], gpus=4)
+        _wait(lambda: "busy with processes meshrun did not start" in (whole.refresh().reason or ""))
+        snap = meshrun.get_backend("local").gpus()
+        assert fake.gpus[0]["uuid"] in snap["foreign"]
+        squatter.kill()
+        squatter.wait()
+        assert whole.result(timeout=60) == 0
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def test_gpu_type_and_impossible_requests(fake_gpus):
+    fake_gpus(["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+    job = meshrun.run(["bash", "-c", "echo $CUDA_VISIBLE_DEVICES"], gpus="H100:2")
+    job.result(timeout=60)
+    assert job.logs().strip() == "1,2"
+    # the local backend refuses what this machine can never run, before starting anything
+    with pytest.raises(meshrun.NoPlacementError) as e:
+        meshrun.run(["true"], gpus="A100:2", backend="local")
+    assert "1 A100 GPU(s)" in str(e.value)
+    with pytest.raises(meshrun.NoPlacementError):
+        meshrun.run(["true"], gpus=8, backend="local")
+
+
+def test_cli_gpus_shows_holders_queue_and_foreign(fake_gpus, capfd):
+    fake = fake_gpus(2)
+    squatter = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    try:
+        fake.add_process(squatter.pid, 1)
+        holder = meshrun.run(["sleep", "1000"], gpus=1, name="the-holder")
+        _wait(lambda: holder.status() is JobState.RUNNING)
+        waiting = meshrun.run(["true"], gpus=1, name="the-waiter")
+        _wait(lambda: "waiting" in (waiting.refresh().reason or ""))
+        from meshrun._cli import main
+
+        assert main(["gpus"]) == 0
+        text = capfd.readouterr().out
+        assert "the-holder" in text and holder.id in text
+        assert "foreign" in text and f"pid {squatter.pid}" in text
+        assert "the-waiter" in text  # the queue
+        assert main(["gpus", "--json"]) == 0
+        snap = json.loads(capfd.readouterr().out)
+        (host,) = snap
+        assert snap[host]["leases"]["0"]["name"] == "the-holder"
+        holder.cancel()
+        waiting.cancel()
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def _wait(pred, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
