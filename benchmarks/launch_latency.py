@@ -43,7 +43,7 @@ def main() -> int:
     os.environ["MESHRUN_LEASE_DIR"] = str(tmp / "leases")
     import meshrun
 
-    job = meshrun.job(noop)
+    job = meshrun.job(noop, backend="local")
     job.submit().result(timeout=60)  # warm-up: starts the fork server, imports, creates the store
     executor = None
     if not a.no_submitit:

@@ -102,13 +102,18 @@ def user_name():
         return os.environ.get("USER") or str(os.getuid())
 
 
-def _libc():
-    try:
-        import ctypes
+_LIBC = []
 
-        return ctypes.CDLL(None, use_errno=True)
-    except Exception:  # pragma: no cover
-        return None
+
+def _libc():
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL(None, use_errno=True))
+        except Exception:  # pragma: no cover
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 def prctl(option, value):
@@ -547,6 +552,7 @@ class Supervisor:
         self.stop = None  # "cancel" or "timeout" once asked to stop
         self.stop_signal = None
         self.started_at = None
+        self.subreaper = False
         self.gpus = []
         self.ticket = None
         self.leases = Leases(lease_dir(self.env))
@@ -671,6 +677,8 @@ class Supervisor:
             delay = min(delay * 1.5, 0.5)
 
     def _release(self):
+        if not self.gpus and self.ticket is None:
+            return  # held nothing, waited for nothing: no need to touch the machine-wide lock
         try:
             with self.leases:
                 state = self.leases.load()
@@ -757,6 +765,14 @@ class Supervisor:
             return p.pid
         raise _Fail("failed to start: launch.json has unknown kind %r" % (kind,))
 
+    def _has_children(self):
+        self._reap_all()
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return True
+
     def _reap_all(self):
         """Reap every child (we are a subreaper, so orphaned grandchildren come to us too)."""
         while True:
@@ -769,6 +785,9 @@ class Supervisor:
 
     def _kill_tree(self, grace):
         """TERM every other process of our session, wait up to ``grace`` s, then KILL what is left."""
+        if self.subreaper and not self._has_children():
+            # as a subreaper every live descendant is our child or a child's descendant: none, nothing left
+            return
         me = set([self.pid])
         if not kill_session(self.sid, signal.SIGTERM, exclude=me):
             self._reap_all()
@@ -799,7 +818,7 @@ class Supervisor:
                 return status
 
     def run(self):
-        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self.subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
             signal.signal(s, self._on_signal)
         grace = float(self.launch.get("grace_period") or 10)
@@ -1181,10 +1200,15 @@ def server_spawn(path, job_dir, env=None, timeout=2.0):
 
 def serve(path, idle=600.0):
     """Accept spawn requests on a unix socket until idle for ``idle`` seconds."""
-    try:
-        import cloudpickle  # noqa: F401 - warm the import the function jobs will need
+    try:  # warm what every supervisor and function job will import, so forks start ready
+        import pickle  # noqa: F401
+        import traceback  # noqa: F401
+        import types  # noqa: F401
+
+        import cloudpickle  # noqa: F401
     except Exception:
         pass
+    _libc()
     os.setsid() if os.getsid(0) != os.getpid() else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = "%s.%d" % (path, os.getpid())

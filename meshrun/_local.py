@@ -21,6 +21,8 @@ from . import _agent
 from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
 from ._config import get_config
 
+INVENTORY_TTL = 10.0
+
 _STATES = {
     "starting": JobState.PENDING,
     "pending": JobState.PENDING,
@@ -80,6 +82,7 @@ class LocalBackend(Backend):
         self.settings = _local_settings().load("local", self.config)
         self._server_lock = threading.Lock()
         self._server_started = 0.0
+        self._inventory: tuple[float, Any, Any] | None = None
 
     # ---- where things are
     @property
@@ -103,9 +106,18 @@ class LocalBackend(Backend):
             path = os.path.join("/tmp", f"meshrun-{os.getuid()}-{h}.sock")
         return path
 
+    def _discover(self) -> Any:
+        """The GPU inventory (nvidia-smi is slow: cached for a few seconds; leases are always read fresh)."""
+        now = time.monotonic()
+        env = self._env()
+        key = (env.get("MESHRUN_GPUS"), env.get("PATH"), env.get("FAKE_NVIDIA_SMI"))
+        if self._inventory is None or now - self._inventory[0] > INVENTORY_TTL or self._inventory[1] != key:
+            self._inventory = (now, key, _agent.discover_gpus(env))
+        return self._inventory[2]
+
     # ---- contract
     def check(self) -> Availability:
-        gpus, source, err = _agent.discover_gpus(self._env())
+        gpus, source, err = self._discover()
         detail = {"gpus": len(gpus), "gpu_source": source, "host": socket.gethostname()}
         if err and not gpus:
             detail["gpu_note"] = f"no GPUs found ({err}); CPU jobs only"
@@ -115,7 +127,7 @@ class LocalBackend(Backend):
         r = spec.resources
         host = socket.gethostname()
         env = self._env()
-        gpus, source, err = _agent.discover_gpus(env)
+        gpus, source, err = self._discover()
         matching = [g for g in gpus if _agent.gpu_matches(g, r.gpu_type)]
         gpu_type = r.gpu_type or (matching[0]["name"] if (r.gpus and matching) else None)
         price = self._price(gpu_type) * r.gpus
