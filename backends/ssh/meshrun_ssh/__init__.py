@@ -1,0 +1,44 @@
+"""meshrun's SSH backend: shared GPU workstations and servers as one pool.
+
+    [backends.ssh]
+    hosts = ["gpu-box-1", {name = "big", host = "10.0.0.8", user = "me", key = "~/.ssh/id_ed25519"}]
+
+Also a small connection API other backends build on (the Slurm backend's login-node mode)::
+
+    conn = meshrun_ssh.connect("login-node")          # an ~/.ssh/config alias, or a host table
+    conn.run(["sbatch", "--parsable", "job.sh"])      # CompletedProcess; never raises on exit codes
+    conn.put_bytes(b"...", "~/job.sh", 0o700); conn.get_bytes("~/out.txt"); conn.exists("~/x")
+
+Importing this package is cheap: paramiko is imported when a connection is first made.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["SSHBackend", "Connection", "connect", "close_all", "__version__"]
+
+_LAZY = {
+    "SSHBackend": "._backend",
+    "Connection": "._conn",
+    "connect": "._conn",
+    "close_all": "._conn",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'meshrun_ssh' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._backend import SSHBackend
+    from ._conn import Connection, close_all, connect
