@@ -24,6 +24,7 @@ SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 KUEUE_GROUP = "kueue.x-k8s.io"
 JOBSET_GROUP = "jobset.x-k8s.io"
 JOBSET_VERSION = "v1alpha2"
+JSON = "application/json"
 
 
 class KubeApiError(meshrun.BackendError):
@@ -60,6 +61,14 @@ def _translate(what: str, e: BaseException) -> meshrun.BackendError:
         return KubeApiError(what, status, str(reason), message or str(reason))
     return meshrun.BackendUnavailable(f"{what}: cannot reach the Kubernetes API server: {type(e).__name__}: {e}",
                                       backend="kubernetes")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a request can fail with: the API server's answer (ApiException) or the connection (urllib3, OS)."""
+    import urllib3
+    from kubernetes.client.exceptions import OpenApiException
+
+    return (OpenApiException, urllib3.exceptions.HTTPError, OSError)
 
 
 class Kube:
@@ -126,9 +135,7 @@ class Kube:
             kw["_request_timeout"] = self.timeout
         try:
             resp = fn(*args, **kw)
-        except Exception as e:
-            if isinstance(e, meshrun.MeshrunError):
-                raise
+        except _transport_errors() as e:
             raise _translate(what, e) from e
         if raw:
             return resp
@@ -146,14 +153,15 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         what = f"create {kind} {ns}/{obj['metadata']['name']}"
         if kind == "Job":
-            return self._call(what, c.BatchV1Api(self.api).create_namespaced_job, ns, dict(obj))
+            return self._call(what, c.BatchV1Api(self.api).create_namespaced_job, ns, dict(obj), _headers={"Content-Type": JSON})
         if kind == "Service":
-            return self._call(what, c.CoreV1Api(self.api).create_namespaced_service, ns, dict(obj))
+            return self._call(what, c.CoreV1Api(self.api).create_namespaced_service, ns, dict(obj),
+                              _headers={"Content-Type": JSON})
         if kind == "Secret":
-            return self._call(what, c.CoreV1Api(self.api).create_namespaced_secret, ns, dict(obj))
+            return self._call(what, c.CoreV1Api(self.api).create_namespaced_secret, ns, dict(obj), _headers={"Content-Type": JSON})
         if kind == "JobSet":
             return self._call(what, c.CustomObjectsApi(self.api).create_namespaced_custom_object,
-                              JOBSET_GROUP, JOBSET_VERSION, ns, "jobsets", dict(obj))
+                              JOBSET_GROUP, JOBSET_VERSION, ns, "jobsets", dict(obj), _headers={"Content-Type": JSON})
         raise ValueError(f"meshrun does not create {kind} objects")
 
     def get_workload(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
@@ -231,9 +239,7 @@ class Kube:
             rest = dec.decode(b"", final=True)
             if rest:
                 yield rest
-        except Exception as e:
-            if isinstance(e, meshrun.MeshrunError):
-                raise
+        except _transport_errors() as e:
             raise _translate(f"follow the log of pod {ns}/{pod}", e) from e
         finally:
             try:

@@ -260,12 +260,13 @@ def pending_reason(wl: Any | None, queue: str | None) -> tuple[str, str]:
         ev_text = f"evicted ({evicted.reason}: {_one_line(detail)})"
     if wl.spec.active is False:
         words = " ".join(filter(None, [evicted.reason if evicted else "", evicted.message if evicted else ""]))
-        if "MaximumExecutionTime" in words:
+        key = "".join(ch for ch in words.lower() if ch.isalnum())
+        if "maximumexecutiontime" in key:
             return "timeout", f"Kueue deactivated the workload: {_one_line(words)}"
         pre = wl.condition("Preempted")
-        if "Requeuing" in words and (pre is not None or "Preempt" in words):
+        if "requeuing" in key and (pre is not None or "preempt" in key):
             return "preempted", f"Kueue deactivated the workload after repeated preemption: {_one_line(words)}"
-        if "Requeuing" in words or "PodsReadyTimeout" in words:
+        if "requeuing" in key or "podsreadytimeout" in key:
             return "failed", f"Kueue deactivated the workload: {_one_line(words)}"
         return "cancelled", "Kueue workload deactivated (spec.active is false)" + (f": {_one_line(words)}" if words else "")
     fin = wl.condition("Finished")

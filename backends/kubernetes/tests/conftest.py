@@ -128,6 +128,8 @@ def _subset(want: Any, got: Any, path: str = "") -> list[str]:
             else:
                 out += _subset(v, got[k], f"{path}.{k}")
         return out
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        return [p for i, (w, g) in enumerate(zip(want, got)) for p in _subset(w, g, f"{path}[{i}]")]
     return [] if want == got else [f"{path or '.'}: expected {want!r}, got {got!r}"]
 
 
