@@ -209,7 +209,7 @@ def node_offer(base: meshrun.Offer, spec: Any, *, nodes: Sequence[Mapping[str, A
                        start_note="unknown: the pods of other namespaces cannot be listed, so free capacity is unknown")
     detail["nodes_free"] = len(free)
     if len(free) >= r.nodes:
-        return replace(base, start_note=f"now: {len(free)} node(s) with room", detail=detail)
+        return replace(base, expected_start=0.0, start_note=f"now: {len(free)} node(s) with room", detail=detail)
     return replace(base, expected_start=None, detail=detail,
                    start_note=f"waits for resources: {len(free)} of {len(capable)} capable node(s) have room now, "
                               f"the job needs {r.nodes}")

@@ -157,9 +157,21 @@ class Replay:
         self.pos += 1
         req = ex["request"]
         where = f"{self.name} exchange {self.pos}"
-        assert method == req["method"] and parts.path == req["path"], \
-            f"{where}: expected {req['method']} {req['path']}, got {method} {parts.path}"
-        assert query == req.get("query", {}), f"{where}: query {query} != recorded {req.get('query', {})}"
+        if "path_re" in req:  # exchanges written for a job id only known at run time
+            import re
+
+            assert method == req["method"] and re.fullmatch(req["path_re"], parts.path), \
+                f"{where}: expected {req['method']} {req['path_re']}, got {method} {parts.path}"
+        else:
+            assert method == req["method"] and parts.path == req["path"], \
+                f"{where}: expected {req['method']} {req['path']}, got {method} {parts.path}"
+        if "query_re" in req:
+            import re
+
+            for k, v in req["query_re"].items():
+                assert re.fullmatch(v, str(query.get(k, ""))), f"{where}: query {k}={query.get(k)!r} !~ {v}"
+        else:
+            assert query == req.get("query", {}), f"{where}: query {query} != recorded {req.get('query', {})}"
         if "body" in req:
             want = _load(req["body"])
             assert sent == want, f"{where}: the request body differs from the recording:\n" \
@@ -170,6 +182,8 @@ class Replay:
         else:
             assert sent is None, f"{where}: unexpected request body {sent!r}"
         resp = ex["response"]
+        if callable(resp):
+            resp = resp(self.requests[-1])
         rbody = _load(resp.get("body", ""))
         if isinstance(rbody, (dict, list)):
             data = json.dumps(rbody).encode()
