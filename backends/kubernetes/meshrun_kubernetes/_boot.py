@@ -160,11 +160,7 @@ def main(argv):
     err = json.loads(base64.b64decode(files["error.json"]).decode()) if "error.json" in files else {}
     if err.get("type") in NO_RETRY:
         return EXIT_NO_RETRY
-    if ex.get("state") == "succeeded" and "result.pkl" in files:
-        return 0
-    if ex.get("state") == "succeeded" and not files.get("error.json"):
-        return 0
-    return 1
+    return 0 if ex.get("state") == "succeeded" and "error.json" not in files else 1
 
 
 if __name__ == "__main__":

@@ -92,11 +92,15 @@ class Kube:
                 "the kubernetes Python client is not installed: pip install meshrun-kubernetes",
                 backend="kubernetes") from e
         cfg = client.Configuration()
-        path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser(
-            "~/.kube/config")
+        path = os.path.expanduser(kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+                                  or "~/.kube/config")
         use_cluster = in_cluster
         if use_cluster is None:
-            use_cluster = not os.path.exists(os.path.expanduser(path)) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+            use_cluster = not os.path.exists(path) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if not use_cluster and not os.path.exists(path):
+            raise meshrun.BackendUnavailable(
+                f"no kubeconfig at {path}" + ("" if in_cluster is False else " and not running inside a pod"),
+                backend="kubernetes")
         try:
             if use_cluster:
                 config.load_incluster_config(client_configuration=cfg)
