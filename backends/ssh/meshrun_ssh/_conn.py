@@ -6,6 +6,7 @@ Public through ``meshrun_ssh.connect(target, config=...)``; the Slurm backend's 
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shlex
@@ -213,8 +214,13 @@ class Connection:
         except (paramiko.SSHException, OSError, EOFError, socket.timeout) as e:
             self._close_sock(sock)
             reason = str(e) or type(e).__name__
-            if isinstance(e, ConnectionRefusedError):
+            errors = list(getattr(e, "errors", {}).values())  # NoValidConnectionsError: one per address
+            if isinstance(e, ConnectionRefusedError) or (
+                    errors and all(getattr(x, "errno", None) == errno.ECONNREFUSED for x in errors)):
                 reason = "connection refused"
+            elif errors:
+                reason = "; ".join(sorted({os.strerror(x.errno) if getattr(x, "errno", None) else str(x)
+                                           for x in errors}))
             elif isinstance(e, socket.timeout):
                 reason = f"timed out after {p.connect_timeout:g}s"
             raise Unreachable(f"cannot connect to {where}: {reason}", backend=BACKEND) from None

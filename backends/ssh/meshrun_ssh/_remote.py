@@ -409,10 +409,16 @@ def main(argv):
     except OSError:
         pass
     use_cloudpickle(root, want_cp)
-    try:
-        import cloudpickle  # noqa: F401 - warm the import function jobs need (forked from here)
+    try:  # warm what every supervisor and function job imports: jobs are forked from here ready to go
+        import pickle  # noqa: F401
+        import traceback  # noqa: F401
+        import types  # noqa: F401
+
+        import cloudpickle  # noqa: F401
     except Exception:
         pass
+    if hasattr(_agent, "_libc"):
+        _agent._libc()
     return serve(root, want_cp, once=argv[0] == "once")
 
 

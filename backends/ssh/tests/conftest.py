@@ -20,6 +20,7 @@ REPO = HERE.parents[2]
 POOL_DIR = os.environ.get("MRSSH_POOL_DIR", "/var/lib/meshrun-sshpool")
 SCRATCH = os.environ.get("MRSSH_SCRATCH", "/var/tmp/meshrun-sshpool")
 ALICE, BOB = "mrssh-alice", "mrssh-bob"
+RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
 
 
 def _pool_script(cmd: str) -> subprocess.CompletedProcess:
@@ -116,6 +117,46 @@ def client_env(pool, tmp_path_factory):
     """A copy of what a meshrun client needs (meshrun, meshrun_ssh and their dependencies), readable by the
     test users, and an interpreter they may run. Returns run(user, request) -> reply (see client_script.py)."""
     base = Path(SCRATCH) / f"client-{os.getpid()}"
+    lib = build_client_lib(base)
+    python = _python_for(BOB)
+    if python is None:
+        pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} the test users may run")
+
+    def run(user: str, request: dict, timeout: float = 120, home: str | None = None) -> dict:
+        """Run client_script.py as ``user`` with its own job store (``home``: reuse one, as a restarted
+        client would); the reply has the store's path under "home"."""
+        if home is None:
+            home = Path(SCRATCH) / f"home-{user}-{uuid.uuid4().hex[:8]}"
+            home.mkdir(parents=True)
+            shutil.chown(home, user, user)
+        home = Path(home)
+        req = base / f"req-{uuid.uuid4().hex[:8]}.json"
+        req.write_text(json.dumps(request))
+        os.chmod(req, 0o644)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": pool["users"][user]["home"] if user in pool["users"] else "/tmp",
+               "PYTHONPATH": str(lib), "MESHRUN_HOME": str(home), "MESHRUN_CONFIG": str(base / "none.toml"),
+               "LANG": "C.UTF-8"}
+        (base / "none.toml").write_text("")
+        os.chmod(base / "none.toml", 0o644)
+        argv = [python, "-s", str(base / "client_script.py"), str(req)]
+        if user != "root":
+            argv = [RUNUSER, "-u", user, "--"] + argv
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(home))
+        if p.returncode != 0:
+            raise AssertionError(f"client as {user} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        reply = json.loads(p.stdout.strip().splitlines()[-1])
+        reply["home"] = str(home)
+        return reply
+
+    yield run
+    shutil.rmtree(base, ignore_errors=True)
+    for d in list(Path(SCRATCH).glob("home-mrssh-*")) + list(Path(SCRATCH).glob("home-root-*")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def build_client_lib(base: Path) -> Path:
+    """Copy meshrun, meshrun_ssh and the packages they import into ``base/lib`` (plus the client script),
+    all world-readable: what a client running as another OS user needs."""
     if base.exists():
         shutil.rmtree(base)
     lib = base / "lib"
@@ -127,13 +168,14 @@ def client_env(pool, tmp_path_factory):
              "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))")
     files = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                       check=True, cwd=str(REPO)).stdout)
-    roots = sorted({p for p in sys.path if p and os.path.isdir(p) and "site-packages" in p}, key=len, reverse=True)
-    extra_roots = [str(REPO), str(REPO / "backends" / "ssh")]
+    roots = {p for p in sys.path if p and os.path.isdir(p) and "site-packages" in p}
+    roots |= {str(REPO), str(REPO / "backends" / "ssh")}
+    roots_by_depth = sorted(roots, key=len, reverse=True)  # the deepest root that holds a file wins
     tops: set[Path] = set()
     for f in files:
         if not f:
             continue
-        for r in extra_roots + roots:
+        for r in roots_by_depth:
             if f.startswith(r + os.sep):
                 top = Path(r) / Path(os.path.relpath(f, r)).parts[0]
                 tops.add(top)
@@ -146,47 +188,31 @@ def client_env(pool, tmp_path_factory):
             shutil.copytree(top, dst, ignore=shutil.ignore_patterns("__pycache__", "tests"))
         else:
             shutil.copy2(top, dst)
+    # their metadata too (paramiko asks importlib.metadata for its own version)
+    import importlib.metadata as md
+    import re
+
+    norm = lambda n: re.sub(r"[-_.]+", "_", n).lower()  # noqa: E731
+    by_top = md.packages_distributions()
+    wanted = {norm(d) for t in tops for d in by_top.get(t.name.split(".")[0], [])}
+    for r in roots:
+        for info in Path(r).glob("*.dist-info"):
+            if norm(info.name[: -len(".dist-info")].rsplit("-", 1)[0]) in wanted and not (lib / info.name).exists():
+                shutil.copytree(info, lib / info.name)
     shutil.copy2(HERE / "client_script.py", base / "client_script.py")
     for dirpath, dirnames, filenames in os.walk(base):
         os.chmod(dirpath, 0o755)
         for fn in filenames:
             os.chmod(os.path.join(dirpath, fn), 0o644)
     os.chmod(base, 0o755)
-    python = _python_for(BOB)
-    if python is None:
-        pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} the test users may run")
-
-    def run(user: str, request: dict, timeout: float = 120) -> dict:
-        home = Path(SCRATCH) / f"home-{user}-{uuid.uuid4().hex[:8]}"
-        home.mkdir(parents=True)
-        shutil.chown(home, user, user)
-        req = base / f"req-{uuid.uuid4().hex[:8]}.json"
-        req.write_text(json.dumps(request))
-        os.chmod(req, 0o644)
-        env = {"PATH": "/usr/bin:/bin", "HOME": pool["users"][user]["home"] if user in pool["users"] else "/tmp",
-               "PYTHONPATH": str(lib), "MESHRUN_HOME": str(home), "MESHRUN_CONFIG": str(base / "none.toml"),
-               "LANG": "C.UTF-8"}
-        (base / "none.toml").write_text("")
-        os.chmod(base / "none.toml", 0o644)
-        argv = [python, "-s", str(base / "client_script.py"), str(req)]
-        if user != "root":
-            argv = ["runuser", "-u", user, "--"] + argv
-        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd="/")
-        if p.returncode != 0:
-            raise AssertionError(f"client as {user} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-        return json.loads(p.stdout.strip().splitlines()[-1])
-
-    yield run
-    shutil.rmtree(base, ignore_errors=True)
-    for d in Path(SCRATCH).glob("home-mrssh-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    return lib
 
 
 def _python_for(user: str) -> str | None:
     """An interpreter of this minor version that ``user`` may run (ours, else the system's)."""
     minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
     for cand in (sys.executable, os.path.realpath(sys.executable), f"/usr/bin/python{minor}", "/usr/bin/python3"):
-        p = subprocess.run(["runuser", "-u", user, "--", cand, "-c",
+        p = subprocess.run([RUNUSER, "-u", user, "--", cand, "-c",
                             "import sys; print('%d.%d' % sys.version_info[:2])"],
                            capture_output=True, text=True)
         if p.returncode == 0 and p.stdout.strip() == minor:
@@ -247,3 +273,15 @@ def wait_until(pred, timeout=30.0, interval=0.05, what="condition"):
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def ctl():
+    """Pool control for tests: kill_sshd(host), restart(), wait_until(pred, timeout, what=...)."""
+
+    class Ctl:
+        kill_sshd = staticmethod(kill_sshd)
+        restart = staticmethod(restart_pool)
+        wait_until = staticmethod(wait_until)
+
+    return Ctl
