@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+@pytest.fixture(autouse=True)
+def _local_backend(monkeypatch):
+    """These tests are about the local backend: pin it, whatever other backends are installed."""
+    monkeypatch.setenv("MESHRUN_BACKEND", "local")
+
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -19,6 +19,12 @@ import pytest
 import meshrun
 from meshrun import JobState, _agent
 
+@pytest.fixture(autouse=True)
+def _local_backend(monkeypatch):
+    """These tests are about the local backend: pin it, whatever other backends are installed."""
+    monkeypatch.setenv("MESHRUN_BACKEND", "local")
+
+
 AGENT = _agent.__file__
 
 

@@ -17,6 +17,12 @@ import pytest
 import meshrun
 from meshrun import JobState
 
+@pytest.fixture(autouse=True)
+def _local_backend(monkeypatch):
+    """These tests are about the local backend: pin it, whatever other backends are installed."""
+    monkeypatch.setenv("MESHRUN_BACKEND", "local")
+
+
 HOSTILE = [
     "it's",
     'say "hi"',

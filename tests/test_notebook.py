@@ -9,6 +9,12 @@ import pytest
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
+@pytest.fixture(autouse=True)
+def _local_backend(monkeypatch):
+    """These tests are about the local backend: pin it, whatever other backends are installed."""
+    monkeypatch.setenv("MESHRUN_BACKEND", "local")
+
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "notebook.ipynb"
 
 
