@@ -712,7 +712,9 @@ class Supervisor:
                 # a CPU job must not wander onto a GPU someone else leased
                 env["CUDA_VISIBLE_DEVICES"] = ""
         if "GPUS_PER_NODE" not in (self.launch.get("dist") or {}):
-            env["GPUS_PER_NODE"] = str(len(self.gpus))
+            # with leases, the GPUs this node was given; without (the scheduler hands them out), the request
+            given = len(self.gpus) if self.launch.get("lease", True) is not False else int(self.launch.get("gpus") or 0)
+            env.setdefault("GPUS_PER_NODE", str(given))
         return env
 
     # -- starting the job
