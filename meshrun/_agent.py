@@ -713,8 +713,10 @@ class Supervisor:
                 env["CUDA_VISIBLE_DEVICES"] = ""
         if "GPUS_PER_NODE" not in (self.launch.get("dist") or {}):
             # with leases, the GPUs this node was given; without (the scheduler hands them out), the request
-            given = len(self.gpus) if self.launch.get("lease", True) is not False else int(self.launch.get("gpus") or 0)
-            env.setdefault("GPUS_PER_NODE", str(given))
+            if self.launch.get("lease", True) is not False:
+                env["GPUS_PER_NODE"] = str(len(self.gpus))
+            else:
+                env.setdefault("GPUS_PER_NODE", str(int(self.launch.get("gpus") or 0)))
         return env
 
     # -- starting the job
