@@ -146,7 +146,7 @@ class SSHBackend(meshrun.Backend):
             return meshrun.Offer(**base, fits=False, reason=(
                 f"{name} has {meshrun.format_size(mem)} of memory; the job asks for {meshrun.format_size(r.memory)}"))
         load = snap.get("load")
-        detail: dict[str, Any] = {"host": snap.get("host"), "load": load, "cpus": cpus}
+        detail: dict[str, Any] = {"host": snap.get("host"), "load": load, "cpus": cpus, "claim_seq": h.claim_seq}
         if not r.gpus:
             return meshrun.Offer(**base, detail=detail)
         gpus = snap.get("gpus") or []
@@ -201,6 +201,10 @@ class SSHBackend(meshrun.Backend):
         host_name = opts.get("host")
         if host_name is None and offer is not None and offer.backend == BACKEND and offer.where in self.host_names():
             host_name = offer.where
+            stale = (spec.resources.gpus and offer.expected_start == 0
+                     and (offer.detail or {}).get("claim_seq") != self._host(host_name).claim_seq)
+            if stale:  # this process gave that host's free GPUs to other jobs since the offer: place again
+                host_name = None
         if host_name is None:
             offers = self.offers(spec)
             fitting = [o for o in offers if o.fits]
@@ -273,9 +277,6 @@ class SSHBackend(meshrun.Backend):
         rep = h.sync(dest, entries)
         return rep["dest"]
 
-    def submit_array(self, submissions: Sequence[Any], offer: Optional[meshrun.Offer] = None) -> list[str]:
-        return [self.submit(s, offer) for s in submissions]
-
     def status(self, ids: Sequence[str]) -> dict[str, meshrun.JobStatus]:
         by_host: dict[str, list[str]] = {}
         out: dict[str, meshrun.JobStatus] = {}
@@ -317,12 +318,15 @@ class SSHBackend(meshrun.Backend):
     def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
         host, job_id = self._split(backend_id)
         h = self._host(host)
-        return _follow_log(h, job_id, follow)
+        if not follow:  # read now, so an unreachable host raises here (the core then shows the local copy)
+            return iter(list(_follow_log(h, job_id, False)))
+        return _follow_log(h, job_id, True)
 
     def fetch_results(self, backend_id: str, job_dir: Path) -> None:
         host, job_id = self._split(backend_id)
         h = self._host(host)
-        files = h.fetch(job_id, list(meshrun.RESULT_FILES) + ["output.log"])
+        # the output comes too while it is small, so logs() still answers when the host no longer does
+        files = h.fetch(job_id, list(meshrun.RESULT_FILES) + ["output.log"], limits={"output.log": 8 << 20})
         job_dir = Path(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():

@@ -70,6 +70,15 @@ def _retrying(settings: SSHSettings, deadline: Optional[float] = None) -> Any:
     )
 
 
+def with_retries(settings: SSHSettings, fn: Callable[[], T], *, deadline: Optional[float] = None) -> T:
+    """``fn()``, retried on connection errors (Unreachable) with exponential back-off and jitter, at most
+    ``settings.retries`` attempts; other errors and the last connection error are raised as they are."""
+    for attempt in _retrying(settings, deadline):
+        with attempt:
+            return fn()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def shell_command(argv: list[str], env: Optional[Mapping[str, str]] = None, *, exec_: bool = False) -> str:
     """The command line sshd gives the login shell: every word quoted, so any byte sequence gets through.
 
@@ -290,10 +299,7 @@ class Connection:
 
     def retry(self, fn: Callable[[], T], *, deadline: Optional[float] = None) -> T:
         """Call ``fn`` until it does not raise a retryable (connection) error, with bounded back-off."""
-        for attempt in _retrying(self.settings, deadline):
-            with attempt:
-                return fn()
-        raise AssertionError("unreachable")  # pragma: no cover
+        return with_retries(self.settings, fn, deadline=deadline)
 
     def run(self, argv: list[str], *, input: Optional[bytes] = None, timeout: Optional[float] = None,
             env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:

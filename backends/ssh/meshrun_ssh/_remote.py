@@ -263,7 +263,9 @@ def op_sync(req, blob):
             if st.st_size != size or st.st_mtime_ns != mtime_ns or not os.path.isfile(full) \
                     or os.path.islink(full) or (st.st_mode & 0o777) != (mode & 0o777):
                 need.append(path)
-        return {"ok": True, "need": need, "dest": dest}
+        old = _agent.read_json(os.path.join(dest, MANIFEST)) or {}
+        same = set(old.get("paths") or []) == set(e[0] for e in entries)
+        return {"ok": True, "need": need, "dest": dest, "clean": same and not need}
     pos = 0
     for path, size, mtime_ns, mode in req["files"]:
         full = inside(dest, path)
@@ -314,10 +316,13 @@ def op_fetch(req):
     job_dir = expand(req["dir"])
     sizes = []
     parts = []
+    limits = req.get("limits") or {}
     for name in req["names"]:
         if "/" in name:
             raise ValueError("bad file name %r" % (name,))
         try:
+            if name in limits and os.path.getsize(os.path.join(job_dir, name)) > limits[name]:
+                continue
             with open(os.path.join(job_dir, name), "rb") as f:
                 data = f.read()
         except (FileNotFoundError, IsADirectoryError):

@@ -127,6 +127,7 @@ class RemoteHost:
         self._uploaded = False
         self.down: Optional[tuple[float, str]] = None  # (when, why) of the last failure to connect
         self.claims: dict[str, tuple[int, Optional[str], float]] = {}  # job id -> (gpus, type, when)
+        self.claim_seq = 0  # bumped on every claim: an offer made before a claim may be stale
 
     # ---- paths on the host
     @property
@@ -281,7 +282,7 @@ class RemoteHost:
 
         if not retry:
             return once()
-        return self.conn.retry(once)
+        return _conn.with_retries(self.settings, once)
 
     def close(self) -> None:
         with self._lock:
@@ -290,6 +291,7 @@ class RemoteHost:
     # ---- GPUs promised to jobs this process submitted, until the host shows their lease or ticket
     def claim(self, job_id: str, gpus: int, gpu_type: Optional[str]) -> None:
         self.claims[job_id] = (gpus, gpu_type, time.monotonic())
+        self.claim_seq += 1
 
     def unclaim(self, job_id: str) -> None:
         self.claims.pop(job_id, None)
@@ -330,8 +332,8 @@ class RemoteHost:
              retry: bool = True) -> tuple[dict[str, Any], bytes]:
         return self.call("read", path=path, offset=offset, done_file=done_file, max=max_bytes, retry=retry)
 
-    def fetch(self, job_id: str, names: Sequence[str]) -> dict[str, bytes]:
-        rep, blob = self.call("fetch", dir=self.job_dir(job_id), names=list(names))
+    def fetch(self, job_id: str, names: Sequence[str], limits: Optional[dict[str, int]] = None) -> dict[str, bytes]:
+        rep, blob = self.call("fetch", dir=self.job_dir(job_id), names=list(names), limits=limits or {})
         out, pos = {}, 0
         for name, size in rep["files"]:
             out[name] = blob[pos:pos + size]
@@ -361,7 +363,7 @@ class RemoteHost:
                 raise RemoteError(f"{self.name}: cancel failed: {rep.get('error')}", backend=BACKEND)
             return rep["record"]
 
-        return self.conn.retry(once)
+        return _conn.with_retries(self.settings, once)
 
     def sync(self, dest: str, entries: Sequence[Any]) -> dict[str, Any]:
         """Mirror ``entries`` (from _sync.scan) into ``dest`` on the host: only what differs travels."""
@@ -369,6 +371,8 @@ class RemoteHost:
 
         wire = [e.wire() for e in entries]
         rep, _ = self.call("sync", phase="diff", dest=dest, entries=wire)
+        if rep.get("clean"):
+            return {"ok": True, "dest": rep["dest"], "written": 0, "removed": 0, "bytes": 0}
         need = set(rep["need"])
         todo = [e for e in entries if e.path in need]
         try:

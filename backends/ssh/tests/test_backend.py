@@ -67,7 +67,9 @@ def test_jobs_spread_to_free_gpus_then_queue_where_they_free_soonest(ssh_backend
     host whose job ends first (known from its time limit)."""
     b = ssh_backend(gpus=2)
     limits = {0: 40, 1: 12, 2: 40}
-    jobs = [meshrun.submit(report_job(30 if i != 1 else 4, gpus=2, time_limit=limits[i])) for i in range(3)]
+    # one placement for the three (submit_many): the backend notices the offer went stale and places again
+    jobs = meshrun.submit_many([report_job(30 if i != 1 else 4, gpus=2, time_limit=limits[i]) for i in range(3)],
+                               backend="ssh")
     hosts = [j.backend_id.split(":")[0] for j in jobs]
     assert sorted(hosts) == ["host1", "host2", "host3"], hosts  # submitted back to back, still spread
     ctl.wait_until(lambda: all(j.status() is meshrun.JobState.RUNNING for j in jobs), 30, what="all running")
