@@ -168,10 +168,15 @@ def map_run(run: Mapping[str, Any]) -> meshrun.JobStatus:
                 state = jstate
         elif jstate is not None:
             state = jstate
-    elif status in ("provisioning", "running", "submitted") and jstatus in JOB_STATES:
-        jstate = JOB_STATES[jstatus]
-        if jstate in (S.PENDING, S.RUNNING):
-            state = jstate
+    elif status in ("provisioning", "running", "submitted"):
+        # the job says where it really is: an image still pulling is not running yet; a failed or
+        # terminating attempt under an active run is waiting for the next one
+        if jstatus in ("submitted", "provisioning", "pulling"):
+            state = S.PENDING
+        elif jstatus == "running":
+            state = S.RUNNING
+        elif jstatus:
+            state = S.PENDING if status != "running" or not (sub or {}).get("job_provisioning_data") else state
     exit_code = (sub or {}).get("exit_status")
     started = None
     if state in (S.RUNNING,) or (state.terminal and (sub or {}).get("job_provisioning_data")):

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# A dstack server for tests: dstack-server.sh up|down|status|restart
+# A dstack server for tests: dstack-server.sh up|down|status|restart|clean|template
 #
 # It listens on 127.0.0.1 on a free port, keeps everything under its own state folder
 # (DSTACK_TEST_DIR, default backends/dstack/.server): HOME, DSTACK_SERVER_DIR (SQLite database, logs),
 # so it never reads or writes a user's ~/.dstack. It runs offline: no backends are configured, so runs
 # get no offers. The admin token is DSTACK_SERVER_ADMIN_TOKEN when set at `up`, else a random one.
+#
+# A fresh server starts from a copy of a database already migrated to dstack's schema (`template`, made
+# once per dstack version in backends/dstack/.server-template): migrating an empty SQLite database is
+# most of a first start.
 #
 # `up` is idempotent (a running server is reused) and, after a `down`, starts again on the same port
 # with the same token and database, so runs survive a restart. It prints, and writes to STATE/env
@@ -40,10 +44,41 @@ free_port() {
 }
 
 port_free() {
-  "$PY" -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.close()' "$1" 2>/dev/null
+  # SO_REUSEADDR as the server itself binds: a port left in TIME_WAIT by our last run is still ours
+  "$PY" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1]))); s.close()' "$1" 2>/dev/null
 }
 
 pid_of() { cat "$state/pid" 2>/dev/null || true; }
+
+template_dir="${DSTACK_SERVER_TEMPLATE:-$here/.server-template}"
+version_of() { "$PY" -c 'import dstack.version as v; print(v.__version__)'; }
+
+template() {  # a database migrated to dstack's schema and nothing else: a fresh server starts much faster
+  [ -x "$venv/bin/dstack" ] || die "no dstack server in $venv; run backends/dstack/scripts/install.sh"
+  local v tmp
+  v="$(version_of)"
+  if [ -s "$template_dir/sqlite.db" ] && [ "$(cat "$template_dir/version" 2>/dev/null)" = "$v" ]; then
+    return 0
+  fi
+  mkdir -p "$template_dir"
+  tmp="$(mktemp -d "$template_dir/tmp.XXXXXX")"
+  [ -n "$tmp" ] && [ -d "$tmp" ] || die "cannot make a temporary folder in $template_dir"
+  HOME="$tmp" DSTACK_SERVER_DIR="$tmp/server" "$PY" -c '
+import asyncio, sqlite3, sys
+from dstack._internal.server import settings
+settings.init_server_data_dir()
+from dstack._internal.server.db import migrate
+asyncio.run(migrate())
+db = sqlite3.connect(str(settings.get_server_data_dir_path() / "sqlite.db"))
+db.execute("VACUUM INTO ?", (sys.argv[1],))
+db.close()
+' "$tmp/sqlite.db"
+  echo "$v" > "$tmp/version"
+  mv -f "$tmp/sqlite.db" "$template_dir/sqlite.db"
+  mv -f "$tmp/version" "$template_dir/version"
+  rm -rf "$tmp"
+  say "database template migrated for dstack $v in $template_dir"
+}
 
 print_env() {
   umask 077
@@ -80,6 +115,11 @@ up() {
     echo "$port" > "$state/port"
   fi
   local t0; t0=$(date +%s)
+  if [ ! -e "$state/server/data/sqlite.db" ] && [ "${DSTACK_SERVER_NO_TEMPLATE:-0}" != 1 ]; then
+    template
+    mkdir -p "$state/server/data"
+    cp "$template_dir/sqlite.db" "$state/server/data/sqlite.db"
+  fi
   (
     cd "$state"
     umask 077
@@ -146,5 +186,6 @@ case "${1:-}" in
   restart) down; up ;;
   status) status ;;
   clean) down; rm -rf "$state" ;;
-  *) echo "usage: $0 up|down|restart|status|clean" >&2; exit 2 ;;
+  template) template ;;
+  *) echo "usage: $0 up|down|restart|status|clean|template" >&2; exit 2 ;;
 esac

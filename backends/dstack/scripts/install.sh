@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the dstack backend's real-server tests need: a dstack server (dstack[server], pinned) in its own
 # virtual environment, backends/dstack/.server-venv, so its many dependencies stay out of the project's
-# .venv. (The client side, `dstack` for its configuration models, comes with meshrun-dstack[test].)
+# .venv (the client side, `dstack` for its configuration models, comes with meshrun-dstack[test]); and a
+# database template migrated to dstack's schema, so that test servers start fast.
 # Idempotent: a second run only checks. Run as root on a fresh Debian 12 machine by scripts/install.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,17 +12,18 @@ PY="${PYTHON:-python3}"
 say() { echo "[install dstack] $*"; }
 
 have="$("$venv/bin/python" -c 'import dstack.version as v; print(v.__version__)' 2>/dev/null || true)"
-if [ "$have" = "$version" ] && "$venv/bin/python" -c 'import dstack._internal.server.main' 2>/dev/null; then
+if [ "$have" = "$version" ] && [ -x "$venv/bin/dstack" ]; then
   say "dstack server $version already in $venv"
-  exit 0
+else
+  if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv with $($PY --version)"
+    "$PY" -m venv "$venv"
+  fi
+  say "installing dstack[server]==$version into $venv"
+  "$venv/bin/python" -m pip -q --disable-pip-version-check install -U pip 2>&1 | grep -v '^WARNING: Location' || true
+  "$venv/bin/python" -m pip -q --disable-pip-version-check install "dstack[server]==$version" 2>&1 \
+    | grep -v '^WARNING: Location' || true
+  "$venv/bin/python" -c 'import dstack._internal.server.main' >/dev/null
+  say "installed $("$venv/bin/dstack" --version)"
 fi
-if [ ! -x "$venv/bin/python" ]; then
-  say "creating $venv with $($PY --version)"
-  "$PY" -m venv "$venv"
-fi
-say "installing dstack[server]==$version into $venv"
-"$venv/bin/python" -m pip -q --disable-pip-version-check install -U pip 2>&1 | grep -v '^WARNING: Location' || true
-"$venv/bin/python" -m pip -q --disable-pip-version-check install "dstack[server]==$version" 2>&1 \
-  | grep -v '^WARNING: Location' || true
-"$venv/bin/python" -c 'import dstack._internal.server.main' >/dev/null
-say "done: $("$venv/bin/dstack" --version)"
+bash "$here/scripts/dstack-server.sh" template
