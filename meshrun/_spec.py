@@ -253,6 +253,15 @@ class JobSpec(BaseModel):
             raise SpecError("", f"not valid JSON: {e}") from None
         return cls.from_dict(data)
 
+    @classmethod
+    def from_skypilot_yaml(cls, path: str | os.PathLike[str]) -> "JobSpec":
+        """The job described by an existing SkyPilot task YAML (``run``, ``setup``, ``envs``, ``workdir``,
+        ``num_nodes``, ``file_mounts``, ``resources``); what only SkyPilot understands is kept in
+        ``backend_options["skypilot"]``. ``meshrun run task.yaml`` uses this."""
+        from ._taskyaml import spec_from_task_yaml
+
+        return spec_from_task_yaml(path)
+
     def to_json(self, **kw: Any) -> str:
         """JSON text; a function is written as its "module:qualname" reference."""
         return self.model_dump_json(**kw)

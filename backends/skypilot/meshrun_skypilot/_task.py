@@ -1,0 +1,352 @@
+"""A meshrun spec as a SkyPilot task, and back: pure functions (no ``sky`` import) plus ``build_task``.
+
+``task_config(spec)`` is the portable mapping (the task YAML a person would write: ``run`` is the command
+itself); ``launch_config(submission, ...)`` is what the backend launches: the same task whose ``run`` is a
+script that unpacks the job's files (host agent, launch.json, payload) on every node, maps SkyPilot's
+node variables onto meshrun's distributed env contract, runs the job under the agent, streams its output
+and, on node 0, prints the agent's records into the job log so they come back through SkyPilot itself
+(no bucket, no SSH: it works for clusters, managed jobs and remote API servers alike).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import math
+import os
+import re
+import shlex
+import tarfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import meshrun
+
+GIB = 1024**3
+
+#: meshrun's own keys of backend_options["skypilot"]; every SkyPilot resources key is accepted as well
+JOB_OPTIONS = {
+    "cluster": "run on this SkyPilot cluster: `sky exec` when it is up, else `sky launch` creates it (and keeps it)",
+    "keep": "keep the cluster meshrun started after the job ends (default: tear it down)",
+    "managed": "launch as a SkyPilot managed job (`sky jobs launch`): preemptions are recovered by SkyPilot",
+    "idle_minutes": "autostop/autodown the cluster after this many idle minutes (safety net)",
+    "task": "other SkyPilot task fields, passed through verbatim (service, volumes, config, ...)",
+}
+RESOURCE_OPTIONS = (
+    "infra", "cloud", "region", "zone", "accelerators", "accelerator_args", "instance_type", "cpus",
+    "memory", "disk_size", "disk_tier", "network_tier", "use_spot", "job_recovery", "image_id", "ports",
+    "labels", "any_of", "ordered", "autostop", "priority", "priority_class", "max_hourly_cost", "local_disk",
+    "ephemeral_storage", "volumes",
+)
+RESULT_MARK = "::meshrun-result:"
+RECORD_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
+_RESULT_RE = re.compile(r"::meshrun-result:(?P<job>[A-Za-z0-9_.-]+):(?P<i>\d+)/(?P<n>\d+):(?P<data>[A-Za-z0-9+/=]*)::")
+_CHUNK = 4000
+
+
+def job_options(spec: Any) -> dict[str, Any]:
+    """``backend_options["skypilot"]``, checked: unknown keys are a SpecError listing the valid ones."""
+    opts = spec.options_for("skypilot")
+    valid = sorted(set(JOB_OPTIONS) | set(RESOURCE_OPTIONS))
+    for k in opts:
+        if k not in valid:
+            raise meshrun.SpecError(f"backend_options.skypilot.{k}",
+                                    f"unknown SkyPilot option; the valid options are: {', '.join(valid)}")
+    for k in ("keep", "managed", "use_spot"):
+        if k in opts and not isinstance(opts[k], bool):
+            raise meshrun.SpecError(f"backend_options.skypilot.{k}", f"expected true or false, got {opts[k]!r}")
+    if "cluster" in opts and (not isinstance(opts["cluster"], str)
+                              or not re.fullmatch(r"[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?", opts["cluster"])):
+        raise meshrun.SpecError("backend_options.skypilot.cluster",
+                                f"expected a SkyPilot cluster name (letters, digits, - _ .), got {opts['cluster']!r}")
+    if "idle_minutes" in opts and (isinstance(opts["idle_minutes"], bool) or not isinstance(opts["idle_minutes"], int)
+                                   or opts["idle_minutes"] < 0):
+        raise meshrun.SpecError("backend_options.skypilot.idle_minutes",
+                                f"expected a whole number of minutes, got {opts['idle_minutes']!r}")
+    if "task" in opts and not isinstance(opts["task"], Mapping):
+        raise meshrun.SpecError("backend_options.skypilot.task", "expected a mapping of SkyPilot task fields")
+    return opts
+
+
+# ---- spec -> task (the portable mapping) -----------------------------------------------------------------
+
+
+def resources_config(spec: Any, opts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """SkyPilot ``resources`` for the spec: GPUs as "TYPE:N", minimum CPUs/memory as "N+", disk in GiB, and
+    every SkyPilot resources key of ``backend_options["skypilot"]`` on top (they win)."""
+    r = spec.resources
+    opts = dict(opts if opts is not None else job_options(spec))
+    res: dict[str, Any] = {}
+    if r.gpus:
+        if r.gpu_type:
+            res["accelerators"] = f"{r.gpu_type}:{r.gpus}"
+        elif "accelerators" not in opts:
+            raise meshrun.SpecError("gpu_type", "SkyPilot needs a GPU model (e.g. gpus=\"H100:8\") or "
+                                    "backend_options.skypilot.accelerators with the candidates")
+    if r.cpus:
+        res["cpus"] = f"{r.cpus:g}+"
+    if r.memory:
+        res["memory"] = f"{_gib(r.memory)}+"
+    if r.disk:
+        res["disk_size"] = int(math.ceil(r.disk / GIB))
+    for k in RESOURCE_OPTIONS:
+        if k in opts:
+            res[k] = opts[k]
+    return res
+
+
+def task_config(spec: Any) -> dict[str, Any]:
+    """The SkyPilot task YAML (as a dict) that runs the spec's command natively: what
+    ``meshrun._taskyaml.spec_from_task_config`` reads back into the same spec."""
+    opts = job_options(spec)
+    if spec.kind != "command":
+        raise meshrun.SpecError("function", "a function job has no plain SkyPilot task; submit it to the "
+                                "skypilot backend, which runs it through meshrun's runner")
+    cfg: dict[str, Any] = {}
+    if spec.name is not None:
+        cfg["name"] = spec.name
+    if spec.workdir is not None:
+        cfg["workdir"] = spec.workdir
+    if spec.nodes != 1:
+        cfg["num_nodes"] = spec.nodes
+    res = resources_config(spec, opts)
+    if res:
+        cfg["resources"] = res
+    if spec.env:
+        cfg["envs"] = dict(spec.env)
+    mounts = {remote_target(k): v for k, v in spec.files.items()}
+    extra = dict(opts.get("task") or {})
+    if isinstance(extra.get("file_mounts"), Mapping):
+        mounts.update(extra.pop("file_mounts"))
+    if mounts:
+        cfg["file_mounts"] = mounts
+    if spec.setup:
+        cfg["setup"] = spec.setup[0] if len(spec.setup) == 1 else "set -e\n" + "\n".join(spec.setup)
+    cfg["run"] = spec.command if isinstance(spec.command, str) else shlex.join(spec.command)
+    for k, v in extra.items():
+        cfg.setdefault(k, v)
+    return cfg
+
+
+def remote_target(target: str) -> str:
+    """A meshrun file target on the cluster: relative targets land in SkyPilot's workdir (the job's cwd)."""
+    if target.startswith(("/", "~")):
+        return target
+    return "~/sky_workdir/" + (target[2:] if target.startswith("./") else target)
+
+
+def _gib(n: int) -> str:
+    v = n / GIB
+    return f"{v:g}" if v == int(v) else f"{v:.3f}".rstrip("0")
+
+
+# ---- the task meshrun launches -------------------------------------------------------------------------
+
+
+def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpickle: bool | None = None) -> bytes:
+    """The job's files as a gzipped tar: the host agent, launch.json (with ``lease``/``mask_gpus`` off,
+    SkyPilot hands out the GPUs), spec.json, payload.pkl and, for function jobs, the submitter's cloudpickle
+    (used on the cluster only when its Python lacks that exact version)."""
+    launch = dict(submission.launch)
+    launch["lease"] = False
+    launch["mask_gpus"] = False
+    launch["cwd"] = None  # set on the node: SkyPilot's working directory
+    launch.pop("dist", None)  # the run script exports the contract from SkyPilot's variables
+    if grace_period is not None:
+        launch.setdefault("grace_period", grace_period)
+    files: dict[str, bytes] = {
+        "_agent.py": Path(meshrun.agent_file()).read_bytes(),
+        "launch.json": (json.dumps(launch, sort_keys=True) + "\n").encode(),
+    }
+    for p in submission.files():
+        if p.name != "launch.json":
+            files[p.name] = p.read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+        for name, data in sorted(files.items()):
+            _add(tar, name, data)
+        if with_cloudpickle if with_cloudpickle is not None else submission.spec.kind == "function":
+            import cloudpickle
+
+            root = Path(cloudpickle.__file__).resolve().parent
+            for f in sorted(root.glob("*.py")):
+                _add(tar, f".meshrun-lib/cloudpickle/{f.name}", f.read_bytes())
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o600
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+_UNPACK = (
+    "import base64,io,json,os,sys,tarfile\n"
+    "d=sys.argv[1]\n"
+    "t=tarfile.open(fileobj=io.BytesIO(base64.b64decode(sys.stdin.read())),mode=\"r:gz\")\n"
+    "kw={\"filter\":\"data\"} if hasattr(tarfile,\"data_filter\") else {}\n"
+    "t.extractall(d,**kw)\n"
+    "p=os.path.join(d,\"launch.json\")\n"
+    "l=json.load(open(p))\n"
+    "l[\"cwd\"]=os.getcwd()\n"
+    "open(p,\"w\").write(json.dumps(l))\n"
+)
+_EMIT = (
+    "import base64,gzip,json,os,sys\n"
+    "d,job=sys.argv[1],sys.argv[2]\n"
+    "out={}\n"
+    "for n in (\"exit.json\",\"state.json\",\"result.pkl\",\"error.json\",\"error.pkl\"):\n"
+    "    p=os.path.join(d,n)\n"
+    "    if os.path.exists(p):\n"
+    "        out[n]=base64.b64encode(open(p,\"rb\").read()).decode()\n"
+    "b=base64.b64encode(gzip.compress(json.dumps(out).encode())).decode()\n"
+    f"c={_CHUNK}\n"
+    "n=max(1,(len(b)+c-1)//c)\n"
+    "for i in range(n):\n"
+    f"    sys.stdout.write(\"{RESULT_MARK}%s:%d/%d:%s::\\n\"%(job,i+1,n,b[i*c:(i+1)*c]))\n"
+    "sys.stdout.flush()\n"
+)
+
+
+def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", master_port: int = 29500,
+               nodes: int = 1, cloudpickle_version: str | None = None, remote_root: str = "$HOME/.meshrun") -> str:
+    """The task's ``run``: pure text, every value shell-quoted (golden-file tested)."""
+    if not re.fullmatch(r"[A-Za-z0-9+/=]*", bundle_b64):
+        raise ValueError("the bundle must be base64")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", job_id):
+        raise ValueError(f"bad job id {job_id!r}")
+    root = remote_root if remote_root == "$HOME/.meshrun" else shlex.quote(remote_root)
+    log = '"$MR_DIR/output.log"' if nodes == 1 else '"$MR_DIR/$( [ "$MR_RANK" = 0 ] && echo output.log || echo output.rank$MR_RANK.log )"'
+    cp_check = ""
+    if cloudpickle_version:
+        cp_check = (
+            f'if ! "$MR_PY" -c {shlex.quote(f"import sys, cloudpickle; sys.exit(cloudpickle.__version__ != {json.dumps(cloudpickle_version)})")} 2>/dev/null; then\n'
+            '  export PYTHONPATH="$MR_DIR/.meshrun-lib${PYTHONPATH:+:$PYTHONPATH}"\n'
+            "fi\n"
+        )
+    return (
+        f"# meshrun job {job_id}: runs on every node of the cluster under meshrun's host agent\n"
+        f"MR_PY={shlex.quote(python)}\n"
+        f"MR_JOB={job_id}\n"
+        'MR_RANK="${SKYPILOT_NODE_RANK:-0}"\n'
+        f'MR_DIR="{root}/jobs/$MR_JOB/rank$MR_RANK"\n'
+        'mkdir -p "$MR_DIR" || exit 97\n'
+        f"printf '%s' '{bundle_b64}' | \"$MR_PY\" -c {shlex.quote(_UNPACK)} \"$MR_DIR\" || "
+        '{ echo "meshrun: cannot unpack the job with $MR_PY" >&2; exit 97; }\n'
+        'export NODE_RANK="$MR_RANK" NNODES="${SKYPILOT_NUM_NODES:-1}"\n'
+        'export MASTER_ADDR="$(printf \'%s\\n\' "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n 1)"\n'
+        f"export MASTER_PORT={int(master_port)}\n"
+        'export GPUS_PER_NODE="${SKYPILOT_NUM_GPUS_PER_NODE:-0}"\n'
+        'export WORLD_SIZE="$(( NNODES * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1) ))"\n'
+        + cp_check +
+        '"$MR_PY" "$MR_DIR/_agent.py" run "$MR_DIR" </dev/null &\n'
+        "MR_PID=$!\n"
+        "trap 'kill -TERM \"$MR_PID\" 2>/dev/null' TERM INT HUP\n"
+        f"tail -n +1 -s 0.2 -F --pid=\"$MR_PID\" {log} 2>/dev/null &\n"
+        "MR_TAIL=$!\n"
+        'wait "$MR_PID"; MR_RC=$?\n'
+        'while kill -0 "$MR_PID" 2>/dev/null; do wait "$MR_PID"; MR_RC=$?; done\n'
+        'wait "$MR_TAIL" 2>/dev/null\n'
+        'if [ "$MR_RANK" = 0 ]; then\n'
+        f'  "$MR_PY" -c {shlex.quote(_EMIT)} "$MR_DIR" "$MR_JOB"\n'
+        "fi\n"
+        'exit "$MR_RC"\n'
+    )
+
+
+def launch_config(submission: Any, *, python: str = "python3", master_port: int = 29500,
+                  grace_period: float | None = None, max_inline_bytes: int = 8 * 1024**2) -> dict[str, Any]:
+    """The task meshrun launches for a submission: the portable mapping, with meshrun's run script."""
+    spec = submission.spec
+    opts = job_options(spec)
+    data = bundle(submission, grace_period=grace_period)
+    if len(data) > max_inline_bytes:
+        raise meshrun.SpecError(
+            "args", f"the job's files take {len(data)} bytes packed, more than the {max_inline_bytes}-byte limit "
+            "for what travels inside the task (max_inline_bytes); pass large data as files= (SkyPilot file mounts)")
+    cp = None
+    if spec.kind == "function":
+        import cloudpickle
+
+        cp = cloudpickle.__version__
+    cfg: dict[str, Any] = {"name": submission.name}
+    if spec.workdir is not None:
+        cfg["workdir"] = spec.workdir
+    if spec.nodes != 1:
+        cfg["num_nodes"] = spec.nodes
+    res = resources_config(spec, opts)
+    if res:
+        cfg["resources"] = res
+    if spec.env:
+        cfg["envs"] = dict(spec.env)
+    mounts = {remote_target(k): v for k, v in spec.files.items()}
+    extra = dict(opts.get("task") or {})
+    if isinstance(extra.get("file_mounts"), Mapping):
+        mounts.update(extra.pop("file_mounts"))
+    if mounts:
+        cfg["file_mounts"] = mounts
+    cfg["run"] = run_script(job_id=submission.job_id, bundle_b64=base64.b64encode(data).decode(), python=python,
+                            master_port=master_port, nodes=spec.nodes, cloudpickle_version=cp)
+    for k, v in extra.items():
+        cfg.setdefault(k, v)
+    return cfg
+
+
+def build_task(config: Mapping[str, Any]) -> Any:
+    """A ``sky.Task`` from a task config, through SkyPilot's own schema validation (``from_yaml_config``).
+    Invalid fields become :class:`meshrun.SpecError`."""
+    import sky
+    from sky import exceptions as sky_exc
+
+    try:
+        return sky.Task.from_yaml_config(dict(config))
+    except (sky_exc.InvalidSkyPilotConfigError, ValueError, TypeError) as e:
+        raise meshrun.SpecError("backend_options.skypilot", f"SkyPilot rejects the task: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# ---- results out of the job log -----------------------------------------------------------------------
+
+
+def parse_results(text: str, job_id: str) -> dict[str, bytes] | None:
+    """The agent's record files that node 0 printed into the log, or None if they are not (all) there."""
+    parts: dict[int, str] = {}
+    total = None
+    for m in _RESULT_RE.finditer(text):
+        if m.group("job") != job_id:
+            continue
+        i, n = int(m.group("i")), int(m.group("n"))
+        if total != n:
+            parts, total = {}, n  # a later, complete set wins (a retried job prints again)
+        parts[i] = m.group("data")
+    if not total or len(parts) != total:
+        return None
+    try:
+        raw = gzip.decompress(base64.b64decode("".join(parts[i] for i in range(1, total + 1))))
+        files = json.loads(raw)
+        return {name: base64.b64decode(v) for name, v in files.items() if name in RECORD_FILES}
+    except (ValueError, OSError, KeyError):
+        return None
+
+
+def strip_results(text: str) -> str:
+    """The log without the result lines (what a person wants to read)."""
+    if RESULT_MARK not in text:
+        return text
+    return "".join(line for line in text.splitlines(keepends=True) if RESULT_MARK not in line)
+
+
+def write_results(files: Mapping[str, bytes], job_dir: Path) -> None:
+    for name, data in files.items():
+        tmp = job_dir / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, job_dir / name)

@@ -1,0 +1,193 @@
+"""Fixtures of the SkyPilot suite.
+
+Every SkyPilot test runs with its own SkyPilot home (``HOME`` of this process and of the API server it
+starts): the catalog snapshot of ``shared/catalogs`` copied where SkyPilot reads catalogs, an API server on
+a free port started once per session, and nothing of the user's real ``~/.sky``. At the end of the session
+the server is stopped and no process that SkyPilot started for this home (API server, ``subprocess_daemon.py``,
+ssh clients) may be left; the end-to-end module also checks that nothing of the Slurm login user is left.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+SCRIPTS = HERE.parent / "scripts"
+SHARED_CATALOGS = [REPO.parent / "shared" / "catalogs", REPO / "shared" / "catalogs"]
+
+
+def snapshot_dir() -> Path | None:
+    for p in SHARED_CATALOGS:
+        if (p / "v8").is_dir():
+            return p / "v8"
+    return None
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def pick_api_port() -> int:
+    """A port for the API server whose companion queue-manager port (SkyPilot derives it) is free too."""
+    for _ in range(200):
+        port = random.randint(47000, 49000)
+        queue = 50000 + (50011 - 50000 + (port - 46580)) % 10000
+        if _free(port) and _free(queue):
+            return port
+    raise RuntimeError("no free port pair for the SkyPilot API server")
+
+
+def processes_with_home(home: str) -> list[tuple[int, str]]:
+    """Live processes (other than this one) whose environment has HOME=<home>: what SkyPilot started for it."""
+    out = []
+    want = f"HOME={home}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{name}/environ").read_bytes()
+            if want not in env.split(b"\0"):
+                continue
+            stat = Path(f"/proc/{name}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                continue
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append((int(name), cmd.strip()))
+    return out
+
+
+def end_processes(procs: list[tuple[int, str]]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, _ in procs:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p, _ in procs):
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+class SkyEnv:
+    """The SkyPilot home of this test session."""
+
+    def __init__(self, home: Path, port: int):
+        self.home = home
+        self.port = port
+        self.started_server = False
+
+    def environ(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "SKYPILOT_API_SERVER_LOCAL_PORT": str(self.port),
+                "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
+
+    def apply(self):
+        """Context: this process's environment points at the session's SkyPilot home and server."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            saved = {k: os.environ.get(k) for k in self.environ()}
+            os.environ.update(self.environ())
+            try:
+                yield self
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+        return cm()
+
+    def start_server(self) -> None:
+        from meshrun_skypilot._server import ApiServer
+        from meshrun_skypilot._backend import settings_class
+
+        srv = ApiServer(settings_class()(port=self.port))
+        with self.apply():
+            if not srv.health()[0]:
+                t0 = time.monotonic()
+                srv.start()
+                self.started_server = True
+                print(f"[skypilot] API server on port {self.port} started in {time.monotonic() - t0:.1f}s")
+
+    def stop(self) -> list[tuple[int, str]]:
+        """Stop the API server and end what SkyPilot left for this home; returns what had to be killed
+        after `sky api stop` (ssh clients, subprocess_daemon.py)."""
+        if "sky" in __import__("sys").modules or self.started_server:
+            with self.apply():
+                try:
+                    from sky.client import sdk
+
+                    sdk.api_stop()
+                except Exception as e:  # report below through the process check
+                    print(f"[skypilot] sky api stop: {type(e).__name__}: {e}")
+        time.sleep(0.5)
+        left = processes_with_home(str(self.home))
+        end_processes(left)
+        return left
+
+
+@pytest.fixture(scope="session")
+def sky_env(tmp_path_factory) -> SkyEnv:
+    home = tmp_path_factory.mktemp("skyhome")
+    env = SkyEnv(home, pick_api_port())
+    snap = snapshot_dir()
+    if snap is not None:
+        from meshrun_skypilot._catalog import install_catalog
+
+        install_catalog(snap, home / ".sky" / "catalogs" / "v8")
+    yield env
+    left = env.stop()
+    survivors = processes_with_home(str(home))
+    assert not survivors, f"SkyPilot processes survived the session's teardown: {survivors}"
+    if left:
+        print(f"[skypilot] ended {len(left)} process(es) that outlived `sky api stop`: "
+              + "; ".join(c[:80] for _, c in left))
+
+
+@pytest.fixture
+def sky_home(sky_env, monkeypatch) -> SkyEnv:
+    """This test runs with the session's SkyPilot home (HOME, API server port) in its environment."""
+    for k, v in sky_env.environ().items():
+        monkeypatch.setenv(k, v)
+    return sky_env
+
+
+@pytest.fixture
+def sky_server(sky_home) -> SkyEnv:
+    """The session's API server, started on first use."""
+    sky_home.start_server()
+    return sky_home
+
+
+@pytest.fixture
+def backend(sky_server, meshrun_home):
+    """The skypilot backend of this test's meshrun config, on the session's API server."""
+    import meshrun
+
+    meshrun.configure({"backends": {"skypilot": {"port": sky_server.port}}})
+    return meshrun.get_backend("skypilot")

@@ -1,0 +1,270 @@
+"""Spec <-> SkyPilot task: the mapping, checked by SkyPilot's own validation, and meshrun's run script.
+
+No API server and no cluster here: SkyPilot validates the task YAML itself (``sky.Task.from_yaml_config``
+runs its schema, ``sky.Resources`` its resource checks); the run script is executed by bash on this machine
+with the variables SkyPilot sets on each node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import meshrun
+from meshrun._taskyaml import spec_from_task_config
+
+from meshrun_skypilot import _task
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+HOSTILE = "a'b\"c $(touch /tmp/pwned) `id` ${HOME} \\ \n\t; | & > <  ünïcødé \u2028 end"
+
+
+def _roundtrip_config(cfg: dict) -> dict:
+    """config -> sky.Task (SkyPilot's schema validation) -> the config SkyPilot writes back."""
+    task = _task.build_task(cfg)
+    return task.to_yaml_config()
+
+
+def test_import_does_not_import_sky():
+    code = "import sys, meshrun, meshrun_skypilot; meshrun_skypilot.SkyPilotBackend; print('sky' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_spec_to_task_and_back_with_hostile_strings(tmp_path, sky_home):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "data.txt").write_text("x")
+    spec = meshrun.JobSpec(
+        name="train run",
+        command=f"python train.py --msg {HOSTILE!r}\necho '{HOSTILE}'",
+        gpus="H100:8", cpus=16, memory="64GiB", disk="200GiB", nodes=2,
+        env={"WEIRD": HOSTILE, "EMPTY": "", "NUM": "3"},
+        workdir=str(work), files={"/data/data.txt": str(tmp_path / "data.txt")},
+        setup=["pip install -r requirements.txt"],
+        backend_options={"skypilot": {"infra": "lambda/us-east-1", "use_spot": True, "ports": [8080]}},
+    )
+    cfg = _task.task_config(spec)
+    assert cfg["resources"]["accelerators"] == "H100:8"
+    assert cfg["resources"]["cpus"] == "16+" and cfg["resources"]["memory"] == "64+"
+    assert cfg["resources"]["disk_size"] == 200 and cfg["num_nodes"] == 2
+    back = _roundtrip_config(cfg)  # SkyPilot accepts it ...
+    assert back["envs"] == spec.env  # ... and keeps the hostile strings byte for byte
+    assert back["run"] == spec.command
+    assert back["resources"]["use_spot"] is True
+    assert back["resources"]["accelerators"] == {"H100": 8}
+    again = spec_from_task_config(back)  # ... and meshrun reads SkyPilot's YAML back into the same spec
+    for field in ("name", "command", "env", "workdir", "files", "setup", "resources"):
+        assert getattr(again, field) == getattr(spec, field), field
+    assert again.options_for("skypilot")["infra"] == "lambda/us-east-1"
+    assert again.options_for("skypilot")["use_spot"] is True
+
+
+def test_command_list_becomes_a_quoted_run(sky_home):
+    spec = meshrun.JobSpec(command=["printf", "%s|", "a b", "$(x)", "'q'"], env={"K": "v"})
+    cfg = _task.task_config(spec)
+    back = _roundtrip_config(cfg)
+    out = subprocess.run(["bash", "-c", back["run"]], capture_output=True, text=True).stdout
+    assert out == "a b|$(x)|'q'|"
+
+
+def test_yaml_file_to_spec_to_task(tmp_path, sky_home, monkeypatch):
+    monkeypatch.setenv("TOKEN_FROM_ENV", HOSTILE)
+    (tmp_path / "code").mkdir()
+    y = tmp_path / "task.yaml"
+    y.write_text(
+        "name: sft\n"
+        "workdir: ./code\n"
+        "num_nodes: 2\n"
+        "resources:\n"
+        "  infra: nebius\n"
+        "  accelerators: H200:8\n"
+        "  cpus: 32+\n"
+        "  memory: 256+\n"
+        "  disk_size: 512\n"
+        "  use_spot: true\n"
+        "  job_recovery: {strategy: FAILOVER, max_restarts_on_errors: 2}\n"
+        "envs:\n"
+        "  MODEL: llama\n"
+        "  TOKEN_FROM_ENV: null\n"
+        "file_mounts:\n"
+        "  /data: s3://bucket/data\n"
+        "setup: |\n"
+        "  pip install torch\n"
+        "run: |\n"
+        "  torchrun --nnodes=$SKYPILOT_NUM_NODES --node_rank=$SKYPILOT_NODE_RANK train.py\n"
+    )
+    spec = meshrun.JobSpec.from_skypilot_yaml(y)
+    assert spec.resources.gpus == 8 and spec.resources.gpu_type == "H200" and spec.nodes == 2
+    assert spec.env["TOKEN_FROM_ENV"] == HOSTILE
+    opts = spec.options_for("skypilot")
+    assert opts["infra"] == "nebius" and opts["use_spot"] is True and opts["job_recovery"]["strategy"] == "FAILOVER"
+    assert opts["task"]["file_mounts"] == {"/data": "s3://bucket/data"}
+    cfg = _task.task_config(spec)
+    back = _roundtrip_config(cfg)
+    assert back["run"].startswith("torchrun") and back["setup"] == "pip install torch\n"
+    assert back["file_mounts"]["/data"] == "s3://bucket/data"
+    assert back["resources"]["job_recovery"]["max_restarts_on_errors"] == 2
+
+
+def test_unknown_option_lists_the_valid_ones():
+    spec = meshrun.JobSpec(command="true", backend_options={"skypilot": {"clusterr": "x"}})
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.task_config(spec)
+    assert "backend_options.skypilot.clusterr" in str(e.value) and "infra" in str(e.value) and "keep" in str(e.value)
+
+
+@pytest.mark.parametrize("opts, field", [
+    ({"keep": "yes"}, "keep"),
+    ({"cluster": "bad name!"}, "cluster"),
+    ({"idle_minutes": -1}, "idle_minutes"),
+    ({"task": [1]}, "task"),
+])
+def test_bad_option_values_name_the_field(opts, field):
+    spec = meshrun.JobSpec(command="true", backend_options={"skypilot": opts})
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.task_config(spec)
+    assert f"backend_options.skypilot.{field}" in str(e.value)
+
+
+@pytest.mark.parametrize("opts", [{"cpus": "lots"}, {"memory": -3}, {"infra": "nocloud/x"}, {"disk_tier": "warp"}])
+def test_skypilot_rejects_bad_resources_before_launch(opts, sky_home):
+    spec = meshrun.JobSpec(command="true", backend_options={"skypilot": opts})
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.build_task(_task.task_config(spec))
+    assert "SkyPilot rejects the task" in str(e.value)
+
+
+def test_bad_env_name_is_caught_by_skypilot_schema(sky_home):
+    cfg = {"run": "true", "envs": {"1BAD": "x"}}
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.build_task(cfg)
+    assert "1BAD" in str(e.value)
+
+
+def test_gpus_without_a_model_need_one():
+    spec = meshrun.JobSpec(command="true", gpus=2)
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.task_config(spec)
+    assert e.value.field == "gpu_type"
+
+
+def test_run_script_golden():
+    script = _task.run_script(job_id="0123abcdwxyz", bundle_b64="QUJD", python="/opt/py 3/bin/python3",
+                              master_port=29511, nodes=2, cloudpickle_version="3.1.3")
+    GOLDEN.mkdir(exist_ok=True)
+    golden = GOLDEN / "run_script.sh"
+    if os.environ.get("UPDATE_GOLDEN") or not golden.exists():
+        golden.write_text(script)
+    assert script == golden.read_text()
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+
+
+def test_results_survive_log_prefixes_and_other_jobs():
+    files = {"exit.json": b'{"state": "succeeded"}', "result.pkl": bytes(range(256)) * 50}
+    import base64
+    import gzip
+
+    payload = base64.b64encode(gzip.compress(json.dumps(
+        {k: base64.b64encode(v).decode() for k, v in files.items()}).encode())).decode()
+    chunks = [payload[i:i + 100] for i in range(0, len(payload), 100)]
+    lines = [f"(head, rank=0, pid=1) ::meshrun-result:job1:{i + 1}/{len(chunks)}:{c}::" for i, c in enumerate(chunks)]
+    text = "hello\n" + "\x1b[36m(other)\x1b[0m ::meshrun-result:job2:1/1:AAAA::\n" + "\n".join(lines) + "\nbye\n"
+    assert _task.parse_results(text, "job1") == files
+    assert _task.parse_results(text.replace(lines[1], ""), "job1") is None  # incomplete
+    assert _task.strip_results(text) == "hello\nbye\n"
+
+
+# ---- the run script, executed here as SkyPilot would on each node ---------------------------------------
+
+
+def _submission(spec, meshrun_home):
+    from meshrun._scheduler import prepare
+    from meshrun._store import get_store
+
+    return prepare(spec, store=get_store(), backend="skypilot").submission
+
+
+def _run_node(script: str, home: Path, rank: int, nnodes: int, cwd: Path, extra=None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "MASTER_", "NODE_RANK", "NNODES"))}
+    env.update(HOME=str(home), SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NUM_NODES=str(nnodes),
+               SKYPILOT_NODE_IPS="\n".join(f"10.9.0.{i + 1}" for i in range(nnodes)), SKYPILOT_NUM_GPUS_PER_NODE="0")
+    env.update(extra or {})
+    return subprocess.Popen(["bash", "-c", script], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_run_script_runs_a_two_node_command_under_the_agent(tmp_path, meshrun_home):
+    spec = meshrun.JobSpec(command="echo rank=$NODE_RANK of=$NNODES addr=$MASTER_ADDR:$MASTER_PORT ws=$WORLD_SIZE "
+                           "gpn=$GPUS_PER_NODE; printf '%s' \"$WEIRD\" > weird.$NODE_RANK",
+                           nodes=2, env={"WEIRD": HOSTILE})
+    sub = _submission(spec, meshrun_home)
+    cfg = _task.launch_config(sub, python=sys.executable, master_port=29555)
+    node_home, cwd = tmp_path / "node", tmp_path / "cwd"
+    node_home.mkdir(), cwd.mkdir()
+    procs = [_run_node(cfg["run"], node_home, r, 2, cwd) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "rank=0 of=2 addr=10.9.0.1:29555 ws=2 gpn=0" in outs[0]
+    assert "rank=1 of=2 addr=10.9.0.1:29555 ws=2 gpn=0" in outs[1]
+    assert (cwd / "weird.0").read_text() == HOSTILE and (cwd / "weird.1").read_text() == HOSTILE
+    files = _task.parse_results(outs[0], sub.job_id)
+    assert json.loads(files["exit.json"])["state"] == "succeeded"
+    assert _task.parse_results(outs[1], sub.job_id) is None  # only node 0 reports
+    assert _task.RESULT_MARK not in _task.strip_results(outs[0])
+
+
+def test_run_script_returns_a_function_result_and_uses_shipped_cloudpickle(tmp_path, meshrun_home):
+    def f(x):
+        import cloudpickle
+        return {"x": x * 3, "cp": cloudpickle.__file__}
+
+    spec = meshrun.JobSpec(function=f, args=(14,))
+    sub = _submission(spec, meshrun_home)
+    cfg = _task.launch_config(sub, python=sys.executable)
+    _task.build_task(cfg)  # SkyPilot accepts the task meshrun launches
+    node_home, cwd = tmp_path / "node", tmp_path / "cwd"
+    node_home.mkdir(), cwd.mkdir()
+    # a Python without cloudpickle on its path, as on a fresh cluster (and none of this machine's paths):
+    # the bundle's copy is used
+    sub.launch["sys_path"] = []
+    shim = tmp_path / "py"
+    shim.write_text(f"#!/bin/bash\nexec {sys.executable} -S \"$@\"\n")
+    shim.chmod(0o755)
+    cfg = _task.launch_config(sub, python=str(shim))
+    p = _run_node(cfg["run"], node_home, 0, 1, cwd)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    files = _task.parse_results(out, sub.job_id)
+    import pickle
+
+    result = pickle.loads(files["result.pkl"])
+    assert result["x"] == 42 and ".meshrun-lib" in result["cp"]
+
+
+def test_run_script_reports_a_failing_function(tmp_path, meshrun_home):
+    def boom():
+        raise KeyError("no such thing")
+
+    sub = _submission(meshrun.JobSpec(function=boom), meshrun_home)
+    cfg = _task.launch_config(sub, python=sys.executable)
+    node_home = tmp_path / "node"
+    node_home.mkdir()
+    p = _run_node(cfg["run"], node_home, 0, 1, tmp_path)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode != 0
+    files = _task.parse_results(out, sub.job_id)
+    assert json.loads(files["error.json"])["type"] == "KeyError"
+    assert json.loads(files["exit.json"])["state"] == "failed"
+
+
+def test_too_large_a_job_is_refused(tmp_path, meshrun_home):
+    sub = _submission(meshrun.JobSpec(function=len, args=(os.urandom(64 * 1024),)), meshrun_home)
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.launch_config(sub, max_inline_bytes=32 * 1024)
+    assert "files=" in str(e.value)
