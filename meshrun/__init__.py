@@ -37,6 +37,7 @@ _EXPORTS = {
     "offers": "._placement",
     "Plan": "._placement",
     "Objective": "._placement",
+    "catalog_offers": "._catalog",
     # backends
     "Backend": "._backend",
     "BackendSettings": "._config",
@@ -122,6 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         Offer,
         Submission,
     )
+    from ._catalog import catalog_offers
     from ._config import BackendSettings, Config, configure, get_config
     from ._decorator import JobFunction, job
     from ._errors import (

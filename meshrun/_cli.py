@@ -42,22 +42,31 @@ def _resource_fields(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("placement")
+    g = p.add_argument_group("placement (docs/placement.md)")
     g.add_argument("--backend", "-b", help="run on this backend (default: placement chooses)")
-    g.add_argument("--objective", choices=["cost", "start", "balanced"], help="what placement optimises")
-    g.add_argument("--max-price", dest="max_price_per_hour", type=float, help="highest acceptable $/hour")
-    g.add_argument("--deadline", help='the job must start within this, e.g. "1h"')
-    g.add_argument("--value-of-time", dest="value_of_time", type=float, help="$ an hour of waiting is worth")
+    g.add_argument("--objective", choices=["cost", "start", "balanced"],
+                   help="cheapest (default), earliest start, or cost + value of time x wait")
+    g.add_argument("--max-price", dest="max_price_per_hour", type=float, metavar="DOLLARS",
+                   help="highest acceptable $/hour for all nodes together")
+    g.add_argument("--deadline", help='the job must be expected to start within this, e.g. "1h", or by an ISO time')
+    g.add_argument("--value-of-time", dest="value_of_time", type=float, metavar="DOLLARS",
+                   help="$ an hour of waiting is worth (implies --objective balanced)")
     g.add_argument("--runtime", help='expected runtime for cost estimates (default "1h")')
-    g.add_argument("--no-spot", dest="allow_spot", action="store_false", default=None, help="exclude spot offers")
-    g.add_argument("--exclude", dest="exclude_backends", action="append", help="never use this backend")
-    g.add_argument("--region", dest="regions", action="append", help="allowed region (repeatable)")
+    spot = g.add_mutually_exclusive_group()
+    spot.add_argument("--spot", dest="allow_spot", action="store_true", default=None, help="allow spot offers")
+    spot.add_argument("--no-spot", dest="allow_spot", action="store_false", help="exclude spot offers (default)")
+    g.add_argument("--exclude", dest="exclude_backends", action="append", metavar="BACKEND",
+                   help="never use this backend (repeatable)")
+    g.add_argument("--region", dest="regions", action="append", metavar="REGION",
+                   help='allowed cloud region, wildcards allowed ("us-*"; repeatable)')
+    g.add_argument("--offers-timeout", dest="timeout", type=float, metavar="SECONDS",
+                   help="how long to wait for each backend's offers (offers: about 1s; run: 10s)")
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for k in ("objective", "max_price_per_hour", "deadline", "value_of_time", "runtime", "allow_spot",
-              "exclude_backends", "regions"):
+              "exclude_backends", "regions", "timeout"):
         v = getattr(a, k, None)
         if v is not None:
             out[k] = v
@@ -457,13 +466,17 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
 
 def cmd_offers(a: argparse.Namespace) -> int:
-    from ._placement import plan
+    from ._placement import cli_offers_timeout, plan
     from ._spec import JobSpec
 
     spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
     kw = _plan_kwargs(a)
     if a.backend:
         kw["backends"] = [a.backend]
+    # answer within about a second of the command starting: a backend slower than what is left is listed as
+    # not answering (a submit waits longer, [placement] offers_timeout)
+    if kw.get("timeout") is None:
+        kw["timeout"] = cli_offers_timeout()
     p = plan(spec, raise_on_empty=False, **kw)
     if a.json:
         print(json.dumps(p.to_dict(), indent=2))

@@ -109,109 +109,185 @@ def prepare(
 
 def choose(spec: JobSpec, backend: str | None = None, **plan_kwargs: Any) -> tuple[str, Offer | None, Any]:
     """Which backend and offer to use: the one named (argument, spec, config default), else the plan's
-    choice. Returns (backend name, offer or None, plan or None)."""
+    choice. Returns (backend name, offer or None, plan or None); a plan only when placement chose."""
     from ._config import get_config
-    from ._registry import get_backend
+    from ._placement import plan as make_plan
+    from ._placement import rejection_lines
 
     name = backend or spec.backend or get_config().default_backend
     if name:
-        b = get_backend(name)
-        offers = b.offers(spec)
-        fitting = [o for o in offers if o.fits]
-        if not fitting:
-            reasons = [f"{o.key}: {o.reason}" for o in offers] or [f"{name}: no offers"]
-            raise NoPlacementError(f"the {name} backend cannot run {spec.display_name!r}", reasons)
-        return name, fitting[0], None
-    from ._placement import plan as make_plan
+        from ._registry import get_backend
 
+        get_backend(name)  # an unknown or uninstalled backend raises BackendUnavailable with its install hint
+        kw = {k: v for k, v in plan_kwargs.items() if k not in ("backends", "exclude_backends")}
+        p = make_plan(spec, backends=[name], exclude_backends=[], raise_on_empty=False, **kw)
+        if p.chosen is None:
+            reasons = rejection_lines(p.rejected) or [f"{name}: no offers"]
+            raise NoPlacementError(f"the {name} backend cannot run {spec.display_name!r}", reasons)
+        return name, p.chosen, None
     p = make_plan(spec, **plan_kwargs)
-    return p.chosen.backend, p.chosen, p
+    return p.chosen.launcher or p.chosen.backend, p.chosen, p
 
 
 def submit(spec: JobSpec, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any) -> Job:
-    """Place and submit one job; returns its :class:`Job` at once."""
+    """Place and submit one job; returns its :class:`Job` at once. Without a named backend the plan chooses,
+    and a failed submit moves on to the next offer (each attempt recorded in the job's history)."""
     if not isinstance(spec, JobSpec):
         raise SpecError("", f"expected a meshrun.JobSpec, got {type(spec).__name__}")
     store = store or get_store()
     name, offer, plan = choose(spec, backend, **plan_kwargs)
     prepared = prepare(spec, store=store, backend=name)
     if plan is not None:
-        store.add_event(prepared.record.id, "placed", offer=plan.chosen.key, why=plan.explain_choice())
+        from ._placement import record_plan
+
+        record_plan(prepared, store, plan)
     _submit_with_failover(prepared, store, name, offer, plan)
     return Job(prepared.record.id, store=store)
 
 
-def _submit_with_failover(prepared: Prepared, store: Store, name: str, offer: Offer | None, plan: Any) -> None:
+def _submit_with_failover(
+    prepared: Prepared,
+    store: Store,
+    name: str,
+    offer: Offer | None,
+    plan: Any,
+    *,
+    candidates: Sequence[Offer] | None = None,
+) -> None:
+    """Submit to ``offer``; with a plan (or ``candidates``), a submit that fails moves on to the next offer.
+
+    Each try is recorded (``submitted`` or ``submit_failed``, with its attempt number and offer). A backend
+    that is unavailable, or fails three times, is skipped for the rest. Without a plan the error is raised as
+    is; with one, a NoPlacementError listing every failure is raised when all fail (the job is FAILED)."""
+    from ._errors import BackendUnavailable
+    from ._placement import FAILS_PER_BACKEND, write_launch
     from ._registry import get_backend
 
-    candidates: list[Offer | None] = [offer]
-    if plan is not None:
-        candidates = list(plan.ranked)
-    errors = []
+    failover = plan is not None or candidates is not None
+    cands: list[Offer | None]
+    if candidates is not None:
+        cands = list(candidates)
+    elif plan is not None:
+        cands = list(plan.offers)
+    else:
+        cands = [offer]
     job_id = prepared.record.id
-    for attempt, cand in enumerate(candidates, start=1):
-        bname = cand.backend if cand is not None else name
+    rec = store.get(job_id)
+    attempt = sum(1 for h in rec.history if h.get("event") in ("submitted", "submit_failed"))
+    original = json.loads(json.dumps(prepared.submission.launch))
+    errors: list[str] = []
+    dead: set[str] = set()
+    fails: dict[str, int] = {}
+    for cand in cands:
+        bname = (cand.launcher or cand.backend) if cand is not None else name
+        key = cand.key if cand is not None else None
+        if bname in dead:
+            continue
+        attempt += 1
+        if attempt > 1 and failover:  # the last backend may have rewritten launch.json
+            prepared.submission.launch = json.loads(json.dumps(original))
+            write_launch(prepared.submission.job_dir, original)
         try:
-            b = get_backend(cand.launcher or bname) if cand is not None and cand.launcher else get_backend(bname)
+            b = get_backend(bname)
             bname = b.name or bname
-            store.update(job_id, backend=bname, attempt=attempt)
+            store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)
             prepared.submission.attempt = attempt
             if b.name == "local" or getattr(b, "shared_filesystem", False):
                 place_files_locally(prepared.submission.spec, prepared.submission.launch["cwd"])
             bid = b.submit(prepared.submission, cand)
-        except MeshrunError as e:
-            errors.append(f"{cand.key if cand else bname}: {e}")
-            store.add_event(job_id, "submit_failed", backend=bname, offer=cand.key if cand else None, error=str(e))
-            if plan is None:
-                store.update(job_id, state=JobState.FAILED, reason=f"submit failed: {e}", ended_at=time.time())
-                raise
+        except Exception as e:
+            msg = str(e) if isinstance(e, MeshrunError) else f"{type(e).__name__}: {e}"
+            errors.append(f"{key or bname}: {msg.splitlines()[0] if msg else type(e).__name__}")
+            store.add_event(job_id, "submit_failed", attempt=attempt, backend=bname, offer=key, error=msg)
+            if not failover:
+                store.update(job_id, state=JobState.FAILED, reason=f"submit failed: {msg}", ended_at=time.time())
+                if isinstance(e, MeshrunError):
+                    raise
+                raise BackendError(f"submit failed: {msg}", backend=bname) from e
+            fails[bname] = fails.get(bname, 0) + 1
+            if isinstance(e, BackendUnavailable) or fails[bname] >= FAILS_PER_BACKEND:
+                dead.add(bname)
             continue
-        except Exception as e:  # a backend bug must not leave the job half-recorded
-            errors.append(f"{cand.key if cand else bname}: {type(e).__name__}: {e}")
-            store.add_event(job_id, "submit_failed", backend=bname, error=f"{type(e).__name__}: {e}")
-            if plan is None:
-                store.update(job_id, state=JobState.FAILED, reason=f"submit failed: {e}", ended_at=time.time())
-                raise BackendError(f"submit failed: {type(e).__name__}: {e}", backend=bname) from e
-            continue
-        store.update(job_id, backend=bname, backend_id=bid, state=JobState.PENDING, submitted_at=time.time())
-        store.add_event(job_id, "submitted", backend=bname, backend_id=bid, offer=cand.key if cand else None)
+        store.update(job_id, backend=bname, backend_id=bid, state=JobState.PENDING, submitted_at=time.time(),
+                     reason=None, where=None, started_at=None, ended_at=None, exit_code=None)
+        store.add_event(job_id, "submitted", attempt=attempt, backend=bname, backend_id=bid, offer=key)
         return
     store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
-    raise NoPlacementError(f"every offer failed to submit job {job_id}", errors)
+    raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])
 
 
 def submit_many(
     specs: Sequence[JobSpec], *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any
 ) -> list[Job]:
-    """Submit jobs of one shape together: one placement, and one native array where the backend has one."""
+    """Submit jobs of one shape together: one placement, and one native array where the backend has one.
+    With a plan, an array submit that fails moves to the next offer; a backend without arrays gets each job
+    with the usual per-job failover."""
     from ._backend import Feature
+    from ._errors import BackendUnavailable
     from ._registry import get_backend
 
     if not specs:
         return []
     store = store or get_store()
     name, offer, plan = choose(specs[0], backend, **plan_kwargs)
-    b = get_backend(offer.launcher or name) if offer is not None and offer.launcher else get_backend(name)
     array_id = new_job_id()
-    prepared = [prepare(s, store=store, backend=b.name, array_id=array_id, array_index=i) for i, s in enumerate(specs)]
-    if b.name == "local" or getattr(b, "shared_filesystem", False):
+    prepared = [prepare(s, store=store, backend=name, array_id=array_id, array_index=i) for i, s in enumerate(specs)]
+    if plan is not None:
+        from ._placement import record_plan
+
         for p in prepared:
-            place_files_locally(p.submission.spec, p.submission.launch["cwd"])
+            record_plan(p, store, plan)
+    cands: list[Offer | None] = list(plan.offers) if plan is not None else [offer]
+    start = 0
     try:
-        if Feature.ARRAYS in b.features:
-            ids = b.submit_array([p.submission for p in prepared], offer)
+        for start, cand in enumerate(cands):
+            bname = (cand.launcher or cand.backend) if cand is not None else name
+            try:
+                b = get_backend(bname)
+            except BackendUnavailable as e:
+                if plan is None:
+                    raise
+                for p in prepared:
+                    store.add_event(p.record.id, "submit_failed", attempt=start + 1, backend=bname,
+                                    offer=cand.key if cand else None, error=str(e))
+                continue
+            if Feature.ARRAYS not in b.features or len(prepared) == 1:
+                break
+            if b.name == "local" or getattr(b, "shared_filesystem", False):
+                for p in prepared:
+                    place_files_locally(p.submission.spec, p.submission.launch["cwd"])
+            try:
+                for p in prepared:
+                    store.update(p.record.id, backend=b.name, attempt=start + 1)
+                    p.submission.attempt = start + 1
+                ids = b.submit_array([p.submission for p in prepared], cand)
+            except Exception as e:
+                if plan is None:
+                    raise
+                for p in prepared:
+                    store.add_event(p.record.id, "submit_failed", attempt=start + 1, backend=b.name,
+                                    offer=cand.key if cand else None, error=str(e))
+                continue
+            now = time.time()
+            for p, bid in zip(prepared, ids):
+                store.update(p.record.id, backend_id=bid, state=JobState.PENDING, submitted_at=now)
+                store.add_event(p.record.id, "submitted", attempt=start + 1, backend=b.name, backend_id=bid,
+                                array=array_id, offer=cand.key if cand else None)
+            return [Job(p.record.id, store=store) for p in prepared]
         else:
-            ids = [b.submit(p.submission, offer) for p in prepared]
+            start = len(cands)
+        rest = cands[start:]
+        for p in prepared:
+            if plan is None:
+                _submit_with_failover(p, store, name, offer, None)
+            else:
+                _submit_with_failover(p, store, name, offer, plan, candidates=[c for c in rest if c is not None])
     except Exception as e:
         for p in prepared:
             rec = store.get(p.record.id)
-            if rec.backend_id is None:
+            if rec.backend_id is None and not rec.terminal:
                 store.update(p.record.id, state=JobState.FAILED, reason=f"submit failed: {e}", ended_at=time.time())
         raise
-    now = time.time()
-    for p, bid in zip(prepared, ids):
-        store.update(p.record.id, backend_id=bid, state=JobState.PENDING, submitted_at=now)
-        store.add_event(p.record.id, "submitted", backend=b.name, backend_id=bid, array=array_id)
     return [Job(p.record.id, store=store) for p in prepared]
 
 
@@ -243,6 +319,33 @@ _PLAN_KWARGS = ("objective", "max_price_per_hour", "backends", "exclude_backends
 
 def failover_if_stuck(job: Job) -> None:
     """Called on every status refresh of a PENDING job: if it was placed by a plan and has waited longer
-    than its spec's ``max_pending``, cancel it and submit it to the next offer, recording the attempt.
-    (Filled in by the placement work; a no-op until then.)"""
-    return None
+    than its spec's ``max_pending``, cancel it and submit it to the next offer of its plan (kept in the job
+    folder's plan.json, so any process can do it), recording a ``moved`` event and the new attempt."""
+    rec = job._record
+    if rec.state is not JobState.PENDING or not rec.backend_id or not rec.submitted_at:
+        return
+    max_pending = None
+    for h in reversed(rec.history):
+        if h.get("event") == "placed":
+            max_pending = h.get("max_pending")
+            break
+    if not max_pending:
+        return
+    waited = time.time() - rec.submitted_at
+    if waited < max_pending:
+        return
+    for h in reversed(rec.history):  # since this attempt began: nothing left to move to, or a recent failure
+        ev = h.get("event")
+        if ev == "submitted":
+            break
+        if ev == "failover_exhausted" or (ev == "failover_failed" and time.time() - h.get("time", 0) < 60):
+            return
+    try:
+        from ._placement import move_to_next_offer
+
+        move_to_next_offer(job, waited=waited, max_pending=float(max_pending))
+    except Exception as e:  # never break a status refresh
+        try:
+            job._store.add_event(job.id, "failover_failed", error=f"{type(e).__name__}: {e}")
+        except Exception:
+            pass
