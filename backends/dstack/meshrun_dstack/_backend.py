@@ -88,6 +88,7 @@ class DstackBackend(meshrun.Backend):
             c = self.client()
             info = c.server_info()
             me = c.me()
+            c.get_project()
             return meshrun.Availability(True, detail={
                 "url": c.url, "project": c.project, "server_version": info.get("server_version"),
                 "api_version": c.sent_version, "user": me.get("username"),

@@ -37,6 +37,10 @@ class DstackIncompatible(meshrun.BackendUnavailable):
     """The server speaks an API this backend cannot use."""
 
 
+class DstackProjectNotFound(meshrun.BackendUnavailable):
+    """The project does not exist on the server (or the user is not one of its members)."""
+
+
 class DstackAPIError(meshrun.BackendError):
     """The server answered a request with an error (``code`` is dstack's error code, when it gave one)."""
 
@@ -231,9 +235,14 @@ class DstackClient:
         if status == 422:
             return DstackAPIError(f"the dstack server rejected the request ({what}): {text}",
                                   code="validation", status=status, backend="dstack")
-        if status == 404:
+        if status == 404 and "/api/project" in what:
+            return DstackProjectNotFound(
+                f"the dstack project {self.project!r} does not exist at {self.url}, or its user is not a member "
+                f"of it ({what}: {text})", backend="dstack"
+            )
+        if status in (404, 405):
             return DstackIncompatible(
-                f"{what}: the server at {self.url} has no such endpoint (HTTP 404); is it a dstack server of "
+                f"{what}: the server at {self.url} has no such endpoint (HTTP {status}); is it a dstack server of "
                 f"version {'.'.join(map(str, MIN_SERVER_VERSION))} or newer?", backend="dstack"
             )
         return DstackAPIError(f"{what} failed (HTTP {status}): {text}", code=code, status=status, backend="dstack")
@@ -266,6 +275,12 @@ class DstackClient:
         token itself and an SSH private key, which are dropped here)."""
         data = self.request("/api/users/get_my_user", {})
         return {"username": (data or {}).get("username"), "global_role": (data or {}).get("global_role")}
+
+    def get_project(self) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        data = self.request(f"/api/projects/{quote(self.project, safe='')}/get", {})
+        return {"project_name": (data or {}).get("project_name")}
 
     def project_path(self, what: str) -> str:
         from urllib.parse import quote

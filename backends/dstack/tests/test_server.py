@@ -103,6 +103,16 @@ def test_unreachable_server_is_unavailable_not_a_crash(dstack, monkeypatch):
     assert st.state is meshrun.JobState.UNKNOWN and "cannot reach" in st.reason
 
 
+def test_unknown_project_is_named(dstack, monkeypatch):
+    monkeypatch.setenv("MESHRUN_DSTACK_PROJECT", "no-such-project")
+    meshrun.configure()
+    b = backend()
+    av = b.check()
+    assert not av.ok and "project 'no-such-project' does not exist" in av.reason
+    o = b.offers(meshrun.JobSpec(command=["true"]))[0]
+    assert not o.fits and "no-such-project" in o.reason
+
+
 def test_incompatible_api_level_is_refused_with_the_servers_reason(dstack, monkeypatch):
     monkeypatch.setenv("MESHRUN_DSTACK_API_VERSION", "0.99.0")
     meshrun.configure()
@@ -164,7 +174,15 @@ def test_retry_run_waits_is_listed_is_stopped_and_ends_cancelled(dstack):
     assert statuses[name].state is meshrun.JobState.PENDING
     assert statuses["meshrun-gone-1"].state is meshrun.JobState.LOST
     assert backend().find(job.id) == name
+    # following the log of a waiting run ends when the run does
+    import threading
+
+    followed: list = []
+    follower = threading.Thread(target=lambda: followed.extend(backend().logs(name, follow=True)), daemon=True)
+    follower.start()
     job.cancel()
+    follower.join(timeout=60)
+    assert not follower.is_alive() and followed == []
     rec = job.refresh()
     assert rec.state is meshrun.JobState.CANCELLED, rec.reason
     assert "stopped by user" in rec.reason
@@ -280,11 +298,12 @@ def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tm
         return archive
 
     monkeypatch.setattr(b.client(), "upload_archive", spy)
-    spec = meshrun.JobSpec(function=echo_back, args=(HOSTILE, ["x"]), kwargs={"k": HOSTILE}, name=HOSTILE,
-                           env={"HOSTILE": HOSTILE},
-                           backend_options={"dstack": {"retry": "1h", "image": "scratch"}})
-    sub = submission(spec, tmp_path)
-    name = b.submit(sub)
+    # a decorated function, submitted the usual way (placement: the named backend's queued offer)
+    fn = meshrun.job(name=HOSTILE, env={"HOSTILE": HOSTILE}, backend="dstack",
+                     backend_options={"dstack": {"retry": "1h", "image": "scratch"}})(echo_back)
+    job = fn.submit(HOSTILE, ["x"], k=HOSTILE)
+    name = job.refresh().backend_id
+    assert job.refresh().state is meshrun.JobState.PENDING
     b.cancel(name)
     wait_for(lambda: b.status([name])[name].terminal, what="the stop")
     run = b.client().get_run(name)
@@ -320,12 +339,12 @@ def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tm
     # the submitter's part, through the server's API
     text = "".join(b.logs(name))
     assert "hello from the task" in text and "@@meshrun" not in text
-    b.fetch_results(name, sub.job_dir)
-    exit_rec = json.loads((sub.job_dir / "exit.json").read_text())
+    b.fetch_results(name, job.job_dir)
+    exit_rec = json.loads((job.job_dir / "exit.json").read_text())
     assert exit_rec["state"] == "succeeded"
     import pickle
 
-    result = pickle.loads((sub.job_dir / "result.pkl").read_bytes())
+    result = pickle.loads((job.job_dir / "result.pkl").read_bytes())
     assert result == {"args": [HOSTILE, ["x"]], "kwargs": {"k": HOSTILE}, "env": HOSTILE, "name": HOSTILE,
                       "rank": "0"}
     assert meshrun.map_agent_status(exit_rec).state is meshrun.JobState.SUCCEEDED
