@@ -41,12 +41,16 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+def timed(fn: Callable[[], Any], repeat: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall milliseconds per call; with ``cpu``, also this process's CPU milliseconds (all its threads), which
+    other processes' load on a shared machine does not inflate."""
     out = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1000.0)
+        if cpu is not None:
+            cpu.append((time.process_time() - c0) * 1000.0)
     return out
 
 
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         _catalog.clear_cache()
         _catalog.load_catalog(a.catalog)
 
-    cold_ms = timed(cold, 30)
+    cold_cpu: list[float] = []
+    cold_ms = timed(cold, 30, cold_cpu)
     warm_ms = timed(lambda: _catalog.load_catalog(a.catalog), 200)
     cat = _catalog.load_catalog(a.catalog)
 
@@ -133,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                              ("balanced", {"value_of_time": 5.0, "allow_spot": True})):
             p = meshrun.plan(s, backends=names, raise_on_empty=False, **kw)  # warm up
             n_offers = len(p.ranked) + len(p.rejected)
-            ms = timed(lambda s=s, kw=kw: meshrun.plan(s, backends=names, raise_on_empty=False, **kw), a.repeat)
+            cpu: list[float] = []
+            ms = timed(lambda s=s, kw=kw: meshrun.plan(s, backends=names, raise_on_empty=False, **kw), a.repeat,
+                       cpu)
             plans[f"{label}, {kw_label}"] = {"offers": n_offers, "ranked": len(p.ranked), "ms": stats(ms),
-                                             "chosen": p.chosen.key if p.chosen else None}
+                                             "cpu_ms": stats(cpu), "chosen": p.chosen.key if p.chosen else None}
 
     # the whole catalog as fitting offers, ranked (the pure ranking at its largest)
     every = [Offer(backend="cloud", where=f"{vm.cloud}/{vm.region}", gpus=vm.gpus, gpu_type=vm.gpu or None,
@@ -152,16 +159,26 @@ def main(argv: list[str] | None = None) -> int:
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         return ru.ru_utime + ru.ru_stime
 
-    cli, cli_cpu = [], []
-    for _ in range(a.cli_runs):
-        c0, t0 = child_cpu(), time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "meshrun", "offers", "--gpus", "1"], capture_output=True,
-                           text=True, env={**os.environ, "MESHRUN_GPUS": "0"})
-        cli.append(time.perf_counter() - t0)
-        cli_cpu.append(child_cpu() - c0)
-        if r.returncode not in (0, 1) or "local" not in r.stdout:
-            print(r.stdout, r.stderr, file=sys.stderr)
-            return 2
+    # every installed backend (slow ones are cut off by the CLI's time budget) plus the catalog snapshot;
+    # then the local backend alone
+    (Path(home) / "cli.toml").write_text(f'[placement]\ncatalog_dir = "{a.catalog}"\n')
+    cli_env = {**os.environ, "MESHRUN_GPUS": "0", "MESHRUN_CONFIG": str(Path(home) / "cli.toml")}
+    cli_runs: dict[str, dict[str, Any]] = {}
+    for label, args in (("all installed backends + catalog", ["offers", "--gpus", "1"]),
+                        ("--backend local", ["offers", "--gpus", "1", "--backend", "local"])):
+        wall, cpu_s = [], []
+        for _ in range(a.cli_runs):
+            c0, t0 = child_cpu(), time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "meshrun", *args], capture_output=True, text=True, env=cli_env)
+            wall.append(time.perf_counter() - t0)
+            cpu_s.append(child_cpu() - c0)
+            if r.returncode not in (0, 1) or "local" not in r.stdout:
+                print(r.stdout, r.stderr, file=sys.stderr)
+                return 2
+        cli_runs[label] = {"command": "meshrun " + " ".join(args), "wall_s": stats(wall), "cpu_s": stats(cpu_s),
+                           "not_answering": sorted({ln.split()[0] for ln in r.stdout.splitlines()
+                                                    if "did not answer" in ln})}
+    cli = [v["wall_s"]["median"] for v in cli_runs.values()]
     py = []
     for _ in range(a.cli_runs):
         t0 = time.perf_counter()
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         py.append(time.perf_counter() - t0)
 
     plan_worst = max(v["ms"]["median"] for v in plans.values())
+    plan_worst_cpu = max(v["cpu_ms"]["median"] for v in plans.values())
     result = {
         "benchmark": "placement",
         "command": "  ".join(["cd /work/main &&", ".venv/bin/python benchmarks/placement.py"]
@@ -181,18 +199,20 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         },
         "catalog": {"dir": a.catalog, "clouds": cat.clouds, "rows": len(cat),
-                    "load_cold_ms": stats(cold_ms), "load_cached_ms": stats(warm_ms)},
+                    "load_cold_ms": stats(cold_ms), "load_cold_cpu_ms": stats(cold_cpu),
+                    "load_cached_ms": stats(warm_ms)},
         "plan_5_backends_plus_catalog": plans,
         "rank_whole_catalog": {"offers": len(every), "ms": stats(rank_ms)},
-        "cli_offers_seconds": stats(cli),
-        "cli_offers_cpu_seconds": stats(cli_cpu),
+        "cli_offers": cli_runs,
         "python_startup_seconds": stats(py),
         "targets": TARGETS,
         "pass": {
             "catalog_load_ms": stats(cold_ms)["median"] <= TARGETS["catalog_load_ms"],
-            "plan_ms": plan_worst <= TARGETS["plan_ms"],
-            "cli_offers_s": stats(cli)["median"] <= TARGETS["cli_offers_s"],
+            "plan_ms (wall, worst median)": plan_worst <= TARGETS["plan_ms"],
+            "plan_ms (cpu, worst median)": plan_worst_cpu <= TARGETS["plan_ms"],
+            "cli_offers_s (wall, worst median)": max(cli) <= TARGETS["cli_offers_s"],
         },
+        "note": "wall times depend on the machine's load (loadavg above); CPU times are this process's own",
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"catalog: {len(cat)} rows ({', '.join(cat.clouds)}); cold load {stats(cold_ms)['median']:.1f} ms "
           f"(target {TARGETS['catalog_load_ms']:.0f}), cached {stats(warm_ms)['median']:.3f} ms")
     for k, v in plans.items():
-        print(f"plan {k:<48} {v['offers']:>4} offers  median {v['ms']['median']:6.2f} ms  p90 {v['ms']['p90']:6.2f} ms")
+        print(f"plan {k:<48} {v['offers']:>4} offers  median {v['ms']['median']:6.2f} ms wall "
+              f"(p90 {v['ms']['p90']:6.2f}), {v['cpu_ms']['median']:6.2f} ms CPU")
     print(f"rank of the whole catalog ({len(every)} offers): median {stats(rank_ms)['median']:.2f} ms")
-    print(f"meshrun offers: median {stats(cli)['median']:.3f} s wall, {stats(cli_cpu)['median']:.3f} s CPU "
-          f"(python startup alone {stats(py)['median']:.3f} s)")
+    for k, v in cli_runs.items():
+        print(f"{v['command']:<40} median {v['wall_s']['median']:.3f} s wall, {v['cpu_s']['median']:.3f} s CPU"
+              + (f" (cut off: {', '.join(v['not_answering'])})" if v["not_answering"] else ""))
+    print(f"python startup alone: {stats(py)['median']:.3f} s")
     print(f"load average {result['machine']['loadavg_1m_at_end']} on {os.cpu_count()} CPUs; pass: {result['pass']}")
     print(f"wrote {out}")
     return 0 if all(result["pass"].values()) else 1

@@ -188,6 +188,7 @@ def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
 def clear_cache() -> None:
     with _cache_lock:
         _cache.clear()
+        _offers_cache.clear()
 
 
 def _float(s: str) -> float | None:
@@ -433,6 +434,26 @@ def catalog_offers(
     wanted = norm_gpu(r.gpu_type)
     lower = {c.lower(): c for c in cat.clouds}
     selected = [lower.get(c.lower(), c) for c in clouds] if clouds is not None else cat.clouds
+    # the same job shape on the same catalog gives the same offers: keep the last few (Offers are immutable)
+    key = (id(cat), r, tuple(selected), launcher, expected_start, note)
+    with _cache_lock:
+        hit = _offers_cache.get(key)
+    if hit is not None and hit[0] is cat:
+        return list(hit[1])
+    out = _offers_for(cat, spec, selected, launcher, expected_start, note, wanted)
+    with _cache_lock:
+        if len(_offers_cache) >= 64:
+            _offers_cache.pop(next(iter(_offers_cache)))
+        _offers_cache[key] = (cat, tuple(out))
+    return out
+
+
+_offers_cache: dict[tuple[Any, ...], tuple[Catalog, tuple[Offer, ...]]] = {}
+
+
+def _offers_for(cat: Catalog, spec: Any, selected: list[str], launcher: str, expected_start: float, note: str,
+                wanted: str) -> list[Offer]:
+    r = spec.resources
     out: list[Offer] = []
     for cloud in selected:
         idx = cat.index.get(cloud)

@@ -466,7 +466,7 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
 
 def cmd_offers(a: argparse.Namespace) -> int:
-    from ._placement import cli_offers_timeout, plan
+    from ._placement import cli_offers_timeout, plan, still_asking
     from ._spec import JobSpec
 
     spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
@@ -480,9 +480,15 @@ def cmd_offers(a: argparse.Namespace) -> int:
     p = plan(spec, raise_on_empty=False, **kw)
     if a.json:
         print(json.dumps(p.to_dict(), indent=2))
-        return 0
-    p.print()
-    return 0 if p.chosen is not None else 1
+        rc = 0
+    else:
+        p.print()
+        rc = 0 if p.chosen is not None else 1
+    if still_asking():  # a backend that did not answer in time must not hold up the exit either
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 COMMANDS = {

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -162,7 +162,7 @@ class Plan:
         if n > 1:
             nxt = self.ranked[1]
             line += f"; next: {nxt.offer.key} ({nxt.why})"
-        late = sum(1 for r in self.rejected if r.reason.startswith(_LATE) or _LATE_MID in r.reason)
+        late = sum(1 for r in self.rejected if _LATE in r.reason or _LATE_MID in r.reason)
         if late and self.inputs.get("deadline") is not None:
             line += f"; {late} option{'s' if late != 1 else ''} could not start within the deadline"
         return line
@@ -997,9 +997,6 @@ def load_plan(job_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def utcnow() -> datetime:  # pragma: no cover - convenience for callers building deadlines
-    return datetime.now(timezone.utc)
-
 
 # ---- failover: submit errors and jobs pending past max_pending ----------------------------------------
 
@@ -1115,7 +1112,7 @@ def move_to_next_offer(job: Any, *, waited: float, max_pending: float) -> bool:
 # ---- the CLI's time budget ----------------------------------------------------------------------------
 
 
-def cli_offers_timeout(budget: float = 0.95, least: float = 0.5) -> float:
+def cli_offers_timeout(budget: float = 0.9, least: float = 0.3) -> float:
     """How long ``meshrun offers`` may wait for backends so it answers within ``budget`` seconds of the
     process starting (never less than ``least``, never more than ``[placement] offers_timeout``)."""
     try:
@@ -1135,3 +1132,9 @@ def _process_age() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def still_asking() -> list[str]:
+    """Sources whose offers were not waited for and whose thread still runs (a CLI may exit without them)."""
+    return sorted(t.name.removeprefix("meshrun-offers-") for t in threading.enumerate()
+                  if t.name.startswith("meshrun-offers-") and t.is_alive())

@@ -14,7 +14,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -36,7 +35,7 @@ from meshrun import (
     Offer,
     SpecError,
 )
-from meshrun import _placement, _registry
+from meshrun import _registry
 from meshrun._placement import Objective, rank
 
 SNAP = Path(__file__).resolve().parents[2] / "shared" / "catalogs" / "v8"

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -31,7 +30,8 @@ POOL_DIR = os.environ.get("MRSSH_POOL_DIR", "/var/lib/meshrun-sshpool")
 SCRATCH = os.environ.get("MRSSH_SCRATCH", "/var/tmp/meshrun-sshpool")
 USER = "mrssh-alice"
 
-pytestmark = [pytest.mark.service, pytest.mark.slow]
+# starting the cluster and the pool may take minutes on a fresh machine
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _missing() -> str | None:
