@@ -1,0 +1,326 @@
+"""Settings of the Slurm backend (``[backends.slurm]``) and per-job options (``backend_options["slurm"]``).
+
+Both are validated here: an unknown key or a bad value is an error naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Union
+
+import meshrun
+
+BACKEND = "slurm"
+
+# Slurm names (partitions, accounts, QOS, reservations): a comma-separated list of plain words
+_NAME_LIST = re.compile(r"^[A-Za-z0-9_.+@-]+(,[A-Za-z0-9_.+@-]+)*$")
+_NODE_LIST = re.compile(r"^[A-Za-z0-9_.,\[\]-]+$")
+# sbatch options meshrun sets itself (a job-specific value would break status, logs or re-attach)
+RESERVED_SBATCH = (
+    "--array", "-a", "--job-name", "-J", "--output", "-o", "--error", "-e", "--chdir", "-D", "--workdir",
+    "--parsable", "--wrap", "--test-only", "--wait", "-W", "--open-mode",
+    "--nodes", "-N", "--ntasks-per-node", "--ntasks", "-n", "--cpus-per-task", "-c", "--input", "-i",
+    "--batch", "--clusters", "-M",
+)
+
+_SPLITTERS = ("hetjob", "packjob")  # sbatch splits a script into a heterogeneous job at these words
+
+
+def check_directive_text(value: str, where: str) -> str:
+    """Text that goes on an ``#SBATCH`` line: one line, printable, not a heterogeneous-job separator."""
+    if not value:
+        raise ValueError(f"{where} must not be empty")
+    bad = [c for c in value if (ord(c) < 32 and c != "\t") or ord(c) == 127]
+    if bad:
+        raise ValueError(f"{where} must be one line of text without control characters (found {bad[0]!r})")
+    low = value.lower()
+    for word in _SPLITTERS:
+        if word in low:
+            raise ValueError(f"{where} must not contain {word!r} (sbatch reads it as a heterogeneous-job separator)")
+    if len(value) > 4096:
+        raise ValueError(f"{where} is too long ({len(value)} characters, at most 4096)")
+    return value
+
+
+def _name_list(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME_LIST.match(value):
+        raise ValueError(
+            f"{where} must be a Slurm name or a comma-separated list of names (letters, digits, '_', '.', '-', "
+            f"'+', '@'), got {value!r}"
+        )
+    return value
+
+
+def _sbatch_args(value: Any, where: str) -> list[str]:
+    """Extra sbatch options: a list of "--option[=value]" strings, or a table {option: value | true}."""
+    if value is None:
+        return []
+    items: list[str] = []
+    if isinstance(value, str):
+        raise ValueError(f'{where} must be a list of options such as ["--exclusive", "--mail-type=END"], '
+                         f"got a string (put each option in its own list item)")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str) or not re.match(r"^-{0,2}[A-Za-z][A-Za-z0-9-]*$", k):
+                raise ValueError(f"{where}: option names are words such as 'mail-type', got {k!r}")
+            opt = k if k.startswith("-") else f"--{k}"
+            if v is True:
+                items.append(opt)
+            elif v is False or v is None:
+                continue
+            elif isinstance(v, (str, int, float)):
+                items.append(f"{opt}={v}")
+            else:
+                raise ValueError(f"{where}: the value of {k!r} must be text, a number or true")
+    elif isinstance(value, (list, tuple)):
+        for i, a in enumerate(value):
+            if not isinstance(a, str):
+                raise ValueError(f"{where}[{i}] must be text such as '--exclusive', got {type(a).__name__}")
+            items.append(a)
+    else:
+        raise ValueError(f"{where} must be a list of sbatch options, got {type(value).__name__}")
+    for i, a in enumerate(items):
+        check_directive_text(a, f"{where}[{i}]")
+        if not a.startswith("-"):
+            raise ValueError(f"{where}[{i}] must be an sbatch option starting with '-', got {a!r}")
+        name = a.split("=", 1)[0]
+        if name.startswith("--"):
+            # sbatch takes any unambiguous prefix of a long option ("--out" is --output)
+            reserved = any(r.startswith(name) for r in RESERVED_SBATCH if r.startswith("--"))
+        else:
+            if len(name) < 2 or not name[1].isalpha():
+                raise ValueError(f"{where}[{i}] must be an sbatch option such as '--exclusive', got {a!r}")
+            reserved = name[:2] in RESERVED_SBATCH  # "-Jname" hides -J as well
+        if reserved:
+            raise ValueError(
+                f"{where}[{i}]: {a!r} sets something meshrun sets itself (from the job's resources, name and "
+                f"folder); those options are: {', '.join(o for o in RESERVED_SBATCH if o.startswith('--'))}"
+            )
+    return items
+
+
+def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must be a number or a table of numbers")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{where} must be a price of 0 or more")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return _price(float(value), where)
+        except ValueError:
+            raise ValueError(f"{where} must be a number or a table of numbers, got {value!r}") from None
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys are partition or GPU type names")
+            out[k] = _price(v, f"{where}.{k}")  # type: ignore[assignment]
+        return out
+    raise ValueError(f"{where} must be a number or a table of numbers")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend settings
+
+_SETTINGS_CLS: Any = None
+
+
+def settings_class() -> Any:
+    """The pydantic settings model (built on first use: importing this module stays cheap)."""
+    global _SETTINGS_CLS
+    if _SETTINGS_CLS is not None:
+        return _SETTINGS_CLS
+    from pydantic import Field, SecretStr, field_validator
+
+    class SlurmSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+        """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
+
+        partition: Union[str, None] = None
+        account: Union[str, None] = None
+        qos: Union[str, None] = None
+        constraint: Union[str, None] = None
+        reservation: Union[str, None] = None
+        sbatch: list[str] = Field(default_factory=list)
+        array_parallelism: Union[int, None] = None
+        python: Union[str, None] = None
+        login_host: Union[str, dict[str, Any], None] = None
+        ssh: Union[dict[str, Any], None] = None
+        remote_dir: str = "~/.meshrun/slurm"
+        api: Literal["cli", "rest"] = "cli"
+        rest_url: Union[str, None] = None
+        rest_user: Union[str, None] = None
+        rest_token: Union[SecretStr, None] = None
+        rest_api_version: str = "v0.0.38"
+        price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
+        query_interval: float = 1.0
+        lost_after: float = 300.0
+        sacct: bool = True
+        test_only: bool = True
+        grace_period: float = 3.0
+        command_timeout: float = 60.0
+
+        @field_validator("partition", "account", "qos", "reservation", mode="before")
+        @classmethod
+        def _v_names(cls, v: Any, info: Any) -> Any:
+            return None if v is None else _name_list(v, info.field_name)
+
+        @field_validator("constraint", mode="before")
+        @classmethod
+        def _v_constraint(cls, v: Any) -> Any:
+            if v is None:
+                return None
+            if not isinstance(v, str):
+                raise ValueError("must be text such as 'a100&ib'")
+            return check_directive_text(v, "constraint")
+
+        @field_validator("sbatch", mode="before")
+        @classmethod
+        def _v_sbatch(cls, v: Any) -> Any:
+            return _sbatch_args(v, "sbatch")
+
+        @field_validator("array_parallelism", mode="before")
+        @classmethod
+        def _v_par(cls, v: Any) -> Any:
+            return None if v is None else _parallelism(v, "array_parallelism")
+
+        @field_validator("price_per_gpu_hour", mode="before")
+        @classmethod
+        def _v_price(cls, v: Any) -> Any:
+            return _price(v, "price_per_gpu_hour")
+
+        @field_validator("query_interval", "lost_after", "grace_period", "command_timeout")
+        @classmethod
+        def _v_positive(cls, v: float) -> float:
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError("must be a number of seconds, 0 or more")
+            return v
+
+        @field_validator("python", "remote_dir", mode="before")
+        @classmethod
+        def _v_path(cls, v: Any) -> Any:
+            if v is None:
+                return None
+            if not isinstance(v, str) or not v.strip() or any(c in v for c in "\n\r\x00"):
+                raise ValueError("must be a path on one line")
+            return v
+
+        @field_validator("rest_url", mode="before")
+        @classmethod
+        def _v_url(cls, v: Any) -> Any:
+            if v is None:
+                return None
+            if not isinstance(v, str) or not re.match(r"^(https?://[^\s]+|unix:/[^\s]+)$", v):
+                raise ValueError("must be an http(s):// URL or unix:/path/to/socket")
+            return v.rstrip("/")
+
+        def __repr__(self) -> str:  # never show the token
+            return f"SlurmSettings(api={self.api!r}, login_host={self.login_host!r}, partition={self.partition!r})"
+
+    _SETTINGS_CLS = SlurmSettings
+    return SlurmSettings
+
+
+def load_settings(table: Mapping[str, Any] | None) -> Any:
+    return settings_class().load(BACKEND, table)
+
+
+def _parallelism(v: Any, where: str) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"{where} must be a whole number of at least 1")
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{where} must be a whole number of at least 1, got {v!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-job options
+
+JOB_OPTIONS = (
+    "partition", "account", "qos", "constraint", "reservation", "sbatch", "array_parallelism", "time",
+    "exclusive", "nodelist", "exclude", "gpus_flag",
+)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """``backend_options["slurm"]`` merged over the backend's settings."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    reservation: str | None = None
+    sbatch: tuple[str, ...] = ()
+    array_parallelism: int | None = None
+    time: str | None = None  # Slurm's own --time, when it must differ from the job's time_limit
+    exclusive: bool = False
+    nodelist: str | None = None
+    exclude: str | None = None
+    gpus_flag: str = "gres"  # "gres": --gres=gpu[:type]:N   "gpus-per-node": --gpus-per-node=[type:]N
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None) -> JobOptions:
+    """Validate ``backend_options["slurm"]`` (raising :class:`meshrun.SpecError` naming the key)."""
+    opts = dict(spec_options or {})
+    unknown = sorted(set(opts) - set(JOB_OPTIONS))
+    if unknown:
+        raise meshrun.SpecError(
+            f"backend_options.slurm.{unknown[0]}",
+            f"unknown Slurm option; the options are: {', '.join(JOB_OPTIONS)}",
+            opts[unknown[0]],
+        )
+    out: dict[str, Any] = {}
+    if settings is not None:
+        for k in ("partition", "account", "qos", "constraint", "reservation", "array_parallelism"):
+            out[k] = getattr(settings, k)
+        out["sbatch"] = tuple(settings.sbatch)
+
+    def field_(k: str) -> str:
+        return f"backend_options.slurm.{k}"
+
+    try:
+        for k, v in opts.items():
+            if k in ("partition", "account", "qos", "reservation"):
+                out[k] = None if v is None else _name_list(v, k)
+            elif k == "constraint":
+                if v is not None and not isinstance(v, str):
+                    raise ValueError("constraint must be text such as 'a100&ib'")
+                out[k] = None if v is None else check_directive_text(v, k)
+            elif k == "sbatch":
+                out[k] = tuple(out.get("sbatch") or ()) + tuple(_sbatch_args(v, k))
+            elif k == "array_parallelism":
+                out[k] = None if v is None else _parallelism(v, k)
+            elif k == "time":
+                if v is None:
+                    out[k] = None
+                else:
+                    if isinstance(v, (int, float)) or (isinstance(v, str) and re.fullmatch(r"\s*[0-9.]+\s*", v)):
+                        raise ValueError(f"time needs a unit, e.g. '30m' or '2h' (Slurm reads a bare number as "
+                                         f"minutes, meshrun as seconds), got {v!r}")
+                    try:
+                        secs = meshrun.parse_duration(v)
+                    except ValueError as e:
+                        raise ValueError(f"time: {e}") from None
+                    out[k] = meshrun.slurm_time(secs)
+            elif k == "exclusive":
+                if not isinstance(v, bool):
+                    raise ValueError(f"exclusive must be true or false, got {v!r}")
+                out[k] = v
+            elif k in ("nodelist", "exclude"):
+                if v is not None and (not isinstance(v, str) or not _NODE_LIST.match(v)):
+                    raise ValueError(f"{k} must be a Slurm node list such as 'node[1-4],gpu7', got {v!r}")
+                out[k] = v
+            elif k == "gpus_flag":
+                if v not in ("gres", "gpus-per-node"):
+                    raise ValueError(f"gpus_flag must be 'gres' or 'gpus-per-node', got {v!r}")
+                out[k] = v
+    except ValueError as e:
+        raise meshrun.SpecError(field_(k), str(e), opts.get(k)) from None
+    return JobOptions(**out)
