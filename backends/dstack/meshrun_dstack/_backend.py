@@ -136,9 +136,12 @@ class DstackBackend(meshrun.Backend):
         )
         conf = self._configuration(spec, job_id="plan", name=None, options=options)
         rs = _translate.run_spec(conf)
-        self._validate(rs)
         try:
             c = self.client()
+        except meshrun.BackendUnavailable as e:  # not configured: say so, without loading dstack's models
+            return [base.rejected(self._scrub(e))]
+        self._validate(rs)
+        try:
             base = meshrun.Offer(**{**_fields(base), "where": f"dstack:{c.project}"})
             plan = c.get_plan(rs, max_offers=self.settings.max_offers)
         except meshrun.BackendUnavailable as e:

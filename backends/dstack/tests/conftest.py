@@ -117,6 +117,14 @@ def pytest_collection_modifyitems(session, config, items):
         _start_in_background()
 
 
+@pytest.fixture(autouse=True)
+def no_user_dstack_config(monkeypatch, tmp_path):
+    """No test reads the machine user's ~/.dstack/config.yml (tests that want one write their own)."""
+    monkeypatch.setenv("MESHRUN_DSTACK_DSTACK_CONFIG", str(tmp_path / "no-dstack-config.yml"))
+    for k in ("MESHRUN_DSTACK_URL", "MESHRUN_DSTACK_TOKEN", "MESHRUN_DSTACK_PROJECT"):
+        monkeypatch.delenv(k, raising=False)
+
+
 @pytest.fixture(scope="session")
 def dstack_server():
     if not (SERVER_VENV / "bin" / "dstack").exists():

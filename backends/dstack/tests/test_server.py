@@ -43,19 +43,15 @@ def backend():
 
 
 def submission(spec, tmp_path, job_id=None):
-    """A Submission as the core builds one (launch.json in a job folder), for calling the backend directly."""
-    from meshrun._scheduler import build_launch  # the core's own launch description
-
+    """A command job's Submission with its launch description, for calling the backend directly (the
+    core would not submit where the plan has no offer)."""
     job_id = job_id or ("t" + uuid.uuid4().hex[:11])
     d = tmp_path / "jobs" / job_id
     d.mkdir(parents=True)
-    launch = build_launch(spec, job_id, cwd=str(tmp_path))
+    launch = {"job_id": job_id, "name": spec.display_name, "kind": "command", "env": dict(spec.env),
+              "cwd": str(tmp_path), "setup": [], "gpus": 0, "gpu_type": None, "nodes": 1, "time_limit": None,
+              "argv": list(spec.command)}
     (d / "launch.json").write_text(json.dumps(launch))
-    (d / "spec.json").write_text(spec.to_json())
-    if spec.kind == "function":
-        from meshrun._payload import dumps
-
-        (d / "payload.pkl").write_bytes(dumps(spec.resolve_function(), spec.args, spec.kwargs))
     return meshrun.Submission(job_id=job_id, job_dir=d, spec=spec, launch=launch)
 
 

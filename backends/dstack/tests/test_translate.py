@@ -193,12 +193,20 @@ def test_bad_option_values_name_the_field(opts, field):
     ({"user": "a:b:c"}, "user"),
     ({"image": "python:3.12", "python": "3.12"}, "python"),
 ])
-def test_what_dstack_rejects_is_caught_before_submit(opts, where):
-    """dstack's own models reject these; the backend says so before sending anything."""
+def test_what_dstack_rejects_is_caught_before_submit(opts, where, monkeypatch):
+    """dstack's own models reject these; the backend says so before sending anything (the server
+    configured here does not exist: nothing is sent)."""
+    monkeypatch.setenv("MESHRUN_DSTACK_URL", "http://127.0.0.1:9")
+    meshrun.configure()
     b = meshrun.get_backend("dstack")
     with pytest.raises(meshrun.SpecError) as e:
         b.offers(spec(backend_options={"dstack": opts}))
     assert where in e.value.field or where in str(e.value)
+
+
+def test_unconfigured_backend_offers_nothing_and_says_why():
+    [o] = meshrun.get_backend("dstack").offers(spec())
+    assert not o.fits and "no dstack server configured" in o.reason
 
 
 def test_validate_with_dstack_names_dstacks_field():
