@@ -52,6 +52,7 @@ _EXPORTS = {
     "get_backend": "._registry",
     "list_backends": "._registry",
     "register_backend": "._registry",
+    "unregister_backend": "._registry",
     "agent_file": "._local",
     "agent_version": "._local",
     "map_agent_status": "._local",
@@ -144,7 +145,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._launch import check_dist_env, dist_env, free_port
     from ._local import agent_file, agent_version, map_agent_status, tail_file
     from ._placement import Objective, Plan, offers, plan
-    from ._registry import get_backend, list_backends, register_backend
+    from ._registry import get_backend, list_backends, register_backend, unregister_backend
     from ._scheduler import place_files_locally, run, submit, submit_many
     from ._spec import JobSpec, Resources
     from ._units import format_duration, format_size, parse_duration, parse_gpus, parse_size, slurm_time

@@ -44,7 +44,9 @@ _errors: dict[str, str] = {}
 
 
 def reset() -> None:
-    """Forget created backends (after the configuration changed)."""
+    """Forget created backends and the entry-point scan (after the configuration or the installed
+    distributions changed). In-process registrations stay; see unregister_backend."""
+    global _eps_cache
     with _lock:
         for b in _instances.values():
             try:
@@ -52,6 +54,9 @@ def reset() -> None:
             except Exception:
                 pass
         _instances.clear()
+        _classes.clear()
+        _errors.clear()
+        _eps_cache = None
 
 
 def register_backend(name: str, factory: Callable[..., Any]) -> None:
@@ -61,13 +66,32 @@ def register_backend(name: str, factory: Callable[..., Any]) -> None:
         _instances.pop(name, None)
 
 
-def _entry_points() -> dict[str, Any]:
-    from importlib.metadata import entry_points
+def unregister_backend(name: str) -> None:
+    """Undo register_backend (the backend's instance is closed and forgotten)."""
+    with _lock:
+        _manual.pop(name, None)
+        inst = _instances.pop(name, None)
+        if inst is not None:
+            try:
+                inst.close()
+            except Exception:
+                pass
 
-    eps = {}
-    for ep in entry_points(group=GROUP):
-        eps.setdefault(ep.name, ep)
-    return eps
+
+_eps_cache: dict[str, Any] | None = None
+
+
+def _entry_points() -> dict[str, Any]:
+    """The installed plugins (scanning every distribution costs tens of ms: done once per process)."""
+    global _eps_cache
+    if _eps_cache is None:
+        from importlib.metadata import entry_points
+
+        eps = {}
+        for ep in entry_points(group=GROUP):
+            eps.setdefault(ep.name, ep)
+        _eps_cache = eps
+    return _eps_cache
 
 
 def _builtin(name: str) -> Any:

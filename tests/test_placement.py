@@ -101,8 +101,7 @@ def register():
 
     yield add
     for n in names:
-        _registry._manual.pop(n, None)
-        _registry._instances.pop(n, None)
+        meshrun.unregister_backend(n)
 
 
 def offer(backend: str = "b", where: str = "w", price: float = 1.0, start: float | None = 0.0, **kw: Any) -> Offer:
