@@ -338,8 +338,13 @@ class SlurmBackend(meshrun.Backend):
         with self._lock:
             if self._sinfo is not None and time.monotonic() - self._sinfo[0] < SINFO_TTL:
                 return self._sinfo[1]
-        p = self._run(["sinfo", "--noheader", f"--format={S.SINFO_FORMAT}"], what="sinfo")
-        groups = S.parse_sinfo(p.stdout)
+        try:
+            p = self._run(["sinfo", "--noheader", f"--format={S.SINFO_FORMAT}"], what="sinfo")
+            groups = S.parse_sinfo(p.stdout)
+        except meshrun.BackendUnavailable:
+            if self.settings.api != "rest":
+                raise
+            groups = self.rest.node_groups()  # no Slurm tools here: ask slurmrestd
         with self._lock:
             self._sinfo = (time.monotonic(), groups)
         return groups
@@ -427,7 +432,7 @@ class SlurmBackend(meshrun.Backend):
         try:
             p = self._run(argv, check=False, timeout=30)
         except meshrun.MeshrunError as e:
-            return replace(offer, expected_start=None, start_note=f"no estimate: {e}")
+            return replace(offer, expected_start=None, start_note=f"no estimate: {str(e).splitlines()[0]}")
         text = (p.stderr or "") + (p.stdout or "")
         est = S.parse_test_only(text)
         if est is None:

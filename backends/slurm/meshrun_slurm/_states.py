@@ -78,6 +78,12 @@ REASONS = {
     "NonZeroExitCode": "exited with a nonzero code",
 }
 
+# reasons a job waits for; Slurm keeps the last one on a job that ended without running (not the cause)
+WAITING_REASONS = frozenset({
+    "Resources", "Priority", "Dependency", "BeginTime", "JobHeldUser", "JobHeldAdmin", "ReqNodeNotAvail",
+    "Reservation", "JobArrayTaskLimit", "PartitionDown", "PartitionInactive", "NodeDown", "Licenses",
+})
+
 TERMINAL_SLURM = frozenset(k for k, (s, _) in STATES.items() if s.terminal)
 
 
@@ -214,7 +220,7 @@ def to_status(row: Row) -> meshrun.JobStatus:
         reason = f"{row.state}: {what}"
         if row.by:
             reason += f" by uid {row.by}"
-        if row.reason and row.reason not in ("None", row.state):
+        if row.reason and row.reason not in ("None", row.state) and row.reason not in WAITING_REASONS:
             reason += f" ({describe_reason(row.reason)})"
         if row.exit_code is not None and (row.exit_code or row.signal):
             reason += f"; exit code {row.exit_code}" + (f", signal {row.signal}" if row.signal else "")
