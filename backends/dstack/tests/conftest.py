@@ -9,6 +9,7 @@ prints only the admin token in its own log).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -99,6 +100,7 @@ def _start_in_background() -> None:
     if _server is not None:
         return
     _server = DstackServer(Path(tempfile.mkdtemp(prefix="meshrun-dstack-test-")))
+    atexit.register(_stop_at_exit, _server)  # also when the session is interrupted before the fixture ends
 
     def run() -> None:
         try:
@@ -109,6 +111,14 @@ def _start_in_background() -> None:
             _started.set()
 
     threading.Thread(target=run, name="dstack-server-start", daemon=True).start()
+
+
+def _stop_at_exit(server: DstackServer) -> None:
+    if server.state.exists():
+        try:
+            server.down()
+        finally:
+            shutil.rmtree(server.state, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(session, config, items):
