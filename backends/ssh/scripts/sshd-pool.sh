@@ -47,11 +47,21 @@ ours() {
   [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *"$(dirname "$1")/sshd_config"* ]]
 }
 
+descendants() {  # PID -> every live process below it (by parent pid)
+  local p kids
+  kids=$(awk -v pp="$1" '{ sub(/.*\) /, ""); if ($2 == pp) print FILENAME }' /proc/[0-9]*/stat 2>/dev/null |
+         sed 's|/proc/\([0-9]*\)/stat|\1|' || true)
+  for p in $kids; do echo "$p"; descendants "$p"; done
+}
+
 stop_pidfile() {
-  local f=$1 pid
+  local f=$1 pid kids
   pid=$(pid_of "$f")
   if ours "$f"; then
     say "stopping sshd pid $pid ($f)"
+    kids=$(descendants "$pid")  # the connections it serves, logged in or not
+    # shellcheck disable=SC2086
+    [ -n "$kids" ] && kill -9 $kids 2>/dev/null || true
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 25); do alive "$pid" || break; sleep 0.2; done
     alive "$pid" && kill -9 "$pid" 2>/dev/null || true
@@ -218,7 +228,7 @@ do_up() {
     else
       addr="127.79.0.$((10 + i))"
       port=$(pid_of "$DIR/host$i/port")
-      if [ -z "$port" ] || { ! ours "$DIR/host$i/sshd.pid" && [ -n "$(ss -Hltn "sport = :$port")" ]; }; then
+      if [ -z "$port" ] || { ! ours "$DIR/host$i/sshd.pid" && [ -n "$(ss -Hltn "src $addr and sport = :$port")" ]; }; then
         port=$(free_port) || die "no free port"
       fi
     fi
