@@ -174,7 +174,11 @@ def _settings_base() -> Any:
                     msg = f"unknown setting {key!r} for the {backend} backend; the valid settings are: {valid}"
                 else:
                     msg = err.get("msg", "invalid").removeprefix("Value error, ")
-                    msg = f"{msg} (got {err.get('input')!r})"
+                    name = str((err.get("loc") or ("",))[0])
+                    field = cls.model_fields.get(name)
+                    secret = any(w in name.lower() for w in ("token", "password", "secret", "key")) or (
+                        field is not None and "Secret" in str(field.annotation))
+                    msg = f"{msg} (got {'**********' if secret else repr(err.get('input'))})"
                 raise ConfigError(f"backends.{backend}.{key}", msg) from None
 
     return BackendSettings

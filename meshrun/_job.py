@@ -317,6 +317,11 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
     rec = job._record
     if st.state is JobState.UNKNOWN:
         return
+    if st.terminal and st.state is not rec.state:
+        from ._scheduler import retry_if_failed
+
+        if retry_if_failed(job, st, backend):
+            return
     changes: dict[str, Any] = {}
     if st.state is not rec.state:
         changes["state"] = st.state

@@ -349,3 +349,57 @@ def failover_if_stuck(job: Job) -> None:
             job._store.add_event(job.id, "failover_failed", error=f"{type(e).__name__}: {e}")
         except Exception:
             pass
+
+
+RETRY_STATES = (JobState.FAILED, JobState.PREEMPTED, JobState.LOST)
+
+
+def retry_if_failed(job: Job, status: Any, backend: Any) -> bool:
+    """Called when a job's backend reports it FAILED, PREEMPTED or LOST: if its spec allows ``retries`` and
+    some are left, archive this attempt (its output stays under attempts/<n>/) and submit the job folder
+    again to the same backend. Returns True when it was resubmitted (the failure is then not final)."""
+    import fcntl
+
+    from ._placement import archive_attempt, load_plan, write_launch
+
+    rec = job._record
+    if status.state not in RETRY_STATES or not rec.backend:
+        return False
+    job_dir = Path(job.job_dir)
+    try:
+        spec = JobSpec.from_json((job_dir / "spec.json").read_text())
+    except (OSError, SpecError):
+        return False
+    used = sum(1 for h in rec.history if h.get("event") == "retry")
+    if spec.retries <= used:
+        return False
+    fd = os.open(job_dir / ".failover.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True  # another process is resubmitting it right now
+        fresh = job._store.get(job.id)
+        if fresh.backend_id != rec.backend_id or fresh.terminal:
+            job._record = fresh
+            return fresh.state is not JobState.FAILED
+        try:
+            backend.fetch_results(rec.backend_id, job_dir)  # keep the failed attempt's output with it
+        except MeshrunError:
+            pass
+        archive_attempt(job_dir, rec.attempt)
+        plan = load_plan(job_dir)
+        launch = (plan or {}).get("launch") or json.loads(
+            (job_dir / "attempts" / str(rec.attempt) / "launch.json").read_text())
+        write_launch(job_dir, launch)
+        job._store.add_event(job.id, "retry", attempt=rec.attempt, backend=rec.backend, state=status.state.value,
+                             reason=status.reason, left=spec.retries - used - 1)
+        sub = Submission(job_id=job.id, job_dir=job_dir, spec=spec, launch=dict(launch), attempt=rec.attempt + 1)
+        try:
+            _submit_with_failover(Prepared(job._store.get(job.id), sub), job._store, rec.backend, None, None)
+        except MeshrunError:
+            pass  # recorded: the job is FAILED with the submit error in its history
+        job._record = job._store.get(job.id)
+        return True
+    finally:
+        os.close(fd)

@@ -344,3 +344,21 @@ def test_no_zombies_left_by_many_jobs():
             if fields[0] == "Z" and int(fields[1]) == me:
                 zombies.append(int(name))
     assert zombies == []
+
+
+def test_retries_resubmit_a_failed_job_and_keep_each_attempts_output(tmp_path):
+    marker = tmp_path / "tried"
+    job = meshrun.run(["bash", "-c", f"if [ -e {marker} ]; then echo second; else touch {marker}; echo first; exit 3; fi"],
+                      retries=2, name="flaky")
+    assert job.result(timeout=60) == 0
+    rec = job.record
+    assert rec.attempt == 2
+    assert [h["event"] for h in rec.history].count("retry") == 1
+    assert "first" in (job.job_dir / "attempts" / "1" / "output.log").read_text()
+    assert job.logs().strip() == "second"
+    always = meshrun.run(["bash", "-c", "exit 5"], retries=2)
+    with pytest.raises(meshrun.JobFailed) as e:
+        always.result(timeout=60)
+    assert e.value.exit_code == 5
+    assert always.record.attempt == 3
+    assert [h["event"] for h in always.record.history].count("retry") == 2
