@@ -85,6 +85,16 @@ class Kube:
     def connect(cls, *, kubeconfig: str | None = None, context: str | None = None, in_cluster: bool | None = None,
                 namespace: str | None = None, timeout: float = 30.0) -> "Kube":
         """Load the user's kubeconfig (context selectable) or the in-cluster service account config."""
+        path = os.path.expanduser(kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+                                  or "~/.kube/config")
+        use_cluster = in_cluster
+        if use_cluster is None:
+            use_cluster = not os.path.exists(path) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if not use_cluster and not os.path.exists(path):
+            # decided before importing the client (about a second): `meshrun backends` and placement stay fast
+            raise meshrun.BackendUnavailable(
+                f"no kubeconfig at {path}" + ("" if in_cluster is False else " and not running inside a pod"),
+                backend="kubernetes")
         try:
             from kubernetes import client, config
         except ImportError as e:  # pragma: no cover - a dependency of this distribution
@@ -92,15 +102,6 @@ class Kube:
                 "the kubernetes Python client is not installed: pip install meshrun-kubernetes",
                 backend="kubernetes") from e
         cfg = client.Configuration()
-        path = os.path.expanduser(kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
-                                  or "~/.kube/config")
-        use_cluster = in_cluster
-        if use_cluster is None:
-            use_cluster = not os.path.exists(path) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        if not use_cluster and not os.path.exists(path):
-            raise meshrun.BackendUnavailable(
-                f"no kubeconfig at {path}" + ("" if in_cluster is False else " and not running inside a pod"),
-                backend="kubernetes")
         try:
             if use_cluster:
                 config.load_incluster_config(client_configuration=cfg)
