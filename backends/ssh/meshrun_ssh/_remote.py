@@ -28,6 +28,7 @@ import _agent  # noqa: E402  (the host agent uploaded beside this file)
 
 MANIFEST = ".meshrun-sync.json"
 READ_MAX = 1 << 20
+IDLE_WARM_UP = 0.05  # seconds without a request before the helper warms its imports
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,18 +37,40 @@ READ_MAX = 1 << 20
 
 class Channel:
     def __init__(self, rfd=0, wfd=1):
-        self.r = os.fdopen(rfd, "rb", buffering=1 << 16, closefd=False)
+        self.rfd = rfd
         self.wfd = wfd
+        self.buf = bytearray()
+        self.eof = False
+
+    def _fill(self):
+        chunk = os.read(self.rfd, 1 << 16)
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        return True
+
+    def pending(self, wait=0.0):
+        """True when a request has (started to) come in within ``wait`` seconds."""
+        if self.buf or self.eof:
+            return True
+        import select
+
+        return bool(select.select([self.rfd], [], [], wait)[0])
 
     def read(self):
-        line = self.r.readline()
-        if not line:
-            return None, b""
-        head = json.loads(line.decode("utf-8", "surrogateescape"))
+        while b"\n" not in self.buf:
+            if not self._fill():
+                return None, b""
+        i = self.buf.index(b"\n")
+        head = json.loads(bytes(self.buf[:i]).decode("utf-8", "surrogateescape"))
+        del self.buf[: i + 1]
         n = int(head.get("n") or 0)
-        blob = self.r.read(n) if n else b""
-        if len(blob) != n:
-            return None, b""
+        while len(self.buf) < n:
+            if not self._fill():
+                return None, b""
+        blob = bytes(self.buf[:n])
+        del self.buf[:n]
         return head, blob
 
     def write(self, head, blob=b""):
@@ -114,14 +137,7 @@ def makedirs(path, mode=0o700):
 
 def op_hello(root, want_cp):
     py = "%d.%d" % sys.version_info[:2]
-    cp = None
-    cp_error = None
-    try:
-        import cloudpickle
-
-        cp = cloudpickle.__version__
-    except Exception as e:  # missing, or broken
-        cp_error = "%s: %s" % (type(e).__name__, e)
+    cp, cp_error = cloudpickle_version()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -144,6 +160,44 @@ def op_hello(root, want_cp):
         "pid": os.getpid(),
         "lease_dir": _agent.lease_dir(),
     }
+
+
+def cloudpickle_version():
+    """(version, error) of the cloudpickle this interpreter would import, read from its source without
+    importing it (that import is the slowest part of a start; warm_up() does it when idle)."""
+    mod = sys.modules.get("cloudpickle")
+    if mod is not None:
+        return getattr(mod, "__version__", None), None
+    try:
+        import importlib.util
+        import re
+
+        spec = importlib.util.find_spec("cloudpickle")
+        if spec is None or not spec.origin:
+            return None, "ModuleNotFoundError: No module named 'cloudpickle'"
+        with open(spec.origin, encoding="utf-8") as f:
+            m = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", f.read(), re.M)
+        if m:
+            return m.group(1), None
+        import cloudpickle
+
+        return cloudpickle.__version__, None
+    except Exception as e:  # missing, or broken
+        return None, "%s: %s" % (type(e).__name__, e)
+
+
+def warm_up():
+    """Import what supervisors and function jobs need, so the jobs forked from here start ready."""
+    try:
+        import pickle  # noqa: F401
+        import traceback  # noqa: F401
+        import types  # noqa: F401
+
+        import cloudpickle  # noqa: F401
+    except Exception:
+        pass
+    if hasattr(_agent, "_libc"):
+        _agent._libc()
 
 
 def op_status(req):
@@ -366,7 +420,11 @@ def handle(head, blob):
 def serve(root, want_cp, once=False):
     chan = Channel()
     chan.write(op_hello(root, want_cp))
+    warm = once
     while True:
+        if not warm and not chan.pending(IDLE_WARM_UP):
+            warm_up()  # the client's burst of requests is over: use the quiet moment
+            warm = True
         try:
             head, blob = chan.read()
         except ValueError as e:
@@ -385,18 +443,9 @@ def serve(root, want_cp, once=False):
 
 
 def use_cloudpickle(root, want):
-    """Put the cloudpickle copy uploaded for this client's version first on sys.path when the host's own
-    differs (or is missing); function jobs forked from here inherit it."""
+    """Put the cloudpickle copy uploaded for this client's version (if any) first on sys.path; function
+    jobs forked from here inherit it. The client uploads one when the host's own differs or is missing."""
     if not want:
-        return
-    have = None
-    try:
-        from importlib.metadata import version
-
-        have = version("cloudpickle")
-    except Exception:
-        pass
-    if have == want:
         return
     vendored = os.path.join(expand(root), "lib", "cloudpickle-%s" % want)
     if os.path.isdir(os.path.join(vendored, "cloudpickle")):
@@ -414,16 +463,6 @@ def main(argv):
     except OSError:
         pass
     use_cloudpickle(root, want_cp)
-    try:  # warm what every supervisor and function job imports: jobs are forked from here ready to go
-        import pickle  # noqa: F401
-        import traceback  # noqa: F401
-        import types  # noqa: F401
-
-        import cloudpickle  # noqa: F401
-    except Exception:
-        pass
-    if hasattr(_agent, "_libc"):
-        _agent._libc()
     return serve(root, want_cp, once=argv[0] == "once")
 
 
