@@ -470,6 +470,10 @@ class SlurmBackend(meshrun.Backend):
             "GPUS_PER_NODE": str(r.gpus),
             "WORLD_SIZE": str(r.nodes * max(r.gpus, 1)),
         }
+        if not self.shared_filesystem:
+            # through a login node the job runs in its folder on the cluster, where `files` are placed
+            launch["local_cwd"] = launch.get("cwd")
+            launch["cwd"] = self._cluster_dir(sub.job_dir)
         sub.launch.update(launch)
         self._write_local(sub.job_dir / "launch.json", (json.dumps(launch, sort_keys=True) + "\n").encode())
         return launch
@@ -490,14 +494,24 @@ class SlurmBackend(meshrun.Backend):
             time_limit=spec.time_limit, options=opts, array=array,
         )
 
-    def _stage(self, local_dir: Path, cluster_dir: str, names: Sequence[str]) -> None:
-        """Login-node mode: copy the job folder's files to the cluster."""
+    def _stage(self, local_dir: Path, cluster_dir: str, names: Sequence[str], spec: Any = None,
+               local_cwd: str | None = None) -> None:
+        """Login-node mode: copy the job folder's files to the cluster, and the spec's ``files`` into the job's
+        folder there (a target is relative to it)."""
         if self.shared_filesystem:
             return
         for n in names:
             p = local_dir / n
             if p.exists():
                 self.runner.put_bytes(p.read_bytes(), f"{cluster_dir}/{n}", 0o600)
+        for dst, src in (spec.files.items() if spec is not None else ()):
+            s = Path(src if os.path.isabs(src) else os.path.join(local_cwd or os.getcwd(), src))
+            rel = dst.lstrip("/") if not os.path.isabs(dst) else None
+            target = f"{cluster_dir}/{rel}" if rel is not None else dst
+            files = [s] if s.is_file() else sorted(p for p in s.rglob("*") if p.is_file())
+            for f in files:
+                sub = "" if f == s else "/" + f.relative_to(s).as_posix()
+                self.runner.put_bytes(f.read_bytes(), target + sub, f.stat().st_mode & 0o777)
 
     def _sbatch(self, script_path: str, comment: str | None) -> str:
         argv = ["sbatch", "--parsable"]
@@ -538,7 +552,8 @@ class SlurmBackend(meshrun.Backend):
         except ValueError as e:
             raise meshrun.SpecError("backend_options.slurm", str(e)) from None
         self._write_local(submission.job_dir / SCRIPT, script.encode(), 0o700)
-        self._stage(submission.job_dir, cluster_dir, [f.name for f in submission.files()] + [SCRIPT])
+        self._stage(submission.job_dir, cluster_dir, [f.name for f in submission.files()] + [SCRIPT], spec,
+                    submission.launch.get("local_cwd"))
         slurm_id = self._sbatch(f"{cluster_dir}/{SCRIPT}", _comment(spec.display_name))
         now = time.time()
         self._remember(slurm_id, {"job_id": submission.job_id, "job_dir": str(submission.job_dir),
@@ -578,7 +593,7 @@ class SlurmBackend(meshrun.Backend):
             cdir = self._cluster_dir(s.job_dir)
             tasks.append({"job_id": s.job_id, "job_dir": str(s.job_dir), "cluster_dir": cdir})
             self._write_local(s.job_dir / ARRAY_MARK, json.dumps({"array": token, "index": i}).encode())
-            self._stage(s.job_dir, cdir, [f.name for f in s.files()])
+            self._stage(s.job_dir, cdir, [f.name for f in s.files()], s.spec, s.launch.get("local_cwd"))
         tasks_data = b"".join(t["cluster_dir"].encode() + b"\0" for t in tasks)
         self._write_local(array_dir / "tasks", tasks_data)
         job = self._batch_job(
@@ -937,7 +952,6 @@ class SlurmBackend(meshrun.Backend):
         except ValueError as e:
             raise meshrun.SpecError("backend_options.slurm", str(e)) from None
         self._write_local(sub.job_dir / SCRIPT, script.encode(), 0o700)
-        self._stage(sub.job_dir, cluster_dir, [f.name for f in sub.files()] + [SCRIPT])
         slurm_id = self.rest.submit(job, script, comment=_comment(sub.spec.display_name))
         with self._lock:
             self._squeue_at = -1e9

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the Slurm backend's real-cluster tests need (run as root; idempotent).
-# munge + slurmctld + slurmd + client tools, slurmdbd + MariaDB for sacct, slurmrestd with the JWT plugin.
+# munge + slurmctld + slurmd + client tools, slurmdbd + MariaDB for sacct, slurmrestd with the JWT plugin,
+# and openssh-server for the login-node tests (scripts/login-sshd.sh).
 # apt/dpkg may be busy with another install on a shared machine: wait and retry.
 set -euo pipefail
 say() { echo "[slurm install] $*"; }
-PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server slurmrestd slurm-wlm-jwt-plugin curl)
+PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server slurmrestd slurm-wlm-jwt-plugin curl
+      openssh-server openssh-client)
 need=()
 have=" $(dpkg-query -W -f='${Package}=${Status} ' "${PKGS[@]}" 2>/dev/null || true) "
 for p in "${PKGS[@]}"; do
