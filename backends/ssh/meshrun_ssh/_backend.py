@@ -213,6 +213,8 @@ class SSHBackend(meshrun.Backend):
                                                [f"{o.where}: {o.reason}" for o in offers] or ["no hosts configured"])
             host_name = fitting[0].where
         h = self._host(host_name)
+        if h.hello is None:
+            h.call("ping")  # connect and start the helper: its hello tells the remote home
         launch = dict(submission.launch)
         local_cwd = launch.get("cwd") or os.getcwd()
         remote_cwd = self._stage_workdir(h, spec, local_cwd, opts)
@@ -265,7 +267,7 @@ class SSHBackend(meshrun.Backend):
             return _expand_remote(opts["workdir"], h)
         sync = opts.get("sync", self.settings.sync)
         if not sync and not spec.files:
-            return h.hello.get("home", "~") if h.hello else "~"
+            return _expand_remote("~", h)
         patterns = list(DEFAULT_EXCLUDE) + list(self.settings.exclude) + list(opts.get("exclude") or [])
         if sync:
             entries = scan(local_cwd, patterns, max_bytes=self.settings.max_sync_bytes,
@@ -409,10 +411,12 @@ def _map_sys_path(paths: Sequence[str], local_cwd: str, remote_cwd: str) -> list
 
 
 def _expand_remote(path: str, h: Any) -> str:
+    """A host path with ``~`` made absolute (the agent does not expand it), from the helper's hello."""
     if path == "~" or path.startswith("~/"):
         home = (h.hello or {}).get("home")
-        if home:
-            return home + path[1:]
+        if not home:
+            raise meshrun.BackendError(f"{h.name}: the remote home directory is not known yet", backend=BACKEND)
+        return home + path[1:]
     return path
 
 
