@@ -263,6 +263,8 @@ def test_sync_is_incremental_with_excludes_and_a_size_guard(ssh_backend, workdir
     # a job may opt out of the sync and name a directory on the host
     job = meshrun.run(["pwd"], backend="ssh", backend_options={"ssh": {"workdir": "/tmp", "sync": False}})
     assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED and job.logs().strip() == "/tmp"
+    job = meshrun.run(["pwd"], backend="ssh", backend_options={"ssh": {"sync": False}})  # no sync: the home
+    assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED and job.logs().strip() == "/home/mrssh-alice"
     with pytest.raises(meshrun.SpecError) as ei:
         meshrun.run(["true"], backend="ssh", backend_options={"ssh": {"hots": "x"}})
     assert ei.value.field == "backend_options.ssh.hots"
