@@ -203,7 +203,7 @@ class SkyPilotBackend(Backend):
         ok, why, _ = self.server.health(timeout=2)
         if not ok:
             self.server.ensure()  # starts the local server, or raises BackendUnavailable saying why
-        got = self.server.call("/enabled_clouds?expand=True", timeout=max(5.0, self.settings.request_timeout / 4))
+        got = self.server.call("/enabled_clouds?expand=True", timeout=self.settings.request_timeout)
         clouds = [str(c).lower() if "/" not in str(c) else str(c) for c in got or []]
         with self._lock:
             self._enabled = (now, clouds)

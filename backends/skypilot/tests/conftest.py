@@ -169,12 +169,18 @@ def sky_env(tmp_path_factory) -> SkyEnv:
               + "; ".join(c[:80] for _, c in left))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def sky_home(sky_env, monkeypatch) -> SkyEnv:
-    """This test runs with the session's SkyPilot home (HOME, API server port) in its environment."""
+    """Every test of this suite runs with the session's SkyPilot home (HOME, API server port) in its
+    environment, so SkyPilot (imported on first use, with paths fixed at import) never sees the real ~/.sky."""
     for k, v in sky_env.environ().items():
         monkeypatch.setenv(k, v)
     return sky_env
+
+
+@pytest.fixture
+def free_api_port() -> int:
+    return pick_api_port()
 
 
 @pytest.fixture

@@ -1,0 +1,187 @@
+"""End to end: SkyPilot launches meshrun jobs onto the repo's test Slurm cluster (SkyPilot's Slurm support,
+login node over SSH), and meshrun gets status, logs and results back.
+
+One cluster is launched once and reused (`sky exec`) for a command, a decorated function and a cancelled
+job (a failing function's traceback is covered by test_task.py, which runs the same script locally); one 2-node job gets its own cluster, which meshrun tears down when the job ends. Setup:
+scripts/skypilot-slurm.sh up (which runs backends/slurm/scripts/slurm-cluster.sh up).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import meshrun
+
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "skypilot-slurm.sh"
+HOSTILE = "a'b\"c $(touch /tmp/pwned) `id` ${HOME} \\ ; | & ünïcødé end"
+
+
+def _facts(out: str) -> dict[str, str]:
+    facts = {}
+    for line in out.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            facts[k] = v.strip("'")
+    return facts
+
+
+def _user_processes(user: str) -> list[str]:
+    p = subprocess.run(["ps", "-o", "pid=,args=", "-u", user], capture_output=True, text=True)
+    return [l.strip() for l in p.stdout.splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="module")
+def slurm_sky(sky_env):
+    if os.geteuid() != 0:
+        pytest.skip("the SkyPilot-on-Slurm setup needs root (bash backends/skypilot/scripts/skypilot-slurm.sh up)")
+    if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
+        pytest.skip("no Slurm here")
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        pytest.fail(f"skypilot-slurm.sh up failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    facts = _facts(subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True, check=True).stdout)
+    (sky_env.home / ".slurm").mkdir(exist_ok=True)
+    shutil.copyfile(facts["SKY_SLURM_CONFIG"], sky_env.home / ".slurm" / "config")
+    with sky_env.apply():
+        sky_env.start_server()
+        from sky.client import sdk
+
+        enabled = sdk.get(sdk.check(("slurm",), False))
+    print(f"[skypilot] Slurm set up and checked in {time.monotonic() - t0:.1f}s: {enabled}")
+    yield facts
+    # teardown: clusters of this home, the login node, and everything SkyPilot left for its user
+    with sky_env.apply():
+        from sky.client import sdk
+
+        try:
+            for c in sdk.get(sdk.status(all_users=True)) or []:
+                sdk.get(sdk.down(c["name"] if isinstance(c, dict) else c.name))
+        except Exception as e:
+            print(f"[skypilot] teardown: {type(e).__name__}: {e}")
+    subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+    left = _user_processes(facts["SKY_SLURM_USER"])
+    assert not left, f"processes of {facts['SKY_SLURM_USER']} survived the teardown: {left}"
+
+
+@pytest.fixture
+def sky(slurm_sky, sky_server, meshrun_home, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    meshrun.configure({"backends": {"skypilot": {"port": sky_server.port, "infra": slurm_sky["SKY_SLURM_INFRA"],
+                                                  "idle_minutes": 15}}})
+    return meshrun.get_backend("skypilot")
+
+
+def _wait_state(job, states, timeout=600):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if job.status() in states:
+            return job.status()
+        time.sleep(2)
+    raise AssertionError(f"{job.id} still {job.status()} ({job.reason}) after {timeout}s")
+
+
+def test_one_cluster_command_function_cancel(sky, sky_env):
+    cluster = f"mr-e2e-{uuid.uuid4().hex[:6]}"
+    opts = {"skypilot": {"cluster": cluster}}
+    timings = {}
+
+    # a command: `sky launch` creates the cluster (named, so kept for the next jobs)
+    t0 = time.monotonic()
+    job = meshrun.run("echo hello from $SLURMD_NODENAME rank=$NODE_RANK of $NNODES ws=$WORLD_SIZE; "
+                      "printf '%s' \"$WEIRD\" | od -An -c; printf '%s' \"$WEIRD\" > weird.txt; "
+                      "cat weird.txt | md5sum", env={"WEIRD": HOSTILE}, backend="skypilot", backend_options=opts)
+    assert job.result(timeout=900) == 0
+    timings["launch"] = time.monotonic() - t0
+    logs = job.logs()
+    assert "hello from node" in logs and "rank=0 of 1 ws=1" in logs
+    import hashlib
+
+    assert hashlib.md5(HOSTILE.encode()).hexdigest() in logs  # the hostile value reached the job unchanged
+    assert job.record.where and cluster in job.record.where
+    assert [e["event"] for e in job.history][:1] == ["submitted"] and job.history[-1]["event"] == "succeeded"
+    assert sky.find(job.id) == f"cluster:{cluster}:meshrun-{job.id}:"
+
+    # a decorated function on the same cluster: `sky exec`
+    @meshrun.job(backend="skypilot", backend_options=opts)
+    def square(x):
+        import os
+        import socket
+
+        print("computing on", socket.gethostname(), flush=True)
+        return {"square": x * x, "rank": os.environ["NODE_RANK"], "master": os.environ["MASTER_ADDR"]}
+
+    t0 = time.monotonic()
+    fjob = square.submit(12)
+    assert fjob.result(timeout=600) == {"square": 144, "rank": "0", "master": "127.0.0.1"}
+    timings["exec"] = time.monotonic() - t0
+    assert "computing on" in fjob.logs()
+
+    # cancel a running job
+    long = meshrun.run("echo started; sleep 600", backend="skypilot", backend_options=opts)
+    _wait_state(long, {meshrun.JobState.RUNNING})
+    long.cancel()
+    assert long.status() is meshrun.JobState.CANCELLED
+
+    # the named cluster is kept; tear it down
+    with sky_env.apply():
+        from sky.client import sdk
+
+        assert any((c["name"] if isinstance(c, dict) else c.name) == cluster for c in sdk.get(sdk.status([cluster])))
+        sdk.get(sdk.down(cluster))
+    print(f"[skypilot] timings: {timings}")
+
+
+def test_two_node_function_and_teardown(sky, sky_env):
+    @meshrun.job(backend="skypilot", nodes=2)
+    def where():
+        import os
+        import socket
+
+        keys = ("NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "GPUS_PER_NODE")
+        print("node", os.environ["NODE_RANK"], os.environ.get("SLURMD_NODENAME"), flush=True)
+        return {k: os.environ[k] for k in keys} | {"host": socket.gethostname()}
+
+    t0 = time.monotonic()
+    job = where.submit()
+    got = job.result(timeout=900)
+    took = time.monotonic() - t0
+    assert got["NODE_RANK"] == "0" and got["NNODES"] == "2" and got["WORLD_SIZE"] == "2"
+    assert got["MASTER_PORT"] == "29500" and got["GPUS_PER_NODE"] == "0"
+    assert meshrun.check_dist_env(got) == []
+    logs = job.logs()
+    assert "node 0" in logs and "node 1" in logs, logs
+    # the cluster meshrun started for the job is torn down once its outcome is collected
+    cluster = f"meshrun-{job.id}"
+    with sky_env.apply():
+        from sky.client import sdk
+
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            names = [c["name"] if isinstance(c, dict) else c.name for c in sdk.get(sdk.status(all_users=True))]
+            if cluster not in names:
+                break
+            time.sleep(3)
+        assert cluster not in names
+    print(f"[skypilot] 2-node launch to result: {took:.1f}s")
+
+
+def test_dry_run_on_slurm_reaches_the_optimizer(sky):
+    from meshrun._scheduler import prepare
+    from meshrun._store import get_store
+
+    sub = prepare(meshrun.JobSpec(command="true", cpus=1), store=get_store(), backend="skypilot").submission
+    sky.dry_run(sub)  # SkyPilot's optimizer picks slurm/testcluster; nothing is launched
+    offers = sky.offers(meshrun.JobSpec(command="true"))
+    assert [o.where for o in offers if o.fits] == ["slurm/testcluster"]

@@ -1,0 +1,128 @@
+"""The backend against a real SkyPilot API server with no cloud credentials: catalog pricing from the
+snapshot placed where SkyPilot reads catalogs, a dry run that reaches SkyPilot's optimizer, and the failure
+paths (no enabled cloud, a cluster that does not exist, the API server down) as clear meshrun errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import meshrun
+
+
+@pytest.fixture
+def needs_catalog(sky_env):
+    if not (sky_env.home / ".sky" / "catalogs" / "v8" / "lambda" / "vms.csv").exists():
+        pytest.skip("the catalog snapshot (shared/catalogs) is missing")
+
+
+def _submission(spec):
+    from meshrun._scheduler import prepare
+    from meshrun._store import get_store
+
+    return prepare(spec, store=get_store(), backend="skypilot").submission
+
+
+def test_check_is_cheap_and_reports_the_server(backend):
+    av = backend.check()
+    assert av.ok and av.detail["api_server"].endswith(str(backend.server.port))
+    assert av.detail.get("version")
+
+
+def test_no_enabled_cloud_gives_a_clear_rejection(backend):
+    assert backend.enabled_clouds(fresh=True) == []
+    offers = backend.offers(meshrun.JobSpec(command="true", gpus="H100:1"))
+    assert len(offers) == 1 and not offers[0].fits
+    assert "no cloud is enabled" in offers[0].reason and "sky check" in offers[0].reason
+    with pytest.raises(meshrun.NoPlacementError) as e:
+        meshrun.run("true", gpus="H100:1", backend="skypilot")
+    assert "no cloud is enabled" in str(e.value)
+
+
+def test_catalog_prices_match_skypilots_own_catalog(backend, monkeypatch, needs_catalog):
+    """Offers for the clouds `sky check` enabled, priced from the catalog snapshot SkyPilot itself reads."""
+    from sky import catalog
+
+    monkeypatch.setattr(backend, "enabled_clouds", lambda fresh=False: ["lambda", "nebius", "slurm/testcluster"])
+    spec = meshrun.JobSpec(command="true", gpus="H100:8")
+    offers = backend.offers(spec)
+    fits = [o for o in offers if o.fits]
+    clouds = {o.detail.get("cloud") for o in fits if o.detail.get("source") != "pool"}
+    assert clouds == {"lambda", "nebius"}
+    assert any(o.where == "slurm/testcluster" and o.expected_start is None for o in fits)
+    assert any(o.spot for o in fits if o.detail.get("cloud") == "nebius")  # nebius has H100 spot prices
+    assert not any(o.spot for o in fits if o.detail.get("cloud") == "lambda")  # lambda has none
+    sky_rows = catalog.list_accelerators(gpus_only=True, name_filter="H100", clouds=["lambda", "nebius"],
+                                         case_sensitive=False, all_regions=True, require_price=True)
+    expected = {}
+    for rows in sky_rows.values():
+        for r in rows:
+            if r.accelerator_name == "H100" and int(r.accelerator_count) == 8:
+                expected[(r.cloud.lower(), r.instance_type, r.region, False)] = r.price
+                if r.spot_price is not None and not math.isnan(r.spot_price):
+                    expected[(r.cloud.lower(), r.instance_type, r.region, True)] = r.spot_price
+    got = {(o.detail["cloud"], o.instance_type, o.region, o.spot): o.price_per_hour
+           for o in fits if o.detail.get("source") != "pool"}
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v), k
+
+
+def test_offers_follow_the_jobs_skypilot_options(backend, monkeypatch, needs_catalog):
+    monkeypatch.setattr(backend, "enabled_clouds", lambda fresh=False: ["lambda", "nebius"])
+    spot = backend.offers(meshrun.JobSpec(command="true", gpus="H100:8",
+                                          backend_options={"skypilot": {"use_spot": True}}))
+    assert all(o.spot for o in spot if o.fits) and any(o.fits for o in spot)
+    only = backend.offers(meshrun.JobSpec(command="true", gpus="H100:8",
+                                          backend_options={"skypilot": {"infra": "lambda"}}))
+    assert {o.detail.get("cloud") for o in only} == {"lambda"}
+    none = backend.offers(meshrun.JobSpec(command="true", gpus="H100:8",
+                                          backend_options={"skypilot": {"infra": "aws"}}))
+    assert not any(o.fits for o in none) and "aws" in none[0].reason
+
+
+def test_dry_run_reaches_the_optimizer(backend):
+    """SkyPilot validates the task meshrun would launch, and its optimizer (not meshrun) says why nothing fits."""
+    sub = _submission(meshrun.JobSpec(command="echo hi", gpus="H100:8", env={"A": "x'y"}))
+    with pytest.raises(meshrun.BackendError) as e:
+        backend.dry_run(sub)
+    text = str(e.value)
+    assert "[skypilot]" in text and ("sky check" in text or "enabled" in text.lower()), text
+
+
+def test_a_cluster_that_does_not_exist(backend):
+    bid = "cluster:nosuchcluster:meshrun-0000nosuch00:"
+    st = backend.status([bid])[bid]
+    assert st.state is meshrun.JobState.LOST and "nosuchcluster" in st.reason
+    with pytest.raises(meshrun.BackendError) as e:
+        list(backend.logs(bid))
+    assert "nosuchcluster" in str(e.value)
+    backend.cancel(bid)  # nothing to cancel: no error
+    assert backend.find("0000nosuch00") is None
+
+
+def test_bad_backend_ids_and_settings():
+    with pytest.raises(meshrun.ConfigError) as e:
+        meshrun.configure({"backends": {"skypilot": {"prot": 1}}})
+        meshrun.get_backend("skypilot")
+    assert "prot" in str(e.value) and "start_server" in str(e.value)
+    meshrun.configure({"backends": {"skypilot": {}}})
+    st = meshrun.get_backend("skypilot").status(["garbage"])["garbage"]
+    assert st.state is meshrun.JobState.LOST and "not a SkyPilot backend id" in st.reason
+
+
+def test_api_server_down(meshrun_home, free_api_port):
+    """With start_server = false and nothing on the port, every call says the server is down and how to start it."""
+    port = free_api_port
+    meshrun.configure({"backends": {"skypilot": {"port": port, "start_server": False}}})
+    b = meshrun.get_backend("skypilot")
+    av = b.check()
+    assert not av.ok and "is down" in av.reason and str(port) in av.reason and "sky api start" in av.hint
+    with pytest.raises(meshrun.BackendUnavailable) as e:
+        b.offers(meshrun.JobSpec(command="true"))
+    assert "is down" in str(e.value) and "sky api start" in str(e.value)
+    with pytest.raises(meshrun.BackendUnavailable):
+        b.submit(_submission(meshrun.JobSpec(command="true")))
+    bid = "cluster:c:meshrun-x:"
+    assert b.status([bid])[bid].state is meshrun.JobState.UNKNOWN
