@@ -243,8 +243,9 @@ class SSHBackend(meshrun.Backend):
                 raise meshrun.SpecError(f"backend_options.ssh.{k}",
                                         f"unknown option; the ssh backend takes: {', '.join(_JOB_OPTIONS)}")
         if "host" in opts and opts["host"] not in self.host_names():
+            known = ", ".join(self.host_names())
             raise meshrun.SpecError("backend_options.ssh.host",
-                                    f"{opts['host']!r} is not one of the configured hosts: {', '.join(self.host_names())}")
+                                    f"{opts['host']!r} is not one of the configured hosts: {known}")
         if "exclude" in opts and (not isinstance(opts["exclude"], (list, tuple))
                                   or not all(isinstance(p, str) for p in opts["exclude"])):
             raise meshrun.SpecError("backend_options.ssh.exclude", "must be a list of patterns")
@@ -339,7 +340,8 @@ class SSHBackend(meshrun.Backend):
 
     def find(self, job_id: str) -> Optional[str]:
         def look(h: Any) -> bool:
-            return bool(h.exists([f"{h.job_dir(job_id)}/launch.json"], retry=False).get(f"{h.job_dir(job_id)}/launch.json"))
+            path = f"{h.job_dir(job_id)}/launch.json"
+            return bool(h.exists([path], retry=False).get(path))
 
         for host, res in self._each_host(look).items():
             if res is True:

@@ -383,7 +383,16 @@ class Connection:
                 f.set_pipelined(True)
                 f.write(data)
             s.chmod(tmp, mode)
-            s.posix_rename(tmp, path)
+            try:
+                s.posix_rename(tmp, path)  # atomic replace (an OpenSSH extension)
+            except OSError as e:
+                if getattr(e, "errno", None) is not None or "unsupported" not in str(e).lower():
+                    raise
+                try:  # servers without it: plain SFTP rename refuses to overwrite
+                    s.remove(path)
+                except OSError:
+                    pass
+                s.rename(tmp, path)
 
         self._sftp_call(put)
 

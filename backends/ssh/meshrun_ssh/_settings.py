@@ -60,7 +60,8 @@ class HostSettings(BaseModel):
             raise ValueError("a host needs a name or a host")
         name = self.name or self.host
         if not _NAME.match(name or ""):
-            raise ValueError(f"host name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it is part of job ids)")
+            raise ValueError(f"host name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                             "(it is part of job ids)")
         return self
 
     @field_validator("port")

@@ -133,7 +133,8 @@ def client_env(pool, tmp_path_factory):
         req = base / f"req-{uuid.uuid4().hex[:8]}.json"
         req.write_text(json.dumps(request))
         os.chmod(req, 0o644)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": pool["users"][user]["home"] if user in pool["users"] else "/tmp",
+        user_home = pool["users"][user]["home"] if user in pool["users"] else "/tmp"
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": user_home,
                "PYTHONPATH": str(lib), "MESHRUN_HOME": str(home), "MESHRUN_CONFIG": str(base / "none.toml"),
                "LANG": "C.UTF-8"}
         (base / "none.toml").write_text("")

@@ -18,7 +18,8 @@ def test_settings_from_env_strings_and_errors_naming_the_field(tmp_path):
                        "persistent": "0"})
     assert s.hosts == ["gpu1", "gpu2", "gpu3"] and s.exclude == ["data/", "*.ckpt"]
     assert s.max_sync_bytes == 1024**3 and s.persistent is False
-    for table, field in [({"hosts": ["a", "a"]}, "hosts"), ({"hosts": [{"name": "x", "lease_dir": "rel"}]}, "lease_dir"),
+    for table, field in [({"hosts": ["a", "a"]}, "hosts"),
+                         ({"hosts": [{"name": "x", "lease_dir": "rel"}]}, "lease_dir"),
                          ({"remote_root": "rel/dir"}, "remote_root"), ({"hosts": ["bad name!"]}, "hosts"),
                          ({"max_sync_bytes": "lots"}, "max_sync_bytes"), ({"retries": 0}, "retries")]:
         with pytest.raises(meshrun.ConfigError) as ei:
@@ -64,7 +65,8 @@ def test_scan_guard_and_extra_files(tmp_path):
     (tmp_path / "big.bin").write_bytes(b"\0" * 5000)
     other = tmp_path.parent / f"{tmp_path.name}-extra.txt"
     other.write_text("extra")
-    got = scan(str(tmp_path), list(DEFAULT_EXCLUDE), max_bytes=10_000, max_files=10, extra={"cfg/extra.txt": str(other)})
+    got = scan(str(tmp_path), list(DEFAULT_EXCLUDE), max_bytes=10_000, max_files=10,
+               extra={"cfg/extra.txt": str(other)})
     assert [e.path for e in got] == ["a.py", "big.bin", "cfg/extra.txt"]
     with pytest.raises(meshrun.SpecError) as ei:
         scan(str(tmp_path), list(DEFAULT_EXCLUDE), max_bytes=1000, max_files=10)
@@ -80,8 +82,8 @@ def test_shell_command_survives_a_real_shell():
     assert shlex.split(line)[0] == "env"
     out = subprocess.run(["bash", "-c", line], capture_output=True, text=True).stdout
     assert out.strip() == repr("$HOME'x\n;`id`")
-    p = subprocess.run(["bash", "-c", shell_command(["python3", "-c", "import sys; print(repr(sys.argv[1:]))"] + words)],
-                       capture_output=True, text=True)
+    argv = ["python3", "-c", "import sys; print(repr(sys.argv[1:]))"] + words
+    p = subprocess.run(["bash", "-c", shell_command(argv)], capture_output=True, text=True)
     assert p.stdout.strip() == repr(words)
     with pytest.raises(ValueError):
         shell_command(["a\x00b"])
