@@ -543,20 +543,16 @@ class SkyPilotBackend(Backend):
         if files:  # the records, and the log as output.log (read when the cluster is gone)
             _task.write_results(files, Path(job_dir))
         if kind == "cluster" and cluster == name:
-            self._down_if_owned(cluster, name)
+            self._down_if_owned(cluster, Path(job_dir))
 
-    def _down_if_owned(self, cluster: str, name: str) -> None:
-        """Tear down a cluster meshrun started for this job (its name is the job's), unless it is kept."""
-        spec = None
+    def _down_if_owned(self, cluster: str, job_dir: Path | None = None) -> None:
+        """Tear down a cluster meshrun started for a job (named after it), unless the job keeps it."""
+        import json
+
         try:
-            from meshrun import get_config
-
-            import json
-
-            job_dir = get_config().home / "jobs" / name.removeprefix("meshrun-")
-            spec = json.loads((job_dir / "spec.json").read_text())
-        except Exception:
-            pass
+            spec = json.loads((job_dir / "spec.json").read_text()) if job_dir is not None else {}
+        except (OSError, ValueError):
+            spec = {}
         opts = ((spec or {}).get("backend_options") or {}).get(NAME) or {}
         if opts.get("keep"):
             return
@@ -608,7 +604,9 @@ class SkyPilotBackend(Backend):
             raise self._translate(e, f"logs of {cluster or 'managed job'} job {sky_job or managed_job}") from e
 
     def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
-        kind, cluster, name, _ = parse_id(backend_id)
+        kind, cluster, name, req = parse_id(backend_id)
+        if follow and req:  # still being launched: wait for the job to appear
+            self._wait_for_job(kind, cluster, name, req)
         if kind == "managed":
             rec = self._managed_record(name)
             if rec is None:
@@ -622,6 +620,16 @@ class SkyPilotBackend(Backend):
             chunks = self._log_chunks(cluster=cluster, sky_job=_field(rec, "job_id"), managed_job=None,
                                       follow=follow)
         return _clean_lines(chunks)
+
+    def _wait_for_job(self, kind: str, cluster: str, name: str, req: str) -> None:
+        while True:
+            rec = self._managed_record(name) if kind == "managed" else self._cluster_record(cluster, name)
+            if rec is not None:
+                return
+            state = self._request_states([req]).get(req)
+            if state is None or _enum_name(_field(state, "status")) not in REQUEST_RUNNING:
+                return
+            time.sleep(2.0)
 
     def cancel(self, backend_id: str) -> None:
         kind, cluster, name, req = parse_id(backend_id)
@@ -639,7 +647,9 @@ class SkyPilotBackend(Backend):
                 except Exception:
                     pass
             if cluster == name:
-                self._down_if_owned(cluster, name)
+                from meshrun import get_config
+
+                self._down_if_owned(cluster, get_config().home / "jobs" / name.removeprefix("meshrun-"))
             return
         self._get(sdk.cancel(cluster, job_ids=[int(_field(rec, "job_id"))]), f"cancelling {name} on {cluster}",
                   self.settings.request_timeout)

@@ -10,7 +10,12 @@ need=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
-if [ ${#need[@]} -eq 0 ]; then say "packages present"; exit 0; fi
+prepare() {  # the uv binary and Python 3.10 copy the SkyPilot-on-Slurm tests need offline
+  if [ "$(id -u)" = 0 ]; then
+    bash "$(dirname "$0")/skypilot-slurm.sh" prepare || say "WARNING: skypilot-slurm.sh prepare failed; the end-to-end tests will say why"
+  fi
+}
+if [ ${#need[@]} -eq 0 ]; then say "packages present"; prepare; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "[skypilot install] ERROR: run as root to install: ${need[*]}" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 if [ ! -e /usr/sbin/policy-rc.d ]; then  # packages must not start daemons
@@ -28,5 +33,6 @@ try() {  # apt may be busy with another install on a shared machine: wait and re
 say "apt-get install ${need[*]}"
 try apt-get install -y -q --no-install-recommends "${need[@]}" ||
   { try apt-get update -q && try apt-get install -y -q --no-install-recommends "${need[@]}"; }
-[ "${made_policy:-0}" = 1 ] && rm -f /usr/sbin/policy-rc.d
+if [ "${made_policy:-0}" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 say "installed"
+prepare

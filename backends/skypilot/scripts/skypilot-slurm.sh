@@ -8,6 +8,7 @@
 #                              every process of the user (slurm steps, subprocess_daemon.py, skylet), ssh
 #                              clients that use our key, the user's Slurm jobs (scancel -u)
 #   skypilot-slurm.sh clean    down, then wipe the user's SkyPilot runtime (~/.sky*, ~/skypilot-runtime, ...)
+#   skypilot-slurm.sh prepare  only the downloads and copies of F1/F2 (scripts/install.sh runs it)
 #   skypilot-slurm.sh status   exit 0 when the login node answers
 #   skypilot-slurm.sh env      print the facts for tests (shell syntax)
 #
@@ -116,12 +117,18 @@ EOF
   done
 }
 
-fix_uv() {  # F1
+prepare_uv() {
   if [ ! -x "$FIX/uvvenv/bin/uv" ]; then
     say "installing uv from PyPI into $FIX/uvvenv"
+    install -d -m 755 "$STATE" "$FIX"
+    rm -rf "$FIX/uvvenv"
     python3 -m venv "$FIX/uvvenv"
     "$FIX/uvvenv/bin/pip" -q --disable-pip-version-check install uv
   fi
+}
+
+fix_uv() {  # F1
+  prepare_uv
   local h; h=$(home_of)
   install -d -o "$U" -g "$U" "$h/bin"
   cat >"$h/bin/curl" <<EOF
@@ -139,7 +146,7 @@ EOF
   chmod 755 "$h/bin/curl"; chown "$U:$U" "$h/bin/curl"
 }
 
-fix_python() {  # F2
+prepare_python() {
   if [ ! -x "$FIX/py310/bin/python3.10" ]; then
     local src=${PY310_HOME:-$(ls -d /root/.pyenv/versions/3.10.* 2>/dev/null | sort -V | tail -1)}
     [ -n "$src" ] && [ -x "$src/bin/python3.10" ] ||
@@ -152,6 +159,10 @@ fix_python() {  # F2
     patchelf --set-rpath '$ORIGIN/../lib' "$FIX/py310.tmp/bin/python3.10"
     mv -T "$FIX/py310.tmp" "$FIX/py310"
   fi
+}
+
+fix_python() {  # F2
+  prepare_python
   chmod 755 "$STATE" "$FIX"
   local h; h=$(home_of)
   ln -sfn "$FIX/py310/bin/python3.10" "$h/bin/python3.10"
@@ -261,9 +272,10 @@ do_clean() {
 
 case "${1:-up}" in
   up) do_up ;;
+  prepare) [ "$(id -u)" = 0 ] || die "run as root"; install -d -m 755 "$STATE" "$FIX"; prepare_uv; prepare_python ;;
   down) do_down ;;
   clean) do_clean ;;
   status) if [ -s "$STATE/port" ] && ssh_ok; then echo "login node up on 127.0.0.1:$(port)"; else echo "login node down"; exit 1; fi ;;
   env) do_env ;;
-  *) echo "usage: $0 up|down|clean|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|clean|prepare|status|env" >&2; exit 2 ;;
 esac
