@@ -150,10 +150,10 @@ class SSHBackend(meshrun.Backend):
         if not r.gpus:
             return meshrun.Offer(**base, detail=detail)
         gpus = snap.get("gpus") or []
-        if snap.get("error") and not gpus:
-            why = snap.get("error")
-        else:
-            why = None
+        if snap.get("error") and "lease_dir" not in snap:  # the agent could not use the lease directory
+            return meshrun.Offer(**base, fits=False, reason=f"GPU leases unusable on {name}: {snap['error']} "
+                                 f"(set {h.params.field_prefix}.lease_dir to a directory every user may write)")
+        why = snap.get("error") if not gpus else None
         matching = [g for g in gpus if _gpu_matches(g, r.gpu_type)]
         if len(matching) < r.gpus:
             have = f"{len(matching)} {r.gpu_type} GPU(s)" if r.gpu_type else f"{len(gpus)} GPU(s)"
