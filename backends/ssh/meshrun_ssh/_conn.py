@@ -98,7 +98,7 @@ def shell_command(argv: list[str], env: Optional[Mapping[str, str]] = None, *, e
     return ("exec " + line) if exec_ else line
 
 
-def remote_path(path: str) -> str:
+def rel_home(path: str) -> str:
     """``~/x`` -> ``x`` (relative to the login directory, the home); absolute paths stay as they are."""
     if path == "~":
         return "."
@@ -351,7 +351,7 @@ class Connection:
         return self.retry(once)
 
     def makedirs(self, remote_dir: str, mode: int = 0o700) -> None:
-        path = remote_path(remote_dir)
+        path = rel_home(remote_dir)
 
         def mk(s: Any) -> None:
             parts = path.split("/")
@@ -370,9 +370,9 @@ class Connection:
 
         self._sftp_call(mk)
 
-    def put_bytes(self, data: bytes, remote_path_: str, mode: int = 0o600) -> None:
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
         """Write ``data`` to a remote file atomically (parent directories are created)."""
-        path = remote_path(remote_path_)
+        path = rel_home(remote_path)
         parent = os.path.dirname(path)
         if parent:
             self.makedirs(parent)
@@ -396,14 +396,15 @@ class Connection:
 
         self._sftp_call(put)
 
-    def put_file(self, local_path: Union[str, os.PathLike], remote_path_: str) -> None:
+    def put_file(self, local_path: Union[str, os.PathLike], remote_path: str) -> None:
         """Copy a local file to the host, keeping its permission bits."""
         with open(local_path, "rb") as f:
             data = f.read()
-        self.put_bytes(data, remote_path_, os.stat(local_path).st_mode & 0o777)
+        self.put_bytes(data, remote_path, os.stat(local_path).st_mode & 0o777)
 
-    def get_bytes(self, remote_path_: str) -> bytes:
-        path = remote_path(remote_path_)
+    def get_bytes(self, remote_path: str) -> bytes:
+        """The content of a remote file (``FileNotFoundError`` if there is none)."""
+        path = rel_home(remote_path)
 
         def get(s: Any) -> bytes:
             with s.open(path, "rb") as f:
@@ -412,8 +413,8 @@ class Connection:
 
         return self._sftp_call(get)
 
-    def exists(self, remote_path_: str) -> bool:
-        path = remote_path(remote_path_)
+    def exists(self, remote_path: str) -> bool:
+        path = rel_home(remote_path)
 
         def st(s: Any) -> bool:
             try:

@@ -147,7 +147,7 @@ class RemoteHost:
     # ---- the helper
     def _helper_line(self, mode: str) -> str:
         want = local_cloudpickle()[0] or ""
-        argv = [self.params.python, _conn.remote_path(f"{self.agent_dir()}/_remote.py"), mode, self.root, want]
+        argv = [self.params.python, _conn.rel_home(f"{self.agent_dir()}/_remote.py"), mode, self.root, want]
         return _conn.shell_command(argv, self.params.remote_env(), exec_=True)
 
     def _start(self, mode: str) -> tuple[Any, _Frames, dict[str, Any]]:

@@ -69,6 +69,18 @@ def test_files_and_one_transport_for_many_channels(pool, make_config):
         t.join()
     assert sorted(int(r.stdout) for r in results) == list(range(8))
     assert conn.transport() is transport
+    # the signatures other backends code against, by keyword
+    local = Path(pool["scratch"]) / f"put-{id(conn)}.txt"
+    local.write_text("by keyword\n")
+    conn.put_file(local_path=local, remote_path="~/.meshrun-test/kw.txt")
+    local.unlink()
+    conn.put_bytes(data=b"x", remote_path="~/.meshrun-test/kw2.txt", mode=0o600)
+    assert conn.get_bytes(remote_path="~/.meshrun-test/kw.txt") == b"by keyword\n"
+    assert conn.exists(remote_path="~/.meshrun-test/kw2.txt")
+    # a dropped transport is replaced by itself on the next use
+    gen = conn.generation
+    transport.close()
+    assert conn.run(["echo", "back"]).stdout == "back\n" and conn.generation == gen + 1
     conn.run(["rm", "-rf", ".meshrun-test"])
 
 
