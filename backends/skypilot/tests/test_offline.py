@@ -126,3 +126,46 @@ def test_api_server_down(meshrun_home, free_api_port):
         b.submit(_submission(meshrun.JobSpec(command="true")))
     bid = "cluster:c:meshrun-x:"
     assert b.status([bid])[bid].state is meshrun.JobState.UNKNOWN
+
+
+@pytest.mark.parametrize("managed", [False, True])
+def test_a_launch_skypilot_cannot_place_fails_with_its_reason(backend, managed):
+    """`sky launch` / `sky jobs launch` through the real API server with no enabled cloud: the job is pending
+    while SkyPilot works on the request, then failed with SkyPilot's own reason."""
+    opts = {"skypilot": {"managed": True, "use_spot": True}} if managed else {}
+    sub = _submission(meshrun.JobSpec(command="echo hi", gpus="H100:1", backend_options=opts))
+    bid = backend.submit(sub)
+    assert bid.startswith("managed::" if managed else f"cluster:meshrun-{sub.job_id}:")
+    import time
+
+    end = time.monotonic() + 240
+    while True:
+        st = backend.status([bid])[bid]
+        if st.state is not meshrun.JobState.PENDING or time.monotonic() > end:
+            break
+        assert "SkyPilot is" in st.reason
+        time.sleep(1)
+    assert st.state is meshrun.JobState.FAILED, st
+    assert "SkyPilot could not launch the job" in st.reason
+
+
+def test_managed_job_states_and_recoveries(backend, monkeypatch):
+    """SkyPilot's managed-job records (as its queue returns them) -> meshrun states; a recovery shows as a
+    change back to pending with the reason, so it lands in the job's history."""
+    from sky.jobs.client import sdk as jobs_sdk
+
+    records = [
+        {"job_id": 7, "job_name": "meshrun-a", "status": "RECOVERING", "recovery_count": 0},
+        {"job_id": 8, "job_name": "meshrun-b", "status": "RUNNING", "recovery_count": 2, "infra": "aws/us-east-1"},
+        {"job_id": 9, "job_name": "meshrun-c", "status": "FAILED_NO_RESOURCE", "recovery_count": 0,
+         "failure_reason": "no spot capacity"},
+    ]
+    monkeypatch.setattr(jobs_sdk, "queue_v2", lambda **kw: "req")
+    monkeypatch.setattr(backend, "_get", lambda req, what, timeout=None: (records, 3, {}, 0))
+    monkeypatch.setattr(backend, "_collect", lambda *a, **kw: None)
+    ids = ["managed::meshrun-a:", "managed::meshrun-b:", "managed::meshrun-c:"]
+    st = backend.status(ids)
+    assert st[ids[0]].state is meshrun.JobState.PENDING and "recovering it (recovery 1)" in st[ids[0]].reason
+    assert st[ids[1]].state is meshrun.JobState.RUNNING and "recovered 2 times" in st[ids[1]].reason
+    assert st[ids[1]].where == "aws/us-east-1"
+    assert st[ids[2]].state is meshrun.JobState.FAILED and "no spot capacity" in st[ids[2]].reason
