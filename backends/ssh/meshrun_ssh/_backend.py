@@ -173,6 +173,7 @@ class SSHBackend(meshrun.Backend):
         n_free = max(0, len(free) - claimed)
         ahead = sum(int(t.get("gpus") or 0) for t in queue if _gpu_matches({"name": gpu_type}, t.get("gpu_type"))
                     or not t.get("gpu_type"))
+        ahead += max(0, claimed - len(free))  # our own just-submitted jobs that will queue there too
         detail.update(free=n_free, total=len(matching), queued=len(queue), foreign=len(foreign))
         if n_free >= r.gpus and not queue:
             return meshrun.Offer(**base, detail=detail, start_note=f"now: {n_free} of {len(matching)} GPUs free")
@@ -180,20 +181,17 @@ class SSHBackend(meshrun.Backend):
         need = r.gpus + ahead - n_free
         ends = sorted(float(t) for i, t in (snap.get("lease_ends") or {}).items()
                       if any(str(g["index"]) == str(i) for g in matching))
-        unknown_leases = len([g for g in matching if str(g["index"]) in leases]) - len(ends)
         now = snap.get("time") or time.time()
         expected = None
-        if need <= len(ends) and unknown_leases == 0:
+        if 0 < need <= len(ends):
+            # with leases of unknown end (other users' jobs) this is an upper bound: they may end sooner
             expected = max(0.0, ends[need - 1] - now)
-        elif need <= len(ends):
-            expected = max(0.0, ends[need - 1] - now)  # an optimistic bound: other leases may end sooner
         note = (f"queued: {n_free} of {len(matching)} GPUs free, {len(queue)} job(s) waiting"
                 + (f", {len(foreign)} busy with processes meshrun did not start" if foreign else ""))
         if expected is not None:
             note += f"; expected in about {meshrun.format_duration(expected)}"
         detail.update(waiting_gpus=ahead, need=need)
-        return meshrun.Offer(**base, expected_start=expected if expected is not None else None, start_note=note,
-                             detail=detail)
+        return meshrun.Offer(**base, expected_start=expected, start_note=note, detail=detail)
 
     def submit(self, submission: Any, offer: Optional[meshrun.Offer] = None) -> str:
         spec = submission.spec
@@ -201,9 +199,8 @@ class SSHBackend(meshrun.Backend):
         host_name = opts.get("host")
         if host_name is None and offer is not None and offer.backend == BACKEND and offer.where in self.host_names():
             host_name = offer.where
-            stale = (spec.resources.gpus and offer.expected_start == 0
-                     and (offer.detail or {}).get("claim_seq") != self._host(host_name).claim_seq)
-            if stale:  # this process gave that host's free GPUs to other jobs since the offer: place again
+            stale = spec.resources.gpus and (offer.detail or {}).get("claim_seq") != self._host(host_name).claim_seq
+            if stale:  # this process gave GPUs of that host to other jobs since the offer: place again
                 host_name = None
         if host_name is None:
             offers = self.offers(spec)
