@@ -13,9 +13,10 @@ Interleaved round by round (the machine is shared and noisy, so the ratios are w
 
 Targets: warm <= 0.3 x ssh_cli and cold <= 1.5 x ssh_cli (medians).
 
-Needs the test pool (root): `bash backends/ssh/scripts/sshd-pool.sh up` (started here if it is not running).
+Needs the test pool (root): `bash backends/ssh/scripts/sshd-pool.sh up` (started here if it is not running,
+and stopped again at the end unless --keep-pool).
 
-    .venv/bin/python benchmarks/ssh_latency.py [--rounds 20] [--host host1]
+    .venv/bin/python benchmarks/ssh_latency.py [--rounds 20] [--host host1] [--keep-pool]
         [--out benchmarks/results/ssh_latency.json]
 """
 
@@ -37,11 +38,19 @@ POOL_DIR = os.environ.get("MRSSH_POOL_DIR", "/var/lib/meshrun-sshpool")
 USER = "mrssh-alice"
 
 
-def ensure_pool() -> dict:
-    script = REPO / "backends" / "ssh" / "scripts" / "sshd-pool.sh"
-    if subprocess.run(["bash", str(script), "status"], capture_output=True).returncode != 0:
-        subprocess.run(["bash", str(script), "up"], check=True)
-    return json.loads(Path(POOL_DIR, "pool.json").read_text())
+POOL_SCRIPT = REPO / "backends" / "ssh" / "scripts" / "sshd-pool.sh"
+
+
+def ensure_pool() -> tuple[dict, bool]:
+    """The pool's description, and whether this run started it."""
+    started = False
+    if subprocess.run(["bash", str(POOL_SCRIPT), "status"], capture_output=True).returncode != 0:
+        p = subprocess.run(["bash", str(POOL_SCRIPT), "up"], capture_output=True, text=True)
+        sys.stderr.write(p.stdout + p.stderr)
+        if p.returncode != 0:
+            raise SystemExit("could not start the sshd pool (run as root)")
+        started = True
+    return json.loads(Path(POOL_DIR, "pool.json").read_text()), started
 
 
 def main() -> int:
@@ -49,9 +58,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--host", default="host1")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ssh_latency.json"))
+    ap.add_argument("--keep-pool", action="store_true", help="leave the pool running if this run started it")
     a = ap.parse_args()
 
-    pool = ensure_pool()
+    pool, started = ensure_pool()
     host = next(h for h in pool["hosts"] if h["name"] == a.host)
     user = pool["users"][USER]
     tmp = Path(tempfile.mkdtemp(prefix="meshrun-sshbench-"))
@@ -152,6 +162,8 @@ def main() -> int:
     import shutil
 
     shutil.rmtree(lease_dir, ignore_errors=True)
+    if started and not a.keep_pool:
+        subprocess.run(["bash", str(POOL_SCRIPT), "down"], capture_output=True)
     return 0 if result["pass"] else 1
 
 
