@@ -62,6 +62,8 @@ MANAGED_STATES = {
     "FAILED_NO_RESOURCE": JobState.FAILED,
     "FAILED_CONTROLLER": JobState.FAILED,
 }
+# seconds after a job's end during which its records may still be on their way into the log
+RECORDS_GRACE = 90.0
 # API server request states
 REQUEST_RUNNING = ("PENDING", "RUNNING")
 
@@ -129,6 +131,7 @@ class SkyPilotBackend(Backend):
         self.server = ApiServer(self.settings)
         self._results: dict[str, dict[str, bytes]] = {}  # backend id -> agent records from the log
         self._enabled: tuple[float, list[str]] | None = None
+        self._missing: dict[str, float] = {}  # backend id -> when its records were first found missing
         self._lock = threading.Lock()
 
     # ---- SkyPilot access ---------------------------------------------------------------------------
@@ -441,14 +444,19 @@ class SkyPilotBackend(Backend):
 
     def _with_agent_record(self, backend_id: str, st: JobStatus, cluster: str, sky_job: Any) -> JobStatus:
         """A finished job: read the agent's records from its log (the outcome the agent saw: timeout,
-        cancelled, the function's error) and keep them for fetch_results."""
+        cancelled, the function's error) and keep them for fetch_results. SkyPilot may report the job ended
+        a moment before the last lines reach its log: for RECORDS_GRACE seconds after the end a missing
+        record means "ask again" (UNKNOWN), then SkyPilot's own state stands."""
         files = self._collect(backend_id, cluster=cluster, sky_job=sky_job)
         if not files or "exit.json" not in files:
-            if st.state is JobState.SUCCEEDED:
-                return JobStatus(JobState.FAILED, reason=f"{st.reason}, but meshrun's records are missing from "
-                                 "its log", started_at=st.started_at, ended_at=st.ended_at, where=st.where,
-                                 detail=st.detail)
-            return st
+            with self._lock:
+                seen = self._missing.setdefault(backend_id, time.time())
+            ended = max(st.ended_at or 0.0, seen)
+            if time.time() - ended < RECORDS_GRACE:
+                return JobStatus(JobState.UNKNOWN, reason=f"{st.reason}; waiting for meshrun's records in its log",
+                                 where=st.where, detail=st.detail)
+            return JobStatus(st.state, reason=f"{st.reason} (meshrun's records are missing from its log)",
+                             started_at=st.started_at, ended_at=st.ended_at, where=st.where, detail=st.detail)
         import json
 
         try:

@@ -169,3 +169,27 @@ def test_managed_job_states_and_recoveries(backend, monkeypatch):
     assert st[ids[1]].state is meshrun.JobState.RUNNING and "recovered 2 times" in st[ids[1]].reason
     assert st[ids[1]].where == "aws/us-east-1"
     assert st[ids[2]].state is meshrun.JobState.FAILED and "no spot capacity" in st[ids[2]].reason
+
+
+def test_a_finished_job_waits_for_its_records(backend, monkeypatch):
+    """SkyPilot may call a job finished a moment before its last log lines (meshrun's records) arrive: the
+    state stays unknown (ask again) for a grace period, then SkyPilot's own state stands."""
+    import time
+
+    from meshrun_skypilot import _backend
+
+    rec = {"job_id": 1, "job_name": "meshrun-j1", "status": "SUCCEEDED", "start_at": time.time() - 5,
+           "end_at": time.time() - 1}
+    monkeypatch.setattr(backend, "_get", lambda req, what, timeout=None: [rec])
+    monkeypatch.setattr(backend, "_collect", lambda *a, **kw: None)
+    monkeypatch.setattr(backend, "_request_states", lambda ids: {})
+    bid = "cluster:c1:meshrun-j1:"
+    assert backend.status([bid])[bid].state is meshrun.JobState.UNKNOWN
+    monkeypatch.setattr(_backend, "RECORDS_GRACE", 0.0)
+    st = backend.status([bid])[bid]
+    assert st.state is meshrun.JobState.SUCCEEDED and "records are missing" in st.reason
+    files = {"exit.json": b'{"state": "timeout", "reason": "exceeded its time limit of 5s", "exit_code": null}'}
+    monkeypatch.setattr(backend, "_collect", lambda *a, **kw: files)
+    rec["status"] = "FAILED"
+    st = backend.status([bid])[bid]
+    assert st.state is meshrun.JobState.TIMEOUT and "time limit" in st.reason  # the agent's outcome wins
