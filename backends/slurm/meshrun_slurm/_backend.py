@@ -37,6 +37,11 @@ _TRANSIENT = re.compile(r"(Socket timed out|temporarily unable|Unable to contact
 # squeue says this when asked about ids it does not know
 _INVALID_ID = re.compile(r"Invalid job id", re.I)
 
+# While squeue shows a job COMPLETING (which hides its base state), sacct already has the state it ends in.
+# These outcomes are final; a FAILED, NODE_FAIL or PREEMPTED job may still be requeued by Slurm (the job then
+# goes back to PENDING), so for those meshrun waits until squeue itself shows the outcome.
+SETTLED_WHILE_COMPLETING = frozenset({"CANCELLED", "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY"})
+
 # a job in Slurm's terminal state with no exit record yet: wait this long for the shared filesystem
 SETTLE = 30.0
 SINFO_TTL = 60.0  # partitions and node sizes
@@ -99,6 +104,8 @@ class SlurmBackend(meshrun.Backend):
         self._rest: Any = None
         self._sinfo: tuple[float, list[S.NodeGroup]] | None = None
         self._checked: tuple[float, meshrun.Availability] | None = None
+        self._me_ok = True
+        self._user: str | None = None
         self._estimates: dict[str, tuple[float, meshrun.Offer]] = {}
         #: scheduler calls made by this instance, by program (squeue, sacct, sbatch ...)
         self.calls: Counter[str] = Counter()
@@ -695,9 +702,19 @@ class SlurmBackend(meshrun.Backend):
                     continue
                 if i not in rows:
                     rows[i] = a
-                elif rows[i].state == "COMPLETING" and a.state in S.TERMINAL_SLURM:
+                elif rows[i].state == "COMPLETING" and a.state in SETTLED_WHILE_COMPLETING:
                     rows[i] = replace(a, nodes=rows[i].nodes or a.nodes, source="squeue+sacct")
         return rows, None
+
+    def _remote_user(self) -> str:
+        if self._user is None:
+            if self.shared_filesystem:
+                import getpass
+
+                self._user = getpass.getuser()
+            else:
+                self._user = self._run(["id", "-un"], what="id -un").stdout.strip()
+        return self._user
 
     def _query_interval(self, ids: Sequence[str]) -> float:
         """query_interval for fresh jobs, growing to MAX_QUERY_INTERVAL with the age of the youngest job."""
@@ -712,11 +729,16 @@ class SlurmBackend(meshrun.Backend):
         return min(max(base, MAX_QUERY_INTERVAL), max(base, min(ages) / 20.0))
 
     def _squeue_all(self) -> tuple[dict[str, S.Row], str | None]:
-        argv = ["squeue", "--me", "--noheader", "--array", "--states=all", f"--format={S.SQUEUE_FORMAT}"]
+        """All of this user's jobs slurmctld knows, in one call (however many jobs meshrun is asking about)."""
+        who = ["--me"] if self._me_ok else [f"--user={self._remote_user()}"]
+        argv = ["squeue", *who, "--noheader", "--array", "--states=all", f"--format={S.SQUEUE_FORMAT}"]
         try:
             p = self._run(argv, check=False, timeout=30)
         except meshrun.MeshrunError as e:
             return {}, str(e).splitlines()[0]
+        if p.returncode != 0 and self._me_ok and re.search(r"unrecognized option|invalid option", p.stderr or ""):
+            self._me_ok = False  # Slurm before 20.11 has no --me
+            return self._squeue_all()
         if p.returncode != 0:
             return {}, f"squeue failed: {(p.stderr or p.stdout).strip()[:300]}"
         return S.parse_squeue(p.stdout), None
@@ -796,8 +818,10 @@ class SlurmBackend(meshrun.Backend):
             # an exit record says more than Slurm's COMPLETED/FAILED; Slurm says more about what killed it
             if isinstance(rec0, Mapping) and row.state in ("COMPLETED", "FAILED"):
                 mine = meshrun.map_agent_status(rec0)
-                if mine.state.terminal:
+                if mine.state.terminal and (mine.state is st.state or _agent_trusts(rec0)):
                     return replace(mine, where=row.nodes or mine.where)
+                if mine.state.terminal and mine.reason:
+                    return replace(st, reason=f"{st.reason}; its agent says: {mine.reason}")
             if row.state == "COMPLETED" and not isinstance(rec0, Mapping) and t is not None:
                 # the agent wrote its records before the job ended: give the shared filesystem a moment
                 first = self._settle.setdefault(bid, time.monotonic())
@@ -906,7 +930,8 @@ class SlurmBackend(meshrun.Backend):
         except (OSError, ValueError, KeyError):
             pass
         found = None
-        p = self._run(["squeue", "--me", "--noheader", f"--name={name}", "--format=%A"], check=False)
+        who = ["--me"] if self._me_ok else [f"--user={self._remote_user()}"]
+        p = self._run(["squeue", *who, "--noheader", f"--name={name}", "--format=%A"], check=False)
         ids = [x.strip() for x in p.stdout.split() if x.strip().isdigit()]
         if not ids and self.settings.sacct:
             p = self._run(["sacct", "--noheader", "--parsable2", "--allocations", f"--name={name}",
