@@ -196,8 +196,10 @@ class SkyPilotBackend(Backend):
     def enabled_clouds(self, *, fresh: bool = False) -> list[str]:
         """The infra `sky check` enabled (clouds in lower case; pools expanded: "slurm/testcluster").
 
-        Asked of the API server over plain HTTP (fast; no SDK import) and kept for a minute; when the server
-        is down, the local one is started (unless start_server = false)."""
+        Asked of the API server over plain HTTP (fast; no SDK import) and kept for a minute. Asking never
+        starts the server (placement asks every installed backend, and must not spawn one as a side effect):
+        when it is down, the last answer seen from that server (kept in the meshrun home) is used, and
+        without one this raises BackendUnavailable saying to start it and run `sky check`."""
         now = time.monotonic()
         with self._lock:
             hit = self._enabled
@@ -205,12 +207,47 @@ class SkyPilotBackend(Backend):
             return list(hit[1])
         ok, why, _ = self.server.health(timeout=2)
         if not ok:
-            self.server.ensure()  # starts the local server, or raises BackendUnavailable saying why
+            cached = self._cached_enabled()
+            if cached is not None:
+                return cached
+            raise BackendUnavailable(f"{why}; start it with `sky api start` (port {self.server.port}) and run "
+                                     "`sky check` (meshrun also starts it when a job is submitted to skypilot)",
+                                     backend=NAME)
         got = self.server.call("/enabled_clouds?expand=True", timeout=self.settings.request_timeout)
         clouds = [str(c).lower() if "/" not in str(c) else str(c) for c in got or []]
         with self._lock:
             self._enabled = (now, clouds)
+        self._cache_enabled(clouds)
         return clouds
+
+    def _cache_path(self) -> Path:
+        import hashlib
+
+        from meshrun import get_config
+
+        key = hashlib.sha1(self.server.url.encode()).hexdigest()[:10]
+        return get_config().home / "skypilot" / f"enabled-{key}.json"
+
+    def _cache_enabled(self, clouds: list[str]) -> None:
+        import json
+
+        try:
+            p = self._cache_path()
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"url": self.server.url, "at": time.time(), "enabled": clouds}))
+            os.replace(tmp, p)
+        except OSError:
+            pass
+
+    def _cached_enabled(self) -> list[str] | None:
+        import json
+
+        try:
+            data = json.loads(self._cache_path().read_text())
+            return [str(c) for c in data["enabled"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def catalog_folder(self) -> str:
         if self.settings.catalog_dir:
@@ -224,7 +261,10 @@ class SkyPilotBackend(Backend):
             _task.resources_config(spec, opts)
         except meshrun.SpecError as e:
             return [Offer(backend=NAME, where="-", fits=False, reason=str(e))]
-        enabled = self.enabled_clouds()
+        try:
+            enabled = self.enabled_clouds()
+        except BackendUnavailable as e:
+            return [Offer(backend=NAME, where="-", nodes=spec.nodes, fits=False, reason=str(e).removeprefix("[skypilot] "))]
         if not enabled:
             return [Offer(backend=NAME, where="-", gpus=spec.resources.gpus, gpu_type=spec.resources.gpu_type,
                           nodes=spec.nodes, fits=False,
