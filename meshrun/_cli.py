@@ -475,7 +475,7 @@ def cmd_offers(a: argparse.Namespace) -> int:
         kw["backends"] = [a.backend]
     # answer within about a second of the command starting: a backend slower than what is left is listed as
     # not answering (a submit waits longer, [placement] offers_timeout)
-    if kw.get("timeout") is None:
+    if kw.get("timeout") is None and not a.backend:  # one named backend: wait for its answer
         kw["timeout"] = cli_offers_timeout()
     p = plan(spec, raise_on_empty=False, **kw)
     if a.json:

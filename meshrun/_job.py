@@ -162,6 +162,8 @@ class Job:
 
         try:
             b = get_backend(rec.backend)
+            if not follow:  # read now, so a backend error is caught here rather than while iterating
+                return iter(["".join(b.logs(rec.backend_id, follow=False))])
             return b.logs(rec.backend_id, follow=follow)
         except BackendError:
             if not follow:

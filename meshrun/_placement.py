@@ -557,7 +557,9 @@ def _rank(spec: Any, offers: list[Offer], inputs: dict[str, Any]) -> Plan:
 
     scored: list[tuple[tuple[Any, ...], Offer, float, float | None, float]] = []
     rejected: list[Rejection] = []
+    position: dict[str, int] = {}  # each backend's own order (e.g. least-loaded host first) breaks ties
     for o in offers:
+        pos = position[o.backend] = position.get(o.backend, -1) + 1
         if not o.fits:
             rejected.append(Rejection(o, o.reason or "does not fit"))
             continue
@@ -596,7 +598,7 @@ def _rank(spec: Any, offers: list[Offer], inputs: dict[str, Any]) -> Plan:
             score = cost + vot * (unknown_h if wait is None else wait / HOUR)
             second = w
         key = (round(score, 9), round(second, 9) if math.isfinite(second) else math.inf,
-               TIE_ORDER.get(o.launcher or o.backend, len(TIE_ORDER)), o.key, o.price_per_hour,
+               TIE_ORDER.get(o.launcher or o.backend, len(TIE_ORDER)), o.backend, pos, o.key, o.price_per_hour,
                o.gpus, o.nodes, o.where, o.region or "", o.instance_type or "")
         scored.append((key, o, cost, wait, score))
     scored.sort(key=lambda t: t[0])

@@ -253,10 +253,14 @@ def test_bad_placement_and_price_config_is_a_config_error():
 def test_ties_are_broken_deterministically():
     offers = [offer(b, w, price=1.0, start=0.0) for b in ("cloud", "ssh", "local", "slurm") for w in ("x", "y")]
     first = [r.offer.key for r in rank(spec(), offers).ranked]
-    assert first[:2] == ["local/x/on-demand", "local/y/on-demand"]  # least overhead first, then the key
-    for seed in range(5):
-        random.Random(seed).shuffle(offers)
-        assert [r.offer.key for r in rank(spec(), offers).ranked] == first
+    assert first[:2] == ["local/x/on-demand", "local/y/on-demand"]  # least overhead first, then its own order
+    groups = [offers[i:i + 2] for i in range(0, len(offers), 2)]
+    for seed in range(5):  # the order in which backends answer does not matter
+        random.Random(seed).shuffle(groups)
+        assert [r.offer.key for r in rank(spec(), [o for g in groups for o in g]).ranked] == first
+    # within one backend, its own order (e.g. least-loaded host first) breaks ties
+    swapped = [offers[1], offers[0]] + offers[2:]
+    assert [r.offer.key for r in rank(spec(), swapped).ranked] == first[:6] + ["cloud/y/on-demand", "cloud/x/on-demand"]
 
 
 def test_plan_explains_and_serialises():
