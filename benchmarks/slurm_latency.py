@@ -4,8 +4,10 @@
 
 Against the cluster of ``backends/slurm/scripts/slurm-cluster.sh`` (started with ``up`` if it is not up):
 
-* one no-op job, submit -> result, in rounds, the four methods in rotating order each round:
+* one no-op job, submit -> result, in rounds, the methods in rotating order each round:
   - floor:  ``sbatch --wrap true``, then ``scontrol show job`` every 20 ms until COMPLETED;
+  - python floor: the same with ``python -c 'import cloudpickle'`` (this interpreter) as the job: what any
+    Python-based runner pays at the least;
   - sbatch --wait: ``sbatch --wait --wrap true`` (it sleeps 2 s before its first check);
   - submitit: ``executor.submit(noop).result()``;
   - meshrun: ``noop.submit().result()`` on the slurm backend;
@@ -94,11 +96,43 @@ def submitit_once(ex) -> float:
     return time.perf_counter() - t0
 
 
+BREAKDOWN: list[dict] = []
+
+
 def meshrun_once(fn) -> float:
-    t0 = time.perf_counter()
+    t0w, t0 = time.time(), time.perf_counter()
     job = fn.submit(1)
+    t1 = time.perf_counter()
     assert job.result(timeout=120) == 1
-    return time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    try:
+        ex = json.loads((job.job_dir / "exit.json").read_text())
+        BREAKDOWN.append({
+            "submit_returned_s": round(t1 - t0, 4),
+            "function_started_s": round(ex["started_at"] - t0w, 4),
+            "exit_record_written_s": round(ex["ended_at"] - t0w, 4),
+            "result_in_hand_s": round(total, 4),
+        })
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return total
+
+
+def python_floor_once(work: str) -> float:
+    """The floor for any Python-based runner: a batch job that starts this interpreter and imports
+    cloudpickle (what a function job needs at the least), polled like the floor."""
+    t0 = time.perf_counter()
+    cmd = f"{sys.executable} -c 'import cloudpickle'"
+    p = sh(["sbatch", "--parsable", f"--chdir={work}", "--output=/dev/null", "--job-name=bench-pyfloor", "--wrap", cmd])
+    jid = p.stdout.strip().split(";")[0]
+    while True:
+        out = sh(["scontrol", "show", "job", jid]).stdout
+        m = re.search(r"JobState=(\S+)", out)
+        if m and m.group(1) == "COMPLETED":
+            return time.perf_counter() - t0
+        if m and m.group(1) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            raise RuntimeError(f"python floor job {jid} ended {m.group(1)}")
+        time.sleep(0.02)
 
 
 def array_floor_once(work: str, n: int) -> float:
@@ -219,6 +253,7 @@ def main() -> int:
 
     methods = {
         "floor": lambda: floor_once(work),
+        "python_floor": lambda: python_floor_once(work),
         "sbatch_wait": lambda: sbatch_wait_once(work),
         "submitit": lambda: submitit_once(ex),
         "meshrun": lambda: meshrun_once(fn),
@@ -226,6 +261,7 @@ def main() -> int:
     print("warming up (imports, slurmctld's first scheduling pass) ...", file=sys.stderr)
     for name, f in methods.items():
         f()
+    BREAKDOWN.clear()
     samples: dict[str, list[float]] = {k: [] for k in methods}
     order = list(methods)
     for r in range(args.rounds):
@@ -266,11 +302,19 @@ def main() -> int:
         "cluster": {k: facts.get(k) for k in ("SLURM_VERSION", "SLURM_NODES", "SLURM_CPUS", "SLURM_GPUS",
                                               "SLURM_ACCT", "SLURM_PARTITION")},
         "single_noop_submit_to_result": single,
+        "meshrun_breakdown": {
+            "note": "seconds after meshrun's submit() was called, median over the rounds",
+            **{k: round(statistics.median(b[k] for b in BREAKDOWN), 4) for k in
+               (BREAKDOWN[0] if BREAKDOWN else {})},
+            "samples": BREAKDOWN,
+        },
         "map": {"size": n, **mapped},
         "status_of_queued_jobs": queued,
         "ratios": {
             "meshrun_vs_floor_median": round(mr["median_s"] / fl["median_s"], 3),
             "meshrun_vs_floor_mean": round(mr["mean_s"] / fl["mean_s"], 3),
+            "meshrun_vs_python_floor_median": round(mr["median_s"] / single["python_floor"]["median_s"], 3),
+            "python_floor_vs_floor_median": round(single["python_floor"]["median_s"] / fl["median_s"], 3),
             "meshrun_vs_submitit_median": round(mr["median_s"] / si["median_s"], 3),
             "meshrun_vs_sbatch_wait_median": round(mr["median_s"] / single["sbatch_wait"]["median_s"], 3),
             "meshrun_map_vs_submitit_map_array_median": round(

@@ -93,6 +93,7 @@ class SlurmBackend(meshrun.Backend):
         self._runner: Any = None
         self._lock = threading.RLock()
         self._targets: dict[str, Target | None] = {}
+        self._records: dict[str, dict[str, Any]] = {}
         self._squeue: dict[str, S.Row] = {}
         self._squeue_at = -1e9
         self._squeue_err: str | None = None
@@ -227,16 +228,28 @@ class SlurmBackend(meshrun.Backend):
     def _remember(self, slurm_id: str, rec: dict[str, Any]) -> None:
         self._write_local(self._index_path(slurm_id), json.dumps(rec, sort_keys=True).encode())
 
+    def _index_record(self, base: str) -> dict[str, Any] | None:
+        """The index record of a Slurm job id (an array's is read once for all its tasks)."""
+        with self._lock:
+            if base in self._records:
+                return self._records[base]
+        try:
+            rec = json.loads(self._index_path(base).read_text())
+        except (OSError, ValueError):
+            rec = None
+        rec = rec if isinstance(rec, dict) else None
+        if rec is not None:
+            with self._lock:
+                self._records[base] = rec
+        return rec
+
     def _target(self, backend_id: str) -> Target | None:
         with self._lock:
             if backend_id in self._targets:
                 return self._targets[backend_id]
         base, _, task = backend_id.partition("_")
         t: Target | None = None
-        try:
-            rec = json.loads(self._index_path(base).read_text())
-        except (OSError, ValueError):
-            rec = None
+        rec = self._index_record(base)
         if isinstance(rec, dict):
             if task and rec.get("tasks"):
                 try:
@@ -853,7 +866,7 @@ class SlurmBackend(meshrun.Backend):
         base, _, task = slurm_id.partition("_")
         if task:
             try:
-                rec = json.loads(self._index_path(base).read_text())
+                rec = self._index_record(base) or {}
                 adir = rec["array_dir"] if self.shared_filesystem else f"{self._cluster_root()}/arrays/{rec['array']}"
                 return log, f"{adir}/slurm-{base}_{task}.out"
             except (OSError, ValueError, KeyError):
@@ -954,6 +967,7 @@ class SlurmBackend(meshrun.Backend):
                                       "nodes": nodes, "submitted_at": time.time()})
                 with self._lock:
                     self._targets.pop(base, None)
+                    self._records.pop(base, None)
         return found
 
     def close(self) -> None:

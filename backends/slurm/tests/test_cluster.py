@@ -163,6 +163,13 @@ def test_two_node_gpu_job_each_node_gets_its_gres(slurm):
     assert len(rank0[1].split(",")) == 2 and len(rank1[1].split(",")) == 2
 
 
+def test_a_failing_node_fails_the_job_and_is_named(slurm):
+    job = meshrun.run(["bash", "-c", 'if [ "$NODE_RANK" = 1 ]; then exit 7; fi; sleep 60'], nodes=2,
+                      backend="slurm")
+    assert job.wait(timeout=120) is JS.FAILED, job.reason
+    assert job.record.exit_code == 7 and job.reason.startswith("node 1:"), job.reason
+
+
 # ---- arrays -----------------------------------------------------------------------------------------
 
 def square(x):
