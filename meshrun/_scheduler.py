@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from ._backend import JobState, Offer, Submission
 from ._errors import BackendError, MeshrunError, NoPlacementError, SpecError

@@ -536,7 +536,7 @@ class Worker:
     def pairwise(self, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Bidirectional sendrecv between every pair of nodes (local rank k with local rank k, all at once)
         or of ranks (GPUs), one pair at a time, at ``pairwise_bytes``."""
-        o, torch = self.o, self.torch
+        o = self.o
         size = self.pair_size()
         count = size // self.elt
         by_node: dict[int, list[int]] = {}
