@@ -259,7 +259,7 @@ def main() -> int:
         "meshrun": lambda: meshrun_once(fn),
     }
     print("warming up (imports, slurmctld's first scheduling pass) ...", file=sys.stderr)
-    for name, f in methods.items():
+    for f in methods.values():
         f()
     BREAKDOWN.clear()
     samples: dict[str, list[float]] = {k: [] for k in methods}

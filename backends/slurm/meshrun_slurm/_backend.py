@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import shlex
 import subprocess
 import sys
 import threading
@@ -333,7 +332,6 @@ class SlurmBackend(meshrun.Backend):
     def offers(self, spec: Any) -> list[meshrun.Offer]:
         """One offer per partition the job may use: whether it can ever fit there (sinfo: nodes, CPUs,
         memory, GPUs, time limit), and when Slurm would start it (``sbatch --test-only``)."""
-        r = spec.resources
         opts = job_options(spec.options_for(BACKEND), self.settings)
         cluster = self.cluster_name()
         groups = self._node_groups()
@@ -586,15 +584,13 @@ class SlurmBackend(meshrun.Backend):
         """Jobs of one shape become one ``sbatch --array``; jobs of different shapes, one array per shape."""
         if not submissions:
             return []
-        if self.settings.api == "rest":
-            return [self.submit(s, offer) for s in submissions]
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(submissions):
             groups.setdefault(_shape(s.spec), []).append(i)
         ids: list[str | None] = [None] * len(submissions)
         for members in groups.values():
             subs = [submissions[i] for i in members]
-            for i, bid in zip(members, self._submit_one_array(subs, offer)):
+            for i, bid in zip(members, self._submit_one_array(subs, offer), strict=True):
                 ids[i] = bid
         return [i for i in ids if i is not None]
 
@@ -626,7 +622,13 @@ class SlurmBackend(meshrun.Backend):
             raise meshrun.SpecError("backend_options.slurm", str(e)) from None
         self._write_local(array_dir / SCRIPT, script.encode(), 0o700)
         self._stage(array_dir, cluster_array, ["tasks", SCRIPT])
-        array_id = self._sbatch(f"{cluster_array}/{SCRIPT}", _comment(f"{spec.display_name} x{len(subs)}"))
+        comment = _comment(f"{spec.display_name} x{len(subs)}")
+        if self.settings.api == "rest":
+            array_id = self.rest.submit(job, script, comment=comment)
+            with self._lock:
+                self._squeue_at = -1e9
+        else:
+            array_id = self._sbatch(f"{cluster_array}/{SCRIPT}", comment)
         now = time.time()
         self._remember(array_id, {"array": token, "array_dir": str(array_dir), "tasks": tasks,
                                   "nodes": spec.resources.nodes, "submitted_at": now})
@@ -1049,6 +1051,3 @@ def _shape(spec: Any) -> str:
          "o": spec.options_for(BACKEND)}, sort_keys=True, default=str,
     )
 
-
-def quote_argv(argv: Sequence[str]) -> str:
-    return shlex.join(list(argv))

@@ -71,11 +71,12 @@ alive() {
 }
 pid_of() { local p=""; if [ -s "$1" ]; then read -r p <"$1" || true; fi; echo "$p"; }
 running() { alive "$(pid_of "$1")"; }
-wait_for() {  # wait_for "what" cmd...
-  local what=$1; shift; local t=0
-  until "$@" >/dev/null 2>&1; do
-    sleep 0.1; t=$((t + 1))
-    if [ $t -ge $((TIMEOUT * 10)) ]; then die "timeout (${TIMEOUT}s) waiting for $what"; fi
+wait_for() {  # wait_for "what" cmd...   (by the clock: one try of cmd may itself take seconds)
+  local what=$1; shift; local end=$((SECONDS + TIMEOUT)) run=(timeout "$TIMEOUT")
+  if declare -F "$1" >/dev/null; then run=(); fi  # our own functions bound their commands themselves
+  until "${run[@]}" "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$end" ]; then die "timeout (${TIMEOUT}s) waiting for $what"; fi
+    sleep 0.1
   done
   return 0
 }
@@ -253,11 +254,11 @@ start_mariadb() {
 }
 
 nodes_ready() {  # every node idle/mixed/allocated (a trailing * means not responding)
-  local out; out=$(sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
+  local out; out=$(timeout 20 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
   [ "$(echo "$out" | sort -u | awk '$2 ~ /^(idle|mix|alloc|comp)$/' | wc -l)" -eq "$NODES" ]
 }
 
-ctld_up() { local out; out=$(scontrol ping 2>/dev/null) || return 1; [[ $out == *UP* ]]; }
+ctld_up() { local out; out=$(timeout 20 scontrol ping 2>/dev/null) || return 1; [[ $out == *UP* ]]; }
 
 start_slurm() {
   local n
@@ -296,7 +297,7 @@ rest_ping() {  # rest_ping local|jwt
   if [ "$1" = local ]; then
     curl -sf --max-time 2 --unix-socket "$REST_SOCK" http://localhost/slurm/v0.0.38/ping | grep -q '"UP"'
   else
-    local tok; tok=$(scontrol token username=root lifespan=60 | cut -d= -f2)
+    local tok; tok=$(timeout 20 scontrol token username=root lifespan=60 | cut -d= -f2)
     curl -sf --max-time 2 -H "X-SLURM-USER-NAME: root" -H "X-SLURM-USER-TOKEN: $tok" \
       "http://127.0.0.1:$REST_PORT/slurm/v0.0.38/ping" | grep -q '"UP"'
   fi
@@ -463,7 +464,8 @@ case "$cmd" in
       mariadb -e 'DROP DATABASE IF EXISTS slurm_acct_db' || die "could not drop slurm_acct_db"
     fi
     do_down
-    rm -rf "$SPOOL_CTLD" "$SPOOL_D" "$LOG"/*.log "$GPUDIR"
+    for d in "$SPOOL_CTLD" "$SPOOL_D" "$GPUDIR"; do [ -d "$d" ] && find "$d" -mindepth 1 -delete; done
+    rm -f "$LOG"/*.log
     say "state wiped"
     ;;
   status) do_status ;;

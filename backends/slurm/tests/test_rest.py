@@ -45,6 +45,16 @@ def test_rest_exit_code_and_held_job(rest):
     assert held.record.state is JS.CANCELLED
 
 
+def cube(x):
+    return x ** 3
+
+
+def test_rest_map_is_one_array(rest):
+    jobs = meshrun.job(backend="slurm", backend_options={"slurm": {"array_parallelism": 3}})(cube).map(range(6))
+    assert len({j.backend_id.split("_")[0] for j in jobs}) == 1
+    assert meshrun.gather(jobs, timeout=120) == [x ** 3 for x in range(6)]
+
+
 def test_rest_node_groups_match_sinfo(rest):
     from_rest = rest.rest.node_groups()
     from_cli = rest._node_groups()

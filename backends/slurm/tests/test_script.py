@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import meshrun
 from meshrun_slurm._options import JobOptions, job_options
 from meshrun_slurm._script import ArrayPart, BatchJob, directives, output_pattern, render_script, sbatch_quote
 
