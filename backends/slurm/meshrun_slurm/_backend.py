@@ -44,8 +44,9 @@ SETTLED_WHILE_COMPLETING = frozenset({"CANCELLED", "TIMEOUT", "DEADLINE", "OUT_O
 # a job in Slurm's terminal state with no exit record yet: wait this long for the shared filesystem
 SETTLE = 30.0
 SINFO_TTL = 60.0  # partitions and node sizes
+CLUSTER_TTL = 86400.0  # the cluster's name
 CHECK_TTL = 10.0  # a good check()
-ESTIMATE_TTL = 5.0  # sbatch --test-only answers for one shape of job
+ESTIMATE_TTL = 10.0  # sbatch --test-only answers for one shape of job
 UNCONFIRMED_GRACE = 60.0  # an exit record of a job Slurm shows nowhere is taken as is after this long
 MAX_QUERY_INTERVAL = 30.0  # squeue for jobs that have waited long: at most this far apart
 
@@ -102,7 +103,7 @@ class SlurmBackend(meshrun.Backend):
         self._cluster_name: str | None = None
         self._agent_remote: str | None = None
         self._rest: Any = None
-        self._sinfo: tuple[float, list[S.NodeGroup]] | None = None
+        self._sinfo: tuple[float, list[S.NodeGroup]] | None = None  # (time.time(), groups)
         self._checked: tuple[float, meshrun.Availability] | None = None
         self._me_ok = True
         self._user: str | None = None
@@ -293,18 +294,30 @@ class SlurmBackend(meshrun.Backend):
                         hint="install Slurm's client tools, or set [backends.slurm] login_host to submit "
                              "through a login node over SSH",
                     )
-            p = self._run(["sinfo", "--noheader", "--format=%P"], check=False, timeout=15)
-            if p.returncode != 0:
-                return meshrun.Availability(False, f"sinfo failed: {(p.stderr or p.stdout).strip()}",
+            # one sinfo answers both "is Slurm there" and the node sizes offers() needs next; the cluster's
+            # name is asked for at the same time
+            names = threading.Thread(target=self.cluster_name, daemon=True)
+            names.start()
+            try:
+                groups = self._node_groups(max_age=CHECK_TTL)
+            except meshrun.BackendError as e:
+                return meshrun.Availability(False, f"sinfo failed: {(e.stderr or str(e)).strip()[:300]}",
                                             hint="is slurmctld running? try: scontrol ping")
-            parts = [x.strip() for x in p.stdout.split() if x.strip()]
+            finally:
+                names.join(15)
+            parts = list(dict.fromkeys(g.partition + ("*" if g.default else "") for g in groups))
             return meshrun.Availability(True, detail={"partitions": parts, "via": self.runner.where})
         except Exception as e:  # check never raises
             return meshrun.Availability(False, f"{type(e).__name__}: {e}")
 
     def cluster_name(self) -> str:
+        """Slurm's ClusterName (``scontrol show config``), kept on disk for a day."""
         if self._cluster_name is None:
-            name = "slurm"
+            cached = self._disk_cache("cluster", CLUSTER_TTL)
+            if isinstance(cached, str):
+                self._cluster_name = cached
+                return cached
+            name = None
             try:
                 p = self._run(["scontrol", "show", "config"], check=False, timeout=15)
                 m = re.search(r"^ClusterName\s*=\s*(\S+)", p.stdout, re.M)
@@ -312,8 +325,33 @@ class SlurmBackend(meshrun.Backend):
                     name = m.group(1)
             except meshrun.MeshrunError:
                 pass
-            self._cluster_name = name
+            if name:
+                self._disk_cache("cluster", CLUSTER_TTL, name)
+            self._cluster_name = name or "slurm"
         return self._cluster_name
+
+    def _disk_cache(self, name: str, ttl: float, value: Any = None) -> Any:
+        """A small answer shared by every process of this MESHRUN_HOME (per cluster access), or None."""
+        got = self._disk_entry(name, ttl, value)
+        return got[1] if got is not None else None
+
+    def _disk_entry(self, name: str, ttl: float, value: Any = None) -> tuple[float, Any] | None:
+        where = json.dumps([self.settings.api, self.settings.login_host, self.settings.rest_url], default=str)
+        key = hashlib.sha1(where.encode()).hexdigest()[:10]
+        path = self._state_dir() / "cache" / f"{name}-{key}.json"
+        if value is not None:
+            try:
+                self._write_local(path, json.dumps({"time": time.time(), "value": value}).encode(), 0o644)
+            except OSError:
+                pass
+            return time.time(), value
+        try:
+            data = json.loads(path.read_text())
+            if time.time() - float(data["time"]) < ttl:
+                return float(data["time"]), data["value"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
 
     def _price(self, partition: str, gpu_type: str | None) -> float:
         prices = self.settings.price_per_gpu_hour
@@ -344,18 +382,41 @@ class SlurmBackend(meshrun.Backend):
             wanted = opts.partition.split(",")
         else:
             wanted = sorted(names, key=lambda n: (n not in defaults, names.index(n)))
-        out = []
-        for part in wanted:
-            out.append(self._offer_for(part, [g for g in groups if g.partition == part], spec, opts, cluster))
+        out: list[Any] = [None] * len(wanted)
+
+        def one(i: int, part: str) -> None:
+            out[i] = self._offer_for(part, [g for g in groups if g.partition == part], spec, opts, cluster)
+
+        if len(wanted) == 1:
+            one(0, wanted[0])
+        else:  # one sbatch --test-only per partition, at the same time
+            threads = [threading.Thread(target=one, args=(i, p), daemon=True) for i, p in enumerate(wanted)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            out = [o if o is not None else meshrun.Offer(backend=BACKEND, where=f"{cluster}/{p}", fits=False,
+                                                         reason="no answer from Slurm in time")
+                   for o, p in zip(out, wanted, strict=True)]
         if not out:
             out.append(meshrun.Offer(backend=BACKEND, where=cluster, fits=False, reason="the cluster has no partitions"))
         return out
 
-    def _node_groups(self) -> list[S.NodeGroup]:
-        """The cluster's partitions and node sizes (sinfo), cached for a minute: they rarely change."""
+    def _node_groups(self, max_age: float = SINFO_TTL) -> list[S.NodeGroup]:
+        """The cluster's partitions and node sizes (sinfo), cached for a minute (here and on disk, for the
+        next process): they rarely change."""
         with self._lock:
-            if self._sinfo is not None and time.monotonic() - self._sinfo[0] < SINFO_TTL:
+            if self._sinfo is not None and time.time() - self._sinfo[0] < max_age:
                 return self._sinfo[1]
+        entry = self._disk_entry("sinfo", max_age)
+        if entry is not None and isinstance(entry[1], list):
+            try:
+                groups = [S.NodeGroup(**g) for g in entry[1]]
+                with self._lock:
+                    self._sinfo = (entry[0], groups)
+                return groups
+            except TypeError:
+                pass
         try:
             p = self._run(["sinfo", "--noheader", f"--format={S.SINFO_FORMAT}"], what="sinfo")
             groups = S.parse_sinfo(p.stdout)
@@ -364,7 +425,10 @@ class SlurmBackend(meshrun.Backend):
                 raise
             groups = self.rest.node_groups()  # no Slurm tools here: ask slurmrestd
         with self._lock:
-            self._sinfo = (time.monotonic(), groups)
+            self._sinfo = (time.time(), groups)
+        from dataclasses import asdict
+
+        self._disk_cache("sinfo", max_age, [asdict(g) for g in groups])
         return groups
 
     def _offer_for(self, part: str, groups: list[S.NodeGroup], spec: Any, opts: JobOptions,
@@ -796,7 +860,8 @@ class SlurmBackend(meshrun.Backend):
             recs = records.get(t.job_id) if t is not None else None
             st = _from_records(recs) if recs else None
             if st is not None:
-                out[i] = st
+                known = self._squeue.get(i)  # Slurm's node names, when squeue has already been asked
+                out[i] = replace(st, where=known.nodes) if known is not None and known.nodes else st
             else:
                 need.append(i)
         if not need:
