@@ -632,7 +632,7 @@ class SlurmBackend(meshrun.Backend):
         try:
             script = render_script(job)
         except ValueError as e:
-            raise meshrun.SpecError("backend_options.slurm", str(e)) from None
+            raise _render_error(e) from None
         self._write_local(submission.job_dir / SCRIPT, script.encode(), 0o700)
         self._stage(submission.job_dir, cluster_dir, [f.name for f in submission.files()] + [SCRIPT], spec,
                     submission.launch.get("local_cwd"))
@@ -683,7 +683,7 @@ class SlurmBackend(meshrun.Backend):
         try:
             script = render_script(job)
         except ValueError as e:
-            raise meshrun.SpecError("backend_options.slurm", str(e)) from None
+            raise _render_error(e) from None
         self._write_local(array_dir / SCRIPT, script.encode(), 0o700)
         self._stage(array_dir, cluster_array, ["tasks", SCRIPT])
         comment = _comment(f"{spec.display_name} x{len(subs)}")
@@ -1056,7 +1056,7 @@ class SlurmBackend(meshrun.Backend):
         try:
             script = render_script(job)
         except ValueError as e:
-            raise meshrun.SpecError("backend_options.slurm", str(e)) from None
+            raise _render_error(e) from None
         self._write_local(sub.job_dir / SCRIPT, script.encode(), 0o700)
         slurm_id = self.rest.submit(job, script, comment=_comment(sub.spec.display_name))
         with self._lock:
@@ -1081,6 +1081,13 @@ def _from_records(recs: list[Any]) -> meshrun.JobStatus | None:
     if all(_agent_trusts(r) for r in recs):
         return meshrun.map_agent_status(recs[0])
     return None
+
+
+def _render_error(e: ValueError) -> meshrun.MeshrunError:
+    """The options were validated already: what is left is a path Slurm cannot take (MESHRUN_HOME, remote_dir
+    or python holding a newline, a backslash in the job folder)."""
+    return meshrun.BackendError(f"cannot write the batch script: {e} (check MESHRUN_HOME, remote_dir and python)",
+                                backend=BACKEND)
 
 
 def _compiled_agent(src: str, folder: Path) -> str | None:

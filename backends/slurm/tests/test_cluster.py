@@ -401,6 +401,13 @@ def test_hostile_strings_reach_the_job_unchanged(slurm, tmp_path, monkeypatch):
     assert job.logs().split("\0")[:3] == [HOSTILE, "$HOME", "a;b"]
 
 
+def test_a_job_folder_slurm_cannot_take_is_a_clear_error(slurm, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHRUN_HOME", str(tmp_path / "back\\slash"))
+    meshrun.configure({})
+    with pytest.raises(meshrun.BackendError, match="backslash"):
+        meshrun.run(["true"], backend="slurm")
+
+
 @pytest.mark.parametrize("opts", [{"partition": "debug; rm -rf /"}, {"account": "$(id)"},
                                   {"sbatch": ["--comment=x\nmore"]}, {"sbatch": ["--output=/etc/passwd"]},
                                   {"qos": "a b"}, {"constraint": "x\n#SBATCH --uid=0"}])
