@@ -561,7 +561,8 @@ class SlurmBackend(meshrun.Backend):
         return launch
 
     def _batch_job(self, spec: Any, opts: JobOptions, offer: meshrun.Offer | None, *, job_name: str,
-                   workdir: str, job_dir: str | None, array: ArrayPart | None = None) -> BatchJob:
+                   workdir: str, job_dir: str | None, array: ArrayPart | None = None,
+                   commands_only: bool | None = None) -> BatchJob:
         r = spec.resources
         if offer is not None and offer.backend == BACKEND and not opts.partition:
             part = (offer.detail or {}).get("partition")
@@ -570,10 +571,14 @@ class SlurmBackend(meshrun.Backend):
         gpu_type = r.gpu_type
         if offer is not None and offer.backend == BACKEND and (offer.detail or {}).get("gres_type"):
             gpu_type = offer.detail["gres_type"]
+        if commands_only is None:
+            commands_only = spec.kind == "command"
         return BatchJob(
             job_name=job_name, workdir=workdir, python=self._python(), agent=self._agent_path(), job_dir=job_dir,
             nodes=r.nodes, gpus=r.gpus, gpu_type=gpu_type, cpus=r.cpus, memory=r.memory, disk=r.disk,
             time_limit=spec.time_limit, options=opts, array=array,
+            # a command job's agent needs the standard library only: no site-packages start-up hooks
+            python_flags=("-S",) if commands_only else (),
         )
 
     def _stage(self, local_dir: Path, cluster_dir: str, names: Sequence[str], spec: Any = None,
@@ -679,6 +684,7 @@ class SlurmBackend(meshrun.Backend):
         job = self._batch_job(
             spec, opts, offer, job_name=f"meshrun-array-{token}", workdir=cluster_array, job_dir=None,
             array=ArrayPart(count=len(subs), tasks_file=f"{cluster_array}/tasks", parallelism=opts.array_parallelism),
+            commands_only=all(x.spec.kind == "command" for x in subs),
         )
         try:
             script = render_script(job)

@@ -27,6 +27,9 @@ def golden(name: str, text: str) -> None:
 CASES = {
     "cpu.sbatch": BatchJob(job_name="meshrun-16a0000abcd", workdir="/home/u/.meshrun/jobs/16a0000abcd",
                            job_dir="/home/u/.meshrun/jobs/16a0000abcd", python=PY, agent=AGENT),
+    "command.sbatch": BatchJob(job_name="meshrun-16a0000cmd1", workdir="/home/u/.meshrun/jobs/16a0000cmd1",
+                               job_dir="/home/u/.meshrun/jobs/16a0000cmd1", python=PY, agent=AGENT, nodes=2,
+                               python_flags=("-S",)),
     "gpu.sbatch": BatchJob(
         job_name="meshrun-16a0000gpu1", workdir="/scratch/me/jobs/16a0000gpu1", job_dir="/scratch/me/jobs/16a0000gpu1",
         python=PY, agent=AGENT, gpus=2, gpu_type="a100", cpus=7.5, memory=64 * 2**30, disk=10**9,
@@ -117,6 +120,12 @@ def sbatch_parse(line: str) -> list[str]:
 ])
 def test_sbatch_quote_round_trips(value):
     assert sbatch_parse(sbatch_quote(value)) == [value]
+
+
+def test_python_flags_are_checked():
+    with pytest.raises(ValueError, match="short options"):
+        render_script(BatchJob(job_name="meshrun-x", workdir="/w", job_dir="/w", python=PY, agent=AGENT,
+                               python_flags=("-c 'import os'",)))
 
 
 @pytest.mark.parametrize("bad", ["", "two\nlines", "cr\rhere"])
