@@ -11,6 +11,7 @@ Against the cluster of ``backends/slurm/scripts/slurm-cluster.sh`` (started with
   - sbatch --wait: ``sbatch --wait --wrap true`` (it sleeps 2 s before its first check);
   - submitit: ``executor.submit(noop).result()``;
   - meshrun: ``noop.submit().result()`` on the slurm backend;
+  - meshrun command: the floor's own job, ``meshrun.run(["true"]).wait()``: what meshrun adds around it;
 * 20 jobs: meshrun ``.map`` (one job array) vs submitit ``map_array`` vs a raw ``sbatch --array=0-19``
   polled with squeue every 20 ms (the array floor);
 * status of many queued jobs: ``--queued`` jobs submitted held (one array through ``.map``), then
@@ -116,6 +117,16 @@ def meshrun_once(fn) -> float:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return total
+
+
+def meshrun_command_once() -> float:
+    """The floor's own job (``true``) as a meshrun command job: what meshrun adds around the same job."""
+    import meshrun
+
+    t0 = time.perf_counter()
+    job = meshrun.run(["true"], backend="slurm", name="bench-meshrun-command")
+    assert job.wait(timeout=120) is meshrun.JobState.SUCCEEDED
+    return time.perf_counter() - t0
 
 
 def python_floor_once(work: str) -> float:
@@ -257,6 +268,7 @@ def main() -> int:
         "sbatch_wait": lambda: sbatch_wait_once(work),
         "submitit": lambda: submitit_once(ex),
         "meshrun": lambda: meshrun_once(fn),
+        "meshrun_command": meshrun_command_once,
     }
     print("warming up (imports, slurmctld's first scheduling pass) ...", file=sys.stderr)
     for f in methods.values():
@@ -315,6 +327,7 @@ def main() -> int:
             "meshrun_vs_floor_mean": round(mr["mean_s"] / fl["mean_s"], 3),
             "meshrun_vs_python_floor_median": round(mr["median_s"] / single["python_floor"]["median_s"], 3),
             "python_floor_vs_floor_median": round(single["python_floor"]["median_s"] / fl["median_s"], 3),
+            "meshrun_command_vs_floor_median": round(single["meshrun_command"]["median_s"] / fl["median_s"], 3),
             "meshrun_vs_submitit_median": round(mr["median_s"] / si["median_s"], 3),
             "meshrun_vs_sbatch_wait_median": round(mr["median_s"] / single["sbatch_wait"]["median_s"], 3),
             "meshrun_map_vs_submitit_map_array_median": round(
