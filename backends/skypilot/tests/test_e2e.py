@@ -68,6 +68,12 @@ def slurm_sky(sky_env):
                 sdk.get(sdk.down(c["name"] if isinstance(c, dict) else c.name))
         except Exception as e:
             print(f"[skypilot] teardown: {type(e).__name__}: {e}")
+        # leave the session's SkyPilot home as it was: no cloud enabled (the offline tests rely on it)
+        (sky_env.home / ".slurm" / "config").unlink(missing_ok=True)
+        try:
+            sdk.get(sdk.check(("slurm",), False))
+        except Exception as e:
+            print(f"[skypilot] teardown: sky check: {type(e).__name__}: {e}")
     subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=300)
     left = _user_processes(facts["SKY_SLURM_USER"])
     assert not left, f"processes of {facts['SKY_SLURM_USER']} survived the teardown: {left}"
@@ -128,8 +134,13 @@ def test_one_cluster_command_function_cancel(sky, sky_env):
     timings["exec"] = time.monotonic() - t0
     assert "computing on" in fjob.logs()
 
-    # cancel a running job
-    long = meshrun.run("echo started; sleep 600", backend="skypilot", backend_options=opts)
+    # cancel a running job, which comes from an existing SkyPilot task YAML
+    y = Path("task.yaml")
+    y.write_text("name: sleeper\nresources:\n  infra: slurm/testcluster\nenvs: {PHASE: started}\n"
+                 "run: |\n  echo $PHASE\n  sleep 600\n")
+    spec = meshrun.JobSpec.from_skypilot_yaml(y)
+    spec = spec.replace(backend_options={"skypilot": {**spec.options_for("skypilot"), "cluster": cluster}})
+    long = meshrun.submit(spec, backend="skypilot")
     _wait_state(long, {meshrun.JobState.RUNNING})
     long.cancel()
     assert long.status() is meshrun.JobState.CANCELLED
