@@ -32,6 +32,10 @@ def login_node(slurm_cluster):
     remote = Path("/var/tmp") / f"meshrun-slurm-login-{uuid.uuid4().hex[:8]}"
     yield facts, remote
     shutil.rmtree(remote, ignore_errors=True)
+    import meshrun_ssh
+
+    meshrun_ssh.close_all()
+    subprocess.run(["bash", str(SCRIPTS / "login-sshd.sh"), "down"], capture_output=True, timeout=60)
 
 
 @pytest.fixture
