@@ -860,6 +860,7 @@ class Supervisor:
                 reason = "killed by signal %d (%s)" % (signum, _signame(signum))
         except _Stop as stop:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            signum = self.stop_signal
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGALRM, signal.SIG_IGN)
             if stop.how == "timeout":
@@ -956,6 +957,11 @@ def _write_error(job_dir, etype, message, tb, exc=None, rank=0):
 def _run_function(job_dir, launch, rank=0):
     """In the worker: load the payload, call the function, write the result or the error."""
     import traceback
+
+    if sys.flags.no_site:  # started with python -S for a fast start: the function needs site-packages
+        import site
+
+        site.main()
 
     def fail(etype, message, tb, exc=None):
         _write_error(job_dir, etype, message, tb, exc, rank)

@@ -188,6 +188,9 @@ class Backend(ABC):
     install_hint: ClassVar[str] = ""
     #: how often to poll a job's status: (first interval, longest interval) in seconds
     poll_interval: ClassVar[tuple[float, float]] = (0.5, 10.0)
+    #: True when jobs see the submitter's filesystem (the job folder and the working directory at the same
+    #: paths): the core then places ``files`` locally before submit, and results need no fetching
+    shared_filesystem: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         self.config: dict[str, Any] = dict(config or {})

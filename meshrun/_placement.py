@@ -863,10 +863,14 @@ def offers(
         jobs.append((f"{catalog_launcher} (catalog)", lambda: _catalog_source(spec, catalog_launcher, catalog_dir)))
     prices = price_table()
     results: dict[int, list[Offer]] = {}
+    spec_errors: dict[int, SpecError] = {}
 
     def work(i: int, fn: Any) -> None:
         try:
             results[i] = fn()
+        except SpecError as e:  # the job itself is wrong for this backend (e.g. a bad backend option)
+            spec_errors[i] = e
+            results[i] = [Offer(backend=jobs[i][0].split()[0], where="-", fits=False, reason=str(e))]
         except MeshrunError as e:
             results[i] = [Offer(backend=jobs[i][0].split()[0], where="-", fits=False, reason=str(e))]
         except Exception as e:
@@ -884,6 +888,8 @@ def offers(
         # slow, so a busy moment does not hide the one offer that is always there
         grace = LOCAL_GRACE if name == "local" else 0.0
         t.join(max(0.0, end + grace - time.monotonic()))
+    if backends is not None and len(names) == 1 and spec_errors:
+        raise next(iter(spec_errors.values()))  # one backend asked for by name: its verdict on the spec stands
     out: list[Offer] = []
     for i, (name, _) in enumerate(jobs):
         got = results.get(i)
