@@ -338,6 +338,10 @@ node_hosts() {
   [ "${SLURM_NODE_HOSTS:-1}" = 1 ] || return 0
   local want="127.0.0.1 $NODE_NAMES $HOSTS_TAG"
   grep -qxF "$want" /etc/hosts 2>/dev/null && return 0
+  if ! grep -qF "$HOSTS_TAG" /etc/hosts 2>/dev/null; then
+    echo "$want" >>/etc/hosts   # appending leaves no moment in which localhost does not resolve
+    return 0
+  fi
   local tmp; tmp=$(mktemp)
   grep -vF "$HOSTS_TAG" /etc/hosts >"$tmp" || true
   echo "$want" >>"$tmp"
