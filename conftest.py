@@ -31,8 +31,24 @@ def meshrun_home(tmp_path, monkeypatch):
     (tmp_path / "no-such-config.toml").write_text("")
     _reset_meshrun()
     yield home
+    _cancel_leftover_jobs(home)
     _stop_fork_servers(home)
     _reset_meshrun()
+
+
+def _cancel_leftover_jobs(home: Path) -> None:
+    """A test that fails half-way must not leave its local jobs running: cancel whatever is still alive."""
+    jobs = home / "jobs"
+    if not jobs.is_dir() or "meshrun._agent" not in sys.modules:
+        return
+    from meshrun import _agent
+
+    for d in jobs.iterdir():
+        if (d / "state.json").exists() and not (d / "exit.json").exists():
+            try:
+                _agent.cancel(str(d), grace=1)
+            except Exception:
+                pass
 
 
 def _reset_meshrun() -> None:

@@ -88,13 +88,15 @@ def test_cli_follow_shows_progress_while_queued(monkeypatch, tmp_path):
         time.sleep(0.05)
     p = subprocess.Popen([*MESHRUN, "run", "--gpus", "1", "--", "echo", "got it"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    seen = ""
-    while "waiting for 1 GPU(s)" not in seen:  # the queue position is shown while the job waits
-        line = p.stderr.readline()
-        assert line, f"meshrun run ended without showing progress: {seen}"
-        seen += line
-    assert "pending" in seen
-    release.touch()
+    try:
+        seen = ""
+        while "waiting for 1 GPU(s)" not in seen:  # the queue position is shown while the job waits
+            line = p.stderr.readline()
+            assert line, f"meshrun run ended without showing progress: {seen}"
+            seen += line
+        assert "pending" in seen
+    finally:
+        release.touch()
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.endswith("got it\n")
 
