@@ -91,11 +91,11 @@ class SSHBackend(meshrun.Backend):
 
     # ---- contract
     def check(self) -> meshrun.Availability:
-        try:
-            import paramiko  # noqa: F401
-            import tenacity  # noqa: F401
-        except ImportError as e:
-            return meshrun.Availability(False, f"missing dependency: {e.name}", hint=self.install_hint)
+        import importlib.util
+
+        for dep in ("paramiko", "tenacity"):  # found, not imported: paramiko alone costs ~0.15 s
+            if importlib.util.find_spec(dep) is None:
+                return meshrun.Availability(False, f"missing dependency: {dep}", hint=self.install_hint)
         names = self.host_names()
         if not names:
             return meshrun.Availability(
