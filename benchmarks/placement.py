@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     plan_worst_cpu = max(v["cpu_ms"]["median"] for v in plans.values())
     result = {
         "benchmark": "placement",
-        "command": "  ".join(["cd /work/main &&", ".venv/bin/python benchmarks/placement.py"]
+        "command": "  ".join([".venv/bin/python benchmarks/placement.py"]
                              + ([f"--catalog {a.catalog}"] if a.catalog != str(DEFAULT_CATALOG) else [])),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {
