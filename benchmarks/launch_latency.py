@@ -104,6 +104,7 @@ def main() -> int:
         and ("submitit" not in med or med["submitit"] / med["meshrun"] >= 10)
         and import_ms <= 150
     )
+    meshrun.get_backend("local").stop_server()  # the warm fork server would otherwise idle out by itself
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
