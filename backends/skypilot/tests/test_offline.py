@@ -82,7 +82,7 @@ def test_offers_follow_the_jobs_skypilot_options(backend, monkeypatch, needs_cat
     assert not any(o.fits for o in none) and "aws" in none[0].reason
 
 
-def test_dry_run_reaches_the_optimizer(backend):
+def test_dry_run_reaches_the_optimizer(backend, needs_catalog):
     """SkyPilot validates the task meshrun would launch, and its optimizer (not meshrun) says why nothing fits."""
     sub = _submission(meshrun.JobSpec(command="echo hi", gpus="H100:8", env={"A": "x'y"}))
     with pytest.raises(meshrun.BackendError) as e:
@@ -129,7 +129,7 @@ def test_api_server_down(meshrun_home, free_api_port):
 
 
 @pytest.mark.parametrize("managed", [False, True])
-def test_a_launch_skypilot_cannot_place_fails_with_its_reason(backend, managed):
+def test_a_launch_skypilot_cannot_place_fails_with_its_reason(backend, managed, needs_catalog):
     """`sky launch` / `sky jobs launch` through the real API server with no enabled cloud: the job is pending
     while SkyPilot works on the request, then failed with SkyPilot's own reason."""
     opts = {"skypilot": {"managed": True, "use_spot": True}} if managed else {}
