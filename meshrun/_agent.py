@@ -779,13 +779,7 @@ class Supervisor:
 
     def _reap_all(self):
         """Reap every child (we are a subreaper, so orphaned grandchildren come to us too)."""
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        _reap_children()
 
     def _kill_tree(self, grace):
         """TERM every other process of our session, wait up to ``grace`` s, then KILL what is left."""
@@ -1282,6 +1276,7 @@ def serve(path, idle=600.0):
 
 
 def _reap_children():
+    """Reap every child that has exited, without waiting for the others."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)

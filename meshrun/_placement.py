@@ -12,6 +12,7 @@ Two halves, kept apart on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fnmatch
 import json
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from ._backend import Offer
 from ._errors import ConfigError, MeshrunError, NoPlacementError, SpecError
@@ -1050,12 +1051,28 @@ def archive_attempt(job_dir: Path, attempt: int) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def job_folder_lock(job_dir: Path) -> Iterator[bool]:
+    """Try to take the job folder's exclusive lock (without waiting): yields True when this process holds it,
+    False when another process is moving or resubmitting the job right now."""
+    import fcntl
+
+    fd = os.open(Path(job_dir) / ".failover.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def move_to_next_offer(job: Any, *, waited: float, max_pending: float) -> bool:
     """Cancel a job stuck in PENDING and submit its folder to the next offer of its plan. Returns True when
     it moved. Safe against several processes refreshing the same job: one holds the folder's lock and
     re-checks the record; the others do nothing."""
-    import fcntl
-
     from ._backend import JobState, Submission
     from ._registry import get_backend
     from ._scheduler import Prepared, _submit_with_failover
@@ -1063,11 +1080,8 @@ def move_to_next_offer(job: Any, *, waited: float, max_pending: float) -> bool:
 
     store = job._store
     job_dir = Path(job.job_dir)
-    fd = os.open(job_dir / ".failover.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    with job_folder_lock(job_dir) as mine:
+        if not mine:
             return False  # another process is moving it right now
         rec = store.get(job.id)
         if rec.state is not JobState.PENDING or rec.backend_id != job._record.backend_id:
@@ -1113,8 +1127,6 @@ def move_to_next_offer(job: Any, *, waited: float, max_pending: float) -> bool:
             pass  # recorded: every remaining offer failed, the job is FAILED with the reasons in its history
         job._record = store.get(job.id)
         return True
-    finally:
-        os.close(fd)
 
 
 # ---- the CLI's time budget ----------------------------------------------------------------------------

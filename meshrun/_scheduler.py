@@ -358,9 +358,7 @@ def retry_if_failed(job: Job, status: Any, backend: Any) -> bool:
     """Called when a job's backend reports it FAILED, PREEMPTED or LOST: if its spec allows ``retries`` and
     some are left, archive this attempt (its output stays under attempts/<n>/) and submit the job folder
     again to the same backend. Returns True when it was resubmitted (the failure is then not final)."""
-    import fcntl
-
-    from ._placement import archive_attempt, load_plan, write_launch
+    from ._placement import archive_attempt, job_folder_lock, load_plan, write_launch
 
     rec = job._record
     if status.state not in RETRY_STATES or not rec.backend:
@@ -373,11 +371,8 @@ def retry_if_failed(job: Job, status: Any, backend: Any) -> bool:
     used = sum(1 for h in rec.history if h.get("event") == "retry")
     if spec.retries <= used:
         return False
-    fd = os.open(job_dir / ".failover.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    with job_folder_lock(job_dir) as mine:
+        if not mine:
             return True  # another process is resubmitting it right now
         fresh = job._store.get(job.id)
         if fresh.backend_id != rec.backend_id or fresh.terminal:
@@ -401,5 +396,3 @@ def retry_if_failed(job: Job, status: Any, backend: Any) -> bool:
             pass  # recorded: the job is FAILED with the submit error in its history
         job._record = job._store.get(job.id)
         return True
-    finally:
-        os.close(fd)
