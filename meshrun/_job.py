@@ -342,6 +342,15 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
             backend.fetch_results(rec.backend_id, job.job_dir)
         except BackendError as e:
             changes["reason"] = f"{st.reason or st.state.value}; results could not be fetched: {e}"
+        # the agent's own exit record is the authority on the exit code (a scheduler may not know it yet)
+        ex = _read_json(job.job_dir / "exit.json")
+        if isinstance(ex, dict) and st.state.value == ex.get("state"):
+            if st.exit_code is None and isinstance(ex.get("exit_code"), int) and ex["exit_code"] != rec.exit_code:
+                changes["exit_code"] = ex["exit_code"]
+            if not st.reason and ex.get("reason") and "reason" not in changes:
+                changes["reason"] = ex["reason"]
+            if ex.get("started_at") and not rec.started_at:
+                changes.setdefault("started_at", ex["started_at"])
         changes.setdefault("ended_at", st.ended_at or time.time())
     if changes:
         job._store.update(job.id, **changes)

@@ -908,12 +908,13 @@ class SlurmBackend(meshrun.Backend):
                     return replace(mine, where=row.nodes or mine.where)
                 if mine.state.terminal and mine.reason:
                     return replace(st, reason=f"{st.reason}; its agent says: {mine.reason}")
-            if row.state == "COMPLETED" and not isinstance(rec0, Mapping) and t is not None:
-                # the agent wrote its records before the job ended: give the shared filesystem a moment
+            if row.state in ("COMPLETED", "FAILED") and not isinstance(rec0, Mapping) and t is not None:
+                # the agent wrote its records (with the exit code) before the job ended: give the shared
+                # filesystem, or the login node's copy, a moment
                 first = self._settle.setdefault(bid, time.monotonic())
                 if time.monotonic() - first < SETTLE:
-                    return meshrun.JobStatus(JS.RUNNING, reason="completed; waiting for its records to appear",
-                                             where=row.nodes)
+                    return meshrun.JobStatus(JS.RUNNING, reason=f"{row.state.lower()}; waiting for its records "
+                                             "to appear", where=row.nodes)
             return st
         return st
 
