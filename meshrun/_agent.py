@@ -10,7 +10,8 @@ What it does:
 * GPU leases in a machine-wide directory (``MESHRUN_LEASE_DIR``), shared by every OS user of the host,
   guarded by ``flock``; a lease belongs to a job's process session and is reclaimed when no process of
   that session is left; GPUs busy with processes meshrun did not start are never handed out;
-* a first-come-first-served queue for jobs that ask for more GPUs than are free;
+* a queue for jobs that ask for more GPUs than are free, served by fair share across OS users (the user
+  holding the fewest GPUs goes first, first come first served within one user);
 * the job supervisor (``run``): starts the job in its own session with ``CUDA_VISIBLE_DEVICES`` set to
   its leased GPUs, enforces the time limit, forwards cancellation to the whole process tree, reaps every
   process and writes the job's exit record;
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"  # 2: the GPU queue is served by fair share across users
 
 # Files of a job directory (the contract between the core and the agent).
 LAUNCH = "launch.json"
@@ -449,24 +450,65 @@ def foreign_busy(gpus, state, procs):
     return busy
 
 
-def plan_grants(gpus, state, busy_uuids):
-    """First come, first served: walk the queue in ticket order, giving each ticket the GPUs it asks for
-    while they last; the first ticket that cannot be served stops the walk (no one jumps the line).
-    Returns {ticket: [gpu index, ...]} for tickets that can start now."""
+def _owner(rec):
+    """Whose GPUs these are, for fair share: the OS user (uid; the name for records that lack one)."""
+    uid = rec.get("uid")
+    return uid if uid is not None else rec.get("user")
+
+
+def held_by_owner(state):
+    """{owner: number of GPUs leased to that OS user right now}."""
+    held = {}
+    for rec in state["gpus"].values():
+        held[_owner(rec)] = held.get(_owner(rec), 0) + 1
+    return held
+
+
+def queue_policy(state):
+    """How the queue is served now: "fair" when every waiting ticket was written by an agent that serves
+    it by fair share, else "fifo" (ticket order). An older agent on the same machine (the SSH backend
+    keeps one copy per agent version) serves by ticket order, and all waiters must agree on who is first,
+    or two of them could each wait for the other."""
+    return "fair" if all(t.get("order") == "fair" for t in state["queue"]) else "fifo"
+
+
+def serve_order(gpus, state, busy_uuids):
+    """The order the queue is served in, and which tickets can start now: (order, grants, held).
+
+    Fair share across OS users: the next ticket served is the one whose user holds the fewest GPUs at
+    that moment (counting what this walk has just granted), the earlier ticket on a tie; so one user's
+    tickets keep their first-come-first-served order, and with one user waiting it is plain FCFS. The
+    walk gives each ticket the GPUs it asks for while they last; the first ticket that cannot be served
+    stops it (head of line: no one jumps it, so a large request is not starved by small ones). ``order``
+    lists every ticket: those granted, in grant order, then the rest in the order they stand now.
+    ``grants`` is {ticket: [gpu index, ...]} for tickets that can start now; ``held`` is
+    {owner: GPUs held}, including the grants."""
     leased = set(state["gpus"])
     free = [
         g for g in sorted(gpus, key=lambda g: g["index"])
         if str(g["index"]) not in leased and g["uuid"] not in busy_uuids
     ]
-    grants = {}
-    for t in sorted(state["queue"], key=lambda t: t["ticket"]):
+    fair = queue_policy(state) == "fair"
+    held = held_by_owner(state)
+
+    def key(t):
+        return (held.get(_owner(t), 0) if fair else 0, t["ticket"])
+
+    waiting = list(state["queue"])
+    order, grants = [], {}
+    while waiting:
+        t = min(waiting, key=key)
         fit = [g for g in free if gpu_matches(g, t.get("gpu_type"))][: t["gpus"]]
         if len(fit) < t["gpus"]:
             break
+        waiting.remove(t)
+        order.append(t)
         grants[t["ticket"]] = [g["index"] for g in fit]
+        held[_owner(t)] = held.get(_owner(t), 0) + len(fit)
         taken = set(id(g) for g in fit)
         free = [g for g in free if id(g) not in taken]
-    return grants
+    order.extend(sorted(waiting, key=key))
+    return order, grants, held
 
 
 def snapshot(env=None, with_processes=True):
@@ -483,6 +525,14 @@ def snapshot(env=None, with_processes=True):
     except LeaseError as e:
         return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {}}
     busy = foreign_busy(gpus, state, procs)
+    # the queue in the order it is served, each ticket with its place and the GPUs its user holds now
+    held = held_by_owner(state)
+    order = serve_order(gpus, state, set(busy))[0]
+    queue = [dict(t, position=i + 1, held=held.get(_owner(t), 0)) for i, t in enumerate(order)]
+    held_by_user = {}
+    for rec in state["gpus"].values():
+        name = str(rec.get("user") or rec.get("uid"))
+        held_by_user[name] = held_by_user.get(name, 0) + 1
     return {
         "host": socket.gethostname(),
         "agent_version": AGENT_VERSION,
@@ -491,7 +541,9 @@ def snapshot(env=None, with_processes=True):
         "error": err,
         "process_error": perr,
         "leases": state["gpus"],
-        "queue": state["queue"],
+        "queue": queue,
+        "queue_policy": queue_policy(state),
+        "held_by_user": held_by_user,
         "foreign": busy,
         "lease_dir": leases.path,
         "time": now(),
@@ -634,11 +686,12 @@ class Supervisor:
                             "pid_start": self.pid_start,
                             "sid": self.sid,
                             "since": now(),
+                            "order": "fair",  # this agent serves the queue by fair share (queue_policy)
                         }
                     )
                     changed = True
                 busy = foreign_busy(gpus, state, procs)
-                grants = plan_grants(gpus, state, set(busy))
+                order, grants, _ = serve_order(gpus, state, set(busy))
                 mine = grants.get(self.ticket)
                 if mine is not None:
                     state["queue"] = [t for t in state["queue"] if t["ticket"] != self.ticket]
@@ -660,7 +713,8 @@ class Supervisor:
                     return [by_index[i] for i in mine]
                 if changed:
                     self.leases.save(state)
-                ahead = [t for t in state["queue"] if t["ticket"] < self.ticket]
+                ahead = [t["ticket"] for t in order]
+                ahead = ahead[: ahead.index(self.ticket)] if self.ticket in ahead else ahead
                 free = [g for g in gpus if str(g["index"]) not in state["gpus"] and g["uuid"] not in busy]
             msg = "waiting for %s: %d of %d free%s, %d job(s) ahead in the queue" % (
                 "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n,

@@ -431,10 +431,19 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
                 styles={3: lambda v: "green" if v == "free" else ("red" if v == "foreign" else "yellow")})
     queue = snap.get("queue") or []
     if queue:
-        qrows = [[str(i + 1), t.get("user"), f"{t.get('job_id')} ({t.get('name')})",
+        policy = snap.get("queue_policy")
+        if not policy:  # an older agent (on an SSH host): first come, first served, in ticket order
+            queue = sorted(queue, key=lambda t: t["ticket"])
+        held: dict[Any, int] = {}  # GPUs per user now (older agents do not put it on the ticket)
+        for rec in leases.values():
+            held[rec.get("user")] = held.get(rec.get("user"), 0) + 1
+        qrows = [[str(i + 1), t.get("user"), str(t.get("held", held.get(t.get("user"), 0))),
+                  f"{t.get('job_id')} ({t.get('name')})",
                   f"{t.get('gpus')}{' ' + t['gpu_type'] if t.get('gpu_type') else ''}", _age(t.get("since"))]
-                 for i, t in enumerate(sorted(queue, key=lambda t: t["ticket"]))]
-        print_table(["#", "USER", "JOB", "GPUS", "WAITING SINCE"], qrows, title="queue")
+                 for i, t in enumerate(queue)]
+        title = ("queue (fair share: the user holding the fewest GPUs first, then first come first served)"
+                 if policy == "fair" else "queue (first come, first served)")
+        print_table(["#", "USER", "USER HOLDS", "JOB", "GPUS", "WAITING SINCE"], qrows, title=title)
 
 
 def cmd_backends(a: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""GPU leases on a shared machine, with real processes: racing submitters (also of another OS user), FCFS
-queueing, reclaim after SIGKILL, foreign GPU processes, masking, and `meshrun gpus`."""
+"""GPU leases on a shared machine, with real processes: racing submitters (also of another OS user), the
+queue (fair share across OS users, FCFS within one), reclaim after SIGKILL, foreign GPU processes, masking,
+and `meshrun gpus`."""
 
 from __future__ import annotations
 
@@ -173,6 +174,132 @@ def test_fcfs_queue_and_no_overtaking(monkeypatch, tmp_path):
     assert recs[third.id]["start"] >= recs[second.id]["start"]
     assert recs[second.id]["start"] >= recs[first.id]["end"]
     assert "waiting for 2 GPU(s)" in second.logs()
+
+
+def _ticket(ticket, uid, gpus, order="fair"):
+    return {"ticket": ticket, "uid": uid, "user": f"u{uid}", "gpus": gpus, "job_id": f"t{ticket}", "order": order}
+
+
+def _state(held: dict[int, int], queue: list[dict]) -> dict:
+    leases, i = {}, 0
+    for uid, n in held.items():
+        for _ in range(n):
+            leases[str(i)] = {"uid": uid, "user": f"u{uid}"}
+            i += 1
+    return {"gpus": leases, "queue": queue}
+
+
+def test_serve_order_fair_share_head_of_line_and_older_agents():
+    gpus = [{"index": i, "uuid": f"GPU-{i}", "name": "declared"} for i in range(6)]
+    # user 1 holds 3 of 6 GPUs: user 2's later tickets go first; each grant counts towards its user's share
+    st = _state({1: 3}, [_ticket(1, 1, 1), _ticket(2, 2, 1), _ticket(3, 1, 1), _ticket(4, 2, 1)])
+    order, grants, held = _agent.serve_order(gpus, st, set())
+    assert [t["ticket"] for t in order] == [2, 4, 1, 3]
+    assert list(grants) == [2, 4, 1] and held == {1: 4, 2: 2}
+    # head of line: the first ticket in fair order that does not fit blocks everyone behind it
+    st = _state({1: 3}, [_ticket(1, 1, 1), _ticket(2, 2, 4)])
+    order, grants, _ = _agent.serve_order(gpus, st, set())
+    assert [t["ticket"] for t in order] == [2, 1] and grants == {}
+    # one user alone: plain first come, first served (a 1-GPU ticket never overtakes a 2-GPU one)
+    st = _state({1: 5}, [_ticket(7, 1, 2), _ticket(8, 1, 1)])
+    order, grants, _ = _agent.serve_order(gpus, st, set())
+    assert [t["ticket"] for t in order] == [7, 8] and grants == {}
+    # a ticket of an older agent (FCFS, no "order" marker) on the machine: all waiters serve in ticket
+    # order, so that the old and the new agent agree on who is first
+    st = _state({1: 3}, [_ticket(1, 1, 1), _ticket(2, 2, 1, order=None)])
+    assert _agent.queue_policy(st) == "fifo"
+    order, grants, _ = _agent.serve_order(gpus, st, set())
+    assert [t["ticket"] for t in order] == [1, 2] and sorted(grants) == [1, 2]
+
+
+def test_one_user_alone_is_served_first_come_first_served(monkeypatch, tmp_path):
+    monkeypatch.setenv("MESHRUN_GPUS", "0,1")
+    out = tmp_path / "rec"
+    out.mkdir()
+    holder = meshrun.run(["sleep", "1000"], gpus=2, name="holder")
+    _wait(lambda: holder.status() is JobState.RUNNING)
+    jobs = []
+    for i, n in enumerate([2, 1, 2, 1]):  # sizes such that no two neighbours can start together
+        jobs.append(meshrun.run(_record_job(out, 0.2), gpus=n, name=f"w{i}"))
+        _wait(lambda job=jobs[-1], want=f"{i} job(s) ahead": want in (job.refresh().reason or ""))
+    snap = _agent.snapshot()
+    assert snap["queue_policy"] == "fair"
+    assert [t["job_id"] for t in snap["queue"]] == [j.id for j in jobs]
+    assert [t["held"] for t in snap["queue"]] == [2] * 4
+    holder.cancel()
+    meshrun.wait(jobs, timeout=60)
+    recs = {r["job"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
+    starts = [recs[j.id]["start"] for j in jobs]
+    assert starts == sorted(starts), "a user's own jobs started out of their arrival order"
+    _assert_no_overlap(list(recs.values()))
+
+
+def _other_user_job(other_user: str, out: Path, name: str, argv: list[str], gpus: int) -> tuple[Path, list[str]]:
+    """A job directory for the other OS user and the command that runs it with the system python3 and
+    nothing but the host agent (as a user of another meshrun, or of none, would)."""
+    d = out / name
+    d.mkdir()
+    (d / "launch.json").write_text(json.dumps({
+        "job_id": name, "name": name, "kind": "command", "argv": argv, "env": {}, "cwd": "/tmp",
+        "gpus": gpus, "nodes": 1,
+    }))
+    subprocess.run(["chown", "-R", other_user, str(d)], check=True)
+    agent = out / "agent.py"
+    if not agent.exists():
+        shutil.copy(AGENT, agent)
+        os.chmod(agent, 0o755)
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    return d, [runuser, "-u", other_user, "--", "/usr/bin/python3", str(agent), "run", str(d)]
+
+
+def test_fair_share_across_os_users(shared_lease_dir, other_user, monkeypatch, capfd):
+    """User A (us) holds all 4 GPUs and queues a 2-GPU job; then user B queues one. When A's first job
+    ends, B's job gets its GPUs, though A asked first: B holds nothing, A still holds 2."""
+    monkeypatch.setenv("MESHRUN_GPUS", "0-3")
+    out = Path(f"/tmp/meshrun-fair-{os.getpid()}-{time.time_ns()}")
+    out.mkdir(mode=0o777)
+    os.chmod(out, 0o777)
+    b_proc = None
+    try:
+        a1 = meshrun.run(["sleep", "1000"], gpus=2, name="a-first")
+        a2 = meshrun.run(["sleep", "1000"], gpus=2, name="a-long")
+        _wait(lambda: a1.status() is JobState.RUNNING and a2.status() is JobState.RUNNING)
+        a3 = meshrun.run(_record_job(out, 0), gpus=2, name="a-second")
+        _wait(lambda: "waiting for 2 GPU(s)" in (a3.refresh().reason or ""))
+        b_dir, b_cmd = _other_user_job(other_user, out, "b-job", _record_job(out, 0.3), 2)
+        env = {"PATH": "/usr/bin:/bin", "MESHRUN_LEASE_DIR": str(shared_lease_dir), "MESHRUN_GPUS": "0-3"}
+        b_proc = subprocess.Popen(b_cmd, env=env)
+        _wait(lambda: (_agent.read_json(str(b_dir / "state.json")) or {}).get("state") == "queued")
+        # B (holding nothing) is now first in line although it came second; and A's job knows it
+        snap = _agent.snapshot()
+        assert [(t["job_id"], t["user"], t["held"]) for t in snap["queue"]] == [
+            ("b-job", other_user, 0), (a3.id, pwd.getpwuid(os.getuid()).pw_name, 4)]
+        assert snap["held_by_user"] == {pwd.getpwuid(os.getuid()).pw_name: 4}
+        _wait(lambda: "1 job(s) ahead" in (a3.refresh().reason or ""))
+        from meshrun._cli import main
+
+        assert main(["gpus"]) == 0
+        text = capfd.readouterr().out
+        assert "fair share" in text and text.index("b-job") < text.index("a-second")
+        a1.cancel()
+        _wait(lambda: list(out.glob("*.json")))  # the first job to finish on A's freed GPUs
+        first = [json.loads(f.read_text())["job"] for f in out.glob("*.json")]
+        assert first == ["b-job"], "A's second job got the GPUs before B's"
+        assert b_proc.wait(60) == 0
+        a3.result(timeout=60)
+        recs = {r["job"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
+        b_rec = recs["b-job"]
+        assert b_rec["user"] == pwd.getpwnam(other_user).pw_uid
+        assert recs[a3.id]["start"] >= b_rec["end"], "A's second job started before B's"
+        assert a2.status() is JobState.RUNNING
+        _assert_no_overlap([b_rec, recs[a3.id]])
+        assert json.loads((b_dir / "exit.json").read_text())["state"] == "succeeded"
+        a2.cancel()
+    finally:
+        if b_proc is not None and b_proc.poll() is None:
+            b_proc.kill()
+            b_proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def test_sigkill_of_the_lease_holder_frees_its_gpus(monkeypatch):
