@@ -2,8 +2,8 @@
 
 Placement: every host is asked (one round trip each, in parallel) which GPUs are free right now; a job
 goes to a host that can start it now, else to the one expected to free soonest, where it waits in that
-host's first-come-first-served GPU queue. GPU leases live on each host, machine-wide and shared by every
-OS user there, exactly as with the local backend.
+host's GPU queue (fair share across users, first come first served within one). GPU leases live on each
+host, machine-wide and shared by every OS user there, exactly as with the local backend.
 """
 
 from __future__ import annotations
