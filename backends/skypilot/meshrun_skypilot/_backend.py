@@ -30,6 +30,7 @@ from meshrun import (
 )
 
 from . import _task
+from ._follow import LogFollower
 from ._server import ApiServer
 
 NAME = "skypilot"
@@ -88,6 +89,7 @@ def _settings_class() -> Any:
         catalog_dir: Optional[str] = None  # SkyPilot catalog folder (default: ~/.sky/catalogs/v8)
         pool_price_per_hour: Union[float, dict[str, float]] = 0.0  # Slurm/Kubernetes/SSH pools: $ per node-hour
         request_timeout: float = 120.0  # seconds to wait for quick API requests (status, queue, cancel)
+        follow_logs: int = 16  # the submitting process follows up to this many jobs' logs (0: poll `sky queue`)
 
     return SkyPilotSettings
 
@@ -123,8 +125,6 @@ class SkyPilotBackend(Backend):
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
                 | Feature.REATTACH | Feature.SPOT)
     install_hint = "pip install meshrun-skypilot   (from a checkout: pip install -e backends/skypilot)"
-    poll_interval = (2.0, 30.0)
-
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
         self.settings = settings_class().load(NAME, self.config)
@@ -132,7 +132,16 @@ class SkyPilotBackend(Backend):
         self._results: dict[str, dict[str, bytes]] = {}  # backend id -> agent records from the log
         self._enabled: tuple[float, list[str]] | None = None
         self._missing: dict[str, float] = {}  # backend id -> when its records were first found missing
+        self._followers: dict[str, LogFollower] = {}  # backend id -> the follower of a job submitted here
         self._lock = threading.Lock()
+
+    @property  # type: ignore[override]
+    def poll_interval(self) -> tuple[float, float]:  # type: ignore[override]
+        """Quick while a follower knows the answer without asking SkyPilot; slow when each poll is a
+        `sky queue` round trip to the cluster."""
+        with self._lock:
+            following = any(f.alive for f in self._followers.values())
+        return (0.1, 1.0) if following else (2.0, 30.0)
 
     # ---- SkyPilot access ---------------------------------------------------------------------------
     def _sdk(self) -> Any:
@@ -366,13 +375,16 @@ class SkyPilotBackend(Backend):
             cluster = opts.get("cluster")
             if cluster and self._cluster_up(cluster):
                 req = sdk.exec(task, cluster_name=cluster)
-                return f"cluster:{cluster}:{name}:{req}"
-            cluster = cluster or name
-            idle = opts.get("idle_minutes", self.settings.idle_minutes)
-            owned = not opts.get("cluster") and not opts.get("keep")
-            req = sdk.launch(task, cluster_name=cluster, idle_minutes_to_autostop=idle if (owned or "idle_minutes" in opts) else None,
-                             down=owned)
-            return f"cluster:{cluster}:{name}:{req}"
+            else:
+                cluster = cluster or name
+                idle = opts.get("idle_minutes", self.settings.idle_minutes)
+                owned = not opts.get("cluster") and not opts.get("keep")
+                req = sdk.launch(task, cluster_name=cluster,
+                                 idle_minutes_to_autostop=idle if (owned or "idle_minutes" in opts) else None,
+                                 down=owned)
+            backend_id = f"cluster:{cluster}:{name}:{req}"
+            self._follow(backend_id, sdk, cluster, submission.job_id, str(req))
+            return backend_id
         except meshrun.MeshrunError:
             raise
         except Exception as e:
@@ -394,6 +406,53 @@ class SkyPilotBackend(Backend):
         recs = self._get(sdk.status([cluster], all_users=True), f"status of cluster {cluster}", self.settings.request_timeout)
         return any(_enum_name(_field(r, "status")) == "UP" for r in recs or [])
 
+    def _follow(self, backend_id: str, sdk: Any, cluster: str, job_id: str, req: str) -> None:
+        with self._lock:
+            live = sum(1 for f in self._followers.values() if f.alive)
+            if live >= self.settings.follow_logs or backend_id in self._followers:
+                return
+
+            def keep(files: dict[str, bytes], backend_id: str = backend_id) -> None:
+                with self._lock:
+                    self._results[backend_id] = files
+
+            self._followers[backend_id] = LogFollower(sdk, cluster=cluster, job_id=job_id, request_id=req,
+                                                      on_records=keep)
+
+    def _followed_status(self, backend_id: str, requests: Mapping[str, Any]) -> JobStatus | None:
+        """The status a follower knows without asking SkyPilot, or None (then ``sky queue`` is asked)."""
+        with self._lock:
+            f = self._followers.get(backend_id)
+        if f is None:
+            return None
+        _, cluster, _, req = parse_id(backend_id)
+        if f.done.is_set():
+            if f.files is None or "exit.json" not in f.files:
+                return None  # ended without the records: SkyPilot's own view decides
+            import json
+
+            try:
+                agent = meshrun.map_agent_status(json.loads(f.files["exit.json"]))
+            except ValueError:
+                return None
+            if not agent.terminal:
+                return None
+            rec = json.loads(f.files["exit.json"])
+            return JobStatus(agent.state, reason=agent.reason or f"SkyPilot job {f.sky_job} on {cluster} ended",
+                             exit_code=agent.exit_code, started_at=agent.started_at or f.started_at,
+                             ended_at=agent.ended_at, where=f"{cluster} ({rec['host']})" if rec.get("host") else cluster,
+                             detail={"sky_job_id": f.sky_job, "cluster": cluster, "native": "ENDED"})
+        if f.sky_job is None:  # still launching: the request says how that goes
+            return self._request_outcome(req, requests, f"launching on {cluster}") or JobStatus(
+                JobState.PENDING, reason=f"SkyPilot is launching on {cluster}", where=cluster)
+        if f.started_at is not None:
+            return JobStatus(JobState.RUNNING, reason=f"SkyPilot job {f.sky_job} on {cluster}: RUNNING",
+                             started_at=f.started_at, where=cluster,
+                             detail={"sky_job_id": f.sky_job, "cluster": cluster, "native": "RUNNING"})
+        return JobStatus(JobState.PENDING, reason=f"SkyPilot job {f.sky_job} on {cluster}: waiting to start "
+                         "(queued on the cluster or setting up)", where=cluster,
+                         detail={"sky_job_id": f.sky_job, "cluster": cluster, "native": "PENDING"})
+
     # ---- contract: status ---------------------------------------------------------------------------
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
         out: dict[str, JobStatus] = {}
@@ -409,10 +468,18 @@ class SkyPilotBackend(Backend):
             sdk = self._sdk()
         except BackendUnavailable as e:
             return {**out, **{i: JobStatus(JobState.UNKNOWN, reason=str(e)) for i in parsed}}
-        requests = self._request_states([p[3] for p in parsed.values() if p[3]])
+        with self._lock:
+            followers = dict(self._followers)
+        asking = [p[3] for i, p in parsed.items() if p[3] and (i not in followers or followers[i].sky_job is None)]
+        requests = self._request_states(asking)
         by_cluster: dict[str, list[str]] = {}
         managed: list[str] = []
         for i, (kind, cluster, _, _) in parsed.items():
+            if kind != "managed" and i in followers:
+                known = self._followed_status(i, requests)
+                if known is not None:
+                    out[i] = known
+                    continue
             (managed.append(i) if kind == "managed" else by_cluster.setdefault(cluster, []).append(i))
         for cluster, group in by_cluster.items():
             try:
@@ -573,7 +640,7 @@ class SkyPilotBackend(Backend):
         files = _task.parse_results(text, job_id)
         if files is not None:
             files = dict(files)
-            files["output.log"] = _strip_ansi(_task.strip_results(text)).encode()
+            files["output.log"] = _task.strip_ansi(_task.strip_results(text)).encode()
             with self._lock:
                 self._results[backend_id] = files
         return files
@@ -687,6 +754,12 @@ class SkyPilotBackend(Backend):
 
             self._get(jobs_sdk.cancel(name=name), f"cancelling managed job {name}", self.settings.request_timeout)
             return
+        with self._lock:
+            f = self._followers.get(backend_id)
+        if f is not None and f.alive and f.sky_job is not None:  # known here: no `sky queue` round trip
+            self._get(sdk.cancel(cluster, job_ids=[f.sky_job]), f"cancelling {name} on {cluster}",
+                      self.settings.request_timeout)
+            return
         rec = self._cluster_record(cluster, name)
         if rec is None:
             if req:  # still provisioning: cancel the launch request, then tear down what it started
@@ -722,6 +795,7 @@ class SkyPilotBackend(Backend):
     def close(self) -> None:
         with self._lock:
             self._results.clear()
+            self._followers.clear()  # daemon threads: they end with their log stream or the process
 
 
 def _field(rec: Any, key: str) -> Any:
@@ -741,13 +815,6 @@ def _wanted_infra(spec: Any, opts: Mapping[str, Any], default: str | None) -> st
     return default
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def _strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
 def _clean_lines(chunks: Iterator[str]) -> Iterator[str]:
     """Drop the result lines node 0 prints at the end (whole lines, across chunk boundaries) and SkyPilot's
     terminal colours."""
@@ -757,11 +824,11 @@ def _clean_lines(chunks: Iterator[str]) -> Iterator[str]:
         if "\n" not in buf:
             continue
         head, _, buf = buf.rpartition("\n")
-        text = _strip_ansi(_task.strip_results(head + "\n"))
+        text = _task.strip_ansi(_task.strip_results(head + "\n"))
         if text:
             yield text
     if buf:
-        text = _strip_ansi(_task.strip_results(buf))
+        text = _task.strip_ansi(_task.strip_results(buf))
         if text:
             yield text
 

@@ -41,6 +41,7 @@ RESOURCE_OPTIONS = (
     "ephemeral_storage", "volumes",
 )
 RESULT_MARK = "::meshrun-result:"
+START_MARK = "::meshrun-started:"  # node 0 prints it once the job is unpacked and about to start
 RECORD_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
 _RESULT_RE = re.compile(r"::meshrun-result:(?P<job>[A-Za-z0-9_.-]+):(?P<i>\d+)/(?P<n>\d+):(?P<data>[A-Za-z0-9+/=]*)::")
 _CHUNK = 4000
@@ -237,6 +238,7 @@ def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", master_
         'mkdir -p "$MR_DIR" || exit 97\n'
         f"printf '%s' '{bundle_b64}' | \"$MR_PY\" -c {shlex.quote(_UNPACK)} \"$MR_DIR\" || "
         '{ echo "meshrun: cannot unpack the job with $MR_PY" >&2; exit 97; }\n'
+        f'if [ "$MR_RANK" = 0 ]; then echo "{START_MARK}$MR_JOB::"; fi\n'
         'export NODE_RANK="$MR_RANK" NNODES="${SKYPILOT_NUM_NODES:-1}"\n'
         'export MASTER_ADDR="$(printf \'%s\\n\' "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n 1)"\n'
         f"export MASTER_PORT={int(master_port)}\n"
@@ -337,11 +339,20 @@ def parse_results(text: str, job_id: str) -> dict[str, bytes] | None:
         return None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """The text without terminal colours (SkyPilot colours its log lines)."""
+    return _ANSI.sub("", text)
+
+
 def strip_results(text: str) -> str:
-    """The log without the result lines (what a person wants to read)."""
-    if RESULT_MARK not in text:
+    """The log without the result and start lines (what a person wants to read)."""
+    if RESULT_MARK not in text and START_MARK not in text:
         return text
-    return "".join(line for line in text.splitlines(keepends=True) if RESULT_MARK not in line)
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if RESULT_MARK not in line and START_MARK not in line)
 
 
 def write_results(files: Mapping[str, bytes], job_dir: Path) -> None:

@@ -9,6 +9,7 @@ scripts/skypilot-slurm.sh up (which runs backends/slurm/scripts/slurm-cluster.sh
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -118,6 +119,10 @@ def test_one_cluster_command_function_cancel(sky, sky_env):
     assert job.record.where and cluster in job.record.where
     assert [e["event"] for e in job.history][:1] == ["submitted"] and job.history[-1]["event"] == "succeeded"
     assert sky.find(job.id) == f"cluster:{cluster}:meshrun-{job.id}:"
+    # this process followed the job's log; another process (a fresh backend) asks SkyPilot and agrees
+    fresh = type(sky)(sky.config)
+    st = fresh.status([job.record.backend_id])[job.record.backend_id]
+    assert (st.state, st.exit_code) == (meshrun.JobState.SUCCEEDED, 0), st
 
     # a decorated function on the same cluster: `sky exec`
     @meshrun.job(backend="skypilot", backend_options=opts)
@@ -142,6 +147,8 @@ def test_one_cluster_command_function_cancel(sky, sky_env):
     spec = spec.replace(backend_options={"skypilot": {**spec.options_for("skypilot"), "cluster": cluster}})
     long = meshrun.submit(spec, backend="skypilot")
     _wait_state(long, {meshrun.JobState.RUNNING})
+    running_log = long.logs()  # read through SkyPilot while the job runs
+    assert re.search(r"(^|\s)started\s*$", running_log, re.M) and "::meshrun-" not in running_log, running_log
     long.cancel()
     assert long.status() is meshrun.JobState.CANCELLED
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -217,6 +218,53 @@ def test_run_script_runs_a_two_node_command_under_the_agent(tmp_path, meshrun_ho
     assert json.loads(files["exit.json"])["state"] == "succeeded"
     assert _task.parse_results(outs[1], sub.job_id) is None  # only node 0 reports
     assert _task.RESULT_MARK not in _task.strip_results(outs[0])
+    # node 0 says when the job starts (what a follower of the log waits for); the start line is not output
+    assert outs[0].count(f"{_task.START_MARK}{sub.job_id}::") == 1 and _task.START_MARK not in outs[1]
+    assert _task.START_MARK not in _task.strip_results(outs[0])
+
+
+def test_log_follower_reads_start_and_records_across_chunk_boundaries(tmp_path, meshrun_home):
+    """The follower on the real output of the run script, streamed in odd-sized chunks as SkyPilot's log
+    stream may cut it (the transport is a stand-in; the end-to-end tests follow real SkyPilot logs)."""
+    from meshrun_skypilot._follow import LogFollower
+
+    sub = _submission(meshrun.JobSpec(command="echo working; exit 3"), meshrun_home)
+    cfg = _task.launch_config(sub, python=sys.executable)
+    node_home = tmp_path / "node"
+    node_home.mkdir()
+    p = _run_node(cfg["run"], node_home, 0, 1, tmp_path)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode != 0, out
+    gate = __import__("threading").Event()
+
+    class Stream:  # sdk.get(request) -> (job id, handle); sdk.tail_logs(...) -> the log in pieces
+        def get(self, request_id):
+            assert request_id == "req-1"
+            return (7, None)
+
+        def tail_logs(self, cluster, job, follow, preload_content):
+            assert (cluster, job, follow, preload_content) == ("c1", 7, True, False)
+            start = out.index(_task.START_MARK) + 5
+            yield "\x1b[36m(task, pid=1)\x1b[0m " + out[:start]
+            line_end = out.index("\n", start) + 1
+            yield out[start:line_end - 3]
+            yield out[line_end - 3:line_end]
+            gate.wait(30)  # the job runs: started, not ended
+            for i in range(line_end, len(out), 37):
+                yield out[i:i + 37]
+            yield None
+
+    kept = {}
+    f = LogFollower(Stream(), cluster="c1", job_id=sub.job_id, request_id="req-1", on_records=kept.update)
+    end = time.monotonic() + 30
+    while f.started_at is None and time.monotonic() < end:
+        time.sleep(0.01)
+    assert f.sky_job == 7 and f.started_at is not None and f.alive and f.files is None
+    gate.set()
+    assert f.done.wait(30) and f.error is None
+    assert json.loads(f.files["exit.json"])["exit_code"] == 3 and kept == f.files
+    log = f.files["output.log"].decode()
+    assert "working" in log and _task.RESULT_MARK not in log and _task.START_MARK not in log and "\x1b" not in log
 
 
 def test_run_script_returns_a_function_result_and_uses_shipped_cloudpickle(tmp_path, meshrun_home):

@@ -14,6 +14,7 @@ l=json.load(open(p))
 l["cwd"]=os.getcwd()
 open(p,"w").write(json.dumps(l))
 ' "$MR_DIR" || { echo "meshrun: cannot unpack the job with $MR_PY" >&2; exit 97; }
+if [ "$MR_RANK" = 0 ]; then echo "::meshrun-started:$MR_JOB::"; fi
 export NODE_RANK="$MR_RANK" NNODES="${SKYPILOT_NUM_NODES:-1}"
 export MASTER_ADDR="$(printf '%s\n' "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n 1)"
 export MASTER_PORT=29511
