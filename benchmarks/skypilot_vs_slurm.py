@@ -56,6 +56,13 @@ def summary(xs: list[float]) -> dict[str, float]:
             "max_s": round(max(xs), 2), "all_s": [round(x, 2) for x in xs]}
 
 
+def ratios(sky: dict) -> dict[str, float]:
+    """meshrun's cost over SkyPilot's own, medians of the same run (1.0: meshrun adds nothing)."""
+    raw = sky["sdk_exec_raw"]["median_s"]
+    return {"exec_over_sdk": round(sky["exec"]["median_s"] / raw, 3),
+            "function_over_sdk": round(sky["function"]["median_s"] / raw, 3)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3, help="exec/function/slurm runs (launch runs once)")
@@ -133,6 +140,7 @@ def main(argv=None) -> int:
             raws.append(s)
         sky["sdk_exec_raw"] = summary(raws)
         results["skypilot"] = sky
+        results["ratios"] = ratios(sky)
         print(f"[bench] skypilot: {json.dumps(sky)}", file=sys.stderr)
         sdk.get(sdk.down(cluster))
 
