@@ -11,7 +11,7 @@ What it does:
   guarded by ``flock``; a lease belongs to a job's process session and is reclaimed when no process of
   that session is left; GPUs busy with processes meshrun did not start are never handed out;
 * a queue for jobs that ask for more GPUs than are free, served by fair share across OS users (the user
-  holding the fewest GPUs goes first, first come first served within one user);
+  with the least recent GPU use goes first, first come first served within one user);
 * the job supervisor (``run``): starts the job in its own session with ``CUDA_VISIBLE_DEVICES`` set to
   its leased GPUs, enforces the time limit, forwards cancellation to the whole process tree, reaps every
   process and writes the job's exit record;
@@ -33,7 +33,11 @@ import subprocess
 import sys
 import time
 
-AGENT_VERSION = "2"  # 2: the GPU queue is served by fair share across users
+AGENT_VERSION = "3"  # 2: the GPU queue served by fair share across users; 3: by recent GPU use
+
+# Fair share counts each user's GPU-seconds: leases that ended (decaying with this half-life) plus the time
+# the leases held now have run. One constant for every agent of a machine, so that all waiters agree.
+FAIR_HALF_LIFE = 3600.0
 
 # Files of a job directory (the contract between the core and the agent).
 LAUNCH = "launch.json"
@@ -409,6 +413,7 @@ class Leases:
         state.setdefault("gpus", {})
         state.setdefault("queue", [])
         state.setdefault("seq", 0)
+        state.setdefault("usage", {})
         return state
 
     def save(self, state):
@@ -425,9 +430,12 @@ class Leases:
     def reclaim(self, state):
         """Drop leases and tickets whose processes are all gone; returns what was dropped."""
         dropped = []
+        t = now()
         for key in list(state["gpus"]):
             if not self.holder_alive(state["gpus"][key]):
-                dropped.append(("gpu", key, state["gpus"].pop(key)))
+                rec = state["gpus"].pop(key)
+                record_usage(state, rec, t)
+                dropped.append(("gpu", key, rec))
         keep = []
         for t in state["queue"]:
             if pid_alive(t.get("pid"), t.get("pid_start")):
@@ -456,6 +464,38 @@ def _owner(rec):
     return uid if uid is not None else rec.get("user")
 
 
+def _decayed(gpu_s, at, t):
+    return gpu_s * 0.5 ** (max(0.0, t - at) / FAIR_HALF_LIFE)
+
+
+def _ran(rec, t):
+    """Seconds a lease has been held at time ``t``."""
+    since = rec.get("since")
+    return max(0.0, t - float(since)) if since is not None else 0.0
+
+
+def record_usage(state, rec, t):
+    """Add an ended lease (one GPU, from its ``since`` to ``t``) to its user's recent use."""
+    usage = state.setdefault("usage", {})
+    key = str(_owner(rec))
+    gpu_s, at = usage.get(key) or (0.0, t)
+    usage[key] = [_decayed(gpu_s, at, t) + _ran(rec, t), t]
+    for k in [k for k, (g, a) in usage.items() if _decayed(g, a, t) < 0.001]:
+        del usage[k]  # forgotten (a day or two after a long run): keeps the file small
+
+
+def usage_by_owner(state, t):
+    """{owner (as a string): recent GPU-seconds}: ended leases, decayed, plus what the leases held now have
+    run so far."""
+    out = {}
+    for key, (gpu_s, at) in (state.get("usage") or {}).items():
+        out[key] = _decayed(gpu_s, at, t)
+    for rec in state["gpus"].values():
+        key = str(_owner(rec))
+        out[key] = out.get(key, 0.0) + _ran(rec, t)
+    return out
+
+
 def held_by_owner(state):
     """{owner: number of GPUs leased to that OS user right now}."""
     held = {}
@@ -469,46 +509,43 @@ def queue_policy(state):
     it by fair share, else "fifo" (ticket order). An older agent on the same machine (the SSH backend
     keeps one copy per agent version) serves by ticket order, and all waiters must agree on who is first,
     or two of them could each wait for the other."""
-    return "fair" if all(t.get("order") == "fair" for t in state["queue"]) else "fifo"
+    return "fair" if all(t.get("order") == "fair-usage" for t in state["queue"]) else "fifo"
 
 
-def serve_order(gpus, state, busy_uuids):
-    """The order the queue is served in, and which tickets can start now: (order, grants, held).
+def serve_order(gpus, state, busy_uuids, t=None):
+    """The order the queue is served in, and which tickets can start now: (order, grants, usage).
 
-    Fair share across OS users: the next ticket served is the one whose user holds the fewest GPUs at
-    that moment (counting what this walk has just granted), the earlier ticket on a tie; so one user's
-    tickets keep their first-come-first-served order, and with one user waiting it is plain FCFS. The
-    walk gives each ticket the GPUs it asks for while they last; the first ticket that cannot be served
-    stops it (head of line: no one jumps it, so a large request is not starved by small ones). ``order``
-    lists every ticket: those granted, in grant order, then the rest in the order they stand now.
-    ``grants`` is {ticket: [gpu index, ...]} for tickets that can start now; ``held`` is
-    {owner: GPUs held}, including the grants."""
+    Fair share across OS users: tickets are served by their user's recent GPU use (``usage_by_owner``:
+    GPU-seconds of ended leases halving every FAIR_HALF_LIFE, plus the running time of the leases held
+    now), least first, the earlier ticket on a tie; so one user's tickets keep their first-come-first-served
+    order, and with one user waiting it is plain FCFS. The walk gives each ticket the GPUs it asks for while
+    they last; the first ticket that cannot be served stops it (head of line: no one jumps it, so a large
+    request is not starved by small ones). ``order`` lists every ticket: those granted, in grant order, then
+    the rest. ``grants`` is {ticket: [gpu index, ...]} for tickets that can start now; ``usage`` is
+    {owner: recent GPU-seconds}."""
+    t = now() if t is None else t
     leased = set(state["gpus"])
     free = [
         g for g in sorted(gpus, key=lambda g: g["index"])
         if str(g["index"]) not in leased and g["uuid"] not in busy_uuids
     ]
     fair = queue_policy(state) == "fair"
-    held = held_by_owner(state)
+    usage = usage_by_owner(state, t)
 
-    def key(t):
-        return (held.get(_owner(t), 0) if fair else 0, t["ticket"])
+    def key(tk):
+        return (usage.get(str(_owner(tk)), 0.0) if fair else 0.0, tk["ticket"])
 
-    waiting = list(state["queue"])
     order, grants = [], {}
-    while waiting:
-        t = min(waiting, key=key)
-        fit = [g for g in free if gpu_matches(g, t.get("gpu_type"))][: t["gpus"]]
-        if len(fit) < t["gpus"]:
+    waiting = sorted(state["queue"], key=key)
+    for tk in waiting:
+        fit = [g for g in free if gpu_matches(g, tk.get("gpu_type"))][: tk["gpus"]]
+        if len(fit) < tk["gpus"]:
             break
-        waiting.remove(t)
-        order.append(t)
-        grants[t["ticket"]] = [g["index"] for g in fit]
-        held[_owner(t)] = held.get(_owner(t), 0) + len(fit)
+        grants[tk["ticket"]] = [g["index"] for g in fit]
         taken = set(id(g) for g in fit)
         free = [g for g in free if id(g) not in taken]
-    order.extend(sorted(waiting, key=key))
-    return order, grants, held
+    order = waiting
+    return order, grants, usage
 
 
 def snapshot(env=None, with_processes=True):
@@ -527,8 +564,10 @@ def snapshot(env=None, with_processes=True):
     busy = foreign_busy(gpus, state, procs)
     # the queue in the order it is served, each ticket with its place and the GPUs its user holds now
     held = held_by_owner(state)
-    order = serve_order(gpus, state, set(busy))[0]
-    queue = [dict(t, position=i + 1, held=held.get(_owner(t), 0)) for i, t in enumerate(order)]
+    order, _, usage = serve_order(gpus, state, set(busy))
+    queue = [dict(t, position=i + 1, held=held.get(_owner(t), 0),
+                  recent_gpu_hours=round(usage.get(str(_owner(t)), 0.0) / 3600.0, 4))
+             for i, t in enumerate(order)]
     held_by_user = {}
     for rec in state["gpus"].values():
         name = str(rec.get("user") or rec.get("uid"))
@@ -686,7 +725,7 @@ class Supervisor:
                             "pid_start": self.pid_start,
                             "sid": self.sid,
                             "since": now(),
-                            "order": "fair",  # this agent serves the queue by fair share (queue_policy)
+                            "order": "fair-usage",  # this agent serves the queue by recent GPU use (queue_policy)
                         }
                     )
                     changed = True
@@ -737,8 +776,9 @@ class Supervisor:
             with self.leases:
                 state = self.leases.load()
                 mine = [k for k, r in state["gpus"].items() if r.get("pid") == self.pid and r.get("sid") == self.sid]
+                t = now()
                 for k in mine:
-                    del state["gpus"][k]
+                    record_usage(state, state["gpus"].pop(k), t)
                 before = len(state["queue"])
                 state["queue"] = [t for t in state["queue"] if t.get("pid") != self.pid]
                 if mine or len(state["queue"]) != before:

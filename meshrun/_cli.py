@@ -437,13 +437,17 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
         held: dict[Any, int] = {}  # GPUs per user now (older agents do not put it on the ticket)
         for rec in leases.values():
             held[rec.get("user")] = held.get(rec.get("user"), 0) + 1
-        qrows = [[str(i + 1), t.get("user"), str(t.get("held", held.get(t.get("user"), 0))),
+        def recent(t: dict[str, Any]) -> str:
+            h = t.get("recent_gpu_hours")
+            return "-" if h is None else f"{h:.2f}"
+
+        qrows = [[str(i + 1), t.get("user"), str(t.get("held", held.get(t.get("user"), 0))), recent(t),
                   f"{t.get('job_id')} ({t.get('name')})",
                   f"{t.get('gpus')}{' ' + t['gpu_type'] if t.get('gpu_type') else ''}", _age(t.get("since"))]
                  for i, t in enumerate(queue)]
-        title = ("queue (fair share: the user holding the fewest GPUs first, then first come first served)"
-                 if policy == "fair" else "queue (first come, first served)")
-        print_table(["#", "USER", "USER HOLDS", "JOB", "GPUS", "WAITING SINCE"], qrows, title=title)
+        title = ("queue (fair share: the user with the least recent GPU use first, GPU-hours halving every hour; "
+                 "first come first served within a user)" if policy == "fair" else "queue (first come, first served)")
+        print_table(["#", "USER", "USER HOLDS", "RECENT GPU-H", "JOB", "GPUS", "WAITING SINCE"], qrows, title=title)
 
 
 def cmd_backends(a: argparse.Namespace) -> int:

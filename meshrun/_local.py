@@ -45,6 +45,21 @@ def agent_version() -> str:
     return _agent.AGENT_VERSION
 
 
+_DIGEST: dict[str, str] = {}
+
+
+def _agent_digest() -> str:
+    """The agent file's content hash (a warm fork server runs the code it was started with: an edited or
+    upgraded agent must not reuse it, whatever its version says)."""
+    path = str(agent_file())
+    if path not in _DIGEST:
+        try:
+            _DIGEST[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+        except OSError:
+            _DIGEST[path] = "?"
+    return _DIGEST[path]
+
+
 def map_agent_status(rec: Mapping[str, Any]) -> JobStatus:
     """Translate one agent status record (``exit.json``/``state.json``) into a :class:`JobStatus`."""
     state = _STATES.get(str(rec.get("state")), JobState.UNKNOWN)
@@ -99,7 +114,7 @@ class LocalBackend(Backend):
         return env
 
     def _server_path(self) -> str:
-        key = f"{sys.executable}|{_agent.AGENT_VERSION}|{agent_file()}|{os.getuid()}"
+        key = f"{sys.executable}|{_agent.AGENT_VERSION}|{agent_file()}|{_agent_digest()}|{os.getuid()}"
         h = hashlib.sha1(key.encode()).hexdigest()[:10]
         path = str(self.home / f"agent-{h}.sock")
         if len(path.encode()) > 100:  # AF_UNIX paths are limited to ~107 bytes

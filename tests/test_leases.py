@@ -176,40 +176,62 @@ def test_fcfs_queue_and_no_overtaking(monkeypatch, tmp_path):
     assert "waiting for 2 GPU(s)" in second.logs()
 
 
-def _ticket(ticket, uid, gpus, order="fair"):
+def _ticket(ticket, uid, gpus, order="fair-usage"):
     return {"ticket": ticket, "uid": uid, "user": f"u{uid}", "gpus": gpus, "job_id": f"t{ticket}", "order": order}
 
 
-def _state(held: dict[int, int], queue: list[dict]) -> dict:
+def _state(held: dict[int, int], queue: list[dict], *, since: float = 0.0, usage=None) -> dict:
     leases, i = {}, 0
     for uid, n in held.items():
         for _ in range(n):
-            leases[str(i)] = {"uid": uid, "user": f"u{uid}"}
+            leases[str(i)] = {"uid": uid, "user": f"u{uid}", "since": since}
             i += 1
-    return {"gpus": leases, "queue": queue}
+    return {"gpus": leases, "queue": queue, "usage": dict(usage or {})}
 
 
 def test_serve_order_fair_share_head_of_line_and_older_agents():
     gpus = [{"index": i, "uuid": f"GPU-{i}", "name": "declared"} for i in range(6)]
-    # user 1 holds 3 of 6 GPUs: user 2's later tickets go first; each grant counts towards its user's share
+    H = _agent.FAIR_HALF_LIFE
+    # user 1 holds 3 of 6 GPUs for 100 s (300 GPU-s of recent use): user 2's later tickets go first
     st = _state({1: 3}, [_ticket(1, 1, 1), _ticket(2, 2, 1), _ticket(3, 1, 1), _ticket(4, 2, 1)])
-    order, grants, held = _agent.serve_order(gpus, st, set())
+    order, grants, usage = _agent.serve_order(gpus, st, set(), t=100.0)
     assert [t["ticket"] for t in order] == [2, 4, 1, 3]
-    assert list(grants) == [2, 4, 1] and held == {1: 4, 2: 2}
+    assert list(grants) == [2, 4, 1] and usage == {"1": 300.0}
+    # ended leases count too, halving every FAIR_HALF_LIFE: user 1 ran 2 GPUs for an hour, an hour ago
+    # (3600 GPU-s left); user 2 holds 1 GPU since 1000 s (1000 GPU-s): user 2 goes first
+    st = _state({2: 1}, [_ticket(5, 1, 1), _ticket(6, 2, 1)], since=2 * H - 1000.0, usage={"1": [2 * H, H]})
+    order, _, usage = _agent.serve_order(gpus, st, set(), t=2 * H)
+    assert [t["ticket"] for t in order] == [6, 5] and usage == {"1": H, "2": 1000.0}
+    # ... and a day later that is forgotten: user 2, still holding its GPU, now has more
+    order, _, _ = _agent.serve_order(gpus, st, set(), t=2 * H + 86400.0)
+    assert [t["ticket"] for t in order] == [5, 6]
     # head of line: the first ticket in fair order that does not fit blocks everyone behind it
     st = _state({1: 3}, [_ticket(1, 1, 1), _ticket(2, 2, 4)])
-    order, grants, _ = _agent.serve_order(gpus, st, set())
+    order, grants, _ = _agent.serve_order(gpus, st, set(), t=10.0)
     assert [t["ticket"] for t in order] == [2, 1] and grants == {}
     # one user alone: plain first come, first served (a 1-GPU ticket never overtakes a 2-GPU one)
     st = _state({1: 5}, [_ticket(7, 1, 2), _ticket(8, 1, 1)])
-    order, grants, _ = _agent.serve_order(gpus, st, set())
+    order, grants, _ = _agent.serve_order(gpus, st, set(), t=10.0)
     assert [t["ticket"] for t in order] == [7, 8] and grants == {}
     # a ticket of an older agent (FCFS, no "order" marker) on the machine: all waiters serve in ticket
     # order, so that the old and the new agent agree on who is first
     st = _state({1: 3}, [_ticket(1, 1, 1), _ticket(2, 2, 1, order=None)])
     assert _agent.queue_policy(st) == "fifo"
-    order, grants, _ = _agent.serve_order(gpus, st, set())
+    order, grants, _ = _agent.serve_order(gpus, st, set(), t=10.0)
     assert [t["ticket"] for t in order] == [1, 2] and sorted(grants) == [1, 2]
+
+
+def test_ended_leases_are_remembered_as_recent_use():
+    st = _state({}, [])
+    _agent.record_usage(st, {"uid": 7, "since": 100.0}, 400.0)  # one GPU for 300 s
+    _agent.record_usage(st, {"uid": 7, "since": 100.0}, 400.0)
+    assert st["usage"] == {"7": [600.0, 400.0]}
+    later = 400.0 + _agent.FAIR_HALF_LIFE
+    assert _agent.usage_by_owner(st, later) == {"7": 300.0}
+    _agent.record_usage(st, {"uid": 8, "since": later}, later + 0.5)  # even half a GPU-second counts
+    assert set(st["usage"]) == {"7", "8"}
+    _agent.record_usage(st, {"uid": 9, "since": 0.0}, 400.0 + 24 * _agent.FAIR_HALF_LIFE)
+    assert set(st["usage"]) == {"9"}  # a day later the others' use has decayed away and left the file
 
 
 def test_one_user_alone_is_served_first_come_first_served(monkeypatch, tmp_path):
@@ -253,27 +275,28 @@ def _other_user_job(other_user: str, out: Path, name: str, argv: list[str], gpus
 
 
 def test_fair_share_across_os_users(shared_lease_dir, other_user, monkeypatch, capfd):
-    """User A (us) holds all 4 GPUs and queues a 2-GPU job; then user B queues one. When A's first job
-    ends, B's job gets its GPUs, though A asked first: B holds nothing, A still holds 2."""
+    """User A (us) holds all 4 GPUs in one job and queues another 4-GPU job; then user B queues one. When
+    A's first job ends, B's job gets the GPUs, though A asked first and neither holds any GPU at that
+    moment: A has recent GPU use, B has none."""
     monkeypatch.setenv("MESHRUN_GPUS", "0-3")
     out = Path(f"/tmp/meshrun-fair-{os.getpid()}-{time.time_ns()}")
     out.mkdir(mode=0o777)
     os.chmod(out, 0o777)
     b_proc = None
     try:
-        a1 = meshrun.run(["sleep", "1000"], gpus=2, name="a-first")
-        a2 = meshrun.run(["sleep", "1000"], gpus=2, name="a-long")
-        _wait(lambda: a1.status() is JobState.RUNNING and a2.status() is JobState.RUNNING)
-        a3 = meshrun.run(_record_job(out, 0), gpus=2, name="a-second")
-        _wait(lambda: "waiting for 2 GPU(s)" in (a3.refresh().reason or ""))
-        b_dir, b_cmd = _other_user_job(other_user, out, "b-job", _record_job(out, 0.3), 2)
+        a1 = meshrun.run(["sleep", "1000"], gpus=4, name="a-first")
+        _wait(lambda: a1.status() is JobState.RUNNING)
+        a3 = meshrun.run(_record_job(out, 0), gpus=4, name="a-second")
+        _wait(lambda: "waiting for 4 GPU(s)" in (a3.refresh().reason or ""))
+        b_dir, b_cmd = _other_user_job(other_user, out, "b-job", _record_job(out, 0.3), 4)
         env = {"PATH": "/usr/bin:/bin", "MESHRUN_LEASE_DIR": str(shared_lease_dir), "MESHRUN_GPUS": "0-3"}
         b_proc = subprocess.Popen(b_cmd, env=env)
         _wait(lambda: (_agent.read_json(str(b_dir / "state.json")) or {}).get("state") == "queued")
-        # B (holding nothing) is now first in line although it came second; and A's job knows it
+        # B (no recent use) is now first in line although it came second; and A's job knows it
         snap = _agent.snapshot()
         assert [(t["job_id"], t["user"], t["held"]) for t in snap["queue"]] == [
             ("b-job", other_user, 0), (a3.id, pwd.getpwuid(os.getuid()).pw_name, 4)]
+        assert snap["queue"][0]["recent_gpu_hours"] == 0 and snap["queue"][1]["recent_gpu_hours"] > 0
         assert snap["held_by_user"] == {pwd.getpwuid(os.getuid()).pw_name: 4}
         _wait(lambda: "1 job(s) ahead" in (a3.refresh().reason or ""))
         from meshrun._cli import main
@@ -291,10 +314,12 @@ def test_fair_share_across_os_users(shared_lease_dir, other_user, monkeypatch, c
         b_rec = recs["b-job"]
         assert b_rec["user"] == pwd.getpwnam(other_user).pw_uid
         assert recs[a3.id]["start"] >= b_rec["end"], "A's second job started before B's"
-        assert a2.status() is JobState.RUNNING
         _assert_no_overlap([b_rec, recs[a3.id]])
         assert json.loads((b_dir / "exit.json").read_text())["state"] == "succeeded"
-        a2.cancel()
+        # A's ended lease is remembered as recent use (4 GPUs for a few seconds), B's too
+        usage = _agent.snapshot()
+        st = _agent.read_json(str(Path(usage["lease_dir"]) / "leases.json"))
+        assert set(st["usage"]) == {str(os.getuid()), str(pwd.getpwnam(other_user).pw_uid)}
     finally:
         if b_proc is not None and b_proc.poll() is None:
             b_proc.kill()
