@@ -147,6 +147,19 @@ meshrun_free_port() {
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
   meshrun_prev="$meshrun_job_dir/requeue-$SLURM_RESTART_COUNT"
   mkdir -p "$meshrun_prev"
+  # the earlier run's host agent runs in a session of its own, which Slurm may not track: while it lives
+  # on this node (or for up to 30 s when it ran on another), wait for its exit record, so that a late
+  # record cannot land among this run's
+  if [ -e "$meshrun_job_dir/state.json" ] && [ ! -e "$meshrun_job_dir/exit.json" ]; then
+    meshrun_old_pid=$(grep -o '"pid": *[0-9]*' "$meshrun_job_dir/state.json" | head -n 1 | grep -o '[0-9]*$')
+    meshrun_old_host=$(grep -o '"host": *"[^"]*"' "$meshrun_job_dir/state.json" | head -n 1 | cut -d'"' -f4)
+    meshrun_w=0
+    while [ ! -e "$meshrun_job_dir/exit.json" ] && [ "$meshrun_w" -lt 300 ]; do
+      if [ "$meshrun_old_host" = "$(hostname)" ] && ! kill -0 "${meshrun_old_pid:-0}" 2>/dev/null; then break; fi
+      sleep 0.1
+      meshrun_w=$((meshrun_w + 1))
+    done
+  fi
   for meshrun_f in "$meshrun_job_dir"/.started "$meshrun_job_dir"/.rank*.started "$meshrun_job_dir"/state*.json \
       "$meshrun_job_dir"/exit*.json "$meshrun_job_dir"/result*.pkl "$meshrun_job_dir"/error*.json \
       "$meshrun_job_dir"/error*.pkl; do
