@@ -59,9 +59,10 @@ def cluster_facts() -> dict:
     return facts
 
 
-def floor_once(work: str) -> float:
+def _sbatch_and_poll(work: str, name: str, wrap: str) -> float:
+    """Submit ``wrap`` as a batch job, then poll ``scontrol show job`` every 20 ms until COMPLETED."""
     t0 = time.perf_counter()
-    p = sh(["sbatch", "--parsable", f"--chdir={work}", "--output=/dev/null", "--job-name=bench-floor", "--wrap", "true"])
+    p = sh(["sbatch", "--parsable", f"--chdir={work}", "--output=/dev/null", f"--job-name={name}", "--wrap", wrap])
     jid = p.stdout.strip().split(";")[0]
     while True:
         out = sh(["scontrol", "show", "job", jid]).stdout
@@ -69,8 +70,12 @@ def floor_once(work: str) -> float:
         if m and m.group(1) == "COMPLETED":
             return time.perf_counter() - t0
         if m and m.group(1) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            raise RuntimeError(f"floor job {jid} ended {m.group(1)}")
+            raise RuntimeError(f"{name} job {jid} ended {m.group(1)}")
         time.sleep(0.02)
+
+
+def floor_once(work: str) -> float:
+    return _sbatch_and_poll(work, "bench-floor", "true")
 
 
 def sbatch_wait_once(work: str) -> float:
@@ -132,18 +137,7 @@ def meshrun_command_once() -> float:
 def python_floor_once(work: str) -> float:
     """The floor for any Python-based runner: a batch job that starts this interpreter and imports
     cloudpickle (what a function job needs at the least), polled like the floor."""
-    t0 = time.perf_counter()
-    cmd = f"{sys.executable} -c 'import cloudpickle'"
-    p = sh(["sbatch", "--parsable", f"--chdir={work}", "--output=/dev/null", "--job-name=bench-pyfloor", "--wrap", cmd])
-    jid = p.stdout.strip().split(";")[0]
-    while True:
-        out = sh(["scontrol", "show", "job", jid]).stdout
-        m = re.search(r"JobState=(\S+)", out)
-        if m and m.group(1) == "COMPLETED":
-            return time.perf_counter() - t0
-        if m and m.group(1) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            raise RuntimeError(f"python floor job {jid} ended {m.group(1)}")
-        time.sleep(0.02)
+    return _sbatch_and_poll(work, "bench-pyfloor", f"{sys.executable} -c 'import cloudpickle'")
 
 
 def array_floor_once(work: str, n: int) -> float:

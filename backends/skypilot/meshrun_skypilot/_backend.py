@@ -429,19 +429,10 @@ class SkyPilotBackend(Backend):
         if f.done.is_set():
             if f.files is None or "exit.json" not in f.files:
                 return None  # ended without the records: SkyPilot's own view decides
-            import json
-
-            try:
-                agent = meshrun.map_agent_status(json.loads(f.files["exit.json"]))
-            except ValueError:
-                return None
-            if not agent.terminal:
-                return None
-            rec = json.loads(f.files["exit.json"])
-            return JobStatus(agent.state, reason=agent.reason or f"SkyPilot job {f.sky_job} on {cluster} ended",
-                             exit_code=agent.exit_code, started_at=agent.started_at or f.started_at,
-                             ended_at=agent.ended_at, where=f"{cluster} ({rec['host']})" if rec.get("host") else cluster,
-                             detail={"sky_job_id": f.sky_job, "cluster": cluster, "native": "ENDED"})
+            ended = JobStatus(JobState.UNKNOWN, reason=f"SkyPilot job {f.sky_job} on {cluster} ended",
+                              started_at=f.started_at, where=cluster,
+                              detail={"sky_job_id": f.sky_job, "cluster": cluster, "native": "ENDED"})
+            return _refined(ended, f.files)
         if f.sky_job is None:  # still launching: the request says how that goes
             return self._request_outcome(req, requests, f"launching on {cluster}") or JobStatus(
                 JobState.PENDING, reason=f"SkyPilot is launching on {cluster}", where=cluster)
@@ -564,18 +555,7 @@ class SkyPilotBackend(Backend):
                                  where=st.where, detail=st.detail)
             return JobStatus(st.state, reason=f"{st.reason} (meshrun's records are missing from its log)",
                              started_at=st.started_at, ended_at=st.ended_at, where=st.where, detail=st.detail)
-        import json
-
-        try:
-            rec = json.loads(files["exit.json"])
-        except ValueError:
-            return st
-        agent = meshrun.map_agent_status(rec)
-        if not agent.terminal:
-            return st
-        return JobStatus(agent.state, reason=agent.reason or st.reason, exit_code=agent.exit_code,
-                         started_at=agent.started_at or st.started_at, ended_at=agent.ended_at or st.ended_at,
-                         where=f"{st.where} ({rec.get('host')})" if rec.get("host") else st.where, detail=st.detail)
+        return _refined(st, files) or st
 
     def _managed_status(self, ids: list[str], parsed: Mapping[str, tuple[str, str, str, str]],
                         requests: Mapping[str, Any]) -> dict[str, JobStatus]:
@@ -796,6 +776,23 @@ class SkyPilotBackend(Backend):
         with self._lock:
             self._results.clear()
             self._followers.clear()  # daemon threads: they end with their log stream or the process
+
+
+def _refined(st: JobStatus, files: Mapping[str, bytes]) -> JobStatus | None:
+    """``st`` told by the agent's exit record (its state, exit code, reason and times win), or None when the
+    records hold no usable end."""
+    import json
+
+    try:
+        rec = json.loads(files["exit.json"])
+    except (KeyError, ValueError):
+        return None
+    agent = meshrun.map_agent_status(rec)
+    if not agent.terminal:
+        return None
+    return JobStatus(agent.state, reason=agent.reason or st.reason, exit_code=agent.exit_code,
+                     started_at=agent.started_at or st.started_at, ended_at=agent.ended_at or st.ended_at,
+                     where=f"{st.where} ({rec['host']})" if rec.get("host") else st.where, detail=st.detail)
 
 
 def _field(rec: Any, key: str) -> Any:
