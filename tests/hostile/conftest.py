@@ -1,0 +1,118 @@
+"""Two real OS users on one machine: ``alice`` (the victim, running meshrun as she normally would) and
+``bob`` (a hostile local user). The tests here replay attacks a local user could try through anything
+meshrun shares (the lease directory, fork-server sockets, job stores, terminal output, remote helpers)
+and assert that each one now fails.
+
+The users are created for the test session (``useradd``) and removed afterwards; the tests need root to
+do that and are skipped without it. Everything the two users share lives under a fresh directory in /tmp
+that both can reach; each user's own files live in a private 0700 directory of theirs."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    private: Path  # a 0700 directory of this user's, for MESHRUN_HOME and such
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A clean environment for this user that imports meshrun from this checkout."""
+        env = {
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(self.home),
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "PYTHONPATH": os.pathsep.join([str(REPO)] + [str(p) for p in sorted((REPO / "backends").glob("*"))]),
+            "MESHRUN_HOME": str(self.private / "meshrun-home"),
+            "MESHRUN_CONFIG": str(self.private / "no-config.toml"),
+            "LANG": "C.UTF-8",
+        }
+        env.update(extra)
+        return env
+
+    def run(self, argv, *, env=None, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
+        """Run argv as this user (runuser, no login shell): returns the completed process, text mode."""
+        return subprocess.run([RUNUSER, "-u", self.name, "--", *map(str, argv)], env=env or self.env(),
+                              capture_output=True, text=True, timeout=timeout, check=check, **kw)
+
+    def popen(self, argv, *, env=None, **kw) -> subprocess.Popen:
+        return subprocess.Popen([RUNUSER, "-u", self.name, "--", *map(str, argv)], env=env or self.env(), **kw)
+
+    def python(self, code: str, *args, env=None, timeout=120) -> subprocess.CompletedProcess:
+        """Run Python code as this user with this checkout's interpreter and meshrun."""
+        return self.run([sys.executable, "-c", code, *args], env=env, timeout=timeout)
+
+
+def _ensure_user(name: str, root: Path) -> User:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+        pw = pwd.getpwnam(name)
+    home = Path(pw.pw_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, pw.pw_uid, pw.pw_gid)
+    private = root / name
+    private.mkdir(mode=0o700)
+    os.chown(private, pw.pw_uid, pw.pw_gid)
+    os.chmod(private, 0o700)
+    (private / "no-config.toml").write_text("")
+    os.chown(private / "no-config.toml", pw.pw_uid, pw.pw_gid)
+    return User(name, pw.pw_uid, pw.pw_gid, home, private)
+
+
+@pytest.fixture(scope="session")
+def hostile_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create two OS users")
+    root = Path(f"/tmp/meshrun-hostile-{uuid.uuid4().hex[:8]}")
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def alice(hostile_root) -> User:
+    return _ensure_user("mralice", hostile_root)
+
+
+@pytest.fixture(scope="session")
+def bob(hostile_root) -> User:
+    return _ensure_user("mrbob", hostile_root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_users():
+    yield
+    for name in ("mralice", "mrbob"):
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        time.sleep(0.2)
+        subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+def shared_dir(hostile_root) -> Path:
+    """A fresh directory both users can reach (0755, root's), for things like a lease directory's parent."""
+    d = hostile_root / f"shared-{uuid.uuid4().hex[:8]}"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    return d
