@@ -29,11 +29,13 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 
-AGENT_VERSION = "3"  # 2: the GPU queue served by fair share across users; 3: by recent GPU use
+AGENT_VERSION = "4"  # 2: the GPU queue served by fair share across users; 3: by recent GPU use;
+# 4: leases as flocked per-job hold files, the lease directory treated as hostile
 
 # Fair share counts each user's GPU-seconds: leases that ended (decaying with this half-life) plus the time
 # the leases held now have run. One constant for every agent of a machine, so that all waiters agree.
@@ -73,17 +75,34 @@ def now():
 
 
 def atomic_write(path, data, mode=0o644):
-    """Write bytes to ``path`` so that readers see the old or the new content, never a torn file."""
-    tmp = "%s.tmp.%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write bytes to ``path`` so that readers see the old or the new content, never a torn file.
+
+    The temporary file gets a fresh random name and is created exclusively (never through a link someone
+    planted); it is removed again if anything fails."""
+    d, base = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(d, "%s.tmp.%d.%s" % (base, os.getpid(), os.urandom(4).hex()))
+        try:
+            fd = os.open(tmp, flags, mode)
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits
+            continue
     try:
-        view = memoryview(data)
-        while view:  # no fsync: records must survive killed processes, which the page cache does
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)  # umask must not narrow a machine-wide file
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # created by this call; umask must not narrow a record meant for others
+            view = memoryview(data)
+            while view:  # no fsync: records must survive killed processes, which the page cache does
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def write_json(path, obj, mode=0o644):
@@ -341,10 +360,40 @@ def gpu_matches(gpu, gpu_type):
 
 # --------------------------------------------------------------------------------------------------
 # leases
+#
+# The machine-wide lease directory (MESHRUN_LEASE_DIR) is shared by every OS user of the host, so every
+# user's agent treats everything in it as chosen by a possibly hostile user: nothing in it is followed
+# (O_NOFOLLOW), opened without O_NONBLOCK (a FIFO must not block), trusted before fstat (a regular file,
+# one link, the expected owner, a size cap) or chmodded unless the same call created it (O_EXCL). All
+# access goes through a descriptor of the directory itself. docs/architecture.md ("Threat model") says
+# what another local user can and cannot do to the leases.
+#
+#   lock                      flocked (exclusive) around every read-modify-write of the leases
+#   leases.json               ticket counter, recent GPU use per user (fair share), and entries of
+#                             older agents; rewritten in place (every user must be able to write it)
+#   hold-<uid>-<token>.json   one per waiting or leased job, owned by its user and flocked by the
+#                             job's supervisor (and inherited by the job's processes) for as long as
+#                             the job lives: a hold is live exactly while its flock is held, which any
+#                             user can probe (LOCK_NB) without seeing the holder's processes (hidepid,
+#                             PID namespaces and PID reuse cannot free a live lease)
 
 
 class LeaseError(Exception):
     pass
+
+
+LEASE_TABLE = "leases.json"
+LEASE_LOCK = "lock"
+HOLD_PREFIX = "hold-"
+TABLE_MAX_BYTES = 1 << 20
+HOLD_MAX_BYTES = 64 << 10
+LOCK_TIMEOUT = 30.0
+MAX_GPUS_PER_JOB = 1024
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def lease_dir(env=None):
@@ -352,110 +401,653 @@ def lease_dir(env=None):
     return env.get("MESHRUN_LEASE_DIR") or DEFAULT_LEASE_DIR
 
 
+def _env_float(env, name, default):
+    try:
+        return float(env.get(name) or default)
+    except ValueError:
+        return default
+
+
+def uid_name(uid):
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except Exception:
+        return "uid %s" % uid
+
+
+def _who(st):
+    return "owner %s (uid %d), mode %04o" % (uid_name(st.st_uid), st.st_uid, st.st_mode & 0o7777)
+
+
+def _pwrite_all(fd, data, offset=0):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _rewrite_in_place(fd, data, old_size):
+    """Replace a file's content under a lock: pad with blanks to the old size, then trim, so that a writer
+    killed half-way leaves valid JSON (with trailing blanks) rather than a torn file."""
+    pad = max(0, old_size - len(data))
+    _pwrite_all(fd, data + b" " * pad, 0)
+    if pad:
+        os.ftruncate(fd, len(data))
+
+
+def _read_fd(fd, limit):
+    chunks, off = [], 0
+    while off < limit:
+        b = os.pread(fd, min(65536, limit - off), off)
+        if not b:
+            break
+        chunks.append(b)
+        off += len(b)
+    return b"".join(chunks)
+
+
+def _flock_holder(st):
+    """Who holds a flock on the file with stat ``st``, from /proc/locks: "pid N (comm, user U)" or None."""
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    dev = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        if parts[5].lower() != dev:
+            continue
+        pid = parts[4]
+        try:
+            with open("/proc/%s/comm" % pid) as f:
+                comm = f.read().strip()
+            owner = uid_name(os.stat("/proc/%s" % pid).st_uid)
+            return "pid %s (%s, user %s)" % (pid, _clean(comm), owner)
+        except OSError:
+            return "pid %s (a process this user cannot see)" % pid
+    return None
+
+
+def _clean(s, limit=200):
+    """A string another user wrote, made safe to print: control characters shown escaped, length capped."""
+    s = s if isinstance(s, str) else str(s)
+    out = []
+    for ch in s[:limit]:
+        o = ord(ch)
+        if o < 32 or o == 127 or 0x80 <= o < 0xA0 or 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069:
+            out.append("\\x%02x" % o if o < 256 else "\\u%04x" % o)
+        else:
+            out.append(ch)
+    return "".join(out) + ("..." if len(s) > limit else "")
+
+
+def _is_int(v, lo=0, hi=1 << 62):
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _opt_str(v, limit=4096):
+    return v is None or (isinstance(v, str) and len(v) <= limit)
+
+
+def _valid_legacy_lease(rec):
+    return (isinstance(rec, dict) and _is_int(rec.get("pid"), 1) and (rec.get("sid") is None or _is_int(rec.get("sid")))
+            and (rec.get("uid") is None or _is_int(rec.get("uid"))) and (rec.get("since") is None or _is_num(rec.get("since")))
+            and _opt_str(rec.get("user")) and _opt_str(rec.get("job_id")) and _opt_str(rec.get("name")))
+
+
+def _valid_legacy_ticket(t):
+    return (_valid_legacy_lease(t) and _is_int(t.get("ticket")) and _is_int(t.get("gpus"), 1, MAX_GPUS_PER_JOB)
+            and _opt_str(t.get("gpu_type"), 200))
+
+
+def _fresh_table():
+    return {"boot_id": boot_id(), "gpus": {}, "queue": [], "seq": 0, "usage": {}, "ended": {}}
+
+
 class Leases:
-    """The machine-wide lease table: which session holds which GPU, and who waits in line.
+    """The machine-wide lease table: which job holds which GPU, and who waits in line (see above).
 
-    One JSON file, ``leases.json``, rewritten atomically under an exclusive ``flock`` on ``lock``. The
-    directory is world-writable (not sticky) so that any user's job can reclaim a lease whose holder has
-    died; this is a cooperative scheme for a shared workstation, not a security boundary.
-    """
+    ``with leases:`` takes the lock; ``load()`` then returns the state (live holds merged with the table),
+    ``save(state)`` writes the table back. A supervisor takes a ticket (``take_ticket``), is granted GPUs
+    (``grant``) and gives them back (``drop_hold``); its hold file stays flocked in between."""
 
-    def __init__(self, path=None):
-        self.path = path or lease_dir()
-        self._fd = None
+    def __init__(self, path=None, env=None):
+        self.env = os.environ if env is None else env
+        self.path = path or lease_dir(self.env)
+        self._dfd = None
+        self._lfd = None
+        self._tfd = None
+        self._table_size = 0
+        self._table_st = None
+        self.writable = True
+        self.warnings = []
+        self.hold_fd = None
+        self.hold_name = None
+        self.hold_rec = None
+
+    # -- the directory
+    def _where(self, name=None):
+        return os.path.join(self.path, name) if name else self.path
+
+    def _unusable(self, name, what, st=None):
+        who = (" (%s)" % _who(st)) if st is not None else ""
+        return ("the GPU lease table at %s is unusable: %s%s; meshrun hands out no GPUs until it is fixed. "
+                "Fix: its owner or root removes it (rm -rf %s); meshrun then starts a fresh one"
+                % (self._where(name), what, who, self._where(name)))
+
+    def _open_dir(self):
+        flags = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+        created = False
+        try:
+            dfd = os.open(self.path, flags)
+        except FileNotFoundError:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                os.mkdir(self.path, 0o700)
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise LeaseError("cannot create the GPU lease directory %s: %s (set MESHRUN_LEASE_DIR to a "
+                                 "directory every user of this machine can write)" % (self.path, e.strerror or e))
+            dfd = self._open_existing_dir(flags)
+        except OSError:
+            dfd = self._open_existing_dir(flags)
+        st = os.fstat(dfd)
+        if st.st_uid == os.getuid() and (created or (st.st_mode & 0o002 and not st.st_mode & 0o1000)):
+            # ours (checked on the open descriptor): shared by every user, and sticky so that nobody can
+            # remove or replace another user's files in it
+            os.fchmod(dfd, 0o1777)
+            st = os.fstat(dfd)
+        self.warnings = self._dir_warnings(st)
+        return dfd
+
+    def _open_existing_dir(self, flags):
+        try:
+            return os.open(self.path, flags)
+        except OSError as e:
+            try:
+                st = os.lstat(self.path)
+                what = "it is a symbolic link" if stat.S_ISLNK(st.st_mode) else (
+                    "it is not a directory" if not stat.S_ISDIR(st.st_mode) else "it cannot be opened (%s)" % e.strerror)
+            except OSError:
+                st, what = None, "it cannot be opened (%s)" % (e.strerror or e)
+            raise LeaseError(self._unusable(None, what, st))
+
+    def _dir_warnings(self, st):
+        out = []
+        if st.st_uid not in (0, os.getuid()):
+            out.append("the lease directory %s belongs to %s, who can remove or rewrite every lease in it; an "
+                       "admin can make it root's: sudo chown root %s (or use the enforced mode: docs/architecture.md)"
+                       % (self.path, uid_name(st.st_uid), self.path))
+        if st.st_mode & 0o002 and not st.st_mode & 0o1000:
+            out.append("the lease directory %s is writable by every user without the sticky bit, so any user can "
+                       "remove another's leases; its owner can fix it: chmod +t %s" % (self.path, self.path))
+        return out
 
     # -- locking
-    def _ensure(self):
-        if not os.path.isdir(self.path):
+    def _open_lock(self):
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK
+        try:
+            fd = os.open(LEASE_LOCK, flags, dir_fd=self._dfd)
+        except FileNotFoundError:
             try:
-                os.makedirs(self.path, exist_ok=True)
+                fd = os.open(LEASE_LOCK, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=self._dfd)
+                os.fchmod(fd, 0o644)  # created by this call (umask must not make it unreadable to others)
+            except FileExistsError:
+                fd = self._reopen(LEASE_LOCK, flags)
             except OSError as e:
-                raise LeaseError("cannot create lease directory %s: %s" % (self.path, e))
-            try:
-                os.chmod(self.path, 0o777)
-            except OSError:
-                pass
-        lock = os.path.join(self.path, "lock")
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise LeaseError(
-                "cannot open %s: %s (the lease directory must be writable by every user of "
-                "this machine; set MESHRUN_LEASE_DIR to use another)" % (lock, e)
-            )
-        try:
-            if os.fstat(fd).st_uid == os.getuid():
-                os.fchmod(fd, 0o666)
+                raise LeaseError("cannot create %s: %s (the lease directory must be writable by every user of "
+                                 "this machine; set MESHRUN_LEASE_DIR to use another)" % (self._where(LEASE_LOCK), e.strerror))
         except OSError:
-            pass
+            fd = self._reopen(LEASE_LOCK, flags)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise LeaseError(self._unusable(LEASE_LOCK, "it is not a regular file", st))
         return fd
 
-    def __enter__(self):
+    def _reopen(self, name, flags):
+        try:
+            return os.open(name, flags, dir_fd=self._dfd)
+        except OSError as e:
+            try:
+                st = os.stat(name, dir_fd=self._dfd, follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise LeaseError(self._unusable(name, "it is a symbolic link", st))
+            raise LeaseError(self._unusable(name, "it cannot be opened (%s)" % (e.strerror or e), st))
+
+    def _flock(self, fd, timeout):
         import fcntl
 
-        self._fd = self._ensure()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        deadline = now() + timeout
+        delay = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+            if now() >= deadline:
+                holder = _flock_holder(os.fstat(fd)) or "a process this user cannot see"
+                raise LeaseError(
+                    "the GPU lease table at %s has been locked for more than %ss by %s; meshrun hands out no "
+                    "GPUs until it is free. If that process is stuck, its owner or root can end it"
+                    % (self.path, _fmt_secs(timeout), holder))
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def __enter__(self):
+        if self._dfd is None:
+            self._dfd = self._open_dir()
+        try:
+            self._lfd = self._open_lock()
+            self._flock(self._lfd, _env_float(self.env, "MESHRUN_LEASE_LOCK_TIMEOUT", LOCK_TIMEOUT))
+        except BaseException:
+            self._close_fds()
+            raise
         return self
 
     def __exit__(self, *exc):
-        import fcntl
+        self._close_fds()
 
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+    def _close_fds(self):
+        for name in ("_tfd", "_lfd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                try:
+                    os.close(fd)  # closing the lock's only descriptor releases the flock
+                except OSError:
+                    pass
+                setattr(self, name, None)
+        if self.hold_fd is None and self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
-    # -- state (call only while locked)
+    def close(self):
+        """Forget the hold (its flock goes with the descriptor) and the directory."""
+        if self.hold_fd is not None:
+            try:
+                os.close(self.hold_fd)
+            except OSError:
+                pass
+            self.hold_fd = self.hold_name = self.hold_rec = None
+        self._close_fds()
+
+    # -- the table (call only while locked)
+    def _open_table(self):
+        flags = _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK
+        self.writable = True
+        try:
+            fd = os.open(LEASE_TABLE, os.O_RDWR | flags, dir_fd=self._dfd)
+        except FileNotFoundError:
+            try:
+                fd = os.open(LEASE_TABLE, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o666, dir_fd=self._dfd)
+                os.fchmod(fd, 0o666)  # created by this call: every user's agent must be able to update it
+            except FileExistsError:
+                fd = self._reopen(LEASE_TABLE, os.O_RDWR | flags)
+        except PermissionError:
+            fd = self._reopen(LEASE_TABLE, os.O_RDONLY | flags)
+            self.writable = False
+        except OSError:
+            fd = self._reopen(LEASE_TABLE, os.O_RDWR | flags)
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "it is not a regular file"
+        elif st.st_nlink != 1:
+            problem = "it has %d hard links (another file's content must never be written through it)" % st.st_nlink
+        elif st.st_size > TABLE_MAX_BYTES:
+            problem = "it is %d bytes, more than the %d a lease table can be" % (st.st_size, TABLE_MAX_BYTES)
+        elif st.st_uid != os.getuid() and (st.st_mode & 0o666) != 0o666 and self.writable:
+            problem = "it is not the shared table meshrun creates (mode 0666)"
+        if problem:
+            os.close(fd)
+            raise LeaseError(self._unusable(LEASE_TABLE, problem, st))
+        self._table_st = st
+        return fd
+
+    def _parse_table(self, raw):
+        if not raw.strip():
+            return _fresh_table()
+        try:
+            state = json.loads(raw.decode())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LeaseError(self._unusable(LEASE_TABLE, "it is not valid JSON (%s)" % e, self._table_st))
+        if not isinstance(state, dict):
+            raise LeaseError(self._unusable(LEASE_TABLE, "it holds a JSON %s, not an object" % type(state).__name__,
+                                            self._table_st))
+        if state.get("boot_id") != boot_id():
+            return _fresh_table()  # a reboot: nobody can hold anything any more
+        out = _fresh_table()
+        out["seq"] = state.get("seq") if _is_int(state.get("seq")) else 0
+        if not _is_int(state.get("seq")):
+            self._warn("dropped the ticket counter of %s (not a number)" % self._where(LEASE_TABLE))
+        gpus = state.get("gpus") if isinstance(state.get("gpus"), dict) else {}
+        for k, rec in gpus.items():
+            if _valid_legacy_lease(rec) and k.isdigit():
+                out["gpus"][k] = rec
+            else:
+                self._warn("dropped a broken lease entry for GPU %s from %s" % (_clean(k, 20), self._where(LEASE_TABLE)))
+        queue = state.get("queue") if isinstance(state.get("queue"), list) else []
+        for t in queue:
+            if _valid_legacy_ticket(t):
+                out["queue"].append(t)
+            else:
+                self._warn("dropped a broken queue entry from %s" % self._where(LEASE_TABLE))
+        usage = state.get("usage") if isinstance(state.get("usage"), dict) else {}
+        for k, v in usage.items():
+            if isinstance(v, list) and len(v) == 2 and _is_num(v[0]) and _is_num(v[1]) and len(k) <= 64:
+                out["usage"][k] = [float(v[0]), float(v[1])]
+        ended = state.get("ended") if isinstance(state.get("ended"), dict) else {}
+        out["ended"] = dict((k, v) for k, v in ended.items() if _is_num(v) and k.startswith(HOLD_PREFIX))
+        return out
+
+    def _warn(self, msg):
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
     def load(self):
-        state = read_json(os.path.join(self.path, "leases.json"))
-        if not isinstance(state, dict) or state.get("boot_id") != boot_id():
-            # first use, a corrupt file, or a reboot: nobody can hold anything any more
-            state = {"boot_id": boot_id(), "gpus": {}, "queue": [], "seq": 0}
-        state.setdefault("gpus", {})
-        state.setdefault("queue", [])
-        state.setdefault("seq", 0)
-        state.setdefault("usage", {})
+        """The state: the table, plus every live hold as a lease (``gpus``) or a ticket (``queue``)."""
+        if self._tfd is None:
+            self._tfd = self._open_table()
+        raw = _read_fd(self._tfd, TABLE_MAX_BYTES + 1)
+        self._table_size = len(raw)
+        state = self._parse_table(raw)
+        state["changed"] = self._scan_holds(state)
         return state
 
     def save(self, state):
-        write_json(os.path.join(self.path, "leases.json"), state, mode=0o666)
+        if not self.writable:
+            raise LeaseError(self._unusable(LEASE_TABLE, "this user cannot write it", self._table_st))
+        out = {
+            "boot_id": state.get("boot_id") or boot_id(),
+            "seq": state.get("seq", 0),
+            "usage": state.get("usage", {}),
+            "ended": state.get("ended", {}),
+            # entries of older agents (their own leases); holds are never copied here
+            "gpus": dict((k, r) for k, r in state["gpus"].items() if "hold" not in r),
+            "queue": [t for t in state["queue"] if "hold" not in t],
+        }
+        data = (json.dumps(out, sort_keys=True) + "\n").encode()
+        if len(data) > TABLE_MAX_BYTES:
+            raise LeaseError(self._unusable(LEASE_TABLE, "it would grow past %d bytes" % TABLE_MAX_BYTES))
+        _rewrite_in_place(self._tfd, data, self._table_size)
+        self._table_size = len(data)
 
+    # -- holds
+    def _scan_holds(self, state):
+        """Merge live holds into ``state``; account for and clean up dead ones. Returns True if the table
+        changed (usage of holds that died)."""
+        import fcntl
+
+        changed = False
+        t = now()
+        present = set()
+        for name in sorted(os.listdir(self._dfd)):
+            if not (name.startswith(HOLD_PREFIX) and name.endswith(".json")):
+                continue
+            present.add(name)
+            try:
+                claimed_uid = int(name[len(HOLD_PREFIX):].split("-", 1)[0])
+            except ValueError:
+                self._warn("ignored %s: not a hold file meshrun writes" % _clean(name))
+                continue
+            if name == self.hold_name:
+                rec = self.hold_rec
+                live = True
+            else:
+                try:
+                    fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=self._dfd)
+                except OSError as e:
+                    self._warn("ignored %s: %s" % (_clean(name), e.strerror or e))
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size > HOLD_MAX_BYTES:
+                        self._warn("ignored %s (%s): not a small regular file" % (_clean(name), _who(st)))
+                        continue
+                    if st.st_uid not in (claimed_uid, 0):
+                        self._warn("ignored %s: it names uid %d but belongs to %s" % (_clean(name), claimed_uid, _who(st)))
+                        continue
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                        live = False
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                            raise
+                        live = True
+                    raw = _read_fd(fd, HOLD_MAX_BYTES)
+                finally:
+                    os.close(fd)
+                rec = self._parse_hold(name, raw, claimed_uid, quiet=not live)
+                if not live:
+                    if rec is not None and rec.get("state") == "leased" and name not in state["ended"]:
+                        for idx in rec["gpus"]:
+                            record_usage(state, dict(rec, since=rec.get("granted_at")), t)
+                        changed = True
+                    if st.st_uid == os.getuid():
+                        try:
+                            os.unlink(name, dir_fd=self._dfd)
+                        except OSError:
+                            pass
+                    elif name not in state["ended"]:
+                        state["ended"][name] = t  # another user's: they remove it; count its use once
+                        changed = True
+                    continue
+            if rec is None:
+                continue
+            if rec["state"] == "leased":
+                for idx in rec["gpus"]:
+                    key = str(idx)
+                    if key not in state["gpus"]:
+                        state["gpus"][key] = dict(rec, since=rec.get("granted_at"), hold=name)
+            else:
+                state["queue"].append(dict(rec, gpus=rec["n"], hold=name))
+        for name in [n for n in state["ended"] if n not in present]:
+            del state["ended"][name]
+            changed = True
+        return changed
+
+    def _parse_hold(self, name, raw, uid, quiet=False):
+        why = None
+        try:
+            rec = json.loads(raw.decode()) if raw.strip() else None
+        except (ValueError, UnicodeDecodeError):
+            rec, why = None, "not valid JSON"
+        if why is None and not isinstance(rec, dict):
+            why = "not a JSON object"
+        elif why is None:
+            ok = (rec.get("state") in ("waiting", "leased") and _is_int(rec.get("ticket"))
+                  and _is_int(rec.get("n"), 1, MAX_GPUS_PER_JOB) and _opt_str(rec.get("gpu_type"), 200)
+                  and _opt_str(rec.get("job_id")) and _opt_str(rec.get("name")) and _opt_str(rec.get("user"))
+                  and _opt_str(rec.get("job_dir")) and (rec.get("since") is None or _is_num(rec.get("since")))
+                  and rec.get("boot_id") == boot_id())
+            if ok and rec["state"] == "leased":
+                g = rec.get("gpus")
+                ok = (isinstance(g, list) and 0 < len(g) <= MAX_GPUS_PER_JOB and all(_is_int(i, 0, 1 << 20) for i in g)
+                      and _is_num(rec.get("granted_at")))
+            if not ok:
+                why = "fields missing or of the wrong type"
+        if why:
+            if not quiet:
+                self._warn("ignored %s: %s" % (_clean(name), why))
+            return None
+        rec["uid"] = uid  # whose it is comes from the file's name, checked against its owner, not its content
+        if rec.get("user") is None:
+            rec["user"] = uid_name(uid)
+        return rec
+
+    def take_ticket(self, state, meta, n, gpu_type):
+        """Queue up (under the lock): a new hold file of ours, flocked for as long as this job lives."""
+        import fcntl
+
+        state["seq"] += 1
+        for _ in range(100):
+            name = "%s%d-%s.json" % (HOLD_PREFIX, os.getuid(), os.urandom(8).hex())
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644,
+                             dir_fd=self._dfd)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover
+            raise LeaseError("cannot create a hold file in %s" % self.path)
+        os.fchmod(fd, 0o644)  # created by this call
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rec = dict(meta)
+        rec.update({"state": "waiting", "ticket": state["seq"], "n": n, "gpu_type": gpu_type, "uid": os.getuid(),
+                    "user": user_name(), "since": now(), "boot_id": boot_id(), "order": "fair-usage"})
+        self.hold_fd, self.hold_name, self.hold_rec = fd, name, rec
+        self._write_hold(rec)
+        state["queue"].append(dict(rec, gpus=n, hold=name))
+        return rec["ticket"]
+
+    def _write_hold(self, rec):
+        data = (json.dumps(rec, sort_keys=True) + "\n").encode()
+        _rewrite_in_place(self.hold_fd, data, os.fstat(self.hold_fd).st_size)
+
+    def grant(self, state, indices):
+        """Our ticket becomes a lease on ``indices`` (under the lock)."""
+        rec = dict(self.hold_rec, state="leased", gpus=list(indices), granted_at=now())
+        self._write_hold(rec)
+        self.hold_rec = rec
+        state["queue"] = [t for t in state["queue"] if t.get("hold") != self.hold_name]
+        for idx in indices:
+            state["gpus"][str(idx)] = dict(rec, since=rec["granted_at"], hold=self.hold_name)
+
+    def drop_hold(self, state):
+        """Give our lease or ticket back (under the lock): its use counts for fair share, the file goes."""
+        rec = self.hold_rec
+        if rec is not None and rec.get("state") == "leased":
+            t = now()
+            for _ in rec["gpus"]:
+                record_usage(state, dict(rec, since=rec.get("granted_at")), t)
+        try:
+            os.unlink(self.hold_name, dir_fd=self._dfd)
+        except OSError:
+            pass
+        fd = self.hold_fd
+        self.hold_fd = self.hold_name = self.hold_rec = None
+        os.close(fd)
+
+    # -- entries of older agents (agent version < 4): live while their supervisor or session lives
     @staticmethod
     def holder_alive(rec):
-        """A lease or ticket is live while its supervisor lives or any process of its session does."""
         if pid_alive(rec.get("pid"), rec.get("pid_start")):
             return True
         sid = rec.get("sid")
         return bool(sid) and bool(session_members(sid))
 
     def reclaim(self, state):
-        """Drop leases and tickets whose processes are all gone; returns what was dropped."""
+        """Drop entries of older agents whose processes are all gone; returns what was dropped. (Holds need
+        no reclaiming: ``load`` drops them as soon as their flock is free.)"""
         dropped = []
         t = now()
         for key in list(state["gpus"]):
-            if not self.holder_alive(state["gpus"][key]):
-                rec = state["gpus"].pop(key)
-                record_usage(state, rec, t)
+            rec = state["gpus"][key]
+            if "hold" not in rec and not self.holder_alive(rec):
+                record_usage(state, state["gpus"].pop(key), t)
                 dropped.append(("gpu", key, rec))
         keep = []
-        for t in state["queue"]:
-            if pid_alive(t.get("pid"), t.get("pid_start")):
-                keep.append(t)
+        for tk in state["queue"]:
+            if "hold" in tk or pid_alive(tk.get("pid"), tk.get("pid_start")):
+                keep.append(tk)
             else:
-                dropped.append(("ticket", t.get("ticket"), t))
+                dropped.append(("ticket", tk.get("ticket"), tk))
         state["queue"] = keep
+        if not dropped and state.pop("changed", False):
+            dropped.append(("holds", None, None))  # dead holds were accounted: the table changed
         return dropped
 
 
-def foreign_busy(gpus, state, procs):
-    """GPU uuids in use by processes that belong to no live meshrun lease."""
-    leased_sids = set(r.get("sid") for r in state["gpus"].values() if r.get("sid"))
+def _proc_owner(pid):
+    try:
+        return uid_name(os.stat("/proc/%d" % pid).st_uid)
+    except OSError:
+        return None
+
+
+def _mib(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def foreign_busy(gpus, state, procs, share_below_mib=0.0):
+    """{gpu uuid: [process, ...]}: GPUs that no live lease holds but processes are using (processes meshrun
+    did not start). With ``share_below_mib``, a GPU whose processes use less memory than that in all is
+    shared rather than counted busy (MESHRUN_SHARE_GPU_BELOW_MIB)."""
+    leased = set(state["gpus"])
+    by_uuid = dict((g["uuid"], g) for g in gpus)
     busy = {}
     for p in procs:
-        sid = proc_session(p["pid"])
-        if sid is not None and sid in leased_sids:
-            continue
+        g = by_uuid.get(p["gpu_uuid"])
+        if g is not None and str(g["index"]) in leased:
+            continue  # on a leased GPU: the lease already keeps it from others
         busy.setdefault(p["gpu_uuid"], []).append(p)
+    if share_below_mib > 0:
+        for uuid in [u for u, ps in busy.items() if sum(_mib(p.get("used_memory")) for p in ps) < share_below_mib]:
+            del busy[uuid]
     return busy
+
+
+def describe_foreign(gpus, busy, submitter_pids=()):
+    """One line per busy GPU naming each process that meshrun did not start: pid, user, name, memory, and
+    whether it is the process that submitted this job (or one of its parents, such as a notebook kernel)."""
+    by_uuid = dict((g["uuid"], g) for g in gpus)
+    lines, mine = [], False
+    for uuid, procs in sorted(busy.items(), key=lambda kv: by_uuid.get(kv[0], {}).get("index", 0)):
+        parts = []
+        for p in procs:
+            pid = p.get("pid")
+            user = p.get("user") or _proc_owner(pid) or "another user (hidden)"
+            mem = p.get("used_memory")
+            what = "pid %s (%s, user %s%s)" % (pid, _clean(p.get("process_name") or "?", 80), _clean(user, 40),
+                                               ", %s MiB" % mem if mem not in (None, "") else "")
+            if pid in submitter_pids:
+                mine = True
+                what += (" - the process that submitted this job%s"
+                         % ("" if pid == submitter_pids[0] else " (one of its parents, e.g. a notebook kernel)"))
+            parts.append(what)
+        lines.append("GPU %s is in use by %s" % (by_uuid.get(uuid, {}).get("index", uuid), "; ".join(parts)))
+    if mine:
+        lines.append("the submitting process holds a CUDA context (for example a decorated function called "
+                     "directly before .submit()): end that process or submit before using the GPU in it, or set "
+                     "MESHRUN_SHARE_GPU_BELOW_MIB=<MiB> to share GPUs with small contexts")
+    return lines
+
+
+def submitter_pids(env):
+    out = []
+    for p in (env.get("MESHRUN_SUBMITTER_PIDS") or "").split(","):
+        if p.strip().isdigit():
+            out.append(int(p))
+    return tuple(out)
+
+
+def ancestry(pid=None, limit=32):
+    """``pid`` (this process by default) and its parents, nearest first, up to init."""
+    pid = os.getpid() if pid is None else pid
+    out = []
+    while pid and pid > 1 and len(out) < limit:
+        out.append(pid)
+        st = _proc_stat(pid) if HAVE_PROC else None
+        pid = st[1] if st else (os.getppid() if pid == os.getpid() else 0)
+    return out
 
 
 def _owner(rec):
@@ -553,19 +1145,23 @@ def snapshot(env=None, with_processes=True):
     env = os.environ if env is None else env
     gpus, source, err = discover_gpus(env)
     procs, perr = nvidia_smi_processes() if (with_processes and _real_gpus(gpus)) else ([], None)
-    leases = Leases(lease_dir(env))
+    leases = Leases(lease_dir(env), env)
     try:
         with leases:
             state = leases.load()
-            if leases.reclaim(state):
+            if leases.reclaim(state) and leases.writable:
                 leases.save(state)
     except LeaseError as e:
-        return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {}}
-    busy = foreign_busy(gpus, state, procs)
+        return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {},
+                "mode": "cooperative", "warnings": leases.warnings}
+    busy = foreign_busy(gpus, state, procs, _env_float(env, "MESHRUN_SHARE_GPU_BELOW_MIB", 0.0))
+    for plist in busy.values():
+        for p in plist:
+            p.setdefault("user", _proc_owner(p["pid"]))
     # the queue in the order it is served, each ticket with its place and the GPUs its user holds now
     held = held_by_owner(state)
     order, _, usage = serve_order(gpus, state, set(busy))
-    queue = [dict(t, position=i + 1, held=held.get(_owner(t), 0),
+    queue = [dict(_public(t), position=i + 1, held=held.get(_owner(t), 0),
                   recent_gpu_hours=round(usage.get(str(_owner(t)), 0.0) / 3600.0, 4))
              for i, t in enumerate(order)]
     held_by_user = {}
@@ -579,14 +1175,22 @@ def snapshot(env=None, with_processes=True):
         "source": source,
         "error": err,
         "process_error": perr,
-        "leases": state["gpus"],
+        "leases": dict((k, _public(r)) for k, r in state["gpus"].items()),
         "queue": queue,
         "queue_policy": queue_policy(state),
         "held_by_user": held_by_user,
         "foreign": busy,
         "lease_dir": leases.path,
+        "mode": "cooperative",
+        "liveness": "flock on each job's hold file",
+        "warnings": leases.warnings,
         "time": now(),
     }
+
+
+def _public(rec):
+    """A lease or ticket as ``meshrun gpus --json`` shows it (without the agent's bookkeeping)."""
+    return dict((k, v) for k, v in rec.items() if k not in ("boot_id", "hold", "order"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -646,7 +1250,7 @@ class Supervisor:
         self.subreaper = False
         self.gpus = []
         self.ticket = None
-        self.leases = Leases(lease_dir(self.env))
+        self.leases = Leases(lease_dir(self.env), self.env)
 
     # -- records
     def _state(self, state, **extra):
@@ -703,58 +1307,48 @@ class Supervisor:
             detail = " (%s)" % err if err and not gpus else ""
             raise _Fail("the job asks for %s and this machine has %s%s" % (what, have, detail))
         check_foreign = _real_gpus(gpus)
-        delay, last_msg = 0.01, None
+        share_below = _env_float(self.env, "MESHRUN_SHARE_GPU_BELOW_MIB", 0.0)
+        mine_pids = submitter_pids(self.env)
+        meta = {
+            "job_id": self.launch.get("job_id"),
+            "name": self.launch.get("name"),
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "sid": self.sid,
+            "job_dir": self.job_dir,
+            "host": socket.gethostname(),
+        }
+        delay, last_msg, warned = 0.01, None, set()
         while True:
             procs = nvidia_smi_processes()[0] if check_foreign else []
-            with self.leases:
-                state = self.leases.load()
-                changed = bool(self.leases.reclaim(state))
-                if self.ticket is None:
-                    state["seq"] += 1
-                    self.ticket = state["seq"]
-                    state["queue"].append(
-                        {
-                            "ticket": self.ticket,
-                            "job_id": self.launch.get("job_id"),
-                            "name": self.launch.get("name"),
-                            "user": user_name(),
-                            "uid": os.getuid(),
-                            "gpus": n,
-                            "gpu_type": gpu_type,
-                            "pid": self.pid,
-                            "pid_start": self.pid_start,
-                            "sid": self.sid,
-                            "since": now(),
-                            "order": "fair-usage",  # this agent serves the queue by recent GPU use (queue_policy)
-                        }
-                    )
-                    changed = True
-                busy = foreign_busy(gpus, state, procs)
-                order, grants, _ = serve_order(gpus, state, set(busy))
-                mine = grants.get(self.ticket)
-                if mine is not None:
-                    state["queue"] = [t for t in state["queue"] if t["ticket"] != self.ticket]
-                    for idx in mine:
-                        state["gpus"][str(idx)] = {
-                            "job_id": self.launch.get("job_id"),
-                            "name": self.launch.get("name"),
-                            "user": user_name(),
-                            "uid": os.getuid(),
-                            "pid": self.pid,
-                            "pid_start": self.pid_start,
-                            "sid": self.sid,
-                            "since": now(),
-                            "job_dir": self.job_dir,
-                        }
-                    self.leases.save(state)
-                    self.ticket = None
-                    by_index = {g["index"]: g for g in gpus}
-                    return [by_index[i] for i in mine]
-                if changed:
-                    self.leases.save(state)
-                ahead = [t["ticket"] for t in order]
-                ahead = ahead[: ahead.index(self.ticket)] if self.ticket in ahead else ahead
-                free = [g for g in gpus if str(g["index"]) not in state["gpus"] and g["uuid"] not in busy]
+            try:
+                with self.leases:
+                    state = self.leases.load()
+                    changed = bool(self.leases.reclaim(state))
+                    for w in self.leases.warnings:
+                        if w not in warned:
+                            _log("warning: " + w)
+                            warned.add(w)
+                    if self.leases.hold_fd is None:
+                        self.ticket = self.leases.take_ticket(state, meta, n, gpu_type)
+                        changed = True  # the ticket counter moved
+                    busy = foreign_busy(gpus, state, procs, share_below)
+                    order, grants, _ = serve_order(gpus, state, set(busy))
+                    mine = grants.get(self.ticket)
+                    if mine is not None:
+                        self.leases.grant(state, mine)
+                        if changed:
+                            self.leases.save(state)
+                        self.ticket = None
+                        by_index = dict((g["index"], g) for g in gpus)
+                        return [by_index[i] for i in mine]
+                    if changed:
+                        self.leases.save(state)
+                    ahead = [t["ticket"] for t in order]
+                    ahead = ahead[: ahead.index(self.ticket)] if self.ticket in ahead else ahead
+                    free = [g for g in gpus if str(g["index"]) not in state["gpus"] and g["uuid"] not in busy]
+            except LeaseError as e:
+                raise _Fail(str(e))
             msg = "waiting for %s: %d of %d free%s, %d job(s) ahead in the queue" % (
                 "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n,
                 len(free),
@@ -762,6 +1356,8 @@ class Supervisor:
                 " (%d busy with processes meshrun did not start)" % len(busy) if busy else "",
                 len(ahead),
             )
+            if busy:
+                msg += "\n" + "\n".join("  " + line for line in describe_foreign(gpus, busy, mine_pids))
             if msg != last_msg:
                 _log(msg)
                 self._state("queued", reason=msg, position=len(ahead) + 1)
@@ -770,21 +1366,19 @@ class Supervisor:
             delay = min(delay * 1.5, 0.5)
 
     def _release(self):
-        if not self.gpus and self.ticket is None:
+        if self.leases.hold_fd is None:
             return  # held nothing, waited for nothing: no need to touch the machine-wide lock
         try:
             with self.leases:
                 state = self.leases.load()
-                mine = [k for k, r in state["gpus"].items() if r.get("pid") == self.pid and r.get("sid") == self.sid]
-                t = now()
-                for k in mine:
-                    record_usage(state, state["gpus"].pop(k), t)
-                before = len(state["queue"])
-                state["queue"] = [t for t in state["queue"] if t.get("pid") != self.pid]
-                if mine or len(state["queue"]) != before:
-                    self.leases.save(state)
+                self.leases.reclaim(state)
+                self.leases.drop_hold(state)
+                self.leases.save(state)
         except Exception as e:  # never let clean-up hide the job's own outcome
-            _log("could not release GPU lease: %s" % e)
+            _log("could not record the end of the GPU lease: %s" % e)
+        finally:
+            self.leases.close()  # the flock goes with the descriptor: the GPUs are free either way
+        self.ticket = None
 
     # -- the job's environment
     def _job_env(self):
@@ -855,7 +1449,10 @@ class Supervisor:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
             try:
-                p = subprocess.Popen(argv, env=env, cwd=cwd, preexec_fn=pre, close_fds=True)
+                # the job's processes inherit the lease's hold (its flock keeps the GPUs leased while any
+                # of them lives, even if this supervisor is killed)
+                hold = (self.leases.hold_fd,) if self.leases.hold_fd is not None else ()
+                p = subprocess.Popen(argv, env=env, cwd=cwd, preexec_fn=pre, close_fds=True, pass_fds=hold)
             except OSError as e:
                 raise _Fail("failed to start: %s: %s" % (argv[0], e.strerror or e))
             # keep the Popen alive: its __del__ would reap a fast child before our own waitpid sees it

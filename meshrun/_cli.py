@@ -396,7 +396,8 @@ def cmd_gpus(a: argparse.Namespace) -> int:
         return 0
     for host, snap in snaps.items():
         _print_gpu_snapshot(host, snap, len(snaps) > 1)
-    return 0
+    unusable = [s for s in snaps.values() if isinstance(s, dict) and s.get("error") and "lease_dir" not in s]
+    return 1 if unusable else 0
 
 
 def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
@@ -407,6 +408,11 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
     if not gpus:
         why = snap.get("error") or "no GPUs found"
         print(f"{host + ': ' if many else ''}no GPUs ({why}); set MESHRUN_GPUS to declare some")
+        return
+    for w in snap.get("warnings") or []:
+        print(f"{host + ': ' if many else ''}warning: {w}", file=sys.stderr)
+    if snap.get("error") and "lease_dir" not in snap:  # the lease table is unusable: say so, show nothing as free
+        print(f"{host + ': ' if many else ''}{snap['error']}", file=sys.stderr)
         return
     leases = snap.get("leases") or {}
     foreign = snap.get("foreign") or {}
@@ -427,6 +433,8 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
         rows.append([str(g["index"]), g.get("name") or "-", format_size(g.get("memory")), holder, job, since,
                      g.get("uuid", "")])
     title = f"{host} ({snap.get('source')})" if many or snap.get("source") else host
+    if snap.get("mode"):
+        title += f", leases: {snap['mode']}"
     print_table(["GPU", "NAME", "MEMORY", "HOLDER", "JOB / PROCESSES", "SINCE", "UUID"], rows, title=title,
                 styles={3: lambda v: "green" if v == "free" else ("red" if v == "foreign" else "yellow")})
     queue = snap.get("queue") or []

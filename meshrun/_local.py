@@ -109,8 +109,13 @@ class LocalBackend(Backend):
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # who submits (this process and its parents, e.g. a notebook kernel): a GPU this process holds is
+        # named as such in the waiting message rather than as an anonymous foreign process
+        env["MESHRUN_SUBMITTER_PIDS"] = ",".join(str(p) for p in _agent.ancestry())
         if self.settings.lease_dir:
             env["MESHRUN_LEASE_DIR"] = self.settings.lease_dir
+        if self.settings.share_gpu_below_mib and "MESHRUN_SHARE_GPU_BELOW_MIB" not in env:
+            env["MESHRUN_SHARE_GPU_BELOW_MIB"] = str(self.settings.share_gpu_below_mib)
         return env
 
     def _server_path(self) -> str:
@@ -175,7 +180,11 @@ class LocalBackend(Backend):
             return [base.rejected("no GPU here has the requested GPU memory")]
         if not r.gpus:
             return [base]
-        snap = _agent.snapshot(env)
+        # a stuck lease lock must not outlast the offers deadline: give up sooner and say who holds it
+        lock_timeout = min(float(env.get("MESHRUN_LEASE_LOCK_TIMEOUT") or _agent.LOCK_TIMEOUT), 5.0)
+        snap = _agent.snapshot({**env, "MESHRUN_LEASE_LOCK_TIMEOUT": str(lock_timeout)})
+        if snap.get("error") and "lease_dir" not in snap:
+            return [base.rejected(snap["error"])]
         free = [
             g for g in matching
             if str(g["index"]) not in snap.get("leases", {}) and g["uuid"] not in snap.get("foreign", {})
@@ -318,6 +327,7 @@ def _local_settings() -> Any:
             fork_server: bool = True
             server_idle: float = 300.0
             price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
+            share_gpu_below_mib: float = 0.0
 
         _SETTINGS = LocalSettings
     return _SETTINGS
