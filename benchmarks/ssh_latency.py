@@ -74,7 +74,7 @@ def main() -> int:
     os.chdir(work)
     lease_dir = Path(pool["scratch"]) / f"bench-leases-{os.getpid()}"
     lease_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(lease_dir, 0o777)
+    os.chmod(lease_dir, 0o1777)
 
     import meshrun
     import meshrun_ssh

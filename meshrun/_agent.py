@@ -520,9 +520,11 @@ class Leases:
     ``save(state)`` writes the table back. A supervisor takes a ticket (``take_ticket``), is granted GPUs
     (``grant``) and gives them back (``drop_hold``); its hold file stays flocked in between."""
 
-    def __init__(self, path=None, env=None):
+    def __init__(self, path=None, env=None, shared=True):
         self.env = os.environ if env is None else env
         self.path = path or lease_dir(self.env)
+        self.shared = shared  # False: the lease service's own directory (root's, 0700)
+        self.service = None  # the lease service's socket, when a supervisor's hold came from it
         self._dfd = None
         self._lfd = None
         self._tfd = None
@@ -563,6 +565,11 @@ class Leases:
         except OSError:
             dfd = self._open_existing_dir(flags)
         st = os.fstat(dfd)
+        if not self.shared:
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                os.close(dfd)
+                raise LeaseError("the lease service's directory %s must be its own with mode 0700 (%s)" % (self.path, _who(st)))
+            return dfd
         if st.st_uid == os.getuid() and (created or (st.st_mode & 0o002 and not st.st_mode & 0o1000)):
             # ours (checked on the open descriptor): shared by every user, and sticky so that nobody can
             # remove or replace another user's files in it
@@ -890,13 +897,16 @@ class Leases:
             rec["user"] = uid_name(uid)
         return rec
 
-    def take_ticket(self, state, meta, n, gpu_type):
-        """Queue up (under the lock): a new hold file of ours, flocked for as long as this job lives."""
+    def take_ticket(self, state, meta, n, gpu_type, uid=None, for_peer=False):
+        """Queue up (under the lock): a new hold file, flocked for as long as the job lives. Returns the
+        ticket. ``uid`` (the lease service only): whose hold it is; the service hands the locked descriptor
+        to that user (``lock_for_peer``) instead of keeping it."""
         import fcntl
 
+        uid = os.getuid() if uid is None else uid
         state["seq"] += 1
         for _ in range(100):
-            name = "%s%d-%s.json" % (HOLD_PREFIX, os.getuid(), os.urandom(8).hex())
+            name = "%s%d-%s.json" % (HOLD_PREFIX, uid, os.urandom(8).hex())
             try:
                 fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644,
                              dir_fd=self._dfd)
@@ -906,14 +916,31 @@ class Leases:
         else:  # pragma: no cover
             raise LeaseError("cannot create a hold file in %s" % self.path)
         os.fchmod(fd, 0o644)  # created by this call
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not for_peer:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         rec = dict(meta)
-        rec.update({"state": "waiting", "ticket": state["seq"], "n": n, "gpu_type": gpu_type, "uid": os.getuid(),
-                    "user": user_name(), "since": now(), "boot_id": boot_id(), "order": "fair-usage"})
+        rec.update({"state": "waiting", "ticket": state["seq"], "n": n, "gpu_type": gpu_type, "uid": uid,
+                    "user": uid_name(uid), "since": now(), "boot_id": boot_id(), "order": "fair-usage"})
         self.hold_fd, self.hold_name, self.hold_rec = fd, name, rec
         self._write_hold(rec)
         state["queue"].append(dict(rec, gpus=n, hold=name))
         return rec["ticket"]
+
+    def lock_for_peer(self):
+        """The lease service's side of a new hold: a read-only descriptor of it, flocked, for the user whose
+        job it is (the flock, and so the lease, lives exactly as long as that user's processes keep the
+        descriptor); the service keeps nothing open. Under the lock."""
+        import fcntl
+
+        fd = os.open(self.hold_name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=self._dfd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(self.hold_fd)
+        self.hold_fd = self.hold_name = self.hold_rec = None
+        return fd
+
+    def adopt_hold(self, fd, name, service):
+        """A supervisor's side of a hold the lease service created for it."""
+        self.hold_fd, self.hold_name, self.service = fd, name, service
 
     def _write_hold(self, rec):
         data = (json.dumps(rec, sort_keys=True) + "\n").encode()
@@ -942,6 +969,33 @@ class Leases:
         fd = self.hold_fd
         self.hold_fd = self.hold_name = self.hold_rec = None
         os.close(fd)
+
+    def update_hold(self, name, rec):
+        """Rewrite a hold this process created for someone else (the lease service; under the lock)."""
+        fd = os.open(name, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK, dir_fd=self._dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise LeaseError("%s is not a hold of this service's" % self._where(name))
+            _rewrite_in_place(fd, (json.dumps(rec, sort_keys=True) + "\n").encode(), st.st_size)
+        finally:
+            os.close(fd)
+
+    def drop_named(self, state, name):
+        """End a hold this process created for someone else (the lease service; under the lock)."""
+        recs = [r for r in state["gpus"].values() if r.get("hold") == name]
+        if recs:
+            t = now()
+            for _ in recs:
+                record_usage(state, recs[0], t)
+            for k in [k for k, r in state["gpus"].items() if r.get("hold") == name]:
+                del state["gpus"][k]
+            state["ended"].pop(name, None)
+        state["queue"] = [tk for tk in state["queue"] if tk.get("hold") != name]
+        try:
+            os.unlink(name, dir_fd=self._dfd)
+        except OSError:
+            pass
 
     # -- entries of older agents (agent version < 4): live while their supervisor or session lives
     @staticmethod
@@ -1140,12 +1194,21 @@ def serve_order(gpus, state, busy_uuids, t=None):
     return order, grants, usage
 
 
-def snapshot(env=None, with_processes=True):
-    """Everything ``meshrun gpus`` shows: inventory, leases, queue and foreign processes."""
+def snapshot(env=None, with_processes=True, leases=None):
+    """Everything ``meshrun gpus`` shows: inventory, leases, queue and foreign processes (from the lease
+    service in the enforced mode)."""
     env = os.environ if env is None else env
+    try:
+        svc = lease_service(env) if leases is None else None
+        if svc:
+            return service_call(svc, {"op": "snapshot"})[0]
+    except LeaseError as e:
+        gpus, source, _ = discover_gpus(env)
+        return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {},
+                "mode": "enforced", "warnings": []}
     gpus, source, err = discover_gpus(env)
     procs, perr = nvidia_smi_processes() if (with_processes and _real_gpus(gpus)) else ([], None)
-    leases = Leases(lease_dir(env), env)
+    leases = leases or Leases(lease_dir(env), env)
     try:
         with leases:
             state = leases.load()
@@ -1194,7 +1257,325 @@ def _public(rec):
 
 
 # --------------------------------------------------------------------------------------------------
+# the lease service (enforced mode)
+#
+# For labs that want more than the cooperative table: a small service run by root (a systemd unit,
+# installed by `sudo meshrun lease-service install`) keeps the same lease table in a directory only it
+# can read (0700), and every user's agent leases GPUs through its Unix socket. The service knows who asks
+# from the kernel (SO_PEERCRED), never from the request. A hold it creates for a job is handed to the
+# asking user as a read-only, flocked descriptor (SCM_RIGHTS): the lease lives exactly as long as that
+# user's processes keep it (a restart of the service loses nothing), and the user cannot change it.
+
+LEASE_SERVICE_CONF = "/etc/meshrun/lease-service.json"
+DEFAULT_SERVICE_SOCKET = "/run/meshrun/lease.sock"
+DEFAULT_SERVICE_DIR = "/var/lib/meshrun/leases"
+SERVICE_REQUEST_MAX = 64 << 10
+
+
+def lease_service(env=None):
+    """The lease service's socket when GPUs on this machine are leased through one, else None.
+
+    ``MESHRUN_LEASE_SERVICE`` names it (empty: none); otherwise the machine's LEASE_SERVICE_CONF, a file of
+    root's written by the install command, says so."""
+    env = os.environ if env is None else env
+    if "MESHRUN_LEASE_SERVICE" in env:
+        return env.get("MESHRUN_LEASE_SERVICE") or None
+    try:
+        st = os.lstat(LEASE_SERVICE_CONF)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise LeaseError("%s must be a regular file of root's that only root can write (%s); meshrun hands "
+                         "out no GPUs until an admin fixes it" % (LEASE_SERVICE_CONF, _who(st)))
+    conf = read_json(LEASE_SERVICE_CONF)
+    return (conf or {}).get("socket") or DEFAULT_SERVICE_SOCKET
+
+
+def _peer(sock):
+    """(pid, uid, gid) of the process at the other end of a Unix socket, from the kernel."""
+    import struct
+
+    raw = sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERCRED", 17), struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def _recv_line(sock, limit, fds=None):
+    """Read one JSON line (and, with ``fds``, any descriptors passed along with it)."""
+    import array
+
+    buf = b""
+    while not buf.endswith(b"\n"):
+        if fds is None:
+            chunk = sock.recv(65536)
+        else:
+            chunk, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(data[: len(data) - len(data) % a.itemsize])
+                    fds.extend(a)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > limit:
+            raise ValueError("request too large")
+    return json.loads(buf.decode()) if buf.strip() else None
+
+
+def service_call(path, req, timeout=10.0):
+    """One request to the lease service: (reply, passed descriptor or None). The service must be root's."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    fds = []
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise LeaseError("the GPU lease service at %s does not answer (%s); this machine leases GPUs only "
+                             "through it, so none are handed out. An admin can check it: systemctl status "
+                             "meshrun-lease" % (path, e.strerror or e))
+        pid, uid, _ = _peer(s)
+        if uid != 0:
+            raise LeaseError("the GPU lease service socket %s is served by %s (pid %d), not root: not used"
+                             % (path, uid_name(uid), pid))
+        s.sendall((json.dumps(req) + "\n").encode())
+        try:
+            rep = _recv_line(s, 16 << 20, fds)
+        except (OSError, ValueError) as e:
+            raise LeaseError("the GPU lease service at %s gave no usable answer (%s)" % (path, e))
+        if not isinstance(rep, dict):
+            raise LeaseError("the GPU lease service at %s gave no usable answer" % path)
+        if rep.get("error"):
+            for fd in fds:
+                os.close(fd)
+            raise LeaseError(rep["error"])
+        fd = fds.pop(0) if fds else None
+        for extra in fds:
+            os.close(extra)
+        return rep, fd
+    finally:
+        s.close()
+
+
+class LeaseService:
+    """The root side of the enforced mode: answers ticket/poll/release/snapshot requests."""
+
+    def __init__(self, sock_path, state_dir, env=None):
+        self.sock_path = sock_path
+        self.env = dict(os.environ if env is None else env)
+        self.leases = Leases(state_dir, self.env, shared=False)
+        self._procs = (0.0, [])
+
+    def _gpu_procs(self, gpus):
+        if not _real_gpus(gpus):
+            return []
+        t, procs = self._procs
+        if now() - t > 1.0:
+            procs = nvidia_smi_processes()[0]
+            self._procs = (now(), procs)
+        return procs
+
+    def handle(self, conn):
+        pid, uid, _ = _peer(conn)
+        req = _recv_line(conn, SERVICE_REQUEST_MAX)
+        if not isinstance(req, dict):
+            raise ValueError("a request is one JSON object on one line")
+        op = req.get("op")
+        if op == "snapshot":
+            return self.snapshot(), None
+        if op == "ticket":
+            return self.ticket(uid, pid, req)
+        if op in ("poll", "release"):
+            name = req.get("hold")
+            prefix = "%s%d-" % (HOLD_PREFIX, uid)
+            if not (isinstance(name, str) and name.startswith(prefix) and name.endswith(".json")
+                    and len(name) < 100 and "/" not in name):
+                raise ValueError("%s: not a hold of %s's" % (_clean(str(name), 100), uid_name(uid)))
+            return (self.poll(uid, name, req) if op == "poll" else self.release(name)), None
+        raise ValueError("unknown op %r (ticket, poll, release, snapshot)" % _clean(str(op), 40))
+
+    def ticket(self, uid, pid, req):
+        n = req.get("n")
+        if not _is_int(n, 1, MAX_GPUS_PER_JOB):
+            raise ValueError("n must be a number of GPUs from 1 to %d" % MAX_GPUS_PER_JOB)
+        gpu_type = req.get("gpu_type")
+        if not _opt_str(gpu_type, 100):
+            raise ValueError("gpu_type must be a string of up to 100 characters")
+        meta = {"pid": pid, "host": socket.gethostname()}
+        for k in ("job_id", "name", "job_dir"):
+            if not _opt_str(req.get(k), 4096):
+                raise ValueError("%s must be a string" % k)
+            meta[k] = req.get(k)
+        gpus = discover_gpus(self.env)[0]
+        if len([g for g in gpus if gpu_matches(g, gpu_type)]) < n:
+            raise ValueError("the job asks for %d%s GPU(s) and this machine has %d" % (
+                n, " " + gpu_type if gpu_type else "", len([g for g in gpus if gpu_matches(g, gpu_type)])))
+        with self.leases:
+            state = self.leases.load()
+            self.leases.reclaim(state)
+            ticket = self.leases.take_ticket(state, meta, n, gpu_type, uid=uid, for_peer=True)
+            name = self.leases.hold_name
+            fd = self.leases.lock_for_peer()
+            self.leases.save(state)
+        return {"ticket": ticket, "hold": name}, fd
+
+    def poll(self, uid, name, req):
+        gpus = discover_gpus(self.env)[0]
+        procs = self._gpu_procs(gpus)
+        share = _env_float(self.env, "MESHRUN_SHARE_GPU_BELOW_MIB", 0.0)
+        with self.leases:
+            state = self.leases.load()
+            changed = bool(self.leases.reclaim(state))
+            mine = [r for r in state["gpus"].values() if r.get("hold") == name]
+            if mine:
+                idx = sorted(set(i for r in mine for i in r["gpus"]))
+                return {"granted": idx, "gpus": [g for g in gpus if g["index"] in idx]}
+            ticket = [t for t in state["queue"] if t.get("hold") == name]
+            if not ticket:
+                raise ValueError("no live ticket %s (its job has ended)" % name)
+            busy = foreign_busy(gpus, state, procs, share)
+            order, grants, _ = serve_order(gpus, state, set(busy))
+            t = ticket[0]
+            if t["ticket"] in grants:
+                idx = grants[t["ticket"]]
+                rec = dict(t, state="leased", gpus=idx, granted_at=now())
+                for k in ("hold",):
+                    rec.pop(k, None)
+                rec["n"] = t["n"]
+                self.leases.update_hold(name, rec)
+                if changed:
+                    self.leases.save(state)
+                return {"granted": idx, "gpus": [g for g in gpus if g["index"] in idx]}
+            if changed:
+                self.leases.save(state)
+            ahead = [x["ticket"] for x in order]
+            ahead = ahead[: ahead.index(t["ticket"])] if t["ticket"] in ahead else ahead
+            free = [g for g in gpus if str(g["index"]) not in state["gpus"] and g["uuid"] not in busy]
+            pids = tuple(p for p in (req.get("submitter_pids") or []) if _is_int(p))
+            return {"waiting": True, "free": len(free), "total": len(gpus), "busy": len(busy), "ahead": len(ahead),
+                    "foreign": describe_foreign(gpus, busy, pids) if busy else []}
+
+    def release(self, name):
+        with self.leases:
+            state = self.leases.load()
+            self.leases.reclaim(state)
+            self.leases.drop_named(state, name)
+            self.leases.save(state)
+        return {"released": name}
+
+    def snapshot(self):
+        snap = snapshot(dict(self.env, MESHRUN_LEASE_SERVICE=""), leases=self.leases)
+        snap["mode"] = "enforced"
+        snap["lease_service"] = self.sock_path
+        return snap
+
+    def serve(self):
+        """Accept requests until killed. The socket is created afresh (0666: every user may ask) in a
+        directory that must be root's and not writable by others."""
+        d = os.path.dirname(os.path.abspath(self.sock_path))
+        os.makedirs(d, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise SystemExit("meshrun lease service: %s must be a directory of %s's that others cannot write (%s)"
+                             % (d, user_name(), _who(st)))
+        with self.leases:  # fail early, with the reason, if the state directory is unusable
+            self.leases.load()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = "%s.%d" % (self.sock_path, os.getpid())
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        sock.bind(tmp)
+        os.chmod(tmp, 0o666)
+        sock.listen(128)
+        os.replace(tmp, self.sock_path)
+        _log("GPU lease service: listening on %s, leases in %s" % (self.sock_path, self.leases.path))
+        while True:
+            conn, _ = sock.accept()
+            fd = None
+            try:
+                conn.settimeout(5)
+                try:
+                    rep, fd = self.handle(conn)
+                except (ValueError, LeaseError, OSError) as e:
+                    rep = {"error": str(e)}
+                data = (json.dumps(rep) + "\n").encode()
+                if fd is not None:
+                    import array
+
+                    conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                else:
+                    conn.sendall(data)
+            except Exception as e:  # one bad client must not take the service down
+                _log("request failed: %s: %s" % (type(e).__name__, e))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                conn.close()
+
+
+SYSTEMD_UNIT = """[Unit]
+Description=meshrun GPU lease service (every user's GPU leases on this machine)
+Documentation=https://github.com/meshrun/meshrun/blob/main/docs/architecture.md
+
+[Service]
+Type=simple
+ExecStart=%(python)s %(agent)s lease-service %(socket)s %(state_dir)s
+RuntimeDirectory=meshrun
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
+StateDirectory=meshrun/leases
+StateDirectoryMode=0700
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def install_lease_service(root="/", python="/usr/bin/python3", start=True):
+    """Install the enforced mode (as root): the agent under /usr/local/lib/meshrun, the machine's
+    LEASE_SERVICE_CONF, and the systemd unit meshrun-lease.service (enabled and started when systemd
+    runs). Returns the lines to print."""
+    def at(p):
+        return os.path.join(root, p.lstrip("/"))
+
+    agent = "/usr/local/lib/meshrun/agent.py"
+    unit = "/etc/systemd/system/meshrun-lease.service"
+    for d in (os.path.dirname(agent), os.path.dirname(LEASE_SERVICE_CONF), os.path.dirname(unit)):
+        os.makedirs(at(d), mode=0o755, exist_ok=True)
+    with open(os.path.abspath(__file__), "rb") as f:
+        atomic_write(at(agent), f.read(), 0o644)
+    atomic_write(at(LEASE_SERVICE_CONF), (json.dumps({"socket": DEFAULT_SERVICE_SOCKET}, indent=1) + "\n").encode(),
+                 0o644)
+    atomic_write(at(unit), (SYSTEMD_UNIT % {"python": python, "agent": agent, "socket": DEFAULT_SERVICE_SOCKET,
+                                            "state_dir": DEFAULT_SERVICE_DIR}).encode(), 0o644)
+    out = ["installed %s, %s and %s" % (agent, LEASE_SERVICE_CONF, unit)]
+    if start and root == "/" and os.path.isdir("/run/systemd/system"):
+        for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "meshrun-lease.service"]):
+            res, err = _run(argv, timeout=60)
+            if res is None:
+                out.append("%s failed: %s" % (" ".join(argv), err))
+                return out
+        out.append("meshrun-lease.service is running: every user's GPU leases now go through %s"
+                   % DEFAULT_SERVICE_SOCKET)
+    else:
+        out.append("systemd is not running here: start the service with: %s %s lease-service %s %s"
+                   % (python, agent, DEFAULT_SERVICE_SOCKET, DEFAULT_SERVICE_DIR))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # the job supervisor
+
+
+def _waiting_msg(n, gpu_type, free, total, busy, ahead, foreign_lines):
+    msg = "waiting for %s: %d of %d free%s, %d job(s) ahead in the queue" % (
+        "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n, free, total,
+        " (%d busy with processes meshrun did not start)" % busy if busy else "", ahead)
+    return msg + "".join("\n  " + line for line in foreign_lines)
 
 
 class _Stop(Exception):
@@ -1251,6 +1632,7 @@ class Supervisor:
         self.gpus = []
         self.ticket = None
         self.leases = Leases(lease_dir(self.env), self.env)
+        self._last_wait = None
 
     # -- records
     def _state(self, state, **extra):
@@ -1299,6 +1681,12 @@ class Supervisor:
         gpu_type = self.launch.get("gpu_type")
         if n <= 0:
             return []
+        try:
+            svc = lease_service(self.env)
+        except LeaseError as e:
+            raise _Fail(str(e))
+        if svc:
+            return self._acquire_from_service(svc, n, gpu_type)
         gpus, source, err = discover_gpus(self.env)
         fitting = [g for g in gpus if gpu_matches(g, gpu_type)]
         if len(fitting) < n:
@@ -1318,7 +1706,7 @@ class Supervisor:
             "job_dir": self.job_dir,
             "host": socket.gethostname(),
         }
-        delay, last_msg, warned = 0.01, None, set()
+        delay, warned = 0.01, set()
         while True:
             procs = nvidia_smi_processes()[0] if check_foreign else []
             try:
@@ -1349,25 +1737,52 @@ class Supervisor:
                     free = [g for g in gpus if str(g["index"]) not in state["gpus"] and g["uuid"] not in busy]
             except LeaseError as e:
                 raise _Fail(str(e))
-            msg = "waiting for %s: %d of %d free%s, %d job(s) ahead in the queue" % (
-                "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n,
-                len(free),
-                len(gpus),
-                " (%d busy with processes meshrun did not start)" % len(busy) if busy else "",
-                len(ahead),
-            )
-            if busy:
-                msg += "\n" + "\n".join("  " + line for line in describe_foreign(gpus, busy, mine_pids))
-            if msg != last_msg:
-                _log(msg)
-                self._state("queued", reason=msg, position=len(ahead) + 1)
-                last_msg = msg
+            self._waiting(_waiting_msg(n, gpu_type, len(free), len(gpus), len(busy), len(ahead),
+                                       describe_foreign(gpus, busy, mine_pids) if busy else []), len(ahead))
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    def _waiting(self, msg, ahead):
+        if msg != self._last_wait:
+            _log(msg)
+            self._state("queued", reason=msg, position=ahead + 1)
+            self._last_wait = msg
+
+    def _acquire_from_service(self, svc, n, gpu_type):
+        """The enforced mode: a ticket from the root lease service, polled until it is granted."""
+        req = {"op": "ticket", "n": n, "gpu_type": gpu_type, "job_id": self.launch.get("job_id"),
+               "name": self.launch.get("name"), "job_dir": self.job_dir}
+        try:
+            rep, fd = service_call(svc, req)
+            if fd is None:
+                raise LeaseError("the GPU lease service at %s handed out no hold" % svc)
+            self.leases.adopt_hold(fd, rep["hold"], svc)
+            self.ticket = rep.get("ticket")
+            delay = 0.01
+            while True:
+                rep, _ = service_call(svc, {"op": "poll", "hold": rep.get("hold") or self.leases.hold_name,
+                                            "submitter_pids": list(submitter_pids(self.env))})
+                if rep.get("granted") is not None:
+                    self.ticket = None
+                    return rep["gpus"]
+                self._waiting(_waiting_msg(n, gpu_type, rep.get("free", 0), rep.get("total", 0), rep.get("busy", 0),
+                                           rep.get("ahead", 0), rep.get("foreign") or []), rep.get("ahead", 0))
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        except LeaseError as e:
+            raise _Fail(str(e))
 
     def _release(self):
         if self.leases.hold_fd is None:
             return  # held nothing, waited for nothing: no need to touch the machine-wide lock
+        if self.leases.service:
+            try:
+                service_call(self.leases.service, {"op": "release", "hold": self.leases.hold_name})
+            except LeaseError as e:
+                _log("could not tell the GPU lease service that the job ended: %s" % e)
+            finally:
+                self.leases.close()  # the flock goes with the descriptor: the GPUs are free either way
+            return
         try:
             with self.leases:
                 state = self.leases.load()
@@ -2007,7 +2422,7 @@ def _fork_supervisor(job_dir, env, *close):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK\n")
+        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR\n")
         return 2
     cmd, rest = argv[0], argv[1:]
     out = sys.stdout
@@ -2031,6 +2446,12 @@ def main(argv=None):
         return 0
     if cmd == "cancel":
         out.write(json.dumps(cancel(rest[0])) + "\n")
+        return 0
+    if cmd == "lease-service":
+        if len(rest) < 2:
+            sys.stderr.write("usage: _agent.py lease-service SOCKET STATE_DIR\n")
+            return 2
+        LeaseService(rest[0], rest[1]).serve()
         return 0
     if cmd == "serve":
         serve(rest[0], float(rest[1]) if len(rest) > 1 else 600.0)

@@ -129,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_args(o)
     o.add_argument("--json", action="store_true")
 
+    ls_ = sub.add_parser("lease-service", help="the enforced GPU lease mode: a root service every user leases through",
+                         description="Install (as root) or run the GPU lease service. With it, every user's agent "
+                                     "leases GPUs through a root-owned Unix socket and nobody can touch the lease "
+                                     "table; without it, users share a cooperative table (docs/architecture.md).")
+    ls_.add_argument("action", choices=["install", "run"],
+                     help="install: the agent, /etc/meshrun/lease-service.json and a systemd unit (started when "
+                          "systemd runs); run: serve in the foreground")
+    ls_.add_argument("--root", default="/", help="install under this directory instead of / (packaging, tests)")
+    ls_.add_argument("--python", default="/usr/bin/python3", help="interpreter the unit runs the agent with")
+    ls_.add_argument("--no-start", action="store_true", help="install only; do not enable or start the unit")
+    ls_.add_argument("--socket", default=None, help="run: socket path (default /run/meshrun/lease.sock)")
+    ls_.add_argument("--state-dir", default=None, help="run: lease directory (default /var/lib/meshrun/leases)")
+
     be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
                         add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -458,6 +471,20 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
         print_table(["#", "USER", "USER HOLDS", "RECENT GPU-H", "JOB", "GPUS", "WAITING SINCE"], qrows, title=title)
 
 
+def cmd_lease_service(a: argparse.Namespace) -> int:
+    from . import _agent
+
+    if a.action == "run":
+        _agent.LeaseService(a.socket or _agent.DEFAULT_SERVICE_SOCKET, a.state_dir or _agent.DEFAULT_SERVICE_DIR).serve()
+        return 0
+    if os.geteuid() != 0 and a.root == "/":
+        print("meshrun: lease-service install must run as root (sudo meshrun lease-service install)", file=sys.stderr)
+        return 2
+    for line in _agent.install_lease_service(a.root, a.python, start=not a.no_start):
+        print(line)
+    return 0
+
+
 def cmd_backends(a: argparse.Namespace) -> int:
     from ._registry import get_backend, list_backends
 
@@ -522,6 +549,7 @@ COMMANDS = {
     "gpus": cmd_gpus,
     "backends": cmd_backends,
     "offers": cmd_offers,
+    "lease-service": cmd_lease_service,
 }
 
 

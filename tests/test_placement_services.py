@@ -95,7 +95,7 @@ def test_pending_past_max_pending_on_slurm_moves_to_the_ssh_pool(services, tmp_p
     for h in pool["hosts"]:
         d = leases / h["name"]
         d.mkdir()
-        os.chmod(d, 0o777)
+        os.chmod(d, 0o1777)
         hosts.append({"name": h["name"], "host": h["address"], "port": h["port"], "user": USER,
                       "key": pool["users"][USER]["key"], "lease_dir": str(d), "env": {"MESHRUN_GPUS": "0-1"}})
     # a config file, so that the separate `meshrun wait` process sees the same backends and prices

@@ -57,7 +57,7 @@ def lease_root(pool):
     for h in pool["hosts"]:
         d = root / h["name"]
         d.mkdir()
-        os.chmod(d, 0o777)
+        os.chmod(d, 0o1777)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
