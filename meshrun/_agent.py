@@ -1069,8 +1069,11 @@ def log_tail(path, max_chars=4000):
         start = max(0, size - want)
         f.seek(start)
         data = f.read(want)
-    text = data.decode("utf-8", "replace")
-    cut = start > 0
+    return tail_text(data.decode("utf-8", "replace"), max_chars, cut=start > 0)
+
+
+def tail_text(text, max_chars=4000, cut=False):
+    """``log_tail`` for text already read (``cut``: it is not the whole output)."""
     if cut:
         text = text.lstrip("\ufffd")  # a character cut in two by the seek
     lines = []
