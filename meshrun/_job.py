@@ -171,7 +171,7 @@ class Job:
         cut = tail is not None or max_bytes is not None
         try:
             b = get_backend(rec.backend)
-            if cut and getattr(b, "logs_from_end", False):
+            if getattr(b, "logs_from_end", False):  # reads its file lazily, from where the tail begins
                 return b.logs(rec.backend_id, follow=follow, tail=tail, max_bytes=max_bytes)
             if not follow:  # read now, so a backend error is caught here rather than while iterating
                 chunks = b.logs(rec.backend_id, follow=False)

@@ -221,7 +221,7 @@ class Store:
         if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
             return StoreError(
                 f"the job index {db} is damaged ({e}); rebuild it from the job folders with `{REBUILD_HINT}` "
-                "(the damaged file is kept beside it)",
+                "(which keeps the damaged file beside it)",
                 path=db,
                 kind="damaged",
             )
