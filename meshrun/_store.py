@@ -293,6 +293,7 @@ class Store:
             for fname, data in (files or {}).items():
                 _atomic_write(d / fname, data)
         except OSError as e:
+            _remove_tree(d)  # nothing half-made left behind
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(f"the disk holding the job store {self.home} is full ({e}); free some space there",
                                  path=d, kind="full") from None
@@ -321,10 +322,14 @@ class Store:
             pid=os.getpid(),
             job_dir=d,
         )
-        self._run(lambda c: c.execute(
-            f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            _row_values(rec),
-        ))
+        try:
+            self._run(lambda c: c.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                _row_values(rec),
+            ))
+        except StoreError:
+            _remove_tree(d)
+            raise
         return rec
 
     def update(self, job_id: str, **fields: Any) -> None:
@@ -618,6 +623,12 @@ def clean_temp_files(job_dir: Path | str, *, min_age: float = 60.0) -> list[Path
         except OSError:
             pass
     return removed
+
+
+def _remove_tree(d: Path) -> None:
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _pid_alive(pid: Any) -> bool:
