@@ -238,9 +238,9 @@ def test_an_empty_or_missing_index_beside_job_folders_says_so(meshrun_home, how)
 
 def test_a_brand_new_store_needs_no_rebuild(meshrun_home):
     assert "no jobs yet" in cli("ls").stdout
-    assert cli("doctor", "--json", check=False).returncode in (0, 1)  # (GPU tools may be broken here)
     checks = {c["name"]: c for c in json.loads(cli("doctor", "--json", check=False).stdout)}
-    assert checks["index"]["status"] == "ok"
+    assert checks["index"]["status"] == "ok" and "0 job(s)" in checks["index"]["detail"]
+    assert not list(meshrun_home.glob("jobs.db.old-*"))
 
 
 def test_rebuild_keeps_readable_rows_and_restores_the_missing_ones(meshrun_home):
@@ -258,7 +258,8 @@ def test_rebuild_keeps_readable_rows_and_restores_the_missing_ones(meshrun_home)
     out = cli("doctor", "--rebuild").stdout
     assert "1 row(s) kept, 1 rebuilt" in out
     kept = json.loads(cli("status", "--json", jobs[0].id).stdout)
-    assert [h["event"] for h in kept["history"]][:1] == ["submitted"]  # its own history, untouched
+    events = [h["event"] for h in kept["history"]]
+    assert "submitted" in events and "rebuilt" not in events  # its own history, untouched
     back = json.loads(cli("status", "--json", jobs[1].id).stdout)
     assert back["state"] == "succeeded" and "rebuilt" in [h["event"] for h in back["history"]]
 
