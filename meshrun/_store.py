@@ -527,6 +527,10 @@ class Store:
             c.close()
         moved = None
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        try:  # the new index is as private as the old one was
+            os.chmod(tmp, self.db_path.stat().st_mode & 0o777)
+        except OSError:
+            os.chmod(tmp, 0o600)
         if self.db_path.exists():
             moved = self.home / f"jobs.db.old-{stamp}"
         for suffix in ("", "-wal", "-shm"):  # an old WAL must never be replayed into the new file
