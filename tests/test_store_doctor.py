@@ -141,6 +141,24 @@ def test_a_fresh_process_reads_a_full_disk_store(small_disk):
     assert json.loads(cli("ls", "--json").stdout)[0]["state"] == "succeeded"
 
 
+def test_a_running_job_on_a_full_disk_is_shown_and_its_end_recorded(small_disk, tmp_path):
+    flag = tmp_path / "finish"  # outside the small disk
+    job = meshrun.run(["bash", "-c", f"while [ ! -e {flag} ]; do sleep 0.02; done"], name="bystander")
+    wait_for(lambda: (json.loads((job.job_dir / "state.json").read_text()) or {}).get("state") == "running"
+             if (job.job_dir / "state.json").exists() else False, what="the job to run")
+    close_store()
+    fill(small_disk / "fill")  # someone else fills the disk while the job runs
+    ls = cli("ls")  # the index says pending; the news cannot be written, but is shown
+    assert job.id in ls.stdout and "running" in ls.stdout
+    flag.touch()
+    wait_for(lambda: (job.job_dir / "exit.json").exists(), what="the exit record")
+    ex = json.loads((job.job_dir / "exit.json").read_text())
+    assert ex["state"] == "succeeded" and "the disk is full (ENOSPC)" in ex["reason"]
+    ls = cli("ls", "--json")
+    assert json.loads(ls.stdout)[0]["state"] == "succeeded"
+    assert meshrun.Job.attach(job.id).wait(timeout=60) is JobState.SUCCEEDED
+
+
 def test_the_exit_record_uses_the_room_reserved_at_start(small_disk):
     from meshrun import _agent
 
