@@ -1650,6 +1650,14 @@ class Supervisor:
         write_json(self._path(STATE), rec, mode=0o600)
 
     def _exit(self, state, exit_code=None, reason=None, signal_num=None):
+        """Write the exit record, once. On a full disk (ENOSPC) the record goes into the space reserved at
+        start (``exit.json.reserve``), so the end is recorded, and says the disk is full, rather than the
+        job reading "lost"."""
+        path = self._path(EXIT)
+        reserve = path + ".reserve"
+        if os.path.exists(path):
+            _remove_quietly(reserve)
+            return
         rec = {
             "state": state,
             "exit_code": exit_code,
@@ -1660,8 +1668,32 @@ class Supervisor:
             "gpus": self.gpus,
             "host": socket.gethostname(),
         }
-        if not os.path.exists(self._path(EXIT)):
-            write_json(self._path(EXIT), rec, mode=0o600)
+        try:
+            write_json(path, rec, mode=0o600)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _remove_quietly("%s.tmp.%d" % (path, os.getpid()))  # the half-written copy
+            if "ENOSPC" not in (reason or ""):
+                rec["reason"] = "the disk is full (ENOSPC) at %s: %s" % (self.job_dir, reason or "the job " + state)
+            try:
+                _write_into(reserve, rec)
+                os.replace(reserve, path)
+            except OSError as e2:
+                _log("could not write the exit record (%s; %s)" % (e, e2))
+            return
+        _remove_quietly(reserve)
+
+    def _reserve_exit(self):
+        """Set aside room for the exit record while there is some: a job may fill the disk."""
+        try:
+            fd = os.open(self._path(EXIT) + ".reserve", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b" " * EXIT_RESERVE)  # real blocks, not a sparse file: overwriting them needs none
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # already full: the record is then tried the ordinary way only
 
     def _path(self, name):
         return os.path.join(self.job_dir, rank_name(name, self.rank))
@@ -1923,6 +1955,7 @@ class Supervisor:
 
     def run(self):
         self.subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self._reserve_exit()
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
             signal.signal(s, self._on_signal)
         grace = float(self.launch.get("grace_period") or 10)
@@ -2016,7 +2049,80 @@ def _failure_reason(job_dir, code, rank=0):
     if isinstance(err, dict) and err.get("type"):
         msg = "%s: %s" % (err["type"], err.get("message", ""))
         return msg if len(msg) < 300 else msg[:297] + "..."
+    if disk_full(job_dir):
+        return "exited with code %d; the disk is full (ENOSPC) at %s" % (code, job_dir)
     return "exited with code %d" % code
+
+
+EXIT_RESERVE = 16384  # bytes set aside at start for the exit record (written there when the disk is full)
+
+
+def disk_full(path):
+    """True when the filesystem holding ``path`` has (almost) no room left for this user."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def log_tail(path, max_chars=4000):
+    """The end of a job's log for a failure message: at most ``max_chars`` characters, read from the end of
+    the file (a log may be gigabytes), with carriage-return progress collapsed to the state a terminal
+    would show last (``"10%\\r50%\\r100%"`` reads ``"100%"``). "" when there is no log."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return ""
+    with f:
+        size = f.seek(0, 2)
+        # utf-8 takes at most 4 bytes a character; more for progress lines that collapse to less
+        want = max_chars * 4 + 16384
+        start = max(0, size - want)
+        f.seek(start)
+        data = f.read(want)
+    return tail_text(data.decode("utf-8", "replace"), max_chars, cut=start > 0)
+
+
+def tail_text(text, max_chars=4000, cut=False):
+    """``log_tail`` for text already read (``cut``: it is not the whole output)."""
+    if cut:
+        text = text.lstrip("\ufffd")  # a character cut in two by the seek
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            parts = [p for p in line.split("\r") if p]
+            line = parts[-1] if parts else ""
+        lines.append(line)
+    out = "\n".join(lines)
+    if len(out) > max_chars:
+        out, cut = out[-max_chars:], True
+    return ("[...]\n" if cut and out else "") + out
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_into(path, rec):
+    """Overwrite the already allocated file ``path`` in place with ``rec`` (no new blocks needed)."""
+    data = (json.dumps(rec, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        room = os.fstat(fd).st_size
+        if len(data) > room:  # shorten the reason (and drop the GPU list) to fit the reserved space
+            rec = dict(rec, gpus=[g.get("index") if isinstance(g, dict) else g for g in rec.get("gpus") or []])
+            rec["reason"] = (rec.get("reason") or "")[:max(0, room // 2)]
+            data = (json.dumps(rec, sort_keys=True) + "\n").encode()
+        view, off = memoryview(data), 0
+        while off < len(view):
+            off += os.pwrite(fd, view[off:], off)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _run_setup(setup, env, cwd):

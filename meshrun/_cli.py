@@ -1,4 +1,4 @@
-"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, bench."""
+"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, doctor, bench."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ EPILOG = """examples:
   meshrun run -d --name sweep -- bash -c 'echo $HOSTNAME'
   meshrun ls
   meshrun logs -f JOB_ID
+  meshrun logs --tail 50 JOB_ID
   meshrun gpus
+  meshrun doctor
 """
 
 
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print a job's output")
     lg.add_argument("job_id")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    lg.add_argument("--tail", "-n", type=int, metavar="LINES", help="start at the last LINES lines")
+    lg.add_argument("--max-bytes", metavar="SIZE", help='at most this much from the end, e.g. "1MiB" or 4096')
 
     c = sub.add_parser("cancel", help="cancel jobs (the whole process tree; frees their GPUs)")
     c.add_argument("job_ids", nargs="+")
@@ -141,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls_.add_argument("--no-start", action="store_true", help="install only; do not enable or start the unit")
     ls_.add_argument("--socket", default=None, help="run: socket path (default /run/meshrun/lease.sock)")
     ls_.add_argument("--state-dir", default=None, help="run: lease directory (default /var/lib/meshrun/leases)")
+    dr = sub.add_parser("doctor", help="check the job store, GPU leases, fork server, backends and GPU tools")
+    dr.add_argument("--rebuild", action="store_true",
+                    help="rebuild the job index from the job folders (the old file is kept beside it)")
+    dr.add_argument("--json", action="store_true")
 
     be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
                         add_help=False)
@@ -350,19 +358,40 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_logs(a: argparse.Namespace) -> int:
+    from ._errors import SpecError
     from ._job import Job
 
-    job = Job.attach(a.job_id)
-    if a.follow:
+    max_bytes = None
+    if a.max_bytes is not None:
+        from ._units import parse_size
+
         try:
-            for chunk in job.logs(follow=True):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            return 130
-    else:
-        sys.stdout.write(job.logs())
+            max_bytes = int(a.max_bytes) if str(a.max_bytes).isdigit() else parse_size(a.max_bytes)
+        except (ValueError, SpecError) as e:
+            raise SpecError("--max-bytes", f"expected a size such as 4096 or 1MiB, got {a.max_bytes!r}") from e
+    if a.tail is not None and a.tail < 0:
+        raise SpecError("--tail", f"expected a number of lines >= 0, got {a.tail}")
+    job = Job.attach(a.job_id)
+    try:
+        # chunk by chunk: a log may be far larger than memory
+        for chunk in job._log_iter(a.follow, a.tail, max_bytes):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from ._doctor import run_checks
+
+    checks = run_checks(rebuild=a.rebuild)
+    if a.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        print_table(["CHECK", "STATUS", "DETAIL"], [[c.name, c.status, c.detail] for c in checks],
+                    styles={1: lambda v: {"ok": "green", "warning": "yellow", "error": "red"}.get(v, "")})
+    return 1 if any(c.status == "error" for c in checks) else 0
 
 
 def cmd_cancel(a: argparse.Namespace) -> int:
@@ -550,6 +579,7 @@ COMMANDS = {
     "backends": cmd_backends,
     "offers": cmd_offers,
     "lease-service": cmd_lease_service,
+    "doctor": cmd_doctor,
 }
 
 

@@ -18,11 +18,13 @@ from ._errors import (
     JobTimeout,
     MeshrunError,
 )
-from ._store import JobRecord, Store, get_store
+from ._store import JobRecord, Store, StoreError, get_store
 from ._units import format_duration
 
 # a job that sits in SUBMITTING longer than this without a backend id was interrupted mid-submit
 SUBMIT_GRACE = 60.0
+# characters of the end of the output a failure message carries
+FAILURE_TAIL = 4000
 
 
 class Job:
@@ -137,46 +139,80 @@ class Job:
         tb = err.get("traceback") if err else None
         etype = err.get("type") if err else None
         if err:
-            msg = f"job {self.id} ({rec.name}) failed{where}: {etype}: {err.get('message', '')}"
+            msg = f"job {self.id} ({rec.name}) failed{where}: {etype}: {_cap(str(err.get('message', '')), 2000)}"
         else:
             msg = f"job {self.id} ({rec.name}) {rec.state.value}{where}: {rec.reason or 'no reason given'}"
-            tail = self.log_tail(20)
+            tail = self._failure_tail()
             if tail.strip():
-                msg += "\n\nLast lines of its output:\n" + tail.rstrip()
+                msg += "\n\nEnd of its output:\n" + tail.rstrip()
         cls = JobTimeout if rec.state is JobState.TIMEOUT else JobFailed
         raise cls(msg, self.id, remote_traceback=tb, remote_type=etype, exit_code=rec.exit_code, state=rec.state.value)
 
     # ---- output
-    def logs(self, *, follow: bool = False) -> Any:
-        """The output so far as text; with ``follow=True`` an iterator of chunks until the job ends."""
-        it = self._log_iter(follow)
+    def logs(self, *, follow: bool = False, tail: int | None = None, max_bytes: int | None = None) -> Any:
+        """The output so far as text; with ``follow=True`` an iterator of chunks until the job ends.
+
+        ``tail=N`` starts at the last N lines, ``max_bytes`` at most that many bytes from the end (both may be
+        given: whichever is shorter). The output is read from the end of the log, never loaded whole: a job
+        may write gigabytes. Following yields chunks as they are written."""
+        _check_tail(tail, max_bytes)
+        it = self._log_iter(follow, tail, max_bytes)
         if follow:
             return it
         return "".join(it)
 
-    def _log_iter(self, follow: bool) -> Iterator[str]:
+    def _log_iter(self, follow: bool, tail: int | None = None, max_bytes: int | None = None) -> Iterator[str]:
         rec = self._record
+        local = self.job_dir / "output.log"
         if rec.backend is None or rec.backend_id is None:
             return iter(())
         from ._registry import get_backend
 
+        cut = tail is not None or max_bytes is not None
         try:
             b = get_backend(rec.backend)
+            if getattr(b, "logs_from_end", False):  # reads its file lazily, from where the tail begins
+                return b.logs(rec.backend_id, follow=follow, tail=tail, max_bytes=max_bytes)
             if not follow:  # read now, so a backend error is caught here rather than while iterating
-                return iter(["".join(b.logs(rec.backend_id, follow=False))])
-            return b.logs(rec.backend_id, follow=follow)
+                chunks = b.logs(rec.backend_id, follow=False)
+                if cut:
+                    return iter([_tail_of(chunks, tail, max_bytes)])
+                return iter(["".join(chunks)])
+            chunks = b.logs(rec.backend_id, follow=True)
+            return _tail_then_follow(chunks, tail, max_bytes) if cut else chunks
         except BackendError:
             if not follow:
-                p = self.job_dir / "output.log"
-                return iter([p.read_text(errors="replace")]) if p.exists() else iter(())
+                from ._local import tail_file, tail_offset
+
+                if not local.exists():
+                    return iter(())
+                return tail_file(local, follow=False, done=lambda: True,
+                                 start=tail_offset(local, tail, max_bytes) if cut else 0)
             raise
 
-    def log_tail(self, n: int = 20) -> str:
+    def log_tail(self, n: int = 20, max_chars: int = 4000) -> str:
+        """The last ``n`` lines of the output (at most ``max_chars`` characters, read from the end)."""
         try:
-            text = self.logs()
+            text = self.logs(tail=n, max_bytes=max_chars * 4)
         except MeshrunError:
             return ""
-        return "\n".join(text.splitlines()[-n:])
+        return text[-max_chars:]
+
+    def _failure_tail(self, max_chars: int = FAILURE_TAIL) -> str:
+        """The end of the output for a failure message: a capped number of characters (not lines: one line
+        of a progress bar may be gigabytes), read from the end of the log, progress (``\\r``) collapsed."""
+        from ._agent import log_tail, tail_text
+
+        rec = self._record
+        p = self.job_dir / "output.log"
+        if rec.backend == "local" or (rec.backend is None and p.exists()):
+            return log_tail(str(p), max_chars)
+        want = max_chars * 4 + 16384
+        try:
+            text = self.logs(max_bytes=want)
+        except MeshrunError:
+            return log_tail(str(p), max_chars) if p.exists() else ""
+        return tail_text(text, max_chars, cut=len(text.encode("utf-8", "replace")) >= want)
 
     # ---- control
     def cancel(self) -> None:
@@ -248,6 +284,63 @@ class Job:
         return f'<div class="meshrun-job"><b>meshrun.Job</b><table>{body}</table>{logs}</div>'
 
 
+def _cap(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 15] + " [... cut here]"
+
+
+def _check_tail(tail: Any, max_bytes: Any) -> None:
+    from ._errors import SpecError
+
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+        raise SpecError("tail", f"expected a number of lines >= 0, got {tail!r}")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise SpecError("max_bytes", f"expected a number of bytes >= 0, got {max_bytes!r}")
+
+
+def _cut(text: str, tail: int | None, max_bytes: int | None) -> str:
+    """The end of ``text``: its last ``tail`` lines and at most ``max_bytes`` bytes (utf-8)."""
+    if max_bytes is not None:
+        b = text.encode("utf-8", "surrogatepass")
+        if len(b) > max_bytes:
+            text = b[len(b) - max_bytes:].decode("utf-8", "replace").lstrip("\ufffd")
+    if tail is not None:
+        if tail == 0:
+            return ""
+        body = text[:-1] if text.endswith("\n") else text
+        idx = len(body)
+        for _ in range(tail):
+            idx = body.rfind("\n", 0, idx)
+            if idx < 0:
+                return text
+        text = text[idx + 1:]
+    return text
+
+
+def _tail_of(chunks: Iterable[str], tail: int | None, max_bytes: int | None) -> str:
+    """The end of a stream of chunks, keeping only a bounded amount in memory when ``max_bytes`` is given
+    (and, for ``tail`` alone, whatever the last lines hold)."""
+    keep = ""
+    limit = None if max_bytes is None else max_bytes + 4
+    for c in chunks:
+        keep += c
+        if limit is not None and len(keep) > 2 * limit:
+            keep = keep[-limit:]
+        elif tail is not None and limit is None and len(keep) > (1 << 20):
+            keep = _cut(keep, tail + 1, None)
+    return _cut(keep, tail, max_bytes)
+
+
+def _tail_then_follow(chunks: Iterator[str], tail: int | None, max_bytes: int | None) -> Iterator[str]:
+    """For a backend that cannot seek: the end of the first chunk (the output so far), then the rest."""
+    first = True
+    for c in chunks:
+        if first:
+            first = False
+            c = _cut(c, tail, max_bytes)
+        if c:
+            yield c
+
+
 def _read_json(p: Path) -> Any:
     import json
 
@@ -286,7 +379,8 @@ def refresh(jobs: Sequence[Job]) -> None:
                 if time.time() - rec.created_at > SUBMIT_GRACE:
                     found = backend.find(j.id)
                     if found:
-                        j._store.update(j.id, backend_id=found, state=JobState.PENDING, submitted_at=time.time())
+                        j._store.update(j.id, backend=bname, backend_id=found, state=JobState.PENDING,
+                                        submitted_at=time.time())
                         j._store.add_event(j.id, "reattached", backend=bname, backend_id=found)
                         j._record = j._store.get(j.id)
                         todo.append(j)
@@ -319,6 +413,8 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
     rec = job._record
     if st.state is JobState.UNKNOWN:
         return
+    if st.state is JobState.LOST and rec.kind == "function":
+        st = _complete_result_wins(job, st, backend)
     if st.terminal and st.state is not rec.state:
         from ._scheduler import retry_if_failed
 
@@ -342,21 +438,70 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
             backend.fetch_results(rec.backend_id, job.job_dir)
         except BackendError as e:
             changes["reason"] = f"{st.reason or st.state.value}; results could not be fetched: {e}"
-        # the agent's own exit record is the authority on the exit code (a scheduler may not know it yet)
+        # the agent's own exit record is the authority on the exit code and the times (a scheduler may not
+        # know them yet)
         ex = _read_json(job.job_dir / "exit.json")
         if isinstance(ex, dict) and st.state.value == ex.get("state"):
             if st.exit_code is None and isinstance(ex.get("exit_code"), int) and ex["exit_code"] != rec.exit_code:
                 changes["exit_code"] = ex["exit_code"]
             if not st.reason and ex.get("reason") and "reason" not in changes:
                 changes["reason"] = ex["reason"]
-            if ex.get("started_at") and not rec.started_at:
+            if _is_time(ex.get("started_at")) and not rec.started_at:
                 changes.setdefault("started_at", ex["started_at"])
+            if _is_time(ex.get("ended_at")) and not st.ended_at:
+                changes["ended_at"] = ex["ended_at"]
         changes.setdefault("ended_at", st.ended_at or time.time())
-    if changes:
+    if not changes:
+        return
+    events: list[tuple[str, float | None, dict[str, Any]]] = []
+    if "state" in changes:
+        # the history says when things happened as the agent (or scheduler) recorded them, not when we looked
+        started = changes.get("started_at") or rec.started_at
+        if st.terminal:
+            if started and not any(h.get("event") == JobState.RUNNING.value for h in rec.history):
+                events.append((JobState.RUNNING.value, started, {}))
+            events.append((st.state.value, changes.get("ended_at"), {"reason": st.reason, "where": st.where}))
+        else:
+            at = started if st.state is JobState.RUNNING else None
+            events.append((st.state.value, at, {"reason": st.reason, "where": st.where}))
+    try:
         job._store.update(job.id, **changes)
-        if "state" in changes:
-            job._store.add_event(job.id, st.state.value, reason=st.reason, where=st.where)
-        job._record = job._store.get(job.id)
+        for event, at, data in events:
+            job._store.add_event(job.id, event, at=at, **data)
+    except StoreError as e:
+        if e.kind != "full":
+            raise
+        # a full disk: show the news all the same (the index catches up once there is room again)
+        for k, v in changes.items():
+            setattr(job._record, k, v)
+        return
+    job._record = job._store.get(job.id)
+    if st.terminal:
+        from ._store import clean_temp_files
+
+        clean_temp_files(job.job_dir)
+
+
+def _is_time(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _complete_result_wins(job: Job, st: JobStatus, backend: Any) -> JobStatus:
+    """A function job reported lost whose complete result is on disk (its supervisor died between the
+    worker's end and the exit record) succeeded: its result is returned, not a JobLost."""
+    from ._store import result_complete
+
+    p = job.job_dir / "result.pkl"
+    if not p.exists():
+        try:
+            backend.fetch_results(job._record.backend_id, job.job_dir)
+        except BackendError:
+            return st
+    if not result_complete(p):
+        return st
+    return JobStatus(JobState.SUCCEEDED, reason="its supervisor ended before writing the exit record; the "
+                     "result is complete", exit_code=0, started_at=st.started_at, ended_at=st.ended_at,
+                     where=st.where)
 
 
 def wait(

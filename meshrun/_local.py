@@ -243,15 +243,20 @@ class LocalBackend(Backend):
             _Reaper.watch(p)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
-        return {i: map_agent_status(_agent.job_status(str(self._job_dir(i)))) for i in ids}
+        return {i: local_status(self._job_dir(i)) for i in ids}
 
     def cancel(self, backend_id: str) -> None:
         _agent.cancel(str(self._job_dir(backend_id)), grace=self.settings.grace_period)
 
-    def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
+    #: logs() takes ``tail``/``max_bytes`` and starts that far from the end of the file
+    logs_from_end = True
+
+    def logs(self, backend_id: str, *, follow: bool = False, tail: int | None = None,
+             max_bytes: int | None = None) -> Iterator[str]:
         job_dir = self._job_dir(backend_id)
-        return tail_file(job_dir / _agent.LOG, follow=follow,
-                         done=lambda: (job_dir / _agent.EXIT).exists())
+        log = job_dir / _agent.LOG
+        start = tail_offset(log, tail, max_bytes) if (tail is not None or max_bytes is not None) else 0
+        return tail_file(log, follow=follow, done=lambda: (job_dir / _agent.EXIT).exists(), start=start)
 
     def find(self, job_id: str) -> str | None:
         return job_id if (self._job_dir(job_id) / _agent.LAUNCH).exists() else None
@@ -269,9 +274,64 @@ class LocalBackend(Backend):
             pass
 
 
-def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1) -> Iterator[str]:
-    """Yield a growing text file's content in chunks; with ``follow``, until ``done()`` and EOF."""
-    pos = 0
+def local_status(job_dir: Path) -> JobStatus:
+    """A local job's status from its folder. Two corrections to what the agent's records alone say: a
+    function whose complete result is on disk succeeded, even if its supervisor died before writing the exit
+    record; and a supervisor that died on a full disk is said to have done so."""
+    st = map_agent_status(_agent.job_status(str(job_dir)))
+    if st.state is not JobState.LOST or (job_dir / _agent.EXIT).exists():
+        return st
+    from ._store import result_complete
+
+    launch = _agent.read_json(str(job_dir / _agent.LAUNCH)) or {}
+    if launch.get("kind") == "function" and result_complete(job_dir / _agent.RESULT):
+        return JobStatus(JobState.SUCCEEDED, exit_code=0, started_at=st.started_at, where=st.where,
+                         reason="its supervisor ended before writing the exit record; the result is complete")
+    if _agent.disk_full(str(job_dir)):
+        return JobStatus(JobState.LOST, started_at=st.started_at, where=st.where,
+                         reason=f"the disk is full (ENOSPC) at {job_dir}; {st.reason or 'no exit record'}")
+    return st
+
+
+def tail_offset(path: Path, tail: int | None = None, max_bytes: int | None = None, block: int = 65536) -> int:
+    """Where the last ``tail`` lines (and at most ``max_bytes`` bytes) of a file begin, found by reading
+    backwards from its end a block at a time (never the whole file)."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return 0
+    with f:
+        size = f.seek(0, 2)
+        floor = 0 if max_bytes is None else max(0, size - max_bytes)
+        if tail is None:
+            return floor
+        if tail == 0:
+            return size
+        pos = size
+        wanted = tail + 1  # the file's own final newline ends the last line, it does not start one
+        f.seek(size - 1 if size else 0)
+        if size and f.read(1) != b"\n":
+            wanted = tail
+        while pos > floor:
+            n = min(block, pos - floor)
+            pos -= n
+            f.seek(pos)
+            buf = f.read(n)
+            i = len(buf)
+            while True:
+                i = buf.rfind(b"\n", 0, i)
+                if i < 0:
+                    break
+                wanted -= 1
+                if wanted == 0:
+                    return pos + i + 1
+        return floor
+
+
+def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: int = 0) -> Iterator[str]:
+    """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
+    and EOF. Only one chunk is held at a time."""
+    pos = start
     import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")("replace")

@@ -9,15 +9,22 @@ Layout under ``MESHRUN_HOME``::
     jobs/<id>/output.log    the job's output (local jobs; remote ones are fetched into it)
     jobs/<id>/exit.json     the outcome, written once by the agent
     jobs/<id>/result.pkl    function jobs: the return value (or error.json / error.pkl)
+    jobs/<id>/backend.json  where it was submitted (backend, backend id), so the index can be rebuilt
 
 Every write is a single transaction or an atomic rename, so a ``kill -9`` of the submitting process at any
 moment leaves the store consistent: a job is either absent, or present with a folder and a state.
+
+The index is only a cache of the folders: opening it writes nothing unless it must be created (so reading
+works on a full disk), a damaged or missing one is reported as a :class:`StoreError` naming the file, and
+:meth:`Store.rebuild` (``meshrun doctor --rebuild``) builds it again from the job folders.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -27,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ._backend import JobState
-from ._errors import JobNotFound
+from ._errors import JobNotFound, MeshrunError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -59,11 +66,23 @@ CREATE INDEX IF NOT EXISTS jobs_array ON jobs (array_id);
 """
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+_EPOCH_MS = 1_704_067_200_000
+REBUILD_HINT = "meshrun doctor --rebuild"
+
+
+class StoreError(MeshrunError):
+    """The job store cannot be used as it is: a damaged or missing index, or a full disk. ``path`` names the
+    file; ``kind`` is "damaged", "missing", "full" or "other"."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None, kind: str = "other"):
+        super().__init__(message)
+        self.path = str(path) if path is not None else None
+        self.kind = kind
 
 
 def new_job_id() -> str:
     """12 characters, sortable by creation time: 8 of milliseconds since 2024, 4 random."""
-    ms = int(time.time() * 1000) - 1_704_067_200_000
+    ms = int(time.time() * 1000) - _EPOCH_MS
     head = ""
     for _ in range(8):
         ms, r = divmod(ms, 36)
@@ -115,6 +134,10 @@ class Store:
         self._ready = False
 
     # ---- connection per thread and process (sqlite connections must not cross either)
+    @property
+    def db_path(self) -> Path:
+        return self.home / "jobs.db"
+
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is not None and self._local.pid == os.getpid():
@@ -123,23 +146,126 @@ class Store:
             if not self._ready:
                 self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
-        c = sqlite3.connect(str(self.home / "jobs.db"), timeout=30.0, isolation_level=None)
-        c.execute("PRAGMA busy_timeout = 30000")
-        c.execute("PRAGMA journal_mode = WAL")
-        c.execute("PRAGMA synchronous = NORMAL")
-        with self._init_lock:
-            if not self._ready:
-                ver = c.execute("PRAGMA user_version").fetchone()[0]
-                if ver > SCHEMA_VERSION:
-                    raise RuntimeError(
-                        f"the job store at {self.home} was written by a newer meshrun (schema {ver}); upgrade meshrun"
-                    )
-                c.executescript(_SCHEMA)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self._ready = True
+        try:
+            c = self._open()
+        except sqlite3.Error as e:
+            if _code(e) not in ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY"):
+                raise self._error(e) from None
+            # a full disk (or a read-only one) cannot hold the shared-memory index that WAL readers need:
+            # read the file as it is, without it; writes then fail with a clear StoreError
+            return self._open_readonly(e)
         self._local.conn = c
         self._local.pid = os.getpid()
         return c
+
+    def _open(self) -> sqlite3.Connection:
+        c = sqlite3.connect(str(self.db_path), timeout=30.0, isolation_level=None)
+        try:
+            c.execute("PRAGMA busy_timeout = 30000")
+            c.execute("PRAGMA synchronous = NORMAL")
+            with self._init_lock:
+                if not self._ready:
+                    self._prepare(c)
+                    self._ready = True
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def _prepare(self, c: sqlite3.Connection) -> None:
+        """Check the index once per process; create or migrate it only when needed (a read-only use of an
+        existing index writes nothing)."""
+        ver = c.execute("PRAGMA user_version").fetchone()[0]
+        if ver > SCHEMA_VERSION:
+            raise StoreError(
+                f"the job store at {self.home} was written by a newer meshrun (schema {ver}); upgrade meshrun",
+                path=self.db_path,
+            )
+        if ver == SCHEMA_VERSION:
+            if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                c.execute("PRAGMA journal_mode = WAL")
+            return
+        if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone() is None:
+            n = len(self.folder_ids(limit=1))
+            if n:
+                raise StoreError(
+                    f"the job index {self.db_path} is missing or empty, but job folders exist in {self.jobs_dir}; "
+                    f"rebuild the index from them with `{REBUILD_HINT}`",
+                    path=self.db_path,
+                    kind="missing",
+                )
+        c.execute("PRAGMA journal_mode = WAL")
+        c.executescript(_SCHEMA)
+        c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _open_readonly(self, first: sqlite3.Error) -> sqlite3.Connection:
+        if not self.db_path.exists():
+            raise self._error(first) from None
+        uri = "file:" + _uri_path(self.db_path) + "?mode=ro&immutable=1"
+        try:
+            c = sqlite3.connect(uri, uri=True, isolation_level=None)
+            ver = c.execute("PRAGMA user_version").fetchone()[0]
+            if ver != SCHEMA_VERSION:
+                c.close()
+                raise self._error(first) from None
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        return c  # not kept: once there is room again the next call opens the index the ordinary way
+
+    def _error(self, e: BaseException) -> StoreError:
+        """One clear error for a failed use of the index: which file, what is wrong, what to do."""
+        if isinstance(e, StoreError):
+            return e
+        code = _code(e) if isinstance(e, sqlite3.Error) else None
+        db = self.db_path
+        if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            return StoreError(
+                f"the job index {db} is damaged ({e}); rebuild it from the job folders with `{REBUILD_HINT}` "
+                "(which keeps the damaged file beside it)",
+                path=db,
+                kind="damaged",
+            )
+        if code == "SQLITE_FULL" or (code in ("SQLITE_IOERR", "SQLITE_READONLY") and _no_room(self.home)):
+            return StoreError(
+                f"the disk holding the job store {self.home} is full ({e}); free some space there "
+                "(reading jobs still works: meshrun ls, status, logs)",
+                path=db,
+                kind="full",
+            )
+        return StoreError(f"the job index {db} cannot be used: {e}", path=db)
+
+    def _run(self, fn: Any) -> Any:
+        """Run ``fn(connection)``, turning sqlite's errors into one clear StoreError."""
+        c = self._conn()
+        try:
+            return fn(c)
+        except sqlite3.Error as e:
+            try:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise self._error(e) from None
+        finally:
+            if c is not getattr(self._local, "conn", None):
+                c.close()  # a read-only fallback connection
+
+    def folder_ids(self, limit: int | None = None) -> list[str]:
+        """Ids of the job folders on disk (folders holding a launch.json or spec.json)."""
+        out: list[str] = []
+        try:
+            it = os.scandir(self.jobs_dir)
+        except OSError:
+            return out
+        with it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False) and (
+                    os.path.exists(os.path.join(e.path, "launch.json")) or os.path.exists(os.path.join(e.path, "spec.json"))
+                ):
+                    out.append(e.name)
+                    if limit is not None and len(out) >= limit:
+                        break
+        return out
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -159,12 +285,19 @@ class Store:
     ) -> JobRecord:
         """Make the job's folder with its files, then its row (state SUBMITTING), in that order: a folder
         without a row is invisible garbage; a row always has its folder."""
-        self._conn()
+        self._run(lambda c: None)
         job_id = job_id or new_job_id()
         d = self.job_dir(job_id)
-        d.mkdir(mode=0o700)
-        for fname, data in (files or {}).items():
-            _atomic_write(d / fname, data)
+        try:
+            d.mkdir(mode=0o700)
+            for fname, data in (files or {}).items():
+                _atomic_write(d / fname, data)
+        except OSError as e:
+            _remove_tree(d)  # nothing half-made left behind
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"the disk holding the job store {self.home} is full ({e}); free some space there",
+                                 path=d, kind="full") from None
+            raise
         now = time.time()
         rec = JobRecord(
             id=job_id,
@@ -189,10 +322,14 @@ class Store:
             pid=os.getpid(),
             job_dir=d,
         )
-        self._conn().execute(
-            f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            _row_values(rec),
-        )
+        try:
+            self._run(lambda c: c.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                _row_values(rec),
+            ))
+        except StoreError:
+            _remove_tree(d)
+            raise
         return rec
 
     def update(self, job_id: str, **fields: Any) -> None:
@@ -211,39 +348,57 @@ class Store:
             cols.append(f"{col} = ?")
             vals.append(v)
         vals.append(job_id)
-        self._conn().execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ?", vals)
+        self._run(lambda c: c.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ?", vals))
+        if fields.get("backend_id") is not None:
+            self._note_backend(job_id, fields.get("backend"), fields["backend_id"])
 
-    def add_event(self, job_id: str, event: str, **data: Any) -> None:
-        """Append to the job's history (submits, failovers, state changes) in one transaction."""
-        entry = {"time": time.time(), "event": event, **data}
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
+    def _note_backend(self, job_id: str, backend: str | None, backend_id: str) -> None:
+        """Keep where the job was submitted in its folder too (``backend.json``), for rebuilding the index."""
+        if backend is None:
+            backend = self.get(job_id).backend
         try:
+            _atomic_write(self.job_dir(job_id) / "backend.json",
+                          (json.dumps({"backend": backend, "backend_id": backend_id}) + "\n").encode())
+        except OSError:
+            pass  # only a hint for a rebuild; the index has it
+
+    def add_event(self, job_id: str, event: str, *, at: float | None = None, **data: Any) -> None:
+        """Add to the job's history (submits, failovers, state changes) in one transaction. ``at`` is when it
+        happened (default: now); the history stays in time order."""
+        entry = {"time": time.time() if at is None else float(at), "event": event, **data}
+
+        def txn(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN IMMEDIATE")
             row = c.execute("SELECT history FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 c.execute("ROLLBACK")
                 raise JobNotFound(f"no job {job_id!r} in the job store at {self.home}", job_id)
             hist = json.loads(row[0] or "[]")
-            hist.append(entry)
+            i = len(hist)
+            while i > 0 and float(hist[i - 1].get("time") or 0) > entry["time"]:
+                i -= 1
+            hist.insert(i, entry)
             c.execute("UPDATE jobs SET history = ? WHERE id = ?", (json.dumps(hist), job_id))
             c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
+
+        self._run(txn)
 
     # ---- reads
     def get(self, job_id: str) -> JobRecord:
-        row = self._conn().execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        sel = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+        row = self._run(lambda c: c.execute(f"{sel} WHERE id = ?", (job_id,)).fetchone())
         if row is None:
-            matches = self._conn().execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id LIKE ? ORDER BY created_at DESC LIMIT 2",
+            matches = self._run(lambda c: c.execute(
+                f"{sel} WHERE id LIKE ? ORDER BY created_at DESC LIMIT 2",
                 (job_id.replace("%", "").replace("_", "") + "%",),
-            ).fetchall() if len(job_id) >= 4 else []
+            ).fetchall()) if len(job_id) >= 4 else []
             if len(matches) == 1:
                 row = matches[0]
             else:
                 extra = " (the prefix matches several jobs)" if len(matches) > 1 else ""
+                if not extra and "/" not in job_id and (self.job_dir(job_id) / "launch.json").exists():
+                    extra = (f" although its folder {self.job_dir(job_id)} exists: the index is incomplete; "
+                             f"rebuild it with `{REBUILD_HINT}`")
                 raise JobNotFound(f"no job {job_id!r} in the job store at {self.home}{extra}", job_id)
         return self._record(row)
 
@@ -272,7 +427,7 @@ class Store:
         sql += " ORDER BY created_at DESC, id DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [self._record(r) for r in self._conn().execute(sql, args).fetchall()]
+        return [self._record(r) for r in self._run(lambda c: c.execute(sql, args).fetchall())]
 
     def _record(self, row: Sequence[Any]) -> JobRecord:
         d = dict(zip(_COLUMNS, row))
@@ -306,6 +461,107 @@ class Store:
             c.close()
             self._local.conn = None
 
+    # ---- repair (meshrun doctor)
+    def check(self) -> dict[str, Any]:
+        """The index against the folders: ``ok``, ``error`` (a StoreError's text), ``rows``, ``folders``,
+        ``rows_without_folder`` and ``folders_without_row`` (ids), ``temp_files_removed``."""
+        out: dict[str, Any] = {"db": str(self.db_path), "ok": True, "error": None}
+        folders = set(self.folder_ids())
+        out["folders"] = len(folders)
+        removed: list[str] = []
+        for jid in sorted(folders):
+            removed += [str(p) for p in clean_temp_files(self.job_dir(jid))]
+        out["temp_files_removed"] = removed
+        try:
+            ids = set(self._run(lambda c: [r[0] for r in c.execute("SELECT id FROM jobs").fetchall()]))
+            bad = self._run(lambda c: c.execute("PRAGMA quick_check").fetchone()[0])
+            if bad != "ok":
+                raise StoreError(f"the job index {self.db_path} is damaged ({bad}); rebuild it from the job "
+                                 f"folders with `{REBUILD_HINT}`", path=self.db_path, kind="damaged")
+        except StoreError as e:
+            out.update(ok=False, error=str(e), kind=e.kind, rows=None, rows_without_folder=[],
+                       folders_without_row=sorted(folders))
+            return out
+        out["rows"] = len(ids)
+        out["rows_without_folder"] = sorted(ids - folders - {i for i in ids if self.job_dir(i).is_dir()})
+        out["folders_without_row"] = sorted(folders - ids)
+        if out["rows_without_folder"] or out["folders_without_row"]:
+            out["ok"] = False
+        return out
+
+    def rebuild(self) -> dict[str, Any]:
+        """Build the index again from the job folders (spec.json, launch.json, backend.json, state.json,
+        exit.json, result.pkl). Rows still readable in the old index are kept as they are (with their
+        history); the old file is moved aside (``jobs.db.old-<time>``), never deleted."""
+        old_rows = self._salvage()
+        self.close()
+        with self._init_lock:
+            self._ready = False
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.home / f"jobs.db.rebuild.{os.getpid()}"
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+        kept = rebuilt = 0
+        skipped: list[str] = []
+        c = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            c.executescript(_SCHEMA)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            c.execute("BEGIN")
+            for jid in sorted(self.folder_ids()):
+                clean_temp_files(self.job_dir(jid))
+                row = old_rows.get(jid)
+                if row is not None:
+                    kept += 1
+                else:
+                    rec = record_from_folder(self.job_dir(jid))
+                    if rec is None:
+                        skipped.append(jid)
+                        continue
+                    row = _row_values(rec)
+                    rebuilt += 1
+                c.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+            c.execute("COMMIT")
+            c.execute("PRAGMA journal_mode = WAL")
+        finally:
+            c.close()
+        moved = None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        try:  # the new index is as private as the old one was
+            os.chmod(tmp, self.db_path.stat().st_mode & 0o777)
+        except OSError:
+            os.chmod(tmp, 0o600)
+        if self.db_path.exists():
+            moved = self.home / f"jobs.db.old-{stamp}"
+        for suffix in ("", "-wal", "-shm"):  # an old WAL must never be replayed into the new file
+            src = Path(str(self.db_path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(self.home / f"jobs.db.old-{stamp}") + suffix))
+        os.replace(tmp, self.db_path)
+        return {"db": str(self.db_path), "kept": kept, "rebuilt": rebuilt, "skipped": skipped,
+                "old": str(moved) if moved else None}
+
+    def _salvage(self) -> dict[str, list[Any]]:
+        """Rows of the current index that can still be read (none when it is unreadable)."""
+        if not self.db_path.exists():
+            return {}
+        try:
+            c = sqlite3.connect("file:" + _uri_path(self.db_path) + "?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error:
+            return {}
+        out: dict[str, list[Any]] = {}
+        try:
+            if c.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                return {}
+            for r in c.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs"):
+                if self.job_dir(r[0]).is_dir():
+                    out[r[0]] = list(r)
+        except sqlite3.Error:
+            pass  # keep what was read before the damage
+        finally:
+            c.close()
+        return out
+
 
 def _row_values(rec: JobRecord) -> list[Any]:
     return [
@@ -330,6 +586,189 @@ def _row_values(rec: JobRecord) -> list[Any]:
         rec.user,
         rec.pid,
     ]
+
+
+_TMP = re.compile(r"\.tmp\.(\d+)$")
+
+
+def clean_temp_files(job_dir: Path | str, *, min_age: float = 60.0) -> list[Path]:
+    """Remove what interrupted writes left in a job folder: ``*.tmp.<pid>`` files whose writer is gone, and
+    the exit record's reserved space once the job has ended. Only files older than ``min_age`` seconds (a
+    writer on another node of a shared filesystem is not in our process table). Returns what was removed."""
+    removed: list[Path] = []
+    d = Path(job_dir)
+    try:
+        entries = list(os.scandir(d))
+    except OSError:
+        return removed
+    names = {e.name for e in entries}
+    now = time.time()
+    for e in entries:
+        m = _TMP.search(e.name)
+        reserve = e.name.endswith(".json.reserve")
+        if not m and not reserve:
+            continue
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime < min_age:
+                continue
+        except OSError:
+            continue
+        if m and _pid_alive(int(m.group(1))):
+            continue
+        if reserve:
+            base = e.name[: -len(".reserve")]
+            state = _read_json(d / base.replace("exit", "state", 1)) if base.startswith("exit") else None
+            supervisor_alive = isinstance(state, dict) and _pid_alive(state.get("pid"))
+            if base not in names and supervisor_alive:
+                continue
+        try:
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _remove_tree(d: Path) -> None:
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _id_time(job_id: str) -> float | None:
+    """When a job id was made (its first 8 characters are milliseconds since 2024, base 36)."""
+    try:
+        ms = int(job_id[:8], 36)
+    except ValueError:
+        return None
+    return (ms + _EPOCH_MS) / 1000.0 if len(job_id) == 12 else None
+
+
+def record_from_folder(d: Path) -> JobRecord | None:
+    """A job's row made from its folder alone (for rebuilding the index); None if it is no job folder."""
+    from ._local import map_agent_status
+
+    jid = d.name
+    launch = _read_json(d / "launch.json")
+    launch = launch if isinstance(launch, dict) else {}
+    name, kind, summary = launch.get("name"), launch.get("kind"), ""
+    try:
+        from ._spec import JobSpec
+
+        spec = JobSpec.from_json((d / "spec.json").read_text())
+        name, kind, summary = spec.display_name, spec.kind, spec.summary()
+    except Exception:
+        argv = launch.get("argv")
+        summary = launch.get("shell") or (" ".join(map(str, argv)) if isinstance(argv, list) else "")
+    if not name and not kind:
+        return None
+    where_rec = _read_json(d / "backend.json")
+    where_rec = where_rec if isinstance(where_rec, dict) else {}
+    backend, backend_id = where_rec.get("backend"), where_rec.get("backend_id")
+    ex = _read_json(d / "exit.json")
+    st = _read_json(d / "state.json")
+    try:
+        created = _id_time(jid) or (d / "launch.json").stat().st_mtime
+    except OSError:
+        created = time.time()
+    now = time.time()
+    history: list[dict[str, Any]] = [{"time": now, "event": "rebuilt", "reason": "index rebuilt from the job folder"}]
+    fields: dict[str, Any] = {"state": JobState.LOST, "reason": None, "exit_code": None, "where": None,
+                              "started_at": None, "ended_at": None}
+    if isinstance(st, dict) and backend is None and st.get("host") == _hostname():
+        backend, backend_id = "local", jid  # the local backend's id is the job's own
+    if isinstance(ex, dict):
+        s = map_agent_status(ex)
+        fields.update(state=s.state if s.state is not JobState.UNKNOWN else JobState.LOST, reason=s.reason,
+                      exit_code=s.exit_code, where=s.where, started_at=s.started_at, ended_at=s.ended_at or now)
+    elif kind == "function" and result_complete(d / "result.pkl"):
+        fields.update(state=JobState.SUCCEEDED, exit_code=0, ended_at=now,
+                      reason="its result is complete although no exit record was written")
+    elif backend_id:
+        # not ended as far as the folder tells: ask the backend at the next refresh
+        fields.update(state=JobState.PENDING, started_at=(st or {}).get("started_at") if isinstance(st, dict) else None)
+    else:
+        fields.update(reason="rebuilt from its folder, which has no exit record and no record of where it "
+                             "was submitted", ended_at=now)
+    if fields["started_at"]:
+        history.insert(0, {"time": fields["started_at"], "event": "running"})
+    if fields["state"].terminal:
+        history.append({"time": fields["ended_at"], "event": fields["state"].value, "reason": fields["reason"]})
+    history.sort(key=lambda h: h["time"])
+    try:
+        import pwd
+
+        user = pwd.getpwuid(d.stat().st_uid).pw_name
+    except (KeyError, OSError, ImportError):
+        user = None
+    return JobRecord(id=jid, name=str(name or jid), kind=str(kind or "command"), summary=summary,
+                     backend=backend, backend_id=backend_id, created_at=created,
+                     submitted_at=created if backend_id else None, array_id=None, array_index=None,
+                     attempt=1, history=history, user=user, pid=None, job_dir=d, **fields)
+
+
+def result_complete(p: Path) -> bool:
+    """True when ``p`` is a whole pickle (written by an atomic rename, and ending with pickle's STOP)."""
+    try:
+        with open(p, "rb") as f:
+            if f.seek(0, 2) < 2:
+                return False
+            f.seek(-1, 2)
+            return f.read(1) == b"."
+    except OSError:
+        return False
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _code(e: sqlite3.Error) -> str | None:
+    """The primary sqlite result code's name (SQLITE_CORRUPT, SQLITE_FULL, ...)."""
+    name = getattr(e, "sqlite_errorname", None)
+    if name:
+        return "_".join(name.split("_")[:2])
+    msg = str(e).lower()
+    for code, words in (("SQLITE_NOTADB", "not a database"), ("SQLITE_CORRUPT", "malformed"),
+                        ("SQLITE_FULL", "is full"), ("SQLITE_IOERR", "i/o error")):
+        if words in msg:
+            return code
+    return None
+
+
+def _no_room(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+def _uri_path(p: Path) -> str:
+    from urllib.parse import quote
+
+    return quote(str(p.resolve()))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
