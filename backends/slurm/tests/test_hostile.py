@@ -90,7 +90,7 @@ def test_planted_agent_at_the_upload_path_is_replaced_not_run(remote, how):
         planted.symlink_to(evil_dir / "agent.py")
     b = remote(rd)
     job = meshrun.run(["sh", "-c", "echo genuine"], backend="slurm")
-    assert job.wait(timeout=120) is JS.SUCCEEDED, job.status().reason
+    assert job.wait(timeout=120) is JS.SUCCEEDED, job.record.reason
     assert job.logs().strip() == "genuine"
     assert not marker.exists()
     assert not planted.is_symlink() and hashlib.sha256(planted.read_bytes()).hexdigest() == sha

@@ -258,19 +258,32 @@ def _lease_ends(snap):
         job_dir = lease.get("job_dir")
         if not isinstance(job_dir, str) or not job_dir.startswith("/"):
             continue
-        owner = lease.get("uid")
         try:
-            owner = os.getuid() if owner is None else int(owner)
-            launch = read_json_checked(os.path.join(job_dir, _agent.LAUNCH), owner=owner)
-            state = read_json_checked(os.path.join(job_dir, _agent.STATE), owner=owner)
+            owner = os.getuid() if lease.get("uid") is None else int(lease["uid"])
+        except (TypeError, ValueError):
+            skipped[idx] = "the lease names no valid owner (uid %r)" % (lease.get("uid"),)
+            continue
+        recs, why = [], []
+        for name in (_agent.LAUNCH, _agent.STATE):
+            try:
+                recs.append(read_json_checked(os.path.join(job_dir, name), owner=owner))
+            except (FileNotFoundError, PermissionError):
+                recs.append(None)  # no record, or another user's private folder: the end is unknown
+            except Unreadable as e:
+                why.append(str(e))
+            except OSError as e:
+                why.append("%s: %s" % (os.path.join(job_dir, name), e.strerror or e))
+        if why:
+            skipped[idx] = "; ".join(why)
+            continue
+        launch, state = recs[0] or {}, recs[1] or {}
+        try:
             limit = launch.get("time_limit")
             started = state.get("started_at") or lease.get("since")
             if limit and started:
                 ends[idx] = float(started) + float(limit)
-        except (FileNotFoundError, PermissionError):
-            continue  # no records, or another user's private folder: the end is unknown
-        except (Unreadable, OSError, TypeError, ValueError) as e:
-            skipped[idx] = str(e) if isinstance(e, Unreadable) else "%s: %s" % (type(e).__name__, e)
+        except (TypeError, ValueError) as e:
+            skipped[idx] = "%s: %s" % (type(e).__name__, e)
     return ends, skipped
 
 
