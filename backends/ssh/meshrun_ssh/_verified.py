@@ -146,20 +146,20 @@ if sys.path and sys.path[0] in ("", "."):
     del sys.path[0]
 ''' + _COMMON + r'''
 import json
-def check_chain(path):
-    """Every directory from / down to path: nobody else may write to it unless sticky; path and its parent
-    belong to the user or root; a symbolic link on the way belongs to the user or root."""
+def check_chain(path, own_last):
+    """Every directory from / down to path: nobody else may write to it unless sticky; the last own_last of
+    them belong to the user or root; a symbolic link on the way belongs to the user or root."""
     for p in (path, os.path.realpath(path)):
         cur = "/"
         parts = [x for x in p.split("/") if x]
-        check_dir(cur, not parts)
+        check_dir(cur, len(parts) < own_last)
         for i, part in enumerate(parts):
             cur = os.path.join(cur, part)
             lst = os.lstat(cur)
             if stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (UID, 0):
                 raise Unsafe("%s is a symbolic link of %s's; fix: use a directory of your own"
                              % (cur, who(lst.st_uid)))
-            check_dir(cur, i >= len(parts) - 2)
+            check_dir(cur, i >= len(parts) - own_last)
 def install(argv):
     d = os.path.abspath(os.path.expanduser(argv[0]))
     stdin = sys.stdin.buffer
@@ -167,14 +167,17 @@ def install(argv):
     blob = stdin.read()
     out = {"ok": True, "dir": d, "uid": UID, "kept": [], "installed": []}
     try:
-        parent = os.path.dirname(d)
-        if not os.path.isdir(parent):
-            os.makedirs(parent, 0o700)
+        have = d
+        while not os.path.lexists(have):
+            have = os.path.dirname(have)
+        check_chain(have, 2 if have == d else 1 if have == os.path.dirname(d) else 0)  # before creating
+        if not os.path.isdir(os.path.dirname(d)):
+            os.makedirs(os.path.dirname(d), 0o700)
         try:
             os.mkdir(d, 0o700)
         except FileExistsError:
             pass
-        check_chain(d)
+        check_chain(d, 2)
         pos = 0
         for name, size, want in manifest:
             data = blob[pos:pos + size]
