@@ -1114,7 +1114,9 @@ def _render_error(e: ValueError) -> meshrun.MeshrunError:
 
 
 def _compiled_agent(src: str, folder: Path) -> str | None:
-    """``src`` compiled for this interpreter into ``folder`` (named by content and cache tag), or None."""
+    """``src`` compiled for this interpreter into ``folder`` (named by content and cache tag), or None (run the
+    source then). A compiled copy already there is used only when it is a regular file of this user's that
+    no one else may write to, in a folder of this user's that no one else may write to."""
     try:
         import importlib.util
         import py_compile
@@ -1123,13 +1125,32 @@ def _compiled_agent(src: str, folder: Path) -> str | None:
         tag = sys.implementation.cache_tag or "py"
         h = hashlib.sha256(data + importlib.util.MAGIC_NUMBER).hexdigest()[:16]
         out = folder / f"_agent-{h}.{tag}.pyc"
-        if not out.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private(folder, is_dir=True):
+            return None
+        if not _private(out, is_dir=False):
+            if os.path.lexists(out):
+                os.unlink(out)
+            # written to a fresh temporary name (O_EXCL) and renamed into place
             py_compile.compile(src, cfile=str(out), doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            if not _private(out, is_dir=False):
+                return None
         return str(out)
     except Exception:
         return None
+
+
+def _private(path: Path, *, is_dir: bool) -> bool:
+    """``path`` is a directory (or regular file), not a symbolic link, this user's, writable by no one else."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _comment(name: str) -> str | None:

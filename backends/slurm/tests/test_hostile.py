@@ -147,3 +147,31 @@ def test_shared_remote_dir_is_refused_with_the_fix(remote):
     msg = str(e.value)
     assert f"{sticky}/agent (owner {ATTACKER}, mode 0777)" in msg and "belongs to another user" in msg
     assert b.calls["sbatch"] == 0 and not marker.exists()
+
+
+def test_planted_compiled_agent_in_the_cache_is_not_run(slurm, meshrun_home, tmp_path):
+    """Shared-filesystem mode keeps the agent compiled in MESHRUN_HOME/slurm/agent/. A file planted at that
+    cache path (a symbolic link to another user's compiled program) is not run: the cache is rebuilt."""
+    import importlib.util
+    import py_compile
+
+    if slurm._python() != sys.executable:
+        pytest.skip("the compiled agent is used only with this interpreter")
+    src = Path(meshrun.agent_file())
+    h = hashlib.sha256(src.read_bytes() + importlib.util.MAGIC_NUMBER).hexdigest()[:16]
+    cache = meshrun_home / "slurm" / "agent" / f"_agent-{h}.{sys.implementation.cache_tag}.pyc"
+    cache.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    marker = _scratch() / "cached-agent-ran"
+    evil_dir = marker.parent / "attacker"
+    evil_dir.mkdir(mode=0o755)
+    shutil.chown(evil_dir, ATTACKER)
+    _as_attacker("sh", "-c", f"printf '%s' \"$1\" > {evil_dir}/evil.py", "sh", _evil(marker))
+    py_compile.compile(str(evil_dir / "evil.py"), cfile=str(evil_dir / "evil.pyc"), doraise=True)
+    shutil.chown(evil_dir / "evil.pyc", ATTACKER)
+    cache.symlink_to(evil_dir / "evil.pyc")
+    try:
+        job = meshrun.run(["sh", "-c", "echo genuine"], backend="slurm")
+        assert job.wait(timeout=120) is JS.SUCCEEDED and job.logs().strip() == "genuine"
+        assert not marker.exists() and not cache.is_symlink() and cache.stat().st_uid == os.getuid()
+    finally:
+        shutil.rmtree(marker.parent, ignore_errors=True)
