@@ -221,7 +221,7 @@ class SlurmBackend(meshrun.Backend):
                 data = Path(meshrun.agent_file()).read_bytes()
                 name, sha = content_name("agent", data)
                 d = f"{self._cluster_root()}/agent"
-                pythons = [p for p in dict.fromkeys([self.settings.python or "python3", "python3"])]
+                pythons = list(dict.fromkeys([self.settings.python or "python3", "python3"]))
                 install_verified(self.runner.conn(), d, {name: data}, pythons=pythons, what="the host agent",
                                  setting="backends.slurm.remote_dir", backend=BACKEND)
                 self._agent_remote, self._agent_sha = f"{d}/{name}", sha
