@@ -102,6 +102,7 @@ class SlurmBackend(meshrun.Backend):
         self._settle: dict[str, float] = {}
         self._cluster_name: str | None = None
         self._agent_remote: str | None = None
+        self._agent_sha: str | None = None  # login-node mode: the uploaded agent's SHA-256
         self._rest: Any = None
         self._sinfo: tuple[float, list[S.NodeGroup]] | None = None  # (time.time(), groups)
         self._checked: tuple[float, meshrun.Availability] | None = None
@@ -206,15 +207,25 @@ class SlurmBackend(meshrun.Backend):
                 if self._agent_remote is None:
                     self._agent_remote = _compiled_agent(src, self._state_dir() / "agent") or src
                 return self._agent_remote
+        return self._verified_agent()[0]
+
+    def _verified_agent(self) -> tuple[str, str]:
+        """Login-node mode: (path, sha256) of the agent on the cluster, ``remote_dir/agent/agent-<sha[:16]>.py``.
+        Checked (and installed or replaced when missing or not exactly this content) once per backend
+        instance, in one remote command that refuses a remote_dir other users may write to; every job then
+        checks the hash again in the process that runs it (BatchJob.boot)."""
         with self._lock:
-            if self._agent_remote is None:
+            if self._agent_remote is None or self._agent_sha is None:
+                from meshrun_ssh import content_name, install_verified
+
                 data = Path(meshrun.agent_file()).read_bytes()
-                h = hashlib.sha256(data).hexdigest()[:12]
-                path = f"{self._cluster_root()}/agent/_agent-{h}.py"
-                if not self.runner.exists(path):
-                    self.runner.put_bytes(data, path, 0o644)
-                self._agent_remote = path
-            return self._agent_remote
+                name, sha = content_name("agent", data)
+                d = f"{self._cluster_root()}/agent"
+                pythons = list(dict.fromkeys([self.settings.python or "python3", "python3"]))
+                install_verified(self.runner.conn(), d, {name: data}, pythons=pythons, what="the host agent",
+                                 setting="backends.slurm.remote_dir", backend=BACKEND)
+                self._agent_remote, self._agent_sha = f"{d}/{name}", sha
+            return self._agent_remote, self._agent_sha
 
     def _write_local(self, path: Path, data: bytes, mode: int = 0o600) -> None:
         LocalRunner().put_bytes(data, str(path), mode)
@@ -573,12 +584,17 @@ class SlurmBackend(meshrun.Backend):
             gpu_type = offer.detail["gres_type"]
         if commands_only is None:
             commands_only = spec.kind == "command"
+        verified: dict[str, Any] = {}
+        if not self.shared_filesystem:
+            from meshrun_ssh import BOOT_PROGRAM
+
+            verified = {"agent_sha256": self._verified_agent()[1], "boot": BOOT_PROGRAM}
         return BatchJob(
             job_name=job_name, workdir=workdir, python=self._python(), agent=self._agent_path(), job_dir=job_dir,
             nodes=r.nodes, gpus=r.gpus, gpu_type=gpu_type, cpus=r.cpus, memory=r.memory, disk=r.disk,
             time_limit=spec.time_limit, options=opts, array=array,
             # a command job's agent needs the standard library only: no site-packages start-up hooks
-            python_flags=("-S",) if commands_only else (),
+            python_flags=("-S",) if commands_only else (), **verified,
         )
 
     def _stage(self, local_dir: Path, cluster_dir: str, names: Sequence[str], spec: Any = None,
@@ -1098,7 +1114,9 @@ def _render_error(e: ValueError) -> meshrun.MeshrunError:
 
 
 def _compiled_agent(src: str, folder: Path) -> str | None:
-    """``src`` compiled for this interpreter into ``folder`` (named by content and cache tag), or None."""
+    """``src`` compiled for this interpreter into ``folder`` (named by content and cache tag), or None (run the
+    source then). A compiled copy already there is used only when it is a regular file of this user's that
+    no one else may write to, in a folder of this user's that no one else may write to."""
     try:
         import importlib.util
         import py_compile
@@ -1107,13 +1125,32 @@ def _compiled_agent(src: str, folder: Path) -> str | None:
         tag = sys.implementation.cache_tag or "py"
         h = hashlib.sha256(data + importlib.util.MAGIC_NUMBER).hexdigest()[:16]
         out = folder / f"_agent-{h}.{tag}.pyc"
-        if not out.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private(folder, is_dir=True):
+            return None
+        if not _private(out, is_dir=False):
+            if os.path.lexists(out):
+                os.unlink(out)
+            # written to a fresh temporary name (O_EXCL) and renamed into place
             py_compile.compile(src, cfile=str(out), doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            if not _private(out, is_dir=False):
+                return None
         return str(out)
     except Exception:
         return None
+
+
+def _private(path: Path, *, is_dir: bool) -> bool:
+    """``path`` is a directory (or regular file), not a symbolic link, this user's, writable by no one else."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _comment(name: str) -> str | None:

@@ -75,6 +75,11 @@ class BatchJob:
     # interpreter flags for the agent: ("-S",) for command jobs, whose agent needs the standard library only
     # (skipping site-packages' start-up hooks saves tens of milliseconds per job)
     python_flags: tuple[str, ...] = ()
+    # a content-addressed agent uploaded to the cluster: the batch script runs it through ``boot`` (a small
+    # Python program, see meshrun_ssh's verified upload) that checks the file and its SHA-256 and runs
+    # exactly the bytes it checked, in the same process
+    agent_sha256: str | None = None
+    boot: str | None = None
 
 
 def _mib(n: int) -> int:
@@ -179,7 +184,15 @@ def render_script(job: BatchJob) -> str:
     for f in job.python_flags:
         if not re.fullmatch(r"-[A-Za-z]+", f):
             raise ValueError(f"python flags are short options such as -S, got {f!r}")
+    if (job.agent_sha256 is None) != (job.boot is None):
+        raise ValueError("agent_sha256 and boot go together")
+    if job.agent_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", job.agent_sha256):
+        raise ValueError(f"agent_sha256 must be 64 hex digits, got {job.agent_sha256!r}")
     flags = "".join(f" {f}" for f in job.python_flags)
+    if job.agent_sha256 is not None:
+        agent = f'{flags} -c "$meshrun_boot" "$meshrun_agent" "$meshrun_agent_sha256"'
+    else:
+        agent = f'{flags} "$meshrun_agent"'
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {sbatch_quote(a)}" for a in directives(job)]
     lines.append("#")
@@ -188,6 +201,11 @@ def render_script(job: BatchJob) -> str:
     q = shlex.quote
     lines.append(f"meshrun_python={q(job.python)}")
     lines.append(f"meshrun_agent={q(job.agent)}")
+    if job.agent_sha256 is not None:
+        lines.append("# the agent runs only if its content has this SHA-256 (checked by the program below, in the")
+        lines.append("# process that runs it)")
+        lines.append(f"meshrun_agent_sha256={job.agent_sha256}")
+        lines.append(f"meshrun_boot={q(job.boot or '')}")
     if job.array is not None:
         lines.append(f"meshrun_tasks={q(job.array.tasks_file)}")
         lines.append("# task i runs the job folder on line i of the tasks file (NUL-separated)")
@@ -205,7 +223,7 @@ def render_script(job: BatchJob) -> str:
             f"{dist} NODE_RANK=0 MASTER_ADDR=127.0.0.1\n"
             'export MASTER_PORT="$(meshrun_free_port 127.0.0.1)"\n'
             "# Slurm's CUDA_VISIBLE_DEVICES stands: launch.json says lease=false, mask_gpus=false\n"
-            f'exec "$meshrun_python"{flags} "$meshrun_agent" run "$meshrun_job_dir"\n'
+            f'exec "$meshrun_python"{agent} run "$meshrun_job_dir"\n'
         )
     else:
         cpus = f" --cpus-per-task={math.ceil(job.cpus)}" if job.cpus else ""
@@ -220,6 +238,6 @@ def render_script(job: BatchJob) -> str:
             "# one task per node; each node's agent gets NODE_RANK from Slurm's node id\n"
             f"exec srun --nodes={job.nodes} --ntasks={job.nodes} --ntasks-per-node=1{cpus} --kill-on-bad-exit=1 \\\n"
             "  /bin/bash -c 'export NODE_RANK=\"$SLURM_NODEID\"; exec \"$@\"' meshrun-node \\\n"
-            f'  "$meshrun_python"{flags} "$meshrun_agent" run "$meshrun_job_dir"\n'
+            f'  "$meshrun_python"{agent} run "$meshrun_job_dir"\n'
         )
     return "\n".join(lines) + "\n" + body

@@ -20,14 +20,16 @@ import socket
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+if "_agent" not in sys.modules:  # run directly, not through the verifying bootstrap (which loads it first)
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
 
-import _agent  # noqa: E402  (the host agent uploaded beside this file)
+import _agent  # noqa: E402  (the host agent, verified by hash and loaded by the bootstrap)
 
 MANIFEST = ".meshrun-sync.json"
 READ_MAX = 1 << 20
+RECORD_MAX = 1 << 20  # a job record (launch.json, state.json) of another job is never larger
 IDLE_WARM_UP = 0.05  # seconds without a request before the helper warms its imports
 
 
@@ -204,18 +206,85 @@ def op_status(req):
     return {"ok": True, "status": dict((d, _agent.job_status(expand(d))) for d in req["dirs"])}
 
 
+class Unreadable(Exception):
+    """A record that is not read: not a regular file, not its expected owner's, too large, not JSON."""
+
+
+def read_json_checked(path, max_bytes=RECORD_MAX, owner=None):
+    """The JSON object in ``path``, read the way a file named by someone else's data must be: opened with
+    O_NOFOLLOW|O_NONBLOCK (a symbolic link, say to /dev/zero, is refused; a FIFO cannot block the open), then
+    fstat: a regular file, owned by ``owner`` (a uid; default: this user), at most ``max_bytes`` long. Raises
+    Unreadable (or OSError) saying why not."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if os.path.islink(path):
+            raise Unreadable("%s is a symbolic link" % path)
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable("%s is not a regular file (mode %o)" % (path, st.st_mode))
+        want = os.getuid() if owner is None else int(owner)
+        if st.st_uid != want:
+            raise Unreadable("%s belongs to uid %d, not uid %d" % (path, st.st_uid, want))
+        if st.st_size > max_bytes:
+            raise Unreadable("%s is %d bytes, more than %d" % (path, st.st_size, max_bytes))
+        data = os.read(fd, max_bytes + 1)
+        if len(data) > max_bytes:
+            raise Unreadable("%s grew past %d bytes" % (path, max_bytes))
+    finally:
+        os.close(fd)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise Unreadable("%s is not JSON: %s" % (path, e))
+    if not isinstance(obj, dict):
+        raise Unreadable("%s does not hold a JSON object" % path)
+    return obj
+
+
 def _lease_ends(snap):
-    """When each leased GPU is expected back: started_at + time_limit of jobs whose records we may read."""
-    ends = {}
+    """When each leased GPU is expected back: started_at + time_limit of jobs whose records we may read.
+    The job folder is named by the lease table, which any user can write: its records are read only when
+    they are regular files of the lease's owner and small (else the GPU's end is unknown, and why is
+    returned in the second dict)."""
+    ends, skipped = {}, {}
     for idx, lease in (snap.get("leases") or {}).items():
+        if not isinstance(lease, dict):
+            continue
         job_dir = lease.get("job_dir")
-        launch = _agent.read_json(os.path.join(job_dir, _agent.LAUNCH)) if job_dir else None
-        state = _agent.read_json(os.path.join(job_dir, _agent.STATE)) if job_dir else None
-        limit = (launch or {}).get("time_limit")
-        started = (state or {}).get("started_at") or lease.get("since")
-        if limit and started:
-            ends[idx] = float(started) + float(limit)
-    return ends
+        if not isinstance(job_dir, str) or not job_dir.startswith("/"):
+            continue
+        try:
+            owner = os.getuid() if lease.get("uid") is None else int(lease["uid"])
+        except (TypeError, ValueError):
+            skipped[idx] = "the lease names no valid owner (uid %r)" % (lease.get("uid"),)
+            continue
+        recs, why = [], []
+        for name in (_agent.LAUNCH, _agent.STATE):
+            try:
+                recs.append(read_json_checked(os.path.join(job_dir, name), owner=owner))
+            except (FileNotFoundError, PermissionError):
+                recs.append(None)  # no record, or another user's private folder: the end is unknown
+            except Unreadable as e:
+                why.append(str(e))
+            except OSError as e:
+                why.append("%s: %s" % (os.path.join(job_dir, name), e.strerror or e))
+        if why:
+            skipped[idx] = "; ".join(why)
+            continue
+        launch, state = recs[0] or {}, recs[1] or {}
+        try:
+            limit = launch.get("time_limit")
+            started = state.get("started_at") or lease.get("since")
+            if limit and started:
+                ends[idx] = float(started) + float(limit)
+        except (TypeError, ValueError) as e:
+            skipped[idx] = "%s: %s" % (type(e).__name__, e)
+    return ends, skipped
 
 
 def op_probe(req):
@@ -224,7 +293,7 @@ def op_probe(req):
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    snap["lease_ends"] = _lease_ends(snap)
+    snap["lease_ends"], snap["lease_ends_skipped"] = _lease_ends(snap)
     snap["load"] = load
     snap["cpus"] = os.cpu_count()
     return {"ok": True, "snapshot": snap}

@@ -27,22 +27,28 @@ BACKEND = "ssh"
 HELPER = Path(__file__).with_name("_remote.py")
 
 
-def bundle() -> tuple[str, dict[str, bytes]]:
-    """The files uploaded to ``<root>/agent/<dir>/`` and that directory's name: the agent version plus a
-    hash of the contents, so a changed agent or helper is never confused with an old copy."""
-    agent = Path(meshrun.agent_file()).read_bytes()
-    helper = HELPER.read_bytes()
-    h = hashlib.sha256(agent + b"\0" + helper).hexdigest()[:12]
-    return f"{meshrun.agent_version()}-{h}", {"_agent.py": agent, "_remote.py": helper}
+class Bundle:
+    """What the host runs: the agent and the helper, each kept under a name that carries its content's
+    SHA-256 (``agent-<sha256[:16]>.py``, ``remote-<sha256[:16]>.py``) and checked against the full hash in
+    the very process that runs it (see _verified.py)."""
+
+    def __init__(self) -> None:
+        from ._verified import content_name
+
+        agent = Path(meshrun.agent_file()).read_bytes()
+        helper = HELPER.read_bytes()
+        self.agent_name, self.agent_sha = content_name("agent", agent)
+        self.helper_name, self.helper_sha = content_name("remote", helper)
+        self.files = {self.agent_name: agent, self.helper_name: helper}
 
 
-_BUNDLE: Optional[tuple[str, dict[str, bytes]]] = None
+_BUNDLE: Optional[Bundle] = None
 
 
-def _bundle() -> tuple[str, dict[str, bytes]]:
+def _bundle() -> Bundle:
     global _BUNDLE
     if _BUNDLE is None:
-        _BUNDLE = bundle()
+        _BUNDLE = Bundle()
     return _BUNDLE
 
 
@@ -138,7 +144,12 @@ class RemoteHost:
         return f"{self.root}/jobs/{job_id}"
 
     def agent_dir(self) -> str:
-        return f"{self.root}/agent/{_bundle()[0]}"
+        return f"{self.root}/agent"
+
+    def agent_files(self) -> list[str]:
+        """The host paths of the agent and the helper (content-addressed)."""
+        b = _bundle()
+        return [f"{self.agent_dir()}/{b.agent_name}", f"{self.agent_dir()}/{b.helper_name}"]
 
     @property
     def conn(self) -> _conn.Connection:
@@ -146,8 +157,13 @@ class RemoteHost:
 
     # ---- the helper
     def _helper_line(self, mode: str) -> str:
+        from ._verified import boot_argv
+
         want = local_cloudpickle()[0] or ""
-        argv = [self.params.python, _conn.rel_home(f"{self.agent_dir()}/_remote.py"), mode, self.root, want]
+        b = _bundle()
+        agent, helper = (_conn.rel_home(p) for p in self.agent_files())
+        argv = boot_argv(self.params.python, (helper, b.helper_sha), [mode, self.root, want],
+                         modules=[("_agent", agent, b.agent_sha)])
         return _conn.shell_command(argv, self.params.remote_env(), exec_=True)
 
     def _start(self, mode: str) -> tuple[Any, _Frames, dict[str, Any]]:
@@ -168,8 +184,13 @@ class RemoteHost:
                 err = _drain_stderr(chan)
                 rc = chan.recv_exit_status() if chan.exit_status_ready() else None
                 chan.close()
-                if attempt == 0 and ("can't open file" in err or "No such file" in err or "_agent" in err):
-                    self._upload_bundle()
+                if "meshrun-boot: unsafe:" in err:
+                    raise BackendError(
+                        f"{self.name}: meshrun will not run its host agent from {self.agent_dir()}: "
+                        f"{err.split('meshrun-boot: unsafe:', 1)[1].strip()} "
+                        f"(or set {self.params.field_prefix}.remote_root)", backend=BACKEND)
+                if attempt == 0 and "meshrun-boot: stale:" in err:
+                    self._upload_bundle()  # missing, or not the expected content: install a verified copy
                     continue
                 if rc == 127 or "not found" in err:
                     raise BackendError(
@@ -197,10 +218,10 @@ class RemoteHost:
         return bool(want and path and hello.get("python") == local_python() and hello.get("cloudpickle") != want)
 
     def _upload_bundle(self) -> None:
-        d = self.agent_dir()
-        self.conn.makedirs(d)
-        for name, data in _bundle()[1].items():
-            self.conn.put_bytes(data, f"{d}/{name}", 0o600)
+        from ._verified import install_verified
+
+        install_verified(self.conn, self.agent_dir(), _bundle().files, pythons=[self.params.python],
+                         what="the host agent", setting=f"{self.params.field_prefix}.remote_root", backend=BACKEND)
         self._uploaded = True
 
     def _upload_cloudpickle(self) -> None:

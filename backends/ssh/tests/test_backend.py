@@ -352,8 +352,8 @@ def test_agent_installed_once_and_exec_mode(ssh_backend, make_config, workdir):
     h.conn.run(["rm", "-rf", ".meshrun-agenttest"])
     h.probe()
     assert h._uploaded and h.hello["agent_version"] == meshrun.agent_version()
-    agent_dir = h.agent_dir()
-    assert h.conn.exists(f"{agent_dir}/_agent.py") and h.conn.exists(f"{agent_dir}/_remote.py")
+    agent, helper = h.agent_files()  # content-addressed: agent-<sha256[:16]>.py, remote-<sha256[:16]>.py
+    assert h.conn.exists(agent) and h.conn.exists(helper)
     b2 = ssh_backend(gpus=1, hosts=["host1"], remote_root="~/.meshrun-agenttest", persistent=False)
     h2 = b2.host("host1")
     h2.probe()
