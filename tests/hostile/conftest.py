@@ -145,3 +145,42 @@ def shared_dir(hostile_root) -> Path:
     d.mkdir(mode=0o755)
     os.chmod(d, 0o755)
     return d
+
+
+# A job submitted as one of the users: argv (JSON), GPUs, name, seconds to wait (0: do not wait); prints
+# {id, state, reason}, with state "refused" when placement refuses it before it starts.
+JOB = r"""
+import json, sys, meshrun
+try:
+    j = meshrun.run(json.loads(sys.argv[1]), gpus=int(sys.argv[2]), name=sys.argv[3])
+except meshrun.NoPlacementError as e:
+    print(json.dumps({"id": None, "state": "refused", "reason": str(e)}))
+    sys.exit(0)
+if float(sys.argv[4]) > 0:
+    try:
+        j.wait(timeout=float(sys.argv[4]))
+    except TimeoutError:
+        pass
+j.refresh()
+print(json.dumps({"id": j.id, "state": j.record.state.value, "reason": j.record.reason}))
+"""
+
+
+def wait_for(pred, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+def assert_no_overlap(records: list) -> None:
+    """Records of GPU jobs ({gpus: "0,1", start, end, job}): no GPU was held by two jobs at once."""
+    by_gpu: dict = {}
+    for r in records:
+        assert r["gpus"], f"a GPU job ran without GPUs: {r}"
+        for g in r["gpus"].split(","):
+            by_gpu.setdefault(g, []).append((r["start"], r["end"], r["job"]))
+    for g, spans in by_gpu.items():
+        spans.sort()
+        for (s1, e1, j1), (s2, e2, j2) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"GPU {g} was held by {j1} and {j2} at the same time"

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,23 +18,12 @@ import pytest
 
 from meshrun import _agent
 
-from .conftest import PY, REPO, User
+from .conftest import JOB, PY, REPO, User, assert_no_overlap, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
 AGENT = REPO / "meshrun" / "_agent.py"
 
-JOB = r"""
-import json, sys, meshrun
-j = meshrun.run(json.loads(sys.argv[1]), gpus=int(sys.argv[2]), name=sys.argv[3])
-if float(sys.argv[4]) > 0:
-    try:
-        j.wait(timeout=float(sys.argv[4]))
-    except TimeoutError:
-        pass
-j.refresh()
-print(json.dumps({"id": j.id, "state": j.record.state.value, "reason": j.record.reason}))
-"""
 
 
 class Service:
@@ -86,13 +74,6 @@ def _job(user: User, svc: Service, argv, gpus=1, name="job", wait=60.0) -> dict:
 def _snapshot(user: User, svc: Service) -> dict:
     p = user.run([PY, "-m", "meshrun", "gpus", "--json"], env=_env(user, svc))
     return next(iter(json.loads(p.stdout).values()))
-
-
-def _wait_for(pred, timeout=60.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
 
 
 def _held_by(user: User, svc: Service) -> list[str]:
@@ -212,14 +193,7 @@ def test_two_users_racing_through_the_service_never_share_a_gpu(alice, bob, serv
         assert p.returncode == 0 and json.loads(stdout.strip().splitlines()[-1]) == []
     recs = [json.loads(f.read_text()) for f in out.glob("*.json")]
     assert len(recs) == 16 and {r["user"] for r in recs} == {alice.uid, bob.uid}
-    by_gpu: dict[str, list] = {}
-    for r in recs:
-        for g in r["gpus"].split(","):
-            by_gpu.setdefault(g, []).append((r["start"], r["end"], r["job"]))
-    for g, spans in by_gpu.items():
-        spans.sort()
-        for (s1, e1, j1), (s2, e2, j2) in zip(spans, spans[1:]):
-            assert s2 >= e1, f"GPU {g} was held by {j1} and {j2} at the same time"
+    assert_no_overlap(recs)
     _wait_for(lambda: _snapshot(alice, service)["leases"] == {} and _snapshot(alice, service)["queue"] == [])
 
 

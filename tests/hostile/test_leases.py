@@ -13,31 +13,15 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import PY, User
+from .conftest import JOB, PY, User, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
-JOB = r"""
-import json, sys, meshrun
-try:
-    j = meshrun.run(json.loads(sys.argv[1]), gpus=int(sys.argv[2]), name=sys.argv[3])
-except meshrun.NoPlacementError as e:  # refused before it started: the reason is the same
-    print(json.dumps({"id": None, "state": "refused", "reason": str(e)}))
-    sys.exit(0)
-if float(sys.argv[4]) > 0:
-    try:
-        j.wait(timeout=float(sys.argv[4]))
-    except TimeoutError:
-        pass
-j.refresh()
-print(json.dumps({"id": j.id, "state": j.record.state.value, "reason": j.record.reason}))
-"""
 
 
 @pytest.fixture
@@ -69,7 +53,7 @@ def _agent_job(user: User, lease_dir: Path, gpus=1) -> dict:
     (d / "launch.json").write_text(json.dumps({"job_id": d.name, "name": "direct", "kind": "command",
                                                 "argv": ["true"], "env": {}, "cwd": str(d), "gpus": gpus}))
     os.system(f"chown -R {user.name} {d}")
-    p = user.run([PY, str(Path(__file__).parents[2] / "meshrun" / "_agent.py"), "run", str(d)],
+    user.run([PY, str(Path(__file__).parents[2] / "meshrun" / "_agent.py"), "run", str(d)],
                  env=_env(user, lease_dir), timeout=120)
     return json.loads((d / "exit.json").read_text())
 
@@ -236,13 +220,6 @@ def test_stuck_lock_names_its_holder(alice, bob, lease_dir):
 
 def _holds(lease_dir: Path, uid: int) -> list[Path]:
     return sorted(lease_dir.glob(f"hold-{uid}-*.json"))
-
-
-def _wait_for(pred, timeout=60.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
 
 
 def test_bob_cannot_remove_or_forge_alices_lease(alice, bob, lease_dir):
