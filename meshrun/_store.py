@@ -142,6 +142,11 @@ class Store:
         self._local.pid = os.getpid()
         return c
 
+    def open(self) -> None:
+        """Open the store now: its directory is created or checked (``make_private``) before anything else
+        writes under it."""
+        self._conn()
+
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
