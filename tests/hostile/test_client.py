@@ -273,12 +273,46 @@ def test_a_server_of_another_user_at_her_socket_path_is_refused(alice, bob, shar
             r = cli(alice, "run", "--", "/bin/sh", "-c", f'echo "run{i} token=$TOKEN"', env=env_of(alice, TOKEN=SECRET))
             assert r.returncode == 0, r.stderr
             assert f"run{i} token={SECRET}" in r.stdout
+            if i == 0:
+                assert f"{path} is served by uid {bob.uid}" in r.stderr, r.stderr
         wait_until(lambda: path.exists() and path.lstat().st_uid == alice.uid, what="alice's own server")
         assert all(j["state"] == "succeeded" for j in alice_jobs(alice)[:2])
     finally:
         listener.stop()
     got = listener.state()
     assert got["connections"] >= 1 and got["received"] == "", got
+
+
+OLD_PATH = r"""
+import hashlib, os, sys
+from meshrun import _agent, _local
+key = f"{sys.executable}|{_agent.AGENT_VERSION}|{_local.agent_file()}|{_local._agent_digest()}|{os.getuid()}"
+print(os.path.join("/tmp", f"meshrun-{os.getuid()}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.sock"))
+"""
+
+
+def test_a_long_home_does_not_move_the_socket_to_a_predictable_place(alice, bob, shared_dir, clean_sockets):
+    """The socket path of a MESHRUN_HOME too long for AF_UNIX used to be /tmp/meshrun-<uid>-<hash>.sock, which
+    anyone could bind first: bob listens there, alice (with a long home) submits twice; her jobs come through
+    her own server in her private directory and bob gets nothing."""
+    home = alice.private / ("h" * 60) / ("o" * 60) / "meshrun-home"
+    env = env_of(alice, MESHRUN_HOME=str(home), TOKEN=SECRET)
+    old = py(alice, OLD_PATH, env=env).stdout.strip()
+    assert old.startswith(f"/tmp/meshrun-{alice.uid}-")
+    path = server_path(alice, env=env)
+    assert os.path.dirname(path) == str(clean_sockets)
+    listener = Listener(bob, old, shared_for(bob, shared_dir, "bob", 0o755))
+    try:
+        for i in range(2):
+            r = cli(alice, "run", "--", "/bin/sh", "-c", f'echo "run{i} token=$TOKEN"', env=env)
+            assert r.returncode == 0 and f"run{i} token={SECRET}" in r.stdout, r.stderr
+            if i == 0:
+                wait_until(lambda: os.path.exists(path), what="alice's fork server")
+    finally:
+        listener.stop()
+        remove_path(Path(old))
+    got = listener.state()
+    assert got["connections"] == 0 and got["received"] == "", got
 
 
 BOB_SPAWN = r"""
