@@ -1490,6 +1490,12 @@ def _take_on_limits(umask, rlimits):
             if tuple(have) != want:
                 resource.setrlimit(res, want)
         except (ValueError, OSError, TypeError, IndexError) as e:
+            try:  # e.g. a hard limit above the server's own: come as close as this process may
+                have = resource.getrlimit(res)
+                hard = _rl_min(int(pair[1]), have[1])
+                resource.setrlimit(res, (_rl_min(int(pair[0]), hard), hard))
+            except (ValueError, OSError, TypeError, IndexError):
+                pass
             try:
                 have = resource.getrlimit(res)
             except (ValueError, OSError):
@@ -1497,6 +1503,17 @@ def _take_on_limits(umask, rlimits):
             notes.append("could not set %s to the submitter's soft %s / hard %s (%s); the job runs with soft %s "
                          "/ hard %s" % (name, _rl(pair, 0), _rl(pair, 1), e, _rl(have, 0), _rl(have, 1)))
     return notes
+
+
+def _rl_min(a, b):
+    """The lower of two resource limits (RLIM_INFINITY is the highest)."""
+    import resource
+
+    if a == resource.RLIM_INFINITY:
+        return b
+    if b == resource.RLIM_INFINITY:
+        return a
+    return min(a, b)
 
 
 def _rl(pair, i):

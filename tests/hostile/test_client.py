@@ -575,7 +575,8 @@ def test_fork_server_jobs_get_the_submitters_umask_and_limits(alice, clean_socke
 
 def test_a_limit_the_server_cannot_give_is_reported_in_the_job_log(alice, clean_sockets):
     """A server started under a lower hard open-files limit cannot raise it for a later submitter: the job
-    still runs (with the limit it could get) and its log says so."""
+    still runs, as close to the submitter's limits as the server may go (a lower soft limit is still
+    applied), and its log says so."""
     env = env_of(alice, MESHRUN_HOME=str(alice.private / f"home-{uuid.uuid4().hex[:6]}"))
     path = server_path(alice, env=env)
     r = cli(alice, "run", "--", "/bin/true", prefix="ulimit -n 256", env=env)
@@ -585,3 +586,6 @@ def test_a_limit_the_server_cannot_give_is_reported_in_the_job_log(alice, clean_
     assert _served(fields, path), fields
     assert fields["nofile"] == "256/256", out
     assert "[meshrun] could not set RLIMIT_NOFILE" in out and "the job runs with soft 256 / hard 256" in out, out
+    fields, out = _probe(alice, "ulimit -Sn 100", env=env)
+    assert _served(fields, path) and fields["nofile"] == "100/256", out
+    assert "the job runs with soft 100 / hard 256" in out, out
