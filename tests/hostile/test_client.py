@@ -21,8 +21,12 @@ import sysconfig
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .conftest import User
 
 
 
@@ -53,7 +57,7 @@ def _interpreter_runs():
         pytest.skip(f"no interpreter of this Python version that other users can run ({PY})")
 
 
-def env_of(user: "User", **extra: str) -> dict[str, str]:
+def env_of(user: User, **extra: str) -> dict[str, str]:
     """The user's environment, for the local backend (whatever other backends are installed)."""
     env = user.env(**{"MESHRUN_BACKEND": "local", **extra})
     if EXTRA_PATH:
