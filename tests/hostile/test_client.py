@@ -104,6 +104,14 @@ def remove_path(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_socket_dirs_left(alice, bob):
+    """The users' socket directories go with them (their servers exit once their socket is gone)."""
+    yield
+    for user in (alice, bob):
+        remove_path(socket_dir_of(user))
+
+
 @pytest.fixture
 def clean_sockets(alice):
     """No socket directory of alice's before and after the test (her warm fork servers exit once their
