@@ -377,7 +377,12 @@ def make_private(home: Path) -> None:
                                       f"you (uid {uid}): job records are kept only in a directory of your own; set "
                                       "MESHRUN_HOME (or home in the config) to one")
         if st.st_mode & 0o077:
-            os.fchmod(fd, 0o700)
+            try:
+                os.fchmod(fd, 0o700)
+            except OSError as e:
+                raise ConfigError("home", f"the job store directory {home} is open to other users (mode "
+                                          f"{stat.S_IMODE(st.st_mode):04o}) and cannot be made 0700: {e.strerror}; "
+                                          "set MESHRUN_HOME to a private directory of yours") from None
             if str(home) not in _told:
                 _told.add(str(home))
                 print(f"meshrun: the job store directory {home} was open to other users (mode "
@@ -419,7 +424,11 @@ def _own_entry(path: Path, kind: Any, what: str, mode: int) -> None:
         raise ConfigError("home", f"{path} is {found}; the job store uses only {what} of its own there (someone may "
                                   "have planted it while the directory was open to others): move it away and retry")
     if stat.S_IMODE(st.st_mode) & ~mode:  # ours and not a symlink (checked above, in a directory only we can change)
-        os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        try:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        except OSError as e:
+            raise ConfigError("home", f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}) and "
+                                      f"cannot be narrowed: {e.strerror}") from None
 
 
 def _owner_name(uid: int) -> str:
