@@ -64,10 +64,13 @@ def _reset_meshrun() -> None:
 
 
 def _stop_fork_servers(home: Path) -> None:
-    """Ask this test's warm fork servers to exit (removing the socket makes them stop within a second)."""
-    for sock in list(home.glob("agent-*.sock")) if home.exists() else []:
+    """Ask this test's warm fork server to exit (removing its socket makes it stop within a second)."""
+    from meshrun import _local
+
+    path = _local.fork_server_path(home, warn=False)
+    if path:
         try:
-            sock.unlink()
+            os.unlink(path)
         except OSError:
             pass
 

@@ -2392,13 +2392,80 @@ def cancel(job_dir, grace=None, wait=True):
 # the fork server: a warm interpreter that starts supervisors by fork()
 
 
+def peer_uid(sock):
+    """The uid of the process at the other end of a connected unix socket (``SO_PEERCRED``), or None where
+    the system does not say (then only the private socket directory vouches for the peer)."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:  # pragma: no cover - not Linux
+        return None
+    import struct
+
+    size = struct.calcsize("3i")
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, size))
+    return uid
+
+
+_WARNED = set()
+
+
+def _warn_once(msg):
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        sys.stderr.write("meshrun: warning: %s\n" % msg)
+        sys.stderr.flush()
+
+
+def current_umask():
+    """This process's umask, read without changing it where /proc says (else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def current_rlimits():
+    """{"RLIMIT_NAME": [soft, hard]} for every resource limit this system has (one name per resource)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return {}
+    out, seen = {}, set()
+    for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
+        res = getattr(resource, name)
+        if res in seen:
+            continue  # RLIMIT_OFILE is RLIMIT_NOFILE
+        try:
+            out[name] = list(resource.getrlimit(res))
+        except (ValueError, OSError):
+            continue
+        seen.add(res)
+    return out
+
+
 def server_spawn(path, job_dir, env=None, timeout=2.0):
-    """Ask the fork server at ``path`` to start ``job_dir``; returns the pid, or None if it does not answer."""
+    """Ask the fork server at ``path`` to start ``job_dir``; returns the pid, or None if it does not answer
+    or is not ours.
+
+    Nothing is sent before the peer is known to run as our own uid (``SO_PEERCRED``): a listener of another
+    user at that path gets a connection and not one byte. The request carries the submitter's environment,
+    umask and resource limits, which the forked supervisor takes on before it runs the job."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
-        req = {"op": "spawn", "job_dir": job_dir, "env": dict(os.environ if env is None else env)}
+        uid = peer_uid(s)
+        if uid is not None and uid != os.getuid():
+            _warn_once("the fork server socket %s is served by uid %d, not by us (uid %d): not using it; "
+                       "jobs start as fresh processes" % (path, uid, os.getuid()))
+            return None
+        req = {"op": "spawn", "job_dir": job_dir, "env": dict(os.environ if env is None else env),
+               "umask": current_umask(), "rlimits": current_rlimits()}
         s.sendall((json.dumps(req) + "\n").encode())
         buf = b""
         while not buf.endswith(b"\n"):
@@ -2414,10 +2481,18 @@ def server_spawn(path, job_dir, env=None, timeout=2.0):
         s.close()
 
 
+SERVER_MAX_REQUEST = 64 << 20  # bytes: a request is one JSON line (the environment is the big part)
+
+
 def serve(path, idle=600.0):
-    """Accept spawn requests on a unix socket until idle for ``idle`` seconds."""
+    """Accept spawn requests on a unix socket until idle for ``idle`` seconds.
+
+    ``path`` must be in a directory only this user can write (the local backend checks its private socket
+    directory before it starts a server); the socket itself is created 0600, and every connection is
+    checked with ``SO_PEERCRED``: a peer of another uid is answered with an error and nothing is started."""
     try:  # warm what every supervisor and function job will import, so forks start ready
         import pickle  # noqa: F401
+        import resource  # noqa: F401
         import traceback  # noqa: F401
         import types  # noqa: F401
 
@@ -2426,6 +2501,10 @@ def serve(path, idle=600.0):
         pass
     _libc()
     os.setsid() if os.getsid(0) != os.getpid() else None
+    try:
+        os.chdir("/")  # hold no directory of whoever started us (each job has its own cwd in launch.json)
+    except OSError:
+        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = "%s.%d" % (path, os.getpid())
     try:
@@ -2458,8 +2537,13 @@ def serve(path, idle=600.0):
                 if not still_ours():
                     return  # removed, or another server took the path over
                 continue
-            last = now()
             try:
+                uid = peer_uid(conn)
+                if uid is not None and uid != os.getuid():
+                    conn.sendall((json.dumps({"error": "refused: this fork server serves uid %d only, not uid %d"
+                                                       % (os.getuid(), uid)}) + "\n").encode())
+                    continue
+                last = now()
                 conn.settimeout(5)
                 buf = b""
                 while not buf.endswith(b"\n"):
@@ -2467,8 +2551,11 @@ def serve(path, idle=600.0):
                     if not chunk:
                         break
                     buf += chunk
+                    if len(buf) > SERVER_MAX_REQUEST:
+                        raise ValueError("request larger than %d bytes" % SERVER_MAX_REQUEST)
                 req = json.loads(buf.decode())
-                pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn)
+                pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn,
+                                       umask=req.get("umask"), rlimits=req.get("rlimits"))
                 conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
             except Exception as e:  # a bad request must not take the server down
                 try:
@@ -2498,7 +2585,71 @@ def _reap_children():
             return
 
 
-def _fork_supervisor(job_dir, env, *close):
+def _take_on_limits(umask, rlimits):
+    """Apply the submitter's umask and resource limits to this (forked) process; returns a note for each
+    limit that could not be set (the job runs anyway, with the limit it has)."""
+    notes = []
+    if umask is not None:
+        os.umask(int(umask) & 0o777)
+    if not rlimits:
+        return notes
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return ["the submitter's resource limits were not applied: no resource module here"]
+    for name, pair in sorted(rlimits.items()):
+        res = getattr(resource, name, None) if str(name).startswith("RLIMIT_") else None
+        if res is None:
+            notes.append("resource limit %s is unknown here; left as it is" % (name,))
+            continue
+        try:
+            want = (int(pair[0]), int(pair[1]))
+            have = resource.getrlimit(res)
+            if tuple(have) != want:
+                resource.setrlimit(res, want)
+        except (ValueError, OSError, TypeError, IndexError) as e:
+            try:  # e.g. a hard limit above the server's own: come as close as this process may
+                have = resource.getrlimit(res)
+                hard = _rl_min(int(pair[1]), have[1])
+                resource.setrlimit(res, (_rl_min(int(pair[0]), hard), hard))
+            except (ValueError, OSError, TypeError, IndexError):
+                pass
+            try:
+                have = resource.getrlimit(res)
+            except (ValueError, OSError):
+                have = ("?", "?")
+            notes.append("could not set %s to the submitter's soft %s / hard %s (%s); the job runs with soft %s "
+                         "/ hard %s" % (name, _rl(pair, 0), _rl(pair, 1), e, _rl(have, 0), _rl(have, 1)))
+    return notes
+
+
+def _rl_min(a, b):
+    """The lower of two resource limits (RLIM_INFINITY is the highest)."""
+    import resource
+
+    if a == resource.RLIM_INFINITY:
+        return b
+    if b == resource.RLIM_INFINITY:
+        return a
+    return min(a, b)
+
+
+def _rl(pair, i):
+    try:
+        v = int(pair[i])
+    except (ValueError, TypeError, IndexError):
+        return str(pair)
+    try:
+        import resource
+
+        if v == resource.RLIM_INFINITY:
+            return "unlimited"
+    except ImportError:  # pragma: no cover
+        pass
+    return str(v)
+
+
+def _fork_supervisor(job_dir, env, *close, umask=None, rlimits=None):
     pid = os.fork()
     if pid:
         return pid
@@ -2512,6 +2663,14 @@ def _fork_supervisor(job_dir, env, *close):
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
+        notes = _take_on_limits(umask, rlimits)
+        if notes and not os.path.exists(os.path.join(job_dir, ".started")):
+            # the job's log is where its owner looks; the supervisor appends to it from here on
+            fd = os.open(os.path.join(job_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, "".join("[meshrun] %s\n" % n for n in notes).encode())
+            finally:
+                os.close(fd)
         code = run_job(job_dir, env)
     except BaseException:
         import traceback

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ._display import is_terminal, print_kv, print_table, state_style
+from ._display import is_terminal, print_kv, print_table, safe_text, state_style
 from ._units import format_duration, format_size
 
 EPILOG = """examples:
@@ -172,10 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.cmd](args) or 0)
     except JobNotFound as e:
-        print(f"meshrun: {e}", file=sys.stderr)
+        print(f"meshrun: {safe_text(e, newlines=True)}", file=sys.stderr)
         return 2
     except MeshrunError as e:
-        print(f"meshrun: error: {e}", file=sys.stderr)
+        print(f"meshrun: error: {safe_text(e, newlines=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -244,7 +244,7 @@ def _follow(job: Any) -> int:
             st = job.status()
             if st is not JobState.PENDING and st is not JobState.SUBMITTING:
                 break
-            msg = f"meshrun: {job.id} {st.value}" + (f": {job.reason}" if job.reason else "")
+            msg = f"meshrun: {job.id} {st.value}" + (f": {safe_text(job.reason)}" if job.reason else "")
             if msg != shown_state and (status_line or time.monotonic() - start > 1.0):
                 if status_line:
                     sys.stderr.write("\r" + msg[:120].ljust(120))
@@ -266,7 +266,7 @@ def _follow(job: Any) -> int:
     rec = job.record
     if rec.state is JobState.SUCCEEDED:
         return 0
-    print(f"meshrun: job {job.id} {rec.state.value}: {rec.reason or ''}".rstrip(": "), file=sys.stderr)
+    print(f"meshrun: job {job.id} {rec.state.value}: {safe_text(rec.reason)}".rstrip(": "), file=sys.stderr)
     return rec.exit_code if isinstance(rec.exit_code, int) and 0 < rec.exit_code < 256 else 1
 
 
@@ -419,7 +419,7 @@ def cmd_wait(a: argparse.Namespace) -> int:
         return 124
     bad = [j for j in jobs if not j.record.state.ok]
     for j in jobs:
-        print(f"{j.id}: {j.record.state.value}" + (f" ({j.record.reason})" if j.record.reason else ""))
+        print(f"{j.id}: {j.record.state.value}" + (f" ({safe_text(j.record.reason)})" if j.record.reason else ""))
     return 1 if bad else 0
 
 
@@ -445,11 +445,11 @@ def cmd_gpus(a: argparse.Namespace) -> int:
 def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
     gpus = snap.get("gpus") or []
     if snap.get("unreachable"):
-        print(f"{host}: unreachable: {snap['unreachable']}")
+        print(safe_text(f"{host}: unreachable: {snap['unreachable']}"))
         return
     if not gpus:
         why = snap.get("error") or "no GPUs found"
-        print(f"{host + ': ' if many else ''}no GPUs ({why}); set MESHRUN_GPUS to declare some")
+        print(safe_text(f"{host + ': ' if many else ''}no GPUs ({why}); set MESHRUN_GPUS to declare some"))
         return
     for w in snap.get("warnings") or []:
         print(f"{host + ': ' if many else ''}warning: {w}", file=sys.stderr)

@@ -118,13 +118,8 @@ class LocalBackend(Backend):
             env["MESHRUN_SHARE_GPU_BELOW_MIB"] = str(self.settings.share_gpu_below_mib)
         return env
 
-    def _server_path(self) -> str:
-        key = f"{sys.executable}|{_agent.AGENT_VERSION}|{agent_file()}|{_agent_digest()}|{os.getuid()}"
-        h = hashlib.sha1(key.encode()).hexdigest()[:10]
-        path = str(self.home / f"agent-{h}.sock")
-        if len(path.encode()) > 100:  # AF_UNIX paths are limited to ~107 bytes
-            path = os.path.join("/tmp", f"meshrun-{os.getuid()}-{h}.sock")
-        return path
+    def _server_path(self) -> str | None:
+        return fork_server_path(self.home)
 
     def _discover(self) -> Any:
         """The GPU inventory (nvidia-smi is slow: cached for a few seconds; leases are always read fresh)."""
@@ -217,8 +212,8 @@ class LocalBackend(Backend):
             launch["dist"] = {**d, **(launch.get("dist") or {})}
         _agent.write_json(os.path.join(job_dir, _agent.LAUNCH), launch, mode=0o600)
         env = self._env()
-        if self.settings.fork_server:
-            path = self._server_path()
+        path = self._server_path() if self.settings.fork_server else None
+        if path is not None:  # None: no private directory for the socket; start the job directly
             if _agent.server_spawn(path, job_dir, env):
                 return submission.job_id
             self._start_server(path, env)
@@ -267,7 +262,9 @@ class LocalBackend(Backend):
 
     def stop_server(self) -> None:
         """Stop this process's warm fork server, if any (tests; it also idles out by itself)."""
-        path = self._server_path()
+        path = fork_server_path(self.home, warn=False)
+        if path is None:
+            return
         try:
             os.unlink(path)
         except OSError:
@@ -332,6 +329,97 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
     """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
     and EOF. Only one chunk is held at a time."""
     pos = start
+def fork_server_path(home: Path | str, *, warn: bool = True) -> str | None:
+    """Where the warm fork server for this user, interpreter, agent and ``home`` listens, or None when there is
+    no private directory to put its socket in (then jobs start as fresh processes, with a warning).
+
+    Sockets live only in a directory that this user owns and no one else can enter: ``$XDG_RUNTIME_DIR/meshrun``
+    when ``XDG_RUNTIME_DIR`` is a private directory of ours, else ``/tmp/meshrun-<uid>``; never in
+    ``MESHRUN_HOME``, which may be shared or loose."""
+    key = f"{sys.executable}|{_agent.AGENT_VERSION}|{agent_file()}|{_agent_digest()}|{os.getuid()}|{home}"
+    name = f"agent-{hashlib.sha1(key.encode()).hexdigest()[:10]}.sock"
+    d = socket_dir(warn=warn)
+    return None if d is None else os.path.join(d, name)
+
+
+_SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to ~107 bytes
+
+
+def socket_dir(*, warn: bool = True) -> str | None:
+    """This user's private directory for fork-server sockets (created 0700 if missing), or None if the one
+    to use is not private (owned by someone else, a symlink, or open to others), with a one-line warning."""
+    uid = os.getuid()
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and _private_problem(xdg, uid) is None:
+        d = os.path.join(xdg, "meshrun")
+        if len(d.encode()) + 20 <= _SOCKET_PATH_MAX:
+            return _private_dir(d, uid, warn)
+    return _private_dir(os.path.join("/tmp", f"meshrun-{uid}"), uid, warn)
+
+
+def _private_problem(path: str, uid: int) -> str | None:
+    """Why ``path`` is not a private directory of ``uid`` (checked with lstat: a symlink never is), or None."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"cannot be examined ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid:
+        return f"is owned by {_user_of(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_mode & 0o077:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o} (others may enter it)"
+    return None
+
+
+def _private_dir(path: str, uid: int, warn: bool) -> str | None:
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        if warn:
+            _agent._warn_once(f"cannot create the fork server directory {path} ({e.strerror}); jobs start as "
+                              "fresh processes")
+        return None
+    if created:  # ours, made a moment ago: exactly 0700 whatever the umask (never chmod one we did not make)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_uid == uid:
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+    why = _private_problem(path, uid)
+    if why is None:
+        return path
+    if warn:
+        fix = (f"chmod 700 {path}" if why.startswith("has mode")
+               else f"remove {path}, or set XDG_RUNTIME_DIR to a private directory of yours")
+        _agent._warn_once(f"not using the fork server: its socket directory {path} {why}, not a private directory "
+                          f"of uid {uid}; jobs start as fresh processes (fix: {fix})")
+    return None
+
+
+def _user_of(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1) -> Iterator[str]:
+    """Yield a growing text file's content in chunks; with ``follow``, until ``done()`` and EOF."""
+    pos = 0
     import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")("replace")

@@ -988,9 +988,9 @@ def save_plan(job_dir: Path, p: Plan | None, launch: Mapping[str, Any], max_pend
         "launch": dict(launch),
         "ranked": [offer_to_dict(o) for o in cands],
     }
-    tmp = Path(job_dir) / f".{PLAN_FILE}.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, Path(job_dir) / PLAN_FILE)
+    from ._store import _atomic_write  # 0600, like every file of a job folder
+
+    _atomic_write(Path(job_dir) / PLAN_FILE, (json.dumps(data, indent=1, default=str) + "\n").encode())
 
 
 def load_plan(job_dir: Path) -> dict[str, Any] | None:
@@ -1030,9 +1030,9 @@ def record_plan(prepared: Any, store: Any, p: Plan) -> None:
 def write_launch(job_dir: Path, launch: Mapping[str, Any]) -> None:
     """Rewrite launch.json (atomically) with the job's original launch description."""
     job_dir = Path(job_dir)
-    tmp = job_dir / f".launch.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(dict(launch), sort_keys=True) + "\n")
-    os.replace(tmp, job_dir / "launch.json")
+    from ._store import _atomic_write  # 0600, like every file of a job folder
+
+    _atomic_write(job_dir / "launch.json", (json.dumps(dict(launch), sort_keys=True) + "\n").encode())
 
 
 def archive_attempt(job_dir: Path, attempt: int) -> Path:
@@ -1040,7 +1040,7 @@ def archive_attempt(job_dir: Path, attempt: int) -> Path:
     the next attempt starts from a clean folder and the old output stays readable."""
     job_dir = Path(job_dir)
     dest = job_dir / ATTEMPTS_DIR / str(attempt)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     for p in job_dir.iterdir():
         if p.name in JOB_FILES or p.name == ATTEMPTS_DIR or p.name.startswith(".") and p.name.endswith(".lock"):
             continue

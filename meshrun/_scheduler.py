@@ -135,6 +135,7 @@ def submit(spec: JobSpec, *, backend: str | None = None, store: Store | None = N
     if not isinstance(spec, JobSpec):
         raise SpecError("", f"expected a meshrun.JobSpec, got {type(spec).__name__}")
     store = store or get_store()
+    store.open()  # a MESHRUN_HOME that is not ours is refused before any backend writes under it
     name, offer, plan = choose(spec, backend, **plan_kwargs)
     prepared = prepare(spec, store=store, backend=name)
     if plan is not None:
@@ -229,6 +230,7 @@ def submit_many(
     if not specs:
         return []
     store = store or get_store()
+    store.open()  # a MESHRUN_HOME that is not ours is refused before any backend writes under it
     name, offer, plan = choose(specs[0], backend, **plan_kwargs)
     array_id = new_job_id()
     prepared = [prepare(s, store=store, backend=name, array_id=array_id, array_index=i) for i, s in enumerate(specs)]

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ class Store:
         with self._init_lock:
             if not self._ready:
                 self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
+                make_private(self.home)
         try:
             c = self._open()
         except sqlite3.Error as e:
@@ -266,6 +267,10 @@ class Store:
                     if limit is not None and len(out) >= limit:
                         break
         return out
+    def open(self) -> None:
+        """Open the store now: its directory is created or checked (``make_private``) before anything else
+        writes under it."""
+        self._conn()
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -774,9 +779,103 @@ def _uri_path(p: Path) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     # no fsync: the store must survive a killed process (the page cache does), not a power cut
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with open(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+# ---- privacy: the store holds full command lines (tokens, --api-key=...), so only its owner may read it
+
+_DB_FILES = ("jobs.db", "jobs.db-wal", "jobs.db-shm", "jobs.db-journal")
+_told: set[str] = set()
+
+
+def make_private(home: Path) -> None:
+    """Make the store under ``home`` readable by its owner only, whatever directory it is and whatever the
+    umask: ``home`` and ``home/jobs`` 0700, the index (``jobs.db`` and its -wal/-shm) 0600.
+
+    ``home`` must belong to us (a symlink to a directory of ours is fine); one that is open to other users
+    is tightened to 0700, once, with a note on stderr. Nothing under it is followed if it is a symlink or
+    belongs to someone else (a user who could write into a loose ``home`` may have planted it): that is a
+    ConfigError naming the entry, and nothing is read or written."""
+    import stat
+
+    from ._errors import ConfigError
+
+    uid = os.getuid()
+    try:
+        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise ConfigError("home", f"the job store directory {home} cannot be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise ConfigError("home", f"the job store directory {home} belongs to {_owner_name(st.st_uid)}, not to "
+                                      f"you (uid {uid}): job records are kept only in a directory of your own; set "
+                                      "MESHRUN_HOME (or home in the config) to one")
+        if st.st_mode & 0o077:
+            try:
+                os.fchmod(fd, 0o700)
+            except OSError as e:
+                raise ConfigError("home", f"the job store directory {home} is open to other users (mode "
+                                          f"{stat.S_IMODE(st.st_mode):04o}) and cannot be made 0700: {e.strerror}; "
+                                          "set MESHRUN_HOME to a private directory of yours") from None
+            if str(home) not in _told:
+                _told.add(str(home))
+                print(f"meshrun: the job store directory {home} was open to other users (mode "
+                      f"{stat.S_IMODE(st.st_mode):04o}); made it 0700", file=sys.stderr)
+    finally:
+        os.close(fd)
+    jobs = home / "jobs"
+    try:
+        os.mkdir(jobs, 0o700)
+    except FileExistsError:
+        pass
+    _own_entry(jobs, stat.S_ISDIR, "a directory", 0o700)
+    for name in _DB_FILES:
+        _own_entry(home / name, stat.S_ISREG, "a regular file", 0o600)
+    db = home / "jobs.db"
+    try:  # created here, 0600, so that SQLite gives its -wal and -shm files the same mode
+        fd = os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+    finally:
+        os.close(fd)
+
+
+def _own_entry(path: Path, kind: Any, what: str, mode: int) -> None:
+    """``path`` is absent, or ``kind`` (not a symlink) and ours; its mode is narrowed to ``mode``."""
+    import stat
+
+    from ._errors import ConfigError
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not kind(st.st_mode) or st.st_uid != os.getuid():
+        found = "a symlink" if stat.S_ISLNK(st.st_mode) else ("not " + what if not kind(st.st_mode) else
+                                                              f"owned by {_owner_name(st.st_uid)}")
+        raise ConfigError("home", f"{path} is {found}; the job store uses only {what} of its own there (someone may "
+                                  "have planted it while the directory was open to others): move it away and retry")
+    if stat.S_IMODE(st.st_mode) & ~mode:  # ours and not a symlink (checked above, in a directory only we can change)
+        try:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        except OSError as e:
+            raise ConfigError("home", f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}) and "
+                                      f"cannot be narrowed: {e.strerror}") from None
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
 
 
 def _user() -> str:
