@@ -325,10 +325,6 @@ def tail_offset(path: Path, tail: int | None = None, max_bytes: int | None = Non
         return floor
 
 
-def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: int = 0) -> Iterator[str]:
-    """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
-    and EOF. Only one chunk is held at a time."""
-    pos = start
 def fork_server_path(home: Path | str, *, warn: bool = True) -> str | None:
     """Where the warm fork server for this user, interpreter, agent and ``home`` listens, or None when there is
     no private directory to put its socket in (then jobs start as fresh processes, with a warning).
@@ -417,9 +413,10 @@ def _user_of(uid: int) -> str:
         return f"uid {uid}"
 
 
-def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1) -> Iterator[str]:
-    """Yield a growing text file's content in chunks; with ``follow``, until ``done()`` and EOF."""
-    pos = 0
+def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: int = 0) -> Iterator[str]:
+    """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
+    and EOF. Only one chunk is held at a time."""
+    pos = start
     import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")("replace")
