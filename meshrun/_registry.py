@@ -1,12 +1,21 @@
 """Backend plugins, found through the entry-point group ``meshrun.backends`` and loaded lazily.
 
 A plugin that fails to import is listed with the reason and an install hint; it never breaks meshrun.
+
+A backend that does not answer in time (a Slurm controller that is down, an API server that does not
+accept connections) is remembered as not responding, per user, in a small file under ``MESHRUN_HOME``
+(:func:`unresponsive`), so the next process does not wait for it again; :class:`Probe` asks a backend
+something in its own thread and records the outcome there, also after the caller stopped waiting.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from ._errors import BackendUnavailable
@@ -164,8 +173,9 @@ def installed_names() -> list[str]:
     return out
 
 
-def list_backends() -> list[BackendInfo]:
-    """Every known or installed backend, trying to load each; failures are reported, not raised."""
+def list_backends(load: bool = True) -> list[BackendInfo]:
+    """Every known or installed backend, trying to load each (unless ``load`` is False: then only what the
+    entry points say, without importing anything); failures are reported, not raised."""
     infos = []
     eps = {}
     try:
@@ -186,6 +196,9 @@ def list_backends() -> list[BackendInfo]:
             info.error = "not installed"
             infos.append(info)
             continue
+        if not load:
+            infos.append(info)
+            continue
         try:
             backend_class(name)
             info.loaded = True
@@ -193,3 +206,208 @@ def list_backends() -> list[BackendInfo]:
             info.error = str(e)
         infos.append(info)
     return infos
+
+
+# ---- backends that do not answer ------------------------------------------------------------------
+
+
+def unresponsive_path() -> Path:
+    """This user's record of backends that did not answer in time: ``MESHRUN_HOME/unresponsive-<uid>.json``."""
+    from ._config import get_config
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return get_config().home / f"unresponsive-{uid}.json"
+
+
+def _read_marks(path: Path) -> dict[str, dict[str, Any]]:
+    """The file's entries; an unreadable, damaged, foreign-owned or linked file counts as empty."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return {}
+    try:
+        st = os.fstat(fd)
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = json.loads(f.read(1 << 20) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    marks = data.get("backends") if isinstance(data, dict) else None
+    if not isinstance(marks, dict):
+        return {}
+    return {k: v for k, v in marks.items() if isinstance(k, str) and isinstance(v, dict)
+            and isinstance(v.get("time"), (int, float)) and isinstance(v.get("until"), (int, float))}
+
+
+def unresponsive(now: float | None = None) -> dict[str, dict[str, Any]]:
+    """Backends remembered as not responding, still within their skip time: ``{name: {"doing", "limit",
+    "reason", "time", "until"}}`` (``time`` when it was last found not responding, ``until`` when it is
+    asked again)."""
+    now = time.time() if now is None else now
+    return {k: v for k, v in _read_marks(unresponsive_path()).items() if v["until"] > now}
+
+
+def _update_marks(change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
+    """Read, change and write the file under an exclusive lock; the write is atomic (a private temp file,
+    mode 0600, renamed over the old one). ``change`` returns False when there is nothing to write."""
+    import fcntl
+
+    path = unresponsive_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        return  # a read-only or full home: not remembering only costs the next process the wait again
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_stale_temps(path)
+        now = time.time()
+        marks = {k: v for k, v in _read_marks(path).items() if v["until"] > now}
+        if not change(marks):
+            return
+        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": 1, "backends": marks}, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError:
+        pass
+    finally:
+        os.close(lock)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of writers that died before their rename (``<file>.tmp.<pid>.<thread>``)."""
+    for tmp in path.parent.glob(f"{path.name}.tmp.*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp.", 1)[1].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        except (ValueError, IndexError, OSError):
+            pass
+
+
+def mark_unresponsive(name: str, *, doing: str, limit: float, skip_for: float, reason: str | None = None) -> None:
+    """Remember that ``name`` did not answer within ``limit`` seconds while ``doing`` something, so that
+    nothing asks it again for ``skip_for`` seconds (0: do not remember)."""
+    if skip_for <= 0:
+        return
+    now = time.time()
+
+    def change(marks: dict[str, dict[str, Any]]) -> bool:
+        old = marks.get(name) or {}
+        marks[name] = {"doing": doing, "limit": limit, "reason": reason or old.get("reason"),
+                       "since": old.get("since", now), "time": now, "until": now + skip_for}
+        return True
+
+    _update_marks(change)
+
+
+def mark_responsive(name: str) -> None:
+    """``name`` answered: forget that it did not (nothing is written when it was not remembered)."""
+    if name not in _read_marks(unresponsive_path()):
+        return
+    _update_marks(lambda marks: marks.pop(name, None) is not None)
+
+
+def unresponsive_text(mark: dict[str, Any], now: float | None = None) -> str:
+    """``not responding (checking availability, >1s; 12s ago; asked again in 48s): <last answer>``."""
+    from ._units import format_duration
+
+    now = time.time() if now is None else now
+    ago = format_duration(max(0.0, now - mark["time"]))
+    left = format_duration(max(1.0, mark["until"] - now))
+    text = f"not responding ({mark.get('doing') or 'asked'}, >{float(mark.get('limit') or 0):g}s; {ago} ago; " \
+           f"asked again in {left})"
+    if mark.get("reason"):
+        text += f": {mark['reason']}"
+    return text
+
+
+class Probe:
+    """One backend asked something in a daemon thread (named ``thread_name``): ``fn(probe)`` sets
+    ``probe.doing`` as it goes ("loading the plugin", "checking availability", "making offers") and returns
+    ``(result, failure)``, ``failure`` being None or what went wrong in a few words.
+
+    The outcome is recorded in the unresponsive-backends file (``record=True``): a backend that answered
+    within ``limit`` seconds, or answered at all without failing, is forgotten there; one that failed after
+    more than ``limit`` seconds is remembered with that failure. A caller that stops waiting calls
+    :meth:`give_up`, which remembers it as not responding; the thread may still finish later and refresh
+    the record with what it found."""
+
+    def __init__(self, name: str, fn: Callable[["Probe"], tuple[Any, str | None]], *, limit: float,
+                 skip_for: float = 0.0, record: bool = True, thread_name: str | None = None,
+                 wake: threading.Event | None = None):
+        self.name = name
+        self.fn = fn
+        self.limit = limit
+        self.skip_for = skip_for
+        self.record = record and skip_for > 0
+        self.doing = "starting"
+        self.result: Any = None
+        self.failure: str | None = None
+        self.error: BaseException | None = None
+        self.started = 0.0
+        self.elapsed: float | None = None
+        self.abandoned = False
+        self.done = threading.Event()
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=thread_name or f"meshrun-probe-{name}", daemon=True)
+
+    def start(self) -> "Probe":
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def running_for(self) -> float:
+        return (self.elapsed if self.elapsed is not None else time.monotonic() - self.started)
+
+    def _run(self) -> None:
+        try:
+            self.result, self.failure = self.fn(self)
+        except BaseException as e:  # the caller decides what an exception means; the thread must not die loudly
+            self.error = e
+            self.failure = f"{type(e).__name__}: {e}"
+        with self._lock:
+            self.elapsed = time.monotonic() - self.started
+            late = self.abandoned or self.elapsed > self.limit
+            self.done.set()
+        if self._wake is not None:
+            self._wake.set()
+        if not self.record:
+            return
+        try:
+            if late and self.failure:
+                mark_unresponsive(self.name, doing=self.doing, limit=self.limit, skip_for=self.skip_for,
+                                  reason=f"{self.failure} (after {self.elapsed:.1f}s)")
+            else:
+                mark_responsive(self.name)
+        except Exception:
+            pass
+
+    def give_up(self) -> bool:
+        """Stop waiting: True (and the backend is remembered as not responding, when it has run past
+        ``limit``) if it had not finished; False if it had."""
+        with self._lock:  # held while writing, so a thread that ends now records its outcome after this
+            if self.done.is_set():
+                return False
+            self.abandoned = True
+            if self.record and time.monotonic() - self.started >= self.limit:
+                mark_unresponsive(self.name, doing=self.doing, limit=self.limit, skip_for=self.skip_for)
+        return True
