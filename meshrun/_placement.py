@@ -1020,7 +1020,7 @@ def offers(
 
     t0 = time.monotonic()
     open_ = list(probes)
-    noticed = False
+    noticed, told = False, 0
     given_up: list[tuple[str, str]] = []  # (source, reason) of the ones that were not waited for
     while True:
         wake.clear()
@@ -1032,7 +1032,7 @@ def offers(
             elif now - t0 >= wait and probe.give_up():
                 ran = now - t0
                 if limit > 0 and ran >= limit:
-                    why = not_responding_text(probe.doing, limit)
+                    why = not_responding_text(probe.doing, wait)
                 else:
                     why = f"did not answer within {wait:g}s (offers_timeout; it was {probe.doing})"
                 out[slot] = [Offer(backend=source.split()[0], where="-", fits=False, reason=why)]
@@ -1044,8 +1044,11 @@ def offers(
         open_ = still
         now = time.monotonic()
         if not noticed and now - t0 >= NOTICE_AFTER and (open_ or given_up):
-            noticed = True
+            noticed, told = True, len(given_up)
             _notice(_slow_line(given_up, [(s, p) for _, s, p, _, _ in open_], limits.skip_for, now - t0))
+        elif noticed and len(given_up) > told:  # skipped after the line that said it was waited for
+            _notice(_slow_line(given_up[told:], [], limits.skip_for, now - t0))
+            told = len(given_up)
         if not open_:
             break
         nxt = min(t0 + w for _, _, _, _, w in open_)
