@@ -493,7 +493,7 @@ def cmd_backends(a: argparse.Namespace) -> int:
                 if old and old.get("reason"):
                     detail += f"; last answer: {old['reason']}"
             else:
-                status, detail = probe.result
+                status, detail = probe.result or ("error", probe.failure or "no answer")
         rows.append([info.name, status, info.version or ("built in" if info.name == "local" else "-"), detail])
         out.append({"name": info.name, "status": status, "version": info.version, "detail": detail})
     if a.json:

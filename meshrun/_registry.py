@@ -50,6 +50,7 @@ _classes: dict[str, Any] = {}
 _instances: dict[str, Any] = {}
 _manual: dict[str, Callable[..., Any]] = {}
 _errors: dict[str, str] = {}
+_name_locks: dict[str, threading.RLock] = {}  # one per backend name: its plugin loads and its instance is made
 
 
 def reset() -> None:
@@ -111,7 +112,14 @@ def _builtin(name: str) -> Any:
     return None
 
 
+def _name_lock(name: str) -> threading.RLock:
+    with _lock:
+        return _name_locks.setdefault(name, threading.RLock())
+
+
 def backend_class(name: str) -> Any:
+    """The class of backend ``name``, importing its plugin once. Plugins load under a lock of their own, so
+    one whose import hangs holds up nobody asking for another backend."""
     with _lock:
         if name in _manual:
             return _manual[name]
@@ -119,25 +127,35 @@ def backend_class(name: str) -> Any:
             return _classes[name]
         if name in _errors:
             raise BackendUnavailable(_errors[name], backend=name)
-        cls = _builtin(name)
+    with _name_lock(name):
+        with _lock:
+            if name in _classes:
+                return _classes[name]
+            if name in _errors:
+                raise BackendUnavailable(_errors[name], backend=name)
+            ep = None
+            cls = _builtin(name)
+            if cls is None:
+                ep = _entry_points().get(name)
+                if ep is None:
+                    hint = KNOWN.get(name)
+                    if hint:
+                        msg = f"the {name} backend is not installed; install it with: {hint}"
+                    else:
+                        msg = f"no backend named {name!r}; the known backends are: {', '.join(names())}"
+                    raise BackendUnavailable(msg, backend=name)
         if cls is None:
-            ep = _entry_points().get(name)
-            if ep is None:
-                hint = KNOWN.get(name)
-                if hint:
-                    msg = f"the {name} backend is not installed; install it with: {hint}"
-                else:
-                    msg = f"no backend named {name!r}; the known backends are: {', '.join(names())}"
-                raise BackendUnavailable(msg, backend=name)
             try:
                 cls = ep.load()
             except Exception as e:  # ImportError, or anything the plugin raises at import time
                 hint = KNOWN.get(name, f"reinstall the distribution that provides {ep.value}")
-                _errors[name] = (
-                    f"the {name} backend failed to load ({ep.value}): {type(e).__name__}: {e}; try: {hint}"
-                )
-                raise BackendUnavailable(_errors[name], backend=name) from e
-        _classes[name] = cls
+                with _lock:
+                    _errors[name] = (
+                        f"the {name} backend failed to load ({ep.value}): {type(e).__name__}: {e}; try: {hint}"
+                    )
+                    raise BackendUnavailable(_errors[name], backend=name) from e
+        with _lock:
+            _classes[name] = cls
         return cls
 
 
@@ -146,12 +164,16 @@ def get_backend(name: str) -> Any:
     with _lock:
         if name in _instances:
             return _instances[name]
+    with _name_lock(name):
+        with _lock:
+            if name in _instances:
+                return _instances[name]
         cls = backend_class(name)
         from ._config import get_config
 
         inst = cls(get_config().backend(name))
-        _instances[name] = inst
-        return inst
+        with _lock:
+            return _instances.setdefault(name, inst)
 
 
 def names() -> list[str]:

@@ -34,6 +34,11 @@ def _log(what):
         f.write(f"{what} {os.getpid()}\\n")
 
 
+_log("import")
+if open(os.environ["SLOWPOKE_MODE"]).read().strip() == "import-hang":
+    time.sleep(30)
+
+
 class Slowpoke(Backend):
     """check() reads SLOWPOKE_MODE: "hang" sleeps 30 s; "late-fail" / "late-ok" answer after 3 s; else at once."""
 
@@ -96,7 +101,8 @@ class Env:
         self.mode.write_text(mode)
 
     def calls_made(self) -> list[str]:
-        return [line.split()[0] for line in self.calls.read_text().splitlines()]
+        """The plugin's calls, imports left out."""
+        return [w for w in (line.split()[0] for line in self.calls.read_text().splitlines()) if w != "import"]
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         p = subprocess.run([*MESHRUN, *args], capture_output=True, text=True, timeout=120, env=self.env)
@@ -202,6 +208,18 @@ def _plan_then_wait_for_the_thread(env: Env) -> dict:
     assert out["chosen"] == "local" and out["why"] == ["not responding (checking availability, >1s)"]
     assert "slowpoke is not responding" in p.stderr
     return out
+
+
+def test_a_plugin_whose_import_hangs_holds_up_nothing(env):
+    env.set_mode("import-hang")
+    plan, p = env.submit()
+    assert rejected(plan, "slowpoke") == ["not responding (loading the plugin, >1s)"]
+    assert "slowpoke is not responding (loading the plugin, >1s)" in p.stderr
+    assert env.remembered()["slowpoke"]["doing"] == "loading the plugin"
+    out = json.loads(env.cli("backends", "--json").stdout)
+    by = {b["name"]: b for b in out}
+    assert by["slowpoke"]["status"] == "not responding" and by["local"]["status"] == "ready"
+    assert by["slowpoke"]["detail"].startswith("loading the plugin, >1s")
 
 
 def test_a_late_answer_in_the_background_refreshes_the_memory(env):
@@ -321,6 +339,37 @@ def test_slurm_with_its_controller_down_costs_one_second_once(tmp_path, meshrun_
         assert st["backend"] == "local"
         return json.loads((Path(st["job_dir"]) / "plan.json").read_text()), p.stderr
 
+    try:
+        _slurm_down_checks(run, calls, env, meshrun_home)
+    finally:
+        _wait_for_leftovers(str(conf))
+
+
+def _wait_for_leftovers(marker: str, within: float = 60.0) -> None:
+    """The Slurm calls placement stopped waiting for end on their own (sinfo gives up after ~9 s): wait for
+    them, so the test leaves none behind (the warm fork server of the local backend is stopped by the
+    fixture)."""
+    import time
+
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                comm, _, rest = Path(f"/proc/{pid}/stat").read_text().partition(" (")[2].rpartition(")")
+                state = rest.split()[0]
+            except (OSError, IndexError):
+                continue
+            if comm in ("sinfo", "scontrol") and marker.encode() in environ and state != "Z":
+                alive.append(pid)
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes still running {within:g}s later: {alive}")
+
+
+def _slurm_down_checks(run, calls: Path, env: dict, meshrun_home: Path) -> None:
     plan, err = run()
     assert rejected(plan, "slurm") == ["not responding (checking availability, >1s)"]
     assert "slurm is not responding (checking availability, >1s)" in err
