@@ -21,6 +21,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -816,11 +817,6 @@ def _sources(backends: Sequence[str] | None, exclude: Sequence[str] | None) -> t
     return names, catalog_launcher
 
 
-def _ask_backend(name: str, spec: Any, probe: Any = None) -> list[Offer]:
-    """``name``'s offers for ``spec`` (check, then offers); every failure becomes a rejection."""
-    return _ask(name, spec, probe)[0]
-
-
 def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | None]:
     """(offers, failure): failure is None when the backend answered, else what went wrong in a few words (a
     backend that fails after its time to respond is remembered as not responding with it)."""
@@ -887,7 +883,8 @@ def respond_limits(conf: Mapping[str, Any] | None = None) -> RespondLimits:
     else:
         default = secs("placement.respond_within", raw)
     skip = conf.get("skip_unresponsive_for", DEFAULT_SKIP_UNRESPONSIVE)
-    if skip in (0, 0.0, "0", "0s") and not isinstance(skip, bool):
+    if (isinstance(skip, (int, float)) and not isinstance(skip, bool) and skip == 0) or (
+            isinstance(skip, str) and re.fullmatch(r"\s*0+(\.0*)?\s*[smhd]?\s*", skip)):
         skip_for = 0.0
     else:
         skip_for = _duration(skip, "skip_unresponsive_for", True) or 0.0
@@ -1021,7 +1018,7 @@ def offers(
     t0 = time.monotonic()
     open_ = list(probes)
     noticed, told = False, 0
-    given_up: list[tuple[str, str]] = []  # (source, reason) of the ones that were not waited for
+    given_up: list[tuple[str, str, bool]] = []  # (source, reason, remembered) of those not waited for
     while True:
         wake.clear()
         now = time.monotonic()
@@ -1036,7 +1033,7 @@ def offers(
                 else:
                     why = f"did not answer within {wait:g}s (offers_timeout; it was {probe.doing})"
                 out[slot] = [Offer(backend=source.split()[0], where="-", fits=False, reason=why)]
-                given_up.append((source, why))
+                given_up.append((source, why, probe.record))
             elif probe.done.is_set():  # it ended just now
                 out[slot] = _answer(source, probe)
             else:
@@ -1072,13 +1069,13 @@ def _answer(source: str, probe: Any) -> list[Offer]:
     return [Offer(backend=source.split()[0], where="-", fits=False, reason=why)]
 
 
-def _slow_line(given_up: Sequence[tuple[str, str]], waiting: Sequence[tuple[str, Any]], skip_for: float,
+def _slow_line(given_up: Sequence[tuple[str, str, bool]], waiting: Sequence[tuple[str, Any]], skip_for: float,
                took: float) -> str:
     """The one stderr line of a gathering that takes longer than a second."""
     parts = []
-    for source, why in given_up:
+    for source, why, remembered in given_up:
         part = f"{source} is {why}" if why.startswith("not responding") else f"{source} {why}"
-        if why.startswith("not responding") and skip_for > 0 and source.split()[0] != "local":
+        if why.startswith("not responding") and remembered:
             part += f": skipped, and not asked again for {format_duration(skip_for)}"
         else:
             part += ": skipped"
