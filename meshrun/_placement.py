@@ -1033,7 +1033,7 @@ def offers(
                 else:
                     why = f"did not answer within {wait:g}s (offers_timeout; it was {probe.doing})"
                 out[slot] = [Offer(backend=source.split()[0], where="-", fits=False, reason=why)]
-                given_up.append((source, why, probe.record))
+                given_up.append((source, why, probe.remembered))
             elif probe.done.is_set():  # it ended just now
                 out[slot] = _answer(source, probe)
             else:

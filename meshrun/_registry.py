@@ -233,6 +233,10 @@ def list_backends(load: bool = True) -> list[BackendInfo]:
 # ---- backends that do not answer ------------------------------------------------------------------
 
 
+#: the longest a process waits to update the record (another process of the user is writing it)
+LOCK_WAIT = 0.5
+
+
 def unresponsive_path() -> Path:
     """This user's record of backends that did not answer in time: ``MESHRUN_HOME/unresponsive-<uid>.json``."""
     from ._config import get_config
@@ -272,9 +276,10 @@ def unresponsive(now: float | None = None) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in _read_marks(unresponsive_path()).items() if v["until"] > now}
 
 
-def _update_marks(change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
+def _update_marks(change: Callable[[dict[str, dict[str, Any]]], bool]) -> bool:
     """Read, change and write the file under an exclusive lock; the write is atomic (a private temp file,
-    mode 0600, renamed over the old one). ``change`` returns False when there is nothing to write."""
+    mode 0600, renamed over the old one). ``change`` returns False when there is nothing to write. Returns
+    True when the file was written."""
     import fcntl
 
     path = unresponsive_path()
@@ -282,14 +287,24 @@ def _update_marks(change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError:
-        return  # a read-only or full home: not remembering only costs the next process the wait again
+        return False  # a read-only or full home: not remembering only costs the next process the wait again
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if hasattr(os, "getuid") and os.fstat(lock).st_uid != os.getuid():
+            return False  # someone else's file in a shared home: never ours to lock or trust
+        end = time.monotonic() + LOCK_WAIT
+        while True:  # bounded: a writer that holds the lock too long only costs a record, never a submit
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    return False
+                time.sleep(0.01)
         _remove_stale_temps(path)
         now = time.time()
         marks = {k: v for k, v in _read_marks(path).items() if v["until"] > now}
         if not change(marks):
-            return
+            return False
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
@@ -297,6 +312,7 @@ def _update_marks(change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
                 json.dump({"version": 1, "backends": marks}, f, indent=1, sort_keys=True)
                 f.write("\n")
             os.replace(tmp, path)
+            return True
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -304,7 +320,7 @@ def _update_marks(change: Callable[[dict[str, dict[str, Any]]], bool]) -> None:
                 pass
             raise
     except OSError:
-        pass
+        return False
     finally:
         os.close(lock)
 
@@ -324,11 +340,11 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
-def mark_unresponsive(name: str, *, doing: str, limit: float, skip_for: float, reason: str | None = None) -> None:
+def mark_unresponsive(name: str, *, doing: str, limit: float, skip_for: float, reason: str | None = None) -> bool:
     """Remember that ``name`` did not answer within ``limit`` seconds while ``doing`` something, so that
-    nothing asks it again for ``skip_for`` seconds (0: do not remember)."""
+    nothing asks it again for ``skip_for`` seconds (0: do not remember). True when it is remembered."""
     if skip_for <= 0:
-        return
+        return False
     now = time.time()
 
     def change(marks: dict[str, dict[str, Any]]) -> bool:
@@ -337,7 +353,7 @@ def mark_unresponsive(name: str, *, doing: str, limit: float, skip_for: float, r
                        "since": old.get("since", now), "time": now, "until": now + skip_for}
         return True
 
-    _update_marks(change)
+    return _update_marks(change)
 
 
 def mark_responsive(name: str) -> None:
@@ -387,6 +403,7 @@ class Probe:
         self.started = 0.0
         self.elapsed: float | None = None
         self.abandoned = False
+        self.remembered = False  # give_up recorded it as not responding
         self.done = threading.Event()
         self._wake = wake
         self._lock = threading.Lock()
@@ -431,5 +448,6 @@ class Probe:
                 return False
             self.abandoned = True
             if self.record and time.monotonic() - self.started >= self.limit:
-                mark_unresponsive(self.name, doing=self.doing, limit=self.limit, skip_for=self.skip_for)
+                self.remembered = mark_unresponsive(self.name, doing=self.doing, limit=self.limit,
+                                                    skip_for=self.skip_for)
         return True

@@ -297,6 +297,31 @@ def test_the_memory_is_never_written_through_a_link(env, tmp_path):
     assert "slowpoke" in env.remembered()
 
 
+def test_a_lock_file_someone_else_holds_costs_a_record_never_a_submit(env):
+    """In a shared MESHRUN_HOME another user could create this user's lock file and hold a lock on it."""
+    env.home.mkdir(parents=True, exist_ok=True)
+    lock = Path(f"{env.memory}.lock")
+    lock.touch(mode=0o666)
+    os.chown(lock, 65534, 65534)  # nobody's
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(lock)!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        plan, p = env.submit()
+        assert rejected(plan, "slowpoke") == ["not responding (checking availability, >1s)"]
+        assert "slowpoke is not responding (checking availability, >1s): skipped" in p.stderr
+        assert "not asked again" not in p.stderr  # and it does not say so
+        assert not env.memory.exists()  # not remembered: the lock is not this user's
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---- the real Slurm backend, its controller down ------------------------------------------------------
 
 
