@@ -917,6 +917,10 @@ def _notice(msg: str) -> None:
         pass
 
 
+#: backend -> when this process last said on stderr that it does not respond (a newer record is said again)
+_announced: dict[str, float] = {}
+
+
 def not_responding_text(doing: str, limit: float) -> str:
     return f"not responding ({doing}, >{limit:g}s)"
 
@@ -1010,8 +1014,10 @@ def offers(
                                 wake=wake)
         probes.append((len(out), source, probe, limit, min(timeout, limit) if limit > 0 else timeout))
         out.append(None)
-    if skipped:
-        _notice("skipping " + "; ".join(f"{n}: {_registry.unresponsive_text(marks[n])}" for n in skipped))
+    fresh = [n for n in skipped if marks[n]["time"] > _announced.get(n, 0.0)]  # each record said once here
+    if fresh:
+        _announced.update((n, time.time()) for n in fresh)
+        _notice("skipping " + "; ".join(f"{n}: {_registry.unresponsive_text(marks[n])}" for n in fresh))
     for _, _, probe, _, _ in probes:
         probe.start()
 
@@ -1040,6 +1046,7 @@ def offers(
                 still.append((slot, source, probe, limit, wait))
         open_ = still
         now = time.monotonic()
+        _announced.update((source, time.time()) for source, _, remembered in given_up if remembered)
         if not noticed and now - t0 >= NOTICE_AFTER and (open_ or given_up):
             noticed, told = True, len(given_up)
             _notice(_slow_line(given_up, [(s, p) for _, s, p, _, _ in open_], limits.skip_for, now - t0))

@@ -210,6 +210,22 @@ def _plan_then_wait_for_the_thread(env: Env) -> dict:
     return out
 
 
+def test_one_process_is_told_once(env):
+    """A notebook or script that submits in a loop hears about the backend once, not at every submit."""
+    script = textwrap.dedent("""
+        import meshrun
+        for _ in range(3):
+            p = meshrun.plan(meshrun.JobSpec(command=["true"]), raise_on_empty=False)
+            assert [r for o, r in p.rejected if o.backend == "slowpoke"][0].startswith("not responding")
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env.env)
+    assert p.returncode == 0, p.stderr
+    (line,) = [line for line in p.stderr.splitlines() if "slowpoke" in line]
+    assert line.startswith("meshrun: gathering offers is slow (") and line.endswith(
+        "slowpoke is not responding (checking availability, >1s): skipped, and not asked again for 1m")
+    assert env.calls_made() == ["check"]
+
+
 def test_a_plugin_whose_import_hangs_holds_up_nothing(env):
     env.set_mode("import-hang")
     plan, p = env.submit()
