@@ -62,7 +62,8 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--region", dest="regions", action="append", metavar="REGION",
                    help='allowed cloud region, wildcards allowed ("us-*"; repeatable)')
     g.add_argument("--offers-timeout", dest="timeout", type=float, metavar="SECONDS",
-                   help="how long to wait for each backend's offers (offers: about 1s; run: 10s)")
+                   help="the longest a backend's offers are waited for (offers: about 1s; run: 10s, but a "
+                        "backend not named alone is skipped as not responding after [placement] respond_within, 1s)")
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
