@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -62,7 +64,8 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--region", dest="regions", action="append", metavar="REGION",
                    help='allowed cloud region, wildcards allowed ("us-*"; repeatable)')
     g.add_argument("--offers-timeout", dest="timeout", type=float, metavar="SECONDS",
-                   help="how long to wait for each backend's offers (offers: about 1s; run: 10s)")
+                   help="the longest a backend's offers are waited for (offers: about 1s; run: 10s, but a "
+                        "backend not named alone is skipped as not responding after [placement] respond_within, 1s)")
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -221,7 +224,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         spec = spec_from_task_yaml(command[0]).replace(**fields) if fields else spec_from_task_yaml(command[0])
     else:
         spec = JobSpec(command=" ".join(command) if a.shell else command, **fields)
-    job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
+    from ._placement import quiet
+
+    with quiet() if a.json else contextlib.nullcontext():  # --json: stdout and stderr stay machine-readable
+        job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
     if a.detach:
         if a.json:
             print(json.dumps(_job_json(job)))
@@ -515,35 +521,82 @@ def cmd_lease_service(a: argparse.Namespace) -> int:
 
 
 def cmd_backends(a: argparse.Namespace) -> int:
-    from ._registry import get_backend, list_backends
+    """Every backend and whether it can be used. Each installed one is loaded and checked in its own thread;
+    one that has not answered within ``[placement] respond_within`` (1 s; this machine gets 2 s more) is
+    shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s."""
+    from . import _registry
+    from ._placement import LOCAL_GRACE, respond_limits, still_asking
 
+    limits = respond_limits()
+    infos = _registry.list_backends(load=False)
+    wake = threading.Event()
+    probes = {}
+    for info in infos:
+        if info.installed:
+            limit = limits.of(info.name) or limits.default or 1.0  # "off" still answers: waits the default
+            probes[info.name] = _registry.Probe(
+                info.name, _check_one, limit=limit, skip_for=limits.skip_for, record=info.name != "local",
+                thread_name=f"meshrun-offers-{info.name}", wake=wake).start()
+    t0 = time.monotonic()
+    waits = {n: p.limit + (LOCAL_GRACE if n == "local" else 0.0) for n, p in probes.items()}
+    while True:
+        wake.clear()
+        left = [waits[n] - (time.monotonic() - t0) for n, p in probes.items() if not p.done.is_set()]
+        if not left or max(left) <= 0:
+            break
+        wake.wait(min(x for x in left if x > 0))
     rows = []
     out = []
-    for info in list_backends():
+    for info in infos:
         status, detail = "not installed", info.hint
-        if info.installed and not info.loaded:
-            status, detail = "failed to load", info.error or ""
-        elif info.loaded:
-            try:
-                av = get_backend(info.name).check()
-                status = "ready" if av.ok else "unavailable"
-                detail = av.reason + (f" (hint: {av.hint})" if av.hint else "") if not av.ok else \
-                    ", ".join(f"{k}={v}" for k, v in av.detail.items())
-            except Exception as e:
-                status, detail = "error", f"{type(e).__name__}: {e}"
+        probe = probes.get(info.name)
+        if probe is not None:
+            if probe.give_up():
+                status = "not responding"
+                detail = f"{probe.doing}, >{probe.limit:g}s"
+                old = _registry.unresponsive().get(info.name) if info.name != "local" else None
+                if old and old.get("reason"):
+                    detail += f"; last answer: {old['reason']}"
+            else:
+                status, detail = probe.result or ("error", probe.failure or "no answer")
         rows.append([info.name, status, info.version or ("built in" if info.name == "local" else "-"), detail])
         out.append({"name": info.name, "status": status, "version": info.version, "detail": detail})
     if a.json:
         print(json.dumps(out, indent=2))
-        return 0
-    print_table(["BACKEND", "STATUS", "VERSION", "DETAIL"], rows,
-                styles={1: lambda v: {"ready": "green", "unavailable": "yellow", "failed to load": "red",
-                                      "error": "red"}.get(v, "dim")})
+    else:
+        print_table(["BACKEND", "STATUS", "VERSION", "DETAIL"], rows,
+                    styles={1: lambda v: {"ready": "green", "unavailable": "yellow", "failed to load": "red",
+                                          "error": "red", "not responding": "red"}.get(v, "dim")})
+    if still_asking():  # a backend that did not answer in time must not hold up the exit either
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
+def _check_one(probe: Any) -> tuple[tuple[str, str], str | None]:
+    """``meshrun backends``' question to one backend: ((status, detail), failure or None)."""
+    from ._errors import BackendUnavailable
+    from ._registry import backend_class, get_backend
+
+    probe.doing = "loading the plugin"
+    try:
+        backend_class(probe.name)
+    except BackendUnavailable as e:
+        return ("failed to load", str(e)), None
+    try:
+        b = get_backend(probe.name)
+        probe.doing = "checking availability"
+        av = b.check()
+    except Exception as e:
+        return ("error", f"{type(e).__name__}: {e}"), f"{type(e).__name__}: {e}"
+    if not av.ok:
+        return ("unavailable", av.reason + (f" (hint: {av.hint})" if av.hint else "")), av.reason or "check failed"
+    return ("ready", ", ".join(f"{k}={v}" for k, v in av.detail.items())), None
+
+
 def cmd_offers(a: argparse.Namespace) -> int:
-    from ._placement import cli_offers_timeout, plan, still_asking
+    from ._placement import cli_offers_timeout, plan, quiet, still_asking
     from ._spec import JobSpec
 
     spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
@@ -554,7 +607,8 @@ def cmd_offers(a: argparse.Namespace) -> int:
     # not answering (a submit waits longer, [placement] offers_timeout)
     if kw.get("timeout") is None and not a.backend:  # one named backend: wait for its answer
         kw["timeout"] = cli_offers_timeout()
-    p = plan(spec, raise_on_empty=False, **kw)
+    with quiet() if a.json else contextlib.nullcontext():
+        p = plan(spec, raise_on_empty=False, **kw)
     if a.json:
         print(json.dumps(p.to_dict(), indent=2))
         rc = 0

@@ -2,9 +2,11 @@
 
 Two halves, kept apart on purpose:
 
-- :func:`offers` asks every installed, usable backend (in parallel threads, each bounded by a timeout so a
-  slow one cannot stall the rest) and, when no backend launches cloud offers, reads the cloud catalog itself.
-  On-prem offers are priced from the ``[prices]`` configuration here.
+- :func:`offers` asks every installed, usable backend (in parallel threads; one that does not answer within
+  ``respond_within``, 1 s, is skipped as not responding and remembered so for a minute, so a dead Slurm
+  controller or API server costs one submit a second, not every submit ten) and, when no backend launches
+  cloud offers, reads the cloud catalog itself. On-prem offers are priced from the ``[prices]`` configuration
+  here.
 - :func:`rank` is a pure function from (spec, offers, objective, constraints) to a :class:`Plan`: the chosen
   offer, the ranked table with each offer's cost, score and a one-line reason, and every rejected offer with
   why. :func:`plan` is both together. docs/placement.md gives the formulas.
@@ -13,11 +15,13 @@ Two halves, kept apart on purpose:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import fnmatch
 import json
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -34,6 +38,12 @@ DEFAULT_RUNTIME = HOUR
 DEFAULT_UNKNOWN_START = HOUR
 DEFAULT_TIMEOUT = 10.0
 LOCAL_GRACE = 2.0  # extra seconds the local backend (this machine) is waited for past the timeout
+#: seconds a backend has to answer (check and offers) before a submit skips it as not responding
+DEFAULT_RESPOND_WITHIN = 1.0
+#: seconds a backend that did not respond is skipped by every later submit of this user, without asking it
+DEFAULT_SKIP_UNRESPONSIVE = 60.0
+#: gathering that takes longer than this says on stderr which backend it is waiting for
+NOTICE_AFTER = 1.0
 
 #: backends whose machines the lab owns: their offers are priced from ``[prices]``
 ONPREM_BACKENDS = ("local", "ssh", "slurm", "kubernetes")
@@ -57,6 +67,8 @@ PLACEMENT_KEYS = (
     "cloud_launcher",
     "cloud_start",
     "offers_timeout",
+    "respond_within",
+    "skip_unresponsive_for",
 )
 
 
@@ -805,23 +817,112 @@ def _sources(backends: Sequence[str] | None, exclude: Sequence[str] | None) -> t
     return names, catalog_launcher
 
 
-def _ask_backend(name: str, spec: Any) -> list[Offer]:
+def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | None]:
+    """(offers, failure): failure is None when the backend answered, else what went wrong in a few words (a
+    backend that fails after its time to respond is remembered as not responding with it)."""
     from ._registry import get_backend
 
+    def doing(what: str) -> None:
+        if probe is not None:
+            probe.doing = what
+
     try:
+        doing("loading the plugin")
         b = get_backend(name)
+        doing("checking availability")
         av = b.check()
         if not av.ok:
             why = f"unavailable: {av.reason or 'check failed'}" + (f" (hint: {av.hint})" if av.hint else "")
-            return [Offer(backend=name, where="-", fits=False, reason=why)]
+            return [Offer(backend=name, where="-", fits=False, reason=why)], av.reason or "check failed"
+        doing("making offers")
         got = list(b.offers(spec))
         if not got:
-            return [Offer(backend=name, where="-", fits=False, reason="the backend made no offer for this job")]
-        return got
+            return [Offer(backend=name, where="-", fits=False, reason="the backend made no offer for this job")], None
+        return got, None
+    except SpecError:
+        raise  # the job itself is wrong for this backend (e.g. a bad backend option): the caller decides
     except MeshrunError as e:
-        return [Offer(backend=name, where="-", fits=False, reason=str(e).splitlines()[0])]
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return [Offer(backend=name, where="-", fits=False, reason=first)], first
     except Exception as e:  # a backend bug must not break placement
-        return [Offer(backend=name, where="-", fits=False, reason=f"offers failed: {type(e).__name__}: {e}")]
+        why = f"{type(e).__name__}: {e}"
+        return [Offer(backend=name, where="-", fits=False, reason=f"offers failed: {why}")], why
+
+
+# ---- time limits, the memory of unresponsive backends, and what the user is told ---------------------
+
+
+class RespondLimits(NamedTuple):
+    default: float  # seconds; 0 = no limit of its own (the backend is waited for up to offers_timeout)
+    per_backend: Mapping[str, float]
+    skip_for: float  # seconds an unresponsive backend is skipped; 0 = not remembered
+
+    def of(self, name: str) -> float:
+        return self.per_backend.get(name, self.default)
+
+
+def respond_limits(conf: Mapping[str, Any] | None = None) -> RespondLimits:
+    """``[placement] respond_within`` (seconds, or a table by backend name with an optional ``default``) and
+    ``skip_unresponsive_for`` (a duration; 0 = do not remember), validated."""
+    conf = placement_config() if conf is None else conf
+
+    def secs(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(key, f"expected seconds >= 0 (0 turns the limit off), got {v!r}")
+        return float(v)
+
+    raw = conf.get("respond_within", DEFAULT_RESPOND_WITHIN)
+    per: dict[str, float] = {}
+    if isinstance(raw, Mapping):
+        default = DEFAULT_RESPOND_WITHIN
+        for k, v in raw.items():
+            if k == "default":
+                default = secs("placement.respond_within.default", v)
+            else:
+                per[str(k)] = secs(f"placement.respond_within.{k}", v)
+    else:
+        default = secs("placement.respond_within", raw)
+    skip = conf.get("skip_unresponsive_for", DEFAULT_SKIP_UNRESPONSIVE)
+    if (isinstance(skip, (int, float)) and not isinstance(skip, bool) and skip == 0) or (
+            isinstance(skip, str) and re.fullmatch(r"\s*0+(\.0*)?\s*[smhd]?\s*", skip)):
+        skip_for = 0.0
+    else:
+        skip_for = _duration(skip, "skip_unresponsive_for", True) or 0.0
+    return RespondLimits(default, per, skip_for)
+
+
+_notices: contextvars.ContextVar[bool] = contextvars.ContextVar("meshrun_placement_notices", default=True)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Within it, gathering offers prints nothing on stderr (the CLI's ``--json`` modes)."""
+    token = _notices.set(False)
+    try:
+        yield
+    finally:
+        _notices.reset(token)
+
+
+def _notice(msg: str) -> None:
+    """One line on stderr, unless :func:`quiet`."""
+    if not _notices.get():
+        return
+    import sys
+
+    try:
+        sys.stderr.write(f"meshrun: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+#: backend -> when this process last said on stderr that it does not respond (a newer record is said again)
+_announced: dict[str, float] = {}
+
+
+def not_responding_text(doing: str, limit: float) -> str:
+    return f"not responding ({doing}, >{limit:g}s)"
 
 
 def _catalog_source(spec: Any, launcher: str, catalog_dir: Any) -> list[Offer]:
@@ -847,60 +948,148 @@ def offers(
     timeout: float | None = None,
     catalog_dir: str | os.PathLike[str] | None = None,
 ) -> list[Offer]:
-    """Every offer for ``spec``: from each installed backend (or those named), asked in parallel; a backend
-    that does not answer within ``timeout`` seconds (``[placement] offers_timeout``, 10 s) is listed as not
-    answering. On-prem offers are priced from ``[prices]``. When the cloud launcher (SkyPilot) is not
-    installed, the catalog's cloud offers are listed too, rejected with the reason."""
+    """Every offer for ``spec``: from each installed backend (or those named), asked in parallel.
+
+    A backend has ``[placement] respond_within`` seconds (1 s) to check and make its offers; one that does
+    not is listed as ``not responding (<what it was doing>, >1s)``, skipped, and remembered so (per user,
+    in ``MESHRUN_HOME``) for ``skip_unresponsive_for`` (60 s): later submits do not ask it at all, and a
+    later answer (from its thread finishing here, or from ``meshrun backends``) forgets it again. No backend
+    is waited for longer than ``timeout`` (``[placement] offers_timeout``, 10 s); one backend named alone is
+    waited for that long. Gathering that takes longer than a second says on stderr which backend is slow.
+    On-prem offers are priced from ``[prices]``. When the cloud launcher (SkyPilot) is not installed, the
+    catalog's cloud offers are listed too, rejected with the reason."""
+    from . import _registry
+
     conf = placement_config()
     if timeout is None:
         timeout = float(conf.get("offers_timeout", DEFAULT_TIMEOUT))
+    timeout = max(0.0, timeout)
+    limits = respond_limits(conf)
     if backends is not None:
         backends = _names(backends, "backends", False)
     if exclude_backends is not None:
         exclude_backends = _names(exclude_backends, "exclude_backends", False)
     names, catalog_launcher = _sources(backends, exclude_backends)
-    jobs: list[tuple[str, Any]] = [(n, (lambda n=n: _ask_backend(n, spec))) for n in names]
-    if catalog_launcher is not None:
-        jobs.append((f"{catalog_launcher} (catalog)", lambda: _catalog_source(spec, catalog_launcher, catalog_dir)))
+    named = backends is not None and len(names) == 1  # one backend asked for by name: waited for, never skipped
+    marks = {} if named or limits.skip_for <= 0 else _registry.unresponsive()
     prices = price_table()
-    results: dict[int, list[Offer]] = {}
-    spec_errors: dict[int, SpecError] = {}
+    out: list[Offer | list[Offer] | None] = []
+    skipped: list[str] = []
+    wake = threading.Event()
+    probes: list[tuple[int, str, Any, float, float]] = []  # (slot, source, probe, limit, wait)
+    spec_errors: list[SpecError] = []
 
-    def work(i: int, fn: Any) -> None:
-        try:
-            results[i] = fn()
-        except SpecError as e:  # the job itself is wrong for this backend (e.g. a bad backend option)
-            spec_errors[i] = e
-            results[i] = [Offer(backend=jobs[i][0].split()[0], where="-", fits=False, reason=str(e))]
-        except MeshrunError as e:
-            results[i] = [Offer(backend=jobs[i][0].split()[0], where="-", fits=False, reason=str(e))]
-        except Exception as e:
-            results[i] = [Offer(backend=jobs[i][0].split()[0], where="-", fits=False,
-                                reason=f"{type(e).__name__}: {e}")]
+    def backend_fn(name: str) -> Any:
+        def fn(probe: Any) -> tuple[list[Offer], str | None]:
+            try:
+                return _ask(name, spec, probe)
+            except SpecError as e:
+                spec_errors.append(e)
+                return [Offer(backend=name, where="-", fits=False, reason=str(e))], None
+        return fn
 
-    threads = []
-    for i, (_, fn) in enumerate(jobs):
-        t = threading.Thread(target=work, args=(i, fn), name=f"meshrun-offers-{jobs[i][0]}", daemon=True)
-        t.start()
-        threads.append(t)
-    end = time.monotonic() + max(0.0, timeout)
-    for (name, _), t in zip(jobs, threads):
-        # this machine answers from its own process table: it gets a short grace when a loaded machine is
-        # slow, so a busy moment does not hide the one offer that is always there
-        grace = LOCAL_GRACE if name == "local" else 0.0
-        t.join(max(0.0, end + grace - time.monotonic()))
-    if backends is not None and len(names) == 1 and spec_errors:
-        raise next(iter(spec_errors.values()))  # one backend asked for by name: its verdict on the spec stands
-    out: list[Offer] = []
-    for i, (name, _) in enumerate(jobs):
-        got = results.get(i)
-        if got is None:
-            out.append(Offer(backend=name.split()[0], where="-", fits=False,
-                             reason=f"did not answer within {timeout:g}s (offers_timeout)"))
+    for name in names:
+        limit = limits.of(name)
+        mark = marks.get(name) if limit > 0 and name != "local" else None
+        if mark is not None:
+            skipped.append(name)
+            out.append([Offer(backend=name, where="-", fits=False, reason=_registry.unresponsive_text(mark))])
             continue
-        for o in got:
-            out.append(onprem_price(o, prices))
-    return out
+        if name == "local":  # this machine answers from its own process table: a grace on a loaded machine,
+            wait = min(timeout, limit or timeout) + LOCAL_GRACE  # and never remembered as not responding
+        elif named or limit <= 0:
+            wait = timeout
+        else:
+            wait = min(timeout, limit)
+        probe = _registry.Probe(name, backend_fn(name), limit=limit or timeout,
+                                skip_for=limits.skip_for if limit > 0 else 0.0, record=name != "local",
+                                thread_name=f"meshrun-offers-{name}", wake=wake)
+        probes.append((len(out), name, probe, limit, wait))
+        out.append(None)
+    if catalog_launcher is not None:
+        source = f"{catalog_launcher} (catalog)"
+        limit = limits.default
+        probe = _registry.Probe(source, lambda _p: (_catalog_source(spec, catalog_launcher, catalog_dir), None),
+                                limit=limit or timeout, record=False, thread_name=f"meshrun-offers-{source}",
+                                wake=wake)
+        probes.append((len(out), source, probe, limit, min(timeout, limit) if limit > 0 else timeout))
+        out.append(None)
+    fresh = [n for n in skipped if marks[n]["time"] > _announced.get(n, 0.0)]  # each record said once here
+    if fresh:
+        _announced.update((n, time.time()) for n in fresh)
+        _notice("skipping " + "; ".join(f"{n}: {_registry.unresponsive_text(marks[n])}" for n in fresh))
+    for _, _, probe, _, _ in probes:
+        probe.start()
+
+    t0 = time.monotonic()
+    open_ = list(probes)
+    noticed, told = False, 0
+    given_up: list[tuple[str, str, bool]] = []  # (source, reason, remembered) of those not waited for
+    while True:
+        wake.clear()
+        now = time.monotonic()
+        still = []
+        for slot, source, probe, limit, wait in open_:
+            if probe.done.is_set():
+                out[slot] = _answer(source, probe)
+            elif now - t0 >= wait and probe.give_up():
+                ran = now - t0
+                if limit > 0 and ran >= limit:
+                    why = not_responding_text(probe.doing, wait)
+                else:
+                    why = f"did not answer within {wait:g}s (offers_timeout; it was {probe.doing})"
+                out[slot] = [Offer(backend=source.split()[0], where="-", fits=False, reason=why)]
+                given_up.append((source, why, probe.remembered))
+            elif probe.done.is_set():  # it ended just now
+                out[slot] = _answer(source, probe)
+            else:
+                still.append((slot, source, probe, limit, wait))
+        open_ = still
+        now = time.monotonic()
+        _announced.update((source, time.time()) for source, _, remembered in given_up if remembered)
+        if not noticed and now - t0 >= NOTICE_AFTER and (open_ or given_up):
+            noticed, told = True, len(given_up)
+            _notice(_slow_line(given_up, [(s, p) for _, s, p, _, _ in open_], limits.skip_for, now - t0))
+        elif noticed and len(given_up) > told:  # skipped after the line that said it was waited for
+            _notice(_slow_line(given_up[told:], [], limits.skip_for, now - t0))
+            told = len(given_up)
+        if not open_:
+            break
+        nxt = min(t0 + w for _, _, _, _, w in open_)
+        if not noticed:
+            nxt = min(nxt, t0 + NOTICE_AFTER)
+        wake.wait(max(0.0, nxt - now))
+    if named and spec_errors:
+        raise spec_errors[0]  # one backend asked for by name: its verdict on the spec stands
+    result: list[Offer] = []
+    for got in out:
+        for o in got or []:
+            result.append(onprem_price(o, prices))
+    return result
+
+
+def _answer(source: str, probe: Any) -> list[Offer]:
+    if probe.result is not None:
+        return probe.result
+    e = probe.error
+    why = str(e) if isinstance(e, MeshrunError) else (probe.failure or "no answer")
+    return [Offer(backend=source.split()[0], where="-", fits=False, reason=why)]
+
+
+def _slow_line(given_up: Sequence[tuple[str, str, bool]], waiting: Sequence[tuple[str, Any]], skip_for: float,
+               took: float) -> str:
+    """The one stderr line of a gathering that takes longer than a second."""
+    parts = []
+    for source, why, remembered in given_up:
+        part = f"{source} is {why}" if why.startswith("not responding") else f"{source} {why}"
+        if why.startswith("not responding") and remembered:
+            part += f": skipped, and not asked again for {format_duration(skip_for)}"
+        else:
+            part += ": skipped"
+        parts.append(part)
+    for source, probe in waiting:
+        parts.append(f"still waiting for {source} ({probe.doing}, {probe.running_for():.1f}s so far)")
+    return f"gathering offers is slow ({took:.1f}s): " + "; ".join(parts)
 
 
 gather_offers = offers
@@ -987,6 +1176,9 @@ def save_plan(job_dir: Path, p: Plan | None, launch: Mapping[str, Any], max_pend
         "max_pending": max_pending,
         "launch": dict(launch),
         "ranked": [offer_to_dict(o) for o in cands],
+        # why the other options were not taken, one entry per backend and reason
+        "rejected": [{"backend": g["backend"], "where": g["where"], "count": int(g["count"]), "reason": g["reason"]}
+                     for g in group_rejections(p.rejected)][:MAX_STORED] if p is not None else [],
     }
     from ._store import _atomic_write  # 0600, like every file of a job folder
 
@@ -1022,9 +1214,10 @@ def record_plan(prepared: Any, store: Any, p: Plan) -> None:
     placed where it was (the ``placed`` event, which also carries ``max_pending``)."""
     sub = prepared.submission
     save_plan(sub.job_dir, p, sub.launch, sub.spec.max_pending)
+    slow = sorted({o.backend for o, why in p.rejected if why.startswith("not responding")})
     store.add_event(prepared.record.id, "placed", offer=p.chosen.key if p.chosen else None,
                     objective=p.objective.value, why=p.explain_choice(), candidates=len(p.ranked),
-                    max_pending=sub.spec.max_pending)
+                    max_pending=sub.spec.max_pending, not_responding=", ".join(slow) or None)
 
 
 def write_launch(job_dir: Path, launch: Mapping[str, Any]) -> None:
