@@ -176,7 +176,7 @@ class LocalBackend(Backend):
         if not r.gpus:
             return [base]
         # a stuck lease lock must not outlast the offers deadline: give up sooner and say who holds it
-        lock_timeout = min(float(env.get("MESHRUN_LEASE_LOCK_TIMEOUT") or _agent.LOCK_TIMEOUT), 5.0)
+        lock_timeout = min(float(env.get("MESHRUN_LEASE_LOCK_TIMEOUT") or _agent.LOCK_TIMEOUT), 1.5)
         snap = _agent.snapshot({**env, "MESHRUN_LEASE_LOCK_TIMEOUT": str(lock_timeout)})
         if snap.get("error") and "lease_dir" not in snap:
             return [base.rejected(snap["error"])]
