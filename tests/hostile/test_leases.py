@@ -150,6 +150,7 @@ def test_table_links_and_temp_names_are_not_written_through(alice, bob, lease_di
     ("garbage", "not valid JSON"),
     ("list", "not an object"),
     ("huge", "bytes"),
+    ("unreadable", "cannot be opened (Permission denied)"),
 ])
 def test_broken_table_fails_closed_with_the_fix(alice, bob, lease_dir, broken, expect):
     """Attack 4: the table replaced by a FIFO (agents blocked forever), a link to /dev/zero (memory), or
@@ -162,6 +163,7 @@ def test_broken_table_fails_closed_with_the_fix(alice, bob, lease_dir, broken, e
         "garbage": f"printf '{{\"gpus\": {{\"0\": ' > {t} && chmod 666 {t}",
         "list": f"echo '[1, 2, 3]' > {t} && chmod 666 {t}",
         "huge": f"truncate -s 50M {t} && chmod 666 {t}",
+        "unreadable": f"echo '{{}}' > {t} && chmod 600 {t}",
     }[broken]
     _plant(bob, make)
     t0 = time.monotonic()
