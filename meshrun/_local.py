@@ -74,7 +74,7 @@ def map_agent_status(rec: Mapping[str, Any]) -> JobStatus:
         started_at=rec.get("started_at"),
         ended_at=rec.get("ended_at"),
         where=where,
-        detail={k: rec[k] for k in ("pid", "position", "gpu_uuids") if k in rec},
+        detail={k: rec[k] for k in ("pid", "position", "gpu_uuids", "containment", "cgroup") if k in rec},
     )
 
 

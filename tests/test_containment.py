@@ -80,6 +80,19 @@ def _local(monkeypatch):
     monkeypatch.setenv("MESHRUN_LOCAL_GRACE_PERIOD", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_survivors(tmp_path):
+    """Whatever a failing test leaves behind is killed here (a passing one leaves nothing)."""
+    yield
+    pidfile = tmp_path / "pids"
+    if pidfile.exists():
+        for line in pidfile.read_text().splitlines():
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+
+
 @pytest.fixture
 def mechanism(request, monkeypatch):
     monkeypatch.setenv("MESHRUN_CONTAINMENT", request.param)
@@ -359,13 +372,12 @@ def close_stderr_and_return(x):
     return x * 2
 
 
-class UnprintableError(Exception):
-    def __str__(self):
-        raise RuntimeError("no str for you")
-
-
 @meshrun.job
 def raise_unprintable():
+    class UnprintableError(Exception):  # defined here: travels with the function
+        def __str__(self):
+            raise RuntimeError("no str for you")
+
     raise UnprintableError("payload")
 
 

@@ -25,6 +25,23 @@ REPO = Path(__file__).resolve().parents[2]
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 
+def _user_python() -> str:
+    """An interpreter every user may run with this environment's packages: the test interpreter may live in
+    a directory only root can enter (e.g. under /root), so use the system python3 of the same version with
+    this environment's site-packages on PYTHONPATH."""
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(cand):
+            v = subprocess.run([cand, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True).stdout.strip()
+            if v == "%d.%d" % sys.version_info[:2]:
+                return cand
+    return sys.executable
+
+
+PY = _user_python()
+SITE = [p for p in sys.path if p.endswith("site-packages")]
+
+
 @dataclass
 class User:
     name: str
@@ -36,11 +53,12 @@ class User:
     def env(self, **extra: str) -> dict[str, str]:
         """A clean environment for this user that imports meshrun from this checkout."""
         env = {
-            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             "HOME": str(self.home),
             "USER": self.name,
             "LOGNAME": self.name,
-            "PYTHONPATH": os.pathsep.join([str(REPO)] + [str(p) for p in sorted((REPO / "backends").glob("*"))]),
+            "PYTHONPATH": os.pathsep.join([str(REPO)] + [str(p) for p in sorted((REPO / "backends").glob("*"))
+                                                         if p.is_dir()] + SITE),
             "MESHRUN_HOME": str(self.private / "meshrun-home"),
             "MESHRUN_CONFIG": str(self.private / "no-config.toml"),
             "LANG": "C.UTF-8",
@@ -57,8 +75,8 @@ class User:
         return subprocess.Popen([RUNUSER, "-u", self.name, "--", *map(str, argv)], env=env or self.env(), **kw)
 
     def python(self, code: str, *args, env=None, timeout=120) -> subprocess.CompletedProcess:
-        """Run Python code as this user with this checkout's interpreter and meshrun."""
-        return self.run([sys.executable, "-c", code, *args], env=env, timeout=timeout)
+        """Run Python code as this user with an interpreter they may run (``PY``) and this checkout's meshrun."""
+        return self.run([PY, "-c", code, *args], env=env, timeout=timeout)
 
 
 def _ensure_user(name: str, root: Path) -> User:
@@ -90,20 +108,31 @@ def hostile_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
+# one pair of users per test run (several runs on one machine must not remove each other's users)
+_SUFFIX = "%d" % (os.getpid() % 100000)
+NAMES = {"alice": "mra" + _SUFFIX, "bob": "mrb" + _SUFFIX}
+
+
 @pytest.fixture(scope="session")
 def alice(hostile_root) -> User:
-    return _ensure_user("mralice", hostile_root)
+    """The victim: an ordinary OS user running meshrun as usual (named ``mra<pid>``)."""
+    return _ensure_user(NAMES["alice"], hostile_root)
 
 
 @pytest.fixture(scope="session")
 def bob(hostile_root) -> User:
-    return _ensure_user("mrbob", hostile_root)
+    """The attacker: another ordinary OS user of the same machine (named ``mrb<pid>``)."""
+    return _ensure_user(NAMES["bob"], hostile_root)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_users():
     yield
-    for name in ("mralice", "mrbob"):
+    for name in NAMES.values():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
         time.sleep(0.2)
         subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
