@@ -85,12 +85,17 @@ def _no_survivors(tmp_path):
     """Whatever a failing test leaves behind is killed here (a passing one leaves nothing)."""
     yield
     pidfile = tmp_path / "pids"
-    if pidfile.exists():
-        for line in pidfile.read_text().splitlines():
-            try:
-                os.kill(int(line.split()[0]), signal.SIGKILL)
-            except (OSError, ValueError, IndexError):
-                pass
+    if not pidfile.exists():
+        return
+    mark = f"MESHRUN_JOB_DIR={tmp_path}".encode()
+    for line in pidfile.read_text().splitlines():
+        try:
+            pid = int(line.split()[0])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read():  # still one of this test's job processes, not a later one with its pid
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 @pytest.fixture
