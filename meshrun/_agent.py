@@ -12,9 +12,10 @@ What it does:
   that session is left; GPUs busy with processes meshrun did not start are never handed out;
 * a queue for jobs that ask for more GPUs than are free, served by fair share across OS users (the user
   with the least recent GPU use goes first, first come first served within one user);
-* the job supervisor (``run``): starts the job in its own session with ``CUDA_VISIBLE_DEVICES`` set to
-  its leased GPUs, enforces the time limit, forwards cancellation to the whole process tree, reaps every
-  process and writes the job's exit record;
+* the job supervisor (``run``): starts the job with ``CUDA_VISIBLE_DEVICES`` set to its leased GPUs, in a
+  cgroup of its own where one can be had (else it tracks the job's processes itself, as a subreaper), enforces
+  the time limit, ends every process the job started on cancel, timeout or end, and only then releases the
+  GPUs and writes the job's exit record;
 * a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
   instead of paying for a fresh Python start-up;
 * a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
@@ -1594,8 +1595,8 @@ def _restore_filename(fn, filename):
 def run_job(job_dir, env=None):
     """Supervise one job in the foreground (this process becomes its session leader if it is not yet).
 
-    A job is started at most once: a second supervisor for the same directory (a retried spawn) exits
-    at once without touching it."""
+    A job is started at most once: a second supervisor for the same directory (a retried spawn, or one
+    started after ``cancel`` claimed a job that had not started) exits at once without touching it."""
     sup = Supervisor(job_dir, env)
     try:
         os.close(os.open(sup._path(".started"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
