@@ -415,6 +415,10 @@ def cmd_gpus(a: argparse.Namespace) -> int:
         return 0
     for host, snap in snaps.items():
         _print_gpu_snapshot(host, snap, len(snaps) > 1)
+        c = snap.get("containment") if isinstance(snap, dict) else None
+        if c:  # how the agent holds a job's processes together here (docs/architecture.md, "Supervisor")
+            how = "a cgroup per job under" if c.get("mode") == "cgroup" else "tracked by the supervisor:"
+            print(f"containment: {c.get('mode')} ({how} {c.get('detail')})")
     return 0
 
 

@@ -249,7 +249,11 @@ class LocalBackend(Backend):
 
     # ---- extras for the CLI
     def gpus(self) -> dict[str, Any]:
-        return _agent.snapshot(self._env())
+        env = self._env()
+        snap = _agent.snapshot(env)
+        mode, detail = _agent.containment_available(env)  # what a job started from here gets
+        snap["containment"] = {"mode": mode, "detail": detail}
+        return snap
 
     def stop_server(self) -> None:
         """Stop this process's warm fork server, if any (tests; it also idles out by itself)."""

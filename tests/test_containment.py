@@ -237,6 +237,11 @@ def test_status_shows_the_containment(tmp_path, mechanism):
     assert out.returncode == 0, out.stderr
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("containment")]
     assert line and mechanism in line[0], out.stdout
+    gpus = subprocess.run([sys.executable, "-m", "meshrun", "gpus", "--json"], capture_output=True, text=True,
+                          timeout=60)
+    assert gpus.returncode == 0, gpus.stderr
+    snap = next(iter(json.loads(gpus.stdout).values()))
+    assert snap["containment"]["mode"] == mechanism
     job.cancel()
     assert job.status() is JobState.CANCELLED
     # the exit record keeps saying which mechanism the job ran under
