@@ -317,7 +317,10 @@ def _die_mid_submit(tmp_path: Path, when: str) -> tuple[str, Path]:
     return p.stdout.split()[0], marker
 
 
-def test_cancel_stops_a_job_left_submitting(tmp_path):
+def test_cancel_stops_a_job_left_submitting(tmp_path, monkeypatch):
+    from meshrun import _job
+
+    monkeypatch.setattr(_job, "SUBMIT_PICKUP", 3600.0)  # here cancel itself must find the job, not status
     job_id, marker = _die_mid_submit(tmp_path, "after")
     job = meshrun.Job.attach(job_id)
     assert job.record.state is JobState.SUBMITTING and job.backend_id is None
@@ -327,6 +330,7 @@ def test_cancel_stops_a_job_left_submitting(tmp_path):
     job.cancel()
     assert job.status() is JobState.CANCELLED
     assert job.backend_id == job_id
+    assert [h["event"] for h in job.history][-3:] == ["reattached", "cancel", "cancelled"]
     assert (job.job_dir / "exit.json").exists()
     assert not _agent.pid_alive(st["pid"], st.get("pid_start"))
     assert not lease_held(job_id)
