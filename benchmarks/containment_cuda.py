@@ -29,14 +29,15 @@ import _agent  # noqa: E402  (the host agent file itself, stdlib only)
 HOLD = r"""
 import ctypes, os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
-cuda = ctypes.CDLL("libcuda.so.1")
-assert cuda.cuInit(0) == 0
-dev = ctypes.c_int()
-assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0   # device 0 of CUDA_VISIBLE_DEVICES: the leased GPU
-ctx = ctypes.c_void_p()
-assert cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev) == 0
-mem = ctypes.c_uint64()
-assert cuda.cuMemAlloc_v2(ctypes.byref(mem), 256 << 20) == 0
+if sys.argv[3] == "cuda":
+    cuda = ctypes.CDLL("libcuda.so.1")
+    assert cuda.cuInit(0) == 0
+    dev = ctypes.c_int()
+    assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0   # device 0 of CUDA_VISIBLE_DEVICES: the leased GPU
+    ctx = ctypes.c_void_p()
+    assert cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev) == 0
+    mem = ctypes.c_uint64()
+    assert cuda.cuMemAlloc_v2(ctypes.byref(mem), 256 << 20) == 0
 with open(sys.argv[1], "a") as f:
     f.write("%d %s %s\n" % (os.getpid(), sys.argv[2], os.environ.get("CUDA_VISIBLE_DEVICES")))
 while True:
@@ -44,12 +45,15 @@ while True:
 """
 
 
+CUDA = "cuda"  # --no-cuda: check the script itself on a machine without a GPU (MESHRUN_GPUS=0)
+
+
 def job_script(hold: str, pidfile: str, then: str) -> str:
     py = shlex.quote(sys.executable)
     return "\n".join([
-        f"setsid {py} {hold} {pidfile} setsid &",
-        f"( {py} {hold} {pidfile} double & )",
-        f"nohup {py} {hold} {pidfile} nohup >/dev/null 2>&1 & disown",
+        f"setsid {py} {hold} {pidfile} setsid {CUDA} &",
+        f"( {py} {hold} {pidfile} double {CUDA} & )",
+        f"nohup {py} {hold} {pidfile} nohup {CUDA} >/dev/null 2>&1 & disown",
         f'while [ "$(wc -l < {pidfile} 2>/dev/null || echo 0)" -lt 3 ]; do sleep 0.05; done',
         then,
     ])
@@ -101,7 +105,7 @@ def one(root: str, mechanism: str, how: str) -> dict:
         time.sleep(0.05)
     hs = holders(pidfile)
     rec["holders"] = {str(p): {"how": h[0], "CUDA_VISIBLE_DEVICES": h[1]} for p, h in hs.items()}
-    while len(on_gpu(hs)) < 3 and time.time() < deadline:
+    while CUDA == "cuda" and len(on_gpu(hs)) < 3 and time.time() < deadline:
         time.sleep(0.2)
     rec["holders_on_gpu_before"] = on_gpu(hs)
     st = _agent.read_json(os.path.join(job_dir, "state.json")) or {}
@@ -143,7 +147,7 @@ def one(root: str, mechanism: str, how: str) -> dict:
     rec["cgroup_removed"] = (not os.path.exists(rec["cgroup"])) if rec.get("cgroup") else None
     if how == "lost":  # the lease is then the lease table's own business (reclaimed once its holders are gone)
         rec["lease_free_while_a_holder_lived"] = None
-    rec["ok"] = (len(rec["holders_on_gpu_before"]) == 3 and rec["containment"] == mechanism and not violations
+    rec["ok"] = ((len(rec["holders_on_gpu_before"]) == 3 or CUDA != "cuda") and rec["containment"] == mechanism and not violations
                  and not rec["alive_after"] and not rec["on_gpu_after"] and not rec["lease_held_after"]
                  and rec["cgroup_removed"] in (True, None) and (how != "lost" or rec["alive_after_supervisor_killed"] == 3))
     rec["total_seconds"] = round(time.time() - t0, 3)
@@ -153,7 +157,11 @@ def one(root: str, mechanism: str, how: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="path without extension for OUT.json and OUT.txt")
+    ap.add_argument("--no-cuda", action="store_true", help="holders without a CUDA context (a dry run without GPU)")
     a = ap.parse_args()
+    global CUDA
+    if a.no_cuda:
+        CUDA = "none"
     root = tempfile.mkdtemp(prefix="meshrun-cuda-containment-")
     os.environ["MESHRUN_LEASE_DIR"] = os.path.join(root, "leases")
     with open(os.path.join(root, "hold.py"), "w") as f:
@@ -168,7 +176,8 @@ def main() -> int:
             print(json.dumps({k: runs[-1][k] for k in ("mechanism", "how", "ok", "seconds_to_exit_record")}),
                   flush=True)
     result = {
-        "command": "python3 benchmarks/containment_cuda.py --out " + a.out,
+        "command": "python3 benchmarks/containment_cuda.py --out " + a.out + (" --no-cuda" if a.no_cuda else ""),
+        "cuda_holders": CUDA == "cuda",
         "host": socket.gethostname(),
         "gpus": [{k: g.get(k) for k in ("index", "name", "uuid")} for g in gpus],
         "gpu_source": source,
