@@ -155,13 +155,35 @@ def _proc_stat(pid):
 HAVE_PROC = os.path.isdir("/proc/self")
 
 
+def _dead(pid, state):
+    """True for a process that has ended: a zombie whose threads have all ended too (the main thread of a
+    multi-threaded process, e.g. one with a CUDA context, is a zombie while its other threads still exit)."""
+    if state not in ("Z", "X"):
+        return False
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return True
+    for tid in tids:
+        if tid == str(pid):
+            continue
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid), "rb") as f:
+                raw = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if raw[raw.rfind(")") + 2 :][:1] not in ("Z", "X"):
+            return False
+    return True
+
+
 def proc_start(pid):
     """Start time of a live (non-zombie) process, used to tell a process from a later one with its pid."""
     if not pid:
         return None
     if HAVE_PROC:
         st = _proc_stat(pid)
-        if st is None or st[0] in ("Z", "X"):
+        if st is None or _dead(pid, st[0]):
             return None
         return st[4]
     try:  # pragma: no cover - no /proc (macOS): no start time, liveness only
@@ -189,7 +211,7 @@ def session_members(sid):
         if not name.isdigit():
             continue
         st = _proc_stat(int(name))
-        if st is not None and st[3] == sid and st[0] not in ("Z", "X"):
+        if st is not None and st[3] == sid and not _dead(int(name), st[0]):
             out.append(int(name))
     return out
 
@@ -721,14 +743,18 @@ def cgroup_kill(path):
             pass
 
 
-def cgroup_remove(path):
+def cgroup_remove(path, timeout=2.0):
     """Remove an emptied cgroup and any the job made below it; True when it is gone."""
-    for d, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-    return not os.path.isdir(path)
+    end = time.time() + timeout
+    while True:
+        for d, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        if not os.path.isdir(path) or time.time() > end:
+            return not os.path.isdir(path)
+        time.sleep(0.02)  # EBUSY while the last process's exit completes
 
 
 def cgroup_enter(path):
@@ -766,7 +792,7 @@ def descendants(root, table=None):
     out, todo = [], list(kids.get(root, ()))
     while todo:
         pid = todo.pop()
-        if table[pid][0] not in ("Z", "X"):
+        if not _dead(pid, table[pid][0]):
             out.append(pid)
         todo.extend(kids.get(pid, ()))
     return out
@@ -792,7 +818,7 @@ def marked_processes(token, uid=None):
             continue
         if marker in b"\0" + data:
             st = _proc_stat(int(name))
-            if st is not None and st[0] not in ("Z", "X"):
+            if st is not None and not _dead(int(name), st[0]):
                 out.append(int(name))
     return out
 
@@ -894,8 +920,10 @@ class Containment:
         return [p for p in pids if pid_alive(p)]
 
     def empty(self):
+        if self.cgroup and os.path.isdir(self.cgroup) and cgroup_populated(self.cgroup):
+            return False  # the kernel's own count: cheap and exact (a process still exiting counts)
         if self.mode == "cgroup" and not (self.sid or self.thorough):
-            return not cgroup_populated(self.cgroup)  # the kernel's own count: cheap and exact
+            return True
         return not [p for p in self.members() if p not in self.unkillable]
 
     def signal(self, sig, skip=()):
@@ -1743,7 +1771,7 @@ def cancel(job_dir, grace=None, wait=True):
     # no live supervisor (or one that did not finish in time): end what is left of the job ourselves
     if isinstance(st, dict):
         left = _leftovers(job_dir, st)
-        t_end = now() + 5
+        t_end = now() + 10
         while not left.empty() and now() < t_end:
             left.kill()
             time.sleep(0.05)

@@ -472,3 +472,39 @@ def test_function_and_command_report_a_vanished_workdir_alike(tmp_path):
         assert f"the working directory {work} does not exist" in str(e.value)
         assert "Traceback" not in str(e.value)
     assert messages[0] == messages[1]
+
+
+# ---- a process is alive until its last thread ends ---------------------------------------------------
+
+MAIN_THREAD_EXITS = textwrap.dedent(
+    """
+    import ctypes, os, sys, threading, time
+
+    def worker():
+        open(sys.argv[1], "w").write(str(os.getpid()))
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.01)
+        os._exit(0)
+
+    threading.Thread(target=worker).start()
+    time.sleep(0.2)
+    ctypes.CDLL(None).syscall(60, 0)  # exit() of the main thread alone (x86-64 SYS_exit): it becomes a zombie
+    """
+)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the test calls SYS_exit by its x86-64 number")
+def test_a_process_whose_main_thread_ended_lives_until_its_last_thread_does(tmp_path):
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    p = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS, str(started), str(stop)])
+    try:
+        wait_until(started.exists, what="the worker thread")
+        wait_until(lambda: _agent._proc_stat(p.pid)[0] == "Z", what="the main thread to end")
+        # the main thread is a zombie, the process is not: it still runs (and could still use a GPU)
+        assert _agent.pid_alive(p.pid)
+        assert p.pid in _agent.session_members(os.getsid(p.pid))
+        stop.touch()
+        assert p.wait(timeout=30) == 0
+        assert not _agent.pid_alive(p.pid)
+    finally:
+        p.kill()
