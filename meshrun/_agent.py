@@ -1209,7 +1209,7 @@ class Supervisor:
             # the cgroup could not take the job: track its processes ourselves instead
             _log("could not move the job into its cgroup %s; tracking its processes instead" % cg)
             self.contain.remove()
-            self.contain = Containment("subreaper", token=self.contain.token, root=self.pid, sid=self.sid)
+            self.contain = Containment("subreaper", token=self.contain.token, root=self.pid)
         return pid
 
     def _start_command(self, env, cwd, setup, cg, w):
@@ -1261,11 +1261,11 @@ class Supervisor:
             self.contain = Containment.for_job(env, name, self.pid)
         except ValueError as e:
             raise _Fail(str(e))
-        if self.contain.mode == "subreaper":
+        if self.contain.mode == "subreaper" and not self.subreaper:
+            # no PR_SET_CHILD_SUBREAPER here (orphans are not ours): follow the session and the marker
+            self.contain.mode = "session"
             if self.sid == self.pid:  # the job's session is ours alone
                 self.contain.sid = self.sid
-            if not self.subreaper:  # no PR_SET_CHILD_SUBREAPER here: the session is all we can follow
-                self.contain.mode = "session"
         env[TOKEN_ENV] = self.contain.token
         self._state("starting", **self.contain.record())
 
