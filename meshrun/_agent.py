@@ -864,6 +864,7 @@ class Containment:
         self.sid = sid
         self.uid = os.getuid() if uid is None else uid
         self.unkillable = set()  # processes we may not signal (another user's): not waited for
+        self.seen = {}  # pid -> start time of every process found so far: followed until it has ended
 
     @classmethod
     def for_job(cls, env, name, root):
@@ -904,7 +905,11 @@ class Containment:
         return rec
 
     def members(self):
-        """Live processes of the job (never the supervisor itself)."""
+        """Live processes of the job (never the supervisor itself).
+
+        A process found once is followed until it has ended: one being killed drops out of the marker scan
+        (its environment goes with its memory) before it is gone (a GPU driver may take a while to close
+        its device files)."""
         pids = set()
         if self.cgroup and os.path.isdir(self.cgroup):
             pids.update(cgroup_pids(self.cgroup))
@@ -917,7 +922,10 @@ class Containment:
         pids.discard(os.getpid())
         if self.root:
             pids.discard(self.root)
-        return [p for p in pids if pid_alive(p)]
+        for p in pids:
+            if p not in self.seen:
+                self.seen[p] = proc_start(p)
+        return [p for p, start in self.seen.items() if start is not None and pid_alive(p, start)]
 
     def empty(self):
         if self.cgroup and os.path.isdir(self.cgroup) and cgroup_populated(self.cgroup):

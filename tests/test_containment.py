@@ -508,3 +508,26 @@ def test_a_process_whose_main_thread_ended_lives_until_its_last_thread_does(tmp_
         assert not _agent.pid_alive(p.pid)
     finally:
         p.kill()
+
+
+def test_a_marked_process_is_followed_until_it_has_ended(tmp_path):
+    """A process found by the job's marker stays a member after the marker is gone from /proc (as when its
+    memory, and with it its environment, is released while it still exits) until it has really ended."""
+    go = tmp_path / "go"
+    token = "t" + os.urandom(8).hex()
+    code = ("import os, sys, time\n"
+            "while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+            "os.execve('/bin/sleep', ['sleep', '1000'], {})\n")  # the new program's environment has no marker
+    p = subprocess.Popen([sys.executable, "-c", code, str(go)], env={**os.environ, _agent.TOKEN_ENV: token})
+    try:
+        c = _agent.Containment("subreaper", token=token)
+        wait_until(lambda: p.pid in c.members(), what="the marked process to be found")
+        go.touch()
+        wait_until(lambda: p.pid not in _agent.marked_processes(token), what="the marker to disappear")
+        assert p.pid in c.members()
+        assert not c.empty()
+        c.kill()
+        wait_until(lambda: p.poll() is not None, what="the kill")
+        assert c.empty() and p.pid not in c.members()
+    finally:
+        p.kill()
