@@ -823,6 +823,17 @@ def marked_processes(token, uid=None):
     return out
 
 
+def _has_children():
+    """True if this process has a child, live or not yet reaped (nothing is reaped here)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):  # pragma: no cover - no waitid: assume there may be
+        return True
+
+
 def containment_mode(env=None):
     """The containment a job asks for through ``MESHRUN_CONTAINMENT``: auto, cgroup or subreaper."""
     env = os.environ if env is None else env
@@ -914,8 +925,8 @@ class Containment:
         if self.cgroup and os.path.isdir(self.cgroup):
             pids.update(cgroup_pids(self.cgroup))
         if self.mode != "cgroup" or self.thorough:
-            if self.root:
-                pids.update(descendants(self.root))
+            if self.root and (self.root != os.getpid() or _has_children()):
+                pids.update(descendants(self.root))  # a subreaper without children has no descendants
             pids.update(marked_processes(self.token, self.uid))
         if self.sid:
             pids.update(session_members(self.sid))
