@@ -12,9 +12,10 @@ What it does:
   that session is left; GPUs busy with processes meshrun did not start are never handed out;
 * a queue for jobs that ask for more GPUs than are free, served by fair share across OS users (the user
   with the least recent GPU use goes first, first come first served within one user);
-* the job supervisor (``run``): starts the job in its own session with ``CUDA_VISIBLE_DEVICES`` set to
-  its leased GPUs, enforces the time limit, forwards cancellation to the whole process tree, reaps every
-  process and writes the job's exit record;
+* the job supervisor (``run``): starts the job with ``CUDA_VISIBLE_DEVICES`` set to its leased GPUs, in a
+  cgroup of its own where one can be had (else it tracks the job's processes itself, as a subreaper), enforces
+  the time limit, ends every process the job started on cancel, timeout or end, and only then releases the
+  GPUs and writes the job's exit record;
 * a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
   instead of paying for a fresh Python start-up;
 * a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
@@ -51,6 +52,7 @@ RESULT = "result.pkl"
 ERROR_JSON = "error.json"
 ERROR_PKL = "error.pkl"
 CANCEL = "cancel.json"
+STARTED = ".started"  # created exclusively by the one supervisor of a job, and flocked while it lives
 
 DEFAULT_LEASE_DIR = "/var/tmp/meshrun-leases"
 
@@ -173,13 +175,35 @@ def _proc_stat(pid):
 HAVE_PROC = os.path.isdir("/proc/self")
 
 
+def _dead(pid, state):
+    """True for a process that has ended: a zombie whose threads have all ended too (the main thread of a
+    multi-threaded process, e.g. one with a CUDA context, is a zombie while its other threads still exit)."""
+    if state not in ("Z", "X"):
+        return False
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return True
+    for tid in tids:
+        if tid == str(pid):
+            continue
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid), "rb") as f:
+                raw = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if raw[raw.rfind(")") + 2 :][:1] not in ("Z", "X"):
+            return False
+    return True
+
+
 def proc_start(pid):
     """Start time of a live (non-zombie) process, used to tell a process from a later one with its pid."""
     if not pid:
         return None
     if HAVE_PROC:
         st = _proc_stat(pid)
-        if st is None or st[0] in ("Z", "X"):
+        if st is None or _dead(pid, st[0]):
             return None
         return st[4]
     try:  # pragma: no cover - no /proc (macOS): no start time, liveness only
@@ -207,7 +231,7 @@ def session_members(sid):
         if not name.isdigit():
             continue
         st = _proc_stat(int(name))
-        if st is not None and st[3] == sid and st[0] not in ("Z", "X"):
+        if st is not None and st[3] == sid and not _dead(int(name), st[0]):
             out.append(int(name))
     return out
 
@@ -1568,6 +1592,366 @@ def install_lease_service(root="/", python="/usr/bin/python3", start=True):
 
 
 # --------------------------------------------------------------------------------------------------
+# containment: which processes belong to a job, and how to end every one of them
+#
+# A job is everything it started. Where this process may create cgroups (cgroup v2, delegated to our uid
+# or we are root), each job runs in a cgroup of its own: the kernel keeps every descendant in it, whatever
+# session or process group it moves to, and ``cgroup.kill`` ends them all at once. Elsewhere the supervisor,
+# a child subreaper, tracks the job's processes itself: its descendants (orphans are re-parented to it)
+# plus any process whose environment carries the job's own marker (``MESHRUN_JOB_TOKEN``).
+
+CONTAINMENT_ENV = "MESHRUN_CONTAINMENT"  # "auto" (the default), "cgroup" or "subreaper"
+CONTAINMENT_MODES = ("auto", "cgroup", "subreaper")
+TOKEN_ENV = "MESHRUN_JOB_TOKEN"
+
+
+def _unescape_mountinfo(s):
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and len(s[i + 1 : i + 4]) == 3 and s[i + 1 : i + 4].isdigit():
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def cgroup2_mount():
+    """(mount point, mounted root) of the cgroup v2 hierarchy (also in a hybrid layout), or None."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, sep, right = line.partition(" - ")
+                if sep and right.split()[:1] == ["cgroup2"]:
+                    fields = left.split()
+                    return _unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[3])
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def proc_cgroup(pid="self"):
+    """A process's cgroup v2 path (the ``0::`` line of /proc/PID/cgroup), or None."""
+    try:
+        with open("/proc/%s/cgroup" % pid) as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n")
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_dir(rel, mount=None):
+    """The directory of cgroup ``rel`` under the v2 mount, or None when it is not visible there."""
+    mount = mount or cgroup2_mount()
+    if not mount or not rel or not rel.startswith("/") or rel.endswith(" (deleted)"):
+        return None
+    point, root = mount
+    if root != "/":
+        if rel == root:
+            rel = "/"
+        elif rel.startswith(root + "/"):
+            rel = rel[len(root) :]
+        else:
+            return None
+    return os.path.normpath(point + rel)
+
+
+def delegated_cgroup():
+    """The cgroup job cgroups can be made under: (directory, None), or (None, why there is none).
+
+    That is this process's own cgroup v2 (the ``0::`` line of /proc/self/cgroup, under the v2 mount found
+    in /proc/self/mountinfo) when our uid may write it and its ``cgroup.procs``: root, a delegated subtree
+    (``systemd-run --user --scope -p Delegate=yes``, a container's own cgroup), or an admin's delegation."""
+    if not HAVE_PROC:
+        return None, "no /proc"
+    mount = cgroup2_mount()
+    if mount is None:
+        return None, "no cgroup v2 hierarchy is mounted"
+    rel = proc_cgroup()
+    d = cgroup_dir(rel, mount)
+    if d is None or not os.path.isdir(d):
+        return None, "this process's cgroup %s is not visible under the cgroup v2 mount %s" % (rel, mount[0])
+    if not (os.access(d, os.W_OK) and os.access(os.path.join(d, "cgroup.procs"), os.W_OK)):
+        return None, "the cgroup %s is not delegated to uid %d (not writable)" % (d, os.getuid())
+    return d, None
+
+
+def cgroup_pids(path):
+    """Every process in cgroup ``path`` and the cgroups below it."""
+    out = []
+    for d, subdirs, _ in os.walk(path):
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def cgroup_populated(path):
+    """True while a live process is in the cgroup or below it (zombies do not count)."""
+    try:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            for line in f:
+                if line.startswith("populated "):
+                    return line.split()[1] != "0"
+    except OSError:
+        return bool(cgroup_pids(path)) if os.path.isdir(path) else False
+    return False
+
+
+def cgroup_kill(path):
+    """SIGKILL every process of the cgroup (``cgroup.kill``; one by one on kernels before 5.14)."""
+    try:
+        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY)
+        try:
+            os.write(fd, b"1")
+            return
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    for pid in cgroup_pids(path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def cgroup_remove(path, timeout=2.0):
+    """Remove an emptied cgroup and any the job made below it; True when it is gone."""
+    end = time.time() + timeout
+    while True:
+        for d, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        if not os.path.isdir(path) or time.time() > end:
+            return not os.path.isdir(path)
+        time.sleep(0.02)  # EBUSY while the last process's exit completes
+
+
+def cgroup_enter(path):
+    """Move the calling process into cgroup ``path``; True on success (runs in a just-forked child)."""
+    try:
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _proc_table():
+    """{pid: (state, ppid)} for every process, from one pass over /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _proc_stat(int(name))
+            if st is not None:
+                table[int(name)] = (st[0], st[1])
+    return table
+
+
+def descendants(root, table=None):
+    """Live (non-zombie) descendants of ``root``, whatever session or process group they moved to."""
+    if not HAVE_PROC or not root:
+        return []
+    table = _proc_table() if table is None else table
+    kids = {}
+    for pid, (state, ppid) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], list(kids.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if not _dead(pid, table[pid][0]):
+            out.append(pid)
+        todo.extend(kids.get(pid, ()))
+    return out
+
+
+def marked_processes(token, uid=None):
+    """Live processes of ``uid`` (default: ours) whose environment carries ``MESHRUN_JOB_TOKEN=token``."""
+    if not token or not HAVE_PROC:
+        return []
+    uid = os.getuid() if uid is None else uid
+    marker = ("\0%s=%s\0" % (TOKEN_ENV, token)).encode()
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat("/proc/" + name).st_uid != uid:
+                continue
+            with open("/proc/%s/environ" % name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if marker in b"\0" + data:
+            st = _proc_stat(int(name))
+            if st is not None and not _dead(int(name), st[0]):
+                out.append(int(name))
+    return out
+
+
+def _has_children():
+    """True if this process has a child, live or not yet reaped (nothing is reaped here)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):  # pragma: no cover - no waitid: assume there may be
+        return True
+
+
+def containment_mode(env=None):
+    """The containment a job asks for through ``MESHRUN_CONTAINMENT``: auto, cgroup or subreaper."""
+    env = os.environ if env is None else env
+    mode = (env.get(CONTAINMENT_ENV) or "auto").strip().lower()
+    if mode not in CONTAINMENT_MODES:
+        raise ValueError("%s must be one of %s, not %r" % (CONTAINMENT_ENV, ", ".join(CONTAINMENT_MODES),
+                                                            env.get(CONTAINMENT_ENV)))
+    return mode
+
+
+def containment_available(env=None):
+    """Which containment a job started now would get: ("cgroup", directory) or ("subreaper", why not cgroup)."""
+    try:
+        mode = containment_mode(env)
+    except ValueError as e:
+        return "error", str(e)
+    if mode == "subreaper":
+        return "subreaper", "%s=subreaper" % CONTAINMENT_ENV
+    d, why = delegated_cgroup()
+    if d is None:
+        return "subreaper", why
+    return "cgroup", d
+
+
+class Containment:
+    """The set of processes that make up one job, and how to signal and end them.
+
+    ``mode`` "cgroup": the job's own cgroup (``cgroup``). ``mode`` "subreaper": the live descendants of
+    ``root`` (the supervisor, a child subreaper) plus the processes of ``uid`` whose environment carries
+    ``token``. ``sid`` adds the processes of that session. Once the supervisor is gone (``from_record``),
+    every one of these is searched whatever the mode was."""
+
+    def __init__(self, mode, cgroup=None, token=None, root=None, sid=None, uid=None, thorough=False):
+        self.mode = mode
+        self.thorough = thorough
+        self.cgroup = cgroup
+        self.token = token
+        self.root = root
+        self.sid = sid
+        self.uid = os.getuid() if uid is None else uid
+        self.unkillable = set()  # processes we may not signal (another user's): not waited for
+        self.seen = {}  # pid -> start time of every process found so far: followed until it has ended
+
+    @classmethod
+    def for_job(cls, env, name, root):
+        """Set up containment for a job about to start (creates its cgroup when cgroups can be had).
+
+        Raises ValueError for a bad ``MESHRUN_CONTAINMENT`` or when ``cgroup`` is demanded and impossible."""
+        import binascii
+
+        token = binascii.hexlify(os.urandom(16)).decode()
+        mode = containment_mode(env)
+        if mode != "subreaper":
+            parent, why = delegated_cgroup()
+            path = None
+            if parent is not None:
+                path = os.path.join(parent, name)
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    why, path = "cannot create the cgroup %s: %s" % (path, e.strerror or e), None
+            if path is not None:
+                return cls("cgroup", cgroup=path, token=token, root=root)
+            if mode == "cgroup":
+                raise ValueError("%s=cgroup, but no cgroup can be had here: %s" % (CONTAINMENT_ENV, why))
+        return cls("subreaper", token=token, root=root)
+
+    @classmethod
+    def from_record(cls, rec, uid=None):
+        """What is left of a job whose supervisor is gone, from its ``state.json``."""
+        return cls(rec.get("containment") or "session", cgroup=rec.get("cgroup"), token=rec.get("token"),
+                   sid=rec.get("sid"), uid=uid, thorough=True)
+
+    def record(self):
+        rec = {"containment": self.mode, "token": self.token}
+        if self.cgroup:
+            rec["cgroup"] = self.cgroup
+        return rec
+
+    def members(self):
+        """Live processes of the job (never the supervisor itself).
+
+        A process found once is followed until it has ended: one being killed drops out of the marker scan
+        (its environment goes with its memory) before it is gone (a GPU driver may take a while to close
+        its device files)."""
+        pids = set()
+        if self.cgroup and os.path.isdir(self.cgroup):
+            pids.update(cgroup_pids(self.cgroup))
+        if self.mode != "cgroup" or self.thorough:
+            if self.root and (self.root != os.getpid() or _has_children()):
+                pids.update(descendants(self.root))  # a subreaper without children has no descendants
+            pids.update(marked_processes(self.token, self.uid))
+        if self.sid:
+            pids.update(session_members(self.sid))
+        pids.discard(os.getpid())
+        if self.root:
+            pids.discard(self.root)
+        for p in pids:
+            if p not in self.seen:
+                self.seen[p] = proc_start(p)
+        return [p for p, start in self.seen.items() if start is not None and pid_alive(p, start)]
+
+    def empty(self):
+        if self.cgroup and os.path.isdir(self.cgroup) and cgroup_populated(self.cgroup):
+            return False  # the kernel's own count: cheap and exact (a process still exiting counts)
+        if self.mode == "cgroup" and not (self.sid or self.thorough):
+            return True
+        return not [p for p in self.members() if p not in self.unkillable]
+
+    def signal(self, sig, skip=()):
+        """Send ``sig`` to every process of the job (except ``skip``); returns the pids signalled."""
+        hit = []
+        for pid in self.members():
+            if pid in skip:
+                continue
+            try:
+                os.kill(pid, sig)
+                hit.append(pid)
+            except ProcessLookupError:
+                pass
+            except OSError:
+                self.unkillable.add(pid)
+        return hit
+
+    def kill(self):
+        if self.cgroup and os.path.isdir(self.cgroup):
+            cgroup_kill(self.cgroup)
+        if self.mode != "cgroup" or self.sid or self.thorough:
+            self.signal(signal.SIGKILL)
+
+    def remove(self):
+        if self.cgroup and os.path.isdir(self.cgroup):
+            return cgroup_remove(self.cgroup)
+        return True
+
+
+# --------------------------------------------------------------------------------------------------
 # the job supervisor
 
 
@@ -1629,6 +2013,7 @@ class Supervisor:
         self.stop_signal = None
         self.started_at = None
         self.subreaper = False
+        self.contain = None  # the job's Containment, once it is about to start
         self.gpus = []
         self.ticket = None
         self.leases = Leases(lease_dir(self.env), self.env)
@@ -1646,6 +2031,8 @@ class Supervisor:
             "since": now(),
             "agent_version": AGENT_VERSION,
         }
+        if getattr(self, "_alive_fd", None) is not None:
+            rec["alive_lock"] = True  # this supervisor holds a flock on .started while it lives
         rec.update(extra)
         write_json(self._path(STATE), rec, mode=0o600)
 
@@ -1859,53 +2246,63 @@ class Supervisor:
         cwd = self.launch.get("cwd") or self.job_dir
         setup = self.launch.get("setup") or []
         kind = self.launch.get("kind")
-        if kind == "function":
-            pid = os.fork()
-            if pid == 0:  # the worker: runs setup, then the function, in this (forked) interpreter
-                try:
-                    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                    os.environ.clear()
-                    os.environ.update(env)
-                    os.chdir(cwd)
-                    code = _run_setup(setup, env, cwd)
-                    if code:
-                        os._exit(code)
-                    os._exit(_run_function(self.job_dir, self.launch, self.rank))
-                except BaseException:  # pragma: no cover - last resort
-                    import traceback
+        if kind not in ("function", "command"):
+            raise _Fail("failed to start: launch.json has unknown kind %r" % (kind,))
+        if not os.path.isdir(cwd):
+            raise _Fail(_no_workdir(cwd))
+        cg = self.contain.cgroup if self.contain is not None and self.contain.mode == "cgroup" else None
+        # the child enters the job's cgroup itself, before it runs any of the job's code (so nothing it
+        # starts can be outside), and says on this pipe whether it got in
+        r, w = os.pipe()
+        try:
+            if kind == "function":
+                pid = os.fork()
+                if pid == 0:
+                    _worker(self.job_dir, self.launch, self.rank, env, cwd, setup, cg, r, w)  # never returns
+            else:
+                pid = self._start_command(env, cwd, setup, cg, w)
+            os.close(w)
+            w = None
+            entered = os.read(r, 1) == b"c"
+        finally:
+            os.close(r)
+            if w is not None:
+                os.close(w)
+        if cg and not entered:
+            # the cgroup could not take the job: track its processes ourselves instead
+            _log("could not move the job into its cgroup %s; tracking its processes instead" % cg)
+            self.contain.remove()
+            self.contain = Containment("subreaper", token=self.contain.token, root=self.pid)
+        return pid
 
-                    traceback.print_exc()
-                    os._exit(70)
-            return pid
-        if kind == "command":
-            argv = self.launch.get("argv")
-            if argv is None:
-                argv = ["/bin/bash", "-c", self.launch["shell"]]
-            if setup:
-                # setup commands run first, in the same environment; the command itself is exec'd so
-                # its argv reaches it untouched (no shell between meshrun and the user's arguments)
-                script = 'set -e\nfor __mr_s in "${@:2:$1}"; do /bin/bash -c "$__mr_s"; done\nshift "$(( $1 + 1 ))"\nexec "$@"'
-                argv = ["/bin/bash", "-c", script, "meshrun-setup", str(len(setup))] + list(setup) + list(argv)
+    def _start_command(self, env, cwd, setup, cg, w):
+        argv = self.launch.get("argv")
+        if argv is None:
+            argv = ["/bin/bash", "-c", self.launch["shell"]]
+        if setup:
+            # setup commands run first, in the same environment; the command itself is exec'd so
+            # its argv reaches it untouched (no shell between meshrun and the user's arguments)
+            script = 'set -e\nfor __mr_s in "${@:2:$1}"; do /bin/bash -c "$__mr_s"; done\nshift "$(( $1 + 1 ))"\nexec "$@"'
+            argv = ["/bin/bash", "-c", script, "meshrun-setup", str(len(setup))] + list(setup) + list(argv)
 
-            def pre():
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+        def pre():
+            os.write(w, b"c" if (cg and cgroup_enter(cg)) else b"s")
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-            try:
-                # the job's processes inherit the lease's hold (its flock keeps the GPUs leased while any
-                # of them lives, even if this supervisor is killed)
-                hold = (self.leases.hold_fd,) if self.leases.hold_fd is not None else ()
-                p = subprocess.Popen(argv, env=env, cwd=cwd, preexec_fn=pre, close_fds=True, pass_fds=hold)
-            except OSError as e:
-                raise _Fail("failed to start: %s: %s" % (argv[0], e.strerror or e))
-            # keep the Popen alive: its __del__ would reap a fast child before our own waitpid sees it
-            self._popen = p
-            return p.pid
-        raise _Fail("failed to start: launch.json has unknown kind %r" % (kind,))
+        # the job's processes inherit the lease's hold (its flock keeps the GPUs leased while any of them
+        # lives, even if this supervisor is killed)
+        hold = (self.leases.hold_fd,) if self.leases.hold_fd is not None else ()
+        try:
+            p = subprocess.Popen(argv, env=env, cwd=cwd, preexec_fn=pre, close_fds=True, pass_fds=hold)
+        except OSError as e:
+            if e.filename == cwd and not os.path.isdir(cwd):
+                raise _Fail(_no_workdir(cwd))
+            raise _Fail("failed to start: %s: %s" % (argv[0], e.strerror or e))
+        # keep the Popen alive: its __del__ would reap a fast child before our own waitpid sees it
+        self._popen = p
+        return p.pid
 
     def _has_children(self):
         self._reap_all()
@@ -1919,27 +2316,60 @@ class Supervisor:
         """Reap every child (we are a subreaper, so orphaned grandchildren come to us too)."""
         _reap_children()
 
+    def _contain(self, env):
+        """Set up the job's containment (its own cgroup, or tracking by the subreaper) and mark its
+        environment; recorded in state.json before anything of the job runs."""
+        name = "meshrun-%s" % "".join(ch if ch.isalnum() or ch in "._-" else "_"
+                                      for ch in str(self.launch.get("job_id") or self.pid))
+        if self.rank:
+            name += ".rank%d" % self.rank
+        try:
+            self.contain = Containment.for_job(env, name, self.pid)
+        except ValueError as e:
+            raise _Fail(str(e))
+        if self.contain.mode == "subreaper" and not self.subreaper:
+            # no PR_SET_CHILD_SUBREAPER here (orphans are not ours): follow the session and the marker
+            self.contain.mode = "session"
+            if self.sid == self.pid:  # the job's session is ours alone
+                self.contain.sid = self.sid
+        env[TOKEN_ENV] = self.contain.token
+        self._state("starting", **self.contain.record())
+
     def _kill_tree(self, grace):
-        """TERM every other process of our session, wait up to ``grace`` s, then KILL what is left."""
-        if self.subreaper and not self._has_children():
-            # as a subreaper every live descendant is our child or a child's descendant: none, nothing left
+        """End every process of the job: SIGTERM to all, up to ``grace`` s for them to go, then SIGKILL
+        (``cgroup.kill`` in a cgroup). Returns only once none is left, so that the GPU lease, released
+        next, outlives every process that could still be using the GPUs; then removes the job's cgroup."""
+        c = self.contain
+        self._reap_all()
+        if c is None:  # the job never started: nothing of it can be running
             return
-        me = set([self.pid])
-        if not kill_session(self.sid, signal.SIGTERM, exclude=me):
-            self._reap_all()
-            return
-        deadline = now() + grace
-        while now() < deadline:
-            self._reap_all()
-            if not [p for p in session_members(self.sid) if p != self.pid]:
-                return
-            time.sleep(0.05)
-        for _ in range(50):
-            kill_session(self.sid, signal.SIGKILL, exclude=me)
-            self._reap_all()
-            if not [p for p in session_members(self.sid) if p != self.pid]:
-                return
-            time.sleep(0.02)
+        if not c.empty():
+            termed = set(c.signal(signal.SIGTERM))
+            if self.stop is None and termed:
+                _log("ending %d process(es) the job left running" % len(termed))
+            deadline = now() + grace
+            while now() < deadline:
+                time.sleep(0.05)
+                self._reap_all()
+                if c.empty():
+                    break
+                # processes started after the first SIGTERM (a parent forking as it went) get theirs too
+                termed.update(c.signal(signal.SIGTERM, skip=termed))
+            tries, told = 0, now()
+            while not c.empty():
+                c.kill()
+                self._reap_all()
+                if c.empty():
+                    break
+                tries += 1
+                time.sleep(0.02 if tries < 50 else 0.5)
+                if now() - told > 30:  # e.g. stuck in the kernel (uninterruptible sleep): keep the GPUs leased
+                    told = now()
+                    _log("still waiting for process(es) %s of the job to end; its GPUs stay leased until they do"
+                         % ", ".join(str(p) for p in sorted(c.members())[:10]))
+        self._reap_all()
+        if not c.remove():
+            _log("could not remove the job's cgroup %s" % c.cgroup)
 
     def _wait_child(self):
         """Wait for the main child, reaping others as they come; returns its wait status."""
@@ -1967,6 +2397,7 @@ class Supervisor:
             self.gpus = self._acquire()
             env = self._job_env()
             limit = self.launch.get("time_limit")
+            self._contain(env)
             self.started_at = now()
             self.child = self._start(env)
             self._state(
@@ -1975,6 +2406,7 @@ class Supervisor:
                 child=self.child,
                 gpus=[g["index"] for g in self.gpus],
                 gpu_uuids=[g["uuid"] for g in self.gpus],
+                **self.contain.record()
             )
             if limit:
                 signal.setitimer(signal.ITIMER_REAL, float(limit))
@@ -2160,6 +2592,75 @@ def _write_error(job_dir, etype, message, tb, exc=None, rank=0):
             pass
 
 
+def _no_workdir(cwd):
+    return "failed to start: the working directory %s does not exist (or is not a directory)" % cwd
+
+
+def _exc_message(e):
+    """``str(e)``, or a fallback naming what went wrong when the exception's own ``__str__`` raises."""
+    try:
+        return str(e)
+    except BaseException as inner:  # noqa: B902 - user code may raise anything from __str__
+        try:
+            shown = repr(e)
+        except BaseException:  # noqa: B902
+            shown = "<%s object>" % type(e).__name__
+        try:
+            why = "%s: %s" % (type(inner).__name__, inner)
+        except BaseException:  # noqa: B902
+            why = type(inner).__name__
+        return "%s (str() raised %s)" % (shown, why)
+
+
+def _quietly(fn, *args):
+    """Write to stdout/stderr without letting a closed or broken stream raise."""
+    try:
+        fn(*args)
+    except BaseException:  # noqa: B902
+        pass
+
+
+def _worker(job_dir, launch, rank, env, cwd, setup, cgroup, r, w):
+    """The forked worker of a function job: enters the job's cgroup, runs setup and the function, and
+    always leaves through ``os._exit`` (it must never return into the supervisor's code: a failure while
+    reporting a failure, e.g. on a closed stderr, still ends here)."""
+    code = 70
+    try:
+        try:
+            os.close(r)
+            os.write(w, b"c" if (cgroup and cgroup_enter(cgroup)) else b"s")
+            os.close(w)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            os.environ.clear()
+            os.environ.update(env)
+            try:
+                os.chdir(cwd)
+            except OSError:
+                msg = _no_workdir(cwd)
+                _write_error(job_dir, "WorkdirError", msg, "", None, rank)
+                _quietly(_log, msg)
+                code = 1
+                return
+            code = _run_setup(setup, env, cwd)
+            if code:
+                return
+            code = 70
+            code = _run_function(job_dir, launch, rank)
+        except BaseException:  # noqa: B902 - last resort: say what happened if we still can
+            try:
+                import traceback
+
+                traceback.print_exc()
+            except BaseException:  # noqa: B902
+                pass
+    finally:
+        os._exit(code)
+
+
 def _run_function(job_dir, launch, rank=0):
     """In the worker: load the payload, call the function, write the result or the error."""
     import traceback
@@ -2196,7 +2697,7 @@ def _run_function(job_dir, launch, rank=0):
                header.get("cloudpickle"))
         )
         fail("VersionMismatch", msg, "")
-        _log(msg)
+        _quietly(_log, msg)
         return 3
     import pickle
 
@@ -2204,8 +2705,8 @@ def _run_function(job_dir, launch, rank=0):
         fn, args, kwargs = pickle.loads(body)
     except Exception as e:
         tb = traceback.format_exc()
-        fail("PayloadError", "cannot unpickle the function: %s: %s" % (type(e).__name__, e), tb)
-        sys.stderr.write(tb)
+        fail("PayloadError", "cannot unpickle the function: %s: %s" % (type(e).__name__, _exc_message(e)), tb)
+        _quietly(sys.stderr.write, tb)
         return 3
     if header.get("filename"):
         fn = _restore_filename(fn, header["filename"])
@@ -2215,10 +2716,14 @@ def _run_function(job_dir, launch, rank=0):
         if isinstance(e, SystemExit) and (e.code is None or e.code == 0):
             result = None
         else:
-            tb = traceback.format_exc()
-            sys.stderr.write(tb)
-            sys.stderr.flush()
-            fail(type(e).__name__, str(e), tb, e)
+            # record the exception first: printing it may fail (the function may have closed stderr)
+            try:
+                tb = traceback.format_exc()
+            except BaseException:  # noqa: B902
+                tb = ""
+            fail(type(e).__name__, _exc_message(e), tb, e)
+            _quietly(sys.stderr.write, tb)
+            _quietly(sys.stderr.flush)
             return 1
     import cloudpickle
 
@@ -2226,11 +2731,11 @@ def _run_function(job_dir, launch, rank=0):
         data = cloudpickle.dumps(result)
     except Exception as e:
         tb = traceback.format_exc()
-        fail("ResultError", "the return value cannot be pickled: %s: %s" % (type(e).__name__, e), tb)
+        fail("ResultError", "the return value cannot be pickled: %s: %s" % (type(e).__name__, _exc_message(e)), tb)
         return 1
     atomic_write(os.path.join(job_dir, rank_name(RESULT, rank)), data, mode=0o600)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _quietly(sys.stdout.flush)
+    _quietly(sys.stderr.flush)
     return 0
 
 
@@ -2258,13 +2763,22 @@ def _restore_filename(fn, filename):
 def run_job(job_dir, env=None):
     """Supervise one job in the foreground (this process becomes its session leader if it is not yet).
 
-    A job is started at most once: a second supervisor for the same directory (a retried spawn) exits
-    at once without touching it."""
+    A job is started at most once: a second supervisor for the same directory (a retried spawn, or one
+    started after ``cancel`` claimed a job that had not started) exits at once without touching it."""
     sup = Supervisor(job_dir, env)
     try:
-        os.close(os.open(sup._path(".started"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        fd = os.open(sup._path(STARTED), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
     except FileExistsError:
         return 0
+    # held for as long as this supervisor lives: whether it does is asked of the kernel (a LOCK_NB probe),
+    # not of /proc, so a caller in another PID namespace or under hidepid, or after PID reuse, still knows
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sup._alive_fd = fd
+    except OSError:
+        os.close(fd)
     try:
         os.setsid()
     except OSError:
@@ -2309,21 +2823,26 @@ def job_status(job_dir, rank=0):
     """The job's state as the agent sees it from its directory and the process table."""
     ex = read_json(os.path.join(job_dir, rank_name(EXIT, rank)))
     if isinstance(ex, dict):
-        return ex
+        return _with_containment(ex, job_dir, rank)
     st = read_json(os.path.join(job_dir, rank_name(STATE, rank)))
     if isinstance(st, dict):
-        if pid_alive(st.get("pid"), st.get("pid_start")):
+        if supervisor_alive(job_dir, st, rank):
             return st
         # the supervisor is gone without an exit record: killed (kill -9, OOM killer, reboot)
         ex = read_json(os.path.join(job_dir, rank_name(EXIT, rank)))  # it may have finished between the two reads
         if isinstance(ex, dict):
-            return ex
-        return {
-            "state": "lost",
-            "reason": "the job's supervisor (pid %s on %s) died without writing an exit record"
-            % (st.get("pid"), st.get("host")),
-            "exit_code": None,
-        }
+            return _with_containment(ex, job_dir, rank)
+        reason = "the job's supervisor (pid %s on %s) died without writing an exit record" % (
+            st.get("pid"), st.get("host"))
+        if st.get("host") in (None, socket.gethostname()):
+            left = _leftovers(job_dir, st, rank).members()
+            if left:
+                reason += "; %d process(es) of the job still run (meshrun cancel stops them and frees its GPUs)" % len(left)
+        rec = {"state": "lost", "reason": reason, "exit_code": None}
+        for k in ("containment", "cgroup"):
+            if k in st:
+                rec[k] = st[k]
+        return rec
     launch = os.path.join(job_dir, LAUNCH)
     try:
         age = now() - os.stat(launch).st_mtime
@@ -2336,12 +2855,69 @@ def job_status(job_dir, rank=0):
     return {"state": "pending", "reason": "starting"}
 
 
+def supervisor_alive(job_dir, st, rank=0):
+    """Whether the supervisor that wrote state record ``st`` still lives: its flock on ``.started`` when it
+    holds one (agent version 4 on this host), else its pid and start time."""
+    if st.get("alive_lock") and st.get("host") in (None, socket.gethostname()):
+        import fcntl
+
+        try:
+            fd = os.open(os.path.join(job_dir, rank_name(STARTED, rank)), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    return True
+            finally:
+                os.close(fd)
+    return pid_alive(st.get("pid"), st.get("pid_start"))
+
+
+def _with_containment(ex, job_dir, rank=0):
+    """An exit record, with the containment its job ran under (kept in state.json)."""
+    if "containment" not in ex:
+        st = read_json(os.path.join(job_dir, rank_name(STATE, rank)))
+        if isinstance(st, dict) and st.get("containment"):
+            ex = dict(ex, containment=st["containment"])
+    return ex
+
+
+def _leftovers(job_dir, st, rank=0):
+    """What may be left of a job whose supervisor is gone: its cgroup, the processes of its owner that carry
+    its marker, and its session."""
+    try:
+        uid = os.stat(os.path.join(job_dir, rank_name(STATE, rank))).st_uid
+    except OSError:
+        uid = os.getuid()
+    return Containment.from_record(st, uid)
+
+
 def cancel(job_dir, grace=None, wait=True):
-    """Cancel a job: ask its supervisor to stop (it ends the whole process tree and frees the GPUs); if the
-    supervisor is gone, end what is left of the session ourselves and write the exit record."""
+    """Cancel a job: ask its supervisor to stop (it ends every process of the job and frees the GPUs); if
+    the supervisor is gone, end what is left of the job ourselves, reclaim its GPUs and write the exit record.
+
+    A job no supervisor has started yet (its submitter may have died mid-submit) is claimed here, so that
+    none ever will: it ends cancelled before it runs."""
     if os.path.exists(os.path.join(job_dir, EXIT)):
         return job_status(job_dir)
     write_json(os.path.join(job_dir, CANCEL), {"user": user_name(), "time": now()}, mode=0o600)
+    try:
+        os.close(os.open(os.path.join(job_dir, STARTED), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        claimed = True
+    except OSError:
+        claimed = False  # a supervisor was started (or the folder is gone)
+    if claimed:
+        write_json(
+            os.path.join(job_dir, EXIT),
+            {"state": "cancelled", "reason": "%s before it started" % _cancel_reason(job_dir), "exit_code": None,
+             "ended_at": now()},
+            mode=0o600,
+        )
+        return job_status(job_dir)
     launch = read_json(os.path.join(job_dir, LAUNCH)) or {}
     grace = float(grace if grace is not None else launch.get("grace_period") or 10)
     deadline = now() + grace + 5
@@ -2363,14 +2939,14 @@ def cancel(job_dir, grace=None, wait=True):
             if os.path.exists(os.path.join(job_dir, EXIT)) and not pid_alive(st["pid"], st.get("pid_start")):
                 return job_status(job_dir)
             time.sleep(0.02)
-    # no live supervisor: clean up after it
-    sid = st.get("sid") if isinstance(st, dict) else None
-    if sid:
-        kill_session(sid, signal.SIGKILL)
-        t_end = now() + 5
-        while session_members(sid) and now() < t_end:
-            time.sleep(0.05)
+    # no live supervisor (or one that did not finish in time): end what is left of the job ourselves
     if isinstance(st, dict):
+        left = _leftovers(job_dir, st)
+        t_end = now() + 10
+        while not left.empty() and now() < t_end:
+            left.kill()
+            time.sleep(0.05)
+        left.remove()
         try:
             leases = Leases(lease_dir())
             with leases:
@@ -2664,7 +3240,7 @@ def _fork_supervisor(job_dir, env, *close, umask=None, rlimits=None):
             os.environ.clear()
             os.environ.update(env)
         notes = _take_on_limits(umask, rlimits)
-        if notes and not os.path.exists(os.path.join(job_dir, ".started")):
+        if notes and not os.path.exists(os.path.join(job_dir, STARTED)):
             # the job's log is where its owner looks; the supervisor appends to it from here on
             fd = os.open(os.path.join(job_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
             try:

@@ -296,6 +296,21 @@ def _job_json(job: Any) -> dict[str, Any]:
     }
 
 
+def _containment(job: Any) -> dict[str, Any] | None:
+    """How the host agent holds the job's processes together ("cgroup": a cgroup of the job's own;
+    "subreaper": the supervisor tracks them), from the agent's state.json in the job folder."""
+    try:
+        st = json.loads((job.job_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(st, dict) or not st.get("containment"):
+        return None
+    out = {"mode": st["containment"]}
+    if st.get("cgroup"):
+        out["cgroup"] = st["cgroup"]
+    return out
+
+
 def _age(ts: float | None) -> str:
     return "-" if not ts else format_duration(time.time() - ts) + " ago"
 
@@ -331,8 +346,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     job = Job.attach(a.job_id)
     job.refresh()
+    contained = _containment(job)
     if a.json:
-        print(json.dumps(_job_json(job), indent=2))
+        print(json.dumps(dict(_job_json(job), containment=contained), indent=2))
         return 0
     r = job.record
     pairs = [
@@ -350,6 +366,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         pairs.append(("exit code", r.exit_code))
     if r.attempt > 1:
         pairs.append(("attempt", r.attempt))
+    if contained:
+        pairs.append(("containment", contained["mode"] + (f" ({contained['cgroup']})" if contained.get("cgroup") else "")))
     pairs.append(("folder", str(r.job_dir)))
     print_kv(pairs)
     if r.history:
@@ -401,12 +419,13 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 
 def cmd_cancel(a: argparse.Namespace) -> int:
+    from ._backend import JobState
     from ._job import Job
 
     for jid in a.job_ids:
         job = Job.attach(jid)
         before = job.status()
-        if before.terminal:
+        if before.terminal and before is not JobState.LOST:  # a lost job may have left processes behind
             print(f"{job.id}: already {before.value}")
             continue
         job.cancel()
@@ -444,6 +463,10 @@ def cmd_gpus(a: argparse.Namespace) -> int:
         return 0
     for host, snap in snaps.items():
         _print_gpu_snapshot(host, snap, len(snaps) > 1)
+        c = snap.get("containment") if isinstance(snap, dict) else None
+        if c:  # how the agent holds a job's processes together here (docs/architecture.md, "Supervisor")
+            how = "a cgroup per job under" if c.get("mode") == "cgroup" else "tracked by the supervisor:"
+            print(f"containment: {c.get('mode')} ({how} {c.get('detail')})")
     unusable = [s for s in snaps.values() if isinstance(s, dict) and s.get("error") and "lease_dir" not in s]
     return 1 if unusable else 0
 

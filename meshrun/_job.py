@@ -26,6 +26,10 @@ SUBMIT_GRACE = 60.0
 # characters of the end of the output a failure message carries
 FAILURE_TAIL = 4000
 
+# ... and one whose folder already shows the host agent's records is picked up after this long (a live
+# submitter records the backend id within moments of the start)
+SUBMIT_PICKUP = 2.0
+
 
 class Job:
     """A submitted job. Create one with ``meshrun.run``, ``fn.submit`` or ``Job.attach(job_id)``.
@@ -216,18 +220,41 @@ class Job:
 
     # ---- control
     def cancel(self) -> None:
-        """Stop the job and everything it started; frees its GPUs. A no-op for a finished job."""
+        """Stop the job and everything it started; frees its GPUs. A no-op for a finished job.
+
+        A ``lost`` job (its supervisor died) is cancelled too: whatever it left running is stopped and its
+        GPUs are freed. A job still ``submitting`` (its submitter may have died mid-submit) is looked for
+        at its backend and cancelled there, so it cannot go on running unseen."""
         rec = self.refresh()
-        if rec.terminal:
-            return
         from ._registry import get_backend
 
-        if rec.backend_id is None:
-            self._store.update(self.id, state=JobState.CANCELLED, reason="cancelled before it was submitted",
-                               ended_at=time.time())
-            self._store.add_event(self.id, "cancelled")
+        if rec.state is JobState.LOST and rec.backend and rec.backend_id:
+            get_backend(rec.backend).cancel(rec.backend_id)
+            self._store.update(self.id, state=JobState.CANCELLED, ended_at=time.time(),
+                               reason=f"cancelled after it was lost ({rec.reason or 'no outcome recorded'}); "
+                                      "what it left running was stopped")
+            self._store.add_event(self.id, "cancelled", after="lost", backend=rec.backend)
             self._record = self._store.get(self.id)
             return
+        if rec.terminal:
+            return
+        if rec.backend_id is None:
+            found = None
+            if rec.backend:
+                try:
+                    found = get_backend(rec.backend).find(self.id)
+                except MeshrunError:
+                    found = None
+            if found is None:
+                self._store.update(self.id, state=JobState.CANCELLED, reason="cancelled before it was submitted",
+                                   ended_at=time.time())
+                self._store.add_event(self.id, "cancelled")
+                self._record = self._store.get(self.id)
+                return
+            # the submitter did not record the backend's id (it died mid-submit): the backend has the job
+            self._store.update(self.id, backend_id=found)
+            self._store.add_event(self.id, "reattached", backend=rec.backend, backend_id=found)
+            rec = self._record = self._store.get(self.id)
         get_backend(rec.backend).cancel(rec.backend_id)
         self._store.add_event(self.id, "cancel", backend=rec.backend)
         # the backend may take a moment to report it; record the outcome we asked for if it goes quiet
@@ -341,6 +368,11 @@ def _tail_then_follow(chunks: Iterator[str], tail: int | None, max_bytes: int | 
             yield c
 
 
+def _agent_seen(job_dir: Path) -> bool:
+    """True when the job folder shows that a host agent took the job (started, running or ended)."""
+    return any((job_dir / n).exists() for n in (".started", "state.json", "exit.json"))
+
+
 def _read_json(p: Path) -> Any:
     import json
 
@@ -376,7 +408,8 @@ def refresh(jobs: Sequence[Job]) -> None:
         for j in group:
             rec = j._record
             if rec.backend_id is None:
-                if time.time() - rec.created_at > SUBMIT_GRACE:
+                age = time.time() - rec.created_at
+                if age > SUBMIT_GRACE or (age > SUBMIT_PICKUP and _agent_seen(j.job_dir)):
                     found = backend.find(j.id)
                     if found:
                         j._store.update(j.id, backend=bname, backend_id=found, state=JobState.PENDING,
@@ -384,7 +417,7 @@ def refresh(jobs: Sequence[Job]) -> None:
                         j._store.add_event(j.id, "reattached", backend=bname, backend_id=found)
                         j._record = j._store.get(j.id)
                         todo.append(j)
-                    else:
+                    elif age > SUBMIT_GRACE:
                         _apply(j, JobStatus(JobState.LOST, reason="the submission was interrupted before the "
                                             "backend accepted the job"), backend)
                 continue

@@ -74,7 +74,7 @@ def map_agent_status(rec: Mapping[str, Any]) -> JobStatus:
         started_at=rec.get("started_at"),
         ended_at=rec.get("ended_at"),
         where=where,
-        detail={k: rec[k] for k in ("pid", "position", "gpu_uuids") if k in rec},
+        detail={k: rec[k] for k in ("pid", "position", "gpu_uuids", "containment", "cgroup") if k in rec},
     )
 
 
@@ -258,7 +258,11 @@ class LocalBackend(Backend):
 
     # ---- extras for the CLI
     def gpus(self) -> dict[str, Any]:
-        return _agent.snapshot(self._env())
+        env = self._env()
+        snap = _agent.snapshot(env)
+        mode, detail = _agent.containment_available(env)  # what a job started from here gets
+        snap["containment"] = {"mode": mode, "detail": detail}
+        return snap
 
     def stop_server(self) -> None:
         """Stop this process's warm fork server, if any (tests; it also idles out by itself)."""

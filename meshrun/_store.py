@@ -593,7 +593,7 @@ def _row_values(rec: JobRecord) -> list[Any]:
     ]
 
 
-_TMP = re.compile(r"\.tmp\.(\d+)$")
+_TMP = re.compile(r"\.tmp\.(\d+)(?:\.[0-9a-f]+)?$")
 
 
 def clean_temp_files(job_dir: Path | str, *, min_age: float = 60.0) -> list[Path]:
