@@ -471,6 +471,17 @@ def cmd_gpus(a: argparse.Namespace) -> int:
     return 1 if unusable else 0
 
 
+def _foreign_proc(p: dict[str, Any]) -> str:
+    """A process meshrun did not start, as `meshrun gpus` lists it: pid, name, user, GPU memory, and whether it
+    is this very process (or one of its parents, e.g. the notebook kernel that runs this command)."""
+    from ._agent import ancestry
+
+    bits = [b for b in (p.get("user") or "another user (hidden)",
+                        f"{p['used_memory']} MiB" if p.get("used_memory") not in (None, "") else None) if b]
+    mine = " - this process or one of its parents" if p.get("pid") in ancestry() else ""
+    return f"pid {p['pid']} {p.get('process_name') or '?'} ({', '.join(bits)}){mine}"
+
+
 def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
     gpus = snap.get("gpus") or []
     if snap.get("unreachable"):
@@ -497,7 +508,7 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
             since = _age(lease.get("since"))
         elif procs:
             holder = "foreign"
-            job = ", ".join(f"pid {p['pid']} {p.get('process_name') or ''}".strip() for p in procs)
+            job = ", ".join(_foreign_proc(p) for p in procs)
             since = "-"
         else:
             holder, job, since = "free", "-", "-"

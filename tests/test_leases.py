@@ -393,6 +393,7 @@ def test_cli_gpus_shows_holders_queue_and_foreign(fake_gpus, capfd):
         text = capfd.readouterr().out
         assert "the-holder" in text and holder.id in text
         assert "foreign" in text and f"pid {squatter.pid}" in text
+        assert f"pid {squatter.pid} sleep (root" in text.replace("\n", " ")  # its name and its user
         assert "the-waiter" in text  # the queue
         assert main(["gpus", "--json"]) == 0
         snap = json.loads(capfd.readouterr().out)
