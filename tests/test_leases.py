@@ -393,7 +393,7 @@ def test_cli_gpus_shows_holders_queue_and_foreign(fake_gpus, capfd):
         text = capfd.readouterr().out
         assert "the-holder" in text and holder.id in text
         assert "foreign" in text and f"pid {squatter.pid}" in text
-        assert f"pid {squatter.pid} sleep (root" in text.replace("\n", " ")  # its name and its user
+        assert f"pid {squatter.pid} python (root, 1000 MiB)" in text  # its name, user and GPU memory
         assert "the-waiter" in text  # the queue
         assert main(["gpus", "--json"]) == 0
         snap = json.loads(capfd.readouterr().out)
@@ -412,3 +412,24 @@ def _wait(pred, timeout: float = 30.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out")
         time.sleep(0.02)
+
+
+def test_a_gpu_held_by_the_submitter_itself_is_named_at_once(fake_gpus, monkeypatch):
+    """The notebook deadlock: the submitting process (here this test) holds a context on the only GPU. The
+    waiting job says so at once: that pid, its name, user and memory, that it is the submitter, and the
+    remedy; with the sharing policy set above that context's size, the job runs beside it."""
+    fake = fake_gpus(1)
+    fake.add_process(os.getpid(), 0, name="python-kernel")
+    job = meshrun.run(["true"], gpus=1, name="self-held")
+    _wait(lambda: "waiting" in (job.refresh().reason or ""))
+    reason = job.record.reason
+    assert f"GPU 0 is in use by pid {os.getpid()} (python-kernel, user root, 1000 MiB)" in reason, reason
+    assert "the process that submitted this job" in reason and "MESHRUN_SHARE_GPU_BELOW_MIB" in reason
+    job.cancel()
+    assert job.wait(timeout=60) is JobState.CANCELLED
+    monkeypatch.setenv("MESHRUN_SHARE_GPU_BELOW_MIB", "2000")  # 1000 MiB in all: shared
+    assert meshrun.run(["true"], gpus=1, name="shared").wait(timeout=60) is JobState.SUCCEEDED
+    monkeypatch.setenv("MESHRUN_SHARE_GPU_BELOW_MIB", "500")  # more than allowed: waits again
+    big = meshrun.run(["true"], gpus=1, name="not-shared")
+    _wait(lambda: "waiting" in (big.refresh().reason or ""))
+    big.cancel()
