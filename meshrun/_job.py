@@ -255,8 +255,9 @@ class Job:
             self._store.update(self.id, backend_id=found)
             self._store.add_event(self.id, "reattached", backend=rec.backend, backend_id=found)
             rec = self._record = self._store.get(self.id)
+        asked = time.time()  # the history shows the request when it was made (the end comes at the agent's time)
         get_backend(rec.backend).cancel(rec.backend_id)
-        self._store.add_event(self.id, "cancel", backend=rec.backend)
+        self._store.add_event(self.id, "cancel", at=asked, backend=rec.backend)
         # the backend may take a moment to report it; record the outcome we asked for if it goes quiet
         deadline = time.monotonic() + 30
         while not self.refresh().terminal and time.monotonic() < deadline:

@@ -116,8 +116,13 @@ def wait_until(pred, timeout=30.0, what="condition"):
 
 
 def lease_held(job_id: str) -> bool:
-    state = _agent.read_json(os.path.join(os.environ["MESHRUN_LEASE_DIR"], "leases.json")) or {}
-    return any(r.get("job_id") == job_id for r in (state.get("gpus") or {}).values())
+    """Whether the job holds a GPU lease: a hold file of its in the lease directory, in state "leased" (its
+    supervisor removes it when it gives the lease back)."""
+    for hold in Path(os.environ["MESHRUN_LEASE_DIR"]).glob("hold-*.json"):
+        rec = _agent.read_json(str(hold)) or {}
+        if rec.get("job_id") == job_id and rec.get("state") == "leased":
+            return True
+    return False
 
 
 def read_pids(path: Path) -> dict[int, int]:
