@@ -494,7 +494,10 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
         if st.terminal:
             if started and not any(h.get("event") == JobState.RUNNING.value for h in rec.history):
                 events.append((JobState.RUNNING.value, started, {}))
-            events.append((st.state.value, changes.get("ended_at"), {"reason": st.reason, "where": st.where}))
+            end = changes.get("ended_at")
+            if end is not None and started:
+                end = max(end, started)  # a start seen only by polling may come after the agent's end
+            events.append((st.state.value, end, {"reason": st.reason, "where": st.where}))
         else:
             at = started if st.state is JobState.RUNNING else None
             events.append((st.state.value, at, {"reason": st.reason, "where": st.where}))

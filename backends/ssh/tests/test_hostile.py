@@ -118,7 +118,7 @@ def test_shared_remote_root_is_refused_with_the_fix(ssh_backend, cleanup):
     assert not marker.exists()
 
 
-def test_probe_is_not_stalled_by_planted_records(ssh_backend, ctl, cleanup):
+def test_probe_is_not_stalled_by_planted_records(ssh_backend, ctl, cleanup, workdir):
     """Bob holds a real GPU lease whose job folder he opens to everyone, then puts a FIFO where its
     launch.json was and a symbolic link to /dev/zero where its state.json was. Alice's probe of the host
     answers (no blocked open, no endless read), reports why it skipped those records, and her offers work."""
