@@ -60,8 +60,13 @@ def job_script(hold: str, pidfile: str, then: str) -> str:
 
 
 def lease_held(lease_dir: str, job_id: str) -> bool:
-    state = _agent.read_json(os.path.join(lease_dir, "leases.json")) or {}
-    return any(r.get("job_id") == job_id for r in (state.get("gpus") or {}).values())
+    """Whether the job holds a GPU lease: a hold file of its, in state "leased" (agent version 4)."""
+    for name in os.listdir(lease_dir) if os.path.isdir(lease_dir) else []:
+        if name.startswith("hold-") and name.endswith(".json"):
+            rec = _agent.read_json(os.path.join(lease_dir, name)) or {}
+            if rec.get("job_id") == job_id and rec.get("state") == "leased":
+                return True
+    return False
 
 
 def holders(pidfile: str) -> dict[int, tuple]:
