@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...], or a task YAML file")
 
     ls = sub.add_parser("ls", help="list jobs")
-    ls.add_argument("--limit", "-l", type=int, default=30)
+    ls.add_argument("--limit", "-l", type=int, default=30, help="show at most this many jobs, newest first "
+                    "(default 30; 0: all)")
     ls.add_argument("--state", "-s", action="append", help="only jobs in this state (repeatable)")
     ls.add_argument("--json", action="store_true")
 
@@ -322,7 +323,10 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
     store = get_store()
     states = [JobState(s) for s in a.state] if a.state else None
-    recs = store.list(limit=a.limit, states=states)
+    if a.limit < 0:
+        print("meshrun: --limit must be 0 (all) or more", file=sys.stderr)
+        return 2
+    recs = store.list(limit=a.limit or None, states=states)
     jobs = [Job(r.id, store=store, _record=r) for r in recs]
     refresh([j for j in jobs if not j.record.terminal])
     if a.json:
@@ -338,6 +342,9 @@ def cmd_ls(a: argparse.Namespace) -> int:
         return 0
     print_table(["ID", "NAME", "STATE", "BACKEND", "WHERE", "SUBMITTED", "RUNTIME"], rows,
                 styles={2: state_style})
+    total = store.count(states=states) if a.limit and len(rows) >= a.limit else len(rows)
+    if total > len(rows):
+        print(f"{len(rows)} of {total} jobs shown, newest first (meshrun ls --limit 0 shows all)")
     return 0
 
 

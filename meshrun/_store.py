@@ -434,6 +434,15 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [self._record(r) for r in self._run(lambda c: c.execute(sql, args).fetchall())]
 
+    def count(self, *, states: Iterable[JobState] | None = None) -> int:
+        """How many jobs the index holds (in these states)."""
+        sql, args = "SELECT COUNT(*) FROM jobs", []
+        if states is not None:
+            st = [s.value for s in states]
+            sql += f" WHERE state IN ({', '.join('?' * len(st))})"
+            args += st
+        return int(self._run(lambda c: c.execute(sql, args).fetchone()[0]))
+
     def _record(self, row: Sequence[Any]) -> JobRecord:
         d = dict(zip(_COLUMNS, row))
         return JobRecord(

@@ -197,3 +197,17 @@ def test_import_is_light():
     code = "import sys, meshrun; print(sorted(m for m in ('pydantic', 'cloudpickle', 'rich', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ls_says_how_many_more_there_are(capsys):
+    from meshrun._cli import main
+
+    jobs = [meshrun.run(["true"], name=f"n{i}") for i in range(4)]
+    meshrun.wait(jobs, timeout=60)
+    assert main(["ls", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 jobs shown" in out and "--limit 0" in out
+    assert main(["ls", "--limit", "0"]) == 0
+    out = capsys.readouterr().out
+    assert all(j.id in out for j in jobs) and "jobs shown" not in out
+    assert main(["ls", "--limit", "-1"]) == 2
