@@ -113,6 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.max_bytes is not None:
         kw["max_bytes"] = args.max_bytes
+    if args.backend in (None, "local"):
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # the job would only fail with an import error
+            print(f"meshrun bench: error: the benchmark runs PyTorch collectives and {sys.executable} has no "
+                  "torch: pip install torch (or name a backend whose machines have it: --backend)", file=sys.stderr)
+            return 2
     try:
         res = run(args.collectives, **kw)
     except MeshrunError as e:
