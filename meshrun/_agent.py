@@ -1994,11 +1994,9 @@ SCHEDULER_VARS = {
         "MASTER_PORT": ("MESHRUN_MASTER_PORT",),
         "GPUS_PER_NODE": ("DSTACK_GPUS_PER_NODE",),
     },
-    # an Indexed Job: the pod's index is its rank; the rest is in launch.json's "dist" (the Service's name)
-    "kubernetes": {
-        "NODE_RANK": ("JOB_COMPLETION_INDEX",),
-    },
 }
+# (Kubernetes runs command jobs without the agent: the backend writes the contract into the pods' environment
+# with meshrun.dist_env, NODE_RANK from the Indexed Job's completion index; a function job's agent reads it there.)
 
 
 def _scheduler_value(names, environ):
@@ -2058,6 +2056,25 @@ def dist_env(launch, environ, leased=None):
     out["NPROC_PER_NODE"] = str(own.get("NPROC_PER_NODE") or nproc)
     out["WORLD_SIZE"] = str(own.get("WORLD_SIZE") or world)
     return dict((k, out[k]) for k in DIST_VARS)
+
+
+def dist_shell(scheduler, defaults):
+    """POSIX shell text exporting the contract from a scheduler's variables (:data:`SCHEDULER_VARS`, plain
+    names only), for a job that runs without the agent (a dstack command job); ``defaults`` holds a value
+    for each of NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and GPUS_PER_NODE."""
+    table = SCHEDULER_VARS[scheduler]
+    words = []
+    for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"):
+        value = str(defaults[k])
+        if not value or not all(c.isalnum() or c in "._:-" for c in value):
+            raise ValueError("a default of the shell contract must be a plain word, got %r" % (value,))
+        for name in reversed(table.get(k, ())):
+            if name[0] in "#^":
+                raise ValueError("%s cannot be read by the shell contract" % name)
+            value = "${%s:-%s}" % (name, value)
+        words.append('%s="%s"' % (k, value))
+    return ("export " + " ".join(words) + ' && export NPROC_PER_NODE="$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))"'
+            ' && export WORLD_SIZE="$(( NNODES * NPROC_PER_NODE ))"')
 
 
 def free_port(host=""):

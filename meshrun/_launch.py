@@ -45,6 +45,12 @@ def dist_env(
     return _agent.dist_env(launch, {})
 
 
+def dist_shell(scheduler: str, defaults: Mapping[str, object]) -> str:
+    """Shell text exporting the contract from ``scheduler``'s own variables (the agent's table), for a job that
+    runs without the host agent; ``defaults`` for NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE."""
+    return _agent.dist_shell(scheduler, defaults)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on this machine right now (the usual bind-to-0 trick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
