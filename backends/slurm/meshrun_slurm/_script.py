@@ -215,7 +215,8 @@ def render_script(job: BatchJob) -> str:
         cpus = f" --cpus-per-task={math.ceil(job.cpus)}" if job.cpus else ""
         body += (
             "# node 0 of the allocation (this one) is the master: its address and a port free on it\n"
-            f'eval "$("$meshrun_python"{agent} rendezvous || echo exit 70)"\n'
+            f'meshrun_rendezvous=$("$meshrun_python"{agent} rendezvous) || exit "$?"\n'
+            'eval "$meshrun_rendezvous"\n'
             "# one task per node\n"
             f"exec srun --nodes={job.nodes} --ntasks={job.nodes} --ntasks-per-node=1{cpus} --kill-on-bad-exit=1 \\\n"
             f'  "$meshrun_python"{agent} run "$meshrun_job_dir"\n'
