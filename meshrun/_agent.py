@@ -16,6 +16,8 @@ What it does:
   cgroup of its own where one can be had (else it tracks the job's processes itself, as a subreaper), enforces
   the time limit, ends every process the job started on cancel, timeout or end, and only then releases the
   GPUs and writes the job's exit record;
+* the distributed env contract (``dist_env``: MASTER_ADDR ... WORLD_SIZE), computed on each node from
+  ``launch.json`` and the scheduler's own variables, and Slurm's rendezvous (``rendezvous``);
 * a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
   instead of paying for a fresh Python start-up;
 * a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
@@ -2088,7 +2090,8 @@ def free_port(host=""):
 
 
 def slurm_first_host(nodelist):
-    """The first host of a Slurm hostlist: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``, ``"r[1-2]-n[3-4]"`` -> ``"r1-n3"``."""
+    """The first host of a Slurm hostlist: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``,
+    ``"r[1-2]-n[3-4]"`` -> ``"r1-n3"``."""
     out, depth, group = [], 0, []
     for c in nodelist.strip():
         if depth == 0 and c == ",":
@@ -2390,7 +2393,8 @@ class Supervisor:
         if self.launch.get("name") is not None:
             env["MESHRUN_JOB_NAME"] = self.launch["name"]
         env.setdefault("PYTHONUNBUFFERED", "1")
-        env.update(dist_env(self.launch, self.env, len(self.gpus) if self.launch.get("lease", True) is not False else None))
+        leased = len(self.gpus) if self.launch.get("lease", True) is not False else None
+        env.update(dist_env(self.launch, self.env, leased))
         if self.launch.get("mask_gpus", True):
             if self.gpus:
                 env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -3423,7 +3427,7 @@ def _fork_supervisor(job_dir, env, *close, umask=None, rlimits=None):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        sys.stderr.write("usage: _agent.py version|gpus|rendezvous|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR\n")
+        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR|rendezvous\n")
         return 2
     cmd, rest = argv[0], argv[1:]
     out = sys.stdout

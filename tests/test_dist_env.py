@@ -108,8 +108,9 @@ def test_slurm_first_host_and_rendezvous_text():
     assert _agent.slurm_first_host("login") == "login"
     # no scontrol knows this host: its name is the address; the text is eval'd by bash in the batch script
     env = {"SLURM_JOB_NODELIST": "no-such-node-h6[1-2]", "SLURM_JOB_ID": "9"}
-    out = subprocess.run(["bash", "-c", 'eval "$1"; echo "$MESHRUN_MASTER_ADDR $MESHRUN_MASTER_PORT $MESHRUN_MASTER_OF"',
-                          "x", _agent.rendezvous(env)], capture_output=True, text=True, check=True).stdout.split()
+    show = 'eval "$1"; echo "$MESHRUN_MASTER_ADDR $MESHRUN_MASTER_PORT $MESHRUN_MASTER_OF"'
+    out = subprocess.run(["bash", "-c", show, "x", _agent.rendezvous(env)], capture_output=True, text=True,
+                         check=True).stdout.split()
     assert out[0] == "no-such-node-h61" and out[1].isdigit() and out[2] == "9"
 
 
@@ -148,7 +149,8 @@ def test_public_dist_env_and_check():
     env = meshrun.dist_env(nnodes=2, node_rank=1, master_addr="h", master_port=29500, gpus_per_node=0)
     assert env["NPROC_PER_NODE"] == "1" and env["WORLD_SIZE"] == "2" and meshrun.check_dist_env(env) == []
     assert "NPROC_PER_NODE=0 but max(GPUS_PER_NODE, 1) = 1" in meshrun.check_dist_env({**env, "NPROC_PER_NODE": "0"})
-    assert meshrun.check_dist_env({k: v for k, v in env.items() if k != "NPROC_PER_NODE"}) == ["NPROC_PER_NODE is not set"]
+    without = {k: v for k, v in env.items() if k != "NPROC_PER_NODE"}
+    assert meshrun.check_dist_env(without) == ["NPROC_PER_NODE is not set"]
 
 
 # ---- the README's line, for real --------------------------------------------------------------------------
