@@ -2019,12 +2019,12 @@ def dist_env(launch, environ, leased=None):
     """The distributed env contract for this node, as a dict of strings (:data:`DIST_VARS`).
 
     Each value is, in order: the job's own ``env`` (the user's choice wins); the scheduler's own variables
-    (``launch["scheduler"]``, see :data:`SCHEDULER_VARS`); for a backend that names no scheduler, the
-    agent's environment (a launcher may export ``NODE_RANK`` per node); ``launch["dist"]`` (what the
-    backend fixed at submit); and the defaults: ``NNODES`` = the spec's nodes, ``NODE_RANK`` 0,
-    ``MASTER_ADDR`` 127.0.0.1, ``MASTER_PORT`` a port free on this host (also for "0"), ``GPUS_PER_NODE``
-    the GPUs leased here (``leased``) or else the spec's ``gpus``. ``NPROC_PER_NODE`` and ``WORLD_SIZE``
-    follow from those unless the job's env sets them."""
+    (``launch["scheduler"]``, see :data:`SCHEDULER_VARS`); for ``GPUS_PER_NODE``, the number of GPUs the
+    agent leased here (``leased``, when it leases); for a backend that names no scheduler, the agent's
+    environment (a launcher may export ``NODE_RANK`` per node); ``launch["dist"]`` (what the backend fixed
+    at submit); and the defaults: ``NNODES`` = the spec's nodes, ``NODE_RANK`` 0, ``MASTER_ADDR``
+    127.0.0.1, ``MASTER_PORT`` a port free on this host (also for "0"), ``GPUS_PER_NODE`` the spec's
+    ``gpus``. ``NPROC_PER_NODE`` and ``WORLD_SIZE`` follow from those unless the job's env sets them."""
     own = launch.get("env") or {}
     table = SCHEDULER_VARS.get(launch.get("scheduler") or "", {})
     dist = launch.get("dist") or {}
