@@ -42,6 +42,12 @@ def test_sbatch_options_asking_for_gpus_are_refused_with_a_pointer_to_gpus(optio
                     else {"sbatch": [option]})
 
 
+def test_the_sbatch_setting_refuses_them_too():
+    meshrun.configure({"backends": {"slurm": {"sbatch": ["--mail-type=END", "--gpus-per-node=1"]}}})
+    with pytest.raises(meshrun.ConfigError, match="gpus="):
+        meshrun.get_backend("slurm").settings
+
+
 def test_other_gres_and_gpu_binding_options_pass():
     opts = job_options({"sbatch": ["--gres=nvme:1", "--gpu-bind=closest", "--mem-per-gpu=4G", "--cpus-per-gpu=2"]})
     assert opts.sbatch == ("--gres=nvme:1", "--gpu-bind=closest", "--mem-per-gpu=4G", "--cpus-per-gpu=2")
