@@ -59,6 +59,7 @@ _EXPORTS = {
     "tail_file": "._local",
     "place_files_locally": "._scheduler",
     "dist_env": "._launch",
+    "dist_shell": "._launch",
     "free_port": "._launch",
     "check_dist_env": "._launch",
     "DIST_ENV_VARS": "._launch",
@@ -142,7 +143,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         SpecError,
     )
     from ._job import Job, gather, wait
-    from ._launch import check_dist_env, dist_env, free_port
+    from ._launch import check_dist_env, dist_env, dist_shell, free_port
     from ._local import agent_file, agent_version, map_agent_status, tail_file
     from ._placement import Objective, Plan, offers, plan
     from ._registry import get_backend, list_backends, register_backend, unregister_backend

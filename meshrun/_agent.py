@@ -16,6 +16,8 @@ What it does:
   cgroup of its own where one can be had (else it tracks the job's processes itself, as a subreaper), enforces
   the time limit, ends every process the job started on cancel, timeout or end, and only then releases the
   GPUs and writes the job's exit record;
+* the distributed env contract (``dist_env``: MASTER_ADDR ... WORLD_SIZE), computed on each node from
+  ``launch.json`` and the scheduler's own variables, and Slurm's rendezvous (``rendezvous``);
 * a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
   instead of paying for a fresh Python start-up;
 * a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
@@ -1962,6 +1964,174 @@ def _waiting_msg(n, gpu_type, free, total, busy, ahead, foreign_lines):
     return msg + "".join("\n  " + line for line in foreign_lines)
 
 
+# --------------------------------------------------------------------------------------------------
+# the distributed env contract: computed here, on the node, for every backend (the one place it is derived)
+
+#: what every node of a job sees; WORLD_SIZE = NNODES x NPROC_PER_NODE, NPROC_PER_NODE = max(GPUS_PER_NODE, 1)
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS_PER_NODE", "NPROC_PER_NODE", "WORLD_SIZE")
+
+#: where each scheduler puts the values, read in order (the first one set wins). "#NAME" counts the items of
+#: a comma-separated list, "^NAME" takes the first line. A backend names its scheduler in launch.json
+#: ("scheduler"); without one, the agent's own environment and launch.json's "dist" give the values.
+SCHEDULER_VARS = {
+    "slurm": {
+        "NNODES": ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"),
+        "NODE_RANK": ("SLURM_NODEID",),
+        # chosen once for all nodes by the batch step (`_agent.py rendezvous`), which srun passes on; honoured
+        # only when MESHRUN_MASTER_OF is this job's SLURM_JOB_ID
+        "MASTER_ADDR": ("MESHRUN_MASTER_ADDR",),
+        "MASTER_PORT": ("MESHRUN_MASTER_PORT",),
+        "GPUS_PER_NODE": ("SLURM_GPUS_ON_NODE", "#SLURM_STEP_GPUS", "#SLURM_JOB_GPUS"),
+    },
+    "skypilot": {
+        "NNODES": ("SKYPILOT_NUM_NODES",),
+        "NODE_RANK": ("SKYPILOT_NODE_RANK",),
+        "MASTER_ADDR": ("^SKYPILOT_NODE_IPS",),
+        "GPUS_PER_NODE": ("SKYPILOT_NUM_GPUS_PER_NODE",),
+    },
+    "dstack": {
+        "NNODES": ("DSTACK_NODES_NUM",),
+        "NODE_RANK": ("DSTACK_NODE_RANK",),
+        "MASTER_ADDR": ("DSTACK_MASTER_NODE_IP",),
+        "MASTER_PORT": ("MESHRUN_MASTER_PORT",),
+        "GPUS_PER_NODE": ("DSTACK_GPUS_PER_NODE",),
+    },
+}
+# (Kubernetes runs command jobs without the agent: the backend writes the contract into the pods' environment
+# with meshrun.dist_env, NODE_RANK from the Indexed Job's completion index; a function job's agent reads it there.)
+
+
+def _scheduler_value(names, environ):
+    for name in names:
+        how, name = (name[0], name[1:]) if name[0] in "#^" else ("", name)
+        v = environ.get(name)
+        if v is None or not v.strip():
+            continue
+        if how == "#":
+            return str(len([x for x in v.split(",") if x.strip()]))
+        if how == "^":
+            return v.strip().splitlines()[0].strip()
+        return v.strip()
+    return None
+
+
+def dist_env(launch, environ, leased=None):
+    """The distributed env contract for this node, as a dict of strings (:data:`DIST_VARS`).
+
+    Each value is, in order: the job's own ``env`` (the user's choice wins); the scheduler's own variables
+    (``launch["scheduler"]``, see :data:`SCHEDULER_VARS`); for ``GPUS_PER_NODE``, the number of GPUs the
+    agent leased here (``leased``, when it leases); for a backend that names no scheduler, the agent's
+    environment (a launcher may export ``NODE_RANK`` per node); ``launch["dist"]`` (what the backend fixed
+    at submit); and the defaults: ``NNODES`` = the spec's nodes, ``NODE_RANK`` 0, ``MASTER_ADDR``
+    127.0.0.1, ``MASTER_PORT`` a port free on this host (also for "0"), ``GPUS_PER_NODE`` the spec's
+    ``gpus``. ``NPROC_PER_NODE`` and ``WORLD_SIZE`` follow from those unless the job's env sets them."""
+    own = launch.get("env") or {}
+    table = SCHEDULER_VARS.get(launch.get("scheduler") or "", {})
+    dist = launch.get("dist") or {}
+    given = dict((k, _scheduler_value(v, environ)) for k, v in table.items())
+    if launch.get("scheduler") == "slurm" and environ.get("MESHRUN_MASTER_OF") != environ.get("SLURM_JOB_ID"):
+        given.pop("MASTER_ADDR"), given.pop("MASTER_PORT")  # inherited from another job, not chosen for this one
+    sources = [own, given]
+    if leased is not None:
+        sources.append({"GPUS_PER_NODE": str(leased)})
+    if not table:
+        sources.append(environ)
+    sources.append(dist)
+    out = {}
+    for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"):
+        for src in sources:
+            v = src.get(k)
+            if v is not None and str(v) != "":
+                out[k] = str(v)
+                break
+    out.setdefault("NNODES", str(int(launch.get("nodes") or 1)))
+    out.setdefault("NODE_RANK", "0")
+    out.setdefault("MASTER_ADDR", "127.0.0.1")
+    if out.get("MASTER_PORT", "0") == "0":
+        out["MASTER_PORT"] = str(free_port())
+    out.setdefault("GPUS_PER_NODE", str(int(launch.get("gpus") or 0)))
+    try:
+        nproc = max(int(out["GPUS_PER_NODE"]), 1)
+        world = int(out["NNODES"]) * nproc
+    except ValueError:
+        nproc, world = 1, ""
+    out["NPROC_PER_NODE"] = str(own.get("NPROC_PER_NODE") or nproc)
+    out["WORLD_SIZE"] = str(own.get("WORLD_SIZE") or world)
+    return dict((k, out[k]) for k in DIST_VARS)
+
+
+def dist_shell(scheduler, defaults):
+    """POSIX shell text exporting the contract from a scheduler's variables (:data:`SCHEDULER_VARS`, plain
+    names only), for a job that runs without the agent (a dstack command job); ``defaults`` holds a value
+    for each of NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and GPUS_PER_NODE."""
+    table = SCHEDULER_VARS[scheduler]
+    words = []
+    for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"):
+        value = str(defaults[k])
+        if not value or not all(c.isalnum() or c in "._:-" for c in value):
+            raise ValueError("a default of the shell contract must be a plain word, got %r" % (value,))
+        for name in reversed(table.get(k, ())):
+            if name[0] in "#^":
+                raise ValueError("%s cannot be read by the shell contract" % name)
+            value = "${%s:-%s}" % (name, value)
+        words.append('%s="%s"' % (k, value))
+    return ("export " + " ".join(words) + ' && export NPROC_PER_NODE="$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))"'
+            ' && export WORLD_SIZE="$(( NNODES * NPROC_PER_NODE ))"')
+
+
+def free_port(host=""):
+    """A TCP port free on this host right now (bind to port 0)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def slurm_first_host(nodelist):
+    """The first host of a Slurm hostlist: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``,
+    ``"r[1-2]-n[3-4]"`` -> ``"r1-n3"``."""
+    out, depth, group = [], 0, []
+    for c in nodelist.strip():
+        if depth == 0 and c == ",":
+            break
+        if c == "[":
+            depth, group = 1, []
+        elif c == "]" and depth:
+            depth = 0
+            first = "".join(group).split(",")[0].split("-")[0]
+            out.append(first)
+        elif depth:
+            group.append(c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def rendezvous(environ):
+    """Slurm's batch step, on the allocation's first node, before srun starts every node: the address of
+    that node (its ``NodeAddr``, else its name) and a port free there, as ``export`` shell text."""
+    host = slurm_first_host(environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "")
+    addr = host
+    if host:
+        try:
+            p = subprocess.run(["scontrol", "-o", "show", "node", host], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, universal_newlines=True, timeout=30)
+            for word in p.stdout.split():
+                if word.startswith("NodeAddr=") and len(word) > 9:
+                    addr = word[9:]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    addr = addr or "127.0.0.1"
+    return "export MESHRUN_MASTER_ADDR=%s MESHRUN_MASTER_PORT=%d MESHRUN_MASTER_OF=%s\n" % (
+        _sh_quote(addr), free_port(), _sh_quote(environ.get("SLURM_JOB_ID") or ""))
+
+
+def _sh_quote(s):
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
 class _Stop(Exception):
     """Raised from a signal handler: the job is to be stopped ("cancel" or "timeout")."""
 
@@ -1997,12 +2167,12 @@ class Supervisor:
         if not isinstance(self.launch, dict):
             raise SystemExit("meshrun agent: no readable %s in %s" % (LAUNCH, self.job_dir))
         self.env = dict(os.environ if env is None else env)
-        # multi-node: one supervisor per node, each with NODE_RANK in its environment; node 0 owns the
+        # multi-node: one supervisor per node, each with its NODE_RANK (dist_env); node 0 owns the
         # job's plain record files, node R writes state.rankR.json, exit.rankR.json, output.rankR.log ...
         self.rank = 0
         if int(self.launch.get("nodes") or 1) > 1:
             try:
-                self.rank = int(self.env.get("NODE_RANK") or (self.launch.get("dist") or {}).get("NODE_RANK") or 0)
+                self.rank = int(dist_env(self.launch, self.env)["NODE_RANK"])
             except ValueError:
                 self.rank = 0
         self.pid = os.getpid()
@@ -2223,8 +2393,8 @@ class Supervisor:
         if self.launch.get("name") is not None:
             env["MESHRUN_JOB_NAME"] = self.launch["name"]
         env.setdefault("PYTHONUNBUFFERED", "1")
-        for k, v in (self.launch.get("dist") or {}).items():
-            env.setdefault(k, str(v))
+        leased = len(self.gpus) if self.launch.get("lease", True) is not False else None
+        env.update(dist_env(self.launch, self.env, leased))
         if self.launch.get("mask_gpus", True):
             if self.gpus:
                 env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -2233,12 +2403,6 @@ class Supervisor:
             else:
                 # a CPU job must not wander onto a GPU someone else leased
                 env["CUDA_VISIBLE_DEVICES"] = ""
-        if "GPUS_PER_NODE" not in (self.launch.get("dist") or {}):
-            # with leases, the GPUs this node was given; without (the scheduler hands them out), the request
-            if self.launch.get("lease", True) is not False:
-                env["GPUS_PER_NODE"] = str(len(self.gpus))
-            else:
-                env.setdefault("GPUS_PER_NODE", str(int(self.launch.get("gpus") or 0)))
         return env
 
     # -- starting the job
@@ -3263,7 +3427,7 @@ def _fork_supervisor(job_dir, env, *close, umask=None, rlimits=None):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR\n")
+        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR|rendezvous\n")
         return 2
     cmd, rest = argv[0], argv[1:]
     out = sys.stdout
@@ -3287,6 +3451,9 @@ def main(argv=None):
         return 0
     if cmd == "cancel":
         out.write(json.dumps(cancel(rest[0])) + "\n")
+        return 0
+    if cmd == "rendezvous":
+        out.write(rendezvous(os.environ))
         return 0
     if cmd == "lease-service":
         if len(rest) < 2:

@@ -204,12 +204,6 @@ class LocalBackend(Backend):
         job_dir = str(submission.job_dir)
         launch = dict(submission.launch)
         launch.setdefault("grace_period", self.settings.grace_period)
-        if launch.get("nodes", 1) == 1:
-            from ._launch import dist_env, free_port
-
-            d = dist_env(nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=free_port(),
-                         gpus_per_node=int(launch.get("gpus") or 0))
-            launch["dist"] = {**d, **(launch.get("dist") or {})}
         _agent.write_json(os.path.join(job_dir, _agent.LAUNCH), launch, mode=0o600)
         env = self._env()
         path = self._server_path() if self.settings.fork_server else None

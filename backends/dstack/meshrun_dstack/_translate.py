@@ -28,13 +28,9 @@ import meshrun
 
 RUN_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
 GIB = 1024**3
-# the container paths dstack's runner sets the cluster variables in (documented by dstack)
-DIST_PRELUDE = (
-    'export NNODES="${DSTACK_NODES_NUM:-1}" NODE_RANK="${DSTACK_NODE_RANK:-0}" '
-    'MASTER_ADDR="${DSTACK_MASTER_NODE_IP:-127.0.0.1}" MASTER_PORT="${MESHRUN_MASTER_PORT:-29500}" '
-    'GPUS_PER_NODE="${DSTACK_GPUS_PER_NODE:-0}" && '
-    'export WORLD_SIZE="$(( NNODES * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1) ))"'
-)
+# the env contract from the variables dstack's runner sets (meshrun's one table), for commands run without the agent
+DIST_PRELUDE = meshrun.dist_shell("dstack", {"NNODES": 1, "NODE_RANK": 0, "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": 29500, "GPUS_PER_NODE": 0})
 SPOT_POLICIES = ("spot", "on-demand", "auto")
 RETRY_EVENTS = ("no-capacity", "interruption", "error")
 PYTHON_VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13", "3.14")

@@ -294,15 +294,15 @@ def test_exit_code_of_the_command_is_the_tasks(tmp_path):
 
 
 def test_multi_node_contract_from_dstacks_variables(tmp_path):
-    conf, _ = translate(spec(command=["sh", "-c", 'echo "$MASTER_ADDR $NNODES $NODE_RANK $GPUS_PER_NODE $WORLD_SIZE"'],
+    conf, _ = translate(spec(command=["sh", "-c", 'echo "$MASTER_ADDR $NNODES $NODE_RANK $GPUS_PER_NODE $NPROC_PER_NODE $WORLD_SIZE"'],
                              nodes=2, gpus=4))
     conf["env"].update({"DSTACK_NODES_NUM": "2", "DSTACK_NODE_RANK": "1", "DSTACK_MASTER_NODE_IP": "10.0.0.5",
                         "DSTACK_GPUS_PER_NODE": "4"})
     p = _run_task_locally(conf, "/bin/sh", tmp_path)
-    assert p.stdout.strip().splitlines()[-1] == "10.0.0.5 2 1 4 8"
+    assert p.stdout.strip().splitlines()[-1] == "10.0.0.5 2 1 4 4 8"
     from meshrun import check_dist_env  # the same contract as every other backend
 
-    env = dict(zip(["MASTER_ADDR", "NNODES", "NODE_RANK", "GPUS_PER_NODE", "WORLD_SIZE"],
+    env = dict(zip(["MASTER_ADDR", "NNODES", "NODE_RANK", "GPUS_PER_NODE", "NPROC_PER_NODE", "WORLD_SIZE"],
                    p.stdout.strip().splitlines()[-1].split()))
     assert check_dist_env({**env, "MASTER_PORT": "29500"}) == []
 

@@ -146,7 +146,8 @@ def _gib(n: int) -> str:
 # ---- the task meshrun launches -------------------------------------------------------------------------
 
 
-def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpickle: bool | None = None) -> bytes:
+def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpickle: bool | None = None,
+           master_port: int = 29500) -> bytes:
     """The job's files as a gzipped tar: the host agent, launch.json (with ``lease``/``mask_gpus`` off,
     SkyPilot hands out the GPUs), spec.json, payload.pkl and, for function jobs, the submitter's cloudpickle
     (used on the cluster only when its Python lacks that exact version)."""
@@ -154,7 +155,8 @@ def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpick
     launch["lease"] = False
     launch["mask_gpus"] = False
     launch["cwd"] = None  # set on the node: SkyPilot's working directory
-    launch.pop("dist", None)  # the run script exports the contract from SkyPilot's variables
+    launch["scheduler"] = "skypilot"  # the agent reads the env contract from SkyPilot's variables
+    launch["dist"] = {"MASTER_PORT": str(int(master_port))}
     if grace_period is not None:
         launch.setdefault("grace_period", grace_period)
     files: dict[str, bytes] = {
@@ -213,8 +215,7 @@ _EMIT = (
 )
 
 
-def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", master_port: int = 29500,
-               nodes: int = 1, cloudpickle_version: str | None = None, remote_root: str = "$HOME/.meshrun") -> str:
+def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", nodes: int = 1, cloudpickle_version: str | None = None, remote_root: str = "$HOME/.meshrun") -> str:
     """The task's ``run``: pure text, every value shell-quoted (golden-file tested)."""
     if not re.fullmatch(r"[A-Za-z0-9+/=]*", bundle_b64):
         raise ValueError("the bundle must be base64")
@@ -239,11 +240,6 @@ def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", master_
         f"printf '%s' '{bundle_b64}' | \"$MR_PY\" -c {shlex.quote(_UNPACK)} \"$MR_DIR\" || "
         '{ echo "meshrun: cannot unpack the job with $MR_PY" >&2; exit 97; }\n'
         f'if [ "$MR_RANK" = 0 ]; then echo "{START_MARK}$MR_JOB::"; fi\n'
-        'export NODE_RANK="$MR_RANK" NNODES="${SKYPILOT_NUM_NODES:-1}"\n'
-        'export MASTER_ADDR="$(printf \'%s\\n\' "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n 1)"\n'
-        f"export MASTER_PORT={int(master_port)}\n"
-        'export GPUS_PER_NODE="${SKYPILOT_NUM_GPUS_PER_NODE:-0}"\n'
-        'export WORLD_SIZE="$(( NNODES * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1) ))"\n'
         + cp_check +
         '"$MR_PY" "$MR_DIR/_agent.py" run "$MR_DIR" </dev/null &\n'
         "MR_PID=$!\n"
@@ -265,7 +261,7 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
     """The task meshrun launches for a submission: the portable mapping, with meshrun's run script."""
     spec = submission.spec
     opts = job_options(spec)
-    data = bundle(submission, grace_period=grace_period)
+    data = bundle(submission, grace_period=grace_period, master_port=master_port)
     if len(data) > max_inline_bytes:
         raise meshrun.SpecError(
             "args", f"the job's files take {len(data)} bytes packed, more than the {max_inline_bytes}-byte limit "
@@ -292,7 +288,7 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
     if mounts:
         cfg["file_mounts"] = mounts
     cfg["run"] = run_script(job_id=submission.job_id, bundle_b64=base64.b64encode(data).decode(), python=python,
-                            master_port=master_port, nodes=spec.nodes, cloudpickle_version=cp)
+                            nodes=spec.nodes, cloudpickle_version=cp)
     for k, v in extra.items():
         cfg.setdefault(k, v)
     return cfg

@@ -167,7 +167,7 @@ def test_two_node_function_and_teardown(sky, sky_env):
         import os
         import socket
 
-        keys = ("NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "GPUS_PER_NODE")
+        keys = ("NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "GPUS_PER_NODE", "NPROC_PER_NODE")
         print("node", os.environ["NODE_RANK"], os.environ.get("SLURMD_NODENAME"), flush=True)
         return {k: os.environ[k] for k in keys} | {"host": socket.gethostname()}
 
@@ -176,7 +176,7 @@ def test_two_node_function_and_teardown(sky, sky_env):
     got = job.result(timeout=900)
     took = time.monotonic() - t0
     assert got["NODE_RANK"] == "0" and got["NNODES"] == "2" and got["WORLD_SIZE"] == "2"
-    assert got["MASTER_PORT"] == "29500" and got["GPUS_PER_NODE"] == "0"
+    assert got["MASTER_PORT"] == "29500" and got["GPUS_PER_NODE"] == "0" and got["NPROC_PER_NODE"] == "1"
     assert meshrun.check_dist_env(got) == []
     logs = job.logs()
     assert "node 0" in logs and "node 1" in logs, logs

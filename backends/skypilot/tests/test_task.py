@@ -157,7 +157,7 @@ def test_gpus_without_a_model_need_one():
 
 def test_run_script_golden():
     script = _task.run_script(job_id="0123abcdwxyz", bundle_b64="QUJD", python="/opt/py 3/bin/python3",
-                              master_port=29511, nodes=2, cloudpickle_version="3.1.3")
+                              nodes=2, cloudpickle_version="3.1.3")
     GOLDEN.mkdir(exist_ok=True)
     golden = GOLDEN / "run_script.sh"
     if os.environ.get("UPDATE_GOLDEN") or not golden.exists():

@@ -553,16 +553,11 @@ class SlurmBackend(meshrun.Backend):
     # contract: submit
 
     def _prepare_launch(self, sub: meshrun.Submission) -> dict[str, Any]:
-        r = sub.spec.resources
         launch = dict(sub.launch)
         launch["lease"] = False  # Slurm hands out the GPUs ...
         launch["mask_gpus"] = False  # ... and its CUDA_VISIBLE_DEVICES stands
         launch.setdefault("grace_period", self.settings.grace_period)
-        launch["dist"] = {
-            "NNODES": str(r.nodes),
-            "GPUS_PER_NODE": str(r.gpus),
-            "WORLD_SIZE": str(r.nodes * max(r.gpus, 1)),
-        }
+        launch["scheduler"] = BACKEND  # the agent reads the env contract from Slurm's variables
         if not self.shared_filesystem:
             # through a login node the job runs in its folder on the cluster, where `files` are placed
             launch["local_cwd"] = launch.get("cwd")

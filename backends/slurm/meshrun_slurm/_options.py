@@ -53,6 +53,17 @@ def _name_list(value: Any, where: str) -> str:
     return value
 
 
+def _asks_for_gpus(name: str, value: str) -> bool:
+    """An sbatch option that sets the job's GPU count: -G, --gpus[-per-node|-per-task|-per-socket] (or a prefix
+    sbatch accepts), and --gres or --tres-per-task with a gpu item."""
+    if name.startswith("-G") or name.startswith("--gpus"):
+        return True
+    if (len(name) >= 4 and "--gres".startswith(name)) or name.startswith("--tres-per"):
+        items = [x.strip().lower() for x in value.split(",")]
+        return any(x.split(":")[0] in ("gpu", "gres/gpu") for x in items)
+    return False
+
+
 def _sbatch_args(value: Any, where: str) -> list[str]:
     """Extra sbatch options: a list of "--option[=value]" strings, or a table {option: value | true}."""
     if value is None:
@@ -93,6 +104,12 @@ def _sbatch_args(value: Any, where: str) -> list[str]:
             if len(name) < 2 or not name[1].isalpha():
                 raise ValueError(f"{where}[{i}] must be an sbatch option such as '--exclusive', got {a!r}")
             reserved = name[:2] in RESERVED_SBATCH  # "-Jname" hides -J as well
+        if _asks_for_gpus(name, a.split("=", 1)[1] if "=" in a else ""):
+            raise ValueError(
+                f"{where}[{i}]: {a!r} asks Slurm for GPUs that the job's resources would not know of (placement, "
+                f"GPUS_PER_NODE and NPROC_PER_NODE follow the job's gpus); ask with gpus= instead, e.g. gpus=2 or "
+                f"gpus='a100:2' (backend_options.slurm.gpus_flag='gpus-per-node' writes --gpus-per-node for it)"
+            )
         if reserved:
             raise ValueError(
                 f"{where}[{i}]: {a!r} sets something meshrun sets itself (from the job's resources, name and "

@@ -138,15 +138,6 @@ def directives(job: BatchJob) -> list[str]:
 
 
 _PRELUDE = r"""set -u
-# a port on host $1 that nothing listens on, starting from one derived from the job id
-meshrun_free_port() {
-  local p=$(( 20000 + ${SLURM_JOB_ID:-$$} % 10000 )) i
-  for (( i = 0; i < 200; i++ )); do
-    if ! (exec 3<>"/dev/tcp/$1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-    p=$(( p < 29999 ? p + 1 : 20000 ))
-  done
-  echo "$p"
-}
 # Slurm requeued the job (node failure, preemption, scontrol requeue): keep the records of the earlier run
 # aside so the host agent starts afresh, and say so in the job's output
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
@@ -214,30 +205,20 @@ def render_script(job: BatchJob) -> str:
     else:
         lines.append(f"meshrun_job_dir={q(job.job_dir or '')}")
     body = _PRELUDE
-    gpus = int(job.gpus or 0)
-    world = job.nodes * max(gpus, 1)
-    dist = f"export NNODES={job.nodes} GPUS_PER_NODE={gpus} WORLD_SIZE={world}"
+    # the distributed-training contract is computed by the host agent on each node, from Slurm's variables
     if job.nodes == 1:
         body += (
-            "# the distributed-training contract (one node)\n"
-            f"{dist} NODE_RANK=0 MASTER_ADDR=127.0.0.1\n"
-            'export MASTER_PORT="$(meshrun_free_port 127.0.0.1)"\n'
             "# Slurm's CUDA_VISIBLE_DEVICES stands: launch.json says lease=false, mask_gpus=false\n"
             f'exec "$meshrun_python"{agent} run "$meshrun_job_dir"\n'
         )
     else:
         cpus = f" --cpus-per-task={math.ceil(job.cpus)}" if job.cpus else ""
         body += (
-            "# the distributed-training contract: node 0 of the allocation (this one) is the master\n"
-            'meshrun_first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-            'MASTER_ADDR=$(scontrol -o show node "$meshrun_first" | tr " " "\\n" | sed -n "s/^NodeAddr=//p")\n'
-            'export MASTER_ADDR="${MASTER_ADDR:-$meshrun_first}"\n'
-            'export MASTER_PORT="$(meshrun_free_port "$MASTER_ADDR")"\n'
-            f"{dist}\n"
-            "unset NODE_RANK\n"
-            "# one task per node; each node's agent gets NODE_RANK from Slurm's node id\n"
+            "# node 0 of the allocation (this one) is the master: its address and a port free on it\n"
+            f'meshrun_rendezvous=$("$meshrun_python"{agent} rendezvous) || exit "$?"\n'
+            'eval "$meshrun_rendezvous"\n'
+            "# one task per node\n"
             f"exec srun --nodes={job.nodes} --ntasks={job.nodes} --ntasks-per-node=1{cpus} --kill-on-bad-exit=1 \\\n"
-            "  /bin/bash -c 'export NODE_RANK=\"$SLURM_NODEID\"; exec \"$@\"' meshrun-node \\\n"
             f'  "$meshrun_python"{agent} run "$meshrun_job_dir"\n'
         )
     return "\n".join(lines) + "\n" + body

@@ -218,10 +218,6 @@ class SSHBackend(meshrun.Backend):
         launch["cwd"] = remote_cwd
         launch["sys_path"] = _map_sys_path(launch.get("sys_path") or [], local_cwd, remote_cwd)
         launch.setdefault("grace_period", self.settings.grace_period)
-        if int(launch.get("nodes") or 1) == 1:
-            d = meshrun.dist_env(nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=0,
-                                 gpus_per_node=int(launch.get("gpus") or 0))
-            launch["dist"] = {**d, **(launch.get("dist") or {})}
         files = {p.name: p.read_bytes() for p in submission.files()}
         files["launch.json"] = (json.dumps(launch, sort_keys=True) + "\n").encode()
         if spec.resources.gpus:

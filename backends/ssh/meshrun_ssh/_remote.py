@@ -299,15 +299,6 @@ def op_probe(req):
     return {"ok": True, "snapshot": snap}
 
 
-def _free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
 def spawn(job_dir):
     """Start ``_agent.py run JOB_DIR`` forked from this interpreter, in its own session, detached from us
     (double fork: the supervisor is never our child). Returns its pid."""
@@ -354,12 +345,6 @@ def op_submit(req, blob):
             raise ValueError("bad staged file name %r" % (name,))
         data = blob[pos:pos + size]
         pos += size
-        if name == _agent.LAUNCH:
-            launch = json.loads(data.decode())
-            dist = launch.get("dist")
-            if isinstance(dist, dict) and str(dist.get("MASTER_PORT")) == "0":
-                dist["MASTER_PORT"] = str(_free_port())
-            data = (json.dumps(launch, sort_keys=True) + "\n").encode()
         write_file(os.path.join(job_dir, name), data, 0o600)
     pid = None
     if req.get("start", True):

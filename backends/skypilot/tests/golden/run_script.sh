@@ -15,11 +15,6 @@ l["cwd"]=os.getcwd()
 open(p,"w").write(json.dumps(l))
 ' "$MR_DIR" || { echo "meshrun: cannot unpack the job with $MR_PY" >&2; exit 97; }
 if [ "$MR_RANK" = 0 ]; then echo "::meshrun-started:$MR_JOB::"; fi
-export NODE_RANK="$MR_RANK" NNODES="${SKYPILOT_NUM_NODES:-1}"
-export MASTER_ADDR="$(printf '%s\n' "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n 1)"
-export MASTER_PORT=29511
-export GPUS_PER_NODE="${SKYPILOT_NUM_GPUS_PER_NODE:-0}"
-export WORLD_SIZE="$(( NNODES * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1) ))"
 if ! "$MR_PY" -c 'import sys, cloudpickle; sys.exit(cloudpickle.__version__ != "3.1.3")' 2>/dev/null; then
   export PYTHONPATH="$MR_DIR/.meshrun-lib${PYTHONPATH:+:$PYTHONPATH}"
 fi
