@@ -238,14 +238,15 @@ class Job:
             return
         if rec.terminal:
             return
-        if rec.backend_id is None:
+        name = rec.backend
+        if rec.backend_id is None or name is None:
             found = None
-            if rec.backend:
+            if name:
                 try:
-                    found = get_backend(rec.backend).find(self.id)
+                    found = get_backend(name).find(self.id)
                 except MeshrunError:
                     found = None
-            if found is None:
+            if found is None or name is None:
                 self._store.update(self.id, state=JobState.CANCELLED, reason="cancelled before it was submitted",
                                    ended_at=time.time())
                 self._store.add_event(self.id, "cancelled")
@@ -256,8 +257,8 @@ class Job:
             self._store.add_event(self.id, "reattached", backend=rec.backend, backend_id=found)
             rec = self._record = self._store.get(self.id)
         asked = time.time()  # the history shows the request when it was made (the end comes at the agent's time)
-        get_backend(rec.backend).cancel(rec.backend_id)
-        self._store.add_event(self.id, "cancel", at=asked, backend=rec.backend)
+        get_backend(name).cancel(rec.backend_id)
+        self._store.add_event(self.id, "cancel", at=asked, backend=name)
         # the backend may take a moment to report it; record the outcome we asked for if it goes quiet
         deadline = time.monotonic() + 30
         while not self.refresh().terminal and time.monotonic() < deadline:
@@ -268,7 +269,7 @@ class Job:
             self._record = self._store.get(self.id)
 
     # ---- async
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self):
         import asyncio
 
         return asyncio.get_running_loop().run_in_executor(None, self.result).__await__()

@@ -126,7 +126,9 @@ def choose(spec: JobSpec, backend: str | None = None, **plan_kwargs: Any) -> tup
             raise NoPlacementError(f"the {name} backend cannot run {spec.display_name!r}", reasons)
         return name, p.chosen, None
     p = make_plan(spec, **plan_kwargs)
-    return p.chosen.launcher or p.chosen.backend, p.chosen, p
+    chosen = p.chosen
+    assert chosen is not None  # make_plan raises NoPlacementError when nothing fits
+    return chosen.launcher or chosen.backend, chosen, p
 
 
 def submit(spec: JobSpec, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any) -> Job:

@@ -284,7 +284,7 @@ def task_configuration(
     spec: Any,
     *,
     job_id: str,
-    name: str,
+    name: str | None,
     options: Any,
     env: Mapping[str, str] | None = None,
     function_command: str | None = None,
@@ -356,7 +356,7 @@ def validate_with_dstack(run_spec_dict: dict[str, Any]) -> None:
     """Check a run spec with dstack's own models (when the ``dstack`` package is installed), so a task
     dstack would reject fails here, before anything is sent. Raises SpecError naming dstack's field."""
     try:
-        from dstack._internal.core.models.runs import RunSpec  # type: ignore[import-not-found]
+        from dstack._internal.core.models.runs import RunSpec
     except Exception:  # dstack not installed (or an incompatible one): the server validates instead
         return
     from pydantic import ValidationError

@@ -337,13 +337,14 @@ class KubernetesBackend(meshrun.Backend):
         k = self.kube()
         objs: dict[str, dict] = {}
         pods: dict[str, list] = {}
-        by_id = {_job_id(n): n for n in names if _job_id(n)}
+        by_id = {jid: n for n in names if (jid := _job_id(n))}
         odd = [n for n in names if not _job_id(n)]
         ids = sorted(by_id)
         for i in range(0, len(ids), SELECTOR_CHUNK):
             sel = f"{mf.LABEL_JOB_ID} in ({','.join(ids[i:i + SELECTOR_CHUNK])})"
             for o in k.list_workloads(kind, ns, sel):
-                objs[(o.get("metadata") or {}).get("name")] = o
+                if name := (o.get("metadata") or {}).get("name"):
+                    objs[name] = o
             for p in k.list_pods(ns, sel):
                 jid = ((p.get("metadata") or {}).get("labels") or {}).get(mf.LABEL_JOB_ID)
                 if jid in by_id:

@@ -192,7 +192,7 @@ def node_offer(base: meshrun.Offer, spec: Any, *, nodes: Sequence[Mapping[str, A
             capable.append(meta.get("name"))
             if r.gpus and labels.get(gpu_label):
                 products.add(labels[gpu_label])
-            have = used.get(meta.get("name"), {})
+            have = used.get(meta.get("name") or "", {})
             if all(alloc.get(k, 0.0) - have.get(k, 0.0) >= v for k, v in per_node.items()):
                 free.append(meta.get("name"))
     what = ", ".join(f"{_fmt(k, v)} {k}" for k, v in per_node.items()) or "no resources"

@@ -160,7 +160,7 @@ def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
     kind = obj.get("kind", "Job")
     started = ts(status.get("startTime"))
     ended = ts(status.get("completionTime"))
-    nodes = sorted({(p.get("spec") or {}).get("nodeName") for p in pods if (p.get("spec") or {}).get("nodeName")})
+    nodes = sorted({n for n in ((p.get("spec") or {}).get("nodeName") for p in pods) if n})
     where = ",".join(nodes) or None
     if meta.get("deletionTimestamp"):
         return meshrun.JobStatus(S.CANCELLED, reason="cancelled (the Job is being deleted)", started_at=started,
@@ -194,9 +194,9 @@ def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
                 except ValueError as e:
                     return meshrun.JobStatus(S.PENDING, reason=f"waiting for Kueue admission (Workload not "
                                                                f"understood: {e})")
-            state, reason = _kueue.pending_reason(wl, queue)
+            waiting, reason = _kueue.pending_reason(wl, queue)
             detail = {"workload": (workload or {}).get("metadata", {}).get("name")} if workload else {}
-            return meshrun.JobStatus(S(state), reason=reason, started_at=None, detail=detail)
+            return meshrun.JobStatus(S(waiting), reason=reason, started_at=None, detail=detail)
         return meshrun.JobStatus(S.PENDING, reason="suspended (spec.suspend is true)")
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")
             and (p.get("status") or {}).get("phase") in ("Pending", "Running")]
@@ -214,9 +214,9 @@ def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
     if running:
         n = len(running)
         total = (obj.get("spec") or {}).get("parallelism") or 1
-        reason = f"{n} of {total} pods running" if total > 1 else None
+        pods_text = f"{n} of {total} pods running" if total > 1 else None
         first = min((ts((p.get("status") or {}).get("startTime")) or started or 0) for p in running) or started
-        return meshrun.JobStatus(S.RUNNING, reason=(reason or "") + note if (reason or note) else None,
+        return meshrun.JobStatus(S.RUNNING, reason=(pods_text or "") + note if (pods_text or note) else None,
                                  started_at=first, where=where,
                                  detail={"pods": [_pod_name(p) for p in running]})
     return meshrun.JobStatus(S.PENDING, reason=_pending_reason(live) + note, where=where)

@@ -135,8 +135,8 @@ class SkyPilotBackend(Backend):
         self._followers: dict[str, LogFollower] = {}  # backend id -> the follower of a job submitted here
         self._lock = threading.Lock()
 
-    @property  # type: ignore[override]
-    def poll_interval(self) -> tuple[float, float]:  # type: ignore[override]
+    @property
+    def poll_interval(self) -> tuple[float, float]:
         """Quick while a follower knows the answer without asking SkyPilot; slow when each poll is a
         `sky queue` round trip to the cluster."""
         with self._lock:
@@ -509,9 +509,10 @@ class SkyPilotBackend(Backend):
             return JobStatus(JobState.CANCELLED, reason=f"the SkyPilot request {request_id[:8]} was cancelled")
         if state == "FAILED":
             from sky.client import sdk
+            from sky.server import common as server_common
 
             try:
-                sdk.get(request_id)
+                sdk.get(server_common.RequestId(request_id))
                 why = "the request failed"
             except Exception as e:  # the request's own error, raised again on the client
                 why = f"{type(e).__name__}: {_msg(e)}"

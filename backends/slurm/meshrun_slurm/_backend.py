@@ -483,8 +483,8 @@ class SlurmBackend(meshrun.Backend):
         if count < r.nodes:
             need = f"{r.nodes} node(s) with {cpus} CPU(s)" + (f", {mem_mb} MB" if mem_mb else "") + (
                 f", {r.gpus} {r.gpu_type or ''} GPU(s)".replace("  ", " ") if r.gpus else "")
-            have = f"{count} such node(s)" + (f" (largest: {'; '.join(why[:3])})" if why else "")
-            return base.rejected(f"partition {part} can never fit the job: it needs {need}, the partition has {have}")
+            nodes = f"{count} such node(s)" + (f" (largest: {'; '.join(why[:3])})" if why else "")
+            return base.rejected(f"partition {part} can never fit the job: it needs {need}, the partition has {nodes}")
         gpu_type = r.gpu_type
         if r.gpus and r.gpu_type and gres_type:
             gpu_type = gres_type  # Slurm's own spelling of the type
@@ -775,14 +775,14 @@ class SlurmBackend(meshrun.Backend):
             stale = fresh or now - self._squeue_at >= self._query_interval(ids)
         if stale:
             if self.settings.api == "rest":
-                rows, err = self.rest.jobs()
+                listed, err = self.rest.jobs()
             else:
-                rows, err = self._squeue_all()
+                listed, err = self._squeue_all()
             with self._lock:
                 self._squeue_at = time.monotonic()
                 self._squeue_err = err
                 if err is None:
-                    self._squeue = rows
+                    self._squeue = listed
         with self._lock:
             sq, err = dict(self._squeue), self._squeue_err
         if err is not None:
@@ -976,16 +976,17 @@ class SlurmBackend(meshrun.Backend):
         if t is None:
             raise meshrun.BackendError(f"no job folder is known for Slurm job {backend_id}", backend=BACKEND)
         log, slurm_out = self._log_files(t, backend_id)
-        last = [0.0, False]
+        asked_at, finished = 0.0, False
 
         def done() -> bool:
+            nonlocal asked_at, finished
             if (t.job_dir / "exit.json").exists() and self.shared_filesystem:
                 return True
-            if time.monotonic() - last[0] < 1.0:
-                return last[1]
-            last[0] = time.monotonic()
-            last[1] = self.status([backend_id])[backend_id].terminal
-            return last[1]
+            if time.monotonic() - asked_at < 1.0:
+                return finished
+            asked_at = time.monotonic()
+            finished = self.status([backend_id])[backend_id].terminal
+            return finished
 
         def gen() -> Iterator[str]:
             if self.shared_filesystem:

@@ -102,6 +102,17 @@ def _sbatch_args(value: Any, where: str) -> list[str]:
 
 
 def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
+    if isinstance(value, Mapping):
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys are partition or GPU type names")
+            out[k] = _price_number(v, f"{where}.{k}")
+        return out
+    return _price_number(value, where)
+
+
+def _price_number(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{where} must be a number or a table of numbers")
     if isinstance(value, (int, float)):
@@ -110,16 +121,9 @@ def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
         return float(value)
     if isinstance(value, str):
         try:
-            return _price(float(value), where)
+            return _price_number(float(value), where)
         except ValueError:
             raise ValueError(f"{where} must be a number or a table of numbers, got {value!r}") from None
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: keys are partition or GPU type names")
-            out[k] = _price(v, f"{where}.{k}")  # type: ignore[assignment]
-        return out
     raise ValueError(f"{where} must be a number or a table of numbers")
 
 

@@ -190,7 +190,7 @@ def expand_ids(jid: str) -> list[str]:
     m = re.match(r"^(\d+)_\[([0-9,\-]+)(?:%\d+)?\]$", jid)
     if not m:
         return [jid]
-    out = []
+    out: list[str] = []
     for part in m.group(2).split(","):
         if "-" in part:
             a, b = part.split("-", 1)
@@ -210,6 +210,7 @@ def describe_reason(reason: str | None) -> str | None:
 def to_status(row: Row) -> meshrun.JobStatus:
     """The meshrun status for one Slurm row, with Slurm's reason in its own words first."""
     state, what = STATES.get(row.state, (JS.UNKNOWN, f"in a state meshrun does not know ({row.state})"))
+    reason: str | None
     if state is JS.PENDING:
         reason = describe_reason(row.reason) or what
         if row.state != "PENDING":

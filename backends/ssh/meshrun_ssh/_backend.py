@@ -153,12 +153,12 @@ class SSHBackend(meshrun.Backend):
         if snap.get("error") and "lease_dir" not in snap:  # the agent could not use the lease directory
             return meshrun.Offer(**base, fits=False, reason=f"GPU leases unusable on {name}: {snap['error']} "
                                  f"(set {h.params.field_prefix}.lease_dir to a directory every user may write)")
-        why = snap.get("error") if not gpus else None
+        gpu_error = snap.get("error") if not gpus else None
         matching = [g for g in gpus if _gpu_matches(g, r.gpu_type)]
         if len(matching) < r.gpus:
             have = f"{len(matching)} {r.gpu_type} GPU(s)" if r.gpu_type else f"{len(gpus)} GPU(s)"
             return meshrun.Offer(**base, fits=False,
-                                 reason=f"{name} has {have}{f' ({why})' if why else ''}; the job asks for {r.gpus}")
+                                 reason=f"{name} has {have}{f' ({gpu_error})' if gpu_error else ''}; the job asks for {r.gpus}")
         if r.gpu_memory and all((g.get("memory") or 0) < r.gpu_memory for g in matching):
             return meshrun.Offer(**base, fits=False, reason=f"no GPU on {name} has the requested GPU memory")
         gpu_type = r.gpu_type or matching[0].get("name")
