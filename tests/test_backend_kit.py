@@ -3,6 +3,7 @@ API, and every kit name still resolves at the top level as before."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,17 @@ def test_importing_the_kit_is_cheap():
             "print(sorted(m for m in sys.modules if m.startswith(('meshrun.', 'pydantic'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['meshrun._version', 'meshrun.backend']", out
+
+
+def test_the_backends_import_the_kit_from_meshrun_backend():
+    # the in-tree backends use the kit's module for the kit's names (meshrun.<user API> for the rest)
+    kit = "|".join(sorted(KIT_ONLY - {"dist_env", "free_port", "DIST_ENV_VARS"}))
+    stale = []
+    for path in sorted(REPO.glob("backends/*/meshrun_*/*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(rf"\bmeshrun\.({kit})\b", line):
+                stale.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not stale, "\n".join(stale)
 
 
 def test_writing_a_backend_documents_the_kit_module():

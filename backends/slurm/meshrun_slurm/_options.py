@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Union
 
 import meshrun
+import meshrun.backend as mb
 
 BACKEND = "slurm"
 
@@ -140,7 +141,7 @@ def settings_class() -> Any:
         return _SETTINGS_CLS
     from pydantic import Field, SecretStr, field_validator
 
-    class SlurmSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+    class SlurmSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
         """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
 
         partition: Union[str, None] = None
@@ -312,7 +313,7 @@ def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None) ->
                         secs = meshrun.parse_duration(v)
                     except ValueError as e:
                         raise ValueError(f"time: {e}") from None
-                    out[k] = meshrun.slurm_time(secs)
+                    out[k] = mb.slurm_time(secs)
             elif k == "exclusive":
                 if not isinstance(v, bool):
                     raise ValueError(f"exclusive must be true or false, got {v!r}")
