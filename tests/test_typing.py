@@ -142,7 +142,11 @@ def test_a_program_using_the_api_as_documented_checks_clean(tmp_path, monkeypatc
                                      "meshrun_skypilot", "meshrun_dstack"])
 def test_each_package_ships_py_typed(package):
     import importlib
-    import tomllib
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     mod = importlib.import_module(package)
     assert (Path(mod.__file__).parent / "py.typed").is_file()
