@@ -11,6 +11,8 @@
     job = meshrun.run(["python", "train.py"], gpus=2)
 
 Public names are listed in ``__all__``; they are imported lazily so ``import meshrun`` stays fast.
+What a backend package needs (``Backend``, ``Submission``, ``JobStatus``, ...) is in :mod:`meshrun.backend`;
+those names also still resolve here, as they did before, but are not part of ``__all__``.
 """
 
 from __future__ import annotations
@@ -38,38 +40,18 @@ _EXPORTS = {
     "Plan": "._placement",
     "Objective": "._placement",
     "catalog_offers": "._catalog",
-    # backends
-    "Backend": "._backend",
-    "BackendSettings": "._config",
-    "Availability": "._backend",
-    "Feature": "._backend",
+    # backends, as a user sees them
     "JobState": "._backend",
-    "JobStatus": "._backend",
     "Offer": "._backend",
-    "Submission": "._backend",
-    "RESULT_FILES": "._backend",
-    "STAGED_FILES": "._backend",
     "get_backend": "._registry",
     "list_backends": "._registry",
-    "register_backend": "._registry",
-    "unregister_backend": "._registry",
-    "agent_file": "._local",
-    "agent_version": "._local",
-    "map_agent_status": "._local",
-    "tail_file": "._local",
-    "place_files_locally": "._scheduler",
-    "dist_env": "._launch",
-    "dist_shell": "._launch",
-    "free_port": "._launch",
     "check_dist_env": "._launch",
-    "DIST_ENV_VARS": "._launch",
     # units
     "parse_size": "._units",
     "parse_duration": "._units",
     "parse_gpus": "._units",
     "format_size": "._units",
     "format_duration": "._units",
-    "slurm_time": "._units",
     # config
     "configure": "._config",
     "get_config": "._config",
@@ -89,22 +71,29 @@ _EXPORTS = {
     "JobNotFound": "._errors",
 }
 
-_RENAMED = {"DIST_ENV_VARS": "CONTRACT"}
+# the backend-author kit lives in meshrun.backend; these names keep resolving here as they always did
+_KIT = (
+    "Backend", "BackendSettings", "Availability", "Feature", "JobStatus", "Submission", "RESULT_FILES",
+    "STAGED_FILES", "register_backend", "unregister_backend", "agent_file", "agent_version", "map_agent_status",
+    "tail_file", "place_files_locally", "dist_env", "free_port", "DIST_ENV_VARS", "slurm_time",
+)
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        if name == "bench":
-            import importlib
-
-            return importlib.import_module(".bench", __name__)
-        raise AttributeError(f"module 'meshrun' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(mod, __name__), _RENAMED.get(name, name))
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        if name in ("bench", "backend"):
+            return importlib.import_module("." + name, __name__)
+        if name in _KIT:
+            value = getattr(importlib.import_module(".backend", __name__), name)
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module 'meshrun' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
     globals()[name] = value
     return value
 
@@ -114,19 +103,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from ._backend import (
-        RESULT_FILES,
-        STAGED_FILES,
-        Availability,
-        Backend,
-        Feature,
-        JobState,
-        JobStatus,
-        Offer,
-        Submission,
-    )
+    from . import backend
+    from ._backend import JobState, Offer
     from ._catalog import catalog_offers
-    from ._config import BackendSettings, Config, configure, get_config
+    from ._config import Config, configure, get_config
     from ._decorator import JobFunction, job
     from ._errors import (
         BackendError,
@@ -143,10 +123,32 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         SpecError,
     )
     from ._job import Job, gather, wait
-    from ._launch import check_dist_env, dist_env, dist_shell, free_port
-    from ._local import agent_file, agent_version, map_agent_status, tail_file
+    from ._launch import check_dist_env
     from ._placement import Objective, Plan, offers, plan
-    from ._registry import get_backend, list_backends, register_backend, unregister_backend
-    from ._scheduler import place_files_locally, run, submit, submit_many
+    from ._registry import get_backend, list_backends
+    from ._scheduler import run, submit, submit_many
     from ._spec import JobSpec, Resources
-    from ._units import format_duration, format_size, parse_duration, parse_gpus, parse_size, slurm_time
+    from ._units import format_duration, format_size, parse_duration, parse_gpus, parse_size
+
+    # the backend-author kit (meshrun.backend), still reachable here
+    from .backend import (
+        DIST_ENV_VARS,
+        RESULT_FILES,
+        STAGED_FILES,
+        Availability,
+        Backend,
+        BackendSettings,
+        Feature,
+        JobStatus,
+        Submission,
+        agent_file,
+        agent_version,
+        dist_env,
+        free_port,
+        map_agent_status,
+        place_files_locally,
+        register_backend,
+        slurm_time,
+        tail_file,
+        unregister_backend,
+    )

@@ -130,7 +130,7 @@ def user_name():
         return os.environ.get("USER") or str(os.getuid())
 
 
-_LIBC = []
+_LIBC = []  # type: list
 
 
 def _libc():
@@ -3145,7 +3145,7 @@ def peer_uid(sock):
     return uid
 
 
-_WARNED = set()
+_WARNED = set()  # type: set
 
 
 def _warn_once(msg):

@@ -186,11 +186,18 @@ class Backend(ABC):
     name: ClassVar[str] = ""
     features: ClassVar[Feature] = Feature.COMMANDS | Feature.FUNCTIONS
     install_hint: ClassVar[str] = ""
-    #: how often to poll a job's status: (first interval, longest interval) in seconds
-    poll_interval: ClassVar[tuple[float, float]] = (0.5, 10.0)
-    #: True when jobs see the submitter's filesystem (the job folder and the working directory at the same
-    #: paths): the core then places ``files`` locally before submit, and results need no fetching
-    shared_filesystem: ClassVar[bool] = False
+    @property
+    def poll_interval(self) -> tuple[float, float]:
+        """How often to poll a job's status: (first interval, longest interval) in seconds. A backend
+        overrides it with a class attribute (``poll_interval = (0.05, 5.0)``) or a property."""
+        return (0.5, 10.0)
+
+    @property
+    def shared_filesystem(self) -> bool:
+        """True when jobs see the submitter's filesystem (the job folder and the working directory at the
+        same paths): the core then places ``files`` locally before submit, and results need no fetching.
+        A backend overrides it with a class attribute or a property."""
+        return False
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         self.config: dict[str, Any] = dict(config or {})

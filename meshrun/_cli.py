@@ -370,9 +370,9 @@ def cmd_status(a: argparse.Namespace) -> int:
     if r.started_at:
         pairs.append(("runtime", format_duration((r.ended_at or time.time()) - r.started_at)))
     if r.exit_code is not None:
-        pairs.append(("exit code", r.exit_code))
+        pairs.append(("exit code", str(r.exit_code)))
     if r.attempt > 1:
-        pairs.append(("attempt", r.attempt))
+        pairs.append(("attempt", str(r.attempt)))
     if contained:
         pairs.append(("containment", contained["mode"] + (f" ({contained['cgroup']})" if contained.get("cgroup") else "")))
     pairs.append(("folder", str(r.job_dir)))

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Generic, Iterable, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
 
 from ._errors import SpecError
 from ._spec import JobSpec
 
+if TYPE_CHECKING:
+    from ._job import Job
+
+P = ParamSpec("P")
 R = TypeVar("R")
 
 _PLAN_KWARGS = ("objective", "max_price_per_hour", "backends", "exclude_backends", "allow_spot", "regions",
                 "value_of_time", "deadline", "runtime")
 
 
-class JobFunction(Generic[R]):
-    """A function with a job spec attached. Calling it runs it here, as if undecorated."""
+class JobFunction(Generic[P, R]):
+    """A function with a job spec attached. Calling it runs it here, as if undecorated.
 
-    def __init__(self, fn: Callable[..., R], fields: dict[str, Any]):
+    Typed like the function it wraps: for ``def f(x: int) -> float``, ``f.submit(1)`` is a
+    ``Job[float]`` and ``f.submit("a")`` is a type error."""
+
+    def __init__(self, fn: Callable[P, R], fields: dict[str, Any]):
         self.__meshrun_function__ = fn
         self._fields = dict(fields)
         self._plan = {k: self._fields.pop(k) for k in list(self._fields) if k in _PLAN_KWARGS}
@@ -30,26 +37,26 @@ class JobFunction(Generic[R]):
     def spec(self) -> JobSpec:
         return self._template
 
-    def __call__(self, *args: Any, **kwargs: Any) -> R:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.__meshrun_function__(*args, **kwargs)
 
-    def options(self, **fields: Any) -> "JobFunction[R]":
+    def options(self, **fields: Any) -> JobFunction[P, R]:
         """The same function with some job fields changed: ``train.options(gpus=4).submit(...)``."""
         merged = {**self._fields, **self._plan, **fields}
         if self._backend is not None and "backend" not in fields:
             merged["backend"] = self._backend
         return JobFunction(self.__meshrun_function__, merged)
 
-    def spec_for(self, *args: Any, **kwargs: Any) -> JobSpec:
+    def spec_for(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
         return self._template.replace(args=args, kwargs=kwargs)
 
-    def submit(self, *args: Any, **kwargs: Any) -> Any:
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Run ``fn(*args, **kwargs)`` as a job; returns a :class:`meshrun.Job` at once."""
         from ._scheduler import submit
 
         return submit(self.spec_for(*args, **kwargs), backend=self._backend, **self._plan)
 
-    def map(self, *iterables: Iterable[Any], **kwargs: Any) -> list[Any]:
+    def map(self, *iterables: Iterable[Any], **kwargs: Any) -> list[Job[R]]:
         """One job per item (``zip`` of the iterables, like built-in ``map``); a native job array where the
         backend has one. Keyword arguments are passed to every call."""
         from ._scheduler import submit_many
@@ -72,16 +79,16 @@ class JobFunction(Generic[R]):
                                                          **({"backend": self._backend} if self._backend else {})}))
 
 
-def _rebuild(fn: Callable[..., Any], fields: dict[str, Any]) -> JobFunction[Any]:
+def _rebuild(fn: Callable[..., Any], fields: dict[str, Any]) -> JobFunction[..., Any]:
     return JobFunction(fn, fields)
 
 
 @overload
-def job(fn: Callable[..., R], /) -> JobFunction[R]: ...
+def job(fn: Callable[P, R], /) -> JobFunction[P, R]: ...
 
 
 @overload
-def job(**fields: Any) -> Callable[[Callable[..., R]], JobFunction[R]]: ...
+def job(**fields: Any) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
 
 def job(fn: Any = None, /, **fields: Any) -> Any:
@@ -96,7 +103,7 @@ def job(fn: Any = None, /, **fields: Any) -> Any:
             raise SpecError("function", f"@meshrun.job decorates a function, got {type(fn).__name__}")
         return JobFunction(fn, fields)
 
-    def deco(f: Callable[..., R]) -> JobFunction[R]:
+    def deco(f: Callable[P, R]) -> JobFunction[P, R]:
         if not callable(f):
             raise SpecError("function", f"@meshrun.job decorates a function, got {type(f).__name__}")
         return JobFunction(f, fields)

@@ -54,7 +54,7 @@ class BackendError(MeshrunError):
         if argv is not None:
             import shlex
 
-            parts.append(f"command: {shlex.join(self.argv)}")
+            parts.append(f"command: {shlex.join(self.argv or [])}")
         if returncode is not None:
             parts.append(f"exit code: {returncode}")
         if stderr:

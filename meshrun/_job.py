@@ -7,7 +7,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, Iterable, Iterator, Sequence
+
+from typing_extensions import TypeVar
 
 from ._backend import JobState, JobStatus
 from ._errors import (
@@ -21,6 +23,11 @@ from ._errors import (
 from ._store import JobRecord, Store, StoreError, get_store
 from ._units import format_duration
 
+if TYPE_CHECKING:
+    from ._spec import JobSpec
+
+R = TypeVar("R", default=Any)  # Job(job_id) and a bare Job are Job[Any]
+
 # a job that sits in SUBMITTING longer than this without a backend id was interrupted mid-submit
 SUBMIT_GRACE = 60.0
 # characters of the end of the output a failure message carries
@@ -31,11 +38,15 @@ FAILURE_TAIL = 4000
 SUBMIT_PICKUP = 2.0
 
 
-class Job:
+class Job(Generic[R]):
     """A submitted job. Create one with ``meshrun.run``, ``fn.submit`` or ``Job.attach(job_id)``.
 
     ``status()`` asks the backend (cheaply); ``wait()``/``result()`` block with polling that backs off;
     ``logs()`` returns the output so far; ``cancel()`` stops the job and everything it started.
+
+    ``Job[R]`` is typed by what ``result()`` returns: ``R`` for a function ``def f(...) -> R`` submitted with
+    ``f.submit``/``f.map``/``meshrun.submit(f, ...)``, ``int`` (0) for a command, ``Any`` for a job
+    picked up with ``Job.attach`` or submitted as a ``JobSpec``.
     """
 
     def __init__(self, job_id: str, *, store: Store | None = None, _record: JobRecord | None = None):
@@ -45,7 +56,7 @@ class Job:
 
     # ---- construction
     @classmethod
-    def attach(cls, job_id: str, *, home: str | os.PathLike[str] | None = None) -> "Job":
+    def attach(cls, job_id: str, *, home: str | os.PathLike[str] | None = None) -> Job[Any]:
         """Pick up a job submitted earlier, from this process or any other (a prefix of the id will do)."""
         store = get_store(home)
         return cls(job_id, store=store)
@@ -76,7 +87,7 @@ class Job:
         return list(self._record.history)
 
     @property
-    def spec(self) -> Any:
+    def spec(self) -> JobSpec:
         from ._spec import JobSpec
 
         return JobSpec.from_json((self.job_dir / "spec.json").read_text())
@@ -102,7 +113,7 @@ class Job:
         wait([self], timeout=timeout, progress=progress)
         return self._record.state
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> R:
         """The function's return value (0 for a successful command). Raises JobFailed (with the remote
         traceback), JobTimeout, JobCancelled or JobLost; TimeoutError if ``timeout`` passes first."""
         self.wait(timeout)
@@ -116,7 +127,7 @@ class Job:
             return e
         return None
 
-    def _outcome(self) -> Any:
+    def _outcome(self) -> R:
         rec = self._record
         d = self.job_dir
         if rec.state is JobState.SUCCEEDED:
@@ -127,13 +138,14 @@ class Job:
                 import pickle
 
                 try:
-                    return pickle.loads(p.read_bytes())
+                    value: R = pickle.loads(p.read_bytes())
+                    return value
                 except Exception as e:
                     raise JobFailed(
                         f"job {self.id} returned a value that cannot be unpickled here: {type(e).__name__}: {e}",
                         self.id,
                     ) from e
-            return 0
+            return 0  # type: ignore[return-value]  # a command job is a Job[int]; R is int there
         where = f" on {rec.backend}" + (f" ({rec.where})" if rec.where else "")
         if rec.state is JobState.CANCELLED:
             raise JobCancelled(f"job {self.id} ({rec.name}) was cancelled{where}: {rec.reason or 'cancelled'}", self.id)
@@ -238,14 +250,15 @@ class Job:
             return
         if rec.terminal:
             return
-        if rec.backend_id is None:
+        name = rec.backend
+        if rec.backend_id is None or name is None:
             found = None
-            if rec.backend:
+            if name:
                 try:
-                    found = get_backend(rec.backend).find(self.id)
+                    found = get_backend(name).find(self.id)
                 except MeshrunError:
                     found = None
-            if found is None:
+            if found is None or name is None:
                 self._store.update(self.id, state=JobState.CANCELLED, reason="cancelled before it was submitted",
                                    ended_at=time.time())
                 self._store.add_event(self.id, "cancelled")
@@ -256,8 +269,8 @@ class Job:
             self._store.add_event(self.id, "reattached", backend=rec.backend, backend_id=found)
             rec = self._record = self._store.get(self.id)
         asked = time.time()  # the history shows the request when it was made (the end comes at the agent's time)
-        get_backend(rec.backend).cancel(rec.backend_id)
-        self._store.add_event(self.id, "cancel", at=asked, backend=rec.backend)
+        get_backend(name).cancel(rec.backend_id)
+        self._store.add_event(self.id, "cancel", at=asked, backend=name)
         # the backend may take a moment to report it; record the outcome we asked for if it goes quiet
         deadline = time.monotonic() + 30
         while not self.refresh().terminal and time.monotonic() < deadline:
@@ -268,7 +281,7 @@ class Job:
             self._record = self._store.get(self.id)
 
     # ---- async
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, R]:
         import asyncio
 
         return asyncio.get_running_loop().run_in_executor(None, self.result).__await__()
@@ -542,12 +555,12 @@ def _complete_result_wins(job: Job, st: JobStatus, backend: Any) -> JobStatus:
 
 
 def wait(
-    jobs: Iterable[Job],
+    jobs: Iterable[Job[R]],
     timeout: float | None = None,
     *,
     progress: bool | None = None,
-    on_change: Callable[[Job], None] | None = None,
-) -> list[Job]:
+    on_change: Callable[[Job[R]], None] | None = None,
+) -> list[Job[R]]:
     """Wait for all ``jobs`` to end, polling each backend once per round with a growing interval."""
     from ._registry import get_backend
 
@@ -624,7 +637,7 @@ def _progress_line(text: str, done: bool = False) -> None:
     sys.stderr.flush()
 
 
-def gather(jobs: Iterable[Job], timeout: float | None = None) -> list[Any]:
+def gather(jobs: Iterable[Job[R]], timeout: float | None = None) -> list[R]:
     """Results of many jobs, in order; the first failure is raised after all have ended."""
     jobs = list(jobs)
     wait(jobs, timeout=timeout)

@@ -464,7 +464,7 @@ def _local_settings() -> Any:
 
         from ._config import BackendSettings
 
-        class LocalSettings(BackendSettings):  # type: ignore[misc, valid-type]
+        class LocalSettings(BackendSettings):
             grace_period: float = 10.0
             lease_dir: Union[str, None] = None
             fork_server: bool = True

@@ -973,7 +973,7 @@ def offers(
     named = backends is not None and len(names) == 1  # one backend asked for by name: waited for, never skipped
     marks = {} if named or limits.skip_for <= 0 else _registry.unresponsive()
     prices = price_table()
-    out: list[Offer | list[Offer] | None] = []
+    out: list[list[Offer] | None] = []
     skipped: list[str] = []
     wake = threading.Event()
     probes: list[tuple[int, str, Any, float, float]] = []  # (slot, source, probe, limit, wait)

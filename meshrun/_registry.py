@@ -97,7 +97,7 @@ def _entry_points() -> dict[str, Any]:
     if _eps_cache is None:
         from importlib.metadata import entry_points
 
-        eps = {}
+        eps: dict[str, Any] = {}
         for ep in entry_points(group=GROUP):
             eps.setdefault(ep.name, ep)
         _eps_cache = eps
@@ -145,6 +145,7 @@ def backend_class(name: str) -> Any:
                         msg = f"no backend named {name!r}; the known backends are: {', '.join(names())}"
                     raise BackendUnavailable(msg, backend=name)
         if cls is None:
+            assert ep is not None  # no built-in class: the entry point was found above, or this raised
             try:
                 cls = ep.load()
             except Exception as e:  # ImportError, or anything the plugin raises at import time

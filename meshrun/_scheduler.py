@@ -8,13 +8,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ParamSpec, Sequence, TypeVar, overload
 
 from ._backend import JobState, Offer, Submission
 from ._errors import BackendError, MeshrunError, NoPlacementError, SpecError
 from ._job import Job
 from ._spec import JobSpec
 from ._store import JobRecord, Store, get_store, new_job_id
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def build_launch(spec: JobSpec, job_id: str, *, cwd: str) -> dict[str, Any]:
@@ -126,14 +129,53 @@ def choose(spec: JobSpec, backend: str | None = None, **plan_kwargs: Any) -> tup
             raise NoPlacementError(f"the {name} backend cannot run {spec.display_name!r}", reasons)
         return name, p.chosen, None
     p = make_plan(spec, **plan_kwargs)
-    return p.chosen.launcher or p.chosen.backend, p.chosen, p
+    chosen = p.chosen
+    assert chosen is not None  # make_plan raises NoPlacementError when nothing fits
+    return chosen.launcher or chosen.backend, chosen, p
 
 
-def submit(spec: JobSpec, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any) -> Job:
-    """Place and submit one job; returns its :class:`Job` at once. Without a named backend the plan chooses,
-    and a failed submit moves on to the next offer (each attempt recorded in the job's history)."""
-    if not isinstance(spec, JobSpec):
-        raise SpecError("", f"expected a meshrun.JobSpec, got {type(spec).__name__}")
+@overload
+def submit(
+    spec: JobSpec, /, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any
+) -> Job[Any]: ...
+
+
+@overload
+def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Job[R]: ...
+
+
+def submit(what: Any, /, *args: Any, **kwargs: Any) -> Job[Any]:
+    """Place and submit one job; returns its :class:`Job` at once.
+
+    - ``meshrun.submit(spec, backend=None, **placement)``: a :class:`JobSpec` (a command or a function).
+      Without a named backend the plan chooses, and a failed submit moves on to the next offer (each attempt
+      recorded in the job's history).
+    - ``meshrun.submit(fn, *args, **kwargs)``: run ``fn(*args, **kwargs)`` as a job; every keyword goes to
+      ``fn``. A function decorated with ``@meshrun.job(...)`` keeps its resources and backend; a plain one
+      gets the defaults (decorate it, or build a ``JobSpec(function=fn, ...)``, to set them).
+
+    A command is submitted with :func:`meshrun.run`."""
+    if isinstance(what, JobSpec):
+        if args:
+            raise SpecError("args", "meshrun.submit(spec) takes no positional arguments after the spec; a function's "
+                            "arguments go into the spec (JobSpec(function=fn, args=..., kwargs=...))")
+        return _submit_spec(what, **kwargs)
+    if callable(what):
+        from ._decorator import JobFunction
+
+        if isinstance(what, JobFunction):
+            return what.submit(*args, **kwargs)
+        return _submit_spec(JobSpec(function=what, args=args, kwargs=kwargs))
+    if isinstance(what, (str, list, tuple)):
+        raise SpecError("function", "meshrun.submit takes a meshrun.JobSpec or a function (then its arguments); "
+                        f"for a command use meshrun.run({what!r}, ...)")
+    raise SpecError("function", "meshrun.submit takes a meshrun.JobSpec or a function (then its arguments), "
+                    f"got {type(what).__name__}")
+
+
+def _submit_spec(
+    spec: JobSpec, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any
+) -> Job[Any]:
     store = store or get_store()
     store.open()  # a MESHRUN_HOME that is not ours is refused before any backend writes under it
     name, offer, plan = choose(spec, backend, **plan_kwargs)
@@ -293,26 +335,42 @@ def submit_many(
     return [Job(p.record.id, store=store) for p in prepared]
 
 
-def run(command: Any = None, /, **fields: Any) -> Job:
+@overload
+def run(command: str | Sequence[str] | None = None, /, **fields: Any) -> Job[int]: ...
+
+
+@overload
+def run(command: JobSpec, /, **fields: Any) -> Job[Any]: ...
+
+
+def run(command: Any = None, /, **fields: Any) -> Job[Any]:
     """Submit a command job: ``meshrun.run(["python", "train.py"], gpus=2, name="train")``.
 
     ``command`` is an argv list (run without a shell) or a string (run by ``bash -c``); the other keywords
-    are :class:`JobSpec` fields; ``backend=`` names where to run it (else placement chooses).
+    are :class:`JobSpec` fields; ``backend=`` names where to run it (else placement chooses), and the
+    placement options (``objective=``, ``max_price_per_hour=``, ...) are those of :func:`meshrun.plan`.
+    A :class:`JobSpec` is accepted too (the keywords then replace its fields). A function is submitted with
+    :func:`meshrun.submit` or ``@meshrun.job``.
     """
     if command is None and "command" in fields:
         command = fields.pop("command")
     if callable(command):
-        raise SpecError("command", "meshrun.run takes a command; for a function use meshrun.submit(fn, ...) "
-                        "or the @meshrun.job decorator")
+        raise SpecError("command", "meshrun.run takes a command (an argv list or a string); for a function use "
+                        "meshrun.submit(fn, *args, **kwargs), or decorate it with @meshrun.job(...) and call "
+                        "fn.submit(*args, **kwargs)")
+    if "function" in fields:
+        raise SpecError("function", "meshrun.run takes a command, not function=; for a function use "
+                        "meshrun.submit(fn, *args, **kwargs) or meshrun.submit(meshrun.JobSpec(function=fn, ...))")
+    if command is None:
+        raise SpecError("command", "meshrun.run needs a command: an argv list such as ['python', 'train.py'] or a "
+                        "string run by bash -c")
     backend = fields.pop("backend", None)
     plan_kwargs = {k: fields.pop(k) for k in list(fields) if k in _PLAN_KWARGS}
-    spec = JobSpec(command=command, **fields)
-    return submit(spec, backend=backend, **plan_kwargs)
-
-
-def submit_function(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Job:
-    """Run ``fn(*args, **kwargs)`` as a job with default resources (use ``@meshrun.job`` to set them)."""
-    return submit(JobSpec(function=fn, args=args, kwargs=kwargs))
+    if isinstance(command, JobSpec):
+        spec = command.replace(**fields) if fields else command
+    else:
+        spec = JobSpec(command=command, **fields)
+    return _submit_spec(spec, backend=backend, **plan_kwargs)
 
 
 _PLAN_KWARGS = ("objective", "max_price_per_hour", "backends", "exclude_backends", "allow_spot", "regions",

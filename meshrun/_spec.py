@@ -594,7 +594,7 @@ def _lift_resources(data: dict[str, Any]) -> dict[str, Any]:
 
 def _to_spec_error(e: ValidationError, model: type[BaseModel]) -> SpecError:
     errs = e.errors(include_url=False)
-    first = errs[0] if errs else {"loc": (), "msg": str(e), "type": ""}
+    first: dict[str, Any] = dict(errs[0]) if errs else {"loc": (), "msg": str(e), "type": ""}
     loc = [str(p) for p in first.get("loc", ())]
     ctx = first.get("ctx") or {}
     err = ctx.get("error")

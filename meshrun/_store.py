@@ -21,6 +21,7 @@ works on a full disk), a damaged or missing one is reported as a :class:`StoreEr
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import os
@@ -555,7 +556,7 @@ class Store:
         return {"db": str(self.db_path), "kept": kept, "rebuilt": rebuilt, "skipped": skipped,
                 "old": str(moved) if moved else None}
 
-    def _salvage(self) -> dict[str, list[Any]]:
+    def _salvage(self) -> dict[str, builtins.list[Any]]:
         """Rows of the current index that can still be read (none when it is unreadable)."""
         if not self.db_path.exists():
             return {}
@@ -900,7 +901,7 @@ _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
 
 
-def get_store(home: Path | str | None = None) -> Store:
+def get_store(home: Path | str | os.PathLike[str] | None = None) -> Store:
     """The store for ``home`` (default: the configured MESHRUN_HOME), shared within the process."""
     if home is None:
         from ._config import get_config

@@ -214,10 +214,10 @@ def _map_resources(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[st
 def _single_accelerator(acc: Any) -> tuple[str, int] | None:
     """(type, count) for one accelerator with a whole count ("H100:8", "H100", {"H100": 8}), else None."""
     if isinstance(acc, str):
-        name, _, count = acc.strip().partition(":")
-        count = count.strip() or "1"
-        if name and "," not in name and count.isdigit() and int(count) > 0:
-            return name.strip(), int(count)
+        name, _, text = acc.strip().partition(":")
+        text = text.strip() or "1"
+        if name and "," not in name and text.isdigit() and int(text) > 0:
+            return name.strip(), int(text)
         return None
     if isinstance(acc, Mapping) and len(acc) == 1:
         (name, count), = acc.items()

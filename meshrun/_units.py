@@ -79,9 +79,10 @@ def parse_duration(value: object) -> float:
         secs = float(value)
     elif isinstance(value, str):
         s = value.strip()
-        secs = _parse_duration_str(s)
-        if secs is None:
+        parsed = _parse_duration_str(s)
+        if parsed is None:
             raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
+        secs = parsed
     else:
         raise ValueError(f"expected {DURATION_HELP}, got {type(value).__name__}")
     if not math.isfinite(secs) or secs <= 0:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from . import _math
 from ._options import BenchError, BenchOptions
 from ._report import BenchResult
 
@@ -106,7 +107,11 @@ def submit(
     dev, gpn = resolve_device(device, backend, gpus_per_node)
     if "max_bytes" not in options:
         options["max_bytes"] = 128 * 1024**2 if dev == "cuda" else 1024**2
-    opts = BenchOptions(collectives=collectives, device=dev, procs_per_node=procs_per_node if dev == "cpu" else None,
+    try:
+        names = _math.parse_collectives(collectives)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    opts = BenchOptions(collectives=names, device=dev, procs_per_node=procs_per_node if dev == "cpu" else None,
                         **options)
     if not isinstance(nodes, int) or nodes < 1:
         raise BenchError(f"nodes must be a whole number of at least 1, got {nodes!r}")

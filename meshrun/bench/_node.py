@@ -212,7 +212,7 @@ def compare_nccl_tests(opts: BenchOptions, nnodes: int, gpus: int) -> dict[str, 
         return {"error": "nccl-tests runs across nodes only under MPI; the comparison is made on single-node runs"}
     if not os.path.exists(path):
         return {"error": f"no nccl-tests at {path} on {socket.gethostname()}"}
-    runs = []
+    runs: list[dict[str, Any]] = []
     for coll in opts.collectives:
         binary = _ncclt.find_binary(path, coll)
         if binary is None:

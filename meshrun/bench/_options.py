@@ -60,7 +60,7 @@ class BenchOptions:
         except ValueError as e:
             raise BenchError(str(e)) from None
         modes = (self.modes,) if isinstance(self.modes, str) else tuple(self.modes)
-        norm = []
+        norm: list[str] = []
         for m in modes:
             m = str(m).strip().lower().replace("_", "-")
             m = {"both": "both", "oop": "out-of-place", "out": "out-of-place", "in": "in-place",

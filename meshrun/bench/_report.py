@@ -76,7 +76,7 @@ class BenchResult:
         return [p for p in self.pairs or [] if p.get("slow")]
 
     def nccl_tests_rows(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for run in (self.nccl_tests or {}).get("runs", []):
             out.extend(run.get("rows") or [])
         return out
@@ -140,13 +140,13 @@ class BenchResult:
                                            int(first.get("root", -1)))
                 algo = ""
                 for mode in _math.MODES:
-                    r = by_mode.get(mode)
-                    if r is None or r.get("time_us") is None:
+                    got = by_mode.get(mode)
+                    if got is None or got.get("time_us") is None:
                         text += _math.line_body(None, None, None, None, available=False)
                     else:
-                        text += _math.line_body(r["time_us"], r["algbw"], r["busbw"], r.get("wrong"))
-                        if r.get("nccl_algo"):
-                            algo = f"{r['nccl_algo']}/{r['nccl_proto']}"
+                        text += _math.line_body(got["time_us"], got["algbw"], got["busbw"], got.get("wrong"))
+                        if got.get("nccl_algo"):
+                            algo = f"{got['nccl_algo']}/{got['nccl_proto']}"
                 if algo:
                     text += "  " + algo
                 lines.append(text)
@@ -229,7 +229,9 @@ class BenchResult:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "BenchResult":
         """Read back a ``results.jsonl`` written by :meth:`write`."""
-        rows, pairs, meta, options, job_id = [], [], {}, {}, None
+        rows, pairs, job_id = [], [], None
+        meta: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         runs: dict[str, dict[str, Any]] = {}
         nt_error = None
         with open(path) as f:

@@ -183,11 +183,12 @@ class Worker:
             headroom, share = HEADROOM_CUDA, 1
             where = f"GPU {self.local_rank} ({self.torch.cuda.get_device_name(self.device)}) on {socket.gethostname()}"
         else:
-            free, total = _host_memory()
+            host_free, host_total = _host_memory()
             headroom, share = HEADROOM_CPU, max(self.local_world, 1)
             where = f"{socket.gethostname()} ({share} CPU rank(s) share its memory)"
-            if free is None:
+            if host_free is None or host_total is None:
                 return None
+            free, total = host_free, host_total
         need = send + recv + scratch + headroom
         if need * share <= free:
             return None
@@ -204,7 +205,7 @@ class Worker:
                 f"{'' if share == 1 else ' per rank'} of {format_size(total)}; {hint}")
 
     # ---- data ----------------------------------------------------------------------------------------------
-    def fill(self, t: Any, start: int, src_rank: int) -> None:
+    def fill(self, t: Any, start: int, src_rank: int) -> Any:
         """t[i] = (start + i + 3 src_rank) mod m: small integers, exact in every dtype."""
         torch = self.torch
         n = t.numel()
@@ -213,9 +214,10 @@ class Worker:
             idx = torch.arange(start + off + 3 * src_rank, start + off + 3 * src_rank + k, device=self.device,
                                dtype=torch.int64)
             t[off:off + k].copy_(idx.remainder_(self.m))
+        return t
 
-    def poison_(self, t: Any) -> None:
-        t.fill_(self.poison)
+    def poison_(self, t: Any) -> Any:
+        return t.fill_(self.poison)
 
     def wrong_vs_pattern(self, t: Any, start: int, src_rank: int) -> int:
         torch = self.torch
@@ -245,7 +247,7 @@ class Worker:
     def view(self, buf: Any, start: int, count: int) -> Any:
         return buf.view(self.dtype)[start:start + count]
 
-    def case(self, coll: str, mode: str, c: _math.Counts) -> tuple[Callable[[], None] | None, Callable[[], None],
+    def case(self, coll: str, mode: str, c: _math.Counts) -> tuple[Callable[[], object] | None, Callable[[], object],
                                                                      Callable[[], int | None], str, str]:
         """(op, prepare, check, api, why-not) for one collective, mode and size. op is None when not available."""
         dist = self.dist
@@ -332,7 +334,7 @@ class Worker:
                     lambda: self.wrong_vs_pattern(recv, 0, prv), api, "")
         raise BenchError(f"unknown collective {coll!r}")
 
-    def exchange_op(self, send: Any, recv: Any, to: int, frm: int) -> Callable[[], None]:
+    def exchange_op(self, send: Any, recv: Any, to: int, frm: int) -> Callable[[], object]:
         dist = self.dist
 
         def op() -> None:
@@ -342,7 +344,7 @@ class Worker:
 
         return op
 
-    def measure(self, op: Callable[[], None]) -> tuple[float, str, float | None]:
+    def measure(self, op: Callable[[], object]) -> tuple[float, str, float | None]:
         """(seconds per call on this rank, "eager" or "graph", eager seconds per call when a graph was used).
 
         Like nccl-tests' BenchTime: warm-up calls, one more call and a wait, a barrier, then ``iters`` calls
@@ -363,7 +365,7 @@ class Worker:
             return self.timed_graph(op), "graph", dt
         return dt, "eager", None
 
-    def timed_graph(self, op: Callable[[], None]) -> float:
+    def timed_graph(self, op: Callable[[], object]) -> float:
         torch = self.torch
         g = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream(device=self.device)
@@ -595,7 +597,7 @@ class Worker:
             })
         return out
 
-    def measure_pair(self, op: Callable[[], None]) -> float:
+    def measure_pair(self, op: Callable[[], object]) -> float:
         """Like :meth:`timed` for the two ranks of a pair (no barrier: the other ranks wait elsewhere)."""
         torch = self.torch
         for _ in range(self.o.warmup):
@@ -646,7 +648,7 @@ class Worker:
         }
         if self.cuda:
             meta["gpu_model"] = infos[0].get("gpu")
-            models = sorted({i.get("gpu") for i in infos if i.get("gpu")})
+            models = sorted({g for g in (i.get("gpu") for i in infos) if g})
             if len(models) > 1:
                 meta["gpu_models"] = models
             meta["cuda_version"] = torch.version.cuda

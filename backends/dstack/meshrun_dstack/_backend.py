@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import meshrun
+import meshrun.backend as mb
 
 from . import _status, _task, _translate
 from ._settings import load_settings, resolve
@@ -28,16 +29,16 @@ _UNAVAILABLE_WHY = {
 }
 
 
-class DstackBackend(meshrun.Backend):
+class DstackBackend(mb.Backend):
     name = "dstack"
     features = (
-        meshrun.Feature.COMMANDS
-        | meshrun.Feature.FUNCTIONS
-        | meshrun.Feature.GPUS
-        | meshrun.Feature.MULTI_NODE
-        | meshrun.Feature.LOGS_FOLLOW
-        | meshrun.Feature.REATTACH
-        | meshrun.Feature.SPOT
+        mb.Feature.COMMANDS
+        | mb.Feature.FUNCTIONS
+        | mb.Feature.GPUS
+        | mb.Feature.MULTI_NODE
+        | mb.Feature.LOGS_FOLLOW
+        | mb.Feature.REATTACH
+        | mb.Feature.SPOT
     )
     install_hint = "pip install meshrun-dstack   (from a checkout: pip install -e backends/dstack)"
     poll_interval = (1.0, 15.0)
@@ -83,23 +84,23 @@ class DstackBackend(meshrun.Backend):
         return c.scrub(text) if c is not None else str(text)
 
     # ---- contract
-    def check(self) -> meshrun.Availability:
+    def check(self) -> mb.Availability:
         try:
             c = self.client()
             info = c.server_info()
             me = c.me()
             c.get_project()
-            return meshrun.Availability(True, detail={
+            return mb.Availability(True, detail={
                 "url": c.url, "project": c.project, "server_version": info.get("server_version"),
                 "api_version": c.sent_version, "user": me.get("username"),
             })
         except meshrun.BackendUnavailable as e:
             hint = "check the server URL and token" if "authentication" in str(e) else ""
-            return meshrun.Availability(False, reason=self._scrub(e), hint=hint)
+            return mb.Availability(False, reason=self._scrub(e), hint=hint)
         except meshrun.MeshrunError as e:
-            return meshrun.Availability(False, reason=self._scrub(e))
+            return mb.Availability(False, reason=self._scrub(e))
         except Exception as e:  # check() never raises
-            return meshrun.Availability(False, reason=f"{type(e).__name__}: {self._scrub(e)}")
+            return mb.Availability(False, reason=f"{type(e).__name__}: {self._scrub(e)}")
 
     def _configuration(self, spec: Any, *, job_id: str, name: str | None, options: Any,
                        remote_job_dir: str | None = None, offer: Any = None) -> dict[str, Any]:
@@ -126,10 +127,10 @@ class DstackBackend(meshrun.Backend):
     def _spec_error(self, e: Exception) -> meshrun.SpecError:
         return meshrun.SpecError("dstack", self._scrub(e))
 
-    def offers(self, spec: Any) -> list[meshrun.Offer]:
+    def offers(self, spec: Any) -> list[mb.Offer]:
         r = spec.resources
         options = _translate.parse_options(spec)
-        base = meshrun.Offer(
+        base = mb.Offer(
             backend=self.name, where="dstack", gpus=r.gpus, gpu_type=r.gpu_type, gpu_memory=r.gpu_memory,
             cpus=r.cpus, memory=r.memory, nodes=r.nodes, price_per_hour=0.0, expected_start=None,
             start_note="unknown",
@@ -142,7 +143,7 @@ class DstackBackend(meshrun.Backend):
             return [base.rejected(self._scrub(e))]
         self._validate(rs)
         try:
-            base = meshrun.Offer(**{**_fields(base), "where": f"dstack:{c.project}"})
+            base = mb.Offer(**{**_fields(base), "where": f"dstack:{c.project}"})
             plan = c.get_plan(rs, max_offers=self.settings.max_offers)
         except meshrun.BackendUnavailable as e:
             return [base.rejected(self._scrub(e))]
@@ -162,7 +163,7 @@ class DstackBackend(meshrun.Backend):
             if retry and "no-capacity" in retry["on_events"]:
                 # dstack accepts the run and keeps retrying until capacity shows up: a queue, not a refusal
                 limit = f" for up to {retry['duration']}" if "duration" in retry else ""
-                return [meshrun.Offer(**{
+                return [mb.Offer(**{
                     **_fields(base), "price_per_hour": float(options.max_price or 0.0), "expected_start": None,
                     "start_note": f"waits for capacity (dstack retries{limit}); now {why}",
                     "detail": {"queued": True, "no_capacity": why},
@@ -181,7 +182,7 @@ class DstackBackend(meshrun.Backend):
                     "(dstack: \"The project has no fleets\")")
         return f"no matching instance offers available in dstack project {c.project!r}"
 
-    def _offer(self, o: Mapping[str, Any], spec: Any) -> meshrun.Offer:
+    def _offer(self, o: Mapping[str, Any], spec: Any) -> mb.Offer:
         inst = o.get("instance") or {}
         res = inst.get("resources") or {}
         gpus = res.get("gpus") or []
@@ -196,7 +197,7 @@ class DstackBackend(meshrun.Backend):
             expected, note = float(self.settings.provision_estimate), "a new instance (provisioning)"
         else:
             expected, note = None, f"availability {availability}"
-        offer = meshrun.Offer(
+        offer = mb.Offer(
             backend=self.name,
             where=f"{backend}/{region}" if region else backend,
             gpus=len(gpus),
@@ -219,7 +220,7 @@ class DstackBackend(meshrun.Backend):
             offer = offer.rejected(f"dstack says {_UNAVAILABLE_WHY.get(availability, availability)}")
         return offer
 
-    def submit(self, submission: meshrun.Submission, offer: meshrun.Offer | None = None) -> str:
+    def submit(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
         spec = submission.spec
         options = _translate.parse_options(spec)
         name = _translate.run_name(submission.job_id, submission.attempt)
@@ -237,7 +238,7 @@ class DstackBackend(meshrun.Backend):
             (submission.job_dir / "launch.json").write_text(json.dumps(launch, sort_keys=True) + "\n")
             members = {p.name: p.read_bytes() for p in submission.files()}
             members["launch.json"] = (json.dumps(launch, sort_keys=True) + "\n").encode()
-            members[_task.AGENT_NAME] = Path(meshrun.agent_file()).read_bytes()
+            members[_task.AGENT_NAME] = Path(mb.agent_file()).read_bytes()
             uploads.append((lambda: _task.tar_files(members, submission.job_id), remote_job_dir))
         for dst, src in spec.files.items():
             path = Path(src if os.path.isabs(src) else os.path.join(cwd, src))
@@ -272,7 +273,7 @@ class DstackBackend(meshrun.Backend):
         archive = c.upload_archive(_task.sha256(data), data)
         return {"id": str(archive["id"]), "path": path}
 
-    def status(self, ids: Sequence[str]) -> dict[str, meshrun.JobStatus]:
+    def status(self, ids: Sequence[str]) -> dict[str, mb.JobStatus]:
         from ._client import DstackAuthError
 
         ids = list(dict.fromkeys(ids))
@@ -282,13 +283,13 @@ class DstackBackend(meshrun.Backend):
         except DstackAuthError:
             raise
         except meshrun.BackendUnavailable as e:
-            st = meshrun.JobStatus(meshrun.JobState.UNKNOWN, reason=f"status unavailable: {self._scrub(e)}")
+            st = mb.JobStatus(mb.JobState.UNKNOWN, reason=f"status unavailable: {self._scrub(e)}")
             return {i: st for i in ids}
         out = {}
         for i in ids:
             run = runs.get(i)
             if run is None:
-                out[i] = meshrun.JobStatus(meshrun.JobState.LOST,
+                out[i] = mb.JobStatus(mb.JobState.LOST,
                                            reason=f"the dstack run {i!r} no longer exists in project {c.project!r}")
             else:
                 out[i] = _status.map_run(run)
@@ -393,7 +394,7 @@ class DstackBackend(meshrun.Backend):
         return name
 
 
-def _fields(o: meshrun.Offer) -> dict[str, Any]:
+def _fields(o: mb.Offer) -> dict[str, Any]:
     from dataclasses import fields
 
     return {f.name: getattr(o, f.name) for f in fields(o)}

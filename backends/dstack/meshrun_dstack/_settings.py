@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import meshrun
+import meshrun.backend as mb
 
 DEFAULT_PROJECT = "main"
 DEFAULT_DSTACK_CONFIG = "~/.dstack/config.yml"
@@ -28,7 +29,7 @@ _SETTINGS_CLS: Any = None
 
 
 def settings_class() -> Any:
-    """The typed settings model (built on first use: meshrun.BackendSettings needs pydantic)."""
+    """The typed settings model (built on first use: meshrun.backend.BackendSettings needs pydantic)."""
     global _SETTINGS_CLS
     if _SETTINGS_CLS is not None:
         return _SETTINGS_CLS
@@ -36,7 +37,7 @@ def settings_class() -> Any:
 
     from pydantic import Field, SecretStr, field_validator
 
-    class DstackSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+    class DstackSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
         url: Optional[str] = Field(None, description="the dstack server, e.g. http://127.0.0.1:3000")
         project: Optional[str] = Field(None, description="the dstack project (default: dstack's default, else main)")
         token: Optional[SecretStr] = Field(None, description="the user's dstack token")

@@ -1,4 +1,4 @@
-"""dstack run and job statuses -> meshrun.JobStatus: the one translation table.
+"""dstack run and job statuses -> meshrun.backend.JobStatus: the one translation table.
 
 A dstack run has a status (``RunStatus``) and, once it ends, a ``termination_reason``; each of its jobs
 has submissions with their own status (``JobStatus``, which adds ``pulling`` and ``aborted``) and their
@@ -12,9 +12,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Mapping
 
-import meshrun
+import meshrun.backend as mb
 
-S = meshrun.JobState
+S = mb.JobState
 
 #: RunStatus -> JobState while the run is not finished
 RUN_STATES: dict[str, Any] = {
@@ -148,7 +148,7 @@ def _reason(run: Mapping[str, Any], sub: Mapping[str, Any] | None) -> str | None
     return "; ".join(seen) or None
 
 
-def map_run(run: Mapping[str, Any]) -> meshrun.JobStatus:
+def map_run(run: Mapping[str, Any]) -> mb.JobStatus:
     """One dstack run (as ``/runs/get`` or ``/runs/list`` return it) as a meshrun JobStatus."""
     status = str(run.get("status") or "")
     sub = latest_submission(run)
@@ -193,7 +193,7 @@ def map_run(run: Mapping[str, Any]) -> meshrun.JobStatus:
         "termination_reason": run.get("termination_reason"),
         "job_termination_reason": jreason,
     }
-    return meshrun.JobStatus(
+    return mb.JobStatus(
         state=state,
         reason=reason,
         exit_code=exit_code if isinstance(exit_code, int) else None,

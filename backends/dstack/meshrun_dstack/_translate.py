@@ -25,11 +25,12 @@ import sys
 from typing import Any, Mapping
 
 import meshrun
+import meshrun.backend as mb
 
 RUN_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
 GIB = 1024**3
 # the env contract from the variables dstack's runner sets (meshrun's one table), for commands run without the agent
-DIST_PRELUDE = meshrun.dist_shell("dstack", {"NNODES": 1, "NODE_RANK": 0, "MASTER_ADDR": "127.0.0.1",
+DIST_PRELUDE = mb.dist_shell("dstack", {"NNODES": 1, "NODE_RANK": 0, "MASTER_ADDR": "127.0.0.1",
                                              "MASTER_PORT": 29500, "GPUS_PER_NODE": 0})
 SPOT_POLICIES = ("spot", "on-demand", "auto")
 RETRY_EVENTS = ("no-capacity", "interruption", "error")
@@ -280,7 +281,7 @@ def task_configuration(
     spec: Any,
     *,
     job_id: str,
-    name: str,
+    name: str | None,
     options: Any,
     env: Mapping[str, str] | None = None,
     function_command: str | None = None,
@@ -352,7 +353,7 @@ def validate_with_dstack(run_spec_dict: dict[str, Any]) -> None:
     """Check a run spec with dstack's own models (when the ``dstack`` package is installed), so a task
     dstack would reject fails here, before anything is sent. Raises SpecError naming dstack's field."""
     try:
-        from dstack._internal.core.models.runs import RunSpec  # type: ignore[import-not-found]
+        from dstack._internal.core.models.runs import RunSpec
     except Exception:  # dstack not installed (or an incompatible one): the server validates instead
         return
     from pydantic import ValidationError

@@ -16,19 +16,20 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import meshrun
+import meshrun.backend as mb
 
 from . import _manifests as mf
 from ._names import LABEL_VALUE
 from ._settings import load_job_options, settings_model
 
-F = meshrun.Feature
-S = meshrun.JobState
+F = mb.Feature
+S = mb.JobState
 SECRET_MAX_BYTES = 1024 * 1024  # the API server refuses Secrets whose data takes more than 1 MiB
 STATE_FILE = "kubernetes.json"  # in the local job folder: where the job went, and its result nonce
 SELECTOR_CHUNK = 100
 
 
-class KubernetesBackend(meshrun.Backend):
+class KubernetesBackend(mb.Backend):
     name = "kubernetes"
     features = F.COMMANDS | F.FUNCTIONS | F.GPUS | F.MULTI_NODE | F.LOGS_FOLLOW | F.REATTACH
     install_hint = "pip install meshrun-kubernetes"
@@ -65,24 +66,24 @@ class KubernetesBackend(meshrun.Backend):
                 self._kube = None
 
     # ---- contract -----------------------------------------------------------------------------------
-    def check(self) -> meshrun.Availability:
+    def check(self) -> mb.Availability:
         import importlib.util
 
         if importlib.util.find_spec("kubernetes") is None:
-            return meshrun.Availability(False, reason="the kubernetes Python client is not installed",
+            return mb.Availability(False, reason="the kubernetes Python client is not installed",
                                         hint="pip install meshrun-kubernetes")
         try:
             k = self.kube()
         except meshrun.MeshrunError as e:
-            return meshrun.Availability(
+            return mb.Availability(
                 False, reason=str(e),
                 hint="point [backends.kubernetes] kubeconfig/context at your cluster, or run inside a pod")
         detail = {"api_server": k.host, "namespace": k.namespace, "config": k.source}
         if self.settings.queue:
             detail["queue"] = self.settings.queue
-        return meshrun.Availability(True, detail=detail)
+        return mb.Availability(True, detail=detail)
 
-    def target(self, spec: Any, opts: Any = None, offer: meshrun.Offer | None = None) -> mf.Target:
+    def target(self, spec: Any, opts: Any = None, offer: mb.Offer | None = None) -> mf.Target:
         """The resolved settings for one job (settings, then the job's options on top)."""
         s = self.settings
         opts = opts if opts is not None else load_job_options(spec)
@@ -150,14 +151,14 @@ class KubernetesBackend(meshrun.Backend):
                     break
         return per_gpu * gpus + self.settings.price_per_cpu_hour * float(cpus or 0)
 
-    def offers(self, spec: Any) -> list[meshrun.Offer]:
+    def offers(self, spec: Any) -> list[mb.Offer]:
         from . import _offers
         from ._client import KubeApiError
 
         opts = load_job_options(spec)
         t = self.target(spec, opts)
         r = spec.resources
-        base = meshrun.Offer(
+        base = mb.Offer(
             backend=self.name, where=t.namespace + (f"/{t.queue}" if t.queue else ""), gpus=r.gpus,
             gpu_type=r.gpu_type, cpus=r.cpus, memory=r.memory, nodes=r.nodes,
             price_per_hour=self._price(r.gpu_type, r.gpus, r.cpus), expected_start=None, start_note="unknown",
@@ -205,7 +206,7 @@ class KubernetesBackend(meshrun.Backend):
                                        gpu_label=t.gpu_label, node_selector=t.node_selector)]
         except KubeApiError as e:
             if e.status == 403 and k is not None and not t.queue:
-                return [meshrun.Offer(**{**_fields(base), "start_note": f"unknown: cannot list nodes ({e.reason})"})]
+                return [mb.Offer(**{**_fields(base), "start_note": f"unknown: cannot list nodes ({e.reason})"})]
             return [base.rejected(f"cannot ask the cluster: {e}")]
         except meshrun.BackendError as e:
             return [base.rejected(f"cannot ask the cluster: {e}")]
@@ -213,7 +214,7 @@ class KubernetesBackend(meshrun.Backend):
             return [base.rejected(f"cannot read Kueue's queues: {e}")]
 
     # ---- rendering ----------------------------------------------------------------------------------
-    def render(self, submission: meshrun.Submission, offer: meshrun.Offer | None = None,
+    def render(self, submission: mb.Submission, offer: mb.Offer | None = None,
                *, nonce: str | None = None) -> tuple[mf.Manifests, dict[str, bytes]]:
         """The objects for ``submission`` and, for a function job, the files of its Secret."""
         spec = submission.spec
@@ -228,7 +229,7 @@ class KubernetesBackend(meshrun.Backend):
             dist = mf.dist_values(spec, m.master_addr, t.master_port)
             launch = mf.container_launch(submission.launch, spec, dist=dist, t=t)
             files = {
-                "_agent.py": Path(meshrun.agent_file()).read_bytes(),
+                "_agent.py": Path(mb.agent_file()).read_bytes(),
                 "boot.py": Path(__file__).with_name("_boot.py").read_bytes(),
                 "launch.json": (json.dumps(launch, sort_keys=True) + "\n").encode(),
                 "payload.pkl": payload.read_bytes(),
@@ -246,7 +247,7 @@ class KubernetesBackend(meshrun.Backend):
         return m, files
 
     # ---- submit -------------------------------------------------------------------------------------
-    def submit(self, submission: meshrun.Submission, offer: meshrun.Offer | None = None) -> str:
+    def submit(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
         from ._client import KubeApiError
 
         path = submission.job_dir / STATE_FILE
@@ -296,16 +297,16 @@ class KubernetesBackend(meshrun.Backend):
                 raise
 
     # ---- status -------------------------------------------------------------------------------------
-    def status(self, ids: Sequence[str]) -> dict[str, meshrun.JobStatus]:
+    def status(self, ids: Sequence[str]) -> dict[str, mb.JobStatus]:
         from ._status import map_status
 
-        out: dict[str, meshrun.JobStatus] = {}
+        out: dict[str, mb.JobStatus] = {}
         groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
         for bid in ids:
             try:
                 ns, name, kind = mf.parse_backend_id(bid)
             except ValueError as e:
-                out[bid] = meshrun.JobStatus(S.LOST, reason=str(e))
+                out[bid] = mb.JobStatus(S.LOST, reason=str(e))
                 continue
             groups.setdefault((ns, kind), []).append((bid, name))
         for (ns, kind), members in groups.items():
@@ -313,7 +314,7 @@ class KubernetesBackend(meshrun.Backend):
                 found = self._fetch_group(ns, kind, [n for _, n in members])
             except meshrun.BackendError as e:
                 for bid, _ in members:
-                    out[bid] = meshrun.JobStatus(S.UNKNOWN, reason=f"cannot ask the cluster: {e}")
+                    out[bid] = mb.JobStatus(S.UNKNOWN, reason=f"cannot ask the cluster: {e}")
                 continue
             objs, pods, workloads, kueue_error = found
             for bid, name in members:
@@ -321,7 +322,7 @@ class KubernetesBackend(meshrun.Backend):
                 uid = ((obj or {}).get("metadata") or {}).get("uid")
                 queue = (((obj or {}).get("metadata") or {}).get("labels") or {}).get(mf.KUEUE_QUEUE)
                 if kueue_error and obj is not None and (obj.get("spec") or {}).get("suspend") and queue:
-                    out[bid] = meshrun.JobStatus(S.PENDING, reason=f"waiting for Kueue admission (its Workload cannot "
+                    out[bid] = mb.JobStatus(S.PENDING, reason=f"waiting for Kueue admission (its Workload cannot "
                                                                    f"be read: {kueue_error})")
                     continue
                 from ._kueue import workload_for
@@ -337,13 +338,14 @@ class KubernetesBackend(meshrun.Backend):
         k = self.kube()
         objs: dict[str, dict] = {}
         pods: dict[str, list] = {}
-        by_id = {_job_id(n): n for n in names if _job_id(n)}
+        by_id = {jid: n for n in names if (jid := _job_id(n))}
         odd = [n for n in names if not _job_id(n)]
         ids = sorted(by_id)
         for i in range(0, len(ids), SELECTOR_CHUNK):
             sel = f"{mf.LABEL_JOB_ID} in ({','.join(ids[i:i + SELECTOR_CHUNK])})"
             for o in k.list_workloads(kind, ns, sel):
-                objs[(o.get("metadata") or {}).get("name")] = o
+                if name := (o.get("metadata") or {}).get("name"):
+                    objs[name] = o
             for p in k.list_pods(ns, sel):
                 jid = ((p.get("metadata") or {}).get("labels") or {}).get(mf.LABEL_JOB_ID)
                 if jid in by_id:
@@ -492,7 +494,7 @@ def _read_json(p: Path) -> Any:
         return None
 
 
-def _fields(o: meshrun.Offer) -> dict[str, Any]:
+def _fields(o: mb.Offer) -> dict[str, Any]:
     from dataclasses import fields
 
     return {f.name: getattr(o, f.name) for f in fields(o)}

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import meshrun
+import meshrun.backend as mb
 
 from . import _kueue
 from ._names import parse_quantity
@@ -49,9 +50,9 @@ def _fmt(res: str, v: float) -> str:
 # ---- Kueue ------------------------------------------------------------------------------------------
 
 
-def kueue_offer(base: meshrun.Offer, spec: Any, *, lq: Mapping[str, Any], cq: Mapping[str, Any] | None,
+def kueue_offer(base: mb.Offer, spec: Any, *, lq: Mapping[str, Any], cq: Mapping[str, Any] | None,
                 flavors: Sequence[Mapping[str, Any]] | None, gpu_resource: str, gpu_label: str,
-                cq_error: str | None = None) -> meshrun.Offer:
+                cq_error: str | None = None) -> mb.Offer:
     m = _kueue
     local = m.parse("LocalQueue", lq)
     queue = local.metadata.name
@@ -157,9 +158,9 @@ def _ready(node: Mapping[str, Any]) -> bool:
     return False
 
 
-def node_offer(base: meshrun.Offer, spec: Any, *, nodes: Sequence[Mapping[str, Any]],
+def node_offer(base: mb.Offer, spec: Any, *, nodes: Sequence[Mapping[str, Any]],
                pods: Sequence[Mapping[str, Any]] | None, gpu_resource: str, gpu_label: str,
-               node_selector: Mapping[str, str] | None = None) -> meshrun.Offer:
+               node_selector: Mapping[str, str] | None = None) -> mb.Offer:
     r = spec.resources
     per_node = needs(spec, gpu_resource)
     used: dict[str, dict[str, float]] = {}
@@ -192,7 +193,7 @@ def node_offer(base: meshrun.Offer, spec: Any, *, nodes: Sequence[Mapping[str, A
             capable.append(meta.get("name"))
             if r.gpus and labels.get(gpu_label):
                 products.add(labels[gpu_label])
-            have = used.get(meta.get("name"), {})
+            have = used.get(meta.get("name") or "", {})
             if all(alloc.get(k, 0.0) - have.get(k, 0.0) >= v for k, v in per_node.items()):
                 free.append(meta.get("name"))
     what = ", ".join(f"{_fmt(k, v)} {k}" for k, v in per_node.items()) or "no resources"

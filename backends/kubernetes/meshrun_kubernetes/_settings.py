@@ -118,9 +118,9 @@ def settings_model() -> Any:
 
     from pydantic import Field, field_validator
 
-    import meshrun
+    import meshrun.backend as mb
 
-    class KubernetesSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+    class KubernetesSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
         """``[backends.kubernetes]``: where and how to talk to the cluster, and job defaults."""
 
         kubeconfig: Optional[str] = None  # default: $KUBECONFIG, else ~/.kube/config

@@ -1,4 +1,4 @@
-"""From Kubernetes objects to ``meshrun.JobStatus``: one translation, pure functions.
+"""From Kubernetes objects to ``meshrun.backend.JobStatus``: one translation, pure functions.
 
 Inputs are what the API server returns: the Job (or JobSet), its pods, and its Kueue Workload. The order
 of the checks is the table below (first match wins):
@@ -24,12 +24,12 @@ import calendar
 import time
 from typing import Any, Mapping, Sequence
 
-import meshrun
+import meshrun.backend as mb
 
 from . import _kueue
 from ._manifests import COMPLETION_INDEX, CONTAINER
 
-S = meshrun.JobState
+S = mb.JobState
 IMAGE_PULL = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 CREATE_FAIL = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 
@@ -149,26 +149,26 @@ def _pending_reason(pods: Sequence[Mapping[str, Any]]) -> str:
 
 
 def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], *, workload: Mapping[str, Any] | None,
-               kueue: bool, queue: str | None = None, cancelled: bool = False) -> meshrun.JobStatus:
+               kueue: bool, queue: str | None = None, cancelled: bool = False) -> mb.JobStatus:
     if obj is None:
         if cancelled:
-            return meshrun.JobStatus(S.CANCELLED, reason="cancelled (the Job was deleted)")
-        return meshrun.JobStatus(S.LOST, reason="the Job no longer exists in the cluster (deleted by someone, or "
+            return mb.JobStatus(S.CANCELLED, reason="cancelled (the Job was deleted)")
+        return mb.JobStatus(S.LOST, reason="the Job no longer exists in the cluster (deleted by someone, or "
                                                 "removed by its ttlSecondsAfterFinished before its outcome was read)")
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
     kind = obj.get("kind", "Job")
     started = ts(status.get("startTime"))
     ended = ts(status.get("completionTime"))
-    nodes = sorted({(p.get("spec") or {}).get("nodeName") for p in pods if (p.get("spec") or {}).get("nodeName")})
+    nodes = sorted({n for n in ((p.get("spec") or {}).get("nodeName") for p in pods) if n})
     where = ",".join(nodes) or None
     if meta.get("deletionTimestamp"):
-        return meshrun.JobStatus(S.CANCELLED, reason="cancelled (the Job is being deleted)", started_at=started,
+        return mb.JobStatus(S.CANCELLED, reason="cancelled (the Job is being deleted)", started_at=started,
                                  ended_at=ts(meta["deletionTimestamp"]), where=where)
     conds = _conds(obj)
     done = "Completed" if kind == "JobSet" else "Complete"
     if done in conds:
-        return meshrun.JobStatus(S.SUCCEEDED, exit_code=0, started_at=started,
+        return mb.JobStatus(S.SUCCEEDED, exit_code=0, started_at=started,
                                  ended_at=ended or ts(conds[done].get("lastTransitionTime")), where=where)
     if "Failed" in conds:
         c = conds["Failed"]
@@ -178,13 +178,13 @@ def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
             limit = ((obj.get("spec") or {}).get("activeDeadlineSeconds"))
             text = f"exceeded its time limit ({limit}s): {_one_line(c.get('message'))}" if limit else \
                 f"exceeded its time limit: {_one_line(c.get('message'))}"
-            return meshrun.JobStatus(S.TIMEOUT, reason=text, exit_code=code, started_at=started, ended_at=end,
+            return mb.JobStatus(S.TIMEOUT, reason=text, exit_code=code, started_at=started, ended_at=end,
                                      where=where)
         text = f"{c.get('reason', 'Failed')}: {_one_line(c.get('message'))}"
         if what:
             text += f"; {what}"
         state = S.PREEMPTED if was_disrupted else S.FAILED
-        return meshrun.JobStatus(state, reason=text, exit_code=code, started_at=started, ended_at=end, where=where)
+        return mb.JobStatus(state, reason=text, exit_code=code, started_at=started, ended_at=end, where=where)
     if (obj.get("spec") or {}).get("suspend"):
         if kueue:
             wl = None
@@ -192,12 +192,12 @@ def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
                 try:
                     wl = _kueue.parse("Workload", workload)
                 except ValueError as e:
-                    return meshrun.JobStatus(S.PENDING, reason=f"waiting for Kueue admission (Workload not "
+                    return mb.JobStatus(S.PENDING, reason=f"waiting for Kueue admission (Workload not "
                                                                f"understood: {e})")
-            state, reason = _kueue.pending_reason(wl, queue)
+            waiting, reason = _kueue.pending_reason(wl, queue)
             detail = {"workload": (workload or {}).get("metadata", {}).get("name")} if workload else {}
-            return meshrun.JobStatus(S(state), reason=reason, started_at=None, detail=detail)
-        return meshrun.JobStatus(S.PENDING, reason="suspended (spec.suspend is true)")
+            return mb.JobStatus(S(waiting), reason=reason, started_at=None, detail=detail)
+        return mb.JobStatus(S.PENDING, reason="suspended (spec.suspend is true)")
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")
             and (p.get("status") or {}).get("phase") in ("Pending", "Running")]
     running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
@@ -209,14 +209,14 @@ def map_status(obj: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
     finishing = [t for t in ("FailureTarget", "SuccessCriteriaMet") if t in conds]
     if finishing:
         c = conds[finishing[0]]
-        return meshrun.JobStatus(S.RUNNING, reason=f"finishing: {c.get('reason')}: {_one_line(c.get('message'))}",
+        return mb.JobStatus(S.RUNNING, reason=f"finishing: {c.get('reason')}: {_one_line(c.get('message'))}",
                                  started_at=started, where=where)
     if running:
         n = len(running)
         total = (obj.get("spec") or {}).get("parallelism") or 1
-        reason = f"{n} of {total} pods running" if total > 1 else None
+        pods_text = f"{n} of {total} pods running" if total > 1 else None
         first = min((ts((p.get("status") or {}).get("startTime")) or started or 0) for p in running) or started
-        return meshrun.JobStatus(S.RUNNING, reason=(reason or "") + note if (reason or note) else None,
+        return mb.JobStatus(S.RUNNING, reason=(pods_text or "") + note if (pods_text or note) else None,
                                  started_at=first, where=where,
                                  detail={"pods": [_pod_name(p) for p in running]})
-    return meshrun.JobStatus(S.PENDING, reason=_pending_reason(live) + note, where=where)
+    return mb.JobStatus(S.PENDING, reason=_pending_reason(live) + note, where=where)

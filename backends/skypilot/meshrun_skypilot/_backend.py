@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import meshrun
+import meshrun.backend as mb
 from meshrun import (
     Availability,
     Backend,
@@ -75,7 +76,7 @@ _POOL_CLOUDS = ("slurm", "kubernetes", "ssh")
 def _settings_class() -> Any:
     from typing import Optional, Union
 
-    class SkyPilotSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+    class SkyPilotSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
         endpoint: Optional[str] = None  # a remote API server (default: the local one)
         port: Optional[int] = None  # local API server port (default: SKYPILOT_API_SERVER_LOCAL_PORT or 46580)
         start_server: bool = True  # start the local API server when it is down
@@ -135,8 +136,8 @@ class SkyPilotBackend(Backend):
         self._followers: dict[str, LogFollower] = {}  # backend id -> the follower of a job submitted here
         self._lock = threading.Lock()
 
-    @property  # type: ignore[override]
-    def poll_interval(self) -> tuple[float, float]:  # type: ignore[override]
+    @property
+    def poll_interval(self) -> tuple[float, float]:
         """Quick while a follower knows the answer without asking SkyPilot; slow when each poll is a
         `sky queue` round trip to the cluster."""
         with self._lock:
@@ -509,9 +510,10 @@ class SkyPilotBackend(Backend):
             return JobStatus(JobState.CANCELLED, reason=f"the SkyPilot request {request_id[:8]} was cancelled")
         if state == "FAILED":
             from sky.client import sdk
+            from sky.server import common as server_common
 
             try:
-                sdk.get(request_id)
+                sdk.get(server_common.RequestId(request_id))
                 why = "the request failed"
             except Exception as e:  # the request's own error, raised again on the client
                 why = f"{type(e).__name__}: {_msg(e)}"
@@ -597,7 +599,7 @@ class SkyPilotBackend(Backend):
                 if files and "exit.json" in files:
                     import json
 
-                    agent = meshrun.map_agent_status(json.loads(files["exit.json"]))
+                    agent = mb.map_agent_status(json.loads(files["exit.json"]))
                     if agent.terminal:
                         st = JobStatus(agent.state, reason=agent.reason or reason, exit_code=agent.exit_code,
                                        started_at=st.started_at, ended_at=st.ended_at, where=st.where,
@@ -787,7 +789,7 @@ def _refined(st: JobStatus, files: Mapping[str, bytes]) -> JobStatus | None:
         rec = json.loads(files["exit.json"])
     except (KeyError, ValueError):
         return None
-    agent = meshrun.map_agent_status(rec)
+    agent = mb.map_agent_status(rec)
     if not agent.terminal:
         return None
     return JobStatus(agent.state, reason=agent.reason or st.reason, exit_code=agent.exit_code,

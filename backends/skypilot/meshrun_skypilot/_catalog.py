@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import meshrun
+import meshrun.backend as mb
 
 
 def sky_catalog_dir() -> Path:
@@ -41,19 +42,19 @@ def install_catalog(source: str | os.PathLike[str], dest: str | os.PathLike[str]
     return out
 
 
-def sky_catalog_offers(spec: Any, clouds: list[str]) -> list[meshrun.Offer]:  # pragma: no cover - older cores
+def sky_catalog_offers(spec: Any, clouds: list[str]) -> list[mb.Offer]:  # pragma: no cover - older cores
     """Offers from SkyPilot's catalog module (GPU jobs: every instance type with that accelerator count)."""
     from sky import catalog
 
     r = spec.resources
-    out: list[meshrun.Offer] = []
+    out: list[mb.Offer] = []
     if not r.gpus:
         for cloud in clouds:
             it = catalog.get_default_instance_type(cpus=f"{r.cpus:g}+" if r.cpus else None,
                                                    memory=f"{r.memory / 1024**3:g}+" if r.memory else None,
                                                    clouds=cloud)
             if it is None:
-                out.append(meshrun.Offer(backend="skypilot", where=cloud, fits=False, reason=f"no {cloud} CPU instance fits"))
+                out.append(mb.Offer(backend="skypilot", where=cloud, fits=False, reason=f"no {cloud} CPU instance fits"))
                 continue
             for spot in (False, True):
                 for region in catalog.get_region_zones_for_instance_type(it, spot, clouds=cloud):
@@ -61,7 +62,7 @@ def sky_catalog_offers(spec: Any, clouds: list[str]) -> list[meshrun.Offer]:  # 
                         price = catalog.get_hourly_cost(it, spot, region.name, None, clouds=cloud)
                     except Exception:
                         continue
-                    out.append(meshrun.Offer(backend="skypilot", where=f"{cloud}/{region.name}", cpus=r.cpus,
+                    out.append(mb.Offer(backend="skypilot", where=f"{cloud}/{region.name}", cpus=r.cpus,
                                              memory=r.memory, nodes=r.nodes, price_per_hour=price, spot=spot,
                                              instance_type=it, region=region.name, launcher="skypilot",
                                              detail={"source": "sky.catalog", "cloud": cloud}))
@@ -79,7 +80,7 @@ def sky_catalog_offers(spec: Any, clouds: list[str]) -> list[meshrun.Offer]:  # 
             for spot, price in ((False, x.price), (True, x.spot_price)):
                 if price is None or price != price:  # NaN: no spot price
                     continue
-                out.append(meshrun.Offer(backend="skypilot", where=f"{x.cloud.lower()}/{x.region}", gpus=r.gpus,
+                out.append(mb.Offer(backend="skypilot", where=f"{x.cloud.lower()}/{x.region}", gpus=r.gpus,
                                          gpu_type=x.accelerator_name, cpus=x.cpu_count, nodes=r.nodes,
                                          price_per_hour=float(price), spot=spot, instance_type=x.instance_type,
                                          region=x.region, launcher="skypilot",

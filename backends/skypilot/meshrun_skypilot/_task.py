@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import meshrun
+import meshrun.backend as mb
 
 GIB = 1024**3
 
@@ -160,7 +161,7 @@ def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpick
     if grace_period is not None:
         launch.setdefault("grace_period", grace_period)
     files: dict[str, bytes] = {
-        "_agent.py": Path(meshrun.agent_file()).read_bytes(),
+        "_agent.py": Path(mb.agent_file()).read_bytes(),
         "launch.json": (json.dumps(launch, sort_keys=True) + "\n").encode(),
     }
     for p in submission.files():

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import meshrun
+import meshrun.backend as mb
 
 from . import _states as S
 from ._options import BACKEND, JobOptions, job_options, load_settings
 from ._runner import LocalRunner, SSHRunner
 from ._script import ArrayPart, BatchJob, directives, render_script
 
-JS = meshrun.JobState
+JS = mb.JobState
 SCRIPT = "job.sbatch"
 ARRAY_MARK = "slurm-array.json"
 ID_MARK = "slurm.json"
@@ -74,13 +75,13 @@ def _agent_trusts(rec: Mapping[str, Any] | None) -> bool:
     return state == "failed" and not rec.get("signal") and rec.get("exit_code") not in (None, 137, 143)
 
 
-class SlurmBackend(meshrun.Backend):
+class SlurmBackend(mb.Backend):
     """Run meshrun jobs as Slurm batch jobs (``[backends.slurm]``)."""
 
     name = "slurm"
     features = (
-        meshrun.Feature.COMMANDS | meshrun.Feature.FUNCTIONS | meshrun.Feature.GPUS | meshrun.Feature.MULTI_NODE
-        | meshrun.Feature.ARRAYS | meshrun.Feature.LOGS_FOLLOW | meshrun.Feature.REATTACH
+        mb.Feature.COMMANDS | mb.Feature.FUNCTIONS | mb.Feature.GPUS | mb.Feature.MULTI_NODE
+        | mb.Feature.ARRAYS | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH
     )
     install_hint = "pip install meshrun-slurm   (from a checkout: pip install -e backends/slurm)"
     # status() reads the agent's records first (a file read on the shared filesystem) and asks Slurm at most
@@ -105,10 +106,10 @@ class SlurmBackend(meshrun.Backend):
         self._agent_sha: str | None = None  # login-node mode: the uploaded agent's SHA-256
         self._rest: Any = None
         self._sinfo: tuple[float, list[S.NodeGroup]] | None = None  # (time.time(), groups)
-        self._checked: tuple[float, meshrun.Availability] | None = None
+        self._checked: tuple[float, mb.Availability] | None = None
         self._me_ok = True
         self._user: str | None = None
-        self._estimates: dict[str, tuple[float, meshrun.Offer]] = {}
+        self._estimates: dict[str, tuple[float, mb.Offer]] = {}
         #: scheduler calls made by this instance, by program (squeue, sacct, sbatch ...)
         self.calls: Counter[str] = Counter()
         if self.settings.login_host:
@@ -200,7 +201,7 @@ class SlurmBackend(meshrun.Backend):
         the agent compiled once into a cached .pyc (Python runs a .pyc directly), which spares every job
         compiling the agent's source."""
         if self.shared_filesystem:
-            src = str(meshrun.agent_file())
+            src = str(mb.agent_file())
             if self._python() != sys.executable:
                 return src
             with self._lock:
@@ -218,7 +219,7 @@ class SlurmBackend(meshrun.Backend):
             if self._agent_remote is None or self._agent_sha is None:
                 from meshrun_ssh import content_name, install_verified
 
-                data = Path(meshrun.agent_file()).read_bytes()
+                data = Path(mb.agent_file()).read_bytes()
                 name, sha = content_name("agent", data)
                 d = f"{self._cluster_root()}/agent"
                 pythons = list(dict.fromkeys([self.settings.python or "python3", "python3"]))
@@ -279,7 +280,7 @@ class SlurmBackend(meshrun.Backend):
     # ------------------------------------------------------------------------------------------------
     # contract: check, offers
 
-    def check(self) -> meshrun.Availability:
+    def check(self) -> mb.Availability:
         """Whether Slurm answers (sinfo); a good answer is kept for a few seconds, as placement asks before
         every submission."""
         with self._lock:
@@ -291,16 +292,16 @@ class SlurmBackend(meshrun.Backend):
             self._checked = (time.monotonic(), av) if av.ok else None
         return av
 
-    def _check(self) -> meshrun.Availability:
+    def _check(self) -> mb.Availability:
         try:
             if self.settings.api == "rest":
                 info = self.rest.ping()
-                return meshrun.Availability(True, detail={"api": "rest", **info})
+                return mb.Availability(True, detail={"api": "rest", **info})
             if not self.settings.login_host:
                 import shutil
 
                 if shutil.which("sbatch") is None:
-                    return meshrun.Availability(
+                    return mb.Availability(
                         False, "sbatch is not installed on this machine",
                         hint="install Slurm's client tools, or set [backends.slurm] login_host to submit "
                              "through a login node over SSH",
@@ -312,14 +313,14 @@ class SlurmBackend(meshrun.Backend):
             try:
                 groups = self._node_groups(max_age=CHECK_TTL)
             except meshrun.BackendError as e:
-                return meshrun.Availability(False, f"sinfo failed: {(e.stderr or str(e)).strip()[:300]}",
+                return mb.Availability(False, f"sinfo failed: {(e.stderr or str(e)).strip()[:300]}",
                                             hint="is slurmctld running? try: scontrol ping")
             finally:
                 names.join(15)
             parts = list(dict.fromkeys(g.partition + ("*" if g.default else "") for g in groups))
-            return meshrun.Availability(True, detail={"partitions": parts, "via": self.runner.where})
+            return mb.Availability(True, detail={"partitions": parts, "via": self.runner.where})
         except Exception as e:  # check never raises
-            return meshrun.Availability(False, f"{type(e).__name__}: {e}")
+            return mb.Availability(False, f"{type(e).__name__}: {e}")
 
     def cluster_name(self) -> str:
         """Slurm's ClusterName (``scontrol show config``), kept on disk for a day."""
@@ -378,7 +379,7 @@ class SlurmBackend(meshrun.Backend):
                 return float(low[k.lower()])
         return 0.0
 
-    def offers(self, spec: Any) -> list[meshrun.Offer]:
+    def offers(self, spec: Any) -> list[mb.Offer]:
         """One offer per partition the job may use: whether it can ever fit there (sinfo: nodes, CPUs,
         memory, GPUs, time limit), and when Slurm would start it (``sbatch --test-only``)."""
         opts = job_options(spec.options_for(BACKEND), self.settings)
@@ -406,11 +407,11 @@ class SlurmBackend(meshrun.Backend):
                 t.start()
             for t in threads:
                 t.join(60)
-            out = [o if o is not None else meshrun.Offer(backend=BACKEND, where=f"{cluster}/{p}", fits=False,
+            out = [o if o is not None else mb.Offer(backend=BACKEND, where=f"{cluster}/{p}", fits=False,
                                                          reason="no answer from Slurm in time")
                    for o, p in zip(out, wanted, strict=True)]
         if not out:
-            out.append(meshrun.Offer(backend=BACKEND, where=cluster, fits=False, reason="the cluster has no partitions"))
+            out.append(mb.Offer(backend=BACKEND, where=cluster, fits=False, reason="the cluster has no partitions"))
         return out
 
     def _node_groups(self, max_age: float = SINFO_TTL) -> list[S.NodeGroup]:
@@ -443,9 +444,9 @@ class SlurmBackend(meshrun.Backend):
         return groups
 
     def _offer_for(self, part: str, groups: list[S.NodeGroup], spec: Any, opts: JobOptions,
-                   cluster: str) -> meshrun.Offer:
+                   cluster: str) -> mb.Offer:
         r = spec.resources
-        base = meshrun.Offer(
+        base = mb.Offer(
             backend=BACKEND, where=f"{cluster}/{part}", gpus=r.gpus, gpu_type=r.gpu_type, cpus=r.cpus,
             memory=r.memory, nodes=r.nodes, region=cluster, expected_start=None, start_note="unknown",
             detail={"partition": part, "cluster": cluster},
@@ -483,8 +484,8 @@ class SlurmBackend(meshrun.Backend):
         if count < r.nodes:
             need = f"{r.nodes} node(s) with {cpus} CPU(s)" + (f", {mem_mb} MB" if mem_mb else "") + (
                 f", {r.gpus} {r.gpu_type or ''} GPU(s)".replace("  ", " ") if r.gpus else "")
-            have = f"{count} such node(s)" + (f" (largest: {'; '.join(why[:3])})" if why else "")
-            return base.rejected(f"partition {part} can never fit the job: it needs {need}, the partition has {have}")
+            nodes = f"{count} such node(s)" + (f" (largest: {'; '.join(why[:3])})" if why else "")
+            return base.rejected(f"partition {part} can never fit the job: it needs {need}, the partition has {nodes}")
         gpu_type = r.gpu_type
         if r.gpus and r.gpu_type and gres_type:
             gpu_type = gres_type  # Slurm's own spelling of the type
@@ -496,8 +497,8 @@ class SlurmBackend(meshrun.Backend):
             return replace(offer, start_note="start not estimated (test_only = false)")
         return self._estimate(offer, spec, opts, part, gres_type if r.gpu_type else None)
 
-    def _estimate(self, offer: meshrun.Offer, spec: Any, opts: JobOptions, part: str,
-                  gres_type: str | None) -> meshrun.Offer:
+    def _estimate(self, offer: mb.Offer, spec: Any, opts: JobOptions, part: str,
+                  gres_type: str | None) -> mb.Offer:
         r = spec.resources
         job = BatchJob(
             job_name="meshrun-estimate", workdir="/", python="python3", agent="/dev/null", job_dir="/",
@@ -521,7 +522,7 @@ class SlurmBackend(meshrun.Backend):
             self._estimates[key] = (time.monotonic(), est_offer)
         return est_offer
 
-    def _estimate_now(self, offer: meshrun.Offer, argv: list[str], part: str) -> meshrun.Offer:
+    def _estimate_now(self, offer: mb.Offer, argv: list[str], part: str) -> mb.Offer:
         try:
             p = self._run(argv, check=False, timeout=30)
         except meshrun.MeshrunError as e:
@@ -552,7 +553,7 @@ class SlurmBackend(meshrun.Backend):
     # ------------------------------------------------------------------------------------------------
     # contract: submit
 
-    def _prepare_launch(self, sub: meshrun.Submission) -> dict[str, Any]:
+    def _prepare_launch(self, sub: mb.Submission) -> dict[str, Any]:
         launch = dict(sub.launch)
         launch["lease"] = False  # Slurm hands out the GPUs ...
         launch["mask_gpus"] = False  # ... and its CUDA_VISIBLE_DEVICES stands
@@ -566,7 +567,7 @@ class SlurmBackend(meshrun.Backend):
         self._write_local(sub.job_dir / "launch.json", (json.dumps(launch, sort_keys=True) + "\n").encode())
         return launch
 
-    def _batch_job(self, spec: Any, opts: JobOptions, offer: meshrun.Offer | None, *, job_name: str,
+    def _batch_job(self, spec: Any, opts: JobOptions, offer: mb.Offer | None, *, job_name: str,
                    workdir: str, job_dir: str | None, array: ArrayPart | None = None,
                    commands_only: bool | None = None) -> BatchJob:
         r = spec.resources
@@ -637,7 +638,7 @@ class SlurmBackend(meshrun.Backend):
                                        returncode=p.returncode, stderr=err)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def submit(self, submission: meshrun.Submission, offer: meshrun.Offer | None = None) -> str:
+    def submit(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
         spec = submission.spec
         opts = job_options(spec.options_for(BACKEND), self.settings)
         if self.settings.api == "rest":
@@ -660,7 +661,7 @@ class SlurmBackend(meshrun.Backend):
                           json.dumps({"slurm_job_id": slurm_id, "submitted_at": now}).encode())
         return slurm_id
 
-    def submit_array(self, submissions: Sequence[meshrun.Submission], offer: meshrun.Offer | None = None) -> list[str]:
+    def submit_array(self, submissions: Sequence[mb.Submission], offer: mb.Offer | None = None) -> list[str]:
         """Jobs of one shape become one ``sbatch --array``; jobs of different shapes, one array per shape."""
         if not submissions:
             return []
@@ -674,7 +675,7 @@ class SlurmBackend(meshrun.Backend):
                 ids[i] = bid
         return [i for i in ids if i is not None]
 
-    def _submit_one_array(self, subs: Sequence[meshrun.Submission], offer: meshrun.Offer | None) -> list[str]:
+    def _submit_one_array(self, subs: Sequence[mb.Submission], offer: mb.Offer | None) -> list[str]:
         spec = subs[0].spec
         opts = job_options(spec.options_for(BACKEND), self.settings)
         if len(subs) == 1:
@@ -770,14 +771,14 @@ class SlurmBackend(meshrun.Backend):
             stale = fresh or now - self._squeue_at >= self._query_interval(ids)
         if stale:
             if self.settings.api == "rest":
-                rows, err = self.rest.jobs()
+                listed, err = self.rest.jobs()
             else:
-                rows, err = self._squeue_all()
+                listed, err = self._squeue_all()
             with self._lock:
                 self._squeue_at = time.monotonic()
                 self._squeue_err = err
                 if err is None:
-                    self._squeue = rows
+                    self._squeue = listed
         with self._lock:
             sq, err = dict(self._squeue), self._squeue_err
         if err is not None:
@@ -866,11 +867,11 @@ class SlurmBackend(meshrun.Backend):
         with self._lock:
             return {i: self._sacct[i] for i in ids if i in self._sacct}
 
-    def status(self, ids: Sequence[str]) -> dict[str, meshrun.JobStatus]:
+    def status(self, ids: Sequence[str]) -> dict[str, mb.JobStatus]:
         ids = list(dict.fromkeys(ids))
         targets = {i: self._target(i) for i in ids}
         records = self._exit_records([t for t in targets.values() if t is not None])
-        out: dict[str, meshrun.JobStatus] = {}
+        out: dict[str, mb.JobStatus] = {}
         need: list[str] = []
         for i in ids:
             t = targets[i]
@@ -891,30 +892,30 @@ class SlurmBackend(meshrun.Backend):
         return out
 
     def _combine(self, bid: str, t: Target | None, recs: list[Any], row: S.Row | None,
-                 err: str | None) -> meshrun.JobStatus:
+                 err: str | None) -> mb.JobStatus:
         rec0 = recs[0] if recs else None
         if err is not None:
-            return meshrun.JobStatus(JS.UNKNOWN, reason=f"Slurm cannot be asked just now: {err}")
+            return mb.JobStatus(JS.UNKNOWN, reason=f"Slurm cannot be asked just now: {err}")
         if row is None:
             if isinstance(rec0, Mapping):
                 # an exit record Slurm cannot confirm (the agent was stopped by a signal): believe it only
                 # once Slurm has had ample time to show the job (sacct lags; a restarted slurmctld recovers)
                 ended = float(rec0.get("ended_at") or 0)
                 if time.time() - ended > min(self.settings.lost_after, UNCONFIRMED_GRACE):
-                    return meshrun.map_agent_status(rec0)
-                return meshrun.JobStatus(JS.UNKNOWN, reason=f"its agent recorded {rec0.get('state')}; "
+                    return mb.map_agent_status(rec0)
+                return mb.JobStatus(JS.UNKNOWN, reason=f"its agent recorded {rec0.get('state')}; "
                                                             f"waiting for Slurm to confirm")
             age = time.time() - (t.submitted_at if t is not None else 0)
             if t is None or age < self.settings.lost_after:
-                return meshrun.JobStatus(JS.UNKNOWN, reason=f"Slurm does not show job {bid} (yet)")
-            return meshrun.JobStatus(
+                return mb.JobStatus(JS.UNKNOWN, reason=f"Slurm does not show job {bid} (yet)")
+            return mb.JobStatus(
                 JS.LOST, reason=f"Slurm no longer knows job {bid} (neither squeue nor sacct shows it) and it "
                                 f"left no exit record")
         st = S.to_status(row)
         if st.state.terminal:
             # an exit record says more than Slurm's COMPLETED/FAILED; Slurm says more about what killed it
             if isinstance(rec0, Mapping) and row.state in ("COMPLETED", "FAILED"):
-                mine = meshrun.map_agent_status(rec0)
+                mine = mb.map_agent_status(rec0)
                 if mine.state.terminal and (mine.state is st.state or _agent_trusts(rec0)):
                     return replace(mine, where=row.nodes or mine.where)
                 if mine.state.terminal and mine.reason:
@@ -924,7 +925,7 @@ class SlurmBackend(meshrun.Backend):
                 # filesystem, or the login node's copy, a moment
                 first = self._settle.setdefault(bid, time.monotonic())
                 if time.monotonic() - first < SETTLE:
-                    return meshrun.JobStatus(JS.RUNNING, reason=f"{row.state.lower()}; waiting for its records "
+                    return mb.JobStatus(JS.RUNNING, reason=f"{row.state.lower()}; waiting for its records "
                                              "to appear", where=row.nodes)
             return st
         return st
@@ -971,20 +972,21 @@ class SlurmBackend(meshrun.Backend):
         if t is None:
             raise meshrun.BackendError(f"no job folder is known for Slurm job {backend_id}", backend=BACKEND)
         log, slurm_out = self._log_files(t, backend_id)
-        last = [0.0, False]
+        asked_at, finished = 0.0, False
 
         def done() -> bool:
+            nonlocal asked_at, finished
             if (t.job_dir / "exit.json").exists() and self.shared_filesystem:
                 return True
-            if time.monotonic() - last[0] < 1.0:
-                return last[1]
-            last[0] = time.monotonic()
-            last[1] = self.status([backend_id])[backend_id].terminal
-            return last[1]
+            if time.monotonic() - asked_at < 1.0:
+                return finished
+            asked_at = time.monotonic()
+            finished = self.status([backend_id])[backend_id].terminal
+            return finished
 
         def gen() -> Iterator[str]:
             if self.shared_filesystem:
-                yield from meshrun.tail_file(Path(log), follow=follow, done=done)
+                yield from mb.tail_file(Path(log), follow=follow, done=done)
             else:
                 pos = 0
                 while True:
@@ -1009,7 +1011,7 @@ class SlurmBackend(meshrun.Backend):
         t = self._target(backend_id)
         if t is None:
             return
-        for name in (*meshrun.RESULT_FILES, "output.log"):
+        for name in (*mb.RESULT_FILES, "output.log"):
             data = self._read(f"{t.cluster_dir}/{name}")
             if data is not None:
                 self._write_local(Path(job_dir) / name, data)
@@ -1067,7 +1069,7 @@ class SlurmBackend(meshrun.Backend):
     # ------------------------------------------------------------------------------------------------
     # REST mode (slurmrestd)
 
-    def rest_submit(self, sub: meshrun.Submission, offer: meshrun.Offer | None, opts: JobOptions) -> str:
+    def rest_submit(self, sub: mb.Submission, offer: mb.Offer | None, opts: JobOptions) -> str:
         self._prepare_launch(sub)
         cluster_dir = self._cluster_dir(sub.job_dir)
         job = self._batch_job(sub.spec, opts, offer, job_name=sub.name, workdir=cluster_dir, job_dir=cluster_dir)
@@ -1086,18 +1088,18 @@ class SlurmBackend(meshrun.Backend):
         return slurm_id
 
 
-def _from_records(recs: list[Any]) -> meshrun.JobStatus | None:
+def _from_records(recs: list[Any]) -> mb.JobStatus | None:
     """The job's outcome from its agents' exit records alone, or None when Slurm must be asked."""
     if not recs:
         return None
     failed = [r for r in recs if _agent_trusts(r) and r.get("state") in ("failed", "timeout")]
     if failed:
-        st = meshrun.map_agent_status(failed[0])
+        st = mb.map_agent_status(failed[0])
         if len(recs) > 1 and failed[0] is not recs[0]:
             st = replace(st, reason=f"node {recs.index(failed[0])}: {st.reason}")
         return st
     if all(_agent_trusts(r) for r in recs):
-        return meshrun.map_agent_status(recs[0])
+        return mb.map_agent_status(recs[0])
     return None
 
 

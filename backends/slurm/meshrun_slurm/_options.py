@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Union
 
 import meshrun
+import meshrun.backend as mb
 
 BACKEND = "slurm"
 
@@ -119,6 +120,17 @@ def _sbatch_args(value: Any, where: str) -> list[str]:
 
 
 def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
+    if isinstance(value, Mapping):
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys are partition or GPU type names")
+            out[k] = _price_number(v, f"{where}.{k}")
+        return out
+    return _price_number(value, where)
+
+
+def _price_number(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{where} must be a number or a table of numbers")
     if isinstance(value, (int, float)):
@@ -127,16 +139,9 @@ def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
         return float(value)
     if isinstance(value, str):
         try:
-            return _price(float(value), where)
+            return _price_number(float(value), where)
         except ValueError:
             raise ValueError(f"{where} must be a number or a table of numbers, got {value!r}") from None
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: keys are partition or GPU type names")
-            out[k] = _price(v, f"{where}.{k}")  # type: ignore[assignment]
-        return out
     raise ValueError(f"{where} must be a number or a table of numbers")
 
 
@@ -153,7 +158,7 @@ def settings_class() -> Any:
         return _SETTINGS_CLS
     from pydantic import Field, SecretStr, field_validator
 
-    class SlurmSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+    class SlurmSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
         """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
 
         partition: Union[str, None] = None
@@ -325,7 +330,7 @@ def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None) ->
                         secs = meshrun.parse_duration(v)
                     except ValueError as e:
                         raise ValueError(f"time: {e}") from None
-                    out[k] = meshrun.slurm_time(secs)
+                    out[k] = mb.slurm_time(secs)
             elif k == "exclusive":
                 if not isinstance(v, bool):
                     raise ValueError(f"exclusive must be true or false, got {v!r}")

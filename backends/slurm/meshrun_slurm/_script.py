@@ -122,9 +122,9 @@ def directives(job: BatchJob) -> list[str]:
     if o.time:
         out.append(f"--time={o.time}")
     elif job.time_limit:
-        import meshrun
+        import meshrun.backend as mb
 
-        out.append(f"--time={meshrun.slurm_time(job.time_limit)}")
+        out.append(f"--time={mb.slurm_time(job.time_limit)}")
     for key in ("partition", "account", "qos", "constraint", "reservation", "nodelist", "exclude"):
         v = getattr(o, key)
         if v:

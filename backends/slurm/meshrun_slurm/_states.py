@@ -9,11 +9,12 @@ from datetime import datetime
 from typing import Iterable
 
 import meshrun
+import meshrun.backend as mb
 
-JS = meshrun.JobState
+JS = mb.JobState
 
 # Every state squeue, scontrol or sacct can print (Slurm 22.05 job_state_string and its flags).
-STATES: dict[str, tuple[meshrun.JobState, str]] = {
+STATES: dict[str, tuple[mb.JobState, str]] = {
     "PENDING": (JS.PENDING, "waiting in the Slurm queue"),
     "CONFIGURING": (JS.PENDING, "its nodes are being configured"),
     "RESV_DEL_HOLD": (JS.PENDING, "held while its reservation is deleted"),
@@ -190,7 +191,7 @@ def expand_ids(jid: str) -> list[str]:
     m = re.match(r"^(\d+)_\[([0-9,\-]+)(?:%\d+)?\]$", jid)
     if not m:
         return [jid]
-    out = []
+    out: list[str] = []
     for part in m.group(2).split(","):
         if "-" in part:
             a, b = part.split("-", 1)
@@ -207,9 +208,10 @@ def describe_reason(reason: str | None) -> str | None:
     return f"{reason} ({hint})" if hint else reason
 
 
-def to_status(row: Row) -> meshrun.JobStatus:
+def to_status(row: Row) -> mb.JobStatus:
     """The meshrun status for one Slurm row, with Slurm's reason in its own words first."""
     state, what = STATES.get(row.state, (JS.UNKNOWN, f"in a state meshrun does not know ({row.state})"))
+    reason: str | None
     if state is JS.PENDING:
         reason = describe_reason(row.reason) or what
         if row.state != "PENDING":
@@ -227,7 +229,7 @@ def to_status(row: Row) -> meshrun.JobStatus:
     exit_code = row.exit_code
     if row.signal and not exit_code:
         exit_code = 128 + row.signal
-    return meshrun.JobStatus(
+    return mb.JobStatus(
         state=state,
         reason=reason,
         exit_code=exit_code if state.terminal else None,

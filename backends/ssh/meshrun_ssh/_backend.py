@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import meshrun
+import meshrun.backend as mb
 
 BACKEND = "ssh"
 CLAIM_TTL = 60.0
 _JOB_OPTIONS = ("host", "sync", "exclude", "workdir")
 
 
-class SSHBackend(meshrun.Backend):
+class SSHBackend(mb.Backend):
     name = "ssh"
-    features = (meshrun.Feature.COMMANDS | meshrun.Feature.FUNCTIONS | meshrun.Feature.GPUS
-                | meshrun.Feature.LOGS_FOLLOW | meshrun.Feature.REATTACH)
+    features = (mb.Feature.COMMANDS | mb.Feature.FUNCTIONS | mb.Feature.GPUS
+                | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH)
     install_hint = "pip install meshrun-ssh   (from a checkout: pip install -e backends/ssh)"
     poll_interval = (0.05, 5.0)
 
@@ -90,27 +91,27 @@ class SSHBackend(meshrun.Backend):
         return host, job_id
 
     # ---- contract
-    def check(self) -> meshrun.Availability:
+    def check(self) -> mb.Availability:
         import importlib.util
 
         for dep in ("paramiko", "tenacity"):  # found, not imported: paramiko alone costs ~0.15 s
             if importlib.util.find_spec(dep) is None:
-                return meshrun.Availability(False, f"missing dependency: {dep}", hint=self.install_hint)
+                return mb.Availability(False, f"missing dependency: {dep}", hint=self.install_hint)
         names = self.host_names()
         if not names:
-            return meshrun.Availability(
+            return mb.Availability(
                 False, "no hosts configured",
                 hint='add hosts to [backends.ssh] in the meshrun config, e.g. hosts = ["gpu-box-1", "gpu-box-2"] '
                      "(aliases from ~/.ssh/config) or tables {name, host, port, user, key}")
-        return meshrun.Availability(True, detail={"hosts": len(names), "names": ", ".join(names)})
+        return mb.Availability(True, detail={"hosts": len(names), "names": ", ".join(names)})
 
-    def offers(self, spec: Any) -> list[meshrun.Offer]:
+    def offers(self, spec: Any) -> list[mb.Offer]:
         results = self._each_host(lambda h: (h.probe(), h.hello))
         offers = [self._offer(spec, name, res) for name, res in results.items()]
         order = {n: i for i, n in enumerate(self.host_names())}
         return sorted(offers, key=lambda o: _rank(o, order))
 
-    def _offer(self, spec: Any, name: str, res: Any) -> meshrun.Offer:
+    def _offer(self, spec: Any, name: str, res: Any) -> mb.Offer:
         r = spec.resources
         h = self._host(name)
         price = h.params.price_per_gpu_hour * r.gpus
@@ -118,49 +119,49 @@ class SSHBackend(meshrun.Backend):
                     nodes=1, price_per_hour=price)
         if isinstance(res, BaseException):
             why = str(res).splitlines()[0].removeprefix("[ssh] ")
-            return meshrun.Offer(**base, fits=False, reason=f"unreachable: {why}", expected_start=None,
+            return mb.Offer(**base, fits=False, reason=f"unreachable: {why}", expected_start=None,
                                  start_note="unreachable")
         snap, hello = res
         hello = hello or {}
         if r.nodes > 1:
-            return meshrun.Offer(**base, fits=False,
+            return mb.Offer(**base, fits=False,
                                  reason=f"the ssh backend runs single-node jobs; the job asks for {r.nodes} nodes")
         if spec.kind == "function":
             from ._session import local_cloudpickle, local_python
 
             if hello.get("python") != local_python():
-                return meshrun.Offer(**base, fits=False, reason=(
+                return mb.Offer(**base, fits=False, reason=(
                     f"{h.params.python} on {name} is Python {hello.get('python')}; a function job needs Python "
                     f"{local_python()} like this client (set {h.params.field_prefix}.python to a "
                     f"{local_python()} interpreter)"))
             if hello.get("cloudpickle") != local_cloudpickle()[0]:
-                return meshrun.Offer(**base, fits=False, reason=(
+                return mb.Offer(**base, fits=False, reason=(
                     f"cloudpickle on {name} is {hello.get('cloudpickle') or 'missing'} "
                     f"({hello.get('cloudpickle_error') or 'version differs'}); this client has "
                     f"{local_cloudpickle()[0]}"))
         cpus = snap.get("cpus") or hello.get("cpus")
         if r.cpus and cpus and r.cpus > cpus:
-            return meshrun.Offer(**base, fits=False, reason=f"{name} has {cpus} CPUs; the job asks for {r.cpus:g}")
+            return mb.Offer(**base, fits=False, reason=f"{name} has {cpus} CPUs; the job asks for {r.cpus:g}")
         mem = hello.get("memory")
         if r.memory and mem and r.memory > mem:
-            return meshrun.Offer(**base, fits=False, reason=(
+            return mb.Offer(**base, fits=False, reason=(
                 f"{name} has {meshrun.format_size(mem)} of memory; the job asks for {meshrun.format_size(r.memory)}"))
         load = snap.get("load")
         detail: dict[str, Any] = {"host": snap.get("host"), "load": load, "cpus": cpus, "claim_seq": h.claim_seq}
         if not r.gpus:
-            return meshrun.Offer(**base, detail=detail)
+            return mb.Offer(**base, detail=detail)
         gpus = snap.get("gpus") or []
         if snap.get("error") and "lease_dir" not in snap:  # the agent could not use the lease directory
-            return meshrun.Offer(**base, fits=False, reason=f"GPU leases unusable on {name}: {snap['error']} "
+            return mb.Offer(**base, fits=False, reason=f"GPU leases unusable on {name}: {snap['error']} "
                                  f"(set {h.params.field_prefix}.lease_dir to a directory every user may write)")
-        why = snap.get("error") if not gpus else None
+        gpu_error = snap.get("error") if not gpus else None
         matching = [g for g in gpus if _gpu_matches(g, r.gpu_type)]
         if len(matching) < r.gpus:
             have = f"{len(matching)} {r.gpu_type} GPU(s)" if r.gpu_type else f"{len(gpus)} GPU(s)"
-            return meshrun.Offer(**base, fits=False,
-                                 reason=f"{name} has {have}{f' ({why})' if why else ''}; the job asks for {r.gpus}")
+            return mb.Offer(**base, fits=False,
+                                 reason=f"{name} has {have}{f' ({gpu_error})' if gpu_error else ''}; the job asks for {r.gpus}")
         if r.gpu_memory and all((g.get("memory") or 0) < r.gpu_memory for g in matching):
-            return meshrun.Offer(**base, fits=False, reason=f"no GPU on {name} has the requested GPU memory")
+            return mb.Offer(**base, fits=False, reason=f"no GPU on {name} has the requested GPU memory")
         gpu_type = r.gpu_type or matching[0].get("name")
         base["gpu_type"] = gpu_type
         leases = snap.get("leases") or {}
@@ -176,7 +177,7 @@ class SSHBackend(meshrun.Backend):
         ahead += max(0, claimed - len(free))  # our own just-submitted jobs that will queue there too
         detail.update(free=n_free, total=len(matching), queued=len(queue), foreign=len(foreign))
         if n_free >= r.gpus and not queue:
-            return meshrun.Offer(**base, detail=detail, start_note=f"now: {n_free} of {len(matching)} GPUs free")
+            return mb.Offer(**base, detail=detail, start_note=f"now: {n_free} of {len(matching)} GPUs free")
         # when would enough GPUs be back? known ends of leases (time limits we may read), soonest first
         need = r.gpus + ahead - n_free
         ends = sorted(float(t) for i, t in (snap.get("lease_ends") or {}).items()
@@ -191,9 +192,9 @@ class SSHBackend(meshrun.Backend):
         if expected is not None:
             note += f"; expected in about {meshrun.format_duration(expected)}"
         detail.update(waiting_gpus=ahead, need=need)
-        return meshrun.Offer(**base, expected_start=expected, start_note=note, detail=detail)
+        return mb.Offer(**base, expected_start=expected, start_note=note, detail=detail)
 
-    def submit(self, submission: Any, offer: Optional[meshrun.Offer] = None) -> str:
+    def submit(self, submission: Any, offer: Optional[mb.Offer] = None) -> str:
         spec = submission.spec
         opts = self._job_options(spec)
         host_name = opts.get("host")
@@ -273,17 +274,17 @@ class SSHBackend(meshrun.Backend):
         rep = h.sync(dest, entries)
         return rep["dest"]
 
-    def status(self, ids: Sequence[str]) -> dict[str, meshrun.JobStatus]:
+    def status(self, ids: Sequence[str]) -> dict[str, mb.JobStatus]:
         by_host: dict[str, list[str]] = {}
-        out: dict[str, meshrun.JobStatus] = {}
+        out: dict[str, mb.JobStatus] = {}
         for bid in ids:
             try:
                 host, job_id = self._split(bid)
             except meshrun.BackendError as e:
-                out[bid] = meshrun.JobStatus(meshrun.JobState.LOST, reason=str(e))
+                out[bid] = mb.JobStatus(mb.JobState.LOST, reason=str(e))
                 continue
             if host not in self.host_names():
-                out[bid] = meshrun.JobStatus(meshrun.JobState.UNKNOWN, reason=(
+                out[bid] = mb.JobStatus(mb.JobState.UNKNOWN, reason=(
                     f"host {host!r} is no longer in [backends.ssh] hosts; add it back to follow this job"))
                 continue
             by_host.setdefault(host, []).append(job_id)
@@ -293,15 +294,15 @@ class SSHBackend(meshrun.Backend):
                 bid = f"{host}:{job_id}"
                 if isinstance(res, BaseException):
                     why = str(res).splitlines()[0].removeprefix("[ssh] ")
-                    out[bid] = meshrun.JobStatus(meshrun.JobState.UNKNOWN, reason=f"{host} unreachable: {why}",
+                    out[bid] = mb.JobStatus(mb.JobState.UNKNOWN, reason=f"{host} unreachable: {why}",
                                                  where=host)
                     continue
                 rec = res.get(job_id) or {}
-                st = meshrun.map_agent_status(rec)
+                st = mb.map_agent_status(rec)
                 where = f"{host} ({st.where})" if st.where and st.where.split()[0] != host else (st.where or host)
-                out[bid] = meshrun.JobStatus(st.state, st.reason, st.exit_code, st.started_at, st.ended_at, where,
+                out[bid] = mb.JobStatus(st.state, st.reason, st.exit_code, st.started_at, st.ended_at, where,
                                              dict(st.detail))
-                if st.state is not meshrun.JobState.PENDING or rec.get("position"):
+                if st.state is not mb.JobState.PENDING or rec.get("position"):
                     self._host(host).unclaim(job_id)
         return out
 
@@ -322,7 +323,7 @@ class SSHBackend(meshrun.Backend):
         host, job_id = self._split(backend_id)
         h = self._host(host)
         # the output comes too while it is small, so logs() still answers when the host no longer does
-        files = h.fetch(job_id, list(meshrun.RESULT_FILES) + ["output.log"], limits={"output.log": 8 << 20})
+        files = h.fetch(job_id, list(mb.RESULT_FILES) + ["output.log"], limits={"output.log": 8 << 20})
         job_dir = Path(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
@@ -373,7 +374,7 @@ def _gpu_matches(gpu: Mapping[str, Any], gpu_type: Optional[str]) -> bool:
     return norm(gpu_type) in norm(gpu.get("name") or "")
 
 
-def _rank(o: meshrun.Offer, order: Mapping[str, int]) -> tuple:
+def _rank(o: mb.Offer, order: Mapping[str, int]) -> tuple:
     """Start-now hosts first (least loaded, most GPUs free), then the host expected to free soonest, then
     hosts with an unknown wait (fewest GPUs queued ahead), unreachable or unfit last."""
     d = o.detail or {}

@@ -58,8 +58,9 @@ class _RefuseUnknown:
 
 def _retrying(settings: SSHSettings, deadline: Optional[float] = None) -> Any:
     import tenacity
+    from tenacity.stop import stop_base
 
-    stop = tenacity.stop_after_attempt(settings.retries)
+    stop: stop_base = tenacity.stop_after_attempt(settings.retries)
     if deadline is not None:
         stop = stop | tenacity.stop_after_delay(deadline)
     return tenacity.Retrying(
@@ -181,7 +182,8 @@ class Connection:
                 real = p.hostname if p.port == 22 else f"[{p.hostname}]:{p.port}"
                 for ktype, key in (hk.lookup(alias) or {}).items():
                     client.get_host_keys().add(real, ktype, key)
-            client.set_missing_host_key_policy(_RefuseUnknown(p))
+            # paramiko calls any object's missing_host_key(); its policy base class is not imported at module level
+            client.set_missing_host_key_policy(_RefuseUnknown(p))  # type: ignore[arg-type]
             for k in p.keys:
                 if not os.path.exists(k):
                     raise AuthFailed(f"{p.field_prefix}.key: the key file {k} does not exist (host {p.name})",
@@ -190,7 +192,7 @@ class Connection:
                 p.hostname,
                 port=p.port,
                 username=p.user,
-                key_filename=list(p.keys) or None,
+                key_filename=list(p.keys) or None,  # type: ignore[arg-type]  # paramiko takes a list; stubs say str
                 look_for_keys=not p.keys,
                 allow_agent=not p.keys and bool(os.environ.get("SSH_AUTH_SOCK")),
                 timeout=p.connect_timeout,
@@ -234,6 +236,7 @@ class Connection:
                 reason = f"timed out after {p.connect_timeout:g}s"
             raise Unreachable(f"cannot connect to {where}: {reason}", backend=BACKEND) from None
         t = client.get_transport()
+        assert t is not None  # connect() succeeded, so the client has its transport
         t.set_keepalive(15)
         self._client = client
         self.generation += 1
@@ -241,7 +244,7 @@ class Connection:
 
     def _jump_channel(self) -> Any:
         p = self.params
-        hops = [h.strip() for h in p.proxy_jump.split(",") if h.strip()]
+        hops = [h.strip() for h in (p.proxy_jump or "").split(",") if h.strip()]
         last = hops[-1]
         user, _, rest = last.rpartition("@")
         host, _, port = rest.partition(":")
@@ -478,7 +481,7 @@ def _communicate(chan: Any, line: str, input: Optional[bytes], timeout: Optional
             if deadline is not None:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
-                    raise subprocess.TimeoutExpired(line, timeout, bytes(out), bytes(err))
+                    raise subprocess.TimeoutExpired(line, timeout or 0.0, bytes(out), bytes(err))
                 wait = min(wait, 1.0)
             select.select([fd], [], [], wait)
         # drain what arrived with the exit status

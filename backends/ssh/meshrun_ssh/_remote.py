@@ -25,7 +25,12 @@ if "_agent" not in sys.modules:  # run directly, not through the verifying boots
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
 
-import _agent  # noqa: E402  (the host agent, verified by hash and loaded by the bootstrap)
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # the type checker reads the agent where it lives in the meshrun package
+    from meshrun import _agent
+else:
+    import _agent  # noqa: E402  (the host agent, verified by hash and loaded by the bootstrap)
 
 MANIFEST = ".meshrun-sync.json"
 READ_MAX = 1 << 20

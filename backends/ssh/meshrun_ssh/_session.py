@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import meshrun
+import meshrun.backend as mb
 
 from . import _conn
 from ._errors import BackendError, ConnectionLost, RemoteError, Unreachable, retryable
@@ -35,7 +35,7 @@ class Bundle:
     def __init__(self) -> None:
         from ._verified import content_name
 
-        agent = Path(meshrun.agent_file()).read_bytes()
+        agent = Path(mb.agent_file()).read_bytes()
         helper = HELPER.read_bytes()
         self.agent_name, self.agent_sha = content_name("agent", agent)
         self.helper_name, self.helper_sha = content_name("remote", helper)
@@ -201,11 +201,11 @@ class RemoteHost:
                                          backend=BACKEND)
                 raise BackendError(f"{self.name}: the remote helper did not start (exit {rc}): {err.strip()[-800:]}",
                                    backend=BACKEND)
-            if hello.get("agent_version") != meshrun.agent_version():
+            if hello.get("agent_version") != mb.agent_version():
                 chan.close()
                 raise BackendError(
                     f"{self.name}: the host agent reports version {hello.get('agent_version')!r}, this meshrun "
-                    f"needs {meshrun.agent_version()!r}; remove {self.root}/agent on the host", backend=BACKEND)
+                    f"needs {mb.agent_version()!r}; remove {self.root}/agent on the host", backend=BACKEND)
             if attempt < 2 and self._needs_cloudpickle(hello):
                 chan.close()
                 self._upload_cloudpickle()

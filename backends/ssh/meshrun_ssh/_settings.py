@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 import meshrun
+import meshrun.backend as mb
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -118,7 +119,7 @@ def _check_root(v: str) -> str:
     return v.rstrip("/") or "/"
 
 
-class SSHSettings(meshrun.BackendSettings):  # type: ignore[misc, valid-type]
+class SSHSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
     hosts: list[Union[str, HostSettings]] = []
     known_hosts: Optional[Union[str, list[str]]] = None
     ssh_config: Optional[str] = None

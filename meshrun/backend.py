@@ -1,0 +1,114 @@
+"""The backend-author kit: what a backend package needs from meshrun, in one public module.
+
+    import meshrun.backend as mb
+
+    class MyBackend(mb.Backend):
+        name = "mine"
+        features = mb.Feature.COMMANDS | mb.Feature.FUNCTIONS
+
+        def check(self) -> mb.Availability: ...
+        def offers(self, spec) -> list[mb.Offer]: ...
+        def submit(self, submission: mb.Submission, offer=None) -> str: ...
+        def status(self, ids) -> dict[str, mb.JobStatus]: ...
+
+docs/writing-a-backend.md describes every duty. The user API (jobs, specs, placement, errors, units) stays in
+``meshrun`` itself; the errors a backend raises are re-exported here too. The names below were also
+reachable as ``meshrun.<name>`` and still are.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+# imported on first use, like meshrun's own names, so importing a backend package stays cheap
+_EXPORTS = {
+    "Backend": "._backend", "Feature": "._backend", "Availability": "._backend", "Offer": "._backend",
+    "Submission": "._backend", "JobState": "._backend", "JobStatus": "._backend", "RESULT_FILES": "._backend",
+    "STAGED_FILES": "._backend",
+    "BackendSettings": "._config",
+    "register_backend": "._registry", "unregister_backend": "._registry", "get_backend": "._registry",
+    "list_backends": "._registry",
+    "agent_file": "._local", "agent_version": "._local", "map_agent_status": "._local", "tail_file": "._local",
+    "place_files_locally": "._scheduler",
+    "DIST_ENV_VARS": "._launch", "dist_env": "._launch", "dist_shell": "._launch", "free_port": "._launch",
+    "check_dist_env": "._launch",
+    "slurm_time": "._units",
+    "BackendError": "._errors", "BackendUnavailable": "._errors", "ConfigError": "._errors",
+    "JobNotFound": "._errors", "SpecError": "._errors",
+}
+_RENAMED = {"DIST_ENV_VARS": "CONTRACT"}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'meshrun.backend' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod, "meshrun"), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from ._backend import (
+        RESULT_FILES,
+        STAGED_FILES,
+        Availability,
+        Backend,
+        Feature,
+        JobState,
+        JobStatus,
+        Offer,
+        Submission,
+    )
+    from ._config import BackendSettings
+    from ._errors import BackendError, BackendUnavailable, ConfigError, JobNotFound, SpecError
+    from ._launch import CONTRACT as DIST_ENV_VARS
+    from ._launch import check_dist_env, dist_env, dist_shell, free_port
+    from ._local import agent_file, agent_version, map_agent_status, tail_file
+    from ._registry import get_backend, list_backends, register_backend, unregister_backend
+    from ._scheduler import place_files_locally
+    from ._units import slurm_time
+
+__all__ = [
+    # the contract
+    "Backend",
+    "BackendSettings",
+    "Feature",
+    "Availability",
+    "Offer",
+    "Submission",
+    "JobState",
+    "JobStatus",
+    "RESULT_FILES",
+    "STAGED_FILES",
+    # registration
+    "register_backend",
+    "unregister_backend",
+    "get_backend",
+    "list_backends",
+    # the host agent and the job folder
+    "agent_file",
+    "agent_version",
+    "map_agent_status",
+    "tail_file",
+    "place_files_locally",
+    # the distributed environment contract
+    "DIST_ENV_VARS",
+    "dist_env",
+    "free_port",
+    "check_dist_env",
+    # units only schedulers need
+    "slurm_time",
+    # errors a backend raises
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "JobNotFound",
+    "SpecError",
+]
