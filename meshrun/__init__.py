@@ -75,7 +75,7 @@ _EXPORTS = {
 _KIT = (
     "Backend", "BackendSettings", "Availability", "Feature", "JobStatus", "Submission", "RESULT_FILES",
     "STAGED_FILES", "register_backend", "unregister_backend", "agent_file", "agent_version", "map_agent_status",
-    "tail_file", "place_files_locally", "dist_env", "free_port", "DIST_ENV_VARS", "slurm_time",
+    "tail_file", "place_files_locally", "dist_env", "dist_shell", "free_port", "DIST_ENV_VARS", "slurm_time",
 )
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
