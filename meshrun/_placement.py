@@ -573,10 +573,9 @@ def _rank(spec: Any, offers: list[Offer], inputs: dict[str, Any]) -> Plan:
     position: dict[str, int] = {}  # each backend's own order (e.g. least-loaded host first) breaks ties
     for o in offers:
         pos = position[o.backend] = position.get(o.backend, -1) + 1
-        if not o.fits:
-            rejected.append(Rejection(o, o.reason or "does not fit"))
-            continue
-        reasons = []
+        # an offer that cannot run (a backend not installed, too few GPUs) still names every constraint it
+        # breaks, so the rejection says all that stands in the way, not only the first thing
+        reasons = [] if o.fits else [o.reason or "does not fit"]
         if allowed is not None and o.backend not in allowed:
             reasons.append(f"the {o.backend} backend is not among the allowed backends ({', '.join(sorted(allowed))})")
         if o.backend in excluded:
@@ -592,13 +591,15 @@ def _rank(spec: Any, offers: list[Offer], inputs: dict[str, Any]) -> Plan:
         if wait is not None and wait < 0:
             wait = 0.0
         if deadline is not None:
-            if wait is None:
+            if wait is None and not o.fits:
+                pass  # a place that cannot run the job has no start to know; its own reason says why
+            elif wait is None:
                 reasons.append(f"its start time is unknown ({o.start_note or 'no estimate'}); the deadline "
                                f"({format_duration(deadline)}) {_LATE_MID}")
             elif wait > deadline:
                 reasons.append(f"{_LATE} {format_duration(wait)} ({o.start_note}), after the deadline of "
                                f"{format_duration(deadline)}")
-        if reasons:
+        if reasons or not o.fits:
             rejected.append(Rejection(o, "; ".join(reasons)))
             continue
         cost = total * runtime_h

@@ -38,7 +38,10 @@ from meshrun import (
 from meshrun import _registry
 from meshrun._placement import Objective, rank
 
-SNAP = Path(__file__).resolve().parents[2] / "shared" / "catalogs" / "v8"
+# the snapshot lives in shared/ beside the checkout (a worktree sits one folder deeper)
+SNAP = next((p / "shared" / "catalogs" / "v8" for p in Path(__file__).resolve().parents[2:]
+             if (p / "shared" / "catalogs" / "v8").is_dir()),
+            Path(__file__).resolve().parents[2] / "shared" / "catalogs" / "v8")
 needs_snapshot = pytest.mark.skipif(not SNAP.is_dir(), reason=f"the catalog snapshot is not at {SNAP}")
 H = 3600.0
 
