@@ -61,3 +61,41 @@ def test_uninstalled_launcher_rejection_also_names_price_and_spot(fake_gpus):
     # an offer that cannot run for a reason of its own keeps that reason first
     local = [why for o, why in p.rejected if o.backend == "local"]
     assert local and all("GPU" in why.split(";")[0] for why in local)
+
+
+# ---- docs/placement.md shows what `meshrun offers --max-price 2` prints ---------------------------------
+
+
+def _doc_block(path: Path, first_line: str) -> list[str]:
+    """The lines of the fenced block in ``path`` that starts with ``first_line``."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line == first_line and i and lines[i - 1].startswith("```"):
+            end = lines.index("```", i)
+            return lines[i + 1:end]
+    raise AssertionError(f"{path.name} has no code block starting with {first_line!r}")
+
+
+def _pattern(doc_line: str) -> re.Pattern[str]:
+    """A doc line as a pattern: runs of spaces are one space, ``...`` stands for anything, and the install
+    hint of an uninstalled launcher may be absent (the test's launcher has none)."""
+    text = " ".join(doc_line.split())
+    text = text.replace(" (install it with: pip install meshrun-skypilot ...)", "\0").replace(" (...)", "\0")
+    pat = re.escape(text).replace(re.escape("..."), ".*").replace("\0", "(?: \\(.*?\\))?")
+    return re.compile(pat)
+
+
+@needs_snapshot
+def test_placement_doc_shows_what_offers_with_max_price_prints(tmp_path):
+    doc = _doc_block(REPO / "docs" / "placement.md", "$ meshrun offers --gpus H100:1 --max-price 2")
+    assert not any("meshrun: error" in line for line in doc)
+    cfg = tmp_path / "config.toml"
+    # a launcher that is not installed stands for the docs' uninstalled skypilot backend
+    cfg.write_text('[placement]\nbackends = ["local", "skyless"]\ncloud_launcher = "skyless"\n')
+    out = cli("offers", "--gpus", "H100:1", "--max-price", "2",
+              env={"MESHRUN_CONFIG": str(cfg), "MESHRUN_CATALOG_DIR": str(SNAP), "MESHRUN_GPUS": "0,1"})
+    assert out.returncode == 1, out.stderr
+    got = [" ".join(line.replace("skyless", "skypilot").split()) for line in out.stdout.splitlines()]
+    assert len(got) == len(doc), (got, doc)
+    for want, line in zip(doc, got):
+        assert _pattern(want).fullmatch(line), f"docs show\n  {want}\nthe command prints\n  {line}"
