@@ -99,3 +99,46 @@ def test_placement_doc_shows_what_offers_with_max_price_prints(tmp_path):
     assert len(got) == len(doc), (got, doc)
     for want, line in zip(doc, got):
         assert _pattern(want).fullmatch(line), f"docs show\n  {want}\nthe command prints\n  {line}"
+
+
+# ---- docs never show a bare job.logs(follow=True), which prints nothing -----------------------------------
+
+
+def _python_blocks(path: Path) -> list[tuple[int, list[str]]]:
+    """(first line number, lines) of every ```python block in a Markdown file."""
+    out, cur, start = [], None, 0
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if cur is None and line.strip().startswith("```python"):
+            cur, start = [], n + 1
+        elif cur is not None and line.strip() == "```":
+            out.append((start, cur))
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    return out
+
+
+BARE_FOLLOW = re.compile(r"^\s*[\w.\[\]()]+\.logs\([^)]*follow\s*=\s*True")
+
+
+def test_docs_never_show_a_bare_follow_that_prints_nothing():
+    bad = []
+    for path in DOCS:
+        for start, lines in _python_blocks(path):
+            for k, line in enumerate(lines):
+                if BARE_FOLLOW.match(line):
+                    bad.append(f"{path.relative_to(REPO)}:{start + k}: {line.strip()}")
+    assert not bad, "job.logs(follow=True) returns an iterator; a bare call prints nothing:\n" + "\n".join(bad)
+
+
+def test_the_ssh_docs_follow_example_prints_the_output():
+    # run the docs' loop as written against a real local command job
+    block = next(lines for _, lines in _python_blocks(REPO / "docs" / "backends" / "ssh.md")
+                 if any("logs(follow=True)" in line for line in lines))
+    i = next(k for k, line in enumerate(block) if "logs(follow=True)" in line)
+    loop = "\n".join([block[i], *[line for line in block[i + 1:] if line.startswith((" ", "\t"))]])
+    code = ("import meshrun\n"
+            "job = meshrun.run(['sh', '-c', 'echo first; echo second'], backend='local')\n" + loop + "\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["first", "second"], out.stdout
