@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any, Sequence
 
@@ -81,8 +82,60 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", "-o", default=None, help="folder for the files (default: the job's folder, bench/)")
     o.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     o.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the PNG")
-    o.add_argument("--quiet", "-q", action="store_true", help="do not stream the job's output while it runs")
+    o.add_argument("--quiet", "-q", action="store_true", help="do not show the job's progress (start-up lines, errors) while it runs")
     return p
+
+
+#: a result row of the worker's table: size, count, type, ... (the final report prints the whole table)
+_ROW = re.compile(r"^\s+(\d+)\s+\d+\s+\S+")
+
+
+class _Progress:
+    """The job's output while it runs, less the result table that the final report prints: table lines
+    become one status line (rewritten in place on a terminal); anything else (node start-up, errors,
+    warnings) passes through as it is."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.pending = ""
+        self.collective = ""
+        self.status_shown = False
+
+    def __call__(self, chunk: str) -> None:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.line(line)
+
+    def line(self, line: str) -> None:
+        if line.startswith("#"):
+            head = line[1:].strip()
+            if head and " " not in head and not head.startswith(("(", "-")):
+                self.collective = head  # "# all_reduce" starts a collective's table
+            return
+        m = _ROW.match(line)
+        if m:
+            if self.tty:
+                self.stream.write(f"\r\x1b[K[bench] {self.collective} {m.group(1)} B")
+                self.stream.flush()
+                self.status_shown = True
+            return
+        self.clear()
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.status_shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.status_shown = False
+
+    def close(self) -> None:
+        if self.pending:
+            self.line(self.pending)
+            self.pending = ""
+        self.clear()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairwise_bytes=args.pairwise_bytes, pairwise_threshold=args.pairwise_threshold,
         compare_nccl_tests=args.compare_nccl_tests, nccl_info=args.nccl_info, env=env, timeout=args.timeout,
         time_limit=args.time_limit, name=args.name, out_dir=args.out, plot=args.plot,
-        progress=not (args.quiet or args.json),
     )
+    progress = None if (args.quiet or args.json) else _Progress()
+    kw["progress"] = progress or False
     if args.max_bytes is not None:
         kw["max_bytes"] = args.max_bytes
     if args.backend in (None, "local"):
@@ -127,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if progress is not None:
+            progress.close()
     if args.json:
         sys.stdout.write(res.to_jsonl())
     else:
