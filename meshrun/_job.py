@@ -289,7 +289,8 @@ class Job(Generic[R]):
     # ---- display
     def __repr__(self) -> str:
         r = self._record
-        return f"<meshrun.Job {self.id} {r.name!r} {r.state.value} on {r.backend}>"
+        code = f", exit code {r.exit_code}" if r.exit_code is not None else ""
+        return f"<meshrun.Job {self.id} {r.name!r} {r.state.value}{code} on {r.backend}>"
 
     def _repr_html_(self) -> str:
         r = self._record
@@ -321,7 +322,8 @@ class Job(Generic[R]):
             for k, v in rows
         )
         tail = html.escape(self.log_tail(8)) if r.state is not JobState.SUBMITTING else ""
-        logs = f'<pre style="max-height:12em;overflow:auto;margin:0.3em 0">{tail}</pre>' if tail else ""
+        logs = (f'<div><b>output</b> (the last 8 lines, at most 4000 characters)</div>'
+                f'<pre style="max-height:12em;overflow:auto;margin:0.3em 0">{tail}</pre>') if tail else ""
         return f'<div class="meshrun-job"><b>meshrun.Job</b><table>{body}</table>{logs}</div>'
 
 

@@ -142,3 +142,28 @@ def test_the_ssh_docs_follow_example_prints_the_output():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["first", "second"], out.stdout
+
+
+# ---- a command job's display shows its output and exit code ---------------------------------------------
+
+
+def test_command_job_display_shows_a_capped_output_tail_and_the_exit_code():
+    job = meshrun.run(["sh", "-c", "echo start; yes filler | head -c 20000; echo; echo the-last-line; exit 3"],
+                      backend="local")
+    job.wait(timeout=120)
+    assert "exit code 3" in repr(job) and "failed" in repr(job)
+    html = job._repr_html_()
+    assert "the-last-line" in html and "<th" in html and ">exit code<" in html and ">3<" in html
+    assert "start" not in html.split("<pre", 1)[1]  # only the tail, not the whole output
+    assert len(html) < 6000  # capped: a job's output may be gigabytes
+    ok = meshrun.run(["echo", "hello"], backend="local")
+    assert ok.result(timeout=120) == 0  # result() stays the exit code
+    assert "exit code 0" in repr(ok) and "hello" in ok._repr_html_()
+
+
+def test_the_example_notebook_shows_a_command_job_not_its_exit_code():
+    import json
+
+    nb = json.loads((REPO / "examples" / "notebook.ipynb").read_text())
+    last = "".join(nb["cells"][-1]["source"]).strip().splitlines()[-1]
+    assert not last.rstrip().endswith(".result(timeout=120)"), last

@@ -37,4 +37,6 @@ def test_notebook_runs_in_a_real_kernel(tmp_path):
     assert text(4) == "49"                                 # the result came back
     assert text(5) == "[0, 1, 4, 9, 16]"
     assert "squaring 7" in text(6)
-    assert text(7) == "0"
+    cmd = outputs(7)[0]["data"]                             # a command job shows its output and exit code
+    assert "hello from a command job" in cmd["text/html"] and "exit code" in cmd["text/html"]
+    assert "exit code 0" in cmd["text/plain"] and "succeeded" in cmd["text/plain"]
