@@ -71,9 +71,10 @@ def test_the_readme_install_line_names_every_backend_folder():
     """The README's one line that installs meshrun with every backend, run through bash's expansion."""
     readme = (REPO / "README.md").read_text()
     line = next(l for l in readme.splitlines() if "backends/*/" in l and "pip install -e ." in l)
-    # expand it as the shell would, with `pip` replaced by echo
-    out = subprocess.run(["bash", "-c", line.replace("pip install", "echo", 1)], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.split()
+    # expand it as the shell would, printing the arguments pip would get
+    shown = re.sub(r"\S*pip install", "printf '%s\\n'", line, count=1)
+    out = subprocess.run(["bash", "-c", shown], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
     assert out[:2] == ["-e", "."]
     assert {Path(out[i + 1]).resolve() for i in range(2, len(out), 2)} == {REPO / "backends" / n for n in BACKENDS}
 
