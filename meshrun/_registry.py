@@ -22,15 +22,34 @@ from ._errors import BackendUnavailable
 
 GROUP = "meshrun.backends"
 
+class _Known(dict[str, str]):
+    """Backend name -> install hint. A hint left empty is worked out when it is read (``install_hint``), as
+    the command that works depends on how meshrun itself is installed."""
+
+    def __getitem__(self, name: str) -> str:
+        hint: str = super().__getitem__(name)
+        return hint or install_hint(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
+def install_hint(name: str, extras: tuple[str, ...] = ()) -> str:
+    """One command that installs backend ``name`` for the way meshrun is installed (see meshrun._install)."""
+    from ._install import install_hint as hint
+
+    return hint(name, extras)
+
+
 # backends meshrun knows about, with the way to install them
-KNOWN: dict[str, str] = {
+KNOWN: dict[str, str] = _Known({
     "local": "built in",
-    "ssh": "pip install meshrun-ssh   (from a checkout: pip install -e backends/ssh)",
-    "slurm": "pip install meshrun-slurm   (from a checkout: pip install -e backends/slurm)",
-    "kubernetes": "pip install meshrun-kubernetes   (from a checkout: pip install -e backends/kubernetes)",
-    "skypilot": "pip install meshrun-skypilot   (from a checkout: pip install -e backends/skypilot)",
-    "dstack": "pip install meshrun-dstack   (from a checkout: pip install -e backends/dstack)",
-}
+    "ssh": "",
+    "slurm": "",
+    "kubernetes": "",
+    "skypilot": "",
+    "dstack": "",
+})
 
 
 @dataclass

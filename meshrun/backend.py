@@ -27,7 +27,7 @@ _EXPORTS = {
     "STAGED_FILES": "._backend",
     "BackendSettings": "._config",
     "register_backend": "._registry", "unregister_backend": "._registry", "get_backend": "._registry",
-    "list_backends": "._registry",
+    "list_backends": "._registry", "install_hint": "._install",
     "agent_file": "._local", "agent_version": "._local", "map_agent_status": "._local", "tail_file": "._local",
     "place_files_locally": "._scheduler",
     "DIST_ENV_VARS": "._launch", "dist_env": "._launch", "dist_shell": "._launch", "free_port": "._launch",
@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from ._config import BackendSettings
     from ._errors import BackendError, BackendUnavailable, ConfigError, JobNotFound, SpecError
+    from ._install import install_hint
     from ._launch import CONTRACT as DIST_ENV_VARS
     from ._launch import check_dist_env, dist_env, dist_shell, free_port
     from ._local import agent_file, agent_version, map_agent_status, tail_file
@@ -92,6 +93,7 @@ __all__ = [
     "unregister_backend",
     "get_backend",
     "list_backends",
+    "install_hint",
     # the host agent and the job folder
     "agent_file",
     "agent_version",

@@ -118,7 +118,7 @@ def test_backends_lists_broken_plugins_with_reason_and_hint(tmp_path):
     by = {b["name"]: b for b in data}
     assert by["broken"]["status"] == "failed to load"
     # a known backend that fails to load gets its install hint
-    assert "meshrun-slurm" in by["slurm"]["detail"] or by["slurm"]["status"] == "ready"
+    assert "backends/slurm" in by["slurm"]["detail"] or by["slurm"]["status"] == "ready"
     # and jobs still run
     assert cli("run", "--backend", "local", "--", "true", env=env).returncode == 0
 

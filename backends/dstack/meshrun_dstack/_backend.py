@@ -40,7 +40,7 @@ class DstackBackend(mb.Backend):
         | mb.Feature.REATTACH
         | mb.Feature.SPOT
     )
-    install_hint = "pip install meshrun-dstack   (from a checkout: pip install -e backends/dstack)"
+    install_hint = mb.install_hint("dstack")
     poll_interval = (1.0, 15.0)
     log_poll = 2.0  # seconds between log polls while following
 

@@ -32,7 +32,7 @@ SELECTOR_CHUNK = 100
 class KubernetesBackend(mb.Backend):
     name = "kubernetes"
     features = F.COMMANDS | F.FUNCTIONS | F.GPUS | F.MULTI_NODE | F.LOGS_FOLLOW | F.REATTACH
-    install_hint = "pip install meshrun-kubernetes"
+    install_hint = mb.install_hint("kubernetes")
     poll_interval = (2.0, 30.0)
 
     def __init__(self, config: Mapping[str, Any] | None = None):
@@ -71,7 +71,7 @@ class KubernetesBackend(mb.Backend):
 
         if importlib.util.find_spec("kubernetes") is None:
             return mb.Availability(False, reason="the kubernetes Python client is not installed",
-                                        hint="pip install meshrun-kubernetes")
+                                        hint=self.install_hint)
         try:
             k = self.kube()
         except meshrun.MeshrunError as e:

@@ -19,6 +19,7 @@ import os
 from typing import Any, Iterator, Mapping
 
 import meshrun
+import meshrun.backend as mb
 
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 KUEUE_GROUP = "kueue.x-k8s.io"
@@ -99,7 +100,7 @@ class Kube:
             from kubernetes import client, config
         except ImportError as e:  # pragma: no cover - a dependency of this distribution
             raise meshrun.BackendUnavailable(
-                "the kubernetes Python client is not installed: pip install meshrun-kubernetes",
+                "the kubernetes Python client is not installed: " + mb.install_hint("kubernetes"),
                 backend="kubernetes") from e
         cfg = client.Configuration()
         try:

@@ -125,7 +125,7 @@ class SkyPilotBackend(Backend):
     name = NAME
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
                 | Feature.REATTACH | Feature.SPOT)
-    install_hint = "pip install meshrun-skypilot   (from a checkout: pip install -e backends/skypilot)"
+    install_hint = mb.install_hint("skypilot")
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
         self.settings = settings_class().load(NAME, self.config)

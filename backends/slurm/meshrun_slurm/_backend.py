@@ -83,7 +83,7 @@ class SlurmBackend(mb.Backend):
         mb.Feature.COMMANDS | mb.Feature.FUNCTIONS | mb.Feature.GPUS | mb.Feature.MULTI_NODE
         | mb.Feature.ARRAYS | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH
     )
-    install_hint = "pip install meshrun-slurm   (from a checkout: pip install -e backends/slurm)"
+    install_hint = mb.install_hint("slurm")
     # status() reads the agent's records first (a file read on the shared filesystem) and asks Slurm at most
     # every query_interval (growing with the jobs' age), so polling often costs files, not scheduler calls
     poll_interval = (0.01, 0.5)

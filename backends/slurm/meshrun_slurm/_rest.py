@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import meshrun
+import meshrun.backend as mb
 
 from . import _states as S
 from ._options import BACKEND
@@ -72,7 +73,7 @@ class RestClient:
                     import httpx
                 except ImportError as e:
                     raise meshrun.BackendUnavailable(
-                        'api = "rest" needs httpx: pip install "meshrun-slurm[rest]"', backend=BACKEND) from e
+                        'api = "rest" needs httpx: ' + mb.install_hint("slurm", ["rest"]), backend=BACKEND) from e
                 transport = httpx.HTTPTransport(uds=self.settings.rest_url[len("unix:"):]) if self.unix else None
                 self._client = httpx.Client(base_url=self.base, transport=transport,
                                             timeout=self.settings.command_timeout)

@@ -75,11 +75,10 @@ class SSHRunner:
                 try:
                     import meshrun_ssh
                 except ImportError as e:
-                    import meshrun
+                    import meshrun.backend as mb
 
-                    raise meshrun.BackendUnavailable(
-                        "login_host is set, which needs the SSH backend: pip install meshrun-ssh "
-                        "(from a checkout: pip install -e backends/ssh)", backend="slurm",
+                    raise mb.BackendUnavailable(
+                        "login_host is set, which needs the SSH backend: " + mb.install_hint("ssh"), backend="slurm",
                     ) from e
                 self._conn = meshrun_ssh.connect(self.target, config=self.config)
             return self._conn

@@ -28,7 +28,7 @@ class SSHBackend(mb.Backend):
     name = "ssh"
     features = (mb.Feature.COMMANDS | mb.Feature.FUNCTIONS | mb.Feature.GPUS
                 | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH)
-    install_hint = "pip install meshrun-ssh   (from a checkout: pip install -e backends/ssh)"
+    install_hint = mb.install_hint("ssh")
     poll_interval = (0.05, 5.0)
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
