@@ -80,7 +80,7 @@ def _pattern(doc_line: str) -> re.Pattern[str]:
     """A doc line as a pattern: runs of spaces are one space, ``...`` stands for anything, and the install
     hint of an uninstalled launcher may be absent (the test's launcher has none)."""
     text = " ".join(doc_line.split())
-    text = text.replace(" (install it with: pip install meshrun-skypilot ...)", "\0").replace(" (...)", "\0")
+    text = text.replace(" (install it with: pip install -e backends/skypilot)", "\0").replace(" (...)", "\0")
     pat = re.escape(text).replace(re.escape("..."), ".*").replace("\0", "(?: \\(.*?\\))?")
     return re.compile(pat)
 
