@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from meshrun.testing import wait_until
 
 REPO = Path(__file__).resolve().parent
 FAKES = REPO / "tests" / "fakes"
@@ -111,16 +112,6 @@ def fake_gpus(tmp_path, monkeypatch):
     return Fake()
 
 
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll ``pred`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def proc_alive(pid: int) -> bool:

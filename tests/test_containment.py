@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from meshrun.testing import wait_until as _wait_until
+
 import meshrun
 from meshrun import JobState, _agent
 
@@ -105,14 +107,7 @@ def mechanism(request, monkeypatch):
 
 
 def wait_until(pred, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return _wait_until(pred, timeout, what=what)
 
 
 def lease_held(job_id: str) -> bool:

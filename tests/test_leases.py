@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import meshrun
+from meshrun.testing import assert_no_gpu_overlap
 from meshrun import JobState, _agent
 
 @pytest.fixture(autouse=True)
@@ -38,18 +39,6 @@ def _record_job(out_dir: Path, sleep: float) -> list[str]:
         "open(os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'), 'w').write(json.dumps(rec))"
     )
     return ["python3", "-c", code, str(out_dir), str(sleep)]
-
-
-def _assert_no_overlap(records: list[dict]) -> None:
-    by_gpu: dict[str, list[tuple[float, float, str]]] = {}
-    for r in records:
-        assert r["gpus"], f"a GPU job ran without GPUs: {r}"
-        for g in r["gpus"].split(","):
-            by_gpu.setdefault(g, []).append((r["start"], r["end"], r["job"]))
-    for g, spans in by_gpu.items():
-        spans.sort()
-        for (s1, e1, j1), (s2, e2, j2) in zip(spans, spans[1:]):
-            assert s2 >= e1, f"GPU {g} was held by {j1} and {j2} at the same time"
 
 
 @pytest.fixture
@@ -134,7 +123,7 @@ def test_racing_submitters_of_two_users_never_share_a_gpu(tmp_path, shared_lease
         records = [json.loads(f.read_text()) for f in out.glob("*.json")]
         assert len(records) == 6 * 4 + 6
         assert {r["user"] for r in records} == {0, pwd.getpwnam(other_user).pw_uid}
-        _assert_no_overlap(records)
+        assert_no_gpu_overlap(records)
         # nothing is left leased afterwards
         snap = _agent.snapshot()
         assert snap["leases"] == {} and snap["queue"] == []
@@ -253,7 +242,7 @@ def test_one_user_alone_is_served_first_come_first_served(monkeypatch, tmp_path)
     recs = {r["job"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
     starts = [recs[j.id]["start"] for j in jobs]
     assert starts == sorted(starts), "a user's own jobs started out of their arrival order"
-    _assert_no_overlap(list(recs.values()))
+    assert_no_gpu_overlap(list(recs.values()))
 
 
 def _other_user_job(other_user: str, out: Path, name: str, argv: list[str], gpus: int) -> tuple[Path, list[str]]:
@@ -314,7 +303,7 @@ def test_fair_share_across_os_users(shared_lease_dir, other_user, monkeypatch, c
         b_rec = recs["b-job"]
         assert b_rec["user"] == pwd.getpwnam(other_user).pw_uid
         assert recs[a3.id]["start"] >= b_rec["end"], "A's second job started before B's"
-        _assert_no_overlap([b_rec, recs[a3.id]])
+        assert_no_gpu_overlap([b_rec, recs[a3.id]])
         assert json.loads((b_dir / "exit.json").read_text())["state"] == "succeeded"
         # A's ended lease is remembered as recent use (4 GPUs for a few seconds), B's too
         usage = _agent.snapshot()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from meshrun.testing import run_cli, wait_until
+
 import meshrun
 from meshrun import JobState
 
@@ -26,22 +28,11 @@ def _local_backend(monkeypatch):
     monkeypatch.setenv("MESHRUN_BACKEND", "local")
 
 
-def cli(*args: str, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run([*MESHRUN, *args], capture_output=True, text=True, timeout=timeout,
-                       env=None if env is None else {**os.environ, **env})
-    if check and p.returncode != 0:
-        raise AssertionError(f"meshrun {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
+cli = run_cli
 
 
 def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(pred, timeout, what=what)
 
 
 def close_store() -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from meshrun.testing import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
@@ -167,20 +169,4 @@ print(json.dumps({"id": j.id, "state": j.record.state.value, "reason": j.record.
 
 
 def wait_for(pred, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
-
-
-def assert_no_overlap(records: list) -> None:
-    """Records of GPU jobs ({gpus: "0,1", start, end, job}): no GPU was held by two jobs at once."""
-    by_gpu: dict = {}
-    for r in records:
-        assert r["gpus"], f"a GPU job ran without GPUs: {r}"
-        for g in r["gpus"].split(","):
-            by_gpu.setdefault(g, []).append((r["start"], r["end"], r["job"]))
-    for g, spans in by_gpu.items():
-        spans.sort()
-        for (s1, e1, j1), (s2, e2, j2) in zip(spans, spans[1:]):
-            assert s2 >= e1, f"GPU {g} was held by {j1} and {j2} at the same time"
+    wait_until(pred, timeout, 0.1)

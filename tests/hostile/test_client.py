@@ -18,12 +18,13 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from meshrun.testing import wait_until as _wait_until
 
 if TYPE_CHECKING:
     from .conftest import User
@@ -83,14 +84,7 @@ def cli(user: User, *args, env=None, prefix: str = "", timeout=120) -> subproces
 
 
 def wait_until(pred, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return _wait_until(pred, timeout, 0.05, what)
 
 
 def socket_dir_of(user: User) -> Path:

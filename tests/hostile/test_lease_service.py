@@ -18,7 +18,9 @@ import pytest
 
 from meshrun import _agent
 
-from .conftest import JOB, PY, REPO, User, assert_no_overlap, wait_for as _wait_for
+from meshrun.testing import assert_no_gpu_overlap as assert_no_overlap
+
+from .conftest import JOB, PY, REPO, User, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 

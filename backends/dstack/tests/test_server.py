@@ -14,12 +14,13 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
+from meshrun.testing import wait_until as _wait_until
 
 import meshrun
 from meshrun_dstack import _client, _translate
@@ -28,14 +29,7 @@ pytestmark = pytest.mark.service
 
 
 def wait_for(pred, timeout=60.0, interval=0.5, what="condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return _wait_until(pred, timeout, interval, what)
 
 
 def backend():

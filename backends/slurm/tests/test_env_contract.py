@@ -10,23 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from meshrun.testing import GLOO_ALLREDUCE
+
 import meshrun
 from meshrun_slurm._options import job_options
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 
-TRAIN = """\
-import os
-import torch
-import torch.distributed as dist
-
-dist.init_process_group("gloo")
-t = torch.tensor([float(dist.get_rank()) + 1.0])
-dist.all_reduce(t)
-print("rank %d of %d on node %s sum %g" % (dist.get_rank(), dist.get_world_size(), os.environ["NODE_RANK"], t.item()),
-      flush=True)
-dist.destroy_process_group()
-"""
+TRAIN = GLOO_ALLREDUCE
 
 
 @pytest.mark.parametrize("option", [

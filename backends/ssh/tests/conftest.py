@@ -8,11 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from meshrun.testing import wait_until as _wait_until
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = HERE.parent / "scripts"
@@ -266,14 +267,7 @@ def restart_pool() -> None:
 
 
 def wait_until(pred, timeout=30.0, interval=0.05, what="condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return _wait_until(pred, timeout, interval, what)
 
 
 @pytest.fixture
