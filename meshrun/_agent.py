@@ -113,6 +113,18 @@ def write_json(path, obj, mode=0o644):
     atomic_write(path, (json.dumps(obj, sort_keys=True) + "\n").encode(), mode)
 
 
+def result_complete(path):
+    """True when ``path`` is a whole pickle (written by an atomic rename, and ending with pickle's STOP)."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) < 2:
+                return False
+            f.seek(-1, 2)
+            return f.read(1) == b"."
+    except OSError:
+        return False
+
+
 def read_json(path, default=None):
     try:
         with open(path, "rb") as f:

@@ -541,7 +541,7 @@ def _is_time(v: Any) -> bool:
 def _complete_result_wins(job: Job, st: JobStatus, backend: Any) -> JobStatus:
     """A function job reported lost whose complete result is on disk (its supervisor died between the
     worker's end and the exit record) succeeded: its result is returned, not a JobLost."""
-    from ._store import result_complete
+    from ._agent import result_complete
 
     p = job.job_dir / "result.pkl"
     if not p.exists():

@@ -19,22 +19,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from . import _agent
 from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
+from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
 
 INVENTORY_TTL = 10.0
-
-_STATES = {
-    "starting": JobState.PENDING,
-    "pending": JobState.PENDING,
-    "queued": JobState.PENDING,
-    "running": JobState.RUNNING,
-    "succeeded": JobState.SUCCEEDED,
-    "failed": JobState.FAILED,
-    "cancelled": JobState.CANCELLED,
-    "timeout": JobState.TIMEOUT,
-    "lost": JobState.LOST,
-}
-
 
 def agent_file() -> Path:
     """Path of the stdlib-only host agent, for backends that upload it to another machine."""
@@ -58,24 +46,6 @@ def _agent_digest() -> str:
         except OSError:
             _DIGEST[path] = "?"
     return _DIGEST[path]
-
-
-def map_agent_status(rec: Mapping[str, Any]) -> JobStatus:
-    """Translate one agent status record (``exit.json``/``state.json``) into a :class:`JobStatus`."""
-    state = _STATES.get(str(rec.get("state")), JobState.UNKNOWN)
-    where = rec.get("host")
-    gpus = rec.get("gpus")
-    if gpus and where:
-        where = f"{where} GPU {','.join(str(g.get('index', g)) if isinstance(g, dict) else str(g) for g in gpus)}"
-    return JobStatus(
-        state=state,
-        reason=rec.get("reason"),
-        exit_code=rec.get("exit_code"),
-        started_at=rec.get("started_at"),
-        ended_at=rec.get("ended_at"),
-        where=where,
-        detail={k: rec[k] for k in ("pid", "position", "gpu_uuids", "containment", "cgroup") if k in rec},
-    )
 
 
 class _Reaper:
@@ -276,10 +246,8 @@ def local_status(job_dir: Path) -> JobStatus:
     st = map_agent_status(_agent.job_status(str(job_dir)))
     if st.state is not JobState.LOST or (job_dir / _agent.EXIT).exists():
         return st
-    from ._store import result_complete
-
     launch = _agent.read_json(str(job_dir / _agent.LAUNCH)) or {}
-    if launch.get("kind") == "function" and result_complete(job_dir / _agent.RESULT):
+    if launch.get("kind") == "function" and _agent.result_complete(str(job_dir / _agent.RESULT)):
         return JobStatus(JobState.SUCCEEDED, exit_code=0, started_at=st.started_at, where=st.where,
                          reason="its supervisor ended before writing the exit record; the result is complete")
     if _agent.disk_full(str(job_dir)):

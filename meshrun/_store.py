@@ -680,7 +680,8 @@ def _id_time(job_id: str) -> float | None:
 
 def record_from_folder(d: Path) -> JobRecord | None:
     """A job's row made from its folder alone (for rebuilding the index); None if it is no job folder."""
-    from ._local import map_agent_status
+    from ._agent import result_complete
+    from ._backend import map_agent_status
 
     jid = d.name
     launch = _read_json(d / "launch.json")
@@ -715,7 +716,7 @@ def record_from_folder(d: Path) -> JobRecord | None:
         s = map_agent_status(ex)
         fields.update(state=s.state if s.state is not JobState.UNKNOWN else JobState.LOST, reason=s.reason,
                       exit_code=s.exit_code, where=s.where, started_at=s.started_at, ended_at=s.ended_at or now)
-    elif kind == "function" and result_complete(d / "result.pkl"):
+    elif kind == "function" and result_complete(str(d / "result.pkl")):
         fields.update(state=JobState.SUCCEEDED, exit_code=0, ended_at=now,
                       reason="its result is complete although no exit record was written")
     elif backend_id:
@@ -739,18 +740,6 @@ def record_from_folder(d: Path) -> JobRecord | None:
                      backend=backend, backend_id=backend_id, created_at=created,
                      submitted_at=created if backend_id else None, array_id=None, array_index=None,
                      attempt=1, history=history, user=user, pid=None, job_dir=d, **fields)
-
-
-def result_complete(p: Path) -> bool:
-    """True when ``p`` is a whole pickle (written by an atomic rename, and ending with pickle's STOP)."""
-    try:
-        with open(p, "rb") as f:
-            if f.seek(0, 2) < 2:
-                return False
-            f.seek(-1, 2)
-            return f.read(1) == b"."
-    except OSError:
-        return False
 
 
 def _hostname() -> str:
