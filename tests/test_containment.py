@@ -496,7 +496,8 @@ MAIN_THREAD_EXITS = textwrap.dedent(
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the test calls SYS_exit by its x86-64 number")
 def test_a_process_whose_main_thread_ended_lives_until_its_last_thread_does(tmp_path):
     started, stop = tmp_path / "started", tmp_path / "stop"
-    p = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS, str(started), str(stop)])
+    # its own session: the test's session leader may live outside this PID namespace (getsid() gives 0 then)
+    p = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS, str(started), str(stop)], start_new_session=True)
     try:
         wait_until(started.exists, what="the worker thread")
         wait_until(lambda: _agent._proc_stat(p.pid)[0] == "Z", what="the main thread to end")
@@ -508,6 +509,7 @@ def test_a_process_whose_main_thread_ended_lives_until_its_last_thread_does(tmp_
         assert not _agent.pid_alive(p.pid)
     finally:
         p.kill()
+        p.wait(timeout=30)
 
 
 def test_a_marked_process_is_followed_until_it_has_ended(tmp_path):
