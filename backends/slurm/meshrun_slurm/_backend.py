@@ -917,7 +917,7 @@ class SlurmBackend(mb.Backend):
                 JS.LOST, reason=f"Slurm no longer knows job {bid} (neither squeue nor sacct shows it) and it "
                                 f"left no exit record")
         st = S.to_status(row)
-        if st.state is JS.FAILED and isinstance(rec0, Mapping) and rec0.get("signal") and not _agent_trusts(rec0):
+        if row.state == "FAILED" and isinstance(rec0, Mapping) and rec0.get("signal") and not _agent_trusts(rec0):
             key = (bid, float(rec0.get("ended_at") or 0))
             first = self._requeue_settle.setdefault(key, time.monotonic())
             if time.monotonic() - first < REQUEUE_SETTLE:
