@@ -1,4 +1,4 @@
-"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, doctor, bench."""
+"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, catalog, doctor, bench."""
 
 from __future__ import annotations
 
@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resource_args(o)
     _add_placement_args(o)
     o.add_argument("--json", action="store_true")
+
+    cat = sub.add_parser("catalog", help="the cloud price catalog: which one is used, how old; update it",
+                         description="Cloud prices come from SkyPilot-format catalog tables. A dated snapshot ships "
+                                     "with meshrun; `meshrun catalog update` fetches current ones.")
+    cat.add_argument("action", nargs="?", choices=["show", "update"], default="show",
+                     help="show (default): the catalog in use, its age and clouds; update: fetch current tables")
+    cat.add_argument("--clouds", help="update: comma-separated clouds to fetch (default: the GPU clouds)")
+    cat.add_argument("--source", help="update: base URL of a catalogs/v8 folder (default: $MESHRUN_CATALOG_URL or "
+                                      "SkyPilot's public catalog repository)")
+    cat.add_argument("--json", action="store_true")
 
     ls_ = sub.add_parser("lease-service", help="the enforced GPU lease mode: a root service every user leases through",
                          description="Install (as root) or run the GPU lease service. With it, every user's agent "
@@ -655,12 +665,47 @@ def cmd_offers(a: argparse.Namespace) -> int:
         rc = 0
     else:
         p.print()
+        if any(o.detail.get("source") == "catalog" for o in [*p.offers, *(o for o, _ in p.rejected)]):
+            from ._catalog import catalog_info
+
+            print(catalog_info(kw.get("catalog_dir")).age_text())
         rc = 0 if p.chosen is not None else 1
     if still_asking():  # a backend that did not answer in time must not hold up the exit either
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def cmd_catalog(a: argparse.Namespace) -> int:
+    from ._catalog import catalog_info, load_catalog
+
+    if a.action == "update":
+        from ._catalog_update import cli_progress, update_catalog
+
+        clouds = [c.strip() for c in a.clouds.split(",") if c.strip()] if a.clouds else None
+        r = update_catalog(clouds, source=a.source, progress=None if a.json else cli_progress())
+        if a.json:
+            print(json.dumps({"folder": str(r.folder), "source": r.source, "fetched": r.fetched,
+                              "missing": r.missing}, indent=2))
+            return 0
+        print(f"updated {r.folder} from {r.source}: {', '.join(sorted(r.fetched))}")
+        for cloud, why in sorted(r.missing.items()):
+            print(f"  {cloud}: {why}")
+        return 0
+    info = catalog_info()
+    cat = load_catalog()
+    if a.json:
+        print(json.dumps({"folder": str(info.root) if info.root else None, "kind": info.kind, "as_of": info.as_of,
+                          "source": info.source, "clouds": {c: len(v) for c, v in cat.vms.items()},
+                          "errors": cat.errors}, indent=2))
+        return 0
+    print(info.age_text())
+    for c, rows in sorted(cat.vms.items()):
+        print(f"  {c}: {len(rows)} priced instance types and regions")
+    for e in cat.errors:
+        print(f"  unreadable: {e}")
+    return 0
 
 
 COMMANDS = {
@@ -673,6 +718,7 @@ COMMANDS = {
     "gpus": cmd_gpus,
     "backends": cmd_backends,
     "offers": cmd_offers,
+    "catalog": cmd_catalog,
     "lease-service": cmd_lease_service,
     "doctor": cmd_doctor,
 }

@@ -35,13 +35,11 @@ from meshrun import (
     Offer,
     SpecError,
 )
-from meshrun import _registry
+from meshrun import _catalog, _registry
 from meshrun._placement import Objective, rank
 
-# the snapshot lives in shared/ beside the checkout (a worktree sits one folder deeper)
-SNAP = next((p / "shared" / "catalogs" / "v8" for p in Path(__file__).resolve().parents[2:]
-             if (p / "shared" / "catalogs" / "v8").is_dir()),
-            Path(__file__).resolve().parents[2] / "shared" / "catalogs" / "v8")
+# the price catalog snapshot that ships inside the package
+SNAP = _catalog.SHIPPED
 needs_snapshot = pytest.mark.skipif(not SNAP.is_dir(), reason=f"the catalog snapshot is not at {SNAP}")
 H = 3600.0
 
