@@ -36,7 +36,7 @@ from meshrun import (
     SpecError,
 )
 from meshrun import _registry
-from meshrun._placement import Objective, rank
+from meshrun._plan import Objective, rank
 
 # the snapshot lives in shared/ beside the checkout (a worktree sits one folder deeper)
 SNAP = next((p / "shared" / "catalogs" / "v8" for p in Path(__file__).resolve().parents[2:]
@@ -469,6 +469,9 @@ def test_scenario_pending_past_max_pending_moves_to_the_next_offer(register, fak
     meshrun.configure({"prices": {"local": {"default": 0.5}}})
     job = meshrun.run(["bash", "-c", "echo moved"], gpus=1, max_pending=1, backends=["hpc", "local"])
     assert job.backend == "hpc" and job.status() is JobState.PENDING
+    time.sleep(1.1)
+    # past max_pending, reading the status still changes nothing: moving is the wait loop's (or advance's)
+    assert job.status() is JobState.PENDING and job.backend == "hpc" and hpc.cancelled == []
     plan_file = json.loads((job.job_dir / "plan.json").read_text())
     assert [o["backend"] for o in plan_file["ranked"]] == ["hpc", "local"] and plan_file["max_pending"] == 1
     # a fresh handle (as after a re-attach in another process) finds the plan in the job folder
@@ -487,8 +490,10 @@ def test_pending_with_no_offer_left_stays_put_and_says_so_once(register):
     hpc = register(Scripted("hpc", cluster_offers(start=0.0)))
     job = meshrun.run(["true"], max_pending=0.2, backends=["hpc"])
     time.sleep(0.3)
+    assert job.status() is JobState.PENDING  # a read: it records nothing about failover
+    assert [h["event"] for h in job.history] == ["placed", "submitted"]
     for _ in range(3):
-        assert job.status() is JobState.PENDING
+        assert job.advance() is JobState.PENDING
     events = [h["event"] for h in job.history]
     assert events.count("failover_exhausted") == 1 and hpc.cancelled == []
     assert "every offer of its plan was tried" in [h for h in job.history if h["event"] == "failover_exhausted"][0]["reason"]
@@ -498,7 +503,7 @@ def test_named_backend_is_not_moved_or_replanned(register):
     hpc = register(Scripted("hpc", cluster_offers(start=0.0)))
     job = meshrun.run(["true"], max_pending=0.1, backend="hpc")
     time.sleep(0.2)
-    assert job.status() is JobState.PENDING and hpc.cancelled == []
+    assert job.advance() is JobState.PENDING and hpc.cancelled == []
     assert [h["event"] for h in job.history] == ["submitted"]
     hpc.submit_error = "down"
     with pytest.raises(BackendError, match="down"):  # a named backend's error is raised as is
