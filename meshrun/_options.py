@@ -8,6 +8,7 @@ which overrides the defaults; :func:`resolve_inputs` turns the merged options in
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import math
 import re
@@ -49,8 +50,12 @@ class Objective(str, enum.Enum):
         return self.value
 
 
+#: True while the ``[placement]`` table is validated: errors then name ``placement.<option>``
+_from_config: contextvars.ContextVar[bool] = contextvars.ContextVar("meshrun_placement_config", default=False)
+
+
 def _err(info: ValidationInfo, name: str, msg: str) -> SpecError:
-    if (info.context or {}).get("config"):
+    if _from_config.get():
         return ConfigError(f"placement.{name}", msg)
     return SpecError(name, msg)
 
@@ -87,6 +92,13 @@ class PlacementOptions(BaseModel):
     #: seconds from the submit (a duration), or a point in time (datetime)
     deadline: float | datetime | None = None
 
+    def __init__(self, **data: Any):
+        """``PlacementOptions(objective="start", ...)``: a bad value raises SpecError naming the option."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise _translate(e, _from_config.get()) from None
+
     # ---- construction
     @classmethod
     def of(cls, options: PlacementOptions | None = None, /, **kw: Any) -> PlacementOptions:
@@ -112,22 +124,11 @@ class PlacementOptions(BaseModel):
         elif "offers_timeout" in data:
             key = "placement.offers_timeout" if config else "offers_timeout"
             raise (ConfigError if config else SpecError)(key, "give timeout or offers_timeout, not both")
+        token = _from_config.set(config)
         try:
-            return cls.model_validate(data, context={"config": config})
-        except ValidationError as e:
-            err = e.errors(include_url=False)[0]
-            orig = (err.get("ctx") or {}).get("error")
-            if isinstance(orig, SpecError):
-                raise orig from None
-            name = ".".join(str(p) for p in err.get("loc", ()))
-            name = "offers_timeout" if name == "timeout" else name
-            if err.get("type") == "extra_forbidden":
-                if config:
-                    raise ConfigError(f"placement.{name}", "unknown placement setting; the valid ones are: "
-                                      + ", ".join(FIELDS)) from None
-                raise SpecError(name, "not a placement option; the options are: " + ", ".join(FIELDS)) from None
-            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            raise (ConfigError(f"placement.{name}", msg) if config else SpecError(name, msg)) from None
+            return cls(**data)
+        finally:
+            _from_config.reset(token)
 
     def over(self, base: PlacementOptions) -> PlacementOptions:
         """These options where given, else ``base``'s (arguments over the config)."""
@@ -286,6 +287,23 @@ class PlacementOptions(BaseModel):
         if isinstance(v, (int, float, timedelta)) and not isinstance(v, bool):
             return _seconds(v, "deadline", info)
         raise _err(info, "deadline", f"expected a duration, seconds or a datetime, got {type(v).__name__}")
+
+
+def _translate(e: ValidationError, config: bool) -> SpecError:
+    """The one error of a failed validation: ours as raised, pydantic's as a SpecError (ConfigError from the
+    config) naming the option and what is allowed."""
+    err = e.errors(include_url=False)[0]
+    orig = (err.get("ctx") or {}).get("error")
+    if isinstance(orig, SpecError):
+        return orig
+    name = ".".join(str(p) for p in err.get("loc", ()))
+    name = "offers_timeout" if name == "timeout" else name
+    if err.get("type") == "extra_forbidden":
+        if config:
+            return ConfigError(f"placement.{name}", "unknown placement setting; the valid ones are: " + ", ".join(FIELDS))
+        return SpecError(name, "not a placement option; the options are: " + ", ".join(FIELDS))
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    return ConfigError(f"placement.{name}", msg) if config else SpecError(name, msg)
 
 
 #: every option, in the order the config's error message lists them

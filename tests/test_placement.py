@@ -556,3 +556,40 @@ def test_cli_offers_prints_the_ranked_table_and_json(tmp_path):
     assert none.returncode == 1 and "nothing fits" in none.stdout
     bad = cli("offers", "--objective", "cost", "--max-price", "-1", env=env)
     assert bad.returncode == 2 and "max_price_per_hour" in bad.stderr
+
+
+def test_one_placement_options_model_for_arguments_config_and_cli(tmp_path, register):
+    P = meshrun.PlacementOptions
+    o = P(objective="start", timeout=3, backends="local")
+    assert o.objective is Objective.START and o.offers_timeout == 3.0 and o.backends == ("local",)
+    with pytest.raises(Exception):
+        o.objective = Objective.COST  # type: ignore[misc]  # frozen
+    # arguments: SpecError naming the option; the config: ConfigError naming placement.<option>
+    for kw, field, text in [(dict(unknown_start="soon"), "unknown_start", "duration"),
+                            (dict(timeout=-1), "offers_timeout", ">= 0"),
+                            (dict(respond_within={"slurm": "x"}), "respond_within.slurm", "seconds"),
+                            (dict(objectiv="cost"), "objectiv", "the options are: objective")]:
+        with pytest.raises(SpecError) as e:
+            P(**kw)
+        assert e.value.field == field and text in str(e.value) and not isinstance(e.value, meshrun.ConfigError)
+        with pytest.raises(meshrun.ConfigError) as c:
+            P.from_config({"offers_timeout" if k == "timeout" else k: v for k, v in kw.items()})
+        assert c.value.field == f"placement.{field}", c.value
+    # the config's values are overridden by the arguments, and the arguments of run() are these options
+    meshrun.configure({"placement": {"objective": "start", "runtime": "2h"}})
+    merged = P(objective="cost").over(P.from_config())
+    assert merged.objective is Objective.COST and merged.runtime == 7200
+    register(Scripted("hpc", cluster_offers(start=0.0)))
+    job = meshrun.run(["true"], backends=["hpc"], unknown_start="2h", timeout=5)  # once rejected as JobSpec fields
+    placed = next(h for h in job.history if h["event"] == "placed")
+    assert placed["offer"] == "hpc/gpu/on-demand"
+    assert json.loads((job.job_dir / "plan.json").read_text())["inputs"]["unknown_start"] == 7200
+    with pytest.raises(SpecError) as e:
+        meshrun.run(["true"], backends=["hpc"], max_price_per_hour="lots")
+    assert e.value.field == "max_price_per_hour"
+    with pytest.raises(SpecError) as e:
+        meshrun.job(objective="fastest")(lambda: 1)
+    assert e.value.field == "objective"
+    # the CLI's flags are the same options (each flag's dest is the option's name)
+    bad = cli("offers", "--offers-timeout", "-3", env={"MESHRUN_CONFIG": str(tmp_path / "none.toml")})
+    assert bad.returncode == 2 and "offers_timeout" in bad.stderr, bad.stderr
