@@ -39,7 +39,7 @@ _EXPORTS = {
     "offers": "._placement",
     "Plan": "._placement",
     "Objective": "._placement",
-    "PlacementOptions": "._placement",
+    "PlacementOptions": "._options",
     "catalog_offers": "._catalog",
     # backends, as a user sees them
     "JobState": "._backend",
@@ -125,7 +125,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from ._job import Job, gather, wait
     from ._launch import check_dist_env
-    from ._placement import Objective, PlacementOptions, Plan, offers, plan
+    from ._options import PlacementOptions
+    from ._placement import Objective, Plan, offers, plan
     from ._registry import get_backend, list_backends
     from ._scheduler import run, submit, submit_many
     from ._spec import JobSpec, Resources

@@ -183,27 +183,19 @@ class PlacementOptions(BaseModel):
             return v
         raise _err(info, "allow_spot", f"expected true or false, got {v!r}")
 
-    @field_validator("regions", mode="before")
-    @classmethod
-    def _v_regions(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is None:
-            return None
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, (list, tuple, set)) or not all(isinstance(x, str) and x.strip() for x in v):
-            raise _err(info, "regions", f"expected a list of region names (wildcards allowed, e.g. \"us-*\"), got {v!r}")
-        return tuple(v)
-
-    @field_validator("backends", "exclude_backends", mode="before")
+    @field_validator("regions", "backends", "exclude_backends", mode="before")
     @classmethod
     def _v_names(cls, v: Any, info: ValidationInfo) -> Any:
+        """One name or a list of names (regions may hold wildcards); backend names lose repeats."""
         if v is None:
             return None
+        name = str(info.field_name)
         if isinstance(v, str):
             v = [v]
-        if not isinstance(v, (list, tuple, set, frozenset)) or not all(isinstance(x, str) and x for x in v):
-            raise _err(info, str(info.field_name), f"expected a list of backend names, got {v!r}")
-        return tuple(sorted(set(v), key=list(v).index))
+        if not isinstance(v, (list, tuple, set, frozenset)) or not all(isinstance(x, str) and x.strip() for x in v):
+            what = ("region names (wildcards allowed, e.g. \"us-*\")" if name == "regions" else "backend names")
+            raise _err(info, name, f"expected a list of {what}, got {v!r}")
+        return tuple(v) if name == "regions" else tuple(sorted(set(v), key=list(v).index))
 
     @field_validator("clouds", mode="before")
     @classmethod
