@@ -382,3 +382,14 @@ def test_status_is_a_read_and_the_retry_happens_where_the_job_is_advanced(tmp_pa
     assert [h["event"] for h in job.history].count("retry") == 1 and job.record.attempt == 2
     assert job.result(timeout=60) == 0 and job.logs().strip() == "second"
     assert (job.job_dir / "attempts" / "1" / "exit.json").exists()
+
+
+def test_cancel_of_a_job_whose_retry_is_due_ends_it_without_the_retry():
+    from meshrun.testing import wait_until
+
+    job = meshrun.run(["bash", "-c", "exit 3"], retries=2)
+    wait_until(lambda: "a retry is due" in (job.refresh().reason or ""), timeout=60, what="the attempt to fail")
+    job.cancel()
+    assert job.status() is JobState.CANCELLED and "before its retry" in (job.reason or "")
+    job.advance()
+    assert job.record.attempt == 1 and [h["event"] for h in job.history].count("retry") == 0
