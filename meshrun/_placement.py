@@ -20,9 +20,9 @@ from typing import Any, Sequence
 from ._backend import Offer
 from ._gather import offers as gather_offers
 from ._options import PlacementOptions, resolve_inputs
-from ._plan import Objective, Plan, _rank, no_placement
+from ._plan import Objective, Plan, _rank, no_placement, rank
 
-__all__ = ["Objective", "Plan", "PlacementOptions", "offers", "plan"]
+__all__ = ["Objective", "Plan", "PlacementOptions", "offers", "plan", "rank"]
 
 offers = gather_offers
 

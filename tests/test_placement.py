@@ -36,7 +36,7 @@ from meshrun import (
     SpecError,
 )
 from meshrun import _registry
-from meshrun._plan import Objective, rank
+from meshrun._placement import Objective, rank
 
 # the snapshot lives in shared/ beside the checkout (a worktree sits one folder deeper)
 SNAP = next((p / "shared" / "catalogs" / "v8" for p in Path(__file__).resolve().parents[2:]
