@@ -63,19 +63,16 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="never use this backend (repeatable)")
     g.add_argument("--region", dest="regions", action="append", metavar="REGION",
                    help='allowed cloud region, wildcards allowed ("us-*"; repeatable)')
-    g.add_argument("--offers-timeout", dest="timeout", type=float, metavar="SECONDS",
+    g.add_argument("--offers-timeout", dest="offers_timeout", type=float, metavar="SECONDS",
                    help="the longest a backend's offers are waited for (offers: about 1s; run: 10s, but a "
                         "backend not named alone is skipped as not responding after [placement] respond_within, 1s)")
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    for k in ("objective", "max_price_per_hour", "deadline", "value_of_time", "runtime", "allow_spot",
-              "exclude_backends", "regions", "timeout"):
-        v = getattr(a, k, None)
-        if v is not None:
-            out[k] = v
-    return out
+    """The placement flags given, as PlacementOptions keywords (each flag's dest is its option's name)."""
+    from ._options import FIELDS
+
+    return {k: v for k in FIELDS if (v := getattr(a, k, None)) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +232,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         spec = spec_from_task_yaml(command[0]).replace(**fields) if fields else spec_from_task_yaml(command[0])
     else:
         spec = JobSpec(command=" ".join(command) if a.shell else command, **fields)
-    from ._placement import quiet
+    from ._gather import quiet
 
     with quiet() if a.json else contextlib.nullcontext():  # --json: stdout and stderr stay machine-readable
         job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
@@ -258,7 +255,7 @@ def _follow(job: Any) -> int:
     try:
         start = time.monotonic()
         while True:
-            st = job.status()
+            st = job.advance()  # waiting: a job pending past max_pending moves on
             if st is not JobState.PENDING and st is not JobState.SUBMITTING:
                 break
             msg = f"meshrun: {job.id} {st.value}" + (f": {safe_text(job.reason)}" if job.reason else "")
@@ -576,7 +573,8 @@ def cmd_backends(a: argparse.Namespace) -> int:
     one that has not answered within ``[placement] respond_within`` (1 s; this machine gets 2 s more) is
     shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s."""
     from . import _registry
-    from ._placement import LOCAL_GRACE, respond_limits, still_asking
+    from ._gather import LOCAL_GRACE, still_asking
+    from ._options import respond_limits
 
     limits = respond_limits()
     infos = _registry.list_backends(load=False)
@@ -647,7 +645,9 @@ def _check_one(probe: Any) -> tuple[tuple[str, str], str | None]:
 
 
 def cmd_offers(a: argparse.Namespace) -> int:
-    from ._placement import cli_offers_timeout, plan, quiet, still_asking
+    from ._gather import cli_offers_timeout, quiet, still_asking
+    from ._options import PlacementOptions
+    from ._placement import plan
     from ._spec import JobSpec
 
     spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
@@ -656,10 +656,10 @@ def cmd_offers(a: argparse.Namespace) -> int:
         kw["backends"] = [a.backend]
     # answer within about a second of the command starting: a backend slower than what is left is listed as
     # not answering (a submit waits longer, [placement] offers_timeout)
-    if kw.get("timeout") is None and not a.backend:  # one named backend: wait for its answer
-        kw["timeout"] = cli_offers_timeout()
+    if kw.get("offers_timeout") is None and not a.backend:  # one named backend: wait for its answer
+        kw["offers_timeout"] = cli_offers_timeout()
     with quiet() if a.json else contextlib.nullcontext():
-        p = plan(spec, raise_on_empty=False, **kw)
+        p = plan(spec, raise_on_empty=False, options=PlacementOptions.of(**kw))
     if a.json:
         print(json.dumps(p.to_dict(), indent=2))
         rc = 0

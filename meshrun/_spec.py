@@ -191,6 +191,11 @@ FunctionField = Annotated[
 ]
 
 
+#: readers of other tools' job files, by format ("skypilot": a task YAML path -> JobSpec), registered by the
+#: modules that hold them, so that this module depends on none of them
+FILE_READERS: dict[str, Callable[[str | os.PathLike[str]], "JobSpec"]] = {}
+
+
 class JobSpec(BaseModel):
     """A job, defined once: a command (argv list, or a string run by bash) or a Python function with its
     arguments, the resources it needs, its environment, files and time limit.
@@ -257,10 +262,13 @@ class JobSpec(BaseModel):
     def from_skypilot_yaml(cls, path: str | os.PathLike[str]) -> "JobSpec":
         """The job described by an existing SkyPilot task YAML (``run``, ``setup``, ``envs``, ``workdir``,
         ``num_nodes``, ``file_mounts``, ``resources``); what only SkyPilot understands is kept in
-        ``backend_options["skypilot"]``. ``meshrun run task.yaml`` uses this."""
-        from ._taskyaml import spec_from_task_yaml
-
-        return spec_from_task_yaml(path)
+        ``backend_options["skypilot"]``. ``meshrun run task.yaml`` uses this. The reader lives in
+        ``meshrun._taskyaml``, which registers itself in :data:`FILE_READERS` (this module imports none)."""
+        reader = FILE_READERS.get("skypilot")
+        if reader is None:
+            raise SpecError("", "the SkyPilot task YAML reader is not loaded (import meshrun, which loads it "
+                            "with JobSpec)")
+        return reader(path)
 
     def to_json(self, **kw: Any) -> str:
         """JSON text; a function is written as its "module:qualname" reference."""

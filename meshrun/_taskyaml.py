@@ -25,6 +25,7 @@ import re
 from typing import Any, Mapping
 
 from ._errors import SpecError
+from ._spec import FILE_READERS, JobSpec
 
 #: top-level keys of a SkyPilot task (its schema); the ones meshrun maps itself are handled below
 TASK_KEYS = (
@@ -77,8 +78,6 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
 
     Relative local paths (workdir, file mount sources) are taken relative to ``base_dir`` (the YAML's
     folder), as SkyPilot does; null env/secret values come from ``environ`` (default: ``os.environ``)."""
-    from ._spec import JobSpec
-
     if not isinstance(config, Mapping):
         raise SpecError("", f"{source} must be a mapping of task fields, got {type(config).__name__}")
     environ = os.environ if environ is None else environ
@@ -256,3 +255,6 @@ def _local(path: Any, base_dir: str | None) -> str:
     if base_dir and not os.path.isabs(path):
         path = os.path.normpath(os.path.join(base_dir, path))
     return path
+
+
+FILE_READERS["skypilot"] = spec_from_task_yaml  # JobSpec.from_skypilot_yaml

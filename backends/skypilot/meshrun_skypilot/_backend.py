@@ -76,7 +76,7 @@ _POOL_CLOUDS = ("slurm", "kubernetes", "ssh")
 def _settings_class() -> Any:
     from typing import Optional, Union
 
-    class SkyPilotSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
+    class SkyPilotSettings(mb.BackendSettings):
         endpoint: Optional[str] = None  # a remote API server (default: the local one)
         port: Optional[int] = None  # local API server port (default: SKYPILOT_API_SERVER_LOCAL_PORT or 46580)
         start_server: bool = True  # start the local API server when it is down
