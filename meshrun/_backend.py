@@ -171,7 +171,7 @@ class Submission:
 
 STAGED_FILES = ("launch.json", "payload.pkl", "spec.json")
 
-# files the agent writes that a remote backend brings back into the local job folder
+# files the agent writes that a remote backend brings back into the local job folder (the agent's RECORDS)
 RESULT_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
 
 
