@@ -3546,7 +3546,7 @@ def run_emitting(job_dir, nonce, inputs=None, max_result=None):
 
     Copies the job's inputs from ``inputs`` (a read-only folder, e.g. a Kubernetes Secret) into ``job_dir``;
     runs the job under a supervisor of its own (``run DIR``), forwarding SIGTERM/SIGINT/SIGHUP to it; streams
-    this node's ``output.log`` to stdout while it runs; then node 0 prints its records framed
+    this node's ``output.log`` to stdout while it runs; then prints this node's records framed
     (:func:`frame_records`). A job whose launch.json names no ``cwd`` runs in this process's working
     directory. Exits 0 when the job succeeded, EXIT_NO_RETRY on errors a retry cannot fix, else 1."""
     job_dir = os.path.abspath(job_dir)
@@ -3588,10 +3588,9 @@ def run_emitting(job_dir, nonce, inputs=None, max_result=None):
     pos, tail = _pump(log, pos, out)
     last = tail or last
     files = collect_records(job_dir, rank, max_result)
-    if rank == 0:
-        out.write((("\n" if last != b"\n" else "") + frame_records(nonce, launch.get("job_id") or "", rank,
-                                                                    files)).encode())
-        out.flush()
+    out.write((("\n" if last != b"\n" else "") + frame_records(nonce, launch.get("job_id") or "", rank,
+                                                                files)).encode())
+    out.flush()
     ex, err = {}, {}
     try:
         ex = json.loads(files.get(EXIT, b"{}").decode() or "{}")
@@ -3626,12 +3625,15 @@ def _run_command(rest):
         else:
             args.append(a)
     if len(args) != 1:
-        sys.stderr.write("usage: _agent.py run DIR [--emit-records NONCE [--inputs DIR] [--max-result BYTES]]\n")
+        sys.stderr.write("usage: _agent.py run DIR [--emit-records NONCE|@FILE [--inputs DIR] [--max-result BYTES]]\n")
         return 2
     if "--emit-records" not in opts:
         return run_job(args[0])
-    limit = opts.get("--max-result")
-    return run_emitting(args[0], opts["--emit-records"], opts.get("--inputs"), int(limit) if limit else None)
+    limit, nonce = opts.get("--max-result"), opts["--emit-records"]
+    if nonce.startswith("@"):  # kept in a file (a Secret) rather than on the command line
+        with open(nonce[1:]) as f:
+            nonce = f.read().strip()
+    return run_emitting(args[0], nonce, opts.get("--inputs"), int(limit) if limit else None)
 
 
 def main(argv=None):

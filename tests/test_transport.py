@@ -56,7 +56,7 @@ def test_a_cut_or_altered_frame_is_an_error_that_says_so(damage):
     elif damage == "drop_checksum":
         del lines[-1]
     elif damage == "flip_data":
-        head, data = lines[0].rsplit(":", 3)[0], lines[0].rsplit(":", 3)[1]
+        data = lines[0].rsplit(":", 3)[1]
         lines[0] = lines[0].replace(data, data[:40] + ("A" if data[40] != "A" else "B") + data[41:])
     else:
         lines[-1] = lines[-1][:-6] + ("0000::" if not lines[-1].endswith("0000::") else "1111::")
