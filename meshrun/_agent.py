@@ -3570,23 +3570,38 @@ def run_emitting(job_dir, nonce, inputs=None, max_result=None):
         except ValueError:
             rank = 0
     out = getattr(sys.stdout, "buffer", sys.stdout)
-    sup = subprocess.Popen([sys.executable, os.path.abspath(__file__), "run", job_dir], stdin=subprocess.DEVNULL)
+    out.flush()
+    sup = os.fork()  # the supervisor: this very interpreter, with its flags (no second start-up)
+    if sup == 0:
+        code = 1
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(fd, 0)
+            code = run_job(job_dir)
+        except BaseException as e:  # noqa: B902 - the supervisor's own failure, said in the log
+            _log("the supervisor failed: %s: %s" % (type(e).__name__, e))
+        finally:
+            os._exit(code)
 
     def forward(signum, frame):
         try:
-            sup.send_signal(signum)
+            os.kill(sup, signum)
         except OSError:
             pass
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
     log, pos, last = os.path.join(job_dir, rank_name(LOG, rank)), 0, b"\n"
-    while sup.poll() is None:
+    while True:
+        try:
+            done = os.waitpid(sup, os.WNOHANG)[0] == sup
+        except ChildProcessError:
+            done = True
         pos, tail = _pump(log, pos, out)
         last = tail or last
+        if done:
+            break
         time.sleep(0.1)
-    pos, tail = _pump(log, pos, out)
-    last = tail or last
     files = collect_records(job_dir, rank, max_result)
     out.write((("\n" if last != b"\n" else "") + frame_records(nonce, launch.get("job_id") or "", rank,
                                                                 files)).encode())

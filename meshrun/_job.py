@@ -134,7 +134,7 @@ class Job(Generic[R]):
             if rec.kind == "function":
                 from ._transport import load_result
 
-                value: R = load_result(d, self.id)  # checked against the exit record before unpickling
+                value: R = load_result(d, self.id, rec.reason)  # checked against the exit record before unpickling
                 return value
             return 0  # type: ignore[return-value]  # a command job is a Job[int]; R is int there
         where = f" on {rec.backend}" + (f" ({rec.where})" if rec.where else "")

@@ -43,11 +43,29 @@ class RecordError(BackendError):
     """The records that came back are cut short or altered (the message says which and how)."""
 
 
+NONCE_FILE = "records.nonce"
+
+
 def new_nonce() -> str:
     """A fresh nonce for :func:`agent_command`'s ``--emit-records`` (keep it with the job to read the log)."""
     import secrets
 
     return secrets.token_hex(16)
+
+
+def records_nonce(job_dir: Path, *, create: bool = True) -> str | None:
+    """The nonce a job's records are framed with, kept in its local folder (``records.nonce``, never staged):
+    made on first use, the same for every later attempt and every process that reads the log. None when
+    there is none and ``create`` is false."""
+    p = Path(job_dir) / NONCE_FILE
+    try:
+        return p.read_text().strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    nonce = new_nonce()
+    _agent.atomic_write(str(p), nonce.encode(), mode=0o600)
+    return nonce
 
 
 def frame_lines_max(max_result: int) -> int:
@@ -87,6 +105,15 @@ def extract_records(text: str, nonce: str, rank: int = 0) -> dict[str, bytes] | 
         raise RecordError("the job's records in its log do not match their checksum: the log was altered or cut")
     files = json.loads(body).get("files") or {}
     return {k: base64.b64decode(v) for k, v in files.items() if k in RESULT_FILES}
+
+
+def records_from_log(text: str, nonce: str, rank: int = 0) -> dict[str, bytes] | None:
+    """:func:`extract_records`, with a cut or altered frame turned into an exit record that says the job is
+    lost and why (for a backend whose status comes from these records)."""
+    try:
+        return extract_records(text, nonce, rank)
+    except RecordError as e:
+        return {"exit.json": json.dumps({"state": "lost", "reason": str(e)}, sort_keys=True).encode()}
 
 
 class LogFilter:
@@ -179,15 +206,17 @@ def pack_job(files: Mapping[str, bytes], *, root: str = "", compress: bool = Fal
     return buf.getvalue()
 
 
-def load_result(job_dir: Path, job_id: str) -> Any:
+def load_result(job_dir: Path, job_id: str, reason: str | None = None) -> Any:
     """The return value in ``job_dir/result.pkl``, checked against the size and SHA-256 the agent put in the
     exit record before it is unpickled: a missing, cut or altered result is a :class:`JobLost` that says
-    which; a result that cannot be unpickled here is a :class:`JobFailed`."""
+    which (with ``reason``, what the record says, when the file is missing); a result that cannot be unpickled
+    here is a :class:`JobFailed`."""
     p = Path(job_dir) / "result.pkl"
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise JobLost(f"job {job_id} succeeded but its result file is missing ({p})", job_id) from None
+        why = f": {reason}" if reason else ""
+        raise JobLost(f"job {job_id} succeeded but its result file is missing ({p}){why}", job_id) from None
     ex = _agent.read_json(str(Path(job_dir) / "exit.json")) or {}
     want, size = ex.get("result_sha256"), ex.get("result_bytes")
     if isinstance(size, int) and len(data) != size:
