@@ -191,8 +191,7 @@ def pack_job(files: Mapping[str, bytes], *, root: str = "", compress: bool = Fal
     the same job packs to the same bytes. ``extra`` adds other members by relative path."""
     members = {"_agent.py": Path(_agent.__file__).read_bytes(), **files, **(extra or {})}
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if compress else "w", format=tarfile.PAX_FORMAT,
-                      **({"compresslevel": 6} if compress else {})) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         if root:
             d = tarfile.TarInfo(root)
             d.type, d.mode = tarfile.DIRTYPE, 0o700
@@ -203,7 +202,7 @@ def pack_job(files: Mapping[str, bytes], *, root: str = "", compress: bool = Fal
             info.size = len(data)
             info.mode = 0o644 if name.endswith(".py") else 0o600
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return gzip.compress(buf.getvalue(), 6, mtime=0) if compress else buf.getvalue()
 
 
 def load_result(job_dir: Path, job_id: str, reason: str | None = None) -> Any:

@@ -993,10 +993,8 @@ class SlurmBackend(mb.Backend):
         t = self._target(backend_id)
         if t is None:
             return
-        for name in (*mb.RESULT_FILES, "output.log"):
-            data = self._read(f"{t.cluster_dir}/{name}")
-            if data is not None:
-                self._write_local(Path(job_dir) / name, data)
+        files = {name: self._read(f"{t.cluster_dir}/{name}") for name in (*mb.RESULT_FILES, "output.log")}
+        mb.write_records(Path(job_dir), {k: v for k, v in files.items() if v is not None}, also=["output.log"])
 
     def find(self, job_id: str) -> str | None:
         """The Slurm id of a meshrun job: from its folder's marker, else by its job name in squeue/sacct."""
