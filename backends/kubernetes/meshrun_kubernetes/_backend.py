@@ -407,13 +407,7 @@ class KubernetesBackend(mb.Backend):
                 seen.add(name)
                 if len(seen) > 1:
                     yield f"[meshrun] node 0 restarted as pod {name}\n"
-                for chunk in self.kube().stream_pod_log(ns, name, container=mf.CONTAINER):
-                    text = filt.feed(chunk)
-                    if text:
-                        yield text
-                rest = filt.close()
-                if rest:
-                    yield rest
+                yield from filt.feed_all(self.kube().stream_pod_log(ns, name, container=mf.CONTAINER))
                 delay = 0.5
             st = self.status([backend_id]).get(backend_id)
             if st is not None and st.state.terminal:
