@@ -20,7 +20,10 @@ What it does:
   ``launch.json`` and the scheduler's own variables, and Slurm's rendezvous (``rendezvous``);
 * a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
   instead of paying for a fresh Python start-up;
-* a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
+* a JSON command line (``python3 _agent.py gpus|submit|status|records|cancel|version``) for remote callers;
+* the job's records on their way back: the exit record carries the result's size and SHA-256, and
+  ``run DIR --emit-records NONCE`` streams the job's output and then frames its records into it, for a backend
+  whose only way back is the job's log (``frame_records``; the core's ``_transport.py`` reads them).
 
 The contract with the core is the job directory: the core writes ``launch.json`` (and ``payload.pkl`` for
 function jobs); the agent writes ``state.json``, ``exit.json``, ``output.log`` and, for function jobs,
