@@ -155,3 +155,12 @@ def test_a_damaged_result_is_joblost_and_never_unpickled(tmp_path, damage, match
         job.result()
     assert "not unpickled" in str(e.value)
     assert not marker.exists()
+
+
+def test_records_from_log_turns_a_damaged_frame_into_a_lost_exit_record():
+    lines = _agent.frame_records("n", "j", 0, FILES).splitlines()
+    files = mb.records_from_log("\n".join(lines[:-1]) + "\n", "n")
+    st = mb.map_agent_status(json.loads(files["exit.json"]))
+    assert st.state is meshrun.JobState.LOST and "cut short" in st.reason
+    assert set(files) == {"exit.json"}  # nothing of the damaged frame is kept
+    assert mb.records_from_log("no frame here\n", "n") is None
