@@ -20,7 +20,10 @@ What it does:
   ``launch.json`` and the scheduler's own variables, and Slurm's rendezvous (``rendezvous``);
 * a small fork server (``serve``) that keeps a warm interpreter around so a job starts in milliseconds
   instead of paying for a fresh Python start-up;
-* a JSON command line (``python3 _agent.py gpus|submit|status|cancel|version``) for remote callers.
+* a JSON command line (``python3 _agent.py gpus|submit|status|records|cancel|version``) for remote callers;
+* the job's records on their way back: the exit record carries the result's size and SHA-256, and
+  ``run DIR --emit-records NONCE`` streams the job's output and then frames its records into it, for a backend
+  whose only way back is the job's log (``frame_records``; the core's ``_transport.py`` reads them).
 
 The contract with the core is the job directory: the core writes ``launch.json`` (and ``payload.pkl`` for
 function jobs); the agent writes ``state.json``, ``exit.json``, ``output.log`` and, for function jobs,
@@ -123,6 +126,23 @@ def result_complete(path):
             return f.read(1) == b"."
     except OSError:
         return False
+
+
+def result_digest(path):
+    """``{"result_bytes": N, "result_sha256": HEX}`` of a result file (empty when there is none): the exit
+    record carries it, so whoever reads the result, here or after any transport, can tell a whole one from a
+    cut or altered one before unpickling it."""
+    import hashlib
+
+    h, n = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+                n += len(block)
+    except OSError:
+        return {}
+    return {"result_bytes": n, "result_sha256": h.hexdigest()}
 
 
 def read_json(path, default=None):
@@ -2237,6 +2257,7 @@ class Supervisor:
             "gpus": self.gpus,
             "host": socket.gethostname(),
         }
+        rec.update(result_digest(self._path(RESULT)) if state == "succeeded" else {})
         try:
             write_json(path, rec, mode=0o600)
         except OSError as e:
@@ -3601,10 +3622,207 @@ def _fork_supervisor(job_dir, env, *close, umask=None, rlimits=None):
 # command line (for remote callers and for debugging)
 
 
+# --------------------------------------------------------------------------------------------------
+# the job's records on their way back (meshrun/_transport.py reads them)
+
+#: the records a job folder holds for its submitter (``meshrun.RESULT_FILES``)
+RECORDS = (EXIT, STATE, RESULT, ERROR_JSON, ERROR_PKL)
+#: errors a retry cannot fix: ``run --emit-records`` exits with EXIT_NO_RETRY for them
+NO_RETRY = ("VersionMismatch", "PayloadError", "ResultTooLarge")
+EXIT_NO_RETRY = 3
+FRAME = "::meshrun-records:"
+FRAME_WIDTH = 1000  # base64 characters a line
+
+
+def frame_records(nonce, job_id, rank, files):
+    """The records ``files`` (name -> bytes) as lines for a log stream::
+
+        ::meshrun-records:<nonce>:<rank>:<i>/<n>:<base64 of the gzipped JSON body, part i of n>::
+        ::meshrun-records:<nonce>:<rank>:sha256=<hex of the JSON body>::
+
+    Every line names the job's nonce (a random token the submitter chose, so output of the job, such as
+    another job's log it prints, never passes for these records), its part and the count, and the last one
+    the body's checksum: a cut or altered frame is detected, never read as a result. Each line is whole and
+    found anywhere in a line, so a log service that prefixes or colours lines does not break it."""
+    import base64
+    import gzip
+    import hashlib
+
+    if not nonce or not all(c.isalnum() or c in "_-" for c in nonce):
+        raise ValueError("a records nonce is letters, digits, _ and -, got %r" % (nonce,))
+    body = json.dumps({"version": 2, "job_id": job_id, "rank": int(rank),
+                       "files": dict((k, base64.b64encode(v).decode("ascii")) for k, v in files.items())},
+                      sort_keys=True).encode()
+    text = base64.b64encode(gzip.compress(body, 6, mtime=0)).decode("ascii")
+    parts = [text[i:i + FRAME_WIDTH] for i in range(0, len(text), FRAME_WIDTH)] or [""]
+    lines = ["%s%s:%d:%d/%d:%s::" % (FRAME, nonce, rank, i + 1, len(parts), p) for i, p in enumerate(parts)]
+    lines.append("%s%s:%d:sha256=%s::" % (FRAME, nonce, rank, hashlib.sha256(body).hexdigest()))
+    return "".join(line + "\n" for line in lines)
+
+
+def collect_records(job_dir, rank=0, max_result=None):
+    """This node's records (name -> bytes); a result larger than ``max_result`` bytes is replaced by a
+    ``ResultTooLarge`` error (the channel it would travel through cannot carry it)."""
+    files = {}
+    for name in RECORDS:
+        try:
+            with open(os.path.join(job_dir, rank_name(name, rank)), "rb") as f:
+                files[name] = f.read()
+        except OSError:
+            pass
+    if max_result is None:
+        return files
+    result = files.get(RESULT)
+    if result is not None and len(result) > max_result:
+        msg = ("the function's return value takes %d bytes pickled, more than the %d bytes a result may take "
+               "through the job's log; write large results to storage and return their location instead"
+               % (len(result), max_result))
+        del files[RESULT]
+        files[ERROR_JSON] = json.dumps({"type": "ResultTooLarge", "message": msg, "traceback": ""}).encode()
+        try:
+            ex = json.loads(files.get(EXIT, b"{}").decode() or "{}")
+        except ValueError:
+            ex = {}
+        for k in ("result_bytes", "result_sha256"):
+            ex.pop(k, None)
+        ex.update({"state": "failed", "exit_code": 1, "reason": "ResultTooLarge: " + msg})
+        files[EXIT] = json.dumps(ex, sort_keys=True).encode()
+        sys.stderr.write("[meshrun] %s\n" % msg)
+    if len(files.get(ERROR_PKL, b"")) > max_result:
+        del files[ERROR_PKL]  # the error.json text still says what went wrong
+    return files
+
+
+def _pump(path, pos, out):
+    """Copy what was appended to ``path`` since ``pos`` to ``out``; returns (new position, last byte)."""
+    last = b""
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            for chunk in iter(lambda: f.read(65536), b""):
+                pos += len(chunk)
+                out.write(chunk)
+                last = chunk[-1:]
+    except FileNotFoundError:
+        pass
+    out.flush()
+    return pos, last
+
+
+def run_emitting(job_dir, nonce, inputs=None, max_result=None):
+    """``run DIR --emit-records NONCE``: for a backend whose only way back is the job's log stream.
+
+    Copies the job's inputs from ``inputs`` (a read-only folder, e.g. a Kubernetes Secret) into ``job_dir``;
+    runs the job under a supervisor of its own (``run DIR``), forwarding SIGTERM/SIGINT/SIGHUP to it; streams
+    this node's ``output.log`` to stdout while it runs; then prints this node's records framed
+    (:func:`frame_records`). A job whose launch.json names no ``cwd`` runs in this process's working
+    directory. Exits 0 when the job succeeded, EXIT_NO_RETRY on errors a retry cannot fix, else 1."""
+    job_dir = os.path.abspath(job_dir)
+    if not os.path.isdir(job_dir):
+        os.makedirs(job_dir)
+    if inputs:
+        import shutil
+
+        for name in sorted(os.listdir(inputs)):
+            src = os.path.join(inputs, name)
+            if os.path.isfile(src) and not name.startswith(".."):
+                shutil.copyfile(src, os.path.join(job_dir, name))
+    launch = read_json(os.path.join(job_dir, LAUNCH), {}) or {}
+    if not launch.get("cwd"):
+        launch["cwd"] = os.getcwd()
+        write_json(os.path.join(job_dir, LAUNCH), launch)
+    rank = 0
+    if int(launch.get("nodes") or 1) > 1:
+        try:
+            rank = int(dist_env(dict(launch, dist={"MASTER_PORT": "1"}), os.environ)["NODE_RANK"])
+        except ValueError:
+            rank = 0
+    out = getattr(sys.stdout, "buffer", sys.stdout)
+    out.flush()
+    sup = os.fork()  # the supervisor: this very interpreter, with its flags (no second start-up)
+    if sup == 0:
+        code = 1
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(fd, 0)
+            code = run_job(job_dir)
+        except BaseException as e:  # noqa: B902 - the supervisor's own failure, said in the log
+            _log("the supervisor failed: %s: %s" % (type(e).__name__, e))
+        finally:
+            os._exit(code)
+
+    def forward(signum, frame):
+        try:
+            os.kill(sup, signum)
+        except OSError:
+            pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+    log, pos, last = os.path.join(job_dir, rank_name(LOG, rank)), 0, b"\n"
+    while True:
+        try:
+            done = os.waitpid(sup, os.WNOHANG)[0] == sup
+        except ChildProcessError:
+            done = True
+        pos, tail = _pump(log, pos, out)
+        last = tail or last
+        if done:
+            break
+        time.sleep(0.1)
+    files = collect_records(job_dir, rank, max_result)
+    out.write((("\n" if last != b"\n" else "") + frame_records(nonce, launch.get("job_id") or "", rank,
+                                                                files)).encode())
+    out.flush()
+    ex, err = {}, {}
+    try:
+        ex = json.loads(files.get(EXIT, b"{}").decode() or "{}")
+        err = json.loads(files.get(ERROR_JSON, b"{}").decode() or "{}")
+    except ValueError:
+        pass
+    if err.get("type") in NO_RETRY:
+        return EXIT_NO_RETRY
+    return 0 if ex.get("state") == "succeeded" and ERROR_JSON not in files else 1
+
+
+def exit_records(job_dirs):
+    """``records DIR...``: each folder's exit records, one per node (None where missing), by folder."""
+    out = {}
+    for d in job_dirs:
+        launch = read_json(os.path.join(d, LAUNCH), {}) or {}
+        try:
+            nodes = max(int(launch.get("nodes") or 1), 1)
+        except (TypeError, ValueError):
+            nodes = 1
+        out[d] = [read_json(os.path.join(d, rank_name(EXIT, r))) for r in range(nodes)]
+    return out
+
+
+def _run_command(rest):
+    """``run DIR [--emit-records NONCE] [--inputs DIR] [--max-result BYTES]``"""
+    opts, args = {}, []
+    it = iter(rest)
+    for a in it:
+        if a in ("--emit-records", "--inputs", "--max-result"):
+            opts[a] = next(it, "")
+        else:
+            args.append(a)
+    if len(args) != 1:
+        sys.stderr.write("usage: _agent.py run DIR [--emit-records NONCE|@FILE [--inputs DIR] [--max-result BYTES]]\n")
+        return 2
+    if "--emit-records" not in opts:
+        return run_job(args[0])
+    limit, nonce = opts.get("--max-result"), opts["--emit-records"]
+    if nonce.startswith("@"):  # kept in a file (a Secret) rather than on the command line
+        with open(nonce[1:]) as f:
+            nonce = f.read().strip()
+    return run_emitting(args[0], nonce, opts.get("--inputs"), int(limit) if limit else None)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        sys.stderr.write("usage: _agent.py version|gpus|run DIR|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR|rendezvous\n")
+        sys.stderr.write("usage: _agent.py version|gpus|run DIR [--emit-records NONCE]|records DIR...|submit DIR|status DIR...|cancel DIR|serve SOCK|lease-service SOCK DIR|rendezvous\n")
         return 2
     cmd, rest = argv[0], argv[1:]
     out = sys.stdout
@@ -3618,7 +3836,10 @@ def main(argv=None):
         out.write(json.dumps(snapshot()) + "\n")
         return 0
     if cmd == "run":
-        return run_job(rest[0])
+        return _run_command(rest)
+    if cmd == "records":
+        out.write(json.dumps(exit_records(rest)) + "\n")
+        return 0
     if cmd == "submit":
         pid, p = spawn(os.path.abspath(rest[0]), server=rest[1] if len(rest) > 1 else None)
         out.write(json.dumps({"pid": pid}) + "\n")

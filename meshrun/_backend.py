@@ -171,7 +171,7 @@ class Submission:
 
 STAGED_FILES = ("launch.json", "payload.pkl", "spec.json")
 
-# files the agent writes that a remote backend brings back into the local job folder
+# files the agent writes that a remote backend brings back into the local job folder (the agent's RECORDS)
 RESULT_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
 
 
@@ -233,7 +233,8 @@ class Backend(ABC):
         return [self.submit(s, offer) for s in submissions]
 
     def fetch_results(self, backend_id: str, job_dir: Path) -> None:
-        """Bring the agent's records (``RESULT_FILES``) back into ``job_dir``; no-op on a shared filesystem."""
+        """Bring the agent's records (``RESULT_FILES``) back into ``job_dir``; no-op on a shared filesystem.
+        Write them with ``meshrun.backend.write_records``; from a log, read them with ``extract_records``."""
 
     def find(self, job_id: str) -> str | None:
         """The backend id of a meshrun job found by its name or label, or None."""

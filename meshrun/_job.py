@@ -150,19 +150,10 @@ class Job(Generic[R]):
         d = self.job_dir
         if rec.state is JobState.SUCCEEDED:
             if rec.kind == "function":
-                p = d / "result.pkl"
-                if not p.exists():
-                    raise JobLost(f"job {self.id} succeeded but its result file is missing ({p})", self.id)
-                import pickle
+                from ._transport import load_result
 
-                try:
-                    value: R = pickle.loads(p.read_bytes())
-                    return value
-                except Exception as e:
-                    raise JobFailed(
-                        f"job {self.id} returned a value that cannot be unpickled here: {type(e).__name__}: {e}",
-                        self.id,
-                    ) from e
+                value: R = load_result(d, self.id, rec.reason)  # checked against the exit record before unpickling
+                return value
             return 0  # type: ignore[return-value]  # a command job is a Job[int]; R is int there
         where = f" on {rec.backend}" + (f" ({rec.where})" if rec.where else "")
         if rec.state is JobState.CANCELLED:

@@ -33,6 +33,10 @@ _EXPORTS = {
     "DIST_ENV_VARS": "._launch", "dist_env": "._launch", "dist_shell": "._launch", "free_port": "._launch",
     "check_dist_env": "._launch",
     "slurm_time": "._units",
+    "extract_records": "._transport", "records_from_log": "._transport", "LogFilter": "._transport", "strip_records": "._transport",
+    "write_records": "._transport", "agent_command": "._transport", "pack_job": "._transport",
+    "new_nonce": "._transport", "records_nonce": "._transport", "frame_lines_max": "._transport", "exit_records": "._transport",
+    "parse_exit_records": "._transport", "RecordError": "._transport", "NO_RETRY_EXIT": "._transport",
     "BackendError": "._errors", "BackendUnavailable": "._errors", "ConfigError": "._errors",
     "JobNotFound": "._errors", "SpecError": "._errors",
 }
@@ -74,6 +78,22 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._local import agent_file, agent_version, map_agent_status, tail_file
     from ._registry import get_backend, list_backends, register_backend, unregister_backend
     from ._attempts import place_files_locally
+    from ._transport import (
+        NO_RETRY_EXIT,
+        LogFilter,
+        RecordError,
+        agent_command,
+        exit_records,
+        extract_records,
+        frame_lines_max,
+        new_nonce,
+        pack_job,
+        records_from_log,
+        records_nonce,
+        parse_exit_records,
+        strip_records,
+        write_records,
+    )
     from ._units import slurm_time
 
 __all__ = [
@@ -100,6 +120,21 @@ __all__ = [
     "map_agent_status",
     "tail_file",
     "place_files_locally",
+    # the job's records on their way back (meshrun/_transport.py)
+    "write_records",
+    "exit_records",
+    "parse_exit_records",
+    "agent_command",
+    "new_nonce",
+    "records_nonce",
+    "extract_records",
+    "records_from_log",
+    "strip_records",
+    "LogFilter",
+    "frame_lines_max",
+    "pack_job",
+    "RecordError",
+    "NO_RETRY_EXIT",
     # the distributed environment contract
     "DIST_ENV_VARS",
     "dist_env",

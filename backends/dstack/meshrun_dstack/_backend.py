@@ -103,7 +103,7 @@ class DstackBackend(mb.Backend):
             return mb.Availability(False, reason=f"{type(e).__name__}: {self._scrub(e)}")
 
     def _configuration(self, spec: Any, *, job_id: str, name: str | None, options: Any,
-                       remote_job_dir: str | None = None, offer: Any = None) -> dict[str, Any]:
+                       remote_job_dir: str | None = None, offer: Any = None, nonce: str = "plan") -> dict[str, Any]:
         fcmd = None
         slack = 0.0
         if spec.kind == "function":
@@ -113,7 +113,7 @@ class DstackBackend(mb.Backend):
 
                 cp = cloudpickle.__version__
             fcmd = _task.function_command(remote_job_dir or f"{self.settings.remote_dir}/{job_id}",
-                                          cloudpickle_version=cp)
+                                          cloudpickle_version=cp, nonce=nonce)
             slack = 120.0  # the agent enforces the limit itself and records it; dstack stops it later
         return _translate.task_configuration(
             spec, job_id=job_id, name=name, options=options, function_command=fcmd,
@@ -233,20 +233,21 @@ class DstackBackend(mb.Backend):
             uploads.append((lambda: _task.tar_tree(Path(cwd), "work"), work_dir))
         if spec.kind == "function":
             launch = dict(submission.launch)
-            launch.update(cwd=work_dir or options.working_dir or ".", lease=False, mask_gpus=False, dist={})
+            launch.update(cwd=work_dir or options.working_dir or ".", lease=False, mask_gpus=False,
+                          scheduler="dstack", dist={"MASTER_PORT": "29500"})
             launch.setdefault("grace_period", 10)
             (submission.job_dir / "launch.json").write_text(json.dumps(launch, sort_keys=True) + "\n")
             members = {p.name: p.read_bytes() for p in submission.files()}
             members["launch.json"] = (json.dumps(launch, sort_keys=True) + "\n").encode()
-            members[_task.AGENT_NAME] = Path(mb.agent_file()).read_bytes()
-            uploads.append((lambda: _task.tar_files(members, submission.job_id), remote_job_dir))
+            uploads.append((lambda: mb.pack_job(members, root=submission.job_id), remote_job_dir))
         for dst, src in spec.files.items():
             path = Path(src if os.path.isabs(src) else os.path.join(cwd, src))
             if not path.exists():
                 raise meshrun.SpecError(f"files.{dst}", f"the source {src!r} does not exist (looked at {path})")
             uploads.append((lambda path=path: _task.tar_tree(path, path.name or "file"), dst))
         conf = self._configuration(spec, job_id=submission.job_id, name=name, options=options,
-                                   remote_job_dir=remote_job_dir, offer=offer)
+                                   remote_job_dir=remote_job_dir, offer=offer,
+                                   nonce=mb.records_nonce(submission.job_dir) or "")
         if work_dir is not None:
             conf["working_dir"] = work_dir
         # validate before anything is sent (placeholder archive ids)
@@ -327,7 +328,7 @@ class DstackBackend(mb.Backend):
 
     def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
         c = self.client()
-        return _task.filtered(self._log_chunks(c, backend_id, follow=follow))
+        return mb.LogFilter().feed_all(self._log_chunks(c, backend_id, follow=follow))
 
     def _log_chunks(self, c: Any, name: str, *, follow: bool) -> Iterator[str]:
         sub_id = None
@@ -362,20 +363,21 @@ class DstackBackend(mb.Backend):
             time.sleep(self.log_poll)
 
     def fetch_results(self, backend_id: str, job_dir: Path) -> None:
-        """A function job's records, taken from the run's log (see ``_task``)."""
+        """A function job's records, taken from the run's log (framed by the agent with the job's nonce)."""
         job_dir = Path(job_dir)
         launch = _read_json(job_dir / "launch.json") or {}
-        if launch.get("kind") != "function":
+        nonce = mb.records_nonce(job_dir, create=False)
+        if launch.get("kind") != "function" or nonce is None:
             return
         c = self.client()
         text = "".join(self._log_chunks(c, backend_id, follow=False))
-        records = _task.extract_records(text)
-        for fname, data in records.items():
-            tmp = job_dir / f".{fname}.tmp"
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, job_dir / fname)
-        if not records:
+        try:
+            records = mb.extract_records(text, nonce)
+        except mb.RecordError as e:
+            raise meshrun.BackendError(f"the dstack run {backend_id!r}: {e}", backend=self.name) from e
+        if records:
+            mb.write_records(job_dir, records)
+        else:
             run = c.get_run(backend_id)
             if run is not None and str(run.get("status")) == "done":
                 raise meshrun.BackendError(

@@ -250,9 +250,10 @@ _EVAL = 'eval "$(printf %s "$' + COMMAND_ENV + '" | base64 -d)"'
 
 
 def task_commands(spec: Any, *, function_command: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """(commands, extra env). A command job's own commands, or the function runner's single command."""
+    """(commands, extra env). A command job's own commands, or the function runner's single command (the
+    agent, which derives the env contract itself from dstack's variables: launch.json names the scheduler)."""
     if function_command is not None:
-        return [DIST_PRELUDE, function_command], {}
+        return [function_command], {}
     cmds = user_commands(spec)
     if _needs_env_transport(cmds):
         script = " && ".join(cmds)

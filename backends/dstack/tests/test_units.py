@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import tarfile
 
 import pytest
 
 import meshrun
+import meshrun.backend as mb
 from meshrun_dstack import _client, _settings, _status, _task
 
 S = meshrun.JobState
@@ -80,32 +80,13 @@ def test_no_capacity_reason_and_where_and_exit_code():
     assert st.reason.startswith("retrying") and "last attempt: no capacity" in st.reason
 
 
-# ---- records through the log ------------------------------------------------------------------------------
+# ---- the function job's command ------------------------------------------------------------------------------
 
 
-def emitted(files):
-    out = ["user output line\n"]
-    for name, data in files.items():
-        out.append(f"{_task.BEGIN} {name}\n")
-        b = base64.encodebytes(data).decode()  # wrapped at 76 columns, like coreutils' base64
-        out.append(b)
-        out.append(f"{_task.END} {name}\n")
-    out.append("after\n")
-    return "".join(out)
-
-
-def test_records_round_trip_and_are_hidden_from_logs():
-    files = {"exit.json": b'{"state": "succeeded"}', "result.pkl": bytes(range(256)) * 40}
-    text = emitted(files)
-    assert _task.extract_records(text) == files
-    # any chunking: the records never show in logs()
-    for size in (1, 7, 64, 1000):
-        chunks = [text[i:i + size] for i in range(0, len(text), size)]
-        assert "".join(_task.filtered(chunks)) == "user output line\nafter\n"
-
-
-def test_unknown_record_names_are_ignored():
-    assert _task.extract_records(f"{_task.BEGIN} ../../etc/passwd\nAAAA\n{_task.END} ../../etc/passwd\n") == {}
+def test_the_function_command_runs_the_agent_with_the_jobs_nonce():
+    cmd = _task.function_command("/work dir/j1", cloudpickle_version=None, nonce="n0nce")
+    assert cmd == '"${MESHRUN_PYTHON:-python3}" \'/work dir/j1/_agent.py\' run \'/work dir/j1\' --emit-records n0nce'
+    assert "${{" not in cmd  # nothing for dstack's interpolation
 
 
 def test_tar_members_are_rooted_at_the_base_name(tmp_path):
@@ -120,9 +101,10 @@ def test_tar_members_are_rooted_at_the_base_name(tmp_path):
         assert names == ["d", "d/sub", "d/a.txt", "d/link", "d/sub/b.txt"]
         assert t.extractfile("d/link").read() == b"o"  # a link out of the tree travels as the file
     assert _task.tar_tree(tmp_path / "d", "d") == data  # stable, so its hash is too
-    data = _task.tar_files({"launch.json": b"{}", "_agent.py": b"#"}, "job1")
+    data = mb.pack_job({"launch.json": b"{}"}, root="job1")
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         assert t.getnames() == ["job1", "job1/_agent.py", "job1/launch.json"]
+    assert mb.pack_job({"launch.json": b"{}"}, root="job1") == data
 
 
 # ---- settings and where the token comes from ----------------------------------------------------------

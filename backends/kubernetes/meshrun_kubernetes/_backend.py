@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -230,11 +229,9 @@ class KubernetesBackend(mb.Backend):
             launch = mf.container_launch(submission.launch, spec, dist=dist, t=t)
             files = {
                 "_agent.py": Path(mb.agent_file()).read_bytes(),
-                "boot.py": Path(__file__).with_name("_boot.py").read_bytes(),
                 "launch.json": (json.dumps(launch, sort_keys=True) + "\n").encode(),
                 "payload.pkl": payload.read_bytes(),
-                "boot.json": (json.dumps({"nonce": nonce or "", "job_id": submission.job_id,
-                                          "result_max_bytes": t.result_max_bytes}, sort_keys=True) + "\n").encode(),
+                mf.NONCE_FILE: (nonce or "").encode(),
             }
             total = sum(len(v) for v in files.values())
             if total > SECRET_MAX_BYTES:
@@ -252,7 +249,7 @@ class KubernetesBackend(mb.Backend):
 
         path = submission.job_dir / STATE_FILE
         previous = _read_json(path) or {}
-        nonce = previous.get("nonce") or secrets.token_hex(16)  # a retried submit keeps the pod's nonce
+        nonce = previous.get("nonce") or mb.new_nonce()  # a retried submit keeps the pod's nonce
         m, files = self.render(submission, offer, nonce=nonce)
         k = self.kube()
         job_id = submission.job_id
@@ -385,7 +382,6 @@ class KubernetesBackend(mb.Backend):
         return ns, k.list_pods(ns, f"{mf.LABEL_JOB_ID}={jid}")
 
     def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
-        from ._results import ResultFilter, strip_blocks
         from ._status import rank0_pod
 
         if not follow:
@@ -394,8 +390,8 @@ class KubernetesBackend(mb.Backend):
             if pod is None or (pod.get("status") or {}).get("phase") == "Pending":
                 return iter(())
             text = self.kube().pod_log(ns, pod["metadata"]["name"], container=mf.CONTAINER)
-            return iter([strip_blocks(text)])
-        return self._follow(backend_id, ResultFilter())
+            return iter([mb.strip_records(text)])
+        return self._follow(backend_id, mb.LogFilter())
 
     def _follow(self, backend_id: str, filt: Any) -> Iterator[str]:
         from ._status import rank0_pod
@@ -411,13 +407,7 @@ class KubernetesBackend(mb.Backend):
                 seen.add(name)
                 if len(seen) > 1:
                     yield f"[meshrun] node 0 restarted as pod {name}\n"
-                for chunk in self.kube().stream_pod_log(ns, name, container=mf.CONTAINER):
-                    text = filt.feed(chunk)
-                    if text:
-                        yield text
-                rest = filt.close()
-                if rest:
-                    yield rest
+                yield from filt.feed_all(self.kube().stream_pod_log(ns, name, container=mf.CONTAINER))
                 delay = 0.5
             st = self.status([backend_id]).get(backend_id)
             if st is not None and st.state.terminal:
@@ -426,9 +416,8 @@ class KubernetesBackend(mb.Backend):
             delay = min(delay * 1.5, 5.0)
 
     def fetch_results(self, backend_id: str, job_dir: Path) -> None:
-        """Read node 0's pod log: its output becomes ``output.log``, and for a function job the result block
-        becomes ``exit.json`` and ``result.pkl`` or ``error.json``/``error.pkl`` in ``job_dir``."""
-        from ._results import ResultBlockError, block_lines_max, parse_block, strip_blocks
+        """Read node 0's pod log: its output becomes ``output.log``, and for a function job the framed records
+        become ``exit.json`` and ``result.pkl`` or ``error.json``/``error.pkl`` in ``job_dir``."""
         from ._status import rank0_pod
 
         job_dir = Path(job_dir)
@@ -442,26 +431,22 @@ class KubernetesBackend(mb.Backend):
                                        "(raise ttl_after_finished to keep finished Jobs longer)", backend=self.name)
         if (pod.get("status") or {}).get("phase") == "Pending":
             return
-        tail = block_lines_max(self.settings.result_max_bytes) + 2000
+        tail = mb.frame_lines_max(self.settings.result_max_bytes) + 2000
         text = self.kube().pod_log(ns, pod["metadata"]["name"], container=mf.CONTAINER, tail_lines=tail)
-        out = job_dir / "output.log"
-        out.write_text(strip_blocks(text))
+        mb.write_records(job_dir, {"output.log": mb.strip_records(text).encode()}, also=["output.log"])
         nonce = state.get("nonce")
         if not nonce:
             return
         try:
-            files = parse_block(text, nonce)
-        except ResultBlockError as e:
+            files = mb.extract_records(text, nonce)
+        except mb.RecordError as e:
             raise meshrun.BackendError(f"{backend_id}: pod {pod['metadata']['name']}: {e}", backend=self.name) from e
         if files is None:
             if (pod.get("status") or {}).get("phase") == "Succeeded":
                 raise meshrun.BackendError(
-                    f"{backend_id}: the log of pod {pod['metadata']['name']} has no result block", backend=self.name)
+                    f"{backend_id}: the log of pod {pod['metadata']['name']} has no records", backend=self.name)
             return
-        for name, data in files.items():
-            p = job_dir / name
-            p.write_bytes(data)
-            os.chmod(p, 0o600)
+        mb.write_records(job_dir, files)
 
     def find(self, job_id: str) -> str | None:
         if not LABEL_VALUE.match(job_id or "") or not job_id:

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import meshrun.backend as mb
+
 from ._names import cpu_quantity, dns1123_label, escape_expansion, label_value, memory_quantity
 
 PREFIX = "meshrun.dev"
@@ -46,7 +48,8 @@ REPLICATED_JOB = "node"
 CONTAINER = "job"
 IN_DIR = "/meshrun/in"
 JOB_DIR = "/meshrun/job"
-EXIT_NO_RETRY = 3  # the container entry point's exit code for failures a retry cannot fix
+NONCE_FILE = "records.nonce"  # in the Secret: the nonce node 0 frames its records with
+
 NAME_MAX = 48  # leaves room for "-<index>" (Indexed Job hostnames) and "-node-0-<index>" (JobSet) in 63
 AGENT_GRACE = 15  # seconds the agent gives a function job between SIGTERM and SIGKILL
 POD_GRACE = 30  # terminationGracePeriodSeconds: longer than the agent's, so it records the outcome
@@ -147,7 +150,10 @@ def _meta_labels(job_id: str, display: str, t: Target) -> dict[str, str]:
 
 def _container_command(spec: Any, t: Target) -> list[str]:
     if spec.kind == "function":
-        return [t.python, f"{IN_DIR}/boot.py", IN_DIR, JOB_DIR]
+        # the agent copies the Secret's files into the job folder, runs the job, streams its output as the pod
+        # log and ends it with node 0's records framed with the job's nonce (kept in the Secret)
+        return mb.agent_command(t.python, f"{IN_DIR}/_agent.py", JOB_DIR, f"@{IN_DIR}/{NONCE_FILE}", inputs=IN_DIR,
+                                max_result=t.result_max_bytes)
     if isinstance(spec.command, str):
         argv = ["/bin/bash", "-c", spec.command]
     else:
@@ -281,7 +287,7 @@ def _job_spec(spec: Any, *, template: dict[str, Any], t: Target, backoff: int, n
     ]
     if spec.kind == "function":
         rules.append({"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                           "values": [EXIT_NO_RETRY]}})
+                                                           "values": [mb.NO_RETRY_EXIT]}})
     js["podFailurePolicy"] = {"rules": rules}
     js["template"] = template
     return js

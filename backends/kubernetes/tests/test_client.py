@@ -48,11 +48,11 @@ def test_submit_function_multinode_creates_owned_secret_and_service(replay, make
     bid = backend(kube, workdir="/app").submit(sub)
     assert bid == "ml/meshrun-0a1b2c3d4e5f"
     secret = r.requests[1]["body"]
-    assert sorted(secret["data"]) == ["_agent.py", "boot.json", "boot.py", "launch.json", "payload.pkl"]
+    assert sorted(secret["data"]) == ["_agent.py", "launch.json", "payload.pkl", "records.nonce"]
     import base64
 
-    boot = json.loads(base64.b64decode(secret["data"]["boot.json"]))
-    assert boot["nonce"] == json.loads((sub.job_dir / "kubernetes.json").read_text())["nonce"]
+    nonce = base64.b64decode(secret["data"]["records.nonce"]).decode()
+    assert nonce == json.loads((sub.job_dir / "kubernetes.json").read_text())["nonce"]
 
 
 def test_submit_forbidden_is_a_clear_error(replay, make_submission):

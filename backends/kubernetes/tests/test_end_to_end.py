@@ -8,7 +8,6 @@ sent; its stdout is what the pod-log request returns. Also: logs (plain and foll
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import subprocess
@@ -18,8 +17,9 @@ from pathlib import Path
 import meshrun
 import pytest
 
+from meshrun import _agent
 from meshrun_kubernetes import KubernetesBackend
-from meshrun_kubernetes import _boot
+from meshrun_kubernetes import _manifests as mf
 from meshrun_kubernetes._names import expand
 
 OBJ = Path(__file__).resolve().parent / "exchanges" / "objects"
@@ -116,8 +116,10 @@ class Cluster:
             if "value" in e:
                 env[e["name"]] = expand(e["value"], env)  # as the kubelet does
         (self.tmp / "pod" / "workdir").mkdir()
-        p = subprocess.run([sys.executable, str(src / "boot.py"), str(src), str(self.tmp / "pod" / "job")],
-                           cwd=self.tmp / "pod" / "workdir", env=env, stdout=subprocess.PIPE, timeout=60)
+        argv = self.job["spec"]["template"]["spec"]["containers"][0]["command"]
+        argv = [sys.executable] + [a.replace(mf.IN_DIR, str(src)).replace(mf.JOB_DIR, str(self.tmp / "pod" / "job"))
+                                   for a in argv[1:]]
+        p = subprocess.run(argv, cwd=self.tmp / "pod" / "workdir", env=env, stdout=subprocess.PIPE, timeout=60)
         assert p.returncode == 0
         self.log = p.stdout.decode()
         assert int(req["query"]["tailLines"]) > 1000
@@ -176,15 +178,13 @@ def test_function_job_through_kueue_and_back(tmp_path, replay, monkeypatch):
                in (why or "") for s, why in seen)
     assert job.record.where == "gpu-node-03"
     out = (job.job_dir / "output.log").read_text()
-    assert f"training with lr=0.1 on {job.id}" in out and "meshrun-result" not in out
+    assert f"training with lr=0.1 on {job.id}" in out and "meshrun-records" not in out
     assert job.backend_id == f"ml/meshrun-{job.id}"
 
 
 def test_logs_plain_and_followed(tmp_path, replay):
     log = "step 1\nstep 2\n"
-    out = io.BytesIO()
-    _boot.emit(out, "n0nce", "0a1b2c3d4e5f", 0, {"exit.json": base64.b64encode(b'{"state": "succeeded"}').decode()})
-    full = log + out.getvalue().decode()
+    full = log + _agent.frame_records("n0nce", "0a1b2c3d4e5f", 0, {"exit.json": b'{"state": "succeeded"}'})
     pods = obj("podlist-many.json")
     pod = next(p for p in pods["items"] if p["metadata"]["labels"]["meshrun.dev/job-id"] == "succeeded001")
     podlist = {**pods, "items": [pod]}
@@ -218,9 +218,8 @@ def test_logs_plain_and_followed(tmp_path, replay):
 def test_fetch_results_detects_a_cut_block(tmp_path, replay):
     pods = obj("podlist-many.json")
     pod = next(p for p in pods["items"] if p["metadata"]["labels"]["meshrun.dev/job-id"] == "succeeded001")
-    out = io.BytesIO()
-    _boot.emit(out, "n0nce", "succeeded001", 0, {"result.pkl": base64.b64encode(b"x" * 500).decode()})
-    cut = "\n".join(out.getvalue().decode().splitlines()[:4]) + "\n"
+    frame = _agent.frame_records("n0nce", "succeeded001", 0, {"result.pkl": os.urandom(3000)})
+    cut = "\n".join(frame.splitlines()[:-1]) + "\n"
     script = [
         {"request": {"method": "GET", "path": "/api/v1/namespaces/ml/pods",
                      "query": {"labelSelector": "meshrun.dev/job-id=succeeded001"}},

@@ -143,15 +143,16 @@ def test_function_job_secret_and_launch(make_submission, golden, k8s_valid):
         k8s_valid(o)
     golden("job-function.json", m.workload)
     golden("secret-function.json", secret)
-    assert sorted(files) == ["_agent.py", "boot.json", "boot.py", "launch.json", "payload.pkl"]
+    assert sorted(files) == ["_agent.py", "launch.json", "payload.pkl", "records.nonce"]
     launch = json.loads(files["launch.json"])
     assert launch["lease"] is False and launch["mask_gpus"] is False and launch["time_limit"] is None
     assert launch["cwd"] == "/app" and launch["sys_path"] == []
     assert launch["dist"]["MASTER_ADDR"] == f"{m.name}-0.{m.name}.ml.svc" and launch["dist"]["GPUS_PER_NODE"] == "1"
-    assert json.loads(files["boot.json"]) == {"job_id": sub.job_id, "nonce": "f" * 32,
-                                              "result_max_bytes": 4 * 1024 * 1024}
+    assert files["records.nonce"] == b"f" * 32
     pod = m.workload["spec"]["template"]["spec"]
-    assert pod["containers"][0]["command"] == ["python3", "/meshrun/in/boot.py", "/meshrun/in", "/meshrun/job"]
+    assert pod["containers"][0]["command"] == ["python3", "/meshrun/in/_agent.py", "run", "/meshrun/job",
+                                               "--emit-records", "@/meshrun/in/records.nonce", "--inputs",
+                                               "/meshrun/in", "--max-result", str(4 * 1024 * 1024)]
     assert {"name": "meshrun-in", "secret": {"secretName": m.name, "defaultMode": 0o444}} in pod["volumes"]
     rules = m.workload["spec"]["podFailurePolicy"]["rules"]
     assert rules[1] == {"action": "FailJob", "onExitCodes": {"containerName": "job", "operator": "In", "values": [3]}}

@@ -419,8 +419,11 @@ class SkyPilotBackend(Backend):
                 with self._lock:
                     self._results[backend_id] = files
 
-            self._followers[backend_id] = LogFollower(sdk, cluster=cluster, job_id=job_id, request_id=req,
-                                                      on_records=keep)
+            from meshrun import get_config
+
+            nonce = mb.records_nonce(get_config().home / "jobs" / job_id, create=False) or ""
+            self._followers[backend_id] = LogFollower(sdk, cluster=cluster, job_id=job_id, nonce=nonce,
+                                                      request_id=req, on_records=keep)
 
     def _followed_status(self, backend_id: str, requests: Mapping[str, Any]) -> JobStatus | None:
         """The status a follower knows without asking SkyPilot, or None (then ``sky queue`` is asked)."""
@@ -617,14 +620,19 @@ class SkyPilotBackend(Backend):
             if backend_id in self._results:
                 return self._results[backend_id]
         job_id = parse_id(backend_id)[2].removeprefix("meshrun-")
+        from meshrun import get_config
+
+        nonce = mb.records_nonce(get_config().home / "jobs" / job_id, create=False)
+        if nonce is None:
+            return None
         try:
             text = "".join(self._log_chunks(cluster=cluster, sky_job=sky_job, managed_job=managed_job, follow=False))
         except BackendError:
             return None
-        files = _task.parse_results(text, job_id)
+        files = mb.records_from_log(text, nonce)
         if files is not None:
             files = dict(files)
-            files["output.log"] = _task.strip_ansi(_task.strip_results(text)).encode()
+            files["output.log"] = _task.clean_log(text).encode()
             with self._lock:
                 self._results[backend_id] = files
         return files
@@ -640,7 +648,7 @@ class SkyPilotBackend(Backend):
                 rec = self._cluster_record(cluster, name)
                 files = self._collect(backend_id, cluster=cluster, sky_job=_field(rec, "job_id")) if rec is not None else None
         if files:  # the records, and the log as output.log (read when the cluster is gone)
-            _task.write_results(files, Path(job_dir))
+            mb.write_records(Path(job_dir), files, also=["output.log"])
         if kind == "cluster" and cluster == name:
             self._down_if_owned(cluster, Path(job_dir))
 
@@ -825,11 +833,11 @@ def _clean_lines(chunks: Iterator[str]) -> Iterator[str]:
         if "\n" not in buf:
             continue
         head, _, buf = buf.rpartition("\n")
-        text = _task.strip_ansi(_task.strip_results(head + "\n"))
+        text = _task.clean_log(head + "\n")
         if text:
             yield text
     if buf:
-        text = _task.strip_ansi(_task.strip_results(buf))
+        text = _task.clean_log(buf)
         if text:
             yield text
 

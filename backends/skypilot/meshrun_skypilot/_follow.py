@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import meshrun.backend as mb
+
 from . import _task
 
 MAX_TEXT = 64 * 1024**2  # a job that logs more is read back the usual way at its end
@@ -24,10 +26,11 @@ MAX_TEXT = 64 * 1024**2  # a job that logs more is read back the usual way at it
 class LogFollower:
     """One daemon thread: ``get(request)`` for the SkyPilot job id, then the job's log to its end."""
 
-    def __init__(self, sdk: Any, *, cluster: str, job_id: str, request_id: str,
+    def __init__(self, sdk: Any, *, cluster: str, job_id: str, nonce: str, request_id: str,
                  on_records: Callable[[dict[str, bytes]], None]):
         self.cluster = cluster
-        self.job_id = job_id  # meshrun's job id (what the records are tagged with)
+        self.job_id = job_id  # meshrun's job id (what the start line is tagged with)
+        self.nonce = nonce  # what the records are framed with
         self.request_id = request_id
         self.sky_job: int | None = None
         self.started_at: float | None = None  # when node 0's start line arrived
@@ -68,10 +71,10 @@ class LogFollower:
             self.error = f"{type(e).__name__}: {e}"[:500]
         finally:
             text = "".join(self._text) if self._size <= MAX_TEXT else ""
-            files = _task.parse_results(text, self.job_id)
+            files = mb.records_from_log(text, self.nonce) if self.nonce else None
             if files is not None:
                 files = dict(files)
-                files["output.log"] = _task.strip_ansi(_task.strip_results(text)).encode()
+                files["output.log"] = _task.clean_log(text).encode()
                 self.files = files
                 try:
                     self._on_records(files)

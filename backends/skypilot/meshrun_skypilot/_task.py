@@ -2,23 +2,20 @@
 
 ``task_config(spec)`` is the portable mapping (the task YAML a person would write: ``run`` is the command
 itself); ``launch_config(submission, ...)`` is what the backend launches: the same task whose ``run`` is a
-script that unpacks the job's files (host agent, launch.json, payload) on every node, maps SkyPilot's
-node variables onto meshrun's distributed env contract, runs the job under the agent, streams its output
-and, on node 0, prints the agent's records into the job log so they come back through SkyPilot itself
-(no bucket, no SSH: it works for clusters, managed jobs and remote API servers alike).
+script that unpacks the job's files (host agent, launch.json, payload) on every node and runs the job under
+the agent (``run --emit-records``): the agent maps SkyPilot's node variables onto meshrun's distributed env
+contract, streams the job's output and prints its records into the job log framed with the job's nonce, so
+they come back through SkyPilot itself (no bucket, no SSH: it works for clusters, managed jobs and remote API
+servers alike) and are read with ``meshrun.backend.extract_records``.
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
-import io
 import json
 import math
-import os
 import re
 import shlex
-import tarfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,11 +38,7 @@ RESOURCE_OPTIONS = (
     "labels", "any_of", "ordered", "autostop", "priority", "priority_class", "max_hourly_cost", "local_disk",
     "ephemeral_storage", "volumes",
 )
-RESULT_MARK = "::meshrun-result:"
 START_MARK = "::meshrun-started:"  # node 0 prints it once the job is unpacked and about to start
-RECORD_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
-_RESULT_RE = re.compile(r"::meshrun-result:(?P<job>[A-Za-z0-9_.-]+):(?P<i>\d+)/(?P<n>\d+):(?P<data>[A-Za-z0-9+/=]*)::")
-_CHUNK = 4000
 
 
 def job_options(spec: Any) -> dict[str, Any]:
@@ -149,9 +142,9 @@ def _gib(n: int) -> str:
 
 def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpickle: bool | None = None,
            master_port: int = 29500) -> bytes:
-    """The job's files as a gzipped tar: the host agent, launch.json (with ``lease``/``mask_gpus`` off,
-    SkyPilot hands out the GPUs), spec.json, payload.pkl and, for function jobs, the submitter's cloudpickle
-    (used on the cluster only when its Python lacks that exact version)."""
+    """The job's files as a gzipped tar (``meshrun.backend.pack_job``): the host agent, launch.json (with
+    ``lease``/``mask_gpus`` off, SkyPilot hands out the GPUs), spec.json, payload.pkl and, for function jobs,
+    the submitter's cloudpickle (used on the cluster only when its Python lacks that exact version)."""
     launch = dict(submission.launch)
     launch["lease"] = False
     launch["mask_gpus"] = False
@@ -160,70 +153,26 @@ def bundle(submission: Any, *, grace_period: float | None = None, with_cloudpick
     launch["dist"] = {"MASTER_PORT": str(int(master_port))}
     if grace_period is not None:
         launch.setdefault("grace_period", grace_period)
-    files: dict[str, bytes] = {
-        "_agent.py": Path(mb.agent_file()).read_bytes(),
-        "launch.json": (json.dumps(launch, sort_keys=True) + "\n").encode(),
-    }
-    for p in submission.files():
-        if p.name != "launch.json":
-            files[p.name] = p.read_bytes()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
-        for name, data in sorted(files.items()):
-            _add(tar, name, data)
-        if with_cloudpickle if with_cloudpickle is not None else submission.spec.kind == "function":
-            import cloudpickle
+    files = {p.name: p.read_bytes() for p in submission.files() if p.name != "launch.json"}
+    files["launch.json"] = (json.dumps(launch, sort_keys=True) + "\n").encode()
+    extra = {}
+    if with_cloudpickle if with_cloudpickle is not None else submission.spec.kind == "function":
+        import cloudpickle
 
-            root = Path(cloudpickle.__file__).resolve().parent
-            for f in sorted(root.glob("*.py")):
-                _add(tar, f".meshrun-lib/cloudpickle/{f.name}", f.read_bytes())
-    return buf.getvalue()
+        root = Path(cloudpickle.__file__).resolve().parent
+        extra = {f".meshrun-lib/cloudpickle/{f.name}": f.read_bytes() for f in sorted(root.glob("*.py"))}
+    return mb.pack_job(files, compress=True, extra=extra)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o600
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-_UNPACK = (
-    "import base64,io,json,os,sys,tarfile\n"
-    "d=sys.argv[1]\n"
-    "t=tarfile.open(fileobj=io.BytesIO(base64.b64decode(sys.stdin.read())),mode=\"r:gz\")\n"
-    "kw={\"filter\":\"data\"} if hasattr(tarfile,\"data_filter\") else {}\n"
-    "t.extractall(d,**kw)\n"
-    "p=os.path.join(d,\"launch.json\")\n"
-    "l=json.load(open(p))\n"
-    "l[\"cwd\"]=os.getcwd()\n"
-    "open(p,\"w\").write(json.dumps(l))\n"
-)
-_EMIT = (
-    "import base64,gzip,json,os,sys\n"
-    "d,job=sys.argv[1],sys.argv[2]\n"
-    "out={}\n"
-    "for n in (\"exit.json\",\"state.json\",\"result.pkl\",\"error.json\",\"error.pkl\"):\n"
-    "    p=os.path.join(d,n)\n"
-    "    if os.path.exists(p):\n"
-    "        out[n]=base64.b64encode(open(p,\"rb\").read()).decode()\n"
-    "b=base64.b64encode(gzip.compress(json.dumps(out).encode())).decode()\n"
-    f"c={_CHUNK}\n"
-    "n=max(1,(len(b)+c-1)//c)\n"
-    "for i in range(n):\n"
-    f"    sys.stdout.write(\"{RESULT_MARK}%s:%d/%d:%s::\\n\"%(job,i+1,n,b[i*c:(i+1)*c]))\n"
-    "sys.stdout.flush()\n"
-)
-
-
-def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", nodes: int = 1, cloudpickle_version: str | None = None, remote_root: str = "$HOME/.meshrun") -> str:
-    """The task's ``run``: pure text, every value shell-quoted (golden-file tested)."""
+def run_script(*, job_id: str, bundle_b64: str, nonce: str, python: str = "python3",
+               cloudpickle_version: str | None = None, remote_root: str = "$HOME/.meshrun") -> str:
+    """The task's ``run``: pure text, every value shell-quoted (golden-file tested). The job's files are
+    unpacked with the node's own ``base64`` and ``tar``; everything else is the agent's."""
     if not re.fullmatch(r"[A-Za-z0-9+/=]*", bundle_b64):
         raise ValueError("the bundle must be base64")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", job_id):
         raise ValueError(f"bad job id {job_id!r}")
     root = remote_root if remote_root == "$HOME/.meshrun" else shlex.quote(remote_root)
-    log = '"$MR_DIR/output.log"' if nodes == 1 else '"$MR_DIR/$( [ "$MR_RANK" = 0 ] && echo output.log || echo output.rank$MR_RANK.log )"'
     cp_check = ""
     if cloudpickle_version:
         cp_check = (
@@ -231,6 +180,8 @@ def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", nodes: 
             '  export PYTHONPATH="$MR_DIR/.meshrun-lib${PYTHONPATH:+:$PYTHONPATH}"\n'
             "fi\n"
         )
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", nonce):
+        raise ValueError(f"bad records nonce {nonce!r}")
     return (
         f"# meshrun job {job_id}: runs on every node of the cluster under meshrun's host agent\n"
         f"MR_PY={shlex.quote(python)}\n"
@@ -238,22 +189,12 @@ def run_script(*, job_id: str, bundle_b64: str, python: str = "python3", nodes: 
         'MR_RANK="${SKYPILOT_NODE_RANK:-0}"\n'
         f'MR_DIR="{root}/jobs/$MR_JOB/rank$MR_RANK"\n'
         'mkdir -p "$MR_DIR" || exit 97\n'
-        f"printf '%s' '{bundle_b64}' | \"$MR_PY\" -c {shlex.quote(_UNPACK)} \"$MR_DIR\" || "
-        '{ echo "meshrun: cannot unpack the job with $MR_PY" >&2; exit 97; }\n'
+        f"printf '%s' '{bundle_b64}' | base64 -d | tar -xzf - -C \"$MR_DIR\" || "
+        '{ echo "meshrun: cannot unpack the job into $MR_DIR" >&2; exit 97; }\n'
         f'if [ "$MR_RANK" = 0 ]; then echo "{START_MARK}$MR_JOB::"; fi\n'
         + cp_check +
-        '"$MR_PY" "$MR_DIR/_agent.py" run "$MR_DIR" </dev/null &\n'
-        "MR_PID=$!\n"
-        "trap 'kill -TERM \"$MR_PID\" 2>/dev/null' TERM INT HUP\n"
-        f"tail -n +1 -s 0.2 -F --pid=\"$MR_PID\" {log} 2>/dev/null &\n"
-        "MR_TAIL=$!\n"
-        'wait "$MR_PID"; MR_RC=$?\n'
-        'while kill -0 "$MR_PID" 2>/dev/null; do wait "$MR_PID"; MR_RC=$?; done\n'
-        'wait "$MR_TAIL" 2>/dev/null\n'
-        'if [ "$MR_RANK" = 0 ]; then\n'
-        f'  "$MR_PY" -c {shlex.quote(_EMIT)} "$MR_DIR" "$MR_JOB"\n'
-        "fi\n"
-        'exit "$MR_RC"\n'
+        # the agent streams this node's output and ends it with the job's records, framed with the nonce
+        f'exec "$MR_PY" "$MR_DIR/_agent.py" run "$MR_DIR" --emit-records {nonce} </dev/null\n'
     )
 
 
@@ -289,7 +230,7 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
     if mounts:
         cfg["file_mounts"] = mounts
     cfg["run"] = run_script(job_id=submission.job_id, bundle_b64=base64.b64encode(data).decode(), python=python,
-                            nodes=spec.nodes, cloudpickle_version=cp)
+                            nonce=mb.records_nonce(submission.job_dir) or "", cloudpickle_version=cp)
     for k, v in extra.items():
         cfg.setdefault(k, v)
     return cfg
@@ -312,28 +253,7 @@ def _first_line(e: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-# ---- results out of the job log -----------------------------------------------------------------------
-
-
-def parse_results(text: str, job_id: str) -> dict[str, bytes] | None:
-    """The agent's record files that node 0 printed into the log, or None if they are not (all) there."""
-    parts: dict[int, str] = {}
-    total = None
-    for m in _RESULT_RE.finditer(text):
-        if m.group("job") != job_id:
-            continue
-        i, n = int(m.group("i")), int(m.group("n"))
-        if total != n:
-            parts, total = {}, n  # a later, complete set wins (a retried job prints again)
-        parts[i] = m.group("data")
-    if not total or len(parts) != total:
-        return None
-    try:
-        raw = gzip.decompress(base64.b64decode("".join(parts[i] for i in range(1, total + 1))))
-        files = json.loads(raw)
-        return {name: base64.b64decode(v) for name, v in files.items() if name in RECORD_FILES}
-    except (ValueError, OSError, KeyError):
-        return None
+# ---- the job log --------------------------------------------------------------------------------------
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -344,17 +264,9 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def strip_results(text: str) -> str:
-    """The log without the result and start lines (what a person wants to read)."""
-    if RESULT_MARK not in text and START_MARK not in text:
-        return text
-    return "".join(line for line in text.splitlines(keepends=True)
-                   if RESULT_MARK not in line and START_MARK not in line)
-
-
-def write_results(files: Mapping[str, bytes], job_dir: Path) -> None:
-    for name, data in files.items():
-        tmp = job_dir / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, job_dir / name)
+def clean_log(text: str) -> str:
+    """The log without the framed records, the start line and terminal colours (what a person wants to read)."""
+    text = mb.strip_records(text)
+    if START_MARK in text:
+        text = "".join(line for line in text.splitlines(keepends=True) if START_MARK not in line)
+    return strip_ansi(text)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import meshrun
+import meshrun.backend as mb
 from meshrun._taskyaml import spec_from_task_config
 
 from meshrun_skypilot import _task
@@ -157,7 +158,7 @@ def test_gpus_without_a_model_need_one():
 
 def test_run_script_golden():
     script = _task.run_script(job_id="0123abcdwxyz", bundle_b64="QUJD", python="/opt/py 3/bin/python3",
-                              nodes=2, cloudpickle_version="3.1.3")
+                              nonce="f" * 32, cloudpickle_version="3.1.3")
     GOLDEN.mkdir(exist_ok=True)
     golden = GOLDEN / "run_script.sh"
     if os.environ.get("UPDATE_GOLDEN") or not golden.exists():
@@ -166,19 +167,17 @@ def test_run_script_golden():
     subprocess.run(["bash", "-n", "-c", script], check=True)
 
 
-def test_results_survive_log_prefixes_and_other_jobs():
-    files = {"exit.json": b'{"state": "succeeded"}', "result.pkl": bytes(range(256)) * 50}
-    import base64
-    import gzip
+def test_the_log_is_cleaned_of_records_start_line_and_colours():
+    from meshrun import _agent
 
-    payload = base64.b64encode(gzip.compress(json.dumps(
-        {k: base64.b64encode(v).decode() for k, v in files.items()}).encode())).decode()
-    chunks = [payload[i:i + 100] for i in range(0, len(payload), 100)]
-    lines = [f"(head, rank=0, pid=1) ::meshrun-result:job1:{i + 1}/{len(chunks)}:{c}::" for i, c in enumerate(chunks)]
-    text = "hello\n" + "\x1b[36m(other)\x1b[0m ::meshrun-result:job2:1/1:AAAA::\n" + "\n".join(lines) + "\nbye\n"
-    assert _task.parse_results(text, "job1") == files
-    assert _task.parse_results(text.replace(lines[1], ""), "job1") is None  # incomplete
-    assert _task.strip_results(text) == "hello\nbye\n"
+    frame = _agent.frame_records("n0nce", "job1", 0, {"exit.json": b"{}"})
+    text = "\x1b[36m(head)\x1b[0m hello\n" + f"{_task.START_MARK}job1::\n" + frame + "bye\n"
+    assert _task.clean_log(text) == "(head) hello\nbye\n"
+    assert mb.extract_records(text, "n0nce") == {"exit.json": b"{}"}
+
+
+def records(out, sub, rank=0):
+    return mb.extract_records(out, mb.records_nonce(sub.job_dir, create=False), rank)
 
 
 # ---- the run script, executed here as SkyPilot would on each node ---------------------------------------
@@ -214,13 +213,13 @@ def test_run_script_runs_a_two_node_command_under_the_agent(tmp_path, meshrun_ho
     assert "rank=0 of=2 addr=10.9.0.1:29555 ws=2 gpn=0" in outs[0]
     assert "rank=1 of=2 addr=10.9.0.1:29555 ws=2 gpn=0" in outs[1]
     assert (cwd / "weird.0").read_text() == HOSTILE and (cwd / "weird.1").read_text() == HOSTILE
-    files = _task.parse_results(outs[0], sub.job_id)
+    files = records(outs[0], sub)
     assert json.loads(files["exit.json"])["state"] == "succeeded"
-    assert _task.parse_results(outs[1], sub.job_id) is None  # only node 0 reports
-    assert _task.RESULT_MARK not in _task.strip_results(outs[0])
+    assert records(outs[1], sub) is None and records(outs[1], sub, rank=1) is not None  # node 0's are the job's
+    assert "::meshrun-records:" not in _task.clean_log(outs[0])
     # node 0 says when the job starts (what a follower of the log waits for); the start line is not output
     assert outs[0].count(f"{_task.START_MARK}{sub.job_id}::") == 1 and _task.START_MARK not in outs[1]
-    assert _task.START_MARK not in _task.strip_results(outs[0])
+    assert _task.START_MARK not in _task.clean_log(outs[0])
 
 
 def test_log_follower_reads_start_and_records_across_chunk_boundaries(tmp_path, meshrun_home):
@@ -255,7 +254,8 @@ def test_log_follower_reads_start_and_records_across_chunk_boundaries(tmp_path, 
             yield None
 
     kept = {}
-    f = LogFollower(Stream(), cluster="c1", job_id=sub.job_id, request_id="req-1", on_records=kept.update)
+    f = LogFollower(Stream(), cluster="c1", job_id=sub.job_id, nonce=mb.records_nonce(sub.job_dir), request_id="req-1",
+                    on_records=kept.update)
     end = time.monotonic() + 30
     while f.started_at is None and time.monotonic() < end:
         time.sleep(0.01)
@@ -264,7 +264,7 @@ def test_log_follower_reads_start_and_records_across_chunk_boundaries(tmp_path, 
     assert f.done.wait(30) and f.error is None
     assert json.loads(f.files["exit.json"])["exit_code"] == 3 and kept == f.files
     log = f.files["output.log"].decode()
-    assert "working" in log and _task.RESULT_MARK not in log and _task.START_MARK not in log and "\x1b" not in log
+    assert "working" in log and "::meshrun-records:" not in log and _task.START_MARK not in log and "\x1b" not in log
 
 
 def test_run_script_returns_a_function_result_and_uses_shipped_cloudpickle(tmp_path, meshrun_home):
@@ -288,7 +288,7 @@ def test_run_script_returns_a_function_result_and_uses_shipped_cloudpickle(tmp_p
     p = _run_node(cfg["run"], node_home, 0, 1, cwd)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 0, out
-    files = _task.parse_results(out, sub.job_id)
+    files = records(out, sub)
     import pickle
 
     result = pickle.loads(files["result.pkl"])
@@ -306,7 +306,7 @@ def test_run_script_reports_a_failing_function(tmp_path, meshrun_home):
     p = _run_node(cfg["run"], node_home, 0, 1, tmp_path)
     out = p.communicate(timeout=120)[0]
     assert p.returncode != 0
-    files = _task.parse_results(out, sub.job_id)
+    files = records(out, sub)
     assert json.loads(files["error.json"])["type"] == "KeyError"
     assert json.loads(files["exit.json"])["state"] == "failed"
 

@@ -730,42 +730,24 @@ class SlurmBackend(mb.Backend):
     # contract: status
 
     def _exit_records(self, targets: Sequence[Target]) -> dict[str, list[Any]]:
-        """The agent's exit records of each job (one per node; None where missing), by job id."""
+        """The agent's exit records of each job (one per node; None where missing), by job id: read here on a
+        shared filesystem, else by one ``_agent.py records DIR...`` on the login node for all of them."""
         out: dict[str, list[Any]] = {}
         if not targets:
             return out
+        dirs = [str(t.job_dir) if self.shared_filesystem else t.cluster_dir for t in targets]
         if self.shared_filesystem:
-            for t in targets:
-                recs = []
-                for rank in range(t.nodes):
-                    name = "exit.json" if rank == 0 else f"exit.rank{rank}.json"
-                    try:
-                        recs.append(json.loads((t.job_dir / name).read_bytes()))
-                    except (OSError, ValueError):
-                        recs.append(None)
-                out[t.job_id] = recs
-            return out
-        # login-node mode: one remote command reads them all
-        code = (
-            "import json,sys\n"
-            "out={}\n"
-            "for a in sys.argv[1:]:\n"
-            " d,n=a.rsplit('\\t',1);r=[]\n"
-            " for k in range(int(n)):\n"
-            "  p=d+('/exit.json' if k==0 else '/exit.rank%d.json'%k)\n"
-            "  try:\n   r.append(json.load(open(p)))\n"
-            "  except Exception:\n   r.append(None)\n"
-            " out[d]=r\n"
-            "print(json.dumps(out))\n"
-        )
-        args = [f"{t.cluster_dir}\t{t.nodes}" for t in targets]
-        try:
-            p = self._run([self._python(), "-c", code, *args], check=True, what="reading exit records")
-            data = json.loads(p.stdout.strip().splitlines()[-1])
-        except (meshrun.MeshrunError, ValueError, IndexError):
-            return out
-        for t in targets:
-            out[t.job_id] = data.get(t.cluster_dir) or [None] * t.nodes
+            data = mb.exit_records(dirs)
+        else:
+            try:
+                p = self._run([self._python(), self._verified_agent()[0], "records", *dirs], check=True,
+                              what="reading exit records")
+                data = mb.parse_exit_records(p.stdout)
+            except (meshrun.MeshrunError, ValueError, IndexError):
+                return out
+        for t, d in zip(targets, dirs):
+            recs = list(data.get(d) or [])
+            out[t.job_id] = (recs + [None] * t.nodes)[: t.nodes]
         return out
 
     def _scheduler_rows(self, ids: Sequence[str], *, fresh: bool = False) -> tuple[dict[str, S.Row], str | None]:
@@ -1024,10 +1006,8 @@ class SlurmBackend(mb.Backend):
         t = self._target(backend_id)
         if t is None:
             return
-        for name in (*mb.RESULT_FILES, "output.log"):
-            data = self._read(f"{t.cluster_dir}/{name}")
-            if data is not None:
-                self._write_local(Path(job_dir) / name, data)
+        files = {name: self._read(f"{t.cluster_dir}/{name}") for name in (*mb.RESULT_FILES, "output.log")}
+        mb.write_records(Path(job_dir), {k: v for k, v in files.items() if v is not None}, also=["output.log"])
 
     def find(self, job_id: str) -> str | None:
         """The Slurm id of a meshrun job: from its folder's marker, else by its job name in squeue/sacct."""

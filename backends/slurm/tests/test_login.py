@@ -3,6 +3,7 @@ the cluster and results fetched back. The "login node" is an sshd on 127.0.0.1 (
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,29 @@ def test_function_job_through_a_login_node(via_login, tmp_path):
     assert cwd == f"{remote}/jobs/{job.id}" and cwd != str(job.job_dir)
     assert (job.job_dir / "exit.json").exists() and (job.job_dir / "result.pkl").exists()  # fetched back
     assert b.calls["sbatch"] == 1 and b.calls["squeue"] >= 0
+
+
+def padded():
+    return ["padding " * 200, 42]
+
+
+def test_a_result_cut_on_the_cluster_is_joblost_and_never_unpickled(via_login):
+    """The job's status comes from the agent's exit records (``_agent.py records`` on the login node); the
+    result fetched back is checked against the size and checksum in its exit record before unpickling."""
+    from meshrun.testing import wait_until
+
+    b, remote = via_login
+    job = meshrun.submit(meshrun.JobSpec(function=padded, backend="slurm"))
+    d = f"{remote}/jobs/{job.id}"
+    wait_until(lambda: b._read(f"{d}/exit.json") is not None, 120, what="the exit record on the cluster")
+    data = b._read(f"{d}/result.pkl")
+    assert data and json.loads(b._read(f"{d}/exit.json"))["result_bytes"] == len(data)
+    b.runner.put_bytes(data[: len(data) // 2], f"{d}/result.pkl")
+    with pytest.raises(meshrun.JobLost, match="truncated") as e:
+        job.result(timeout=120)
+    assert "not unpickled" in str(e.value)
+    records = b._exit_records([b._target(job.record.backend_id)])
+    assert records[job.id][0]["state"] == "succeeded"
 
 
 def test_command_job_logs_cancel_and_array_through_a_login_node(via_login):

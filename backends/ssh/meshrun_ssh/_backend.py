@@ -324,13 +324,7 @@ class SSHBackend(mb.Backend):
         h = self._host(host)
         # the output comes too while it is small, so logs() still answers when the host no longer does
         files = h.fetch(job_id, list(mb.RESULT_FILES) + ["output.log"], limits={"output.log": 8 << 20})
-        job_dir = Path(job_dir)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            tmp = job_dir / f".{name}.tmp{os.getpid()}"
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, job_dir / name)
+        mb.write_records(Path(job_dir), files, also=["output.log"])
 
     def find(self, job_id: str) -> Optional[str]:
         def look(h: Any) -> bool:
