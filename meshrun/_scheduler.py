@@ -116,7 +116,9 @@ def choose(spec: JobSpec, backend: str | None = None, **plan_kwargs: Any) -> tup
     from ._config import get_config
     from ._placement import plan as make_plan
     from ._placement import rejection_lines
+    from ._settings import validate_backend_options
 
+    validate_backend_options(spec)  # each backend's declared options model, before any backend is asked
     name = backend or spec.backend or get_config().default_backend
     if name:
         from ._registry import get_backend
@@ -235,7 +237,7 @@ def _submit_with_failover(
             bname = b.name or bname
             store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)
             prepared.submission.attempt = attempt
-            if b.name == "local" or getattr(b, "shared_filesystem", False):
+            if getattr(b, "shared_filesystem", False):
                 place_files_locally(prepared.submission.spec, prepared.submission.launch["cwd"])
             bid = b.submit(prepared.submission, cand)
         except Exception as e:
@@ -297,7 +299,7 @@ def submit_many(
                 continue
             if Feature.ARRAYS not in b.features or len(prepared) == 1:
                 break
-            if b.name == "local" or getattr(b, "shared_filesystem", False):
+            if getattr(b, "shared_filesystem", False):
                 for p in prepared:
                     place_files_locally(p.submission.spec, p.submission.launch["cwd"])
             try:
