@@ -107,6 +107,8 @@ class BackendContract:
     gpus: int = 0
     cannot: Mapping[str, str] = {}
     timeout: float = 120.0  # seconds any one job of the suite may take here
+    #: Python run first in the process that submits and is then killed (e.g. to register an in-process backend)
+    child_prelude: str = ""
 
     # ---- helpers
     def _check(self, name: str) -> None:
@@ -164,12 +166,15 @@ class BackendContract:
         script = "echo ENV " + " ".join(f'{k}="${{{k}}}"' for k in CONTRACT)
         job = self._submit(backend, command=["sh", "-c", script], resources={"nodes": nodes})
         job.result(timeout=self.timeout)
-        out = wait_until(lambda: [ln for ln in job.logs().splitlines() if ln.startswith("ENV ")]
-                         if len([ln for ln in job.logs().splitlines() if ln.startswith("ENV ")]) >= nodes
-                         else None, timeout=30, what=f"{nodes} ENV lines in the log")
+
+        def lines() -> list[str]:  # a multi-node log may prefix each line with its node, or keep one file a rank
+            text = job.logs() + "".join(p.read_text(errors="replace") for p in job.job_dir.glob("output.rank*.log"))
+            found = [ln[ln.index("ENV ") + 4:] for ln in text.splitlines() if "ENV " in ln]
+            return found if len(found) >= nodes else []
+
         rows = []
-        for line in out:
-            row = dict(kv.split("=", 1) for kv in line[4:].split())
+        for line in wait_until(lines, timeout=30, what=f"{nodes} ENV lines in the log"):
+            row = dict(kv.split("=", 1) for kv in line.split())
             rows.append({k: v.strip('"') for k, v in row.items()})
         return rows
 
@@ -294,6 +299,7 @@ class BackendContract:
         self._check("reattach_after_submitter_killed")
         child = (
             "import json, os, sys, time, meshrun\n"
+            f"{self.child_prelude}\n"
             "meshrun.configure(json.loads(os.environ['MR_CONFIG']))\n"
             "j = meshrun.submit(meshrun.JobSpec(command=['sh', '-c', 'sleep 1; echo reattached-ok'],"
             " backend=sys.argv[1]))\n"
