@@ -42,6 +42,7 @@ class DstackBackend(mb.Backend):
     )
     install_hint = mb.install_hint("dstack")
     settings_model = DstackSettings
+    options_model = _translate.DstackOptions
     poll_interval = (1.0, 15.0)
     log_poll = 2.0  # seconds between log polls while following
 
