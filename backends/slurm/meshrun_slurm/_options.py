@@ -12,7 +12,7 @@ from typing import Any, Literal, Mapping, Union
 
 import meshrun
 import meshrun.backend as mb
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 BACKEND = "slurm"
 
@@ -149,31 +149,8 @@ def _price_number(value: Any, where: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # backend settings
 
-# validators shared by the settings and the per-job options
-def _v_names(cls: Any, v: Any, info: Any) -> Any:
-    return None if v is None else _name_list(v, info.field_name)
-
-
-def _v_constraint(cls: Any, v: Any) -> Any:
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise ValueError("must be text such as 'a100&ib'")
-    return check_directive_text(v, "constraint")
-
-
-def _v_sbatch(cls: Any, v: Any) -> Any:
-    return _sbatch_args(v, "sbatch")
-
-
-def _v_par(cls: Any, v: Any) -> Any:
-    return None if v is None else _parallelism(v, "array_parallelism")
-
-
-class SlurmSettings(mb.BackendSettings):
-    """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
-
-    renamed = {"command_timeout": "request_timeout", "rest_url": "endpoint", "rest_token": "token"}
+class _JobDefaults(BaseModel):
+    """The keys both ``[backends.slurm]`` (defaults) and ``backend_options["slurm"]`` (per job) take."""
 
     partition: Union[str, None] = None
     account: Union[str, None] = None
@@ -182,6 +159,37 @@ class SlurmSettings(mb.BackendSettings):
     reservation: Union[str, None] = None
     sbatch: list[str] = Field(default_factory=list)
     array_parallelism: Union[int, None] = None
+
+    @field_validator("partition", "account", "qos", "reservation", mode="before")
+    @classmethod
+    def _v_names(cls, v: Any, info: Any) -> Any:
+        return None if v is None else _name_list(v, info.field_name)
+
+    @field_validator("constraint", mode="before")
+    @classmethod
+    def _v_constraint(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ValueError("must be text such as 'a100&ib'")
+        return check_directive_text(v, "constraint")
+
+    @field_validator("sbatch", mode="before")
+    @classmethod
+    def _v_sbatch(cls, v: Any) -> Any:
+        return _sbatch_args(v, "sbatch")
+
+    @field_validator("array_parallelism", mode="before")
+    @classmethod
+    def _v_par(cls, v: Any) -> Any:
+        return None if v is None else _parallelism(v, "array_parallelism")
+
+
+class SlurmSettings(mb.BackendSettings, _JobDefaults):
+    """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
+
+    renamed = {"command_timeout": "request_timeout", "rest_url": "endpoint", "rest_token": "token"}
+
     python: Union[str, None] = None
     login_host: Union[str, dict[str, Any], None] = None
     ssh: Union[dict[str, Any], None] = None
@@ -198,11 +206,6 @@ class SlurmSettings(mb.BackendSettings):
     test_only: bool = True
     grace_period: float = 3.0
     request_timeout: float = 60.0
-
-    _v_names = field_validator("partition", "account", "qos", "reservation", mode="before")(_v_names)
-    _v_constraint = field_validator("constraint", mode="before")(_v_constraint)
-    _v_sbatch = field_validator("sbatch", mode="before")(_v_sbatch)
-    _v_par = field_validator("array_parallelism", mode="before")(_v_par)
 
     @field_validator("price_per_gpu_hour", mode="before")
     @classmethod
@@ -255,26 +258,14 @@ def _parallelism(v: Any, where: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # per-job options
 
-class SlurmOptions(mb.BackendOptions):
+class SlurmOptions(mb.BackendOptions, _JobDefaults):
     """``backend_options["slurm"]`` of one job, as given (``job_options`` merges it over the settings)."""
 
-    partition: Union[str, None] = None
-    account: Union[str, None] = None
-    qos: Union[str, None] = None
-    constraint: Union[str, None] = None
-    reservation: Union[str, None] = None
-    sbatch: list[str] = Field(default_factory=list)
-    array_parallelism: Union[int, None] = None
     time: Union[str, None] = None  # Slurm's own --time, when it must differ from the job's time_limit
     exclusive: bool = False
     nodelist: Union[str, None] = None
     exclude: Union[str, None] = None
     gpus_flag: Literal["gres", "gpus-per-node"] = "gres"
-
-    _v_names = field_validator("partition", "account", "qos", "reservation", mode="before")(_v_names)
-    _v_constraint = field_validator("constraint", mode="before")(_v_constraint)
-    _v_sbatch = field_validator("sbatch", mode="before")(_v_sbatch)
-    _v_par = field_validator("array_parallelism", mode="before")(_v_par)
 
     @field_validator("time", mode="before")
     @classmethod

@@ -13,30 +13,29 @@ from .test_rest import rest  # noqa: F401  (fixture)
 pytestmark = pytest.mark.service
 
 
-class TestSbatchContract(BackendContract):
-    label = "slurm (sbatch)"
+class SlurmContract(BackendContract):
     nodes = 2
     gpus = 4
+
+
+class TestSbatchContract(SlurmContract):
+    label = "slurm (sbatch)"
 
     @pytest.fixture
     def contract_backend(self, slurm):
         return "slurm"
 
 
-class TestRestContract(BackendContract):
+class TestRestContract(SlurmContract):
     label = "slurm (slurmrestd)"
-    nodes = 2
-    gpus = 4
 
     @pytest.fixture
     def contract_backend(self, rest):
         return "slurm"
 
 
-class TestLoginNodeContract(BackendContract):
+class TestLoginNodeContract(SlurmContract):
     label = "slurm (login node)"
-    nodes = 2
-    gpus = 4
     cannot = {"env_contract_2_nodes": "rank 1's output stays on the cluster in login-node mode (only rank 0's log "
                                       "and the result records come back), so the check cannot read its env"}
 
