@@ -188,8 +188,9 @@ def test_env_settings_are_typed(monkeypatch):
 
 
 def test_old_setting_names_warn_and_still_work():
-    with pytest.warns(DeprecationWarning, match="'url' .* now called 'endpoint'"):
+    with pytest.warns(DeprecationWarning) as got:
         s = _settings.load_settings({"url": "http://h:3000", "timeout": 5})
+    assert len(got) == 2 and any("'url' of DstackSettings is now called 'endpoint'" in str(w.message) for w in got)
     assert (s.endpoint, s.request_timeout) == ("http://h:3000", 5.0)
 
 

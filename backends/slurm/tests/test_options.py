@@ -83,6 +83,7 @@ def test_token_never_in_repr():
 
 
 def test_old_setting_names_warn_and_still_work():
-    with pytest.warns(DeprecationWarning, match="'rest_url' .* now called 'endpoint'"):
+    with pytest.warns(DeprecationWarning) as got:
         s = load_settings({"api": "rest", "rest_url": "http://h:6820", "rest_token": "t", "command_timeout": 5})
+    assert len(got) == 3 and any("'rest_url' of SlurmSettings is now called 'endpoint'" in str(w.message) for w in got)
     assert (s.endpoint, s.token.get_secret_value(), s.request_timeout) == ("http://h:6820", "t", 5.0)
