@@ -292,7 +292,7 @@ class BackendContract:
         import meshrun
 
         self._check("time_limit")
-        job = self._submit(contract_backend, command=["sleep", "600"], time_limit=2)
+        job = self._submit(contract_backend, command=["sleep", "600"], time_limit=1)
         assert job.wait(timeout=self.timeout) is meshrun.JobState.TIMEOUT, job.record
         e = job.exception()
         assert isinstance(e, meshrun.JobTimeout), e
@@ -309,7 +309,7 @@ class BackendContract:
             "import json, os, sys, time, meshrun\n"
             f"{self.child_prelude}\n"
             "meshrun.configure(json.loads(os.environ['MR_CONFIG']))\n"
-            "j = meshrun.submit(meshrun.JobSpec(command=['sh', '-c', 'sleep 1; echo reattached-ok'],"
+            "j = meshrun.submit(meshrun.JobSpec(command=['sh', '-c', 'sleep 0.5; echo reattached-ok'],"
             " backend=sys.argv[1], backend_options=json.loads(sys.argv[2])))\n"
             "print(j.id, flush=True)\n"
             "time.sleep(600)\n"
@@ -345,7 +345,7 @@ class BackendContract:
         import threading
 
         self._check("logs_follow_ends")
-        job = self._submit(contract_backend, command=["sh", "-c", "echo first-line; sleep 1; echo last-line"])
+        job = self._submit(contract_backend, command=["sh", "-c", "echo first-line; sleep 0.5; echo last-line"])
         got: list[str] = []
         t = threading.Thread(target=lambda: got.extend(job.logs(follow=True)), daemon=True)
         t.start()

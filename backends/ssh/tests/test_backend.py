@@ -238,7 +238,7 @@ def test_sync_is_incremental_with_excludes_and_a_size_guard(ssh_backend, workdir
     from meshrun_ssh._sync import scan
 
     def sync():
-        pats = list(DEFAULT_EXCLUDE) + list(b.settings.exclude)
+        pats = list(DEFAULT_EXCLUDE) + list(b.settings.sync_exclude)
         entries = scan(str(workdir), pats, max_bytes=b.settings.max_sync_bytes, max_files=100)
         return h.sync(f"{h.root}/work/{workdir_name(str(workdir))}", entries), entries
 
