@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from meshrun.testing import wait_until
+pytest.register_assert_rewrite("meshrun.testing")
+
+from meshrun.testing import wait_until  # noqa: E402
+
+# records the backend conformance suite's results (backend x check) in docs/conformance.json
+pytest_plugins = ["meshrun.testing"]
 
 REPO = Path(__file__).resolve().parent
 FAKES = REPO / "tests" / "fakes"

@@ -82,7 +82,7 @@ def main() -> int:
     table = {"hosts": [{"name": a.host, "host": host["address"], "port": host["port"], "user": USER,
                         "key": user["key"], "lease_dir": str(lease_dir), "env": {"MESHRUN_GPUS": "0-1"}}],
              "known_hosts": pool["known_hosts"], "ssh_config": "/dev/null",
-             "remote_root": "~/.meshrun-bench"}
+             "remote_dir": "~/.meshrun-bench"}
 
     def configure(persistent: bool = True) -> None:
         meshrun.configure({"backends": {"ssh": dict(table, persistent=persistent)}})

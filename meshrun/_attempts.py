@@ -215,7 +215,7 @@ def submit_with_failover(
             bname = b.name or bname
             store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)
             sub.attempt = attempt
-            if b.name == "local" or getattr(b, "shared_filesystem", False):
+            if getattr(b, "shared_filesystem", False):
                 place_files_locally(sub.spec, sub.launch["cwd"])
             bid = b.submit(sub, cand)
         except Exception as e:

@@ -186,6 +186,13 @@ class Backend(ABC):
     name: ClassVar[str] = ""
     features: ClassVar[Feature] = Feature.COMMANDS | Feature.FUNCTIONS
     install_hint: ClassVar[str] = ""
+    #: the typed ``[backends.<name>]`` table (a ``meshrun.backend.BackendSettings`` subclass); the base loads it
+    #: into ``self.settings`` when the backend is created, so a bad setting is a ConfigError naming the key
+    settings_model: ClassVar[Any] = None
+    #: the typed ``backend_options[<name>]`` of a job (a ``meshrun.backend.BackendOptions`` subclass); the core
+    #: validates every job's options against it before placement, and ``self.options(spec)`` returns it
+    options_model: ClassVar[Any] = None
+
     @property
     def poll_interval(self) -> tuple[float, float]:
         """How often to poll a job's status: (first interval, longest interval) in seconds. A backend
@@ -201,6 +208,13 @@ class Backend(ABC):
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         self.config: dict[str, Any] = dict(config or {})
+        model = type(self).settings_model
+        self.settings: Any = model.load(self.name, self.config) if model is not None else None
+
+    def options(self, spec: "JobSpec") -> Any:
+        """The job's ``backend_options[<name>]`` validated by ``options_model`` (None without a model)."""
+        model = type(self).options_model
+        return model.load(self.name, spec.options_for(self.name)) if model is not None else None
 
     # -- required
     @abstractmethod

@@ -158,44 +158,10 @@ def on_configure(listener: Callable[[], None]) -> None:
     _listeners.append(listener)
 
 
-def _settings_base() -> Any:
-    from pydantic import BaseModel, ConfigDict
-
-    class BackendSettings(BaseModel):
-        """Base of every backend's typed settings: unknown keys are errors that list the valid ones.
-
-        Subclass it, declare the keys with defaults, and call ``MySettings.load(name, table)``."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-        @classmethod
-        def load(cls, backend: str, table: Mapping[str, Any] | None) -> Any:
-            from pydantic import ValidationError
-
-            try:
-                return cls(**dict(table or {}))
-            except ValidationError as e:
-                err = e.errors(include_url=False)[0]
-                key = ".".join(str(p) for p in err.get("loc", ()))
-                if err.get("type") == "extra_forbidden":
-                    valid = ", ".join(sorted(cls.model_fields)) or "(none)"
-                    msg = f"unknown setting {key!r} for the {backend} backend; the valid settings are: {valid}"
-                else:
-                    msg = err.get("msg", "invalid").removeprefix("Value error, ")
-                    name = str((err.get("loc") or ("",))[0])
-                    field = cls.model_fields.get(name)
-                    secret = any(w in name.lower() for w in ("token", "password", "secret", "key")) or (
-                        field is not None and "Secret" in str(field.annotation))
-                    msg = f"{msg} (got {'**********' if secret else repr(err.get('input'))})"
-                raise ConfigError(f"backends.{backend}.{key}", msg) from None
-
-    return BackendSettings
-
-
 def __getattr__(name: str) -> Any:
-    # BackendSettings needs pydantic; build it on first use so importing the config stays cheap
+    # BackendSettings lives in _settings (it needs pydantic); kept reachable here for older imports
     if name == "BackendSettings":
-        cls = _settings_base()
-        globals()["BackendSettings"] = cls
-        return cls
+        from ._settings import BackendSettings
+
+        return BackendSettings
     raise AttributeError(name)

@@ -15,12 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 from . import _agent
 from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
 from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
+from ._settings import BackendSettings
 
 INVENTORY_TTL = 10.0
 
@@ -56,15 +57,30 @@ class _Reaper:
         threading.Thread(target=p.wait, name=f"meshrun-reap-{p.pid}", daemon=True).start()
 
 
+class LocalSettings(BackendSettings):
+    """``[backends.local]``."""
+
+    grace_period: float = 10.0
+    lease_dir: Union[str, None] = None
+    fork_server: bool = True
+    server_idle: float = 300.0
+    # the fork server imports the installed packages function jobs imported (e.g. torch), so the next job
+    # starts with them loaded (imports only: never a GPU context or a Python thread)
+    warm_imports: bool = True
+    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
+    share_gpu_below_mib: float = 0.0
+
+
 class LocalBackend(Backend):
     name = "local"
     features = Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.LOGS_FOLLOW | Feature.REATTACH
     install_hint = "built in"
     poll_interval = (0.002, 0.25)
+    shared_filesystem = True
+    settings_model = LocalSettings
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
-        self.settings = _local_settings().load("local", self.config)
         self._server_lock = threading.Lock()
         self._server_started = 0.0
         self._inventory: tuple[float, Any, Any] | None = None
@@ -425,31 +441,6 @@ def _offer_fields(o: Offer) -> dict[str, Any]:
     from dataclasses import fields
 
     return {f.name: getattr(o, f.name) for f in fields(o)}
-
-
-_SETTINGS = None
-
-
-def _local_settings() -> Any:
-    global _SETTINGS
-    if _SETTINGS is None:
-        from typing import Union
-
-        from ._config import BackendSettings
-
-        class LocalSettings(BackendSettings):
-            grace_period: float = 10.0
-            lease_dir: Union[str, None] = None
-            fork_server: bool = True
-            server_idle: float = 300.0
-            # the fork server imports the installed packages function jobs imported (e.g. torch), so the next
-            # job starts with them loaded (imports only: never a GPU context or a Python thread)
-            warm_imports: bool = True
-            price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-            share_gpu_below_mib: float = 0.0
-
-        _SETTINGS = LocalSettings
-    return _SETTINGS
 
 
 def dump_snapshot(snap: Mapping[str, Any]) -> str:

@@ -98,6 +98,9 @@ def choose(spec: JobSpec, backend: str | None = None,
     choice. Returns (backend name, offer or None, plan or None); a plan only when placement chose."""
     from ._config import get_config
 
+    from ._settings import validate_backend_options
+
+    validate_backend_options(spec)  # each backend's declared options model, before any backend is asked
     options = options or PlacementOptions()
     name = backend or spec.backend or get_config().default_backend
     if name:
@@ -199,7 +202,7 @@ def submit_many(
                 continue
             if Feature.ARRAYS not in b.features or len(prepared) == 1:
                 break
-            if b.name == "local" or getattr(b, "shared_filesystem", False):
+            if getattr(b, "shared_filesystem", False):
                 for p in prepared:
                     place_files_locally(p.submission.spec, p.submission.launch["cwd"])
             try:

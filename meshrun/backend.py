@@ -25,7 +25,7 @@ _EXPORTS = {
     "Backend": "._backend", "Feature": "._backend", "Availability": "._backend", "Offer": "._backend",
     "Submission": "._backend", "JobState": "._backend", "JobStatus": "._backend", "RESULT_FILES": "._backend",
     "STAGED_FILES": "._backend",
-    "BackendSettings": "._config",
+    "BackendSettings": "._settings", "BackendOptions": "._settings",
     "register_backend": "._registry", "unregister_backend": "._registry", "get_backend": "._registry",
     "list_backends": "._registry", "install_hint": "._install",
     "agent_file": "._local", "agent_version": "._local", "map_agent_status": "._local", "tail_file": "._local",
@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         Offer,
         Submission,
     )
-    from ._config import BackendSettings
+    from ._settings import BackendOptions, BackendSettings
     from ._errors import BackendError, BackendUnavailable, ConfigError, JobNotFound, SpecError
     from ._install import install_hint
     from ._launch import CONTRACT as DIST_ENV_VARS
@@ -100,6 +100,7 @@ __all__ = [
     # the contract
     "Backend",
     "BackendSettings",
+    "BackendOptions",
     "Feature",
     "Availability",
     "Offer",

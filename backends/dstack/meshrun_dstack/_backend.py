@@ -16,7 +16,7 @@ import meshrun
 import meshrun.backend as mb
 
 from . import _status, _task, _translate
-from ._settings import load_settings, resolve
+from ._settings import DstackSettings, resolve
 
 log = logging.getLogger("meshrun.dstack")
 MIB = 1024**2
@@ -41,12 +41,13 @@ class DstackBackend(mb.Backend):
         | mb.Feature.SPOT
     )
     install_hint = mb.install_hint("dstack")
+    settings_model = DstackSettings
+    options_model = _translate.DstackOptions
     poll_interval = (1.0, 15.0)
     log_poll = 2.0  # seconds between log polls while following
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
-        self.settings = load_settings(self.config)
         if "token" in self.config:  # the plain token lives only inside the settings' SecretStr
             self.config["token"] = "**********"
         self._client: Any = None
@@ -61,14 +62,14 @@ class DstackBackend(mb.Backend):
                 if creds is None:
                     raise meshrun.BackendUnavailable(
                         "no dstack server configured: set url (and token) in [backends.dstack] or "
-                        "MESHRUN_DSTACK_URL / MESHRUN_DSTACK_TOKEN, or configure a project with dstack "
+                        "MESHRUN_DSTACK_ENDPOINT / MESHRUN_DSTACK_TOKEN, or configure a project with dstack "
                         f"(dstack project add) so that {self.settings.dstack_config} names it",
                         backend=self.name,
                     )
                 from ._client import DstackClient
 
                 self._client = DstackClient(
-                    creds.url, creds.project, creds.token, timeout=self.settings.timeout,
+                    creds.url, creds.project, creds.token, timeout=self.settings.request_timeout,
                     api_version=self.settings.api_version, token_source=creds.source,
                 )
             return self._client

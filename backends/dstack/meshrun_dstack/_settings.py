@@ -2,7 +2,7 @@
 
 Order, first found wins, key by key:
 
-1. the meshrun config (``[backends.dstack]``) or ``MESHRUN_DSTACK_URL`` / ``_PROJECT`` / ``_TOKEN``;
+1. the meshrun config (``[backends.dstack]``) or ``MESHRUN_DSTACK_ENDPOINT`` / ``_PROJECT`` / ``_TOKEN``;
 2. dstack's own client config, ``~/.dstack/config.yml`` (``dstack_config`` names another file): the
    project named by ``project``, else the one marked default there. A token is taken from that file
    only for the server URL the file gives for that project, so a token never travels to another server.
@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+from pydantic import Field, SecretStr, field_validator
 
 import meshrun
 import meshrun.backend as mb
@@ -25,68 +27,56 @@ import meshrun.backend as mb
 DEFAULT_PROJECT = "main"
 DEFAULT_DSTACK_CONFIG = "~/.dstack/config.yml"
 
-_SETTINGS_CLS: Any = None
 
+class DstackSettings(mb.BackendSettings):
+    renamed = {"url": "endpoint", "timeout": "request_timeout"}
 
-def settings_class() -> Any:
-    """The typed settings model (built on first use: meshrun.backend.BackendSettings needs pydantic)."""
-    global _SETTINGS_CLS
-    if _SETTINGS_CLS is not None:
-        return _SETTINGS_CLS
-    from typing import Optional
+    endpoint: Optional[str] = Field(None, description="the dstack server, e.g. http://127.0.0.1:3000")
+    project: Optional[str] = Field(None, description="the dstack project (default: dstack's default, else main)")
+    token: Optional[SecretStr] = Field(None, description="the user's dstack token")
+    dstack_config: str = Field(DEFAULT_DSTACK_CONFIG, description="dstack's client config file")
+    request_timeout: float = Field(30.0, gt=0, description="seconds for one HTTP request")
+    max_offers: int = Field(50, ge=1, le=10000, description="offers asked of the server per plan")
+    provision_estimate: float = Field(
+        300.0, ge=0, description="seconds a new cloud instance is expected to take (an offer's expected_start)"
+    )
+    remote_dir: str = Field("/tmp/meshrun", description="where a function job's folder goes inside the task")
+    install_cloudpickle: bool = Field(
+        True, description="pip-install the submitter's cloudpickle in the task when it is missing"
+    )
+    validate_locally: bool = Field(
+        True, description="validate tasks with dstack's own models before sending them (when dstack is installed)"
+    )
+    status_pages: int = Field(5, ge=1, le=100, description="pages of 100 runs one status call may list")
+    api_version: Optional[str] = Field(
+        None, description="the API level to announce (X-API-VERSION); default: negotiated with the server"
+    )
 
-    from pydantic import Field, SecretStr, field_validator
+    @field_validator("endpoint")
+    @classmethod
+    def _v_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return None
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL of the dstack server, got {v!r}")
+        return v
 
-    class DstackSettings(mb.BackendSettings):
-        url: Optional[str] = Field(None, description="the dstack server, e.g. http://127.0.0.1:3000")
-        project: Optional[str] = Field(None, description="the dstack project (default: dstack's default, else main)")
-        token: Optional[SecretStr] = Field(None, description="the user's dstack token")
-        dstack_config: str = Field(DEFAULT_DSTACK_CONFIG, description="dstack's client config file")
-        timeout: float = Field(30.0, gt=0, description="seconds for one HTTP request")
-        max_offers: int = Field(50, ge=1, le=10000, description="offers asked of the server per plan")
-        provision_estimate: float = Field(
-            300.0, ge=0, description="seconds a new cloud instance is expected to take (an offer's expected_start)"
-        )
-        remote_dir: str = Field("/tmp/meshrun", description="where a function job's folder goes inside the task")
-        install_cloudpickle: bool = Field(
-            True, description="pip-install the submitter's cloudpickle in the task when it is missing"
-        )
-        validate_locally: bool = Field(
-            True, description="validate tasks with dstack's own models before sending them (when dstack is installed)"
-        )
-        status_pages: int = Field(5, ge=1, le=100, description="pages of 100 runs one status call may list")
-        api_version: Optional[str] = Field(
-            None, description="the API level to announce (X-API-VERSION); default: negotiated with the server"
-        )
+    @field_validator("project")
+    @classmethod
+    def _v_project(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return None
+        if not v or "/" in v or any(c.isspace() for c in v):
+            raise ValueError(f"expected a dstack project name, got {v!r}")
+        return v
 
-        @field_validator("url")
-        @classmethod
-        def _v_url(cls, v: Optional[str]) -> Optional[str]:
-            if v is None:
-                return None
-            v = v.strip().rstrip("/")
-            if not v.startswith(("http://", "https://")):
-                raise ValueError(f"expected an http:// or https:// URL of the dstack server, got {v!r}")
-            return v
-
-        @field_validator("project")
-        @classmethod
-        def _v_project(cls, v: Optional[str]) -> Optional[str]:
-            if v is None:
-                return None
-            if not v or "/" in v or any(c.isspace() for c in v):
-                raise ValueError(f"expected a dstack project name, got {v!r}")
-            return v
-
-        @field_validator("remote_dir")
-        @classmethod
-        def _v_remote_dir(cls, v: str) -> str:
-            if not v.startswith("/"):
-                raise ValueError(f"expected an absolute path inside the task, got {v!r}")
-            return v.rstrip("/") or "/"
-
-    _SETTINGS_CLS = DstackSettings
-    return DstackSettings
+    @field_validator("remote_dir")
+    @classmethod
+    def _v_remote_dir(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"expected an absolute path inside the task, got {v!r}")
+        return v.rstrip("/") or "/"
 
 
 def load_settings(table: Mapping[str, Any] | None) -> Any:
@@ -95,7 +85,7 @@ def load_settings(table: Mapping[str, Any] | None) -> Any:
     if tok is not None and not isinstance(tok, str):
         # never let a validation message echo the value back
         raise meshrun.ConfigError("backends.dstack.token", "must be text (the dstack user token)")
-    return settings_class().load("dstack", table)
+    return DstackSettings.load("dstack", table)
 
 
 @dataclass(frozen=True)
@@ -132,7 +122,7 @@ def resolve(settings: Any) -> Credentials | None:
     """URL, project and token, or None when no server is configured anywhere."""
     from pydantic import SecretStr
 
-    url = settings.url
+    url = settings.endpoint
     project = settings.project
     token = settings.token
     source = "meshrun config" if token is not None else ""

@@ -22,7 +22,9 @@ import math
 import re
 import shlex
 import sys
-from typing import Any, Mapping
+from typing import Any, List, Mapping, Optional, Union
+
+from pydantic import Field, field_validator
 
 import meshrun
 import meshrun.backend as mb
@@ -62,122 +64,91 @@ def run_name(job_id: str, attempt: int = 1) -> str:
 # ---------------------------------------------------------------------------------------------
 # backend_options["dstack"]
 
-_OPTIONS_CLS: Any = None
+class DstackOptions(mb.BackendOptions):
+    """``backend_options["dstack"]``: dstack knobs a JobSpec has no field for."""
 
+    image: Optional[str] = None
+    python: Optional[str] = None
+    spot_policy: Optional[str] = None
+    max_price: Optional[float] = Field(None, gt=0)
+    retry: Union[bool, str, int, None] = None
+    retry_on: Optional[List[str]] = None
+    backends: Optional[List[str]] = None
+    regions: Optional[List[str]] = None
+    instance_types: Optional[List[str]] = None
+    fleets: Optional[List[str]] = None
+    reservation: Optional[str] = None
+    shm_size: Optional[str] = None
+    priority: Optional[int] = Field(None, ge=0, le=100)
+    working_dir: Optional[str] = None
+    user: Optional[str] = None
+    privileged: Optional[bool] = None
+    volumes: Optional[List[Union[str, dict]]] = None
+    stop_duration: Union[str, int, None] = None
+    idle_duration: Union[str, int, None] = None
+    pin_offer: bool = True
 
-def options_class() -> Any:
-    global _OPTIONS_CLS
-    if _OPTIONS_CLS is not None:
-        return _OPTIONS_CLS
-    from typing import List, Optional, Union
+    @field_validator("spot_policy")
+    @classmethod
+    def _v_spot(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in SPOT_POLICIES:
+            raise ValueError(f"expected one of {', '.join(SPOT_POLICIES)}, got {v!r}")
+        return v
 
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    @field_validator("python")
+    @classmethod
+    def _v_python(cls, v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        v = str(v)
+        if v not in PYTHON_VERSIONS:
+            raise ValueError(f"expected one of {', '.join(PYTHON_VERSIONS)}, got {v!r}")
+        return v
 
-    class DstackOptions(BaseModel):
-        """``backend_options["dstack"]``: dstack knobs a JobSpec has no field for."""
+    @field_validator("retry_on")
+    @classmethod
+    def _v_retry_on(cls, v: Optional[List[str]]) -> Optional[List[str]]:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("give at least one event, or leave it out")
+        for e in v:
+            if e not in RETRY_EVENTS:
+                raise ValueError(f"expected events among {', '.join(RETRY_EVENTS)}, got {e!r}")
+        return v
 
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    @field_validator("retry")
+    @classmethod
+    def _v_retry(cls, v: Any) -> Any:
+        if isinstance(v, str) and not _duration_ok(v):
+            raise ValueError(f"expected true/false or a duration such as '30m', '4h', '1d', got {v!r}")
+        if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
+            raise ValueError(f"expected a positive number of seconds, got {v!r}")
+        return v
 
-        image: Optional[str] = None
-        python: Optional[str] = None
-        spot_policy: Optional[str] = None
-        max_price: Optional[float] = Field(None, gt=0)
-        retry: Union[bool, str, int, None] = None
-        retry_on: Optional[List[str]] = None
-        backends: Optional[List[str]] = None
-        regions: Optional[List[str]] = None
-        instance_types: Optional[List[str]] = None
-        fleets: Optional[List[str]] = None
-        reservation: Optional[str] = None
-        shm_size: Optional[str] = None
-        priority: Optional[int] = Field(None, ge=0, le=100)
-        working_dir: Optional[str] = None
-        user: Optional[str] = None
-        privileged: Optional[bool] = None
-        volumes: Optional[List[Union[str, dict]]] = None
-        stop_duration: Union[str, int, None] = None
-        idle_duration: Union[str, int, None] = None
-        pin_offer: bool = True
+    @field_validator("stop_duration", "idle_duration")
+    @classmethod
+    def _v_dur(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "off" and not _duration_ok(v):
+            raise ValueError(f"expected a duration such as '5m' or 'off', got {v!r}")
+        return v
 
-        @field_validator("spot_policy")
-        @classmethod
-        def _v_spot(cls, v: Optional[str]) -> Optional[str]:
-            if v is not None and v not in SPOT_POLICIES:
-                raise ValueError(f"expected one of {', '.join(SPOT_POLICIES)}, got {v!r}")
-            return v
-
-        @field_validator("python")
-        @classmethod
-        def _v_python(cls, v: Any) -> Optional[str]:
-            if v is None:
-                return None
-            v = str(v)
-            if v not in PYTHON_VERSIONS:
-                raise ValueError(f"expected one of {', '.join(PYTHON_VERSIONS)}, got {v!r}")
-            return v
-
-        @field_validator("retry_on")
-        @classmethod
-        def _v_retry_on(cls, v: Optional[List[str]]) -> Optional[List[str]]:
-            if v is None:
-                return None
-            if not v:
-                raise ValueError("give at least one event, or leave it out")
-            for e in v:
-                if e not in RETRY_EVENTS:
-                    raise ValueError(f"expected events among {', '.join(RETRY_EVENTS)}, got {e!r}")
-            return v
-
-        @field_validator("retry")
-        @classmethod
-        def _v_retry(cls, v: Any) -> Any:
-            if isinstance(v, str) and not _duration_ok(v):
-                raise ValueError(f"expected true/false or a duration such as '30m', '4h', '1d', got {v!r}")
-            if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
-                raise ValueError(f"expected a positive number of seconds, got {v!r}")
-            return v
-
-        @field_validator("stop_duration", "idle_duration")
-        @classmethod
-        def _v_dur(cls, v: Any) -> Any:
-            if isinstance(v, str) and v != "off" and not _duration_ok(v):
-                raise ValueError(f"expected a duration such as '5m' or 'off', got {v!r}")
-            return v
-
-        @field_validator("working_dir")
-        @classmethod
-        def _v_wd(cls, v: Optional[str]) -> Optional[str]:
-            if v is not None and not v.startswith("/"):
-                raise ValueError(f"expected an absolute path inside the container, got {v!r}")
-            return v
-
-    _OPTIONS_CLS = DstackOptions
-    return DstackOptions
+    @field_validator("working_dir")
+    @classmethod
+    def _v_wd(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"expected an absolute path inside the container, got {v!r}")
+        return v
 
 
 def _duration_ok(v: str) -> bool:
     return bool(re.fullmatch(r"\d+ *[smhdw]?", v.strip()))
 
 
-def parse_options(spec: Any) -> Any:
+def parse_options(spec: Any) -> DstackOptions:
     """The validated ``backend_options["dstack"]``; unknown keys and bad values raise SpecError naming the
     field and listing the valid keys."""
-    from pydantic import ValidationError
-
-    cls = options_class()
-    raw = spec.options_for("dstack")
-    try:
-        return cls(**raw)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        key = ".".join(str(p) for p in err.get("loc", ()))
-        field = f"backend_options.dstack.{key}" if key else "backend_options.dstack"
-        if err.get("type") == "extra_forbidden":
-            raise meshrun.SpecError(
-                field, f"unknown option for the dstack backend; the options are: {', '.join(sorted(cls.model_fields))}"
-            ) from None
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        raise meshrun.SpecError(field, f"{msg} (got {err.get('input')!r})") from None
+    return DstackOptions.load("dstack", spec.options_for("dstack"))
 
 
 # ---------------------------------------------------------------------------------------------

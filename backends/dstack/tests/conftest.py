@@ -131,7 +131,7 @@ def pytest_collection_modifyitems(session, config, items):
 def no_user_dstack_config(monkeypatch, tmp_path):
     """No test reads the machine user's ~/.dstack/config.yml (tests that want one write their own)."""
     monkeypatch.setenv("MESHRUN_DSTACK_DSTACK_CONFIG", str(tmp_path / "no-dstack-config.yml"))
-    for k in ("MESHRUN_DSTACK_URL", "MESHRUN_DSTACK_TOKEN", "MESHRUN_DSTACK_PROJECT"):
+    for k in ("MESHRUN_DSTACK_ENDPOINT", "MESHRUN_DSTACK_TOKEN", "MESHRUN_DSTACK_PROJECT"):
         monkeypatch.delenv(k, raising=False)
 
 
@@ -158,7 +158,7 @@ def dstack(dstack_server, monkeypatch, tmp_path):
     token = dstack_server.ensure_user()
     if not dstack_server.url:
         dstack_server.up()
-    monkeypatch.setenv("MESHRUN_DSTACK_URL", dstack_server.url)
+    monkeypatch.setenv("MESHRUN_DSTACK_ENDPOINT", dstack_server.url)
     monkeypatch.setenv("MESHRUN_DSTACK_TOKEN", token)
     monkeypatch.setenv("MESHRUN_DSTACK_PROJECT", "main")
     monkeypatch.setenv("MESHRUN_DSTACK_DSTACK_CONFIG", str(tmp_path / "no-dstack-config.yml"))

@@ -83,7 +83,7 @@ def test_unreachable_server_is_unavailable_not_a_crash(dstack, monkeypatch):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    monkeypatch.setenv("MESHRUN_DSTACK_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MESHRUN_DSTACK_ENDPOINT", f"http://127.0.0.1:{port}")
     meshrun.configure()
     b = backend()
     av = b.check()

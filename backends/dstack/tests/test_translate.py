@@ -196,7 +196,7 @@ def test_bad_option_values_name_the_field(opts, field):
 def test_what_dstack_rejects_is_caught_before_submit(opts, where, monkeypatch):
     """dstack's own models reject these; the backend says so before sending anything (the server
     configured here does not exist: nothing is sent)."""
-    monkeypatch.setenv("MESHRUN_DSTACK_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("MESHRUN_DSTACK_ENDPOINT", "http://127.0.0.1:9")
     meshrun.configure()
     b = meshrun.get_backend("dstack")
     with pytest.raises(meshrun.SpecError) as e:

@@ -133,7 +133,7 @@ def test_meshrun_settings_win_and_a_token_never_goes_to_another_server(tmp_path)
     write_config(cfg, [{"name": "main", "url": "http://lab:3000", "token": "t-lab", "default": True}])
     c = _settings.resolve(_settings.load_settings({"dstack_config": str(cfg), "token": "mine"}))
     assert c.token.get_secret_value() == "mine" and c.url == "http://lab:3000"
-    c = _settings.resolve(_settings.load_settings({"dstack_config": str(cfg), "url": "http://elsewhere:3000"}))
+    c = _settings.resolve(_settings.load_settings({"dstack_config": str(cfg), "endpoint": "http://elsewhere:3000"}))
     assert c.url == "http://elsewhere:3000" and c.token is None
 
 
@@ -144,13 +144,13 @@ def test_no_server_anywhere(tmp_path):
 def test_settings_errors_name_the_key_and_hide_the_token():
     with pytest.raises(meshrun.ConfigError) as e:
         _settings.load_settings({"tokn": "x"})
-    assert e.value.field == "backends.dstack.tokn" and "token" in str(e.value) and "url" in str(e.value)
+    assert e.value.field == "backends.dstack.tokn" and "token" in str(e.value) and "endpoint" in str(e.value)
     with pytest.raises(meshrun.ConfigError) as e:
         _settings.load_settings({"token": 123456789})
     assert "123456789" not in str(e.value)
     with pytest.raises(meshrun.ConfigError) as e:
-        _settings.load_settings({"url": "localhost:3000"})
-    assert e.value.field == "backends.dstack.url"
+        _settings.load_settings({"endpoint": "localhost:3000"})
+    assert e.value.field == "backends.dstack.endpoint"
 
 
 def test_backend_repr_and_config_hide_the_token(monkeypatch):
@@ -162,11 +162,18 @@ def test_backend_repr_and_config_hide_the_token(monkeypatch):
 
 
 def test_env_settings_are_typed(monkeypatch):
-    monkeypatch.setenv("MESHRUN_DSTACK_TIMEOUT", "5")
+    monkeypatch.setenv("MESHRUN_DSTACK_REQUEST_TIMEOUT", "5")
     monkeypatch.setenv("MESHRUN_DSTACK_INSTALL_CLOUDPICKLE", "false")
     meshrun.configure()
     b = meshrun.get_backend("dstack")
-    assert b.settings.timeout == 5.0 and b.settings.install_cloudpickle is False
+    assert b.settings.request_timeout == 5.0 and b.settings.install_cloudpickle is False
+
+
+def test_old_setting_names_warn_and_still_work():
+    with pytest.warns(DeprecationWarning) as got:
+        s = _settings.load_settings({"url": "http://h:3000", "timeout": 5})
+    assert len(got) == 2 and any("'url' of DstackSettings is now called 'endpoint'" in str(w.message) for w in got)
+    assert (s.endpoint, s.request_timeout) == ("http://h:3000", 5.0)
 
 
 # ---- API version negotiation ---------------------------------------------------------------------------
@@ -193,5 +200,5 @@ def test_too_old_server_is_refused_clearly():
 
 
 def test_scrub():
-    c = _client.DstackClient("http://x", "main", _settings.settings_class()(token="abc-123").token)
+    c = _client.DstackClient("http://x", "main", _settings.DstackSettings(token="abc-123").token)
     assert c.scrub("token abc-123 and Bearer zzz") == "token *** and Bearer ***"

@@ -19,7 +19,7 @@ import meshrun.backend as mb
 
 from . import _manifests as mf
 from ._names import LABEL_VALUE
-from ._settings import load_job_options, settings_model
+from ._settings import KubernetesOptions, KubernetesSettings, load_job_options
 
 F = mb.Feature
 S = mb.JobState
@@ -33,10 +33,11 @@ class KubernetesBackend(mb.Backend):
     features = F.COMMANDS | F.FUNCTIONS | F.GPUS | F.MULTI_NODE | F.LOGS_FOLLOW | F.REATTACH
     install_hint = mb.install_hint("kubernetes")
     poll_interval = (2.0, 30.0)
+    settings_model = KubernetesSettings
+    options_model = KubernetesOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
-        self.settings = settings_model().load("kubernetes", self.config)
         self._kube: Any = None
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()

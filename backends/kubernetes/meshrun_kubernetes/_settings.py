@@ -1,13 +1,17 @@
 """Typed settings: the ``[backends.kubernetes]`` table (and ``MESHRUN_KUBERNETES_<KEY>`` variables), and the
 per-job ``backend_options["kubernetes"]``. Unknown keys are errors that list the valid ones.
 
-Both models are built on first use (they need pydantic), so importing the package stays cheap.
+Both are declared models (``KubernetesBackend.settings_model`` / ``options_model``) the core validates.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Optional, Union
+
+from pydantic import Field, field_validator
+
+import meshrun.backend as mb
 
 from ._names import label_key_problem, label_value_problem, name_problem
 
@@ -29,7 +33,6 @@ JOB_OPTIONS = {
     "ttl_after_finished": "seconds a finished Job is kept (ttlSecondsAfterFinished); null keeps it",
 }
 
-_MODELS: dict[str, Any] = {}
 
 
 def _listify(v: Any) -> Any:
@@ -111,116 +114,104 @@ def _check_tolerations(v: Any) -> Any:
     return out
 
 
-def settings_model() -> Any:
-    if "settings" in _MODELS:
-        return _MODELS["settings"]
-    from typing import Literal, Optional, Union
+class KubernetesSettings(mb.BackendSettings):
+    """``[backends.kubernetes]``: where and how to talk to the cluster, and job defaults."""
 
-    from pydantic import Field, field_validator
+    kubeconfig: Optional[str] = None  # default: $KUBECONFIG, else ~/.kube/config
+    context: Optional[str] = None  # a context of the kubeconfig (default: its current-context)
+    in_cluster: Optional[bool] = None  # None: in-cluster config when no kubeconfig exists and running in a pod
+    namespace: Optional[str] = None  # default: the context's namespace, else "default"
+    image: Optional[str] = None  # default container image when the spec has none
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    queue: Optional[str] = None  # Kueue LocalQueue; None: no Kueue
+    priority_class: Optional[str] = None
+    workload_priority_class: Optional[str] = None
+    kueue_version: Literal["v1beta1", "v1beta2"] = "v1beta1"
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_label: str = "nvidia.com/gpu.product"
+    gpu_products: dict[str, list[str]] = Field(default_factory=dict)  # {"H100": ["NVIDIA-H100-80GB-HBM3"]}
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    service_account: Optional[str] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    multi_node: Literal["indexed", "jobset"] = "indexed"
+    master_port: int = Field(29500, ge=1, le=65535)
+    cluster_domain: Optional[str] = None  # e.g. "cluster.local": makes MASTER_ADDR fully qualified
+    ttl_after_finished: Optional[int] = Field(7 * 86400, ge=0)
+    python: str = "python3"  # the interpreter in the image that runs function jobs
+    workdir: Optional[str] = None
+    result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_timeout: float = Field(30.0, gt=0)
+    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
+    price_per_cpu_hour: float = 0.0
 
-    import meshrun.backend as mb
+    @field_validator("namespace", "service_account", mode="before")
+    @classmethod
+    def _v_label_names(cls, v: Any) -> Any:
+        return _check_name(v, label=True)
 
-    class KubernetesSettings(mb.BackendSettings):
-        """``[backends.kubernetes]``: where and how to talk to the cluster, and job defaults."""
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _v_queue(cls, v: Any) -> Any:
+        return _check_queue(v)
 
-        kubeconfig: Optional[str] = None  # default: $KUBECONFIG, else ~/.kube/config
-        context: Optional[str] = None  # a context of the kubeconfig (default: its current-context)
-        in_cluster: Optional[bool] = None  # None: in-cluster config when no kubeconfig exists and running in a pod
-        namespace: Optional[str] = None  # default: the context's namespace, else "default"
-        image: Optional[str] = None  # default container image when the spec has none
-        image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
-        image_pull_secrets: list[str] = Field(default_factory=list)
-        queue: Optional[str] = None  # Kueue LocalQueue; None: no Kueue
-        priority_class: Optional[str] = None
-        workload_priority_class: Optional[str] = None
-        kueue_version: Literal["v1beta1", "v1beta2"] = "v1beta1"
-        gpu_resource: str = "nvidia.com/gpu"
-        gpu_label: str = "nvidia.com/gpu.product"
-        gpu_products: dict[str, list[str]] = Field(default_factory=dict)  # {"H100": ["NVIDIA-H100-80GB-HBM3"]}
-        node_selector: dict[str, str] = Field(default_factory=dict)
-        tolerations: list[dict[str, Any]] = Field(default_factory=list)
-        service_account: Optional[str] = None
-        labels: dict[str, str] = Field(default_factory=dict)
-        annotations: dict[str, str] = Field(default_factory=dict)
-        multi_node: Literal["indexed", "jobset"] = "indexed"
-        master_port: int = Field(29500, ge=1, le=65535)
-        cluster_domain: Optional[str] = None  # e.g. "cluster.local": makes MASTER_ADDR fully qualified
-        ttl_after_finished: Optional[int] = Field(7 * 86400, ge=0)
-        python: str = "python3"  # the interpreter in the image that runs function jobs
-        workdir: Optional[str] = None
-        result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-        request_timeout: float = Field(30.0, gt=0)
-        price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-        price_per_cpu_hour: float = 0.0
+    @field_validator("priority_class", "workload_priority_class", "cluster_domain", mode="before")
+    @classmethod
+    def _v_sub(cls, v: Any) -> Any:
+        return _check_name(v, label=False)
 
-        @field_validator("namespace", "service_account", mode="before")
-        @classmethod
-        def _v_label_names(cls, v: Any) -> Any:
-            return _check_name(v, label=True)
+    @field_validator("image_pull_secrets", mode="before")
+    @classmethod
+    def _v_secrets(cls, v: Any) -> Any:
+        v = _listify(v)
+        for s in v or []:
+            _check_name(s, label=False)
+        return v or []
 
-        @field_validator("queue", mode="before")
-        @classmethod
-        def _v_queue(cls, v: Any) -> Any:
-            return _check_queue(v)
+    @field_validator("node_selector", mode="before")
+    @classmethod
+    def _v_ns(cls, v: Any) -> Any:
+        return _check_label_values(_tableify(v))
 
-        @field_validator("priority_class", "workload_priority_class", "cluster_domain", mode="before")
-        @classmethod
-        def _v_sub(cls, v: Any) -> Any:
-            return _check_name(v, label=False)
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _v_labels(cls, v: Any) -> Any:
+        return _check_label_values(_tableify(v))
 
-        @field_validator("image_pull_secrets", mode="before")
-        @classmethod
-        def _v_secrets(cls, v: Any) -> Any:
-            v = _listify(v)
-            for s in v or []:
-                _check_name(s, label=False)
-            return v or []
+    @field_validator("annotations", mode="before")
+    @classmethod
+    def _v_ann(cls, v: Any) -> Any:
+        return _check_labels(_tableify(v))
 
-        @field_validator("node_selector", mode="before")
-        @classmethod
-        def _v_ns(cls, v: Any) -> Any:
-            return _check_label_values(_tableify(v))
+    @field_validator("gpu_products", "price_per_gpu_hour", mode="before")
+    @classmethod
+    def _v_json_table(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().startswith("{"):
+            return _tableify(v)
+        return v
 
-        @field_validator("labels", mode="before")
-        @classmethod
-        def _v_labels(cls, v: Any) -> Any:
-            return _check_label_values(_tableify(v))
+    @field_validator("tolerations", mode="before")
+    @classmethod
+    def _v_tol(cls, v: Any) -> Any:
+        return _check_tolerations(v)
 
-        @field_validator("annotations", mode="before")
-        @classmethod
-        def _v_ann(cls, v: Any) -> Any:
-            return _check_labels(_tableify(v))
+    @field_validator("gpu_label", mode="before")
+    @classmethod
+    def _v_gpu_label(cls, v: Any) -> Any:
+        p = label_key_problem(v)
+        if p:
+            raise ValueError(p)
+        return v
 
-        @field_validator("gpu_products", "price_per_gpu_hour", mode="before")
-        @classmethod
-        def _v_json_table(cls, v: Any) -> Any:
-            if isinstance(v, str) and v.strip().startswith("{"):
-                return _tableify(v)
-            return v
-
-        @field_validator("tolerations", mode="before")
-        @classmethod
-        def _v_tol(cls, v: Any) -> Any:
-            return _check_tolerations(v)
-
-        @field_validator("gpu_label", mode="before")
-        @classmethod
-        def _v_gpu_label(cls, v: Any) -> Any:
-            p = label_key_problem(v)
-            if p:
-                raise ValueError(p)
-            return v
-
-        @field_validator("gpu_resource", mode="before")
-        @classmethod
-        def _v_gpu_res(cls, v: Any) -> Any:
-            p = label_key_problem(v)
-            if p or "/" not in str(v):
-                raise ValueError("expected an extended resource name such as nvidia.com/gpu or amd.com/gpu")
-            return v
-
-    _MODELS["settings"] = KubernetesSettings
-    return KubernetesSettings
+    @field_validator("gpu_resource", mode="before")
+    @classmethod
+    def _v_gpu_res(cls, v: Any) -> Any:
+        p = label_key_problem(v)
+        if p or "/" not in str(v):
+            raise ValueError("expected an extended resource name such as nvidia.com/gpu or amd.com/gpu")
+        return v
 
 
 def _check_queue(v: Any) -> Any:
@@ -233,102 +224,75 @@ def _check_queue(v: Any) -> Any:
     return v
 
 
-def job_options_model() -> Any:
-    if "options" in _MODELS:
-        return _MODELS["options"]
-    from typing import Literal, Optional
+class KubernetesOptions(mb.BackendOptions):
+    """``backend_options["kubernetes"]`` of one job (JOB_OPTIONS says what each means)."""
 
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    namespace: Optional[str] = None
+    queue: Optional[str] = None
+    priority_class: Optional[str] = None
+    workload_priority_class: Optional[str] = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    service_account: Optional[str] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    multi_node: Optional[Literal["indexed", "jobset"]] = None
+    gpu_products: Optional[list[str]] = None
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
+    workdir: Optional[str] = None
+    ttl_after_finished: Optional[int] = Field(-1, ge=-1)  # -1: the backend's setting
 
-    class JobOptions(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    @field_validator("namespace", "service_account", mode="before")
+    @classmethod
+    def _v_names(cls, v: Any) -> Any:
+        return _check_name(v, label=True)
 
-        namespace: Optional[str] = None
-        queue: Optional[str] = None
-        priority_class: Optional[str] = None
-        workload_priority_class: Optional[str] = None
-        node_selector: dict[str, str] = Field(default_factory=dict)
-        tolerations: list[dict[str, Any]] = Field(default_factory=list)
-        service_account: Optional[str] = None
-        labels: dict[str, str] = Field(default_factory=dict)
-        annotations: dict[str, str] = Field(default_factory=dict)
-        multi_node: Optional[Literal["indexed", "jobset"]] = None
-        gpu_products: Optional[list[str]] = None
-        image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
-        workdir: Optional[str] = None
-        ttl_after_finished: Optional[int] = Field(-1, ge=-1)  # -1: the backend's setting
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _v_queue(cls, v: Any) -> Any:
+        return _check_queue(v)
 
-        @field_validator("namespace", "service_account", mode="before")
-        @classmethod
-        def _v_names(cls, v: Any) -> Any:
-            return _check_name(v, label=True)
+    @field_validator("priority_class", "workload_priority_class", mode="before")
+    @classmethod
+    def _v_sub(cls, v: Any) -> Any:
+        return _check_name(v, label=False)
 
-        @field_validator("queue", mode="before")
-        @classmethod
-        def _v_queue(cls, v: Any) -> Any:
-            return _check_queue(v)
+    @field_validator("node_selector", "labels", mode="before")
+    @classmethod
+    def _v_labels(cls, v: Any) -> Any:
+        return _check_label_values(v)
 
-        @field_validator("priority_class", "workload_priority_class", mode="before")
-        @classmethod
-        def _v_sub(cls, v: Any) -> Any:
-            return _check_name(v, label=False)
+    @field_validator("annotations", mode="before")
+    @classmethod
+    def _v_ann(cls, v: Any) -> Any:
+        return _check_labels(v)
 
-        @field_validator("node_selector", "labels", mode="before")
-        @classmethod
-        def _v_labels(cls, v: Any) -> Any:
-            return _check_label_values(v)
+    @field_validator("tolerations", mode="before")
+    @classmethod
+    def _v_tol(cls, v: Any) -> Any:
+        return _check_tolerations(v)
 
-        @field_validator("annotations", mode="before")
-        @classmethod
-        def _v_ann(cls, v: Any) -> Any:
-            return _check_labels(v)
+    @field_validator("gpu_products", mode="before")
+    @classmethod
+    def _v_products(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str) or not isinstance(v, (list, tuple)):
+            raise ValueError("expected a list of node label values")
+        for x in v:
+            p = label_value_problem(x)
+            if p or not x:
+                raise ValueError(f"{x!r} is not a valid label value")
+        return list(v)
 
-        @field_validator("tolerations", mode="before")
-        @classmethod
-        def _v_tol(cls, v: Any) -> Any:
-            return _check_tolerations(v)
-
-        @field_validator("gpu_products", mode="before")
-        @classmethod
-        def _v_products(cls, v: Any) -> Any:
-            if v is None:
-                return None
-            if isinstance(v, str) or not isinstance(v, (list, tuple)):
-                raise ValueError("expected a list of node label values")
-            for x in v:
-                p = label_value_problem(x)
-                if p or not x:
-                    raise ValueError(f"{x!r} is not a valid label value")
-            return list(v)
-
-        @field_validator("workdir", mode="before")
-        @classmethod
-        def _v_workdir(cls, v: Any) -> Any:
-            if v is not None and (not isinstance(v, str) or not v.startswith("/") or "\x00" in v):
-                raise ValueError("expected an absolute path inside the container")
-            return v
-
-    _MODELS["options"] = JobOptions
-    return JobOptions
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _v_workdir(cls, v: Any) -> Any:
+        if v is not None and (not isinstance(v, str) or not v.startswith("/") or "\x00" in v):
+            raise ValueError("expected an absolute path inside the container")
+        return v
 
 
-def load_job_options(spec: Any) -> Any:
+def load_job_options(spec: Any) -> KubernetesOptions:
     """``backend_options["kubernetes"]`` as a typed object; a bad key or value raises SpecError naming it."""
-    from pydantic import ValidationError
-
-    import meshrun
-
-    model = job_options_model()
-    raw = spec.options_for("kubernetes")
-    try:
-        return model(**raw)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        key = ".".join(str(p) for p in err.get("loc", ()))
-        field = f'backend_options["kubernetes"].{key}' if key else 'backend_options["kubernetes"]'
-        if err.get("type") == "extra_forbidden":
-            valid = ", ".join(sorted(JOB_OPTIONS))
-            raise meshrun.SpecError(field, f"unknown option for the kubernetes backend; the options are: {valid}") \
-                from None
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        raise meshrun.SpecError(field, f"{msg} (got {err.get('input')!r})") from None
+    return KubernetesOptions.load("kubernetes", spec.options_for("kubernetes"))

@@ -218,7 +218,7 @@ def test_options_are_validated_and_unknown_keys_listed(make_submission):
     spec = meshrun.JobSpec(command=["true"], backend_options={"kubernetes": {"queu": "team-a"}})
     with pytest.raises(meshrun.SpecError) as e:
         backend().render(make_submission(spec))
-    assert e.value.field == 'backend_options["kubernetes"].queu'
+    assert e.value.field == "backend_options.kubernetes.queu"
     assert "queue" in str(e.value) and "namespace" in str(e.value) and "multi_node" in str(e.value)
     for bad, field in [({"namespace": "Bad_NS"}, "namespace"), ({"queue": "x" * 70}, "queue"),
                        ({"multi_node": "mpi"}, "multi_node"), ({"labels": {"bad key!": "v"}}, "labels"),
@@ -227,7 +227,7 @@ def test_options_are_validated_and_unknown_keys_listed(make_submission):
         spec = meshrun.JobSpec(command=["true"], backend_options={"kubernetes": bad})
         with pytest.raises(meshrun.SpecError) as e:
             backend().render(make_submission(spec))
-        assert e.value.field.startswith(f'backend_options["kubernetes"].{field}'), (bad, e.value.field)
+        assert e.value.field.startswith(f"backend_options.kubernetes.{field}"), (bad, e.value.field)
 
 
 def test_missing_image_is_explained(make_submission):

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import meshrun
 import meshrun.backend as mb
@@ -73,36 +73,21 @@ _ID_RE = re.compile(r"^(cluster|managed):([^:]*):([^:]+):([^:]*)$")
 _POOL_CLOUDS = ("slurm", "kubernetes", "ssh")
 
 
-def _settings_class() -> Any:
-    from typing import Optional, Union
-
-    class SkyPilotSettings(mb.BackendSettings):
-        endpoint: Optional[str] = None  # a remote API server (default: the local one)
-        port: Optional[int] = None  # local API server port (default: SKYPILOT_API_SERVER_LOCAL_PORT or 46580)
-        start_server: bool = True  # start the local API server when it is down
-        clouds: Optional[list[str]] = None  # offers only from these (of those `sky check` enabled)
-        infra: Optional[str] = None  # default infra for jobs that give none, e.g. "slurm/testcluster"
-        python: str = "python3"  # the interpreter on the cluster that runs meshrun's agent
-        master_port: int = 29500  # MASTER_PORT of multi-node jobs
-        grace_period: float = 10.0  # seconds between SIGTERM and SIGKILL on cancel/timeout
-        idle_minutes: int = 10  # autodown a cluster meshrun started after this long idle (safety net)
-        max_inline_bytes: int = 8 * 1024**2  # job files travelling inside the task
-        catalog_dir: Optional[str] = None  # SkyPilot catalog folder (default: ~/.sky/catalogs/v8)
-        pool_price_per_hour: Union[float, dict[str, float]] = 0.0  # Slurm/Kubernetes/SSH pools: $ per node-hour
-        request_timeout: float = 120.0  # seconds to wait for quick API requests (status, queue, cancel)
-        follow_logs: int = 16  # the submitting process follows up to this many jobs' logs (0: poll `sky queue`)
-
-    return SkyPilotSettings
-
-
-_SETTINGS: Any = None
-
-
-def settings_class() -> Any:
-    global _SETTINGS
-    if _SETTINGS is None:
-        _SETTINGS = _settings_class()
-    return _SETTINGS
+class SkyPilotSettings(mb.BackendSettings):
+    endpoint: Optional[str] = None  # a remote API server (default: the local one)
+    port: Optional[int] = None  # local API server port (default: SKYPILOT_API_SERVER_LOCAL_PORT or 46580)
+    start_server: bool = True  # start the local API server when it is down
+    clouds: Optional[list[str]] = None  # offers only from these (of those `sky check` enabled)
+    infra: Optional[str] = None  # default infra for jobs that give none, e.g. "slurm/testcluster"
+    python: str = "python3"  # the interpreter on the cluster that runs meshrun's agent
+    master_port: int = 29500  # MASTER_PORT of multi-node jobs
+    grace_period: float = 10.0  # seconds between SIGTERM and SIGKILL on cancel/timeout
+    idle_minutes: int = 10  # autodown a cluster meshrun started after this long idle (safety net)
+    max_inline_bytes: int = 8 * 1024**2  # job files travelling inside the task
+    catalog_dir: Optional[str] = None  # SkyPilot catalog folder (default: ~/.sky/catalogs/v8)
+    pool_price_per_hour: Union[float, dict[str, float]] = 0.0  # Slurm/Kubernetes/SSH pools: $ per node-hour
+    request_timeout: float = 120.0  # seconds to wait for quick API requests (status, queue, cancel)
+    follow_logs: int = 16  # the submitting process follows up to this many jobs' logs (0: poll `sky queue`)
 
 
 def parse_id(backend_id: str) -> tuple[str, str, str, str]:
@@ -126,9 +111,9 @@ class SkyPilotBackend(Backend):
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
                 | Feature.REATTACH | Feature.SPOT)
     install_hint = mb.install_hint("skypilot")
+    settings_model = SkyPilotSettings
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
-        self.settings = settings_class().load(NAME, self.config)
         self.server = ApiServer(self.settings)
         self._results: dict[str, dict[str, bytes]] = {}  # backend id -> agent records from the log
         self._enabled: tuple[float, list[str]] | None = None

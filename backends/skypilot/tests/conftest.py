@@ -124,9 +124,9 @@ class SkyEnv:
 
     def start_server(self) -> None:
         from meshrun_skypilot._server import ApiServer
-        from meshrun_skypilot._backend import settings_class
+        from meshrun_skypilot._backend import SkyPilotSettings
 
-        srv = ApiServer(settings_class()(port=self.port))
+        srv = ApiServer(SkyPilotSettings(port=self.port))
         with self.apply():
             if not srv.health()[0]:
                 t0 = time.monotonic()

@@ -19,10 +19,13 @@ from pathlib import Path
 import pytest
 
 import meshrun
+from meshrun.testing import BackendContract
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "skypilot-slurm.sh"
+# the one cluster the tests of this module reuse (`sky exec`); the module's teardown takes it down
+CLUSTER = f"mr-e2e-{uuid.uuid4().hex[:6]}"
 HOSTILE = "a'b\"c $(touch /tmp/pwned) `id` ${HOME} \\ ; | & ünïcødé end"
 
 
@@ -100,7 +103,7 @@ def _wait_state(job, states, timeout=600):
 
 
 def test_one_cluster_command_function_cancel(sky, sky_env):
-    cluster = f"mr-e2e-{uuid.uuid4().hex[:6]}"
+    cluster = CLUSTER
     opts = {"skypilot": {"cluster": cluster}}
     timings = {}
 
@@ -152,12 +155,11 @@ def test_one_cluster_command_function_cancel(sky, sky_env):
     long.cancel()
     assert long.status() is meshrun.JobState.CANCELLED
 
-    # the named cluster is kept; tear it down
+    # the named cluster is kept (for the conformance checks below; the module's teardown takes it down)
     with sky_env.apply():
         from sky.client import sdk
 
         assert any((c["name"] if isinstance(c, dict) else c.name) == cluster for c in sdk.get(sdk.status([cluster])))
-        sdk.get(sdk.down(cluster))
     print(f"[skypilot] timings: {timings}")
 
 
@@ -203,3 +205,33 @@ def test_dry_run_on_slurm_reaches_the_optimizer(sky):
     sky.dry_run(sub)  # SkyPilot's optimizer picks slurm/testcluster; nothing is launched
     offers = sky.offers(meshrun.JobSpec(command="true"))
     assert [o.where for o in offers if o.fits] == ["slurm/testcluster"]
+
+
+_LEAN = "kept out of the lean SkyPilot run (each job is a `sky exec` of about 30 s here)"
+_E2E = _LEAN + "; test_one_cluster_command_function_cancel "
+
+
+class TestSkyPilotContract(BackendContract):
+    """A lean subset of the conformance suite, on the cluster test_one_cluster_command_function_cancel made."""
+
+    label = "skypilot (on the test Slurm cluster)"
+    timeout = 600.0
+    backend_options = {"skypilot": {"cluster": CLUSTER}}
+    cannot = {
+        "env_contract_1_node": _E2E + "checks NODE_RANK, NNODES and WORLD_SIZE",
+        "env_contract_2_nodes": "a 2-node job is a new SkyPilot cluster (minutes); "
+                                "test_two_node_function_and_teardown covers it",
+        "gpu_count": "not tried: the test cluster's GPUs are fake gres, which SkyPilot would have to offer",
+        "hostile_strings": _E2E + "checks a hostile env value by its md5 in the job",
+        "cancel_leaves_no_process": _E2E + "cancels a running job",
+        "time_limit": _LEAN,
+        "reattach_after_submitter_killed": _E2E + "asks a fresh backend for the status",
+        "map_order": _LEAN,
+        "logs_follow_ends": _E2E + "follows each job's log to its end",
+        "idempotent_cancel": _LEAN,
+        "batched_status": _E2E + "asks a fresh backend for the status",
+    }
+
+    @pytest.fixture
+    def contract_backend(self, sky):
+        return "skypilot"

@@ -22,7 +22,7 @@ import meshrun
 import meshrun.backend as mb
 
 from . import _states as S
-from ._options import BACKEND, JobOptions, job_options, load_settings
+from ._options import BACKEND, JobOptions, SlurmOptions, SlurmSettings, job_options
 from ._runner import LocalRunner, SSHRunner
 from ._script import ArrayPart, BatchJob, directives, render_script
 
@@ -91,10 +91,11 @@ class SlurmBackend(mb.Backend):
     # status() reads the agent's records first (a file read on the shared filesystem) and asks Slurm at most
     # every query_interval (growing with the jobs' age), so polling often costs files, not scheduler calls
     poll_interval = (0.01, 0.5)
+    settings_model = SlurmSettings
+    options_model = SlurmOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
-        self.settings = load_settings(self.config)
         self._runner: Any = None
         self._lock = threading.RLock()
         self._targets: dict[str, Target | None] = {}
@@ -160,7 +161,7 @@ class SlurmBackend(mb.Backend):
         argv = [str(a) for a in argv]
         prog = os.path.basename(argv[0])
         self.calls[f"{prog} --test-only" if "--test-only" in argv else prog] += 1
-        t = self.settings.command_timeout if timeout is None else timeout
+        t = self.settings.request_timeout if timeout is None else timeout
         try:
             p = self.runner.run(argv, input=input, timeout=t)
         except FileNotFoundError as e:
@@ -353,7 +354,7 @@ class SlurmBackend(mb.Backend):
         return got[1] if got is not None else None
 
     def _disk_entry(self, name: str, ttl: float, value: Any = None) -> tuple[float, Any] | None:
-        where = json.dumps([self.settings.api, self.settings.login_host, self.settings.rest_url], default=str)
+        where = json.dumps([self.settings.api, self.settings.login_host, self.settings.endpoint], default=str)
         key = hashlib.sha1(where.encode()).hexdigest()[:10]
         path = self._state_dir() / "cache" / f"{name}-{key}.json"
         if value is not None:

@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping, Union
 
 import meshrun
 import meshrun.backend as mb
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 BACKEND = "slurm"
 
@@ -148,106 +149,100 @@ def _price_number(value: Any, where: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # backend settings
 
-_SETTINGS_CLS: Any = None
+class _JobDefaults(BaseModel):
+    """The keys both ``[backends.slurm]`` (defaults) and ``backend_options["slurm"]`` (per job) take."""
+
+    partition: Union[str, None] = None
+    account: Union[str, None] = None
+    qos: Union[str, None] = None
+    constraint: Union[str, None] = None
+    reservation: Union[str, None] = None
+    sbatch: list[str] = Field(default_factory=list)
+    array_parallelism: Union[int, None] = None
+
+    @field_validator("partition", "account", "qos", "reservation", mode="before")
+    @classmethod
+    def _v_names(cls, v: Any, info: Any) -> Any:
+        return None if v is None else _name_list(v, info.field_name)
+
+    @field_validator("constraint", mode="before")
+    @classmethod
+    def _v_constraint(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ValueError("must be text such as 'a100&ib'")
+        return check_directive_text(v, "constraint")
+
+    @field_validator("sbatch", mode="before")
+    @classmethod
+    def _v_sbatch(cls, v: Any) -> Any:
+        return _sbatch_args(v, "sbatch")
+
+    @field_validator("array_parallelism", mode="before")
+    @classmethod
+    def _v_par(cls, v: Any) -> Any:
+        return None if v is None else _parallelism(v, "array_parallelism")
 
 
-def settings_class() -> Any:
-    """The pydantic settings model (built on first use: importing this module stays cheap)."""
-    global _SETTINGS_CLS
-    if _SETTINGS_CLS is not None:
-        return _SETTINGS_CLS
-    from pydantic import Field, SecretStr, field_validator
+class SlurmSettings(mb.BackendSettings, _JobDefaults):
+    """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
 
-    class SlurmSettings(mb.BackendSettings):
-        """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
+    renamed = {"command_timeout": "request_timeout", "rest_url": "endpoint", "rest_token": "token"}
 
-        partition: Union[str, None] = None
-        account: Union[str, None] = None
-        qos: Union[str, None] = None
-        constraint: Union[str, None] = None
-        reservation: Union[str, None] = None
-        sbatch: list[str] = Field(default_factory=list)
-        array_parallelism: Union[int, None] = None
-        python: Union[str, None] = None
-        login_host: Union[str, dict[str, Any], None] = None
-        ssh: Union[dict[str, Any], None] = None
-        remote_dir: str = "~/.meshrun/slurm"
-        api: Literal["cli", "rest"] = "cli"
-        rest_url: Union[str, None] = None
-        rest_user: Union[str, None] = None
-        rest_token: Union[SecretStr, None] = None
-        rest_api_version: str = "v0.0.38"
-        price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-        query_interval: float = 1.0
-        lost_after: float = 300.0
-        sacct: bool = True
-        test_only: bool = True
-        grace_period: float = 3.0
-        command_timeout: float = 60.0
+    python: Union[str, None] = None
+    login_host: Union[str, dict[str, Any], None] = None
+    ssh: Union[dict[str, Any], None] = None
+    remote_dir: str = "~/.meshrun/slurm"
+    api: Literal["cli", "rest"] = "cli"
+    endpoint: Union[str, None] = None  # slurmrestd (api = "rest")
+    rest_user: Union[str, None] = None
+    token: Union[SecretStr, None] = None  # slurmrestd's JWT
+    rest_api_version: str = "v0.0.38"
+    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
+    query_interval: float = 1.0
+    lost_after: float = 300.0
+    sacct: bool = True
+    test_only: bool = True
+    grace_period: float = 3.0
+    request_timeout: float = 60.0
 
-        @field_validator("partition", "account", "qos", "reservation", mode="before")
-        @classmethod
-        def _v_names(cls, v: Any, info: Any) -> Any:
-            return None if v is None else _name_list(v, info.field_name)
+    @field_validator("price_per_gpu_hour", mode="before")
+    @classmethod
+    def _v_price(cls, v: Any) -> Any:
+        return _price(v, "price_per_gpu_hour")
 
-        @field_validator("constraint", mode="before")
-        @classmethod
-        def _v_constraint(cls, v: Any) -> Any:
-            if v is None:
-                return None
-            if not isinstance(v, str):
-                raise ValueError("must be text such as 'a100&ib'")
-            return check_directive_text(v, "constraint")
+    @field_validator("query_interval", "lost_after", "grace_period", "request_timeout")
+    @classmethod
+    def _v_positive(cls, v: float) -> float:
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError("must be a number of seconds, 0 or more")
+        return v
 
-        @field_validator("sbatch", mode="before")
-        @classmethod
-        def _v_sbatch(cls, v: Any) -> Any:
-            return _sbatch_args(v, "sbatch")
+    @field_validator("python", "remote_dir", mode="before")
+    @classmethod
+    def _v_path(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v.strip() or any(c in v for c in "\n\r\x00"):
+            raise ValueError("must be a path on one line")
+        return v
 
-        @field_validator("array_parallelism", mode="before")
-        @classmethod
-        def _v_par(cls, v: Any) -> Any:
-            return None if v is None else _parallelism(v, "array_parallelism")
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _v_url(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not re.match(r"^(https?://[^\s]+|unix:/[^\s]+)$", v):
+            raise ValueError("must be an http(s):// URL or unix:/path/to/socket")
+        return v.rstrip("/")
 
-        @field_validator("price_per_gpu_hour", mode="before")
-        @classmethod
-        def _v_price(cls, v: Any) -> Any:
-            return _price(v, "price_per_gpu_hour")
-
-        @field_validator("query_interval", "lost_after", "grace_period", "command_timeout")
-        @classmethod
-        def _v_positive(cls, v: float) -> float:
-            if not (v >= 0 and math.isfinite(v)):
-                raise ValueError("must be a number of seconds, 0 or more")
-            return v
-
-        @field_validator("python", "remote_dir", mode="before")
-        @classmethod
-        def _v_path(cls, v: Any) -> Any:
-            if v is None:
-                return None
-            if not isinstance(v, str) or not v.strip() or any(c in v for c in "\n\r\x00"):
-                raise ValueError("must be a path on one line")
-            return v
-
-        @field_validator("rest_url", mode="before")
-        @classmethod
-        def _v_url(cls, v: Any) -> Any:
-            if v is None:
-                return None
-            if not isinstance(v, str) or not re.match(r"^(https?://[^\s]+|unix:/[^\s]+)$", v):
-                raise ValueError("must be an http(s):// URL or unix:/path/to/socket")
-            return v.rstrip("/")
-
-        def __repr__(self) -> str:  # never show the token
-            return f"SlurmSettings(api={self.api!r}, login_host={self.login_host!r}, partition={self.partition!r})"
-
-    _SETTINGS_CLS = SlurmSettings
-    return SlurmSettings
+    def __repr__(self) -> str:  # never show the token
+        return f"SlurmSettings(api={self.api!r}, login_host={self.login_host!r}, partition={self.partition!r})"
 
 
-def load_settings(table: Mapping[str, Any] | None) -> Any:
-    return settings_class().load(BACKEND, table)
+def load_settings(table: Mapping[str, Any] | None) -> SlurmSettings:
+    return SlurmSettings.load(BACKEND, table)
 
 
 def _parallelism(v: Any, where: str) -> int:
@@ -263,10 +258,45 @@ def _parallelism(v: Any, where: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # per-job options
 
-JOB_OPTIONS = (
-    "partition", "account", "qos", "constraint", "reservation", "sbatch", "array_parallelism", "time",
-    "exclusive", "nodelist", "exclude", "gpus_flag",
-)
+class SlurmOptions(mb.BackendOptions, _JobDefaults):
+    """``backend_options["slurm"]`` of one job, as given (``job_options`` merges it over the settings)."""
+
+    time: Union[str, None] = None  # Slurm's own --time, when it must differ from the job's time_limit
+    exclusive: bool = False
+    nodelist: Union[str, None] = None
+    exclude: Union[str, None] = None
+    gpus_flag: Literal["gres", "gpus-per-node"] = "gres"
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _v_time(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, (int, float)) or (isinstance(v, str) and re.fullmatch(r"\s*[0-9.]+\s*", v)):
+            raise ValueError(f"time needs a unit, e.g. '30m' or '2h' (Slurm reads a bare number as "
+                             f"minutes, meshrun as seconds), got {v!r}")
+        try:
+            secs = meshrun.parse_duration(v)
+        except ValueError as e:
+            raise ValueError(f"time: {e}") from None
+        return mb.slurm_time(secs)
+
+    @field_validator("exclusive", mode="before")
+    @classmethod
+    def _v_exclusive(cls, v: Any) -> Any:
+        if not isinstance(v, bool):
+            raise ValueError(f"exclusive must be true or false, got {v!r}")
+        return v
+
+    @field_validator("nodelist", "exclude", mode="before")
+    @classmethod
+    def _v_nodes(cls, v: Any, info: Any) -> Any:
+        if v is not None and (not isinstance(v, str) or not _NODE_LIST.match(v)):
+            raise ValueError(f"{info.field_name} must be a Slurm node list such as 'node[1-4],gpu7', got {v!r}")
+        return v
+
+
+JOB_OPTIONS = tuple(SlurmOptions.model_fields)
 
 
 @dataclass(frozen=True)
@@ -289,60 +319,15 @@ class JobOptions:
 
 
 def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None) -> JobOptions:
-    """Validate ``backend_options["slurm"]`` (raising :class:`meshrun.SpecError` naming the key)."""
-    opts = dict(spec_options or {})
-    unknown = sorted(set(opts) - set(JOB_OPTIONS))
-    if unknown:
-        raise meshrun.SpecError(
-            f"backend_options.slurm.{unknown[0]}",
-            f"unknown Slurm option; the options are: {', '.join(JOB_OPTIONS)}",
-            opts[unknown[0]],
-        )
+    """``backend_options["slurm"]`` validated by :class:`SlurmOptions` (a :class:`meshrun.SpecError` naming
+    the key), over the settings' defaults."""
+    given = SlurmOptions.load(BACKEND, spec_options)
     out: dict[str, Any] = {}
     if settings is not None:
         for k in ("partition", "account", "qos", "constraint", "reservation", "array_parallelism"):
             out[k] = getattr(settings, k)
         out["sbatch"] = tuple(settings.sbatch)
-
-    def field_(k: str) -> str:
-        return f"backend_options.slurm.{k}"
-
-    try:
-        for k, v in opts.items():
-            if k in ("partition", "account", "qos", "reservation"):
-                out[k] = None if v is None else _name_list(v, k)
-            elif k == "constraint":
-                if v is not None and not isinstance(v, str):
-                    raise ValueError("constraint must be text such as 'a100&ib'")
-                out[k] = None if v is None else check_directive_text(v, k)
-            elif k == "sbatch":
-                out[k] = tuple(out.get("sbatch") or ()) + tuple(_sbatch_args(v, k))
-            elif k == "array_parallelism":
-                out[k] = None if v is None else _parallelism(v, k)
-            elif k == "time":
-                if v is None:
-                    out[k] = None
-                else:
-                    if isinstance(v, (int, float)) or (isinstance(v, str) and re.fullmatch(r"\s*[0-9.]+\s*", v)):
-                        raise ValueError(f"time needs a unit, e.g. '30m' or '2h' (Slurm reads a bare number as "
-                                         f"minutes, meshrun as seconds), got {v!r}")
-                    try:
-                        secs = meshrun.parse_duration(v)
-                    except ValueError as e:
-                        raise ValueError(f"time: {e}") from None
-                    out[k] = mb.slurm_time(secs)
-            elif k == "exclusive":
-                if not isinstance(v, bool):
-                    raise ValueError(f"exclusive must be true or false, got {v!r}")
-                out[k] = v
-            elif k in ("nodelist", "exclude"):
-                if v is not None and (not isinstance(v, str) or not _NODE_LIST.match(v)):
-                    raise ValueError(f"{k} must be a Slurm node list such as 'node[1-4],gpu7', got {v!r}")
-                out[k] = v
-            elif k == "gpus_flag":
-                if v not in ("gres", "gpus-per-node"):
-                    raise ValueError(f"gpus_flag must be 'gres' or 'gpus-per-node', got {v!r}")
-                out[k] = v
-    except ValueError as e:
-        raise meshrun.SpecError(field_(k), str(e), opts.get(k)) from None
+    for k in given.model_fields_set - {"sbatch"}:
+        out[k] = getattr(given, k)
+    out["sbatch"] = tuple(out.get("sbatch") or ()) + tuple(given.sbatch)
     return JobOptions(**out)

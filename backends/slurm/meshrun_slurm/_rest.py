@@ -1,6 +1,6 @@
 """slurmrestd (``api = "rest"``): submit, status and cancel over Slurm's REST API with httpx.
 
-Authentication: a JWT in ``X-SLURM-USER-TOKEN`` with ``X-SLURM-USER-NAME`` (``rest_token``, else one made
+Authentication: a JWT in ``X-SLURM-USER-TOKEN`` with ``X-SLURM-USER-NAME`` (``token``, else one made
 with ``scontrol token``, renewed before it expires), or none at all on a ``unix:`` socket served with
 rest_auth/local. The token never reaches logs, errors or ``repr``.
 
@@ -45,10 +45,10 @@ class RestClient:
     def __init__(self, settings: Any, run: Callable[..., Any]):
         self.settings = settings
         self._run = run
-        url = settings.rest_url
+        url = settings.endpoint
         if not url:
-            raise meshrun.ConfigError("backends.slurm.rest_url",
-                                      'api = "rest" needs rest_url: "http://host:6820" or "unix:/path/to/socket"')
+            raise meshrun.ConfigError("backends.slurm.endpoint",
+                                      'api = "rest" needs endpoint: "http://host:6820" or "unix:/path/to/socket"')
         if settings.login_host:
             raise meshrun.ConfigError("backends.slurm.api",
                                       'api = "rest" talks to slurmrestd directly; leave login_host unset with it')
@@ -56,14 +56,14 @@ class RestClient:
         self.unix = url.startswith("unix:")
         self.base = "http://localhost" if self.unix else url
         self.user = settings.rest_user or getpass.getuser()
-        self._token: str | None = settings.rest_token.get_secret_value() if settings.rest_token else None
+        self._token: str | None = settings.token.get_secret_value() if settings.token else None
         self._token_fixed = self._token is not None
         self._token_until = float("inf") if self._token_fixed else 0.0
         self._client: Any = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<RestClient {self.settings.rest_url} user={self.user}>"
+        return f"<RestClient {self.settings.endpoint} user={self.user}>"
 
     # ---- plumbing
     def client(self) -> Any:
@@ -74,9 +74,9 @@ class RestClient:
                 except ImportError as e:
                     raise meshrun.BackendUnavailable(
                         'api = "rest" needs httpx: ' + mb.install_hint("slurm", ["rest"]), backend=BACKEND) from e
-                transport = httpx.HTTPTransport(uds=self.settings.rest_url[len("unix:"):]) if self.unix else None
+                transport = httpx.HTTPTransport(uds=self.settings.endpoint[len("unix:"):]) if self.unix else None
                 self._client = httpx.Client(base_url=self.base, transport=transport,
-                                            timeout=self.settings.command_timeout)
+                                            timeout=self.settings.request_timeout)
             return self._client
 
     def _headers(self) -> dict[str, str]:
@@ -93,7 +93,7 @@ class RestClient:
         m = re.search(r"SLURM_JWT=(\S+)", p.stdout or "")
         if p.returncode != 0 or not m:
             raise meshrun.BackendUnavailable(
-                f"cannot get a Slurm JWT for {self.user} with scontrol token (set rest_token, or enable auth/jwt "
+                f"cannot get a Slurm JWT for {self.user} with scontrol token (set token, or enable auth/jwt "
                 f"in slurm.conf): {(p.stderr or '').strip()[:200]}", backend=BACKEND)
         return m.group(1), time.time() + life
 
@@ -103,7 +103,7 @@ class RestClient:
             try:
                 r = self.client().request(method, url, headers=self._headers(), **kw)
             except Exception as e:  # httpx errors: connection refused, timeouts
-                raise RestError(f"slurmrestd at {self.settings.rest_url} did not answer: {type(e).__name__}: {e}",
+                raise RestError(f"slurmrestd at {self.settings.endpoint} did not answer: {type(e).__name__}: {e}",
                                 backend=BACKEND) from e
             if r.status_code == 401 and attempt == 1 and not self._token_fixed and not self.unix:
                 with self._lock:
@@ -119,7 +119,7 @@ class RestClient:
             msg = "; ".join(str(e.get("error") or e.get("description") or e) for e in errs) or r.text[:300]
             if not self.unix and (r.status_code in (401, 403) or (r.status_code == 500 and "Unspecified" in msg)):
                 msg += (f" (slurmrestd rejects the token of user {self.user!r} this way: check rest_user and "
-                        f"rest_token, or that auth/jwt is enabled)")
+                        f"token, or that auth/jwt is enabled)")
             raise RestError(f"slurmrestd {method} {url}: HTTP {r.status_code}: {msg}", backend=BACKEND)
         return data
 
@@ -133,7 +133,7 @@ class RestClient:
     def ping(self) -> dict[str, Any]:
         data = self.request("GET", "/slurm/{v}/ping")
         pings = data.get("pings") or []
-        return {"rest_url": self.settings.rest_url, "controllers": [p.get("hostname") for p in pings]}
+        return {"endpoint": self.settings.endpoint, "controllers": [p.get("hostname") for p in pings]}
 
     def job_fields(self, job: BatchJob, comment: str | None) -> dict[str, Any]:
         """The REST job description of what ``directives(job)`` says on sbatch's command line."""

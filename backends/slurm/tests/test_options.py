@@ -69,7 +69,7 @@ def test_unknown_setting_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("key,value", [("api", "grpc"), ("partition", "a b"), ("query_interval", -1),
-                                       ("price_per_gpu_hour", "cheap"), ("rest_url", "ftp://x"),
+                                       ("price_per_gpu_hour", "cheap"), ("endpoint", "ftp://x"),
                                        ("sbatch", ["--wrap=x"])])
 def test_bad_settings(key, value):
     with pytest.raises(meshrun.ConfigError) as e:
@@ -78,5 +78,12 @@ def test_bad_settings(key, value):
 
 
 def test_token_never_in_repr():
-    s = load_settings({"api": "rest", "rest_url": "http://127.0.0.1:6820", "rest_token": "sekret-token"})
+    s = load_settings({"api": "rest", "endpoint": "http://127.0.0.1:6820", "token": "sekret-token"})
     assert "sekret" not in repr(s) and "sekret" not in str(s)
+
+
+def test_old_setting_names_warn_and_still_work():
+    with pytest.warns(DeprecationWarning) as got:
+        s = load_settings({"api": "rest", "rest_url": "http://h:6820", "rest_token": "t", "command_timeout": 5})
+    assert len(got) == 3 and any("'rest_url' of SlurmSettings is now called 'endpoint'" in str(w.message) for w in got)
+    assert (s.endpoint, s.token.get_secret_value(), s.request_timeout) == ("http://h:6820", "t", 5.0)

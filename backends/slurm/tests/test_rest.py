@@ -14,7 +14,7 @@ JS = meshrun.JobState
 def rest(slurm, slurm_cluster):
     if not slurm_cluster.get("SLURM_REST_URL"):
         pytest.skip("the test cluster runs without slurmrestd (SLURM_REST=0)")
-    meshrun.configure({"backends": {"slurm": {"api": "rest", "rest_url": slurm_cluster["SLURM_REST_URL"],
+    meshrun.configure({"backends": {"slurm": {"api": "rest", "endpoint": slurm_cluster["SLURM_REST_URL"],
                                               "query_interval": 0.3}}})
     b = meshrun.get_backend("slurm")
     assert b.check().ok, b.check()
@@ -71,8 +71,8 @@ def test_rest_options_without_a_field_are_refused(rest):
 def test_bad_token_is_a_clear_error_that_hides_the_token(slurm, slurm_cluster):
     if not slurm_cluster.get("SLURM_REST_URL"):
         pytest.skip("no slurmrestd")
-    meshrun.configure({"backends": {"slurm": {"api": "rest", "rest_url": slurm_cluster["SLURM_REST_URL"],
-                                              "rest_token": "not-a-real-token-sekrit"}}})
+    meshrun.configure({"backends": {"slurm": {"api": "rest", "endpoint": slurm_cluster["SLURM_REST_URL"],
+                                              "token": "not-a-real-token-sekrit"}}})
     b = meshrun.get_backend("slurm")
     av = b.check()
     assert not av.ok and "sekrit" not in av.reason and "token" in av.reason

@@ -19,9 +19,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import meshrun
 import meshrun.backend as mb
 
+from ._settings import SSHOptions, SSHSettings
+
 BACKEND = "ssh"
 CLAIM_TTL = 60.0
-_JOB_OPTIONS = ("host", "sync", "exclude", "workdir")
 
 
 class SSHBackend(mb.Backend):
@@ -30,12 +31,11 @@ class SSHBackend(mb.Backend):
                 | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH)
     install_hint = mb.install_hint("ssh")
     poll_interval = (0.05, 5.0)
+    settings_model = SSHSettings
+    options_model = SSHOptions
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None):
         super().__init__(config)
-        from ._settings import load_settings
-
-        self.settings = load_settings(self.config)
         self._hosts: dict[str, Any] = {}
         self._params: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -197,7 +197,7 @@ class SSHBackend(mb.Backend):
     def submit(self, submission: Any, offer: Optional[mb.Offer] = None) -> str:
         spec = submission.spec
         opts = self._job_options(spec)
-        host_name = opts.get("host")
+        host_name = opts.host
         if host_name is None and offer is not None and offer.backend == BACKEND and offer.where in self.host_names():
             host_name = offer.where
             stale = spec.resources.gpus and (offer.detail or {}).get("claim_seq") != self._host(host_name).claim_seq
@@ -230,47 +230,36 @@ class SSHBackend(mb.Backend):
             raise
         return f"{host_name}:{submission.job_id}"
 
-    def _job_options(self, spec: Any) -> dict[str, Any]:
-        opts = spec.options_for(BACKEND)
-        for k in opts:
-            if k not in _JOB_OPTIONS:
-                raise meshrun.SpecError(f"backend_options.ssh.{k}",
-                                        f"unknown option; the ssh backend takes: {', '.join(_JOB_OPTIONS)}")
-        if "host" in opts and opts["host"] not in self.host_names():
+    def _job_options(self, spec: Any) -> SSHOptions:
+        opts: SSHOptions = self.options(spec)
+        if opts.host is not None and opts.host not in self.host_names():
             known = ", ".join(self.host_names())
             raise meshrun.SpecError("backend_options.ssh.host",
-                                    f"{opts['host']!r} is not one of the configured hosts: {known}")
-        if "exclude" in opts and (not isinstance(opts["exclude"], (list, tuple))
-                                  or not all(isinstance(p, str) for p in opts["exclude"])):
-            raise meshrun.SpecError("backend_options.ssh.exclude", "must be a list of patterns")
-        if "sync" in opts and not isinstance(opts["sync"], bool):
-            raise meshrun.SpecError("backend_options.ssh.sync", "must be true or false")
-        if "workdir" in opts and (not isinstance(opts["workdir"], str) or not opts["workdir"]):
-            raise meshrun.SpecError("backend_options.ssh.workdir", "must be a directory path on the host")
+                                    f"{opts.host!r} is not one of the configured hosts: {known}")
         return opts
 
-    def _stage_workdir(self, h: Any, spec: Any, local_cwd: str, opts: Mapping[str, Any]) -> str:
+    def _stage_workdir(self, h: Any, spec: Any, local_cwd: str, opts: SSHOptions) -> str:
         """Mirror the working directory (and the spec's files) to the host; the job's remote cwd."""
         from ._session import workdir_name
         from ._settings import DEFAULT_EXCLUDE
         from ._sync import scan
 
-        if "workdir" in opts and not opts.get("sync", False):
+        if opts.workdir is not None and not opts.sync:
             if spec.files:
                 raise meshrun.SpecError("files", "files need the working directory sync; leave out "
                                         "backend_options.ssh.workdir or set sync=True")
-            return _expand_remote(opts["workdir"], h)
-        sync = opts.get("sync", self.settings.sync)
+            return _expand_remote(opts.workdir, h)
+        sync = self.settings.sync if opts.sync is None else opts.sync
         if not sync and not spec.files:
             return _expand_remote("~", h)
-        patterns = list(DEFAULT_EXCLUDE) + list(self.settings.exclude) + list(opts.get("exclude") or [])
+        patterns = list(DEFAULT_EXCLUDE) + list(self.settings.sync_exclude) + list(opts.sync_exclude)
         if sync:
             entries = scan(local_cwd, patterns, max_bytes=self.settings.max_sync_bytes,
                            max_files=self.settings.max_sync_files, extra=dict(spec.files))
         else:
             entries = scan(_empty_dir(), [], max_bytes=self.settings.max_sync_bytes,
                            max_files=self.settings.max_sync_files, extra=dict(spec.files))
-        dest = opts.get("workdir") or f"{h.root}/work/{workdir_name(local_cwd)}"
+        dest = opts.workdir or f"{h.root}/work/{workdir_name(local_cwd)}"
         rep = h.sync(dest, entries)
         return rep["dest"]
 

@@ -138,7 +138,7 @@ class RemoteHost:
     # ---- paths on the host
     @property
     def root(self) -> str:
-        return self.params.remote_root
+        return self.params.remote_dir
 
     def job_dir(self, job_id: str) -> str:
         return f"{self.root}/jobs/{job_id}"
@@ -188,7 +188,7 @@ class RemoteHost:
                     raise BackendError(
                         f"{self.name}: meshrun will not run its host agent from {self.agent_dir()}: "
                         f"{err.split('meshrun-boot: unsafe:', 1)[1].strip()} "
-                        f"(or set {self.params.field_prefix}.remote_root)", backend=BACKEND)
+                        f"(or set {self.params.field_prefix}.remote_dir)", backend=BACKEND)
                 if attempt == 0 and "meshrun-boot: stale:" in err:
                     self._upload_bundle()  # missing, or not the expected content: install a verified copy
                     continue
@@ -221,7 +221,7 @@ class RemoteHost:
         from ._verified import install_verified
 
         install_verified(self.conn, self.agent_dir(), _bundle().files, pythons=[self.params.python],
-                         what="the host agent", setting=f"{self.params.field_prefix}.remote_root", backend=BACKEND)
+                         what="the host agent", setting=f"{self.params.field_prefix}.remote_dir", backend=BACKEND)
         self._uploaded = True
 
     def _upload_cloudpickle(self) -> None:

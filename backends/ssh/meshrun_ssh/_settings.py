@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Union
 
 import meshrun
 import meshrun.backend as mb
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictStr, field_validator, model_validator
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -37,11 +37,11 @@ def _split_list(v: Any) -> Any:
     return v
 
 
-class HostSettings(BaseModel):
+class HostSettings(mb.BackendSettings):
     """One host of the pool. Missing fields come from ~/.ssh/config (HostName, Port, User, IdentityFile,
     ProxyJump), then from defaults (port 22, the local user name)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    renamed = {"remote_root": "remote_dir"}
 
     name: Optional[str] = None
     host: Optional[str] = None
@@ -52,7 +52,7 @@ class HostSettings(BaseModel):
     lease_dir: Optional[str] = None
     price_per_gpu_hour: float = 0.0
     env: dict[str, str] = {}
-    remote_root: Optional[str] = None
+    remote_dir: Optional[str] = None
     proxy_jump: Optional[str] = None
 
     @model_validator(mode="after")
@@ -86,7 +86,7 @@ class HostSettings(BaseModel):
             raise ValueError(f"must be an absolute path on the host, got {v!r}")
         return v
 
-    @field_validator("remote_root")
+    @field_validator("remote_dir")
     @classmethod
     def _v_root(cls, v: Optional[str]) -> Optional[str]:
         return _check_root(v) if v is not None else None
@@ -120,11 +120,13 @@ def _check_root(v: str) -> str:
 
 
 class SSHSettings(mb.BackendSettings):
+    renamed = {"remote_root": "remote_dir", "exclude": "sync_exclude"}
+
     hosts: list[Union[str, HostSettings]] = []
     known_hosts: Optional[Union[str, list[str]]] = None
     ssh_config: Optional[str] = None
-    remote_root: str = "~/.meshrun"
-    exclude: list[str] = []
+    remote_dir: str = "~/.meshrun"
+    sync_exclude: list[str] = []
     max_sync_bytes: int = 100 * 1024**2
     max_sync_files: int = 20000
     sync: bool = True
@@ -139,7 +141,7 @@ class SSHSettings(mb.BackendSettings):
     def _v_hosts(cls, v: Any) -> Any:
         return _split_list(v)
 
-    @field_validator("exclude", mode="before")
+    @field_validator("sync_exclude", mode="before")
     @classmethod
     def _v_exclude(cls, v: Any) -> Any:
         return _split_list(v)
@@ -159,7 +161,7 @@ class SSHSettings(mb.BackendSettings):
             raise ValueError("must be more than 0")
         return n
 
-    @field_validator("remote_root")
+    @field_validator("remote_dir")
     @classmethod
     def _v_root(cls, v: str) -> str:
         return _check_root(v)
@@ -191,6 +193,17 @@ class SSHSettings(mb.BackendSettings):
         return self
 
 
+class SSHOptions(mb.BackendOptions):
+    """``backend_options["ssh"]`` of one job."""
+
+    renamed = {"exclude": "sync_exclude"}
+
+    host: Optional[str] = None  # run on this host of the pool
+    sync: Optional[StrictBool] = None  # mirror the working directory (default: the sync setting)
+    sync_exclude: list[StrictStr] = []  # more patterns left out of this job's sync
+    workdir: Optional[str] = Field(None, min_length=1)  # run here on the host (no sync unless sync=True)
+
+
 def load_settings(table: Mapping[str, Any] | None) -> SSHSettings:
     return SSHSettings.load("ssh", table)
 
@@ -217,7 +230,7 @@ class HostParams:
     lease_dir: Optional[str] = None
     price_per_gpu_hour: float = 0.0
     env: tuple[tuple[str, str], ...] = ()
-    remote_root: str = "~/.meshrun"
+    remote_dir: str = "~/.meshrun"
     connect_timeout: float = 10.0
     field_prefix: str = "backends.ssh.hosts"
     extra: tuple[tuple[str, Any], ...] = field(default=())
@@ -341,7 +354,7 @@ def resolve(entry: Union[str, HostSettings, Mapping[str, Any]], settings: SSHSet
         lease_dir=entry.lease_dir,
         price_per_gpu_hour=entry.price_per_gpu_hour,
         env=tuple(sorted(entry.env.items())),
-        remote_root=entry.remote_root or settings.remote_root,
+        remote_dir=entry.remote_dir or settings.remote_dir,
         connect_timeout=settings.connect_timeout,
         field_prefix=prefix,
     )

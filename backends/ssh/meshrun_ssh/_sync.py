@@ -1,6 +1,6 @@
 """What of the working directory goes to the host: a scan with exclude patterns and a size guard.
 
-Patterns (defaults + ``backends.ssh.exclude`` + ``backend_options["ssh"]["exclude"]`` + the lines of a
+Patterns (defaults + ``backends.ssh.sync_exclude`` + ``backend_options["ssh"]["sync_exclude"]`` + the lines of a
 ``.meshrunignore`` file at the top of the working directory):
 
 * ``name`` (no slash): any file or directory with that name, at any depth (``*``, ``?``, ``[...]`` work);
@@ -92,7 +92,7 @@ def scan(root: str, patterns: Sequence[str], *, max_bytes: int, max_files: int,
             raise meshrun.SpecError(
                 "workdir",
                 f"{root} holds more than {max_files} files to copy to the host (backends.ssh.max_sync_files); "
-                f"exclude what the job does not need (backends.ssh.exclude, or a {IGNORE_FILE} file), or run "
+                f"exclude what the job does not need (backends.ssh.sync_exclude, or a {IGNORE_FILE} file), or run "
                 "from a smaller directory (workdir=...)",
             )
 
@@ -141,7 +141,7 @@ def scan(root: str, patterns: Sequence[str], *, max_bytes: int, max_files: int,
             "workdir",
             f"{root} holds {meshrun.format_size(total)} in {len(out)} files to copy to the host, more than "
             f"backends.ssh.max_sync_bytes ({meshrun.format_size(max_bytes)}). Largest: {top}. Exclude large data "
-            f"by pattern (backends.ssh.exclude = [\"data/\", \"*.ckpt\"], backend_options={{'ssh': {{'exclude': "
+            f"by pattern (backends.ssh.sync_exclude = [\"data/\", \"*.ckpt\"], backend_options={{'ssh': {{'sync_exclude': "
             f"[...]}}}}, or a {IGNORE_FILE} file), keep data on the host and pass its path, or raise the limit",
         )
     return sorted(out.values(), key=lambda e: e.path)

@@ -220,7 +220,7 @@ def test_hostile_strings_reach_the_job_byte_for_byte(ssh_backend, workdir):
 
 
 def test_sync_is_incremental_with_excludes_and_a_size_guard(ssh_backend, workdir):
-    b = ssh_backend(gpus=0, hosts=["host1"], exclude=["data/", "*.ckpt"], max_sync_bytes="64KiB")
+    b = ssh_backend(gpus=0, hosts=["host1"], sync_exclude=["data/", "*.ckpt"], max_sync_bytes="64KiB")
     (workdir / "pkg").mkdir()
     (workdir / "pkg" / "mod.py").write_text("X = 1\n")
     (workdir / ".git").mkdir()
@@ -238,7 +238,7 @@ def test_sync_is_incremental_with_excludes_and_a_size_guard(ssh_backend, workdir
     from meshrun_ssh._sync import scan
 
     def sync():
-        pats = list(DEFAULT_EXCLUDE) + list(b.settings.exclude)
+        pats = list(DEFAULT_EXCLUDE) + list(b.settings.sync_exclude)
         entries = scan(str(workdir), pats, max_bytes=b.settings.max_sync_bytes, max_files=100)
         return h.sync(f"{h.root}/work/{workdir_name(str(workdir))}", entries), entries
 
@@ -347,14 +347,14 @@ def _closed_port() -> int:
 def test_agent_installed_once_and_exec_mode(ssh_backend, make_config, workdir):
     """First contact installs the agent under the remote root (versioned by content); later backends reuse
     it. With persistent = false every request is its own exec of the helper, and jobs work the same."""
-    b = ssh_backend(gpus=1, hosts=["host1"], remote_root="~/.meshrun-agenttest")
+    b = ssh_backend(gpus=1, hosts=["host1"], remote_dir="~/.meshrun-agenttest")
     h = b.host("host1")
     h.conn.run(["rm", "-rf", ".meshrun-agenttest"])
     h.probe()
     assert h._uploaded and h.hello["agent_version"] == meshrun.agent_version()
     agent, helper = h.agent_files()  # content-addressed: agent-<sha256[:16]>.py, remote-<sha256[:16]>.py
     assert h.conn.exists(agent) and h.conn.exists(helper)
-    b2 = ssh_backend(gpus=1, hosts=["host1"], remote_root="~/.meshrun-agenttest", persistent=False)
+    b2 = ssh_backend(gpus=1, hosts=["host1"], remote_dir="~/.meshrun-agenttest", persistent=False)
     h2 = b2.host("host1")
     h2.probe()
     assert not h2._uploaded

@@ -1,6 +1,6 @@
 """The SSH backend on a host shared with a hostile user (two real OS users of the sshd pool: mrssh-alice,
 the victim, and mrssh-bob): the agent and helper it runs are content-addressed and run only from bytes
-whose SHA-256 was checked in the same process; a remote_root other users may write to is refused with
+whose SHA-256 was checked in the same process; a remote_dir other users may write to is refused with
 the fix; and the probe never blocks or fills its memory on records a lease points it at."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_planted_agent_and_helper_are_replaced_not_run(ssh_backend, cleanup):
     cleanup += [root, bob_dir]
     marker = Path(SCRATCH) / f"planted-ran-{uuid.uuid4().hex[:8]}"
     cleanup.append(marker)
-    b = ssh_backend(gpus=0, hosts=["host1"], remote_root=str(root), persistent=False)
+    b = ssh_backend(gpus=0, hosts=["host1"], remote_dir=str(root), persistent=False)
     h = b.host("host1")
     agent, helper = (Path(p) for p in h.agent_files())
     want = {p: hashlib.sha256(data).hexdigest() for p, data in zip((agent, helper), h_files(h))}
@@ -88,8 +88,8 @@ def h_files(h) -> list[bytes]:
     return [b.files[b.agent_name], b.files[b.helper_name]]
 
 
-def test_shared_remote_root_is_refused_with_the_fix(ssh_backend, cleanup):
-    """A remote_root every user may write to (no sticky bit), or an agent folder another user created
+def test_shared_remote_dir_is_refused_with_the_fix(ssh_backend, cleanup):
+    """A remote_dir every user may write to (no sticky bit), or an agent folder another user created
     first in a shared sticky directory, is refused before anything runs there, naming the path, its owner
     and mode and the fix."""
     open_root = _dir("root", 0o777)
@@ -98,16 +98,16 @@ def test_shared_remote_root_is_refused_with_the_fix(ssh_backend, cleanup):
     marker = Path(SCRATCH) / f"planted-ran-{uuid.uuid4().hex[:8]}"
     cleanup.append(marker)
 
-    b = ssh_backend(gpus=0, hosts=["host1"], remote_root=str(open_root))
+    b = ssh_backend(gpus=0, hosts=["host1"], remote_dir=str(open_root))
     with pytest.raises(meshrun.BackendError) as e:
         b.host("host1").probe()
     msg = str(e.value)
     assert f"{open_root} (owner root, mode 0777)" in msg and "other users may write to it" in msg
-    assert f"chmod go-w {open_root}" in msg and "remote_root" in msg
+    assert f"chmod go-w {open_root}" in msg and "remote_dir" in msg
     assert not (open_root / "agent").exists()  # refused before anything was created there
 
     _as(BOB, "mkdir", "-m", "0777", str(sticky / "agent"))
-    b = ssh_backend(gpus=0, hosts=["host1"], remote_root=str(sticky))
+    b = ssh_backend(gpus=0, hosts=["host1"], remote_dir=str(sticky))
     h = b.host("host1")
     for p in h.agent_files():
         _as(BOB, "sh", "-c", f"printf '%s' \"$1\" > {p}", "sh", _evil(marker))
@@ -124,7 +124,7 @@ def test_probe_is_not_stalled_by_planted_records(ssh_backend, ctl, cleanup, work
     answers (no blocked open, no endless read), reports why it skipped those records, and her offers work."""
     bob_root = _dir(BOB, 0o755)
     cleanup.append(bob_root)
-    bb = ssh_backend(user=BOB, gpus=2, hosts=["host1"], remote_root=str(bob_root))
+    bb = ssh_backend(user=BOB, gpus=2, hosts=["host1"], remote_dir=str(bob_root))
     job = meshrun.run(["sleep", "300"], gpus=1, backend="ssh", time_limit=600)
     bid = job.backend_id
     planted = False

@@ -14,17 +14,42 @@ from meshrun_ssh._sync import Patterns, scan
 
 
 def test_settings_from_env_strings_and_errors_naming_the_field(tmp_path):
-    s = load_settings({"hosts": "gpu1, gpu2 gpu3", "exclude": '["data/", "*.ckpt"]', "max_sync_bytes": "1GiB",
+    s = load_settings({"hosts": "gpu1, gpu2 gpu3", "sync_exclude": '["data/", "*.ckpt"]', "max_sync_bytes": "1GiB",
                        "persistent": "0"})
-    assert s.hosts == ["gpu1", "gpu2", "gpu3"] and s.exclude == ["data/", "*.ckpt"]
+    assert s.hosts == ["gpu1", "gpu2", "gpu3"] and s.sync_exclude == ["data/", "*.ckpt"]
     assert s.max_sync_bytes == 1024**3 and s.persistent is False
     for table, field in [({"hosts": ["a", "a"]}, "hosts"),
                          ({"hosts": [{"name": "x", "lease_dir": "rel"}]}, "lease_dir"),
-                         ({"remote_root": "rel/dir"}, "remote_root"), ({"hosts": ["bad name!"]}, "hosts"),
+                         ({"remote_dir": "rel/dir"}, "remote_dir"), ({"hosts": ["bad name!"]}, "hosts"),
                          ({"max_sync_bytes": "lots"}, "max_sync_bytes"), ({"retries": 0}, "retries")]:
         with pytest.raises(meshrun.ConfigError) as ei:
             load_settings(table)
         assert field in str(ei.value), (table, str(ei.value))
+
+
+def test_old_setting_names_warn_and_still_work():
+    with pytest.warns(DeprecationWarning) as got:
+        s = load_settings({"exclude": ["data/"], "remote_root": "~/x", "hosts": [{"name": "a", "remote_root": "/r"}]})
+    assert any("'exclude' of SSHSettings is now called 'sync_exclude'" in str(w.message) for w in got)
+    assert s.sync_exclude == ["data/"] and s.remote_dir == "~/x" and s.hosts[0].remote_dir == "/r"
+    with pytest.warns(DeprecationWarning), pytest.raises(meshrun.ConfigError, match="set only 'remote_dir'"):
+        load_settings({"remote_root": "~/x", "remote_dir": "~/y"})
+
+
+def test_job_options_are_a_declared_model_naming_backend_field_and_choices():
+    from meshrun_ssh._settings import SSHOptions
+
+    o = SSHOptions.load("ssh", {"sync": True, "sync_exclude": ["*.ckpt"], "workdir": "/w"})
+    assert (o.sync, o.sync_exclude, o.workdir, o.host) == (True, ["*.ckpt"], "/w", None)
+    for opts, field, words in [({"nope": 1}, "backend_options.ssh.nope", "valid options are: host, sync"),
+                               ({"sync": "yes"}, "backend_options.ssh.sync", "ssh backend"),
+                               ({"sync_exclude": "data/"}, "backend_options.ssh.sync_exclude", "list"),
+                               ({"workdir": ""}, "backend_options.ssh.workdir", "at least 1")]:
+        with pytest.raises(meshrun.SpecError) as ei:
+            SSHOptions.load("ssh", opts)
+        assert ei.value.field == field and words in ei.value.message, (opts, ei.value)
+    with pytest.warns(DeprecationWarning):
+        assert SSHOptions.load("ssh", {"exclude": ["a"]}).sync_exclude == ["a"]
 
 
 def test_hosts_resolve_through_ssh_config(tmp_path, monkeypatch):

@@ -1,0 +1,111 @@
+"""Declared backend settings and options: the models a backend names, and the core's validation of them.
+
+A backend declares two pydantic models as class attributes (docs/writing-a-backend.md):
+
+    class MyBackend(mb.Backend):
+        settings_model = MySettings    # [backends.mine] + MESHRUN_MINE_<KEY>; mb.BackendSettings subclass
+        options_model = MyOptions      # backend_options["mine"] of a job; mb.BackendOptions subclass
+
+The core loads the settings when the backend is created (``backend.settings``) and validates every job's
+``backend_options[name]`` before placement (``backend.options(spec)`` gives the validated model). Errors name
+the backend, the key and what is allowed. A model lists renamed keys in ``renamed = {"old": "new"}``: the old
+name still works and warns (``DeprecationWarning``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar, Mapping, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from ._errors import ConfigError, SpecError
+
+M = TypeVar("M", bound="_Declared")
+
+_SECRET_WORDS = ("token", "password", "secret", "key")
+
+
+class _Declared(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: keys renamed since an earlier release: {old name: new name}; the old one warns and still works
+    renamed: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _new_names(cls, data: Any) -> Any:
+        if not cls.renamed or not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old in data:
+                warnings.warn(f"the setting {old!r} of {cls.__name__} is now called {new!r}; the old name will go "
+                              "in a later release", DeprecationWarning, stacklevel=2)
+                if new in data:
+                    raise ValueError(f"set only {new!r} (the new name of {old!r})")
+                data[new] = data.pop(old)
+        return data
+
+    @classmethod
+    def _explain(cls, backend: str, e: ValidationError, what: str) -> tuple[str, str]:
+        """(key, message) for the first error, naming the backend and what is allowed."""
+        err = e.errors(include_url=False)[0]
+        loc = [str(p) for p in err.get("loc", ())]
+        key = ".".join(loc)
+        if err.get("type") == "extra_forbidden":
+            valid = ", ".join(sorted(cls.model_fields)) or "(none)"
+            return key, f"unknown {what} {key!r} for the {backend} backend; the valid {what}s are: {valid}"
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, SpecError):  # a validator that already knows its field
+            return ctx_err.field, ctx_err.message
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        name = loc[0] if loc else ""
+        field = cls.model_fields.get(name)
+        secret = any(w in name.lower() for w in _SECRET_WORDS) or (
+            field is not None and "Secret" in str(field.annotation))
+        return key, f"{msg} (got {'**********' if secret else repr(err.get('input'))}; {backend} backend)"
+
+
+class BackendSettings(_Declared):
+    """Base of every backend's typed settings (``[backends.<name>]``): unknown keys are errors that list the
+    valid ones. Declare the keys with defaults; the core calls ``load(name, table)``."""
+
+    @classmethod
+    def load(cls: type[M], backend: str, table: Mapping[str, Any] | None) -> M:
+        try:
+            return cls(**dict(table or {}))
+        except ValidationError as e:
+            key, msg = cls._explain(backend, e, "setting")
+            raise ConfigError(f"backends.{backend}.{key}", msg) from None
+
+
+class BackendOptions(_Declared):
+    """Base of every backend's per-job options (``backend_options[<name>]``): unknown keys are errors that
+    list the valid ones; a bad value is a :class:`meshrun.SpecError` naming ``backend_options.<name>.<key>``."""
+
+    @classmethod
+    def load(cls: type[M], backend: str, options: Mapping[str, Any] | None) -> M:
+        where = f"backend_options.{backend}"
+        if options is not None and not isinstance(options, Mapping):
+            raise SpecError(where, f"must be a mapping of {backend} options", options)
+        try:
+            return cls(**dict(options or {}))
+        except ValidationError as e:
+            key, msg = cls._explain(backend, e, "option")
+            raise SpecError(key if key.startswith("backend_options.") else f"{where}.{key}", msg) from None
+
+
+def validate_backend_options(spec: Any) -> None:
+    """Check each ``backend_options[name]`` of ``spec`` against that backend's declared ``options_model``,
+    before placement. Backends that are not installed, or declare no model, are left to themselves."""
+    from ._registry import backend_class
+
+    for name, opts in (getattr(spec, "backend_options", None) or {}).items():
+        try:
+            cls = backend_class(name)
+        except Exception:  # not installed here: placement says so if it matters
+            continue
+        model = getattr(cls, "options_model", None)
+        if model is not None:
+            model.load(name, opts)
