@@ -156,12 +156,3 @@ def on_configure(listener: Callable[[], None]) -> None:
     """Call ``listener`` whenever :func:`configure` replaces the configuration (the registry forgets the
     backends it made with the old one); the config itself knows nothing of who listens."""
     _listeners.append(listener)
-
-
-def __getattr__(name: str) -> Any:
-    # BackendSettings lives in _settings (it needs pydantic); kept reachable here for older imports
-    if name == "BackendSettings":
-        from ._settings import BackendSettings
-
-        return BackendSettings
-    raise AttributeError(name)

@@ -492,3 +492,16 @@ class Probe:
                 self.remembered = mark_unresponsive(self.name, doing=self.doing, limit=self.limit,
                                                     skip_for=self.skip_for)
         return True
+
+
+def validate_backend_options(spec: Any) -> None:
+    """Check each ``backend_options[name]`` of ``spec`` against that backend's declared ``options_model``,
+    before placement. Backends that are not installed, or declare no model, are left to themselves."""
+    for name, opts in (getattr(spec, "backend_options", None) or {}).items():
+        try:
+            cls = backend_class(name)
+        except Exception:  # not installed here: placement says so if it matters
+            continue
+        model = getattr(cls, "options_model", None)
+        if model is not None:
+            model.load(name, opts)

@@ -98,7 +98,7 @@ def choose(spec: JobSpec, backend: str | None = None,
     choice. Returns (backend name, offer or None, plan or None); a plan only when placement chose."""
     from ._config import get_config
 
-    from ._settings import validate_backend_options
+    from ._registry import validate_backend_options
 
     validate_backend_options(spec)  # each backend's declared options model, before any backend is asked
     options = options or PlacementOptions()

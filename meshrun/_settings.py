@@ -94,18 +94,3 @@ class BackendOptions(_Declared):
         except ValidationError as e:
             key, msg = cls._explain(backend, e, "option")
             raise SpecError(key if key.startswith("backend_options.") else f"{where}.{key}", msg) from None
-
-
-def validate_backend_options(spec: Any) -> None:
-    """Check each ``backend_options[name]`` of ``spec`` against that backend's declared ``options_model``,
-    before placement. Backends that are not installed, or declare no model, are left to themselves."""
-    from ._registry import backend_class
-
-    for name, opts in (getattr(spec, "backend_options", None) or {}).items():
-        try:
-            cls = backend_class(name)
-        except Exception:  # not installed here: placement says so if it matters
-            continue
-        model = getattr(cls, "options_model", None)
-        if model is not None:
-            model.load(name, opts)
