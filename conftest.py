@@ -2,13 +2,22 @@
 
 Every test runs with its own MESHRUN_HOME, lease directory and configuration, so tests never see each
 other's jobs, the user's real job store, or the machine's real GPU leases.
+
+The services the tests start (the Slurm cluster, login nodes, ...) and the OS users they create are recorded
+through ``session_services`` and stopped or removed when the test run ends, unless another test run still
+uses them or they were there before (docs/testing.md).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pwd
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +146,157 @@ def helpers():
         fakes = FAKES
 
     return H
+
+
+# --------------------------------------------------------------------------------------------------
+# services and OS users a test run started or created, stopped and removed when the run ends
+
+
+class SessionServices:
+    """What this test run started, kept in marker files under ``state_dir`` that every test run of the machine
+    shares (one folder per service, under a lock):
+
+    - ``<service>/started``: JSON ``{"down": argv, "users": [...]}``, written when a test run started the service
+      (it was not up before) or created its users; a service found running is never recorded, so it is never
+      stopped;
+    - ``<service>/users/<pid>``: a test run (by its process id) that uses the service.
+
+    At the end of a run, :meth:`finish` drops the run's own use of each service; the last live run out stops a
+    recorded service with its ``down`` command and removes the users recorded with it. ``MESHRUN_KEEP_SERVICES=1``
+    keeps everything running (the run then only drops its use)."""
+
+    def __init__(self, state_dir: Path | str | None = None, pid: int | None = None):
+        self.state_dir = Path(state_dir or os.environ.get("MESHRUN_TEST_SERVICES_DIR", "/run/meshrun-test-services"))
+        self.pid = pid or os.getpid()
+        self.used: list[str] = []
+
+    def _locked(self):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.state_dir / ".lock", "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    def use(self, name: str, *, was_up: bool, down: list[str] | None = None, users: list[str] = ()) -> None:
+        """This run uses service ``name``; ``was_up``: it was running before this run asked for it (then it is
+        left running); ``down``: the command that stops it; ``users``: OS users this run created for it."""
+        d = self.state_dir / name.replace("/", "_")
+        with self._locked():
+            (d / "users").mkdir(parents=True, exist_ok=True)
+            started = d / "started"
+            rec = json.loads(started.read_text()) if started.exists() else {"down": None, "users": []}
+            if not was_up and down:
+                rec["down"] = list(down)
+            rec["users"] = sorted(set(rec["users"]) | set(users))
+            if rec["down"] or rec["users"]:
+                started.write_text(json.dumps(rec))
+            (d / "users" / str(self.pid)).touch()
+        if name not in self.used:
+            self.used.append(name)
+
+    def up(self, name: str, script: Path | str, *, users: tuple[str, ...] = (), env: dict[str, str] | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """``bash SCRIPT up`` for service ``name``, recorded for ``bash SCRIPT down`` at the end unless ``bash SCRIPT
+        status`` said it was up already; ``users``: OS users the script creates when missing (recorded when this
+        run created them). The run counts as a user of the service from before the status check on."""
+        self.use(name, was_up=True)  # a run finishing meanwhile must not stop it under us
+        sh = ["bash", str(script)]
+        was_up = subprocess.run([*sh, "status"], env=env, capture_output=True).returncode == 0
+        missing = [u for u in users if not user_exists(u)]
+        p = subprocess.run([*sh, "up"], env=env, capture_output=True, text=True, timeout=timeout)
+        self.use(name, was_up=was_up, down=[*sh, "down"], users=[u for u in missing if user_exists(u)])
+        return p
+
+    def created_user(self, name: str, user: str) -> None:
+        """This run created OS user ``user`` (for ``name``): removed when the last run using it ends."""
+        self.use(name, was_up=True, users=[user])
+
+    def finish(self, keep: bool = False) -> list[str]:
+        """Drop this run's use of every service it used (newest first); stop what no live run uses any more and
+        a test run started, remove the users recorded with it. Returns what was done, one line each."""
+        done: list[str] = []
+        for name in reversed(self.used):
+            d = self.state_dir / name.replace("/", "_")
+            with self._locked():
+                (d / "users" / str(self.pid)).unlink(missing_ok=True)
+                live = [u for u in (d / "users").iterdir() if _pid_alive(int(u.name))] if (d / "users").exists() else []
+                started = d / "started"
+                if live:
+                    if started.exists():
+                        done.append(f"{name}: left running, still used by test run(s) {', '.join(u.name for u in live)}")
+                    continue
+                if keep and started.exists():
+                    continue
+                if not started.exists():
+                    shutil.rmtree(d, ignore_errors=True)  # runs that died without finishing went with it
+                    continue
+                rec = json.loads(started.read_text())
+                if rec.get("down"):
+                    p = subprocess.run(rec["down"], capture_output=True, text=True, timeout=300)
+                    done.append(f"{name}: stopped ({' '.join(rec['down'])})" if p.returncode == 0 else
+                                f"{name}: stopping failed ({' '.join(rec['down'])} -> {p.returncode}): "
+                                f"{(p.stderr or p.stdout).strip()[-500:]}")
+                for user in rec.get("users", []):
+                    done.append(f"{name}: {remove_user(user)}")
+                shutil.rmtree(d, ignore_errors=True)
+        self.used.clear()
+        return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def user_exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
+def remove_user(user: str) -> str:
+    """End every process of OS user ``user`` and delete the user with its home folder."""
+    if not user_exists(user):
+        return f"user {user} already gone"
+    subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
+    for _ in range(50):
+        p = subprocess.run(["userdel", "-r", "-f", user], capture_output=True, text=True)
+        if p.returncode in (0, 6, 12) or not user_exists(user):  # 6: no such user, 12: home not removed
+            return f"removed user {user}"
+        time.sleep(0.1)  # its processes are still exiting
+    return f"could not remove user {user}: {p.stderr.strip()}"
+
+
+_services: SessionServices | None = None
+
+
+@pytest.fixture(scope="session")
+def session_services() -> SessionServices:
+    """Record services this test run starts (``.use(name, was_up=..., down=[...], users=[...])``) and OS users it
+    creates (``.created_user(name, user)``): stopped and removed when the run ends (see SessionServices)."""
+    global _services
+    if _services is None:
+        _services = SessionServices()
+    return _services
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _services is None or not _services.used:
+        return
+    keep = os.environ.get("MESHRUN_KEEP_SERVICES", "") not in ("", "0")
+    lines = _services.finish(keep=keep)
+    if keep:
+        lines.append("MESHRUN_KEEP_SERVICES is set: the services this run started keep running "
+                     "(bash scripts/test-services.sh down stops them)")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(f"[services] {line}")
+        else:
+            sys.stderr.write(f"[services] {line}\n")

@@ -51,15 +51,17 @@ def shared_lease_dir(monkeypatch):
 
 
 @pytest.fixture
-def other_user():
-    """A second OS user (created if we are root), for cross-user lease tests."""
+def other_user(session_services):
+    """A second OS user (created if we are root; removed at the end of the test run), for cross-user lease tests."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second OS user")
     name = "mrlease"
+    session_services.use("lease-test-user", was_up=True)  # another run that made the user keeps it while we run
     try:
         pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "-M", "-s", "/bin/bash", name], check=True)
+        session_services.created_user("lease-test-user", name)
     return name
 
 

@@ -20,7 +20,7 @@ CLUSTER = Path(__file__).resolve().parents[2] / "backends" / "slurm" / "scripts"
 
 
 @pytest.fixture
-def slurm_backend(meshrun_home, monkeypatch, tmp_path):
+def slurm_backend(meshrun_home, monkeypatch, tmp_path, session_services):
     pytest.importorskip("torch")
     try:
         meshrun.get_backend("slurm")
@@ -29,7 +29,7 @@ def slurm_backend(meshrun_home, monkeypatch, tmp_path):
     if not CLUSTER.exists():
         pytest.skip(f"no Slurm test cluster script at {CLUSTER}")
     if os.geteuid() == 0:
-        p = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
+        p = session_services.up("slurm-cluster", CLUSTER, users=("slurmrest",), timeout=900)
         if p.returncode != 0:
             pytest.skip(f"the Slurm test cluster did not start: {(p.stderr or p.stdout).strip()[-500:]}")
     elif subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode != 0:

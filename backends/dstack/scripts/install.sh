@@ -9,21 +9,19 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$here/.server-venv"
 version="${DSTACK_SERVER_VERSION:-0.22.5}"
 PY="${PYTHON:-python3}"
-say() { echo "[install dstack] $*"; }
+SAY_AS="install dstack"
+. "$here/../../scripts/install-lib.sh"  # say, step, fail
 
 have="$("$venv/bin/python" -c 'import dstack.version as v; print(v.__version__)' 2>/dev/null || true)"
 if [ "$have" = "$version" ] && [ -x "$venv/bin/dstack" ]; then
   say "dstack server $version already in $venv"
 else
   if [ ! -x "$venv/bin/python" ]; then
-    say "creating $venv with $($PY --version)"
-    "$PY" -m venv "$venv"
+    step "creating $venv with $($PY --version)" "$PY" -m venv "$venv"
   fi
-  say "installing dstack[server]==$version into $venv"
-  "$venv/bin/python" -m pip -q --disable-pip-version-check install -U pip 2>&1 | grep -v '^WARNING: Location' || true
-  "$venv/bin/python" -m pip -q --disable-pip-version-check install "dstack[server]==$version" 2>&1 \
-    | grep -v '^WARNING: Location' || true
-  "$venv/bin/python" -c 'import dstack._internal.server.main' >/dev/null
-  say "installed $("$venv/bin/dstack" --version)"
+  pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
+  step "upgrading pip in $venv" "${pip[@]}" install -U pip
+  step "installing dstack[server]==$version into $venv" "${pip[@]}" install "dstack[server]==$version"
+  step "checking that the dstack server imports" "$venv/bin/python" -c 'import dstack._internal.server.main'
 fi
-bash "$here/scripts/dstack-server.sh" template
+step "database template for dstack $version (made once per version)" bash "$here/scripts/dstack-server.sh" template

@@ -4,15 +4,19 @@
 # SkyPilot's runtime needs offline). skypilot itself comes from backends/skypilot/pyproject.toml.
 # The Slurm packages are installed by backends/slurm/scripts/install.sh.
 set -euo pipefail
-say() { echo "[skypilot install] $*"; }
+SAY_AS="skypilot install"
+. "$(dirname "$0")/../../../scripts/install-lib.sh"  # say, step, fail
 PKGS=(openssh-server openssh-client patchelf rsync)
 need=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 prepare() {  # the uv binary and Python 3.10 copy the SkyPilot-on-Slurm tests need offline
+  # not fatal: without them only the SkyPilot-on-Slurm tests cannot run, and they fail saying why
   if [ "$(id -u)" = 0 ]; then
-    bash "$(dirname "$0")/skypilot-slurm.sh" prepare || say "WARNING: skypilot-slurm.sh prepare failed; the end-to-end tests will say why"
+    say "uv and Python 3.10 for the SkyPilot-on-Slurm tests (skypilot-slurm.sh prepare)"
+    bash "$(dirname "$0")/skypilot-slurm.sh" prepare >>"$MESHRUN_INSTALL_LOG" 2>&1 ||
+      say "WARNING: skypilot-slurm.sh prepare failed (see $MESHRUN_INSTALL_LOG); the end-to-end tests will say why" >&2
   fi
 }
 if [ ${#need[@]} -eq 0 ]; then say "packages present"; prepare; exit 0; fi

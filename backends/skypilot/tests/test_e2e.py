@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(1500)]
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "skypilot-slurm.sh"
 # the one cluster the tests of this module reuse (`sky exec`); the module's teardown takes it down
 CLUSTER = f"mr-e2e-{uuid.uuid4().hex[:6]}"
+SLURM_CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "scripts" / "slurm-cluster.sh"
+SKY_USER = os.environ.get("SKY_SLURM_USER", "meshsky")
 HOSTILE = "a'b\"c $(touch /tmp/pwned) `id` ${HOME} \\ ; | & ünïcødé end"
 
 
@@ -44,13 +46,22 @@ def _user_processes(user: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def slurm_sky(sky_env):
+def slurm_sky(sky_env, session_services):
     if os.geteuid() != 0:
         pytest.skip("the SkyPilot-on-Slurm setup needs root (bash backends/skypilot/scripts/skypilot-slurm.sh up)")
     if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
         pytest.skip("no Slurm here")
     t0 = time.monotonic()
+    # `up` also starts the Slurm cluster: stopped at the end of the test run if it was not up before, like the
+    # users `up` creates
+    session_services.use("slurm-cluster", was_up=True)
+    cluster_was_up = subprocess.run(["bash", str(SLURM_CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0
+    new_users = [u for u in ("slurmrest", SKY_USER) if subprocess.run(["id", u], capture_output=True).returncode]
     p = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    session_services.use("slurm-cluster", was_up=cluster_was_up, down=["bash", str(SLURM_CLUSTER_SCRIPT), "down"],
+                         users=[u for u in new_users if u == "slurmrest"])
+    if SKY_USER in new_users:
+        session_services.created_user("skypilot-login-user", SKY_USER)
     if p.returncode != 0:
         pytest.fail(f"skypilot-slurm.sh up failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     facts = _facts(subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True, check=True).stdout)

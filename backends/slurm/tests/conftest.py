@@ -25,14 +25,15 @@ def cluster_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> dict[str, str]:
-    """Start (or reuse) the test cluster: at least 2 nodes x 4 CPUs x 4 fake GPUs, slurmdbd, slurmrestd."""
+def slurm_cluster(session_services) -> dict[str, str]:
+    """Start (or reuse) the test cluster: at least 2 nodes x 4 CPUs x 4 fake GPUs, slurmdbd, slurmrestd; stopped
+    when the test run ends if this run started it (conftest.py's session_services)."""
     if os.geteuid() != 0:
         if subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode != 0:
             pytest.skip("the Slurm test cluster needs root to start (bash backends/slurm/scripts/slurm-cluster.sh up)")
     else:
         t0 = time.monotonic()
-        p = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+        p = session_services.up("slurm-cluster", CLUSTER, users=("slurmrest",), timeout=600)
         if p.returncode != 0:
             pytest.fail(f"slurm-cluster.sh up failed:\n{p.stdout}\n{p.stderr}")
         sys.stderr.write(f"[slurm] cluster up in {time.monotonic() - t0:.1f}s\n")

@@ -1,23 +1,22 @@
 """The env contract on Slurm: GPUs asked through sbatch's own options are refused (gpus= is the one way), and the
-README's torchrun line runs on two nodes of the test cluster."""
+README's torchrun line runs the DDP example (examples/ddp_train.py) on two nodes of the test cluster."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from meshrun.testing import GLOO_ALLREDUCE
-
 import meshrun
 from meshrun_slurm._options import job_options
 
 README = Path(__file__).resolve().parents[3] / "README.md"
-
-TRAIN = GLOO_ALLREDUCE
+DDP_EXAMPLE = README.parent / "examples" / "ddp_train.py"
 
 
 @pytest.mark.parametrize("option", [
@@ -50,14 +49,20 @@ def readme_torchrun_line() -> str:
     return re.sub(r"\\\n\s*", "", block).strip()
 
 
-def test_readme_torchrun_line_on_two_nodes(slurm):
+def test_readme_torchrun_line_on_two_nodes_runs_the_ddp_example(slurm):
+    """examples/ddp_train.py's two-node command, as its header gives it, from the repository's root: the README's
+    torchrun line, DDP over gloo between two Slurm nodes."""
     pytest.importorskip("torch")
-    Path("train.py").write_text(TRAIN)  # the slurm fixture's working folder, seen by every node
+    two_nodes = next(line.strip() for line in DDP_EXAMPLE.read_text().splitlines()
+                     if line.strip().startswith("meshrun run") and "--nodes 2" in line)
+    assert "--backend slurm" in two_nodes and shlex.split(two_nodes)[-1].startswith(readme_torchrun_line()[:-8])
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    job = meshrun.run(readme_torchrun_line(), nodes=2, cpus=1, backend="slurm", time_limit=240,
-                      env={"PATH": path, "OMP_NUM_THREADS": "1"})
-    assert job.result(timeout=240) == 0, job.logs()
+    p = subprocess.run([sys.executable, "-m", "meshrun", *shlex.split(two_nodes)[1:]], capture_output=True,
+                       text=True, timeout=240, cwd=DDP_EXAMPLE.parents[1],
+                       env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "MESHRUN_SLURM_QUERY_INTERVAL": "0.3"})
+    job = meshrun.Job.attach(re.search(r"job (\S+) submitted to slurm", p.stderr).group(1))
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}\n{job.logs()}"
     rank0 = (job.job_dir / "output.log").read_text()
     rank1 = (job.job_dir / "output.rank1.log").read_text()
-    assert "rank 0 of 2 on node 0 sum 3" in rank0, rank0
-    assert "rank 1 of 2 on node 1 sum 3" in rank1, rank1
+    assert "rank 0 of 2 on node 0: loss" in rank0 and "weights identical on all 2 ranks: True" in rank0, rank0
+    assert "rank 1 of 2 on node 1: loss" in rank1, rank1

@@ -31,12 +31,17 @@ def _pool_script(cmd: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def pool():
-    """The running pool (started here if it is not running; stopped at the end if we started it)."""
+def pool(session_services):
+    """The running pool (started here if it is not running; stopped at the end if we started it; its test users
+    removed at the end of the test run if this run created them)."""
     if os.geteuid() != 0:
         pytest.skip("the SSH pool needs root (network namespaces, sshd, test users)")
     was_up = _pool_script("status").returncode == 0
+    session_services.use("sshd-pool-users", was_up=True)
+    new_users = [u for u in (ALICE, BOB) if subprocess.run(["id", u], capture_output=True).returncode]
     p = _pool_script("up")
+    for u in new_users:
+        session_services.created_user("sshd-pool-users", u)
     if p.returncode != 0:
         raise RuntimeError(f"sshd-pool.sh up failed:\n{p.stdout}\n{p.stderr}")
     info = json.loads(Path(POOL_DIR, "pool.json").read_text())
