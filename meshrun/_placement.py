@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
-from ._backend import Offer
+from ._backend import Feature, Offer
 from ._errors import ConfigError, MeshrunError, NoPlacementError, SpecError
 from ._units import format_duration, format_size, parse_duration
 
@@ -830,6 +830,9 @@ def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | No
     try:
         doing("loading the plugin")
         b = get_backend(name)
+        if getattr(spec, "secrets", None) and Feature.SECRETS not in b.features:
+            return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot pass secrets "
+                          "to a job without writing them down (give them as env, or use a backend that can)")], None
         doing("checking availability")
         av = b.check()
         if not av.ok:
@@ -1096,6 +1099,30 @@ def _slow_line(given_up: Sequence[tuple[str, str, bool]], waiting: Sequence[tupl
 gather_offers = offers
 
 
+def gather_gpu_alternatives(spec: Any, backends: Sequence[str] | None = None, **kw: Any) -> list[Offer]:
+    """Offers for each of the spec's GPU alternatives (``Resources.gpu_alternatives``), most preferred first,
+    so ranking weighs every alternative by its own price; each offer remembers its alternative in
+    ``detail["gpu_choice"]`` (see :func:`spec_for_offer`). A spec without alternatives is gathered as is."""
+    alts = spec.resources.alternatives() if hasattr(spec, "resources") else []
+    if len(alts) <= 1:
+        return gather_offers(spec, backends, **kw)
+    out: list[Offer] = []
+    for r in alts:
+        choice = f"{r.gpu_type}:{r.gpus}"
+        for o in gather_offers(spec.replace(resources=r), backends, **kw):
+            out.append(replace(o, detail={**o.detail, "gpu_choice": choice}))
+    return out
+
+
+def spec_for_offer(spec: Any, offer: Offer | None) -> Any:
+    """The spec to submit with ``offer``: the GPU alternative the offer was made for (the spec itself when
+    it has no alternatives or the offer names none)."""
+    choice = offer.detail.get("gpu_choice") if offer is not None else None
+    if not choice or not getattr(spec.resources, "gpu_alternatives", ()):
+        return spec
+    return spec.replace(gpus=choice)
+
+
 # ---- plan: gather + rank -----------------------------------------------------------------------------
 
 
@@ -1135,8 +1162,8 @@ def plan(
                             unknown_start=unknown_start)
     if offers is None:
         t0 = time.perf_counter()
-        got = gather_offers(spec, inputs["backends"], exclude_backends=inputs["exclude_backends"],
-                            timeout=timeout, catalog_dir=catalog_dir)
+        got = gather_gpu_alternatives(spec, inputs["backends"], exclude_backends=inputs["exclude_backends"],
+                                      timeout=timeout, catalog_dir=catalog_dir)
         gathered = time.perf_counter() - t0
     else:
         got, gathered = list(offers), 0.0

@@ -86,6 +86,8 @@ def prepare(
     if spec.workdir is not None and not os.path.isdir(cwd):
         raise SpecError("workdir", f"{spec.workdir!r} is not a directory")
     _check_files(spec, cwd)
+    if spec.secrets:  # a null secret is taken from this process's environment now, or refused now
+        spec = spec.replace(secrets=spec.resolved_secrets())
     files: dict[str, bytes] = {}
     job_id = new_job_id()
     if spec.kind == "function":
@@ -218,6 +220,7 @@ def _submit_with_failover(
     rec = store.get(job_id)
     attempt = sum(1 for h in rec.history if h.get("event") in ("submitted", "submit_failed"))
     original = json.loads(json.dumps(prepared.submission.launch))
+    original_spec = prepared.submission.spec
     errors: list[str] = []
     dead: set[str] = set()
     fails: dict[str, int] = {}
@@ -231,6 +234,7 @@ def _submit_with_failover(
             prepared.submission.launch = json.loads(json.dumps(original))
             write_launch(prepared.submission.job_dir, original)
         try:
+            _use_gpu_choice(prepared, original_spec, cand)
             b = get_backend(bname)
             bname = b.name or bname
             store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)
@@ -257,6 +261,18 @@ def _submit_with_failover(
         return
     store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
     raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])
+
+
+def _use_gpu_choice(prepared: Prepared, spec: JobSpec, offer: Offer | None) -> None:
+    """Submit the GPU alternative the offer was made for (a spec with ``gpu_alternatives``)."""
+    from ._placement import spec_for_offer, write_launch
+
+    chosen = spec_for_offer(spec, offer)
+    prepared.submission.spec = chosen
+    launch = prepared.submission.launch
+    if (launch.get("gpus"), launch.get("gpu_type")) != (chosen.resources.gpus, chosen.resources.gpu_type):
+        launch["gpus"], launch["gpu_type"] = chosen.resources.gpus, chosen.resources.gpu_type
+        write_launch(prepared.submission.job_dir, launch)
 
 
 def submit_many(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ def test_reader_does_not_import_sky():
 
 def test_full_task(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "tok")
+    monkeypatch.chdir(tmp_path)  # SkyPilot takes relative paths from the current directory
     (tmp_path / "src").mkdir()
     (tmp_path / "d.txt").write_text("x")
     y = tmp_path / "task.yaml"
@@ -51,7 +53,7 @@ def test_full_task(tmp_path, monkeypatch):
     assert spec.workdir == str(tmp_path / "src") and spec.nodes == 4
     assert spec.resources.gpus == 8 and spec.resources.gpu_type == "A100-80GB"
     assert spec.resources.cpus == 32 and spec.resources.memory is None and spec.resources.disk == 100 * 1024**3
-    assert spec.env == {"BATCH": "32", "HF_TOKEN": "tok", "WANDB_KEY": "abc"}
+    assert spec.env == {"BATCH": "32", "HF_TOKEN": "tok"} and spec.secrets == {"WANDB_KEY": "abc"}
     assert spec.files == {"/remote/d.txt": str(tmp_path / "d.txt")}
     opts = spec.options_for("skypilot")
     assert opts["cpus"] == "32" and opts["memory"] == "4x" and opts["infra"] == "aws/us-east-1"
@@ -65,23 +67,82 @@ def test_hostile_run_and_env_reach_the_spec_unchanged():
     assert spec.command == HOSTILE and spec.env == {"X": HOSTILE}
 
 
-@pytest.mark.parametrize("acc, gpus, gtype, kept", [
-    ("H100:8", 8, "H100", False),
-    ("H100", 1, "H100", False),
-    ({"L4": 2}, 2, "L4", False),
-    (["H100:8", "A100:8"], 8, None, True),
-    ({"A100": 8, "H100": 8}, 8, None, True),
-    ("T4:0.5", 0, None, True),
+@pytest.mark.parametrize("acc, gpus, gtype, alts, kept", [
+    ("H100:8", 8, "H100", (), False),
+    ("H100", 1, "H100", (), False),
+    ({"L4": 2}, 2, "L4", (), False),
+    ({"A10:1": None}, 1, "A10", (), True),  # YAML's reading of the flow mapping {A10:1}
+    (["H100:8", "A100:8"], 8, "H100", ("H100:8", "A100:8"), True),
+    ({"L4": 1, "A10G": 1}, 1, "L4", ("L4:1", "A10G:1"), True),
+    ("T4:0.5", 1, "T4", (), True),  # a whole GPU elsewhere; SkyPilot gets the fraction
+    ({"T4": 0.5, "L4": 0.25}, 1, "T4", ("T4:1", "L4:1"), True),
 ])
-def test_accelerators(acc, gpus, gtype, kept):
+def test_accelerators(acc, gpus, gtype, alts, kept):
     spec = spec_from_task_config({"run": "x", "resources": {"accelerators": acc}})
-    assert spec.resources.gpus == gpus and spec.resources.gpu_type == gtype
-    assert ("accelerators" in spec.options_for("skypilot")) is kept
+    assert (spec.resources.gpus, spec.resources.gpu_type, spec.resources.gpu_alternatives) == (gpus, gtype, alts)
+    assert (spec.options_for("skypilot").get("accelerators") == acc) is kept
+
+
+@pytest.mark.parametrize("res, first, alts", [
+    ({"gpus": "A10:1"}, "A10:1", ()),
+    ({"any_of": [{"accelerators": "A100:1"}, {"gpus": "H100:1"}]}, "A100:1", ("A100:1", "H100:1")),
+    ({"ordered": [{"accelerators": {"L4": 1, "A10G": 1}, "infra": "aws"}, {"accelerators": "T4:1"}]},
+     "L4:1", ("L4:1", "A10G:1", "T4:1")),
+    ({"accelerators": "A100:8", "any_of": [{"infra": "aws"}, {"infra": "gcp"}]}, "A100:8", ()),
+])
+def test_gpu_alternatives_from_any_of_and_ordered(res, first, alts):
+    spec = spec_from_task_config({"run": "x", "resources": res})
+    assert spec.resources.gpu_request == first and spec.resources.gpu_alternatives == alts
+
+
+def test_sizes_and_values_skypilot_accepts():
+    spec = spec_from_task_config({"run": "x", "resources": {"disk_size": "1024GB", "memory": "32GB+"},
+                                  "envs": {"FLAG": True, "N": 3}, "secrets": ["secrets:HF_TOKEN", "WANDB"]})
+    assert spec.resources.disk == 1024 * 1024**3 and spec.resources.memory == 32 * 1024**3
+    assert spec.env == {"FLAG": "True", "N": "3"}  # SkyPilot writes a bool as True/False
+    assert spec.secrets == {"HF_TOKEN": None, "WANDB": None}  # taken from the environment at submit
+    assert "memory" not in spec.options_for("skypilot")  # "32GB+" is a minimum: JobSpec.memory says it
+    assert spec_from_task_config({"run": "x", "secrets": None}).secrets == {}
+    spec = spec_from_task_config({"run": "x", "resources": {"memory": "1TB"}})
+    assert spec.resources.memory == 1024**4 and spec.options_for("skypilot")["memory"] == "1TB"
+
+
+def test_paths_like_skypilot(tmp_path, monkeypatch):
+    """Relative paths from the current directory, ~ expanded, ${VAR}/$VAR from envs and inline secrets."""
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_task_config({
+        "run": "x", "workdir": "./code-${SIZE}", "envs": {"SIZE": "7b"}, "secrets": {"B": "bkt"},
+        "file_mounts": {"/data/$SIZE": "data/${SIZE}.bin", "/ckpt": "s3://$B/ckpt", "/x/${NOPE}": "~/f"},
+        "resources": {"image_id": "docker:nvcr.io/nvidia/pytorch:24.01-py3"},
+    })
+    assert spec.workdir == str(tmp_path / "code-7b")
+    assert spec.files == {"/data/7b": str(tmp_path / "data" / "7b.bin"),
+                          "/x/${NOPE}": os.path.expanduser("~/f")}
+    assert spec.options_for("skypilot")["task"]["file_mounts"] == {"/ckpt": "s3://$B/ckpt"}  # SkyPilot fills it
+    assert spec.image == "nvcr.io/nvidia/pytorch:24.01-py3"
+    assert spec.options_for("skypilot")["image_id"] == "docker:nvcr.io/nvidia/pytorch:24.01-py3"
+
+
+def test_env_overrides_merge_and_fill_nulls(monkeypatch):
+    monkeypatch.delenv("MODEL", raising=False)
+    cfg = {"run": "x", "envs": {"MODEL": None, "KEEP": "1", "LR": "0.1"}}
+    spec = spec_from_task_config(cfg, env={"MODEL": "llama", "LR": "0.2"})
+    assert spec.env == {"MODEL": "llama", "KEEP": "1", "LR": "0.2"}
+    with pytest.raises(meshrun.SpecError) as e:
+        spec_from_task_config(cfg)
+    assert e.value.field == "envs.MODEL" and "--env MODEL=" in str(e.value)
 
 
 @pytest.mark.parametrize("config, field", [
     ({"run": "x", "bogus": 1}, "bogus"),
-    ({"run": "x", "resources": {"gpus": 1}}, "resources.gpus"),
+    ({"run": "x", "resources": {"gpus": "A10:1", "accelerators": "A10:1"}}, "resources.gpus"),
+    ({"run": "x", "resources": {"accelerators": "{L4:1, A10G:1}"}}, "resources.accelerators"),
+    ({"run": "x", "resources": {"accelerators": {"L4": "one"}}}, "resources.accelerators.L4"),
+    ({"run": "x", "resources": {"accelerators": "T4:0"}}, "resources.accelerators"),
+    ({"run": "x", "resources": {"ordered": [{"accelerators": "A100:1"}, {"infra": "gcp"}]}}, "resources.ordered[1]"),
+    ({"run": "x", "resources": {"disk_size": "1024GB+"}}, "resources.disk_size"),
+    ({"run": "x", "secrets": {"S": [1]}}, "secrets.S"),
+    ({"run": "x", "envs": {"S": "1"}, "secrets": {"S": "2"}}, "secrets.S"),
     ({"setup": "x"}, "run"),
     ({"run": ["a"]}, "run"),
     ({"run": "x", "envs": {"A": None}}, "envs.A"),
@@ -107,9 +168,11 @@ def test_file_errors(tmp_path):
     with pytest.raises(meshrun.SpecError, match="not valid YAML"):
         meshrun.JobSpec.from_skypilot_yaml(bad)
     two = tmp_path / "two.yaml"
-    two.write_text("run: a\n---\nrun: b\n")
-    with pytest.raises(meshrun.SpecError, match="pipeline"):
+    two.write_text("name: pipe\n---\nrun: a\n---\nrun: b\nresources: {accelerators: L4}\n")
+    with pytest.raises(meshrun.SpecError, match="pipeline of 2 tasks.*meshrun run FILE"):
         meshrun.JobSpec.from_skypilot_yaml(two)
+    first, second = meshrun.JobSpec.pipeline_from_skypilot_yaml(two)
+    assert first.command == "a" and second.command == "b" and second.resources.gpu_request == "L4:1"
 
 
 def test_a_task_yaml_runs_on_the_local_backend(tmp_path, monkeypatch):

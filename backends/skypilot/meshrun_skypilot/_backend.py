@@ -124,7 +124,7 @@ def _msg(e: BaseException) -> str:
 class SkyPilotBackend(Backend):
     name = NAME
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
-                | Feature.REATTACH | Feature.SPOT)
+                | Feature.REATTACH | Feature.SPOT | Feature.SECRETS)
     install_hint = mb.install_hint("skypilot")
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
