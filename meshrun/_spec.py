@@ -344,6 +344,16 @@ class JobSpec(BaseModel):
         return spec_from_task_yaml(path, env=env)
 
     @classmethod
+    def from_dstack_yaml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> "JobSpec":
+        """The job described by a dstack task configuration (``type: task``, a ``.dstack.yml``): commands,
+        env, image, nodes, files, resources; dstack settings without a JobSpec field go to
+        ``backend_options["dstack"]``; a field meshrun cannot express (ports, GPU count ranges, ...) is a
+        SpecError naming it. docs/job-files.md says how each field maps."""
+        from ._dstackyaml import spec_from_dstack_yaml
+
+        return spec_from_dstack_yaml(path, env=env)
+
+    @classmethod
     def pipeline_from_skypilot_yaml(cls, path: str | os.PathLike[str], *,
                                     env: Mapping[str, str] | None = None) -> list["JobSpec"]:
         """Every task of a SkyPilot pipeline (a multi-document task YAML), in order (one for a plain task)."""
