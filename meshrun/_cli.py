@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the job as JSON (with --detach)")
     _add_resource_args(r)
     _add_placement_args(r)
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...], or a task YAML file")
+    r.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND [ARGS...], or a job file: a SkyPilot task YAML or a dstack task (.dstack.yml)")
 
     ls = sub.add_parser("ls", help="list jobs")
     ls.add_argument("--limit", "-l", type=int, default=30, help="show at most this many jobs, newest first "
@@ -200,10 +201,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     from ._spec import JobSpec
 
     command = list(a.command)
-    if command and command[0] == "--":
+    explicit = bool(command) and command[0] == "--"
+    if explicit:
         command = command[1:]
     if not command:
         raise SpecError("command", "nothing to run: give the command after --, e.g. meshrun run -- python train.py")
+    job_file = not explicit and _is_job_file(command[0])
+    if job_file and len(command) > 1:  # `meshrun run task.yaml --env K=V`: flags after the file, as sky takes them
+        a = _more_run_flags(a, command[1:])
     env = {}
     for item in a.env:
         k, sep, v = item.partition("=")
@@ -213,30 +218,75 @@ def cmd_run(a: argparse.Namespace) -> int:
     fields: dict[str, Any] = _resource_fields(a)
     if a.name:
         fields["name"] = a.name
-    if env:
-        fields["env"] = env
     if a.workdir:
         fields["workdir"] = a.workdir
     if a.setup:
         fields["setup"] = a.setup
-    if len(command) == 1 and command[0].endswith((".yaml", ".yml")) and os.path.isfile(command[0]):
-        from ._taskyaml import spec_from_task_yaml
+    if job_file:
+        from ._jobfile import specs_from_job_file
 
-        spec = spec_from_task_yaml(command[0]).replace(**fields) if fields else spec_from_task_yaml(command[0])
+        specs = [_override(s, fields) for s in specs_from_job_file(command[0], env=env)]
     else:
-        spec = JobSpec(command=" ".join(command) if a.shell else command, **fields)
+        if env:
+            fields["env"] = env
+        specs = [JobSpec(command=" ".join(command) if a.shell else command, **fields)]
+    if len(specs) > 1 and a.detach:
+        raise SpecError("detach", f"{command[0]} is a pipeline of {len(specs)} tasks, run as a chain (each starts "
+                        "when the previous one succeeded): leave out --detach so meshrun can start each in turn")
     from ._placement import quiet
 
-    with quiet() if a.json else contextlib.nullcontext():  # --json: stdout and stderr stay machine-readable
-        job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
-    if a.detach:
-        if a.json:
-            print(json.dumps(_job_json(job)))
-        else:
-            print(job.id)
-        return 0
-    print(f"meshrun: job {job.id} submitted to {job.backend}", file=sys.stderr)
-    return _follow(job)
+    rc = 0
+    for i, spec in enumerate(specs):
+        with quiet() if a.json else contextlib.nullcontext():  # --json: stdout and stderr stay machine-readable
+            job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
+        if a.detach:
+            if a.json:
+                print(json.dumps(_job_json(job)))
+            else:
+                print(job.id)
+            return 0
+        step = f" (task {i + 1} of {len(specs)})" if len(specs) > 1 else ""
+        print(f"meshrun: job {job.id}{step} submitted to {job.backend}", file=sys.stderr)
+        rc = _follow(job)
+        if rc != 0:
+            if i + 1 < len(specs):
+                print(f"meshrun: the pipeline stops here; {len(specs) - i - 1} task(s) not started", file=sys.stderr)
+            return rc
+    return rc
+
+
+def _is_job_file(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) and os.path.isfile(arg)
+
+
+def _more_run_flags(a: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
+    """The run flags given after a job file, merged into ``a`` (repeatable ones add to those before)."""
+    from ._errors import SpecError
+
+    more = build_parser().parse_args(["run", *rest])
+    if more.command:
+        raise SpecError("command", f"a job file takes no command after it; got {' '.join(more.command)!r} "
+                        "(flags go before or after the file)")
+    merged = argparse.Namespace(**vars(a))
+    for k, v in vars(more).items():
+        if k in ("cmd", "command"):
+            continue
+        if isinstance(v, list) and isinstance(getattr(a, k, None), list):
+            setattr(merged, k, [*getattr(a, k), *v])
+        elif v not in (None, False, []):
+            setattr(merged, k, v)
+    return merged
+
+
+def _override(spec: Any, fields: dict[str, Any]) -> Any:
+    """A job file's spec with the command line's fields over it. A new GPU request replaces the file's
+    (SkyPilot's own candidates included)."""
+    if not fields:
+        return spec
+    if any(k in fields for k in ("gpus", "gpu_type")) and spec.options_for("skypilot"):
+        opts = {k: v for k, v in spec.options_for("skypilot").items() if k not in ("accelerators", "any_of", "ordered")}
+        spec = spec.replace(backend_options={**spec.backend_options, "skypilot": opts})
+    return spec.replace(**fields)
 
 
 def _follow(job: Any) -> int:

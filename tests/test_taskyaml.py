@@ -201,3 +201,41 @@ def test_cli_runs_a_task_yaml(tmp_path, monkeypatch, capsys):
     (tmp_path / "t.yaml").write_text("name: from-yaml\nrun: echo hi from yaml > cli.txt\n")
     assert main(["run", "-b", "local", "t.yaml"]) == 0
     assert (tmp_path / "cli.txt").read_text() == "hi from yaml\n"
+
+
+def test_cli_flags_after_the_file_and_env_merging(tmp_path, monkeypatch):
+    """`meshrun run t.yaml --env K=V` (SkyPilot's order): the flags apply, --env merges and fills nulls."""
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FILLED", raising=False)
+    (tmp_path / "t.yaml").write_text("envs: {KEEP: kept, OVER: file, FILLED: null}\n"
+                                     "run: echo \"$KEEP $OVER $FILLED\" > env.txt\n")
+    assert main(["run", "-b", "local", "t.yaml", "--env", "OVER=cli", "-e", f"FILLED={HOSTILE}"]) == 0
+    assert (tmp_path / "env.txt").read_text() == f"kept cli {HOSTILE}\n"
+    assert main(["run", "--env", "FILLED=x", "t.yaml", "-b", "local", "--name", "named"]) == 0
+    assert (tmp_path / "env.txt").read_text() == "kept file x\n"
+    assert main(["run", "-b", "local", "t.yaml"]) == 2  # FILLED is nowhere: refused, naming it
+
+
+def test_cli_runs_a_pipeline_as_a_chain(tmp_path, monkeypatch, capsys):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("name: pipe\n---\nrun: echo one >> chain.txt\n---\nrun: exit 3\n---\n"
+                                     "run: echo three >> chain.txt\n")
+    assert main(["run", "-b", "local", "p.yaml"]) == 3
+    assert (tmp_path / "chain.txt").read_text() == "one\n"  # the third never started
+    assert "1 task(s) not started" in capsys.readouterr().err
+    assert main(["run", "-d", "-b", "local", "p.yaml"]) == 2  # a chain needs meshrun to start each in turn
+
+
+def test_cli_runs_a_dstack_task(tmp_path, monkeypatch):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FROM_SUBMITTER", "yes")
+    (tmp_path / ".dstack.yml").write_text("type: task\nenv: [FROM_SUBMITTER, B=2]\n"
+                                          "commands:\n  - echo $FROM_SUBMITTER > d.txt\n  - echo $B >> d.txt\n")
+    assert main(["run", ".dstack.yml", "-b", "local"]) == 0
+    assert (tmp_path / "d.txt").read_text() == "yes\n2\n"
