@@ -447,3 +447,18 @@ def test_slurm_enforced_time_limit_reports_timeout(slurm_timeout_job, monkeypatc
     with pytest.raises(meshrun.JobTimeout):
         job.result()
     assert "TIME LIMIT" in job.logs()
+
+
+def test_the_users_comment_is_kept_and_the_job_still_found(slurm, meshrun_home):
+    job = meshrun.run(["sleep", "30"], backend="slurm",
+                      backend_options={"slurm": {"sbatch": ["--comment my own note"]}})
+    bid = job.backend_id
+    p = slurm._run(["squeue", "--noheader", "-j", bid, "--format=%k"], check=False)
+    assert p.stdout.strip() == "my own note"
+    (meshrun_home / "slurm" / "ids" / f"{bid}.json").unlink()
+    (job.job_dir / "slurm.json").unlink()
+    meshrun.configure({"backends": {"slurm": {"query_interval": 0.3}}})  # a fresh backend, nothing cached
+    b = meshrun.get_backend("slurm")
+    assert b.find(job.id) == bid
+    assert b.status([bid])[bid].state in (JS.PENDING, JS.RUNNING)
+    b.cancel(bid)
