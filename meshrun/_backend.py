@@ -247,6 +247,12 @@ class Backend(ABC):
         """The backend id of a meshrun job found by its name or label, or None."""
         return None
 
+    def native(self, submission: Submission, offer: Offer | None = None) -> str:
+        """What ``submit`` would hand the scheduler for ``submission``, as text a person can read and port
+        (a batch script, a task YAML, manifests), without submitting anything; secret values are shown as
+        ``<redacted>``. ``meshrun show --native`` prints it. Backends that can say override this."""
+        raise NotImplementedError(f"the {self.name} backend cannot show what it submits")
+
     def close(self) -> None:
         """Release connections and helper processes."""
 

@@ -1,4 +1,4 @@
-"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, doctor, bench."""
+"""The ``meshrun`` command: run, show, ls, status, logs, cancel, gpus, backends, offers, doctor, bench."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from ._units import format_duration, format_size
 EPILOG = """examples:
   meshrun run --gpus 2 -- python train.py --lr 0.1
   meshrun run -d --name sweep -- bash -c 'echo $HOSTNAME'
+  meshrun run task.yaml --env HF_TOKEN       (a SkyPilot task YAML or a dstack .dstack.yml)
+  meshrun show --native -b slurm task.yaml   (what the backend would submit)
   meshrun ls
   meshrun logs -f JOB_ID
   meshrun logs --tail 50 JOB_ID
@@ -102,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_args(r)
     r.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- COMMAND [ARGS...], or a job file: a SkyPilot task YAML or a dstack task (.dstack.yml)")
+
+    sh = sub.add_parser("show", help="what meshrun reads from a job file, or (--native) what a backend would submit",
+                        description="Print the JobSpec meshrun reads from FILE (a SkyPilot task YAML, a dstack task, "
+                                    "or a JobSpec as JSON); with --native, what the backend would submit for it "
+                                    "(sbatch script, SkyPilot task YAML, dstack run spec, Kubernetes manifests), "
+                                    "without submitting anything. Secret values are never shown.")
+    sh.add_argument("file", metavar="FILE")
+    sh.add_argument("--native", action="store_true", help="print what the backend would submit")
+    sh.add_argument("--backend", "-b", help="the backend (default: the one placement would choose)")
+    sh.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
 
     ls = sub.add_parser("ls", help="list jobs")
     ls.add_argument("--limit", "-l", type=int, default=30, help="show at most this many jobs, newest first "
@@ -253,6 +265,55 @@ def cmd_run(a: argparse.Namespace) -> int:
                 print(f"meshrun: the pipeline stops here; {len(specs) - i - 1} task(s) not started", file=sys.stderr)
             return rc
     return rc
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from . import _scheduler
+    from ._errors import SpecError
+    from ._backend import Feature
+    from ._placement import spec_for_offer
+    from ._registry import get_backend
+    from ._spec import JobSpec
+    from ._store import Store
+
+    env = dict(item.partition("=")[::2] for item in a.env)
+    if a.file.endswith(".json"):
+        try:
+            specs = [JobSpec.from_json(Path(a.file).read_text())]
+        except OSError as e:
+            raise SpecError("", f"cannot read {a.file}: {e.strerror or e}") from None
+        if env:
+            specs = [specs[0].replace(env={**specs[0].env, **env})]
+    else:
+        from ._jobfile import specs_from_job_file
+
+        specs = specs_from_job_file(a.file, env=env)
+    for i, spec in enumerate(specs):
+        if len(specs) > 1:
+            print(f"# task {i + 1} of {len(specs)}")
+        if not a.native:
+            print(spec.to_json(indent=2))
+            continue
+        if a.backend:  # that backend's rendering, whether or not it is up now (no offer: its defaults)
+            name, offer = a.backend, None
+            if spec.secrets and Feature.SECRETS not in get_backend(name).features:
+                raise SpecError("secrets", f"the {name} backend cannot pass secrets to a job without writing them "
+                                "down, so it would not be given this job")
+        else:
+            name, offer, _ = _scheduler.choose(spec)
+        spec = spec_for_offer(spec, offer)
+        with tempfile.TemporaryDirectory(prefix="meshrun-show-") as tmp:
+            sub = _scheduler.prepare(spec, store=Store(tmp), backend=name).submission
+            try:
+                text = get_backend(name).native(sub, offer)
+            except NotImplementedError as e:
+                raise SpecError("backend", str(e)) from None
+        print(f"# what the {name} backend would submit" + (f" ({offer.key})" if offer is not None else ""))
+        print(text.rstrip("\n"))
+    return 0
 
 
 def _is_job_file(arg: str) -> bool:
@@ -715,6 +776,7 @@ def cmd_offers(a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "show": cmd_show,
     "ls": cmd_ls,
     "status": cmd_status,
     "logs": cmd_logs,

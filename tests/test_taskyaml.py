@@ -239,3 +239,17 @@ def test_cli_runs_a_dstack_task(tmp_path, monkeypatch):
                                           "commands:\n  - echo $FROM_SUBMITTER > d.txt\n  - echo $B >> d.txt\n")
     assert main(["run", ".dstack.yml", "-b", "local"]) == 0
     assert (tmp_path / "d.txt").read_text() == "yes\n2\n"
+
+
+def test_cli_show_prints_what_meshrun_reads_without_secret_values(tmp_path, monkeypatch, capsys):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text("resources: {accelerators: {L4: 1, A10G: 1}}\nsecrets: {TOK: s3cr3t-value}\n"
+                                     "run: echo hi\n")
+    assert main(["show", "t.yaml"]) == 0
+    out = capsys.readouterr().out
+    spec = meshrun.JobSpec.from_json(out)
+    assert spec.resources.gpu_alternatives == ("L4:1", "A10G:1") and spec.secrets == {"TOK": None}
+    assert "s3cr3t-value" not in out
+    assert main(["show", "--native", "-b", "local", "t.yaml"]) == 2  # the local backend has nothing to show

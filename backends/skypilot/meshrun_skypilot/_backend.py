@@ -360,6 +360,16 @@ class SkyPilotBackend(Backend):
             cfg.pop("resources")
         return _task.build_task(cfg)
 
+    def native(self, submission: Submission, offer: Offer | None = None) -> str:
+        """The task YAML SkyPilot would get (validated by SkyPilot; secret values redacted)."""
+        import yaml
+
+        cfg = self.task_for(submission, offer).to_yaml_config()
+        if cfg.get("secrets"):
+            cfg["secrets"] = {k: "<redacted>" for k in cfg["secrets"]}
+        cfg.pop("_user_specified_yaml", None)
+        return str(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+
     def submit(self, submission: Submission, offer: Offer | None = None) -> str:
         spec = submission.spec
         opts = _task.job_options(spec)

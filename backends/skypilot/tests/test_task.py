@@ -362,3 +362,19 @@ def test_too_large_a_job_is_refused(tmp_path, meshrun_home):
     with pytest.raises(meshrun.SpecError) as e:
         _task.launch_config(sub, max_inline_bytes=32 * 1024)
     assert "files=" in str(e.value)
+
+
+def test_show_native_prints_the_task_skypilot_would_get(sky_home, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text("resources: {accelerators: {L4: 1, A10G: 1}, memory: 32GB+}\n"
+                                     "secrets: {TOK: s3cr3t-value}\nrun: echo hi\n")
+    assert main(["show", "--native", "-b", "skypilot", "t.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t-value" not in out
+    task = yaml.safe_load(out)
+    assert task["secrets"] == {"TOK": "<redacted>"}
+    assert sorted(json.dumps(r["accelerators"]) for r in task["resources"]["any_of"]) == ['{"A10G": 1}', '{"L4": 1}']

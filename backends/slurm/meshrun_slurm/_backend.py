@@ -553,6 +553,17 @@ class SlurmBackend(mb.Backend):
     # ------------------------------------------------------------------------------------------------
     # contract: submit
 
+    def native(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
+        """The batch script sbatch would get (``#SBATCH`` lines and all)."""
+        spec = submission.spec
+        opts = job_options(spec.options_for(BACKEND), self.settings, spec=spec)
+        cluster_dir = self._cluster_dir(submission.job_dir)
+        job = self._batch_job(spec, opts, offer, job_name=submission.name, workdir=cluster_dir, job_dir=cluster_dir)
+        try:
+            return render_script(job)
+        except ValueError as e:
+            raise _render_error(e) from None
+
     def _prepare_launch(self, sub: mb.Submission) -> dict[str, Any]:
         launch = dict(sub.launch)
         launch["lease"] = False  # Slurm hands out the GPUs ...
