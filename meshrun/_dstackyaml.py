@@ -57,6 +57,8 @@ _VENDORS = ("nvidia", "amd", "google", "tpu", "intel", "tenstorrent")
 _RESOURCE_KEYS = ("gpu", "cpu", "memory", "disk", "shm_size")
 _SIZE = r"(\d+(?:\.\d+)?)\s*(MB|GB|TB|KB)?"
 _SIZE_UNITS = {None: 1.0, "KB": 2**-20, "MB": 2**-10, "GB": 1.0, "TB": 2**10}
+_AMD_NAME = re.compile(r"^MI\d", re.IGNORECASE)
+_TPU_NAME = re.compile(r"^(v\d+[a-z]*-\d+|v\d+[a-z]*pod|tpu)", re.IGNORECASE)
 _SECRET_REF = re.compile(r"\$\{\{\s*secrets\.([A-Za-z0-9_.-]+)\s*\}\}")
 
 
@@ -248,8 +250,14 @@ def _gpu(gpu: Any, fields: dict[str, Any]) -> None:
             memory = f"{memory.get('min', '')}..{memory.get('max', '')}"
     else:
         raise SpecError("resources.gpu", f"expected a GPU spec such as 'A100:2' or a mapping, got {gpu!r}")
+    for name in names:  # dstack tells the vendor from the name as well
+        if _AMD_NAME.match(name):
+            vendor = "amd"
+        elif _TPU_NAME.match(name):
+            vendor = "google"
     if vendor is not None and str(vendor).lower() != "nvidia":
-        raise SpecError("resources.gpu", f"meshrun schedules NVIDIA GPUs; {vendor} GPUs cannot be expressed")
+        raise SpecError("resources.gpu", f"meshrun schedules NVIDIA GPUs; {vendor} accelerators "
+                        f"({', '.join(names) or gpu}) cannot be expressed")
     n = 1
     if count is not None:
         text = str(count).strip()

@@ -255,8 +255,8 @@ def _map_resources(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[st
         else:
             gib, plus = _gib(mem, "resources.memory", allow_plus=True)
             fields["memory"] = f"{gib:g}GiB"
-            if not plus:
-                opts["memory"] = text  # exactly this much: only SkyPilot can say it
+            if not plus or not re.fullmatch(rf"{_NUM}\+", text):
+                opts["memory"] = text  # exactly this much (only SkyPilot can say it), or in SkyPilot's units
     disk = res.get("disk_size")
     if disk is not None:
         gib, _ = _gib(disk, "resources.disk_size", allow_plus=False)

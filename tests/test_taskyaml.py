@@ -101,7 +101,7 @@ def test_sizes_and_values_skypilot_accepts():
     assert spec.resources.disk == 1024 * 1024**3 and spec.resources.memory == 32 * 1024**3
     assert spec.env == {"FLAG": "True", "N": "3"}  # SkyPilot writes a bool as True/False
     assert spec.secrets == {"HF_TOKEN": None, "WANDB": None}  # taken from the environment at submit
-    assert "memory" not in spec.options_for("skypilot")  # "32GB+" is a minimum: JobSpec.memory says it
+    assert spec.options_for("skypilot")["memory"] == "32GB+"  # SkyPilot gets its own text back
     assert spec_from_task_config({"run": "x", "secrets": None}).secrets == {}
     spec = spec_from_task_config({"run": "x", "resources": {"memory": "1TB"}})
     assert spec.resources.memory == 1024**4 and spec.options_for("skypilot")["memory"] == "1TB"

@@ -131,3 +131,37 @@ def test_one_time_line_and_the_users_comment_kept():
                                 time_limit=3600, options=opts))
     assert [x for x in lines if x.startswith("--time")] == ["--time=01:00:00"]
     assert "--comment=my run" in lines
+
+
+# ---- real #SBATCH headers (tests/data/jobfiles/sbatch, see its README): what meshrun takes as options ------
+
+_SBATCH_DIR = __import__("pathlib").Path(__file__).resolve().parents[3] / "tests" / "data" / "jobfiles" / "sbatch"
+
+
+def _header_options(path):
+    import shlex
+
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith("#SBATCH"):
+            out.extend(shlex.split(line[len("#SBATCH"):], comments=True))
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(_SBATCH_DIR.iterdir()), ids=lambda p: p.name)
+def test_real_sbatch_headers(path):
+    """Each option of a real header is taken as is, or refused with the JobSpec field that says it: GPUs go
+    through gpus=, nodes/job name/output through the spec, never silently."""
+    options = _header_options(path)
+    assert options
+    for opt in options:
+        try:
+            job_options({"sbatch": [opt]})
+        except meshrun.SpecError as e:
+            name = opt.split("=")[0]
+            if name.startswith(("--gres", "--gpus")):
+                assert "gpus=" in str(e), opt
+            else:
+                assert "meshrun sets itself" in str(e), opt
+            continue
+        assert not opt.startswith(("--gres", "--gpus")), opt
