@@ -340,13 +340,17 @@ def _more_run_flags(a: argparse.Namespace, rest: list[str]) -> argparse.Namespac
 
 
 def _override(spec: Any, fields: dict[str, Any]) -> Any:
-    """A job file's spec with the command line's fields over it. A new GPU request replaces the file's
-    (SkyPilot's own candidates included)."""
+    """A job file's spec with the command line's fields over it. A new resource request replaces the file's
+    (what it kept for SkyPilot or dstack included)."""
     if not fields:
         return spec
-    if any(k in fields for k in ("gpus", "gpu_type")) and spec.options_for("skypilot"):
-        opts = {k: v for k, v in spec.options_for("skypilot").items() if k not in ("accelerators", "any_of", "ordered")}
-        spec = spec.replace(backend_options={**spec.backend_options, "skypilot": opts})
+    gpu = {"skypilot": ("accelerators", "any_of", "ordered"), "dstack": ("resources",)}
+    kept = {"gpus": gpu, "gpu_type": gpu, "cpus": {"skypilot": ("cpus",), "dstack": ("resources",)},
+            "memory": {"skypilot": ("memory",), "dstack": ("resources",)}}
+    drop = {(b, k) for field, by in kept.items() if field in fields for b, keys in by.items() for k in keys}
+    if drop:
+        options = {b: {k: v for k, v in o.items() if (b, k) not in drop} for b, o in spec.backend_options.items()}
+        spec = spec.replace(backend_options=options)
     return spec.replace(**fields)
 
 

@@ -13,6 +13,8 @@ anything else is refused with an error naming the field, never dropped:
     files ["local:remote"]   -> files {remote: local} (local paths from the configuration's folder)
     resources.gpu            -> gpus, gpu_type, gpu_alternatives (one per name), gpu_memory (a minimum)
     resources.cpu/memory/disk-> cpus, memory, disk (minimums: "8", "8..", "32GB", "32GB..")
+    resources (as written)   -> backend_options["dstack"]["resources"]: the dstack backend gives dstack the
+                                section itself (dstack's exact sizes and "at least one GPU" included)
     resources.shm_size, python, spot_policy, max_price, retry, backends, regions, instance_types, fleets,
     reservation, priority, working_dir, user, privileged, volumes, stop_duration, idle_duration
                              -> backend_options["dstack"]
@@ -96,6 +98,8 @@ def spec_from_dstack_config(config: Any, *, base_dir: str | None = None, source:
                             + ", ".join(sorted((*_MAPPED, *DSTACK_OPTIONS))))
     fields: dict[str, Any] = {}
     opts: dict[str, Any] = {k: config[k] for k in DSTACK_OPTIONS if config.get(k) is not None}
+    if isinstance(opts.get("python"), float):  # YAML reads `python: 3.12` as a number (and 3.10 as 3.1)
+        opts["python"] = {"3.1": "3.10"}.get(str(opts["python"]), str(opts["python"]))
 
     if config.get("name") is not None:
         fields["name"] = str(config["name"])
@@ -122,6 +126,7 @@ def spec_from_dstack_config(config: Any, *, base_dir: str | None = None, source:
     res = config.get("resources")
     if res is not None:
         _resources(res, fields, opts)
+    opts["resources"] = res or {}  # dstack reads its own section back (exact sizes, "1.." counts, defaults)
     if opts:
         fields["backend_options"] = {"dstack": opts}
     return JobSpec(**fields)
@@ -196,8 +201,6 @@ def _resources(res: Any, fields: dict[str, Any], opts: dict[str, Any]) -> None:
             v = v.get("size", v.get("min"))
         if v is not None:
             fields[field] = f"{_minimum(v, f'resources.{key}', size=True):g}GiB"
-    if res.get("shm_size") is not None:
-        opts["shm_size"] = str(res["shm_size"])
 
 
 def _minimum(value: Any, field: str, *, size: bool) -> float:

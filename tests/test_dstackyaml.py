@@ -42,7 +42,8 @@ def test_full_task(tmp_path, monkeypatch):
     r = spec.resources
     assert (r.gpus, r.gpu_type, r.gpu_memory) == (8, "A100", 80 * 1024**3)
     assert (r.cpus, r.memory, r.disk) == (32, 256 * 1024**3, 500 * 1024**3)
-    assert spec.options_for("dstack") == {"python": "3.11", "spot_policy": "auto", "shm_size": "16GB"}
+    assert spec.options_for("dstack") == {"python": "3.11", "spot_policy": "auto", "resources": {
+        "gpu": "A100:80GB:8", "cpu": "32..", "memory": "256GB..", "disk": "500GB", "shm_size": "16GB"}}
 
 
 @pytest.mark.parametrize("gpu, want, alts", [
