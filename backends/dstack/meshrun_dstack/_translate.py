@@ -219,10 +219,10 @@ def resources_spec(r: Any, options: Any) -> dict[str, Any]:
     """dstack ``resources`` for the spec's resources (minimums); ``backend_options.dstack.resources`` (a
     dstack file's own section, kept by ``JobSpec.from_dstack_yaml``) is given to dstack as written."""
     if options.resources is not None:
-        res = dict(options.resources)
-        if options.shm_size and "shm_size" not in res:
-            res["shm_size"] = options.shm_size
-        return res
+        given: dict[str, Any] = dict(options.resources)
+        if options.shm_size and "shm_size" not in given:
+            given["shm_size"] = options.shm_size
+        return given
     res: dict[str, Any] = {"gpu": gpu_spec(r)}
     if r.cpus:
         res["cpu"] = {"count": {"min": max(1, math.ceil(r.cpus))}}
