@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -28,6 +28,21 @@ print("rank %d of %d on node %s sum %g" % (dist.get_rank(), dist.get_world_size(
       flush=True)
 dist.destroy_process_group()
 """
+
+
+def load_script(name: str) -> Any:
+    """A program of the checkout's ``scripts/`` folder (e.g. ``import_corpus.py``) as a module, for tests
+    that run the same checks it does."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:

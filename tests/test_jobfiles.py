@@ -5,21 +5,17 @@ backends/slurm/tests/test_options.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from meshrun.testing import load_script
+
 DATA = Path(__file__).resolve().parent / "data" / "jobfiles"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def corpus_script():
-    spec = importlib.util.spec_from_file_location("import_corpus", ROOT / "scripts" / "import_corpus.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("import_corpus.py")
 
 
 # file -> (meshrun's verdict, the GPU request of each task, the alternatives of the first)

@@ -4,21 +4,18 @@ own parse of the original (resources, nodes, envs, secrets, run, setup)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from meshrun.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = ROOT / "tests" / "data" / "jobfiles" / "skypilot"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("import_corpus", ROOT / "scripts" / "import_corpus.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("import_corpus.py")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.yaml")))
