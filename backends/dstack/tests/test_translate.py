@@ -338,3 +338,15 @@ def test_an_imported_dstack_task_translates_back_into_a_valid_run_spec(path, mon
         assert v == theirs[k], k
     assert rs.configuration.resources == RunSpec.model_validate(
         {"configuration": {**doc, "env": {}}}).configuration.resources  # dstack reads its own section back
+
+
+def test_show_native_prints_the_run_spec(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dstack.yml").write_text("type: task\ncommands: [python train.py]\nresources: {gpu: A100:2}\n")
+    assert main(["show", "--native", "-b", "dstack", ".dstack.yml"]) == 0
+    rs = RunSpec.model_validate(yaml.safe_load(capsys.readouterr().out))
+    assert rs.configuration.resources.gpu.count.min == 2 and rs.configuration.resources.gpu.name == ["A100"]
