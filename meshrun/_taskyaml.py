@@ -42,6 +42,7 @@ RESOURCE_KEYS = (
 )
 _YAML_FIELD = {
     "nodes": "num_nodes", "gpus": "resources.accelerators", "gpu_type": "resources.accelerators",
+    "gpu_alternatives": "resources.accelerators",
     "cpus": "resources.cpus", "memory": "resources.memory", "disk": "resources.disk_size", "env": "envs",
     "command": "run", "files": "file_mounts", "setup": "setup", "name": "name", "workdir": "workdir",
 }
@@ -299,10 +300,9 @@ def _map_gpus(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[str, An
     whole GPU (they cannot share one); the original stays in backend_options for SkyPilot, which honours it."""
     top = res.get("accelerators")
     choices: list[tuple[str, float]] = []
-    exact = top is not None and _single_whole(top)
-    if top is not None and not exact:
-        opts["accelerators"] = top
     groups = [(k, res[k]) for k in ("ordered", "any_of") if res.get(k) is not None]
+    if top is not None and (groups or not _single_whole(top)):
+        opts["accelerators"] = top  # alternatives that name none inherit it: SkyPilot gets it as written
     if len(groups) > 1:
         raise SpecError("resources.any_of", "give either any_of or ordered, not both")
     if groups:

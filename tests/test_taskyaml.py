@@ -89,6 +89,8 @@ def test_accelerators(acc, gpus, gtype, alts, kept):
     ({"ordered": [{"accelerators": {"L4": 1, "A10G": 1}, "infra": "aws"}, {"accelerators": "T4:1"}]},
      "L4:1", ("L4:1", "A10G:1", "T4:1")),
     ({"accelerators": "A100:8", "any_of": [{"infra": "aws"}, {"infra": "gcp"}]}, "A100:8", ()),
+    ({"accelerators": "H100:1", "any_of": [{"accelerators": "A100:1"}, {"infra": "gcp"}]}, "A100:1",
+     ("A100:1", "H100:1")),  # the second inherits the top-level accelerators
 ])
 def test_gpu_alternatives_from_any_of_and_ordered(res, first, alts):
     spec = spec_from_task_config({"run": "x", "resources": res})

@@ -128,7 +128,8 @@ def test_gpu_candidates_and_fractions_reach_skypilot_unchanged(sky_home):
     """A candidate set or fraction stays SkyPilot's to choose from: the task equals SkyPilot's own parse."""
     for res in ({"accelerators": {"L4": 1, "A10G": 1}}, {"accelerators": "T4:0.5"},
                 {"ordered": [{"accelerators": "A100:1", "infra": "aws"}, {"accelerators": "H100:1"}]},
-                {"gpus": {"A10:1": None}}):
+                {"gpus": {"A10:1": None}},
+                {"accelerators": "H100:1", "any_of": [{"accelerators": "A100:1"}, {"infra": "gcp"}]}):
         cfg = {"run": "x", "resources": res}
         spec = spec_from_task_config(cfg)
         assert spec.resources.gpus >= 1
