@@ -7,15 +7,21 @@ backends simply ignore it.
 
     run                      -> command (a string, run by bash -c, byte for byte)
     setup                    -> setup (one shell script)
-    envs, secrets            -> env (a null value is taken from the submitter's environment)
-    workdir (a local path)   -> workdir
+    envs                     -> env (a null value from --env, else the submitter's environment)
+    secrets                  -> secrets (a null value, or a name of the list form, resolved at submit)
+    workdir (a local path)   -> workdir (relative to the current directory, as SkyPilot reads it)
     num_nodes                -> nodes
     file_mounts {dst: local} -> files {dst: local}; bucket/URL mounts stay in backend_options
-    resources.accelerators   -> gpus, gpu_type ("H100:8", {"H100": 8}); candidate lists stay in backend_options
+    resources.accelerators   -> gpus, gpu_type, gpu_alternatives (candidates, any_of/ordered, in order; a
+     (or resources.gpus)        fraction asks for a whole GPU); the original stays in backend_options
     resources.cpus "4+" / 4  -> cpus (an exact "4" is also kept in backend_options)
-    resources.memory "32+"   -> memory in GiB (a "4x" ratio stays in backend_options)
-    resources.disk_size      -> disk in GiB
+    resources.memory "32GB+" -> memory in GiB (a "4x" ratio stays in backend_options)
+    resources.disk_size      -> disk in GiB ("1024GB" too)
+    resources.image_id       -> image, for "docker:IMAGE" (and kept in backend_options)
     anything else            -> backend_options["skypilot"] (resource keys flat, other task keys under "task")
+
+``${VAR}``/``$VAR`` in workdir and file_mounts are filled from envs and inline secrets. docs/job-files.md
+has the whole mapping.
 """
 
 from __future__ import annotations
