@@ -23,7 +23,7 @@ from ._version import __version__
 
 _EXPORTS = {
     # spec (from the module that also registers JobSpec's file readers: from_skypilot_yaml)
-    "JobSpec": "._taskyaml",
+    "JobSpec": "._jobfile",
     "Resources": "._spec",
     # jobs
     "Job": "._job",

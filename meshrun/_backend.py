@@ -79,6 +79,7 @@ class Feature(enum.Flag):
     LOGS_FOLLOW = enum.auto()
     REATTACH = enum.auto()  # find(job_id) can rediscover a job without its backend id
     SPOT = enum.auto()
+    SECRETS = enum.auto()  # passes Submission.secrets to the job without writing them anywhere
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,13 @@ class Submission:
     spec: "JobSpec"
     launch: dict[str, Any]
     attempt: int = 1
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The job's secret environment variables with their values (``JobSpec.secrets``, a null one taken
+        from this process's environment). A backend with ``Feature.SECRETS`` hands them to the job without
+        writing them to the job folder, its logs or any file it keeps; they are not in ``launch``."""
+        return self.spec.resolved_secrets()
 
     @property
     def name(self) -> str:
@@ -253,6 +261,12 @@ class Backend(ABC):
     def find(self, job_id: str) -> str | None:
         """The backend id of a meshrun job found by its name or label, or None."""
         return None
+
+    def native(self, submission: Submission, offer: Offer | None = None) -> str:
+        """What ``submit`` would hand the scheduler for ``submission``, as text a person can read and port
+        (a batch script, a task YAML, manifests), without submitting anything; secret values are shown as
+        ``<redacted>``. ``meshrun show --native`` prints it. Backends that can say override this."""
+        raise NotImplementedError(f"the {self.name} backend cannot show what it submits")
 
     def close(self) -> None:
         """Release connections and helper processes."""

@@ -1,4 +1,4 @@
-"""The ``meshrun`` command: run, ls, status, logs, cancel, gpus, backends, offers, catalog, doctor, bench."""
+"""The ``meshrun`` command: run, show, ls, status, logs, cancel, gpus, backends, offers, catalog, doctor, bench."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from ._units import format_duration, format_size
 EPILOG = """examples:
   meshrun run --gpus 2 -- python train.py --lr 0.1
   meshrun run -d --name sweep -- bash -c 'echo $HOSTNAME'
+  meshrun run task.yaml --env HF_TOKEN       (a SkyPilot task YAML or a dstack .dstack.yml)
+  meshrun show --native -b slurm task.yaml   (what the backend would submit)
   meshrun ls
   meshrun logs -f JOB_ID
   meshrun logs --tail 50 JOB_ID
@@ -97,7 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the job as JSON (with --detach)")
     _add_resource_args(r)
     _add_placement_args(r)
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...], or a task YAML file")
+    r.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND [ARGS...], or a job file: a SkyPilot task YAML or a dstack task (.dstack.yml)")
+
+    sh = sub.add_parser("show", help="what meshrun reads from a job file, or (--native) what a backend would submit",
+                        description="Print the JobSpec meshrun reads from FILE (a SkyPilot task YAML, a dstack task, "
+                                    "or a JobSpec as JSON); with --native, what the backend would submit for it "
+                                    "(sbatch script, SkyPilot task YAML, dstack run spec, Kubernetes manifests), "
+                                    "without submitting anything. Secret values are never shown.")
+    sh.add_argument("file", metavar="FILE")
+    sh.add_argument("--native", action="store_true", help="print what the backend would submit")
+    sh.add_argument("--backend", "-b", help="the backend (default: the one placement would choose)")
+    sh.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
 
     ls = sub.add_parser("ls", help="list jobs")
     ls.add_argument("--limit", "-l", type=int, default=30, help="show at most this many jobs, newest first "
@@ -207,10 +220,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     from ._spec import JobSpec
 
     command = list(a.command)
-    if command and command[0] == "--":
+    explicit = bool(command) and command[0] == "--"
+    if explicit:
         command = command[1:]
     if not command:
         raise SpecError("command", "nothing to run: give the command after --, e.g. meshrun run -- python train.py")
+    job_file = not explicit and _is_job_file(command[0])
+    if job_file and len(command) > 1:  # `meshrun run task.yaml --env K=V`: flags after the file, as sky takes them
+        a = _more_run_flags(a, command[1:])
     env = {}
     for item in a.env:
         k, sep, v = item.partition("=")
@@ -220,30 +237,128 @@ def cmd_run(a: argparse.Namespace) -> int:
     fields: dict[str, Any] = _resource_fields(a)
     if a.name:
         fields["name"] = a.name
-    if env:
-        fields["env"] = env
     if a.workdir:
         fields["workdir"] = a.workdir
     if a.setup:
         fields["setup"] = a.setup
-    if len(command) == 1 and command[0].endswith((".yaml", ".yml")) and os.path.isfile(command[0]):
-        from ._taskyaml import spec_from_task_yaml
+    if job_file:
+        from ._jobfile import specs_from_job_file
 
-        spec = spec_from_task_yaml(command[0]).replace(**fields) if fields else spec_from_task_yaml(command[0])
+        specs = [_override(s, fields) for s in specs_from_job_file(command[0], env=env)]
     else:
-        spec = JobSpec(command=" ".join(command) if a.shell else command, **fields)
+        if env:
+            fields["env"] = env
+        specs = [JobSpec(command=" ".join(command) if a.shell else command, **fields)]
+    if len(specs) > 1 and a.detach:
+        raise SpecError("detach", f"{command[0]} is a pipeline of {len(specs)} tasks, run as a chain (each starts "
+                        "when the previous one succeeded): leave out --detach so meshrun can start each in turn")
     from ._gather import quiet
 
-    with quiet() if a.json else contextlib.nullcontext():  # --json: stdout and stderr stay machine-readable
-        job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
-    if a.detach:
-        if a.json:
-            print(json.dumps(_job_json(job)))
+    rc = 0
+    for i, spec in enumerate(specs):
+        with quiet() if a.json else contextlib.nullcontext():  # --json: stdout and stderr stay machine-readable
+            job = _scheduler.submit(spec, backend=a.backend, **_plan_kwargs(a))
+        if a.detach:
+            if a.json:
+                print(json.dumps(_job_json(job)))
+            else:
+                print(job.id)
+            return 0
+        step = f" (task {i + 1} of {len(specs)})" if len(specs) > 1 else ""
+        print(f"meshrun: job {job.id}{step} submitted to {job.backend}", file=sys.stderr)
+        rc = _follow(job)
+        if rc != 0:
+            if i + 1 < len(specs):
+                print(f"meshrun: the pipeline stops here; {len(specs) - i - 1} task(s) not started", file=sys.stderr)
+            return rc
+    return rc
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from . import _scheduler
+    from ._errors import SpecError
+    from ._backend import Feature
+    from ._gather import spec_for_offer
+    from ._registry import get_backend
+    from ._spec import JobSpec
+    from ._store import Store
+
+    env = dict(item.partition("=")[::2] for item in a.env)
+    if a.file.endswith(".json"):
+        try:
+            specs = [JobSpec.from_json(Path(a.file).read_text())]
+        except OSError as e:
+            raise SpecError("", f"cannot read {a.file}: {e.strerror or e}") from None
+        if env:
+            specs = [specs[0].replace(env={**specs[0].env, **env})]
+    else:
+        from ._jobfile import specs_from_job_file
+
+        specs = specs_from_job_file(a.file, env=env)
+    for i, spec in enumerate(specs):
+        if len(specs) > 1:
+            print(f"# task {i + 1} of {len(specs)}")
+        if not a.native:
+            print(spec.to_json(indent=2))
+            continue
+        if a.backend:  # that backend's rendering, whether or not it is up now (no offer: its defaults)
+            name, offer = a.backend, None
+            if spec.secrets and Feature.SECRETS not in get_backend(name).features:
+                raise SpecError("secrets", f"the {name} backend cannot pass secrets to a job without writing them "
+                                "down, so it would not be given this job")
         else:
-            print(job.id)
-        return 0
-    print(f"meshrun: job {job.id} submitted to {job.backend}", file=sys.stderr)
-    return _follow(job)
+            name, offer, _ = _scheduler.choose(spec)
+        spec = spec_for_offer(spec, offer)
+        with tempfile.TemporaryDirectory(prefix="meshrun-show-") as tmp:
+            sub = _scheduler.prepare(spec, store=Store(tmp), backend=name).submission
+            try:
+                text = get_backend(name).native(sub, offer)
+            except NotImplementedError as e:
+                raise SpecError("backend", str(e)) from None
+        print(f"# what the {name} backend would submit" + (f" ({offer.key})" if offer is not None else ""))
+        print(text.rstrip("\n"))
+    return 0
+
+
+def _is_job_file(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) and os.path.isfile(arg)
+
+
+def _more_run_flags(a: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
+    """The run flags given after a job file, merged into ``a`` (repeatable ones add to those before)."""
+    from ._errors import SpecError
+
+    more = build_parser().parse_args(["run", *rest])
+    if more.command:
+        raise SpecError("command", f"a job file takes no command after it; got {' '.join(more.command)!r} "
+                        "(flags go before or after the file)")
+    merged = argparse.Namespace(**vars(a))
+    for k, v in vars(more).items():
+        if k in ("cmd", "command"):
+            continue
+        if isinstance(v, list) and isinstance(getattr(a, k, None), list):
+            setattr(merged, k, [*getattr(a, k), *v])
+        elif v not in (None, False, []):
+            setattr(merged, k, v)
+    return merged
+
+
+def _override(spec: Any, fields: dict[str, Any]) -> Any:
+    """A job file's spec with the command line's fields over it. A new resource request replaces the file's
+    (what it kept for SkyPilot or dstack included)."""
+    if not fields:
+        return spec
+    gpu: dict[str, tuple[str, ...]] = {"skypilot": ("accelerators", "any_of", "ordered"), "dstack": ("resources",)}
+    kept: dict[str, dict[str, tuple[str, ...]]] = {"gpus": gpu, "gpu_type": gpu, "cpus": {"skypilot": ("cpus",), "dstack": ("resources",)},
+            "memory": {"skypilot": ("memory",), "dstack": ("resources",)}}
+    drop = {(b, k) for field, by in kept.items() if field in fields for b, keys in by.items() for k in keys}
+    if drop:
+        options = {b: {k: v for k, v in o.items() if (b, k) not in drop} for b, o in spec.backend_options.items()}
+        spec = spec.replace(backend_options=options)
+    return spec.replace(**fields)
 
 
 def _follow(job: Any) -> int:
@@ -710,6 +825,7 @@ def cmd_catalog(a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "show": cmd_show,
     "ls": cmd_ls,
     "status": cmd_status,
     "logs": cmd_logs,

@@ -15,7 +15,9 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
-from ._backend import Offer
+from dataclasses import replace
+
+from ._backend import Feature, Offer
 from ._errors import MeshrunError, SpecError
 from ._options import (
     DEFAULT_CLOUD_LAUNCHER,
@@ -63,6 +65,9 @@ def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | No
     try:
         doing("loading the plugin")
         b = get_backend(name)
+        if getattr(spec, "secrets", None) and Feature.SECRETS not in b.features:
+            return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot pass secrets "
+                          "to a job without writing them down (give them as env, or use a backend that can)")], None
         doing("checking availability")
         av = b.check()
         if not av.ok:
@@ -309,3 +314,27 @@ def still_asking() -> list[str]:
     """Sources whose offers were not waited for and whose thread still runs (a CLI may exit without them)."""
     return sorted(t.name.removeprefix("meshrun-offers-") for t in threading.enumerate()
                   if t.name.startswith("meshrun-offers-") and t.is_alive())
+
+
+def gather_gpu_alternatives(spec: Any, backends: Sequence[str] | None = None, **kw: Any) -> list[Offer]:
+    """Offers for each of the spec's GPU alternatives (``Resources.gpu_alternatives``), most preferred first,
+    so ranking weighs every alternative by its own price; each offer remembers its alternative in
+    ``detail["gpu_choice"]`` (see :func:`spec_for_offer`). A spec without alternatives is gathered as is."""
+    alts = spec.resources.alternatives() if hasattr(spec, "resources") else []
+    if len(alts) <= 1:
+        return offers(spec, backends, **kw)
+    out: list[Offer] = []
+    for r in alts:
+        choice = f"{r.gpu_type}:{r.gpus}"
+        for o in offers(spec.replace(resources=r), backends, **kw):
+            out.append(replace(o, detail={**o.detail, "gpu_choice": choice}))
+    return out
+
+
+def spec_for_offer(spec: Any, offer: Offer | None) -> Any:
+    """The spec to submit with ``offer``: the GPU alternative the offer was made for (the spec itself when
+    it has no alternatives or the offer names none)."""
+    choice = offer.detail.get("gpu_choice") if offer is not None else None
+    if not choice or not getattr(spec.resources, "gpu_alternatives", ()):
+        return spec
+    return spec.replace(gpus=choice)

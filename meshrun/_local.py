@@ -73,7 +73,8 @@ class LocalSettings(BackendSettings):
 
 class LocalBackend(Backend):
     name = "local"
-    features = Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.LOGS_FOLLOW | Feature.REATTACH
+    features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.LOGS_FOLLOW | Feature.REATTACH
+                | Feature.SECRETS)
     install_hint = "built in"
     poll_interval = (0.002, 0.25)
     shared_filesystem = True
@@ -196,7 +197,7 @@ class LocalBackend(Backend):
         launch = dict(submission.launch)
         launch.setdefault("grace_period", self.settings.grace_period)
         _agent.write_json(os.path.join(job_dir, _agent.LAUNCH), launch, mode=0o600)
-        env = self._env()
+        env = {**self._env(), **submission.secrets}  # the supervisor's environment, passed on to the job
         path = self._server_path() if self.settings.fork_server else None
         if path is not None:  # None: no private directory for the socket; start the job directly
             if _agent.server_spawn(path, job_dir, env):

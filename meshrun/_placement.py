@@ -18,6 +18,7 @@ import time
 from typing import Any, Sequence
 
 from ._backend import Offer
+from ._gather import gather_gpu_alternatives
 from ._gather import offers as gather_offers
 from ._options import PlacementOptions, resolve_inputs
 from ._plan import Objective, Plan, _rank, no_placement, rank
@@ -68,7 +69,8 @@ def plan(
     inputs = resolve_inputs(opts)
     if offers is None:
         t0 = time.perf_counter()
-        got = gather_offers(spec, inputs["backends"], exclude_backends=inputs["exclude_backends"], options=opts)
+        got = gather_gpu_alternatives(spec, inputs["backends"], exclude_backends=inputs["exclude_backends"],
+                                      options=opts)
         gathered = time.perf_counter() - t0
     else:
         got, gathered = list(offers), 0.0

@@ -68,6 +68,8 @@ def prepare(
     if spec.workdir is not None and not os.path.isdir(cwd):
         raise SpecError("workdir", f"{spec.workdir!r} is not a directory")
     _check_files(spec, cwd)
+    if spec.secrets:  # a null secret is taken from this process's environment now, or refused now
+        spec = spec.replace(secrets=spec.resolved_secrets())
     files: dict[str, bytes] = {}
     job_id = new_job_id()
     if spec.kind == "function":

@@ -41,7 +41,9 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FUNC_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_<>][\w.<>]*$")
 _BACKEND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "MESHRUN_JOB_ID", "MESHRUN_JOB_DIR", "MESHRUN_JOB_NAME")
-RESOURCE_FIELDS = ("gpus", "gpu_type", "gpu_memory", "cpus", "memory", "disk", "nodes")
+RESOURCE_FIELDS = ("gpus", "gpu_type", "gpu_alternatives", "gpu_memory", "cpus", "memory", "disk", "nodes")
+#: the fields that make up the GPU request: a new value for one of them replaces the alternatives
+GPU_REQUEST_FIELDS = ("gpus", "gpu_type", "gpu_alternatives")
 
 
 def _no_nul(value: str, what: str) -> str:
@@ -52,12 +54,19 @@ def _no_nul(value: str, what: str) -> str:
 
 class Resources(BaseModel):
     """What a job needs, per node: ``gpus`` (count), ``gpu_type``, ``gpu_memory`` (bytes, minimum per GPU),
-    ``cpus``, ``memory`` and ``disk`` (bytes), and the number of ``nodes``."""
+    ``cpus``, ``memory`` and ``disk`` (bytes), and the number of ``nodes``.
+
+    ``gpu_alternatives`` says the job can run on any one of several GPU requests, most preferred first
+    (``["L4:1", "A10G:1"]``); ``gpus``/``gpu_type`` then hold the first. Placement asks for each alternative
+    and ranks them all by their own prices; a backend given the spec as is runs the first."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     gpus: int = Field(0, description=f"GPUs per node: {GPU_HELP}")
     gpu_type: str | None = Field(None, description='GPU model, e.g. "H100", "A100-80GB"')
+    gpu_alternatives: tuple[str, ...] = Field(
+        (), description='GPU requests the job accepts instead, most preferred first, e.g. ["L4:1", "A10G:1"]; '
+                        "gpus and gpu_type are the first")
     gpu_memory: int | None = Field(None, description=f"minimum memory per GPU: {SIZE_HELP}")
     cpus: float | None = Field(None, description="CPU cores per node")
     memory: int | None = Field(None, description=f"host memory per node: {SIZE_HELP}")
@@ -67,6 +76,8 @@ class Resources(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _split_gpu_request(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("gpu_alternatives"):
+            data = _first_alternative(data)
         if isinstance(data, Mapping) and isinstance(data.get("gpus"), str):
             data = dict(data)
             try:
@@ -98,6 +109,11 @@ class Resources(BaseModel):
             raise ValueError(f"expected a GPU model name such as 'H100', got {type(v).__name__}")
         parse_gpus(f"{v}:1")  # same character rules
         return v
+
+    @field_validator("gpu_alternatives", mode="before")
+    @classmethod
+    def _v_gpu_alternatives(cls, v: Any) -> tuple[str, ...]:
+        return normalize_alternatives(v)
 
     @field_validator("gpu_memory", "memory", "disk", mode="before")
     @classmethod
@@ -134,6 +150,16 @@ class Resources(BaseModel):
             raise ValueError(f"expected a whole number of nodes from 1 to 4096, got {v!r}")
         return n
 
+    def alternatives(self) -> list["Resources"]:
+        """One Resources per GPU alternative, most preferred first (just this one when there are none)."""
+        if not self.gpu_alternatives:
+            return [self]
+        out = []
+        for alt in self.gpu_alternatives:
+            count, gtype = parse_gpus(alt)
+            out.append(self.model_copy(update={"gpus": count, "gpu_type": gtype, "gpu_alternatives": ()}))
+        return out
+
     @property
     def gpu_request(self) -> str | None:
         """The request in the usual ``TYPE:COUNT`` form (None for CPU jobs)."""
@@ -147,11 +173,60 @@ class Resources(BaseModel):
             parts.append(f"{self.nodes} nodes x")
         if self.gpus:
             parts.append(f"{self.gpus} {self.gpu_type or ''} GPU{'s' if self.gpus != 1 else ''}".replace("  ", " "))
+        if len(self.gpu_alternatives) > 1:
+            parts.append(f"(or {' or '.join(self.gpu_alternatives[1:])})")
         if self.cpus:
             parts.append(f"{self.cpus:g} CPUs")
         if self.memory:
             parts.append(format_size(self.memory))
         return " ".join(parts) or "any"
+
+
+def normalize_alternatives(v: Any) -> tuple[str, ...]:
+    """GPU alternatives as "TYPE:COUNT" texts, in the order given (duplicates dropped; one alone is no choice)."""
+    full = _alternative_list(v)
+    return tuple(full) if len(full) > 1 else ()
+
+
+def _alternative_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+        raise ValueError(f'expected a list of GPU requests such as ["L4:1", "A10G:1"], got {v!r}')
+    out: list[str] = []
+    for i, item in enumerate(v):
+        try:
+            count, gtype = parse_gpus(item)
+        except ValueError as e:
+            raise ValueError(f"alternative {i + 1}: {e}") from None
+        if gtype is None or count < 1:
+            raise ValueError(f"alternative {i + 1} must name a GPU model and count, such as 'L4:1', got {item!r}")
+        text = f"{gtype}:{count}"
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def _first_alternative(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill gpus/gpu_type from the first alternative; a gpus/gpu_type given as well must be that one."""
+    data = dict(data)
+    try:
+        full = _alternative_list(data["gpu_alternatives"])
+    except ValueError as e:
+        raise SpecErrorSignal("gpu_alternatives", str(e)) from None
+    count, gtype = parse_gpus(full[0])
+    given, given_type = data.get("gpus"), data.get("gpu_type")
+    if isinstance(given, str):
+        try:
+            given, typed = parse_gpus(given)
+        except ValueError as e:
+            raise SpecErrorSignal("gpus", str(e)) from None
+        given_type = typed or given_type
+    if given not in (None, 0, count) or given_type not in (None, gtype):
+        raise SpecErrorSignal("gpu_alternatives", f"the first alternative ({full[0]}) must be the request that "
+                              "gpus/gpu_type give, or leave those out")
+    data.update(gpus=count, gpu_type=gtype, gpu_alternatives=tuple(full) if len(full) > 1 else ())
+    return data
 
 
 class SpecErrorSignal(ValueError):
@@ -191,9 +266,17 @@ FunctionField = Annotated[
 ]
 
 
-#: readers of other tools' job files, by format ("skypilot": a task YAML path -> JobSpec), registered by the
-#: modules that hold them, so that this module depends on none of them
-FILE_READERS: dict[str, Callable[[str | os.PathLike[str]], "JobSpec"]] = {}
+#: readers of other tools' job files, by format ("skypilot", "skypilot-pipeline", "dstack": a path and
+#: ``env=`` -> JobSpec, or a list of them for a pipeline), registered by :mod:`meshrun._jobfile`, so that this
+#: module depends on none of them
+FILE_READERS: dict[str, Callable[..., Any]] = {}
+
+
+def _file_reader(kind: str) -> Callable[..., Any]:
+    reader = FILE_READERS.get(kind)
+    if reader is None:
+        raise SpecError("", f"the {kind} job-file reader is not loaded (import meshrun, which loads it with JobSpec)")
+    return reader
 
 
 class JobSpec(BaseModel):
@@ -216,6 +299,11 @@ class JobSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     time_limit: float | None = Field(None, description=f"wall-clock limit in seconds; {DURATION_HELP}")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for the job")
+    secrets: dict[str, str | None] = Field(
+        default_factory=dict, repr=False,
+        description="environment variables whose values are secret: they reach the job's environment but are "
+                    "never written (the job store, plans and status hold their names only); a null value is "
+                    "taken from the submitter's environment at submit")
     workdir: str | None = Field(None, description="working directory (shipped to remote backends)")
     files: dict[str, str] = Field(
         default_factory=dict, description="extra files to place: {target path: local source path}"
@@ -259,16 +347,26 @@ class JobSpec(BaseModel):
         return cls.from_dict(data)
 
     @classmethod
-    def from_skypilot_yaml(cls, path: str | os.PathLike[str]) -> "JobSpec":
-        """The job described by an existing SkyPilot task YAML (``run``, ``setup``, ``envs``, ``workdir``,
-        ``num_nodes``, ``file_mounts``, ``resources``); what only SkyPilot understands is kept in
-        ``backend_options["skypilot"]``. ``meshrun run task.yaml`` uses this. The reader lives in
-        ``meshrun._taskyaml``, which registers itself in :data:`FILE_READERS` (this module imports none)."""
-        reader = FILE_READERS.get("skypilot")
-        if reader is None:
-            raise SpecError("", "the SkyPilot task YAML reader is not loaded (import meshrun, which loads it "
-                            "with JobSpec)")
-        return reader(path)
+    def from_skypilot_yaml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> "JobSpec":
+        """The job described by an existing SkyPilot task YAML (``run``, ``setup``, ``envs``, ``secrets``,
+        ``workdir``, ``num_nodes``, ``file_mounts``, ``resources``); what only SkyPilot understands is kept in
+        ``backend_options["skypilot"]``. ``env`` is merged over the task's envs (and fills null ones).
+        docs/job-files.md says how each field maps. ``meshrun run task.yaml`` uses this."""
+        return _file_reader("skypilot")(path, env=env)
+
+    @classmethod
+    def from_dstack_yaml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> "JobSpec":
+        """The job described by a dstack task configuration (``type: task``, a ``.dstack.yml``): commands,
+        env, image, nodes, files, resources; dstack settings without a JobSpec field go to
+        ``backend_options["dstack"]``; a field meshrun cannot express (ports, GPU count ranges, ...) is a
+        SpecError naming it. docs/job-files.md says how each field maps."""
+        return _file_reader("dstack")(path, env=env)
+
+    @classmethod
+    def pipeline_from_skypilot_yaml(cls, path: str | os.PathLike[str], *,
+                                    env: Mapping[str, str] | None = None) -> list["JobSpec"]:
+        """Every task of a SkyPilot pipeline (a multi-document task YAML), in order (one for a plain task)."""
+        return list(_file_reader("skypilot-pipeline")(path, env=env))
 
     def to_json(self, **kw: Any) -> str:
         """JSON text; a function is written as its "module:qualname" reference."""
@@ -291,6 +389,8 @@ class JobSpec(BaseModel):
             g = changes.get("gpus")
             if isinstance(g, str) and not g.strip().isdigit() and "gpu_type" not in changes:
                 flat.pop("gpu_type")  # "H100:2" brings its own type
+            if any(k in changes for k in GPU_REQUEST_FIELDS) and "gpu_alternatives" not in changes:
+                flat.pop("gpu_alternatives")  # a new GPU request replaces the alternatives
             flat.update({k: changes.pop(k) for k in RESOURCE_FIELDS if k in changes})
             data.update(flat)
         else:
@@ -457,6 +557,45 @@ class JobSpec(BaseModel):
             out[k] = _no_nul(str(val), f"the value of {k}")
         return out
 
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _v_secrets(cls, v: Any) -> dict[str, str | None]:
+        if v is None:
+            return {}
+        if isinstance(v, (list, tuple)):  # names only: each taken from the submitter's environment
+            v = {k: None for k in v}
+        if not isinstance(v, Mapping):
+            raise ValueError(f"expected a mapping of NAME to value (or a list of names), got {type(v).__name__}")
+        out: dict[str, str | None] = {}
+        for k, val in v.items():
+            if not isinstance(k, str) or not _ENV_KEY.match(k):
+                raise ValueError(f"variable names must match [A-Za-z_][A-Za-z0-9_]* , got {k!r}")
+            if k in _RESERVED_ENV:
+                raise ValueError(f"{k} is set by meshrun and cannot be given")
+            if val is not None and (isinstance(val, bool) or not isinstance(val, (str, int, float))):
+                raise ValueError(f"the value of {k} must be text (or null: from the environment at submit), "
+                                 f"got {type(val).__name__}")
+            out[k] = None if val is None else _no_nul(str(val), f"the value of {k}")
+        return out
+
+    @field_serializer("secrets")
+    def _s_secrets(self, v: dict[str, str | None]) -> dict[str, None]:
+        return {k: None for k in v}  # never the values: they are resolved again at submit
+
+    def resolved_secrets(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The secrets' values, a null one taken from ``environ`` (default: ``os.environ``); one that is
+        nowhere is a SpecError naming it."""
+        environ = os.environ if environ is None else environ
+        out = {}
+        for k, v in self.secrets.items():
+            if v is None:
+                if k not in environ:
+                    raise SpecError(f"secrets.{k}", f"has no value and {k} is not set in the environment of the "
+                                    "submitting process; export it (or give the value) before submitting")
+                v = environ[k]
+            out[k] = v
+        return out
+
     @field_validator("workdir", mode="before")
     @classmethod
     def _v_workdir(cls, v: Any) -> str | None:
@@ -570,6 +709,10 @@ class JobSpec(BaseModel):
                 "command" if self.command is None else "function",
                 "give exactly one of command (argv list or string) and function",
             )
+        both = sorted(set(self.env) & set(self.secrets))
+        if both:
+            raise SpecErrorSignal(f"secrets.{both[0]}", "is in env as well; give a variable in env or in secrets, "
+                                  "not both")
         if self.command is not None and (self.args or self.kwargs):
             raise SpecErrorSignal("args", "args and kwargs are for function jobs; put a command's arguments in its argv")
         return self
@@ -586,6 +729,8 @@ def _lift_resources(data: dict[str, Any]) -> dict[str, Any]:
         merged = base.model_dump()
         if "gpus" in flat and isinstance(flat["gpus"], str) and not flat["gpus"].strip().isdigit():
             merged.pop("gpu_type", None)
+        if any(k in flat for k in GPU_REQUEST_FIELDS) and "gpu_alternatives" not in flat:
+            merged.pop("gpu_alternatives", None)
         merged.update(flat)
     elif isinstance(base, Mapping):
         merged = {**base, **flat}

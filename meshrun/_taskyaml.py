@@ -7,25 +7,32 @@ backends simply ignore it.
 
     run                      -> command (a string, run by bash -c, byte for byte)
     setup                    -> setup (one shell script)
-    envs, secrets            -> env (a null value is taken from the submitter's environment)
-    workdir (a local path)   -> workdir
+    envs                     -> env (a null value from --env, else the submitter's environment)
+    secrets                  -> secrets (a null value, or a name of the list form, resolved at submit)
+    workdir (a local path)   -> workdir (relative to the current directory, as SkyPilot reads it)
     num_nodes                -> nodes
     file_mounts {dst: local} -> files {dst: local}; bucket/URL mounts stay in backend_options
-    resources.accelerators   -> gpus, gpu_type ("H100:8", {"H100": 8}); candidate lists stay in backend_options
+    resources.accelerators   -> gpus, gpu_type, gpu_alternatives (candidates, any_of/ordered, in order; a
+     (or resources.gpus)        fraction asks for a whole GPU); the original stays in backend_options
     resources.cpus "4+" / 4  -> cpus (an exact "4" is also kept in backend_options)
-    resources.memory "32+"   -> memory in GiB (a "4x" ratio stays in backend_options)
-    resources.disk_size      -> disk in GiB
+    resources.memory "32GB+" -> memory in GiB (a "4x" ratio stays in backend_options)
+    resources.disk_size      -> disk in GiB ("1024GB" too)
+    resources.image_id       -> image, for "docker:IMAGE" (and kept in backend_options)
     anything else            -> backend_options["skypilot"] (resource keys flat, other task keys under "task")
+
+``${VAR}``/``$VAR`` in workdir and file_mounts are filled from envs and inline secrets. docs/job-files.md
+has the whole mapping.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Mapping
 
 from ._errors import SpecError
-from ._spec import FILE_READERS, JobSpec
+from ._spec import JobSpec
 
 #: top-level keys of a SkyPilot task (its schema); the ones meshrun maps itself are handled below
 TASK_KEYS = (
@@ -33,15 +40,16 @@ TASK_KEYS = (
     "service", "config", "volumes", "volume_mounts", "event_callback", "inputs", "outputs", "pool",
     "file_mounts_mapping", "managed_secrets", "api_server_access",
 )
-#: keys of a SkyPilot ``resources`` section
+#: keys of a SkyPilot ``resources`` section (``gpus`` is its other name for ``accelerators``)
 RESOURCE_KEYS = (
-    "infra", "cloud", "region", "zone", "accelerators", "accelerator_args", "instance_type", "cpus",
+    "gpus", "infra", "cloud", "region", "zone", "accelerators", "accelerator_args", "instance_type", "cpus",
     "memory", "disk_size", "disk_tier", "network_tier", "use_spot", "job_recovery", "image_id", "ports",
     "labels", "any_of", "ordered", "autostop", "priority", "priority_class", "max_hourly_cost", "local_disk",
     "ephemeral_storage", "volumes",
 )
 _YAML_FIELD = {
     "nodes": "num_nodes", "gpus": "resources.accelerators", "gpu_type": "resources.accelerators",
+    "gpu_alternatives": "resources.accelerators",
     "cpus": "resources.cpus", "memory": "resources.memory", "disk": "resources.disk_size", "env": "envs",
     "command": "run", "files": "file_mounts", "setup": "setup", "name": "name", "workdir": "workdir",
 }
@@ -49,35 +57,57 @@ _MAPPED_TASK_KEYS = ("name", "workdir", "num_nodes", "resources", "envs", "secre
 _NUM = r"\d+(?:\.\d+)?"
 
 
-def spec_from_task_yaml(path: str | os.PathLike[str]) -> Any:
-    """The :class:`meshrun.JobSpec` described by the SkyPilot task YAML file at ``path``."""
+def load_documents(path: str | os.PathLike[str]) -> list[Any]:
+    """The YAML documents of a job file (empty ones left out); unreadable or invalid YAML is a SpecError."""
     try:
         import yaml
-    except ImportError:  # pragma: no cover - PyYAML comes with the SkyPilot backend
-        raise SpecError("", "reading a task YAML needs PyYAML: pip install pyyaml") from None
+    except ImportError:  # pragma: no cover - PyYAML is a dependency
+        raise SpecError("", "reading a job file needs PyYAML: pip install pyyaml") from None
 
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             docs = [d for d in yaml.safe_load_all(f) if d is not None]
     except OSError as e:
-        raise SpecError("", f"cannot read the task YAML {path}: {e.strerror or e}") from None
+        raise SpecError("", f"cannot read the job file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise SpecError("", f"{path} is not valid YAML: {e}") from None
     if not docs:
         raise SpecError("", f"{path} holds no task")
-    if len(docs) > 1:
-        raise SpecError("", f"{path} holds {len(docs)} YAML documents (a pipeline); meshrun runs one task per job")
-    base = os.path.dirname(os.path.abspath(path))
-    return spec_from_task_config(docs[0], base_dir=base, source=path)
+    return docs
+
+
+def specs_from_task_yaml(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> list[Any]:
+    """The jobs of a SkyPilot task YAML: one, or each task of a pipeline (a multi-document file whose first
+    document may hold only the pipeline's ``name``), in order. ``meshrun run`` runs a pipeline as a chain:
+    each task starts when the previous one succeeded."""
+    path = os.fspath(path)
+    docs = load_documents(path)
+    if len(docs) > 1 and isinstance(docs[0], Mapping) and set(docs[0]) <= {"name"}:
+        docs = docs[1:]  # the pipeline's own header
+    return [spec_from_task_config(d, source=path if len(docs) == 1 else f"task {i + 1} of {path}", env=env)
+            for i, d in enumerate(docs)]
+
+
+def spec_from_task_yaml(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Any:
+    """The :class:`meshrun.JobSpec` described by the SkyPilot task YAML file at ``path``."""
+    specs = specs_from_task_yaml(path, env=env)
+    if len(specs) > 1:
+        raise SpecError("", f"{os.fspath(path)} is a pipeline of {len(specs)} tasks (a multi-document YAML); a "
+                        "JobSpec is one task: run the chain with `meshrun run FILE` (each task starts when the "
+                        "previous one succeeded) or read them all with meshrun.JobSpec.pipeline_from_skypilot_yaml")
+    return specs[0]
 
 
 def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: str = "the task",
-                          environ: Mapping[str, str] | None = None) -> Any:
+                          environ: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Any:
     """The :class:`meshrun.JobSpec` of one SkyPilot task given as a mapping (a loaded task YAML).
 
-    Relative local paths (workdir, file mount sources) are taken relative to ``base_dir`` (the YAML's
-    folder), as SkyPilot does; null env/secret values come from ``environ`` (default: ``os.environ``)."""
+    As SkyPilot does: relative local paths (workdir, file mount sources) are taken from the current
+    directory (``base_dir`` overrides it), ``${VAR}``/``$VAR`` in paths are filled from the task's envs and
+    inline secrets. ``env`` (``meshrun run --env``) is merged over the task's envs; an env left null is
+    taken from ``environ`` (default: ``os.environ``). Secrets go to ``JobSpec.secrets``; a null secret (or
+    the list form's names) is resolved from the submitter's environment at submit."""
     if not isinstance(config, Mapping):
         raise SpecError("", f"{source} must be a mapping of task fields, got {type(config).__name__}")
     environ = os.environ if environ is None else environ
@@ -102,30 +132,17 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
     if setup is not None:
         fields["setup"] = [_text(setup, "setup")]
 
-    env: dict[str, str] = {}
-    for section in ("envs", "secrets"):
-        values = config.get(section)
-        if values is None:
-            continue
-        if not isinstance(values, Mapping):
-            raise SpecError(section, "must be a mapping of NAME: value")
-        for k, v in values.items():
-            if not isinstance(k, str):
-                raise SpecError(f"{section}.{k}", "names must be text")
-            if v is None:
-                if k not in environ:
-                    raise SpecError(f"{section}.{k}", f"has no value in {source} and {k} is not set in the "
-                                    "environment; give it a value or export it before running")
-                v = environ[k]
-            elif isinstance(v, bool) or not isinstance(v, (str, int, float)):
-                raise SpecError(f"{section}.{k}", f"the value must be text, got {type(v).__name__}")
-            env[k] = str(v)
-    if env:
-        fields["env"] = env
+    envs = _envs(config.get("envs"), env or {}, environ, source)
+    secrets = _secrets(config.get("secrets"))
+    if envs:
+        fields["env"] = envs
+    if secrets:
+        fields["secrets"] = secrets
+    known = {**envs, **{k: v for k, v in secrets.items() if v is not None}}  # what SkyPilot fills in paths
 
     workdir = config.get("workdir")
     if isinstance(workdir, str):
-        fields["workdir"] = _local(workdir, base_dir)
+        fields["workdir"] = _local(_fill(workdir, known), base_dir)
     elif workdir is not None:
         extra_task["workdir"] = workdir  # a git repository: SkyPilot fetches it itself
 
@@ -138,8 +155,9 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
             raise SpecError("file_mounts", "must be a mapping of remote path: source")
         files, others = {}, {}
         for dst, src in mounts.items():
+            dst = _fill(str(dst), known)
             if isinstance(src, str) and "://" not in src:
-                files[str(dst)] = _local(src, base_dir)
+                files[dst] = _local(_fill(src, known), base_dir)
             else:
                 others[dst] = src
         if files:
@@ -156,6 +174,9 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
             raise SpecError(f"resources.{unknown[0]}",
                             f"not a SkyPilot resources field; the fields are: {', '.join(RESOURCE_KEYS)}")
         _map_resources(res, fields, opts)
+        image = res.get("image_id")
+        if isinstance(image, str) and image.startswith("docker:"):
+            fields["image"] = image[len("docker:"):]  # container backends run it; SkyPilot keeps image_id
 
     if extra_task:
         opts["task"] = extra_task
@@ -168,20 +189,61 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
         raise SpecError(_YAML_FIELD.get(field, e.field), e.message, e.value) from None
 
 
+def _envs(values: Any, overrides: Mapping[str, str], environ: Mapping[str, str], source: str) -> dict[str, str]:
+    """The task's envs with ``overrides`` merged over them; a null value comes from ``environ``."""
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise SpecError("envs", "must be a mapping of NAME: value")
+    out: dict[str, str] = {}
+    for k, v in {**values, **overrides}.items():
+        if not isinstance(k, str):
+            raise SpecError(f"envs.{k}", "names must be text")
+        if v is None:
+            if k not in environ:
+                raise SpecError(f"envs.{k}", f"has no value in {source} and {k} is not set in the environment; "
+                                f"give it a value (--env {k}=...) or export it before running")
+            v = environ[k]
+        elif not isinstance(v, (str, int, float)):  # a bool too: SkyPilot writes it as True/False
+            raise SpecError(f"envs.{k}", f"the value must be text, got {type(v).__name__}")
+        out[k] = str(v)
+    return out
+
+
+def _secrets(values: Any) -> dict[str, str | None]:
+    """SkyPilot secrets: {NAME: value}, {NAME: null} or the list form [NAME, "secrets:NAME"]; a missing value
+    (null) is resolved from the submitter's environment at submit."""
+    if values is None:
+        return {}
+    if isinstance(values, list):
+        values = {v: None for v in values}
+    if not isinstance(values, Mapping):
+        raise SpecError("secrets", "must be a mapping of NAME: value or a list of names")
+    out: dict[str, str | None] = {}
+    for k, v in values.items():
+        if not isinstance(k, str):
+            raise SpecError(f"secrets.{k}", "names must be text")
+        name = k[len("secrets:"):] if k.startswith("secrets:") else k
+        if not isinstance(v, (str, int, float)) and v is not None:
+            raise SpecError(f"secrets.{k}", f"the value must be text, got {type(v).__name__}")
+        out[name] = None if v is None else str(v)
+    return out
+
+
+_VAR = re.compile(r"\$\{([a-zA-Z_][a-zA-Z0-9_]*)\}|\$([a-zA-Z_][a-zA-Z0-9_]*)")
+
+
+def _fill(text: str, known: Mapping[str, str]) -> str:
+    """``${VAR}`` and ``$VAR`` replaced by the task's envs (others left as written), as SkyPilot does."""
+    return _VAR.sub(lambda m: known.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
 def _map_resources(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[str, Any]) -> None:
+    res = _accelerators_alias(res, "resources")
     for k, v in res.items():
         if k not in ("accelerators", "cpus", "memory", "disk_size"):
             opts[k] = v
-    acc = res.get("accelerators")
-    if acc is not None:
-        parsed = _single_accelerator(acc)
-        if parsed is None:
-            opts["accelerators"] = acc  # candidates or a fraction: SkyPilot chooses
-            first = _first_count(acc)
-            if first:
-                fields["gpus"] = first
-        else:
-            fields["gpu_type"], fields["gpus"] = parsed
+    _map_gpus(res, fields, opts)
     cpus = res.get("cpus")
     if cpus is not None:
         text = str(cpus).strip()
@@ -194,52 +256,125 @@ def _map_resources(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[st
     mem = res.get("memory")
     if mem is not None:
         text = str(mem).strip()
-        m = re.fullmatch(rf"({_NUM})(\+?)", text)
-        if m and not isinstance(mem, bool):
-            fields["memory"] = f"{m.group(1)}GiB"
-            if not m.group(2):
-                opts["memory"] = text
-        elif re.fullmatch(rf"{_NUM}x", text):
-            opts["memory"] = text
+        if re.fullmatch(rf"{_NUM}x", text):
+            opts["memory"] = text  # a ratio to the CPUs: only SkyPilot can say it
         else:
-            raise SpecError("resources.memory", f"expected GiB such as 32 or '32+' (or a CPU ratio '4x'), got {mem!r}")
+            gib, plus = _gib(mem, "resources.memory", allow_plus=True)
+            fields["memory"] = f"{gib:g}GiB"
+            if not plus or not re.fullmatch(rf"{_NUM}\+", text):
+                opts["memory"] = text  # exactly this much (only SkyPilot can say it), or in SkyPilot's units
     disk = res.get("disk_size")
     if disk is not None:
-        if isinstance(disk, bool) or not isinstance(disk, (int, float, str)) or not re.fullmatch(_NUM, str(disk).strip()):
-            raise SpecError("resources.disk_size", f"expected a size in GiB such as 256, got {disk!r}")
-        fields["disk"] = f"{str(disk).strip()}GiB"
+        gib, _ = _gib(disk, "resources.disk_size", allow_plus=False)
+        fields["disk"] = f"{gib:g}GiB"
 
 
-def _single_accelerator(acc: Any) -> tuple[str, int] | None:
-    """(type, count) for one accelerator with a whole count ("H100:8", "H100", {"H100": 8}), else None."""
+#: SkyPilot's size units (its ``MEMORY_SIZE_UNITS``): a bare number is GiB, "GB" means GiB too
+_UNITS = {"kb": 2**-20, "ki": 2**-20, "mb": 2**-10, "mi": 2**-10, "gb": 1, "gi": 1, "tb": 2**10, "ti": 2**10,
+          "pb": 2**20, "pi": 2**20}
+
+
+def _gib(value: Any, field: str, *, allow_plus: bool) -> tuple[float, bool]:
+    """(GiB, whether "+" was given) of a SkyPilot size: 32, "32", "32+", "1024GB", "1TB", "32GB+"."""
+    text = str(value).strip()
+    m = re.fullmatch(rf"({_NUM})\s*([kmgtp][bi])?(\+?)", text, re.IGNORECASE)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not m or (m.group(3) and not allow_plus):
+        plus = " or '32GB+' for at least" if allow_plus else ""
+        raise SpecError(field, f"expected a size in GiB such as 256 or '1024GB' (units KB/MB/GB/TB/PB){plus}, "
+                        f"got {value!r}")
+    gib = float(m.group(1)) * _UNITS[(m.group(2) or "gb").lower()]
+    if gib <= 0:
+        raise SpecError(field, f"must be more than 0, got {value!r}")
+    return gib, bool(m.group(3))
+
+
+def _accelerators_alias(res: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """SkyPilot's ``gpus`` is another name for ``accelerators``."""
+    if "gpus" not in res:
+        return res
+    if res.get("accelerators") is not None:
+        raise SpecError(f"{where}.gpus", "give either gpus or accelerators (they are the same field), not both")
+    out = {k: v for k, v in res.items() if k != "gpus"}
+    out["accelerators"] = res["gpus"]
+    return out
+
+
+def _map_gpus(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[str, Any]) -> None:
+    """The GPU request: ``accelerators`` (one, a fraction or candidates) and those of ``any_of``/``ordered``,
+    as gpus/gpu_type plus ``gpu_alternatives`` in order of preference. A fraction asks other backends for a
+    whole GPU (they cannot share one); the original stays in backend_options for SkyPilot, which honours it."""
+    top = res.get("accelerators")
+    choices: list[tuple[str, float]] = []
+    groups = [(k, res[k]) for k in ("ordered", "any_of") if res.get(k) is not None]
+    if top is not None and (groups or not _single_whole(top)):
+        opts["accelerators"] = top  # alternatives that name none inherit it: SkyPilot gets it as written
+    if len(groups) > 1:
+        raise SpecError("resources.any_of", "give either any_of or ordered, not both")
+    if groups:
+        key, entries = groups[0]
+        if not isinstance(entries, list) or not entries:
+            raise SpecError(f"resources.{key}", "expected a list of resources alternatives")
+        lost = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise SpecError(f"resources.{key}[{i}]", "expected a mapping of resources fields")
+            entry = _accelerators_alias(entry, f"resources.{key}[{i}]")
+            acc = entry.get("accelerators", top)
+            if acc is None:
+                lost.append(i)
+            else:
+                choices.extend(_accelerator_list(acc, f"resources.{key}[{i}].accelerators"))
+        if lost and choices:
+            raise SpecError(f"resources.{key}[{lost[0]}]", "asks for no GPU while another alternative asks for "
+                            f"{choices[0][0]}; meshrun cannot offer a choice between GPUs and none: give every "
+                            "alternative its accelerators (or none of them)")
+    elif top is not None:
+        choices = _accelerator_list(top, "resources.accelerators")
+    if not choices:
+        return
+    whole = [f"{name}:{math.ceil(count)}" for name, count in choices]
+    fields["gpus"] = whole[0]
+    if len(set(whole)) > 1:
+        fields["gpu_alternatives"] = whole
+
+
+def _accelerator_list(acc: Any, field: str) -> list[tuple[str, float]]:
+    """SkyPilot accelerators as (name, count) in the order written: "H100:8", "H100", "T4:0.5", {"L4": 1,
+    "A10G": 1}, ["L4:1", "A10G"], and YAML's reading of a flow mapping ``{A10:1}`` ({"A10:1": None})."""
     if isinstance(acc, str):
-        name, _, text = acc.strip().partition(":")
-        text = text.strip() or "1"
-        if name and "," not in name and text.isdigit() and int(text) > 0:
-            return name.strip(), int(text)
-        return None
-    if isinstance(acc, Mapping) and len(acc) == 1:
-        (name, count), = acc.items()
-        if count is None:
-            count = 1
-        if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            return name, count
-    return None
+        name, sep, text = acc.strip().partition(":")
+        name, text = name.strip(), text.strip()
+        try:
+            count = float(text) if sep else 1.0
+        except ValueError:
+            count = -1.0
+        if not name or any(c in name for c in ",{}[] ") or not (count > 0 and math.isfinite(count)):
+            raise SpecError(field, f"expected a GPU such as 'H100:8', 'T4:0.5' or a mapping/list of candidates, "
+                            f"got {acc!r}")
+        return [(name, count)]
+    if isinstance(acc, Mapping) and acc:
+        out: list[tuple[str, float]] = []
+        for name, count in acc.items():
+            if count is None:
+                out.extend(_accelerator_list(str(name), field))
+            elif isinstance(count, bool) or not isinstance(count, (int, float)) or not count > 0:
+                raise SpecError(f"{field}.{name}", f"expected a GPU count such as 1 or 0.5, got {count!r}")
+            else:
+                out.extend(_accelerator_list(f"{name}:{count}", field))
+        return out
+    if isinstance(acc, list) and acc:
+        return [c for item in acc for c in _accelerator_list(item, field)]
+    raise SpecError(field, f"expected a GPU such as 'H100:8', a mapping {{L4: 1, A10G: 1}} or a list, got {acc!r}")
 
 
-def _first_count(acc: Any) -> int:
+def _single_whole(acc: Any) -> bool:
+    """One accelerator with a whole count ("H100:8", "H100", {"H100": 8}): exactly what gpus= says."""
     try:
-        if isinstance(acc, Mapping):
-            v = next(iter(acc.values()))
-        elif isinstance(acc, (list, tuple, set)):
-            first = next(iter(acc))
-            v = first.partition(":")[2] or 1 if isinstance(first, str) else 1
-        else:
-            return 0
-        n = int(float(v or 1))
-        return n if n >= 1 and float(v or 1) == n else 0
-    except (StopIteration, TypeError, ValueError):
-        return 0
+        got = _accelerator_list(acc, "resources.accelerators")
+    except SpecError:
+        return False
+    return len(got) == 1 and float(got[0][1]).is_integer() and (isinstance(acc, str) or
+                                                                 (isinstance(acc, Mapping) and None not in acc.values()))
 
 
 def _text(v: Any, field: str) -> str:
@@ -251,10 +386,8 @@ def _text(v: Any, field: str) -> str:
 
 
 def _local(path: Any, base_dir: str | None) -> str:
+    """A local path as SkyPilot reads it: ``~`` expanded, relative to the current directory (or ``base_dir``)."""
     path = os.path.expanduser(_text(path, "path"))
-    if base_dir and not os.path.isabs(path):
-        path = os.path.normpath(os.path.join(base_dir, path))
+    if not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(base_dir or os.getcwd(), path))
     return path
-
-
-FILE_READERS["skypilot"] = spec_from_task_yaml  # JobSpec.from_skypilot_yaml

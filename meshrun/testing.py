@@ -30,6 +30,21 @@ dist.destroy_process_group()
 """
 
 
+def load_script(name: str) -> Any:
+    """A program of the checkout's ``scripts/`` folder (e.g. ``import_corpus.py``) as a module, for tests
+    that run the same checks it does."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll ``pred`` until it returns something truthy (returned); fail with AssertionError after ``timeout``."""
     end = time.monotonic() + timeout

@@ -591,3 +591,21 @@ def test_one_placement_options_model_for_arguments_config_and_cli(tmp_path, regi
     # the CLI's flags are the same options (each flag's dest is the option's name)
     bad = cli("offers", "--offers-timeout", "-3", env={"MESHRUN_CONFIG": str(tmp_path / "none.toml")})
     assert bad.returncode == 2 and "offers_timeout" in bad.stderr, bad.stderr
+
+
+# ---- GPU alternatives: each ranked by its own price, the chosen one is what the job gets -------------------
+
+
+def test_gpu_alternatives_are_ranked_by_their_own_prices(fake_gpus):
+    fake_gpus(["NVIDIA L4", "NVIDIA A10G"])
+    spec = meshrun.JobSpec(command='echo "gpus=$CUDA_VISIBLE_DEVICES"', gpu_alternatives=["L4:1", "A10G:1"])
+    for l4, a10g, want in ((2.0, 0.5, "A10G"), (0.5, 2.0, "L4"), (1.0, 1.0, "L4")):  # a tie: the preferred one
+        meshrun.configure({"prices": {"L4": l4, "A10G": a10g}})
+        p = meshrun.plan(spec, backends=["local"])
+        assert p.chosen.gpu_type == want and p.chosen.detail["gpu_choice"] == f"{want}:1", (l4, a10g)
+        assert {o.gpu_type for o in p.offers} == {"L4", "A10G"}
+    meshrun.configure({"prices": {"L4": 2.0, "A10G": 0.5}})
+    job = meshrun.submit(spec, backends=["local"])
+    assert job.result(timeout=60) == 0
+    assert "gpus=1" in job.logs()  # the A10G, the cheaper alternative
+    assert json.loads((job.job_dir / "launch.json").read_text())["gpu_type"] == "A10G"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ def test_reader_does_not_import_sky():
 
 def test_full_task(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "tok")
+    monkeypatch.chdir(tmp_path)  # SkyPilot takes relative paths from the current directory
     (tmp_path / "src").mkdir()
     (tmp_path / "d.txt").write_text("x")
     y = tmp_path / "task.yaml"
@@ -51,7 +53,7 @@ def test_full_task(tmp_path, monkeypatch):
     assert spec.workdir == str(tmp_path / "src") and spec.nodes == 4
     assert spec.resources.gpus == 8 and spec.resources.gpu_type == "A100-80GB"
     assert spec.resources.cpus == 32 and spec.resources.memory is None and spec.resources.disk == 100 * 1024**3
-    assert spec.env == {"BATCH": "32", "HF_TOKEN": "tok", "WANDB_KEY": "abc"}
+    assert spec.env == {"BATCH": "32", "HF_TOKEN": "tok"} and spec.secrets == {"WANDB_KEY": "abc"}
     assert spec.files == {"/remote/d.txt": str(tmp_path / "d.txt")}
     opts = spec.options_for("skypilot")
     assert opts["cpus"] == "32" and opts["memory"] == "4x" and opts["infra"] == "aws/us-east-1"
@@ -65,23 +67,84 @@ def test_hostile_run_and_env_reach_the_spec_unchanged():
     assert spec.command == HOSTILE and spec.env == {"X": HOSTILE}
 
 
-@pytest.mark.parametrize("acc, gpus, gtype, kept", [
-    ("H100:8", 8, "H100", False),
-    ("H100", 1, "H100", False),
-    ({"L4": 2}, 2, "L4", False),
-    (["H100:8", "A100:8"], 8, None, True),
-    ({"A100": 8, "H100": 8}, 8, None, True),
-    ("T4:0.5", 0, None, True),
+@pytest.mark.parametrize("acc, gpus, gtype, alts, kept", [
+    ("H100:8", 8, "H100", (), False),
+    ("H100", 1, "H100", (), False),
+    ({"L4": 2}, 2, "L4", (), False),
+    ({"A10:1": None}, 1, "A10", (), True),  # YAML's reading of the flow mapping {A10:1}
+    (["H100:8", "A100:8"], 8, "H100", ("H100:8", "A100:8"), True),
+    ({"L4": 1, "A10G": 1}, 1, "L4", ("L4:1", "A10G:1"), True),
+    ("T4:0.5", 1, "T4", (), True),  # a whole GPU elsewhere; SkyPilot gets the fraction
+    ({"T4": 0.5, "L4": 0.25}, 1, "T4", ("T4:1", "L4:1"), True),
 ])
-def test_accelerators(acc, gpus, gtype, kept):
+def test_accelerators(acc, gpus, gtype, alts, kept):
     spec = spec_from_task_config({"run": "x", "resources": {"accelerators": acc}})
-    assert spec.resources.gpus == gpus and spec.resources.gpu_type == gtype
-    assert ("accelerators" in spec.options_for("skypilot")) is kept
+    assert (spec.resources.gpus, spec.resources.gpu_type, spec.resources.gpu_alternatives) == (gpus, gtype, alts)
+    assert (spec.options_for("skypilot").get("accelerators") == acc) is kept
+
+
+@pytest.mark.parametrize("res, first, alts", [
+    ({"gpus": "A10:1"}, "A10:1", ()),
+    ({"any_of": [{"accelerators": "A100:1"}, {"gpus": "H100:1"}]}, "A100:1", ("A100:1", "H100:1")),
+    ({"ordered": [{"accelerators": {"L4": 1, "A10G": 1}, "infra": "aws"}, {"accelerators": "T4:1"}]},
+     "L4:1", ("L4:1", "A10G:1", "T4:1")),
+    ({"accelerators": "A100:8", "any_of": [{"infra": "aws"}, {"infra": "gcp"}]}, "A100:8", ()),
+    ({"accelerators": "H100:1", "any_of": [{"accelerators": "A100:1"}, {"infra": "gcp"}]}, "A100:1",
+     ("A100:1", "H100:1")),  # the second inherits the top-level accelerators
+])
+def test_gpu_alternatives_from_any_of_and_ordered(res, first, alts):
+    spec = spec_from_task_config({"run": "x", "resources": res})
+    assert spec.resources.gpu_request == first and spec.resources.gpu_alternatives == alts
+
+
+def test_sizes_and_values_skypilot_accepts():
+    spec = spec_from_task_config({"run": "x", "resources": {"disk_size": "1024GB", "memory": "32GB+"},
+                                  "envs": {"FLAG": True, "N": 3}, "secrets": ["secrets:HF_TOKEN", "WANDB"]})
+    assert spec.resources.disk == 1024 * 1024**3 and spec.resources.memory == 32 * 1024**3
+    assert spec.env == {"FLAG": "True", "N": "3"}  # SkyPilot writes a bool as True/False
+    assert spec.secrets == {"HF_TOKEN": None, "WANDB": None}  # taken from the environment at submit
+    assert spec.options_for("skypilot")["memory"] == "32GB+"  # SkyPilot gets its own text back
+    assert spec_from_task_config({"run": "x", "secrets": None}).secrets == {}
+    spec = spec_from_task_config({"run": "x", "resources": {"memory": "1TB"}})
+    assert spec.resources.memory == 1024**4 and spec.options_for("skypilot")["memory"] == "1TB"
+
+
+def test_paths_like_skypilot(tmp_path, monkeypatch):
+    """Relative paths from the current directory, ~ expanded, ${VAR}/$VAR from envs and inline secrets."""
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_task_config({
+        "run": "x", "workdir": "./code-${SIZE}", "envs": {"SIZE": "7b"}, "secrets": {"B": "bkt"},
+        "file_mounts": {"/data/$SIZE": "data/${SIZE}.bin", "/ckpt": "s3://$B/ckpt", "/x/${NOPE}": "~/f"},
+        "resources": {"image_id": "docker:nvcr.io/nvidia/pytorch:24.01-py3"},
+    })
+    assert spec.workdir == str(tmp_path / "code-7b")
+    assert spec.files == {"/data/7b": str(tmp_path / "data" / "7b.bin"),
+                          "/x/${NOPE}": os.path.expanduser("~/f")}
+    assert spec.options_for("skypilot")["task"]["file_mounts"] == {"/ckpt": "s3://$B/ckpt"}  # SkyPilot fills it
+    assert spec.image == "nvcr.io/nvidia/pytorch:24.01-py3"
+    assert spec.options_for("skypilot")["image_id"] == "docker:nvcr.io/nvidia/pytorch:24.01-py3"
+
+
+def test_env_overrides_merge_and_fill_nulls(monkeypatch):
+    monkeypatch.delenv("MODEL", raising=False)
+    cfg = {"run": "x", "envs": {"MODEL": None, "KEEP": "1", "LR": "0.1"}}
+    spec = spec_from_task_config(cfg, env={"MODEL": "llama", "LR": "0.2"})
+    assert spec.env == {"MODEL": "llama", "KEEP": "1", "LR": "0.2"}
+    with pytest.raises(meshrun.SpecError) as e:
+        spec_from_task_config(cfg)
+    assert e.value.field == "envs.MODEL" and "--env MODEL=" in str(e.value)
 
 
 @pytest.mark.parametrize("config, field", [
     ({"run": "x", "bogus": 1}, "bogus"),
-    ({"run": "x", "resources": {"gpus": 1}}, "resources.gpus"),
+    ({"run": "x", "resources": {"gpus": "A10:1", "accelerators": "A10:1"}}, "resources.gpus"),
+    ({"run": "x", "resources": {"accelerators": "{L4:1, A10G:1}"}}, "resources.accelerators"),
+    ({"run": "x", "resources": {"accelerators": {"L4": "one"}}}, "resources.accelerators.L4"),
+    ({"run": "x", "resources": {"accelerators": "T4:0"}}, "resources.accelerators"),
+    ({"run": "x", "resources": {"ordered": [{"accelerators": "A100:1"}, {"infra": "gcp"}]}}, "resources.ordered[1]"),
+    ({"run": "x", "resources": {"disk_size": "1024GB+"}}, "resources.disk_size"),
+    ({"run": "x", "secrets": {"S": [1]}}, "secrets.S"),
+    ({"run": "x", "envs": {"S": "1"}, "secrets": {"S": "2"}}, "secrets.S"),
     ({"setup": "x"}, "run"),
     ({"run": ["a"]}, "run"),
     ({"run": "x", "envs": {"A": None}}, "envs.A"),
@@ -107,9 +170,11 @@ def test_file_errors(tmp_path):
     with pytest.raises(meshrun.SpecError, match="not valid YAML"):
         meshrun.JobSpec.from_skypilot_yaml(bad)
     two = tmp_path / "two.yaml"
-    two.write_text("run: a\n---\nrun: b\n")
-    with pytest.raises(meshrun.SpecError, match="pipeline"):
+    two.write_text("name: pipe\n---\nrun: a\n---\nrun: b\nresources: {accelerators: L4}\n")
+    with pytest.raises(meshrun.SpecError, match="pipeline of 2 tasks.*meshrun run FILE"):
         meshrun.JobSpec.from_skypilot_yaml(two)
+    first, second = meshrun.JobSpec.pipeline_from_skypilot_yaml(two)
+    assert first.command == "a" and second.command == "b" and second.resources.gpu_request == "L4:1"
 
 
 def test_a_task_yaml_runs_on_the_local_backend(tmp_path, monkeypatch):
@@ -138,3 +203,55 @@ def test_cli_runs_a_task_yaml(tmp_path, monkeypatch, capsys):
     (tmp_path / "t.yaml").write_text("name: from-yaml\nrun: echo hi from yaml > cli.txt\n")
     assert main(["run", "-b", "local", "t.yaml"]) == 0
     assert (tmp_path / "cli.txt").read_text() == "hi from yaml\n"
+
+
+def test_cli_flags_after_the_file_and_env_merging(tmp_path, monkeypatch):
+    """`meshrun run t.yaml --env K=V` (SkyPilot's order): the flags apply, --env merges and fills nulls."""
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FILLED", raising=False)
+    (tmp_path / "t.yaml").write_text("envs: {KEEP: kept, OVER: file, FILLED: null}\n"
+                                     "run: echo \"$KEEP $OVER $FILLED\" > env.txt\n")
+    assert main(["run", "-b", "local", "t.yaml", "--env", "OVER=cli", "-e", f"FILLED={HOSTILE}"]) == 0
+    assert (tmp_path / "env.txt").read_text() == f"kept cli {HOSTILE}\n"
+    assert main(["run", "--env", "FILLED=x", "t.yaml", "-b", "local", "--name", "named"]) == 0
+    assert (tmp_path / "env.txt").read_text() == "kept file x\n"
+    assert main(["run", "-b", "local", "t.yaml"]) == 2  # FILLED is nowhere: refused, naming it
+
+
+def test_cli_runs_a_pipeline_as_a_chain(tmp_path, monkeypatch, capsys):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("name: pipe\n---\nrun: echo one >> chain.txt\n---\nrun: exit 3\n---\n"
+                                     "run: echo three >> chain.txt\n")
+    assert main(["run", "-b", "local", "p.yaml"]) == 3
+    assert (tmp_path / "chain.txt").read_text() == "one\n"  # the third never started
+    assert "1 task(s) not started" in capsys.readouterr().err
+    assert main(["run", "-d", "-b", "local", "p.yaml"]) == 2  # a chain needs meshrun to start each in turn
+
+
+def test_cli_runs_a_dstack_task(tmp_path, monkeypatch):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FROM_SUBMITTER", "yes")
+    (tmp_path / ".dstack.yml").write_text("type: task\nenv: [FROM_SUBMITTER, B=2]\n"
+                                          "commands:\n  - echo $FROM_SUBMITTER > d.txt\n  - echo $B >> d.txt\n")
+    assert main(["run", ".dstack.yml", "-b", "local"]) == 0
+    assert (tmp_path / "d.txt").read_text() == "yes\n2\n"
+
+
+def test_cli_show_prints_what_meshrun_reads_without_secret_values(tmp_path, monkeypatch, capsys):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text("resources: {accelerators: {L4: 1, A10G: 1}}\nsecrets: {TOK: s3cr3t-value}\n"
+                                     "run: echo hi\n")
+    assert main(["show", "t.yaml"]) == 0
+    out = capsys.readouterr().out
+    spec = meshrun.JobSpec.from_json(out)
+    assert spec.resources.gpu_alternatives == ("L4:1", "A10G:1") and spec.secrets == {"TOK": None}
+    assert "s3cr3t-value" not in out
+    assert main(["show", "--native", "-b", "local", "t.yaml"]) == 2  # the local backend has nothing to show

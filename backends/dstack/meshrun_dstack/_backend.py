@@ -221,6 +221,17 @@ class DstackBackend(mb.Backend):
             offer = offer.rejected(f"dstack says {_UNAVAILABLE_WHY.get(availability, availability)}")
         return offer
 
+    def native(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
+        """The run spec dstack's server would get (file archives shown by their paths)."""
+        import yaml
+
+        spec = submission.spec
+        options = _translate.parse_options(spec)
+        conf = self._configuration(spec, job_id=submission.job_id,
+                                   name=_translate.run_name(submission.job_id, submission.attempt), options=options,
+                                   remote_job_dir=f"{self.settings.remote_dir}/{submission.job_id}", offer=offer)
+        return str(yaml.safe_dump(_translate.run_spec(conf), sort_keys=False, allow_unicode=True))
+
     def submit(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
         spec = submission.spec
         options = _translate.parse_options(spec)

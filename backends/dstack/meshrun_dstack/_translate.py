@@ -79,6 +79,7 @@ class DstackOptions(mb.BackendOptions):
     fleets: Optional[List[str]] = None
     reservation: Optional[str] = None
     shm_size: Optional[str] = None
+    resources: Optional[dict] = None  # a dstack ``resources`` section, as written (from a dstack file)
     priority: Optional[int] = Field(None, ge=0, le=100)
     working_dir: Optional[str] = None
     user: Optional[str] = None
@@ -186,6 +187,13 @@ def gpu_spec(r: Any) -> dict[str, Any]:
 
 
 def resources_spec(r: Any, options: Any) -> dict[str, Any]:
+    """dstack ``resources`` for the spec's resources (minimums); ``backend_options.dstack.resources`` (a
+    dstack file's own section, kept by ``JobSpec.from_dstack_yaml``) is given to dstack as written."""
+    if options.resources is not None:
+        given: dict[str, Any] = dict(options.resources)
+        if options.shm_size and "shm_size" not in given:
+            given["shm_size"] = options.shm_size
+        return given
     res: dict[str, Any] = {"gpu": gpu_spec(r)}
     if r.cpus:
         res["cpu"] = {"count": {"min": max(1, math.ceil(r.cpus))}}

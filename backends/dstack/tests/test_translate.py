@@ -310,3 +310,43 @@ def test_multi_node_contract_from_dstacks_variables(tmp_path):
 def test_shlex_quoting_is_what_is_sent():
     conf, _ = translate(spec(command=["echo", "a b"]))
     assert conf["commands"][-1] == shlex.join(["echo", "a b"])
+
+
+# ---- dstack task files read by meshrun (tests/data/jobfiles/dstack) go back to dstack intact -------------
+
+_JOBFILES = __import__("pathlib").Path(__file__).resolve().parents[3] / "tests" / "data" / "jobfiles" / "dstack"
+
+
+@pytest.mark.parametrize("path", sorted(_JOBFILES.glob("*.dstack.y*ml")), ids=lambda p: p.name)
+def test_an_imported_dstack_task_translates_back_into_a_valid_run_spec(path, monkeypatch):
+    import yaml
+
+    from meshrun._dstackyaml import spec_from_dstack_config
+
+    doc = yaml.safe_load(path.read_text())
+    names = [e for e in doc.get("env") or [] if isinstance(e, str) and "=" not in e]
+    try:
+        s = spec_from_dstack_config(doc, base_dir=str(path.parent), env={n: "x" for n in names})
+    except meshrun.SpecError as e:
+        assert e.field in ("ports", "nvcc", "resources.gpu"), e  # refused by name: tests/test_jobfiles.py
+        return
+    conf, rs = translate(s)
+    assert conf["commands"][-1] == tr.user_commands(s)[-1]
+    ours = {k: v for k, v in rs.configuration.model_dump().items() if k in ("python", "spot_policy", "image")}
+    theirs = RunSpec.model_validate({"configuration": doc}).configuration.model_dump()
+    for k, v in ours.items():
+        assert v == theirs[k], k
+    assert rs.configuration.resources == RunSpec.model_validate(
+        {"configuration": {**doc, "env": {}}}).configuration.resources  # dstack reads its own section back
+
+
+def test_show_native_prints_the_run_spec(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dstack.yml").write_text("type: task\ncommands: [python train.py]\nresources: {gpu: A100:2}\n")
+    assert main(["show", "--native", "-b", "dstack", ".dstack.yml"]) == 0
+    rs = RunSpec.model_validate(yaml.safe_load(capsys.readouterr().out))
+    assert rs.configuration.resources.gpu.count.min == 2 and rs.configuration.resources.gpu.name == ["A100"]

@@ -245,6 +245,15 @@ class KubernetesBackend(mb.Backend):
         return m, files
 
     # ---- submit -------------------------------------------------------------------------------------
+    def native(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
+        """The manifests the API server would get: the workload and, for several nodes, its Service (a
+        function job's Secret, which holds its pickled payload, is left out)."""
+        import yaml
+
+        m, _ = self.render(submission, offer, nonce="0" * 32)
+        docs = [m.workload] + ([m.service] if m.service is not None else [])
+        return str(yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True))
+
     def submit(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
         from ._client import KubeApiError
 

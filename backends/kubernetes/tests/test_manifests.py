@@ -294,3 +294,18 @@ def test_ttl_and_cluster_domain(make_submission, k8s_valid):
     m2, _, _ = render(spec.replace(backend_options={}), make_submission, ttl_after_finished=60)
     assert m2.workload["spec"]["ttlSecondsAfterFinished"] == 60
     k8s_valid(m2.workload)
+
+
+def test_show_native_prints_the_manifests_without_a_cluster(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MESHRUN_KUBERNETES_NAMESPACE", "ml")
+    (tmp_path / "t.yaml").write_text('resources: {accelerators: L4:1, image_id: "docker:python:3.11-slim"}\n'
+                                     "num_nodes: 2\nrun: echo hi\n")
+    assert main(["show", "--native", "-b", "kubernetes", "t.yaml"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["Job", "Service"]
+    assert docs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "python:3.11-slim"

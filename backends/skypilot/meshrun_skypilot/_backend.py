@@ -109,7 +109,7 @@ def _msg(e: BaseException) -> str:
 class SkyPilotBackend(Backend):
     name = NAME
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
-                | Feature.REATTACH | Feature.SPOT)
+                | Feature.REATTACH | Feature.SPOT | Feature.SECRETS)
     install_hint = mb.install_hint("skypilot")
     settings_model = SkyPilotSettings
     def __init__(self, config: Mapping[str, Any] | None = None):
@@ -346,6 +346,16 @@ class SkyPilotBackend(Backend):
         if not res:
             cfg.pop("resources")
         return _task.build_task(cfg)
+
+    def native(self, submission: Submission, offer: Offer | None = None) -> str:
+        """The task YAML SkyPilot would get (validated by SkyPilot; secret values redacted)."""
+        import yaml
+
+        cfg = self.task_for(submission, offer).to_yaml_config()
+        if cfg.get("secrets"):
+            cfg["secrets"] = {k: "<redacted>" for k in cfg["secrets"]}
+        cfg.pop("_user_specified_yaml", None)
+        return str(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
     def submit(self, submission: Submission, offer: Offer | None = None) -> str:
         spec = submission.spec

@@ -111,6 +111,8 @@ def task_config(spec: Any) -> dict[str, Any]:
         cfg["resources"] = res
     if spec.env:
         cfg["envs"] = dict(spec.env)
+    if spec.secrets:
+        cfg["secrets"] = {k: None for k in spec.secrets}  # names only: the values are never written
     mounts = {remote_target(k): v for k, v in spec.files.items()}
     extra = dict(opts.get("task") or {})
     if isinstance(extra.get("file_mounts"), Mapping):
@@ -223,6 +225,8 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
         cfg["resources"] = res
     if spec.env:
         cfg["envs"] = dict(spec.env)
+    if spec.secrets:
+        cfg["secrets"] = submission.secrets  # SkyPilot's own secrets: redacted in everything it shows
     mounts = {remote_target(k): v for k, v in spec.files.items()}
     extra = dict(opts.get("task") or {})
     if isinstance(extra.get("file_mounts"), Mapping):
@@ -238,13 +242,16 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
 
 def build_task(config: Mapping[str, Any]) -> Any:
     """A ``sky.Task`` from a task config, through SkyPilot's own schema validation (``from_yaml_config``).
-    Invalid fields become :class:`meshrun.SpecError`."""
+    Invalid fields become :class:`meshrun.SpecError`. ``config`` is left as it was (SkyPilot rewrites the
+    mapping it reads, nested parts included, so it reads a deep copy)."""
+    import copy
+
     import sky
     from sky import exceptions as sky_exc
 
     try:
-        return sky.Task.from_yaml_config(dict(config))
-    except (sky_exc.InvalidSkyPilotConfigError, ValueError, TypeError) as e:
+        return sky.Task.from_yaml_config(copy.deepcopy(dict(config)))
+    except (sky_exc.InvalidSkyPilotConfigError, ValueError, TypeError, AssertionError) as e:
         raise meshrun.SpecError("backend_options.skypilot", f"SkyPilot rejects the task: {_first_line(e)}") from e
 
 

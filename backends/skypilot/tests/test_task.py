@@ -77,6 +77,7 @@ def test_command_list_becomes_a_quoted_run(sky_home):
 
 def test_yaml_file_to_spec_to_task(tmp_path, sky_home, monkeypatch):
     monkeypatch.setenv("TOKEN_FROM_ENV", HOSTILE)
+    monkeypatch.chdir(tmp_path)  # relative paths are from the current directory, as SkyPilot reads them
     (tmp_path / "code").mkdir()
     y = tmp_path / "task.yaml"
     y.write_text(
@@ -112,6 +113,52 @@ def test_yaml_file_to_spec_to_task(tmp_path, sky_home, monkeypatch):
     assert back["run"].startswith("torchrun") and back["setup"] == "pip install torch\n"
     assert back["file_mounts"]["/data"] == "s3://bucket/data"
     assert back["resources"]["job_recovery"]["max_restarts_on_errors"] == 2
+
+
+def test_build_task_leaves_its_config_alone(sky_home):
+    cfg = {"run": "x", "resources": {"gpus": "A10:1", "any_of": [{"infra": "aws"}, {"infra": "gcp"}]},
+           "envs": {"A": "1"}, "secrets": {"S": "v"}}
+    before = json.loads(json.dumps(cfg))
+    first = _task.build_task(cfg)
+    assert cfg == before
+    second = _task.build_task(cfg)
+    assert [r.accelerators for r in first.resources] == [r.accelerators for r in second.resources]
+
+
+def test_gpu_candidates_and_fractions_reach_skypilot_unchanged(sky_home):
+    """A candidate set or fraction stays SkyPilot's to choose from: the task equals SkyPilot's own parse."""
+    for res in ({"accelerators": {"L4": 1, "A10G": 1}}, {"accelerators": "T4:0.5"},
+                {"ordered": [{"accelerators": "A100:1", "infra": "aws"}, {"accelerators": "H100:1"}]},
+                {"gpus": {"A10:1": None}},
+                {"accelerators": "H100:1", "any_of": [{"accelerators": "A100:1"}, {"infra": "gcp"}]}):
+        cfg = {"run": "x", "resources": res}
+        spec = spec_from_task_config(cfg)
+        assert spec.resources.gpus >= 1
+        ours = sorted(str(r) for r in _task.build_task(_task.task_config(spec)).resources)
+        theirs = sorted(str(r) for r in _task.build_task(cfg).resources)
+        assert ours == theirs, res
+
+
+def test_secrets_stay_skypilot_secrets(sky_home, meshrun_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("FROM_ENV", "env-secret-value")
+    spec = meshrun.JobSpec(command="echo hi", gpus="L4:1", secrets={"TOKEN": "inline-secret-value", "FROM_ENV": None})
+    assert _task.task_config(spec)["secrets"] == {"TOKEN": None, "FROM_ENV": None}  # the portable file: names
+    from meshrun._scheduler import prepare
+    from meshrun._store import get_store
+
+    store = get_store()
+
+    sub = prepare(spec, store=store, backend="skypilot").submission
+    cfg = _task.launch_config(sub)
+    assert cfg["secrets"] == {"TOKEN": "inline-secret-value", "FROM_ENV": "env-secret-value"}
+    assert "TOKEN" not in cfg.get("envs", {})
+    task = _task.build_task(cfg)
+    shown = task._to_yaml_config(redact_secrets=True)  # SkyPilot's redacted view
+    assert shown["secrets"] == {"TOKEN": "<redacted>", "FROM_ENV": "<redacted>"} and "envs" not in shown
+    assert "secret-value" not in json.dumps(task.to_yaml_config(use_user_specified_yaml=True))
+    for p in sub.job_dir.rglob("*"):
+        if p.is_file():
+            assert b"secret-value" not in p.read_bytes(), p
 
 
 def test_unknown_option_lists_the_valid_ones():
@@ -316,3 +363,19 @@ def test_too_large_a_job_is_refused(tmp_path, meshrun_home):
     with pytest.raises(meshrun.SpecError) as e:
         _task.launch_config(sub, max_inline_bytes=32 * 1024)
     assert "files=" in str(e.value)
+
+
+def test_show_native_prints_the_task_skypilot_would_get(sky_home, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text("resources: {accelerators: {L4: 1, A10G: 1}, memory: 32GB+}\n"
+                                     "secrets: {TOK: s3cr3t-value}\nrun: echo hi\n")
+    assert main(["show", "--native", "-b", "skypilot", "t.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t-value" not in out
+    task = yaml.safe_load(out)
+    assert task["secrets"] == {"TOK": "<redacted>"}
+    assert sorted(json.dumps(r["accelerators"]) for r in task["resources"]["any_of"]) == ['{"A10G": 1}', '{"L4": 1}']

@@ -22,7 +22,7 @@ import meshrun
 import meshrun.backend as mb
 
 from . import _states as S
-from ._options import BACKEND, JobOptions, SlurmOptions, SlurmSettings, job_options
+from ._options import BACKEND, JobOptions, SlurmOptions, SlurmSettings, job_options, user_comment
 from ._runner import LocalRunner, SSHRunner
 from ._script import ArrayPart, BatchJob, directives, render_script
 
@@ -388,7 +388,7 @@ class SlurmBackend(mb.Backend):
     def offers(self, spec: Any) -> list[mb.Offer]:
         """One offer per partition the job may use: whether it can ever fit there (sinfo: nodes, CPUs,
         memory, GPUs, time limit), and when Slurm would start it (``sbatch --test-only``)."""
-        opts = job_options(spec.options_for(BACKEND), self.settings)
+        opts = job_options(spec.options_for(BACKEND), self.settings, spec=spec)
         cluster = self.cluster_name()
         groups = self._node_groups()
         names: list[str] = []
@@ -559,6 +559,17 @@ class SlurmBackend(mb.Backend):
     # ------------------------------------------------------------------------------------------------
     # contract: submit
 
+    def native(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
+        """The batch script sbatch would get (``#SBATCH`` lines and all)."""
+        spec = submission.spec
+        opts = job_options(spec.options_for(BACKEND), self.settings, spec=spec)
+        cluster_dir = self._cluster_dir(submission.job_dir)
+        job = self._batch_job(spec, opts, offer, job_name=submission.name, workdir=cluster_dir, job_dir=cluster_dir)
+        try:
+            return render_script(job)
+        except ValueError as e:
+            raise _render_error(e) from None
+
     def _prepare_launch(self, sub: mb.Submission) -> dict[str, Any]:
         launch = dict(sub.launch)
         launch["lease"] = False  # Slurm hands out the GPUs ...
@@ -646,7 +657,7 @@ class SlurmBackend(mb.Backend):
 
     def submit(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
         spec = submission.spec
-        opts = job_options(spec.options_for(BACKEND), self.settings)
+        opts = job_options(spec.options_for(BACKEND), self.settings, spec=spec)
         if self.settings.api == "rest":
             return self.rest_submit(submission, offer, opts)
         self._prepare_launch(submission)
@@ -659,7 +670,7 @@ class SlurmBackend(mb.Backend):
         self._write_local(submission.job_dir / SCRIPT, script.encode(), 0o700)
         self._stage(submission.job_dir, cluster_dir, [f.name for f in submission.files()] + [SCRIPT], spec,
                     submission.launch.get("local_cwd"))
-        slurm_id = self._sbatch(f"{cluster_dir}/{SCRIPT}", _comment(spec.display_name))
+        slurm_id = self._sbatch(f"{cluster_dir}/{SCRIPT}", _comment(spec.display_name, opts))
         now = time.time()
         self._remember(slurm_id, {"job_id": submission.job_id, "job_dir": str(submission.job_dir),
                                   "cluster_dir": cluster_dir, "nodes": spec.resources.nodes, "submitted_at": now})
@@ -683,7 +694,7 @@ class SlurmBackend(mb.Backend):
 
     def _submit_one_array(self, subs: Sequence[mb.Submission], offer: mb.Offer | None) -> list[str]:
         spec = subs[0].spec
-        opts = job_options(spec.options_for(BACKEND), self.settings)
+        opts = job_options(spec.options_for(BACKEND), self.settings, spec=spec)
         if len(subs) == 1:
             return [self.submit(subs[0], offer)]
         token = f"{subs[0].job_id}-{len(subs)}"
@@ -710,7 +721,7 @@ class SlurmBackend(mb.Backend):
             raise _render_error(e) from None
         self._write_local(array_dir / SCRIPT, script.encode(), 0o700)
         self._stage(array_dir, cluster_array, ["tasks", SCRIPT])
-        comment = _comment(f"{spec.display_name} x{len(subs)}")
+        comment = _comment(f"{spec.display_name} x{len(subs)}", opts)
         if self.settings.api == "rest":
             array_id = self.rest.submit(job, script, comment=comment)
             with self._lock:
@@ -1072,7 +1083,7 @@ class SlurmBackend(mb.Backend):
         except ValueError as e:
             raise _render_error(e) from None
         self._write_local(sub.job_dir / SCRIPT, script.encode(), 0o700)
-        slurm_id = self.rest.submit(job, script, comment=_comment(sub.spec.display_name))
+        slurm_id = self.rest.submit(job, script, comment=_comment(sub.spec.display_name, opts))
         with self._lock:
             self._squeue_at = -1e9
         now = time.time()
@@ -1144,9 +1155,12 @@ def _private(path: Path, *, is_dir: bool) -> bool:
     return kind and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _comment(name: str) -> str | None:
+def _comment(name: str, opts: JobOptions) -> str | None:
     """The job's display name for squeue's comment column (one line; the name itself reaches the job
-    unchanged through launch.json)."""
+    unchanged through launch.json); none when the user's sbatch options carry their own --comment, which
+    is kept (meshrun finds its jobs by their job name, not the comment)."""
+    if user_comment(opts):
+        return None
     flat = " ".join(str(name).split())
     return flat[:200] or None
 

@@ -91,7 +91,7 @@ def _sbatch_args(value: Any, where: str) -> list[str]:
         for i, a in enumerate(value):
             if not isinstance(a, str):
                 raise ValueError(f"{where}[{i}] must be text such as '--exclusive', got {type(a).__name__}")
-            items.append(a)
+            items.append(_one_word(a))
     else:
         raise ValueError(f"{where} must be a list of sbatch options, got {type(value).__name__}")
     for i, a in enumerate(items):
@@ -118,6 +118,65 @@ def _sbatch_args(value: Any, where: str) -> list[str]:
                 f"folder); those options are: {', '.join(o for o in RESERVED_SBATCH if o.startswith('--'))}"
             )
     return items
+
+
+_SPACED = re.compile(r"^(?P<opt>-[A-Za-z]|--[A-Za-z][A-Za-z0-9-]*)\s+(?P<value>\S.*)$", re.DOTALL)
+
+
+def _one_word(item: str) -> str:
+    """An option and its value written with a space in one item ("-p debug", "--mail-type END"), as sbatch
+    would read them from a command line: one word each ("-pdebug", "--mail-type=END")."""
+    m = _SPACED.match(item.strip())
+    if not m:
+        return item
+    opt, value = m.group("opt"), m.group("value").strip()
+    return f"{opt}={value}" if opt.startswith("--") else f"{opt}{value}"
+
+
+def _option_name(item: str) -> str:
+    """The long name an sbatch item sets ("--mem-per-gpu", "--time"), short ones (-t) spelt out."""
+    name = item.split("=", 1)[0]
+    return {"-t": "--time"}.get(name[:2], name) if not name.startswith("--") else name
+
+
+def _sets(items: tuple[str, ...], *longs: str, least: int = 4) -> list[str]:
+    """The items that set one of the long options ``longs`` (sbatch takes an unambiguous prefix)."""
+    out = []
+    for a in items:
+        name = _option_name(a)
+        if name.startswith("--") and len(name) >= least and any(o.startswith(name) for o in longs):
+            out.append(a)
+    return out
+
+
+_MEMORY_OPTIONS = ("--mem", "--mem-per-cpu", "--mem-per-gpu")
+
+
+def check_against_spec(opts: "JobOptions", spec: Any) -> None:
+    """What sbatch would refuse, or write twice, refused now with the fields named: memory given by the
+    job's ``memory`` and an sbatch memory option (or two of those options), and a time limit given twice."""
+    where = "backend_options.slurm.sbatch"
+    mems = []
+    for a in opts.sbatch:
+        name = _option_name(a)
+        exact = [o for o in _MEMORY_OPTIONS if o == name]
+        if exact or (len(name) > len("--mem") and any(o.startswith(name) for o in _MEMORY_OPTIONS)):
+            mems.append(a)
+    if spec.resources.memory and mems:
+        raise meshrun.SpecError(where, f"{mems[0]!r} sets the job's memory, and so does memory=; sbatch takes one "
+                                "of --mem, --mem-per-cpu and --mem-per-gpu: leave out memory= or the option")
+    if len(mems) > 1:
+        raise meshrun.SpecError(where, f"{mems[0]!r} and {mems[1]!r} are mutually exclusive in sbatch; keep one")
+    times = [a for a in opts.sbatch if _option_name(a) in ("--time", "--ti", "--tim")]
+    if times and (spec.time_limit or opts.time):
+        given = "time_limit" if spec.time_limit else "backend_options.slurm.time"
+        raise meshrun.SpecError(where, f"{times[0]!r} sets the time limit, and so does {given}; give it once "
+                                "(time_limit also tells the job's own watchdog)")
+
+
+def user_comment(opts: "JobOptions") -> bool:
+    """Whether the sbatch options carry the user's own --comment (then meshrun writes none)."""
+    return bool(_sets(opts.sbatch, "--comment", least=5))
 
 
 def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
@@ -318,9 +377,10 @@ class JobOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None) -> JobOptions:
+def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None, *, spec: Any = None) -> JobOptions:
     """``backend_options["slurm"]`` validated by :class:`SlurmOptions` (a :class:`meshrun.SpecError` naming
-    the key), over the settings' defaults."""
+    the key), over the settings' defaults; with the ``spec``, also what its fields and the sbatch options say
+    twice or in conflict (:func:`check_against_spec`)."""
     given = SlurmOptions.load(BACKEND, spec_options)
     out: dict[str, Any] = {}
     if settings is not None:
@@ -330,4 +390,7 @@ def job_options(spec_options: Mapping[str, Any] | None, settings: Any = None) ->
     for k in given.model_fields_set - {"sbatch"}:
         out[k] = getattr(given, k)
     out["sbatch"] = tuple(out.get("sbatch") or ()) + tuple(given.sbatch)
-    return JobOptions(**out)
+    result = JobOptions(**out)
+    if spec is not None:
+        check_against_spec(result, spec)
+    return result

@@ -340,6 +340,11 @@ def test_requeued_job_runs_again_and_reports_the_second_run(slurm):
 
 def test_find_by_name_when_the_id_is_unknown(slurm, meshrun_home):
     job = meshrun.run(["sleep", "30"], backend="slurm")
+    _found_by_name_alone(job, meshrun_home)
+
+
+def _found_by_name_alone(job, meshrun_home):
+    """A fresh backend that knows nothing of the job (its id records removed) finds it, sees it, cancels it."""
     bid = job.backend_id
     (meshrun_home / "slurm" / "ids" / f"{bid}.json").unlink()
     (job.job_dir / "slurm.json").unlink()
@@ -447,3 +452,11 @@ def test_slurm_enforced_time_limit_reports_timeout(slurm_timeout_job, monkeypatc
     with pytest.raises(meshrun.JobTimeout):
         job.result()
     assert "TIME LIMIT" in job.logs()
+
+
+def test_the_users_comment_is_kept_and_the_job_still_found(slurm, meshrun_home):
+    job = meshrun.run(["sleep", "30"], backend="slurm",
+                      backend_options={"slurm": {"sbatch": ["--comment my own note"]}})
+    p = slurm._run(["squeue", "--noheader", "-j", job.backend_id, "--format=%k"], check=False)
+    assert p.stdout.strip() == "my own note"
+    _found_by_name_alone(job, meshrun_home)

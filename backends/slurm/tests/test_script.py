@@ -154,3 +154,13 @@ def test_options_flow_into_directives():
     d = directives(job)
     assert "--partition=gpu,gpu-long" in d and "--mail-type=END" in d and "--exclusive" in d
     assert "--time=02:00:00" in d and "--time=00:01:00" not in d  # Slurm's own limit wins when given
+
+
+def test_show_native_prints_the_batch_script(tmp_path, monkeypatch, capsys):
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text("resources: {accelerators: {L4: 1, A10G: 1}, memory: 32GB+}\nrun: echo hi\n")
+    assert main(["show", "--native", "-b", "slurm", "t.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --gres=gpu:L4:1" in out and "#SBATCH --mem=32768M" in out  # the first alternative

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Import every SkyPilot task YAML and dstack task configuration under the given folders, and count.
+
+    python scripts/import_corpus.py PATH [PATH ...] [--json] [--verbose]
+
+For each YAML file: a dstack configuration (it has a ``type``) is read with ``JobSpec.from_dstack_yaml``
+(and, when the ``dstack`` package is installed, with dstack's own parser); anything else that looks like a
+SkyPilot task is read with SkyPilot's own offline parser (``sky.Task.from_yaml_config``, each document of a
+pipeline) and with ``meshrun``'s importer. It prints:
+
+- how many files SkyPilot (or dstack) itself accepts, how many meshrun imports, and the reasons it refuses
+  the others (grouped by the field named);
+- GPU requests lost: a task SkyPilot/dstack gives accelerators that meshrun's spec has no GPU for, or a GPU
+  type SkyPilot would consider that the spec names nowhere. This must be 0;
+- for SkyPilot files: whether the task meshrun's SkyPilot backend builds from the spec
+  (``build_task(task_config(spec))``) equals SkyPilot's own parse of the original (resources, nodes, envs,
+  secrets' names, run, setup).
+
+Null envs get a placeholder value (as ``--env NAME=...`` would give them); paths are not checked. The
+checks are the ones tests/test_jobfiles.py runs over the vendored sample in tests/data/jobfiles/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent.parent
+for sub in ("", "backends/skypilot", "backends/dstack"):
+    p = str(HERE / sub) if sub else str(HERE)
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import yaml  # noqa: E402
+
+import meshrun  # noqa: E402
+from meshrun._dstackyaml import is_dstack_config, spec_from_dstack_config  # noqa: E402
+from meshrun._taskyaml import TASK_KEYS, spec_from_task_config  # noqa: E402
+
+PLACEHOLDER = "placeholder"
+
+
+def yaml_files(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            out.append(p)
+        else:
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml") and f.is_file()
+                              and ".git" not in f.parts))
+    return out
+
+
+def load(path: Path) -> list[Any] | None:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return None
+    return docs or None
+
+
+def looks_like_skypilot(docs: list[Any]) -> bool:
+    tasks = docs[1:] if len(docs) > 1 and isinstance(docs[0], dict) and set(docs[0]) <= {"name"} else docs
+    return all(isinstance(d, dict) and d and set(d) <= set(TASK_KEYS) | {"_metadata"} for d in tasks) and any(
+        "run" in d or "setup" in d or "resources" in d for d in tasks)
+
+
+def _null_envs(doc: Any) -> dict[str, str]:
+    envs = doc.get("envs") if isinstance(doc, dict) else None
+    return {k: PLACEHOLDER for k, v in (envs or {}).items() if v is None} if isinstance(envs, dict) else {}
+
+
+def _task_docs(docs: list[Any]) -> list[Any]:
+    return docs[1:] if len(docs) > 1 and isinstance(docs[0], dict) and set(docs[0]) <= {"name"} else docs
+
+
+def sky_parse(doc: dict) -> Any:
+    """SkyPilot's own offline reading of one task (None for one it refuses, with the reason)."""
+    import copy
+
+    import sky
+
+    env = list(_null_envs(doc).items())
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return sky.Task.from_yaml_config(copy.deepcopy(doc), env_overrides=env or None)
+
+
+def sky_view(task: Any) -> dict[str, Any]:
+    return {
+        "resources": sorted(str(r) for r in task.resources),
+        "num_nodes": task.num_nodes,
+        "envs": dict(task.envs),
+        "secrets": sorted(task.secrets),
+        "run": task.run,
+        "setup": task.setup,
+    }
+
+
+def gpu_names(task: Any) -> set[str]:
+    names = set()
+    for r in task.resources:
+        for name in (r.accelerators or {}):
+            names.add(name.lower())
+    return names
+
+
+def spec_gpu_names(spec: Any) -> set[str]:
+    r = spec.resources
+    names = {a.rsplit(":", 1)[0].lower() for a in r.gpu_alternatives}
+    if r.gpu_type:
+        names.add(r.gpu_type.lower())
+    return names
+
+
+def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool = True) -> dict[str, Any]:
+    res: dict[str, Any] = {"file": str(path), "kind": "skypilot", "tasks": len(_task_docs(docs))}
+    tasks = []
+    try:
+        for d in _task_docs(docs) if sky else []:
+            tasks.append(sky_parse(d))
+        res["sky"] = "accepted" if sky else "not asked"
+    except Exception as e:  # SkyPilot's own verdict
+        res["sky"] = f"refused: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+    specs = []
+    try:
+        for d in _task_docs(docs):
+            specs.append(spec_from_task_config(d, env=_null_envs(d), source=str(path)))
+        res["meshrun"] = "imported"
+        res["gpus"] = [s.resources.gpu_request for s in specs]
+        res["gpu_alternatives"] = [list(s.resources.gpu_alternatives) for s in specs]
+    except meshrun.SpecError as e:
+        res["meshrun"] = f"refused: {e.field}"
+        res["reason"] = str(e)
+        return res
+    if res["sky"] != "accepted":
+        return res
+    lost = []
+    for t, s in zip(tasks, specs):
+        want = gpu_names(t)
+        if want and not s.resources.gpus:
+            lost.append("all GPUs")
+        elif want - spec_gpu_names(s):
+            lost.append(", ".join(sorted(want - spec_gpu_names(s))))
+    if lost:
+        res["gpus_lost"] = lost
+    if compare:
+        from meshrun_skypilot import _task
+
+        try:
+            ours = [sky_view(_task.build_task(_task.task_config(s))) for s in specs]
+            theirs = [sky_view(t) for t in tasks]
+            res["translation"] = "equal" if ours == theirs else "differs"
+            if ours != theirs:
+                res["difference"] = [k for k in ours[0] if any(o[k] != t[k] for o, t in zip(ours, theirs))]
+        except meshrun.SpecError as e:
+            res["translation"] = f"not comparable: {e}"[:200]
+    return res
+
+
+def check_dstack(path: Path, doc: Any) -> dict[str, Any]:
+    res: dict[str, Any] = {"file": str(path), "kind": f"dstack {doc.get('type')}"}
+    if doc.get("type") != "task":
+        res["meshrun"] = "not a task"
+        return res
+    try:
+        from dstack._internal.core.models.configurations import parse_run_configuration
+
+        parse_run_configuration(dict(doc))
+        res["dstack"] = "accepted"
+    except ImportError:
+        res["dstack"] = "not installed"
+    except Exception as e:
+        res["dstack"] = f"refused: {type(e).__name__}"
+    env = {}
+    raw = doc.get("env")
+    if isinstance(raw, list):
+        env = {str(x): PLACEHOLDER for x in raw if isinstance(x, str) and "=" not in x}
+    try:
+        spec = spec_from_dstack_config(doc, base_dir=str(path.parent), source=str(path), env=env)
+        res["meshrun"] = "imported"
+        res["gpus"] = [spec.resources.gpu_request]
+    except meshrun.SpecError as e:
+        res["meshrun"] = f"refused: {e.field}"
+        res["reason"] = str(e)
+        return res
+    gpu = (doc.get("resources") or {}).get("gpu")
+    if gpu not in (None, 0, "0") and not spec.resources.gpus:
+        res["gpus_lost"] = ["all GPUs"]
+    return res
+
+
+def check_file(path: Path, compare: bool = True, sky: bool = True) -> dict[str, Any] | None:
+    """The checks of one file (None for a YAML file that is neither a SkyPilot task nor a dstack configuration).
+    ``sky=False`` leaves SkyPilot's own parse (and so the comparison) out."""
+    docs = load(path)
+    if docs is None:
+        return None
+    if len(docs) == 1 and is_dstack_config(docs[0]):
+        return check_dstack(path, docs[0])
+    if looks_like_skypilot(docs):
+        return check_skypilot(path, docs, compare and sky, sky)
+    return None
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    sky = [r for r in results if r["kind"] == "skypilot"]
+    dst = [r for r in results if r["kind"] == "dstack task"]
+    refused = collections.Counter(r["meshrun"] for r in results if r["meshrun"].startswith("refused"))
+    return {
+        "skypilot_files": len(sky),
+        "skypilot_accepted_by_skypilot": sum(r["sky"] == "accepted" for r in sky),
+        "skypilot_imported": sum(r["meshrun"] == "imported" for r in sky),
+        "skypilot_accepted_but_refused_by_meshrun": sum(r["sky"] == "accepted" and r["meshrun"] != "imported"
+                                                        for r in sky),
+        "skypilot_translation_equal": sum(r.get("translation") == "equal" for r in sky),
+        "skypilot_translation_differs": sum(r.get("translation") == "differs" for r in sky),
+        "dstack_tasks": len(dst),
+        "dstack_imported": sum(r["meshrun"] == "imported" for r in dst),
+        "dstack_other_types": sum(r["kind"].startswith("dstack") and r["kind"] != "dstack task" for r in results),
+        "refused_by_field": dict(refused.most_common()),
+        "gpus_lost": sum(bool(r.get("gpus_lost")) for r in results),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="folders (or files) to read, e.g. a checkout's examples/ and llm/")
+    ap.add_argument("--json", action="store_true", help="print every file's result as JSON lines, then the counts")
+    ap.add_argument("--verbose", "-v", action="store_true", help="print each refusal and difference")
+    ap.add_argument("--no-compare", action="store_true", help="skip building SkyPilot tasks from the specs")
+    a = ap.parse_args(argv)
+    results = []
+    for f in yaml_files(a.paths):
+        if f.suffix not in (".yaml", ".yml"):
+            continue
+        r = check_file(f, compare=not a.no_compare)
+        if r is not None:
+            results.append(r)
+            if a.json:
+                print(json.dumps(r))
+            elif a.verbose and (r["meshrun"] != "imported" or r.get("gpus_lost") or r.get("translation") == "differs"):
+                print(f"{r['file']}: {r['meshrun']} {r.get('reason', '')} {r.get('gpus_lost', '')} "
+                      f"{r.get('difference', '')}".rstrip())
+    counts = summarize(results)
+    print(json.dumps(counts, indent=2))
+    return 1 if counts["gpus_lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
