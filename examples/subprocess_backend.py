@@ -11,7 +11,10 @@ Use it without packaging it::
     meshrun.configure({"backends": {"subprocess": {"grace_period": 2}}})
     print(meshrun.submit(meshrun.JobSpec(command=["hostname"], backend="subprocess")).result())
 
-A real backend is a distribution with an entry point instead (docs/writing-a-backend.md, "Layout").
+A real backend is a distribution with an entry point instead (docs/writing-a-backend.md, "Layout"). Run the
+conformance suite against it (what the test suite does)::
+
+    python -m pytest -q tests/test_conformance_example.py
 """
 
 from __future__ import annotations
