@@ -167,8 +167,8 @@ class BackendContract:
             raise ValueError("boom from the job")
 
         ok = meshrun.submit(self._spec(contract_backend, function=double, args=(21,)))
-        bad = meshrun.submit(self._spec(contract_backend, function=boom))
         assert ok.result(timeout=self.timeout) == 42
+        bad = meshrun.submit(self._spec(contract_backend, function=boom))
         e = bad.exception(timeout=self.timeout)
         assert isinstance(e, meshrun.JobFailed), e
         assert e.remote_type == "ValueError" and "boom from the job" in str(e), str(e)

@@ -36,7 +36,7 @@ def table(data: dict) -> str:
             cells.append(text)
         rows.append(f"| {check.replace('_', ' ')} | " + " | ".join(cells) + " |")
     rows.append("")
-    rows += [f"({i}) {n}" for i, n in enumerate(notes, 1)]
+    rows += [f"- ({i}) {n}" for i, n in enumerate(notes, 1)]
     return "\n".join(rows)
 
 
