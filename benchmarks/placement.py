@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(MESHRUN_HOME=home, MESHRUN_CONFIG=str(cfg), MESHRUN_LEASE_DIR=str(Path(home) / "leases"))
 
     import meshrun
-    from meshrun import JobSpec, Offer, _catalog, _placement
+    from meshrun import JobSpec, Offer, _catalog, _plan
     from meshrun._backend import Availability, Backend
 
     # ---- catalog load, cold (parse) and warm (cache check)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                    expected_start=300.0, instance_type=vm.instance_type, region=vm.region)
              for vm in _catalog.iter_rows(cat)]
     every += [o for make in list(makers.values())[:4] for o in make(specs["H100:1"])]
-    rank_ms = timed(lambda: _placement.rank(specs["H100:1"], every, allow_spot=True), a.repeat)
+    rank_ms = timed(lambda: _plan.rank(specs["H100:1"], every, allow_spot=True), a.repeat)
 
     # ---- `meshrun offers` wall time (local backend + catalog), a fresh process each run
     import resource

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _EXPORTS = {
-    # spec
-    "JobSpec": "._spec",
+    # spec (from the module that also registers JobSpec's file readers: from_skypilot_yaml, from_dstack_yaml)
+    "JobSpec": "._jobfile",
     "Resources": "._spec",
     # jobs
     "Job": "._job",
@@ -39,6 +39,7 @@ _EXPORTS = {
     "offers": "._placement",
     "Plan": "._placement",
     "Objective": "._placement",
+    "PlacementOptions": "._options",
     "catalog_offers": "._catalog",
     # backends, as a user sees them
     "JobState": "._backend",
@@ -124,6 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from ._job import Job, gather, wait
     from ._launch import check_dist_env
+    from ._options import PlacementOptions
     from ._placement import Objective, Plan, offers, plan
     from ._registry import get_backend, list_backends
     from ._scheduler import run, submit, submit_many

@@ -2399,6 +2399,7 @@ class Supervisor:
     # -- the job's environment
     def _job_env(self):
         env = dict(self.env)
+        env.pop(WARM_ENV, None)
         env.update(self.launch.get("env") or {})
         env["MESHRUN_JOB_ID"] = str(self.launch.get("job_id") or "")
         env["MESHRUN_JOB_DIR"] = self.job_dir
@@ -2432,6 +2433,7 @@ class Supervisor:
         r, w = os.pipe()
         try:
             if kind == "function":
+                _WARM["file"] = self.env.get(WARM_ENV)
                 pid = os.fork()
                 if pid == 0:
                     _worker(self.job_dir, self.launch, self.rank, env, cwd, setup, cg, r, w)  # never returns
@@ -2825,7 +2827,9 @@ def _worker(job_dir, launch, rank, env, cwd, setup, cgroup, r, w):
             if code:
                 return
             code = 70
+            before = set(sys.modules)
             code = _run_function(job_dir, launch, rank)
+            learn_warm(_WARM["file"], before)
         except BaseException:  # noqa: B902 - last resort: say what happened if we still can
             try:
                 import traceback
@@ -3143,6 +3147,114 @@ def cancel(job_dir, grace=None, wait=True):
 # --------------------------------------------------------------------------------------------------
 # the fork server: a warm interpreter that starts supervisors by fork()
 
+#: the file where function jobs record the installed packages they imported, for the fork server to import
+#: ahead of the next job ("warm imports"); set by the local backend, beside the server's socket
+WARM_ENV = "MESHRUN_WARM_FILE"
+WARM_MAX = 32  # modules a server keeps warm at the most
+_WARM = {"file": None}  # in a function job's worker: where to record what it imported (set before the fork)
+
+
+def _installed_module(name):
+    """Whether top-level module ``name`` (already imported) comes from an installed distribution (site- or
+    dist-packages), not from the job's own folder or the standard library: only those are worth warming
+    and safe to keep across jobs (a user's own module may change between two jobs)."""
+    mod = sys.modules.get(name)
+    f = getattr(mod, "__file__", None) or ""
+    return (os.sep + "site-packages" + os.sep in f or os.sep + "dist-packages" + os.sep in f) and name != "meshrun"
+
+
+def learn_warm(path, before):
+    """Record in ``path`` the installed top-level packages this process imported since ``before`` (a set
+    of module names): the fork server imports them ahead of the next job."""
+    new = sorted({n.split(".")[0] for n in sys.modules} - {n.split(".")[0] for n in before})
+    new = [n for n in new if not n.startswith("_") and _installed_module(n)]
+    if not path or not new:
+        return
+    data = read_json(path)
+    data = data if isinstance(data, dict) else {}
+    mods = [m for m in data.get("modules", []) if isinstance(m, str)]
+    unsafe = set(m for m in data.get("unsafe", []) if isinstance(m, str))
+    add = [n for n in new if n not in mods and n not in unsafe]
+    if not add:
+        return
+    data["modules"] = (mods + add)[:WARM_MAX]
+    try:
+        write_json(path, data, mode=0o600)
+    except OSError:
+        pass
+
+
+def fork_unsafe():
+    """Why forking this process for a job would be unsafe now, or None: a Python thread besides this one
+    (it may hold a lock the child inherits taken), or an open GPU device (a CUDA/ROCm context, which a forked
+    child cannot use). Native thread pools a library starts at import are left to the library (PyTorch's
+    DataLoader forks after them too)."""
+    import threading
+
+    if threading.active_count() > 1:
+        return "a Python thread is running (%s)" % ", ".join(t.name for t in threading.enumerate()
+                                                           if t is not threading.current_thread())
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if target.startswith(("/dev/nvidia", "/dev/kfd", "/dev/dri/")):
+            return "%s is open (a GPU context)" % target
+    return None
+
+
+def warm_up(path):
+    """Import the modules ``path`` lists (see :func:`learn_warm`), one by one; a module after whose import
+    forking is unsafe is marked so in the file and this process starts again without it. Returns
+    {module: (file, mtime_ns)} of those imported, to notice a module upgraded under a running server."""
+    data = read_json(path) if path else None
+    if not isinstance(data, dict):
+        return {}
+    unsafe = [m for m in data.get("unsafe", []) if isinstance(m, str)]
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+    warm = {}
+    for name in [m for m in data.get("modules", []) if isinstance(m, str) and m not in unsafe][:WARM_MAX]:
+        try:
+            __import__(name)
+        except Exception:
+            continue
+        why = fork_unsafe()
+        if why:
+            data["unsafe"] = unsafe + [name]
+            data.setdefault("why", {})[name] = why
+            try:
+                write_json(path, data, mode=0o600)
+            except OSError:
+                return None  # cannot remember it: serve nothing warm rather than loop
+            os.execv(sys.executable, [sys.executable] + sys.argv)
+        f = getattr(sys.modules.get(name), "__file__", None)
+        try:
+            warm[name] = (f, os.stat(f).st_mtime_ns) if f else (None, None)
+        except OSError:
+            warm[name] = (f, None)
+    return warm
+
+
+def _warm_changed(warm):
+    """A warm module whose file changed since it was imported (an upgrade), or None."""
+    for name, (f, mtime) in warm.items():
+        if f is None:
+            continue
+        try:
+            if os.stat(f).st_mtime_ns != mtime:
+                return name
+        except OSError:
+            return name
+    return None
+
 
 def peer_uid(sock):
     """The uid of the process at the other end of a connected unix socket (``SO_PEERCRED``), or None where
@@ -3251,6 +3363,12 @@ def serve(path, idle=600.0):
         import cloudpickle  # noqa: F401
     except Exception:
         pass
+    warm_file = os.environ.get(WARM_ENV)
+    warm = warm_up(warm_file)
+    if warm is None:
+        warm = {}
+    warm_seen = _mtime(warm_file)
+    handed_over = False
     _libc()
     os.setsid() if os.getsid(0) != os.getpid() else None
     try:
@@ -3278,6 +3396,20 @@ def serve(path, idle=600.0):
         except OSError:
             return False
 
+    def maybe_hand_over():
+        nonlocal warm_seen, handed_over
+        seen = _mtime(warm_file)
+        if seen == warm_seen or handed_over:
+            return
+        warm_seen = seen
+        data = read_json(warm_file)
+        want = set(data.get("modules", [])) - set(data.get("unsafe", [])) if isinstance(data, dict) else set()
+        if want - set(warm):
+            # a job imported packages this server does not have: a successor imports them all, then takes
+            # the socket over (this one serves until then, and ends when it sees that)
+            _spawn_detached([sys.executable] + sys.argv)
+            handed_over = True
+
     sock.settimeout(1.0)
     last = now()
     try:
@@ -3288,6 +3420,7 @@ def serve(path, idle=600.0):
                 _reap_children()
                 if not still_ours():
                     return  # removed, or another server took the path over
+                maybe_hand_over()
                 continue
             try:
                 uid = peer_uid(conn)
@@ -3306,6 +3439,14 @@ def serve(path, idle=600.0):
                     if len(buf) > SERVER_MAX_REQUEST:
                         raise ValueError("request larger than %d bytes" % SERVER_MAX_REQUEST)
                 req = json.loads(buf.decode())
+                stale = _warm_changed(warm)
+                why = fork_unsafe() or (("%s changed on disk since this server imported it" % stale) if stale else None)
+                if why:
+                    # never fork a job from a state it cannot trust: the submitter starts it directly, and the
+                    # next submit starts a fresh server
+                    conn.sendall((json.dumps({"error": "not forking: " + why}) + "\n").encode())
+                    os.unlink(path) if still_ours() else None
+                    return
                 pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn,
                                        umask=req.get("umask"), rlimits=req.get("rlimits"))
                 conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
@@ -3317,6 +3458,7 @@ def serve(path, idle=600.0):
             finally:
                 conn.close()
             _reap_children()
+            maybe_hand_over()
     finally:
         if still_ours():
             try:
@@ -3324,6 +3466,29 @@ def serve(path, idle=600.0):
             except OSError:
                 pass
         sock.close()
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+def _spawn_detached(argv):
+    """Start ``argv`` in a session of its own, its standard streams on /dev/null (reaped by _reap_children)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            fd = os.open(os.devnull, os.O_RDWR)
+            for n in (0, 1, 2):
+                os.dup2(fd, n)
+            os.closerange(3, 65536)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    return pid
 
 
 def _reap_children():

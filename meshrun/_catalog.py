@@ -8,7 +8,9 @@ Layout of a catalog folder (the one SkyPilot keeps in ``~/.sky/catalogs/v8``)::
     common/accelerators.csv  AcceleratorName,Clouds                     which clouds offer which GPU
 
 Which folder: the ``catalog_dir`` argument, else ``$MESHRUN_CATALOG_DIR``, else ``[placement] catalog_dir``
-in the config, else ``~/.sky/catalogs/v8`` when it exists; without one there are no cloud offers.
+in the config, else the tables ``meshrun catalog update`` fetched (``$MESHRUN_HOME/catalogs/v8``), else
+``~/.sky/catalogs/v8`` when SkyPilot keeps one, else the dated snapshot that ships inside the package
+(``meshrun/catalogs``; see its SOURCE.md). :func:`catalog_info` says which one is used and how old it is.
 
 A folder is parsed once and cached until one of its files changes (size or mtime). :func:`catalog_offers`
 turns the rows that fit a job into :class:`meshrun.Offer` objects; the SkyPilot backend uses it for its own
@@ -36,6 +38,12 @@ NOT_CLOUDS = frozenset({"common", "slurm", "kubernetes", "ssh", "local"})
 
 #: assumed time to provision a cloud VM, when the configuration does not say (seconds)
 DEFAULT_CLOUD_START = 300.0
+
+#: the snapshot shipped inside the package, and the day it was taken
+SHIPPED = Path(__file__).resolve().parent / "catalogs" / "v8"
+SNAPSHOT_DATE = "2026-12-06"
+#: written by ``meshrun catalog update`` beside the tables it fetched: {"fetched_at": epoch, "source": url}
+FETCHED_FILE = "FETCHED.json"
 
 _SIZE_IN_MIB = re.compile(r"'SizeInMiB':\s*([0-9.]+)")
 
@@ -135,8 +143,67 @@ def catalog_dir(path: str | os.PathLike[str] | None = None) -> Path | None:
         if not p.is_dir():
             raise ConfigError("placement.catalog_dir", f"{str(p)!r} is not a folder")
         return p
-    default = Path.home() / ".sky" / "catalogs" / "v8"
-    return default if default.is_dir() else None
+    fetched = updated_dir()
+    if fetched.is_dir():
+        return fetched
+    sky = Path.home() / ".sky" / "catalogs" / "v8"
+    if sky.is_dir():
+        return sky
+    return SHIPPED if SHIPPED.is_dir() else None
+
+
+def updated_dir() -> Path:
+    """Where ``meshrun catalog update`` keeps the tables it fetched (a link to the newest download)."""
+    from ._config import default_home
+
+    return default_home() / "catalogs" / "v8"
+
+
+@dataclass(frozen=True)
+class CatalogInfo:
+    """Which catalog folder prices come from, and how old its prices are."""
+
+    root: Path | None
+    kind: str  # "shipped", "fetched", "skypilot" or "configured"
+    as_of: float | None  # epoch seconds: when the tables were fetched (or the newest file's mtime)
+    source: str
+
+    def age_text(self, now: float | None = None) -> str:
+        """``prices from the catalog shipped with meshrun (snapshot of 2026-12-06, 12 days old)``."""
+        import time
+
+        if self.root is None:
+            return "no price catalog (run `meshrun catalog update`)"
+        when = ""
+        if self.as_of is not None:
+            days = max(0, int(((now if now is not None else time.time()) - self.as_of) // 86400))
+            day = time.strftime("%Y-%m-%d", time.gmtime(self.as_of))
+            when = f" of {day}, {'today' if days == 0 else f'{days} day' + ('s' if days != 1 else '') + ' old'}"
+        what = {"shipped": "the snapshot shipped with meshrun", "fetched": "`meshrun catalog update`",
+                "skypilot": "SkyPilot's catalog", "configured": "the configured catalog"}[self.kind]
+        return f"prices from {what} ({self.root}{when}); refresh: meshrun catalog update"
+
+
+def catalog_info(path: str | os.PathLike[str] | None = None) -> CatalogInfo:
+    """The catalog :func:`load_catalog` would read, what kind it is and how old its prices are."""
+    import calendar
+    import json
+    import time
+
+    root = catalog_dir(path)
+    if root is None:
+        return CatalogInfo(None, "configured", None, "")
+    if root == SHIPPED:
+        return CatalogInfo(root, "shipped", calendar.timegm(time.strptime(SNAPSHOT_DATE, "%Y-%m-%d")),
+                           "github.com/skypilot-org/skypilot-catalog")
+    try:
+        meta = json.loads((root / FETCHED_FILE).read_text())
+        return CatalogInfo(root, "fetched", float(meta["fetched_at"]), str(meta.get("source", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    newest = max((e[3] / 1e9 for e in _signature(root)), default=None)
+    kind = "skypilot" if root == Path.home() / ".sky" / "catalogs" / "v8" else "configured"
+    return CatalogInfo(root, kind, newest, str(root))
 
 
 # ---- loading -----------------------------------------------------------------------------------------

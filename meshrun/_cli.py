@@ -1,4 +1,4 @@
-"""The ``meshrun`` command: run, show, ls, status, logs, cancel, gpus, backends, offers, doctor, bench."""
+"""The ``meshrun`` command: run, show, ls, status, logs, cancel, gpus, backends, offers, catalog, doctor, bench."""
 
 from __future__ import annotations
 
@@ -65,19 +65,16 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="never use this backend (repeatable)")
     g.add_argument("--region", dest="regions", action="append", metavar="REGION",
                    help='allowed cloud region, wildcards allowed ("us-*"; repeatable)')
-    g.add_argument("--offers-timeout", dest="timeout", type=float, metavar="SECONDS",
+    g.add_argument("--offers-timeout", dest="offers_timeout", type=float, metavar="SECONDS",
                    help="the longest a backend's offers are waited for (offers: about 1s; run: 10s, but a "
                         "backend not named alone is skipped as not responding after [placement] respond_within, 1s)")
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    for k in ("objective", "max_price_per_hour", "deadline", "value_of_time", "runtime", "allow_spot",
-              "exclude_backends", "regions", "timeout"):
-        v = getattr(a, k, None)
-        if v is not None:
-            out[k] = v
-    return out
+    """The placement flags given, as PlacementOptions keywords (each flag's dest is its option's name)."""
+    from ._options import FIELDS
+
+    return {k: v for k in FIELDS if (v := getattr(a, k, None)) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resource_args(o)
     _add_placement_args(o)
     o.add_argument("--json", action="store_true")
+
+    cat = sub.add_parser("catalog", help="the cloud price catalog: which one is used, how old; update it",
+                         description="Cloud prices come from SkyPilot-format catalog tables. A dated snapshot ships "
+                                     "with meshrun; `meshrun catalog update` fetches current ones.")
+    cat.add_argument("action", nargs="?", choices=["show", "update"], default="show",
+                     help="show (default): the catalog in use, its age and clouds; update: fetch current tables")
+    cat.add_argument("--clouds", help="update: comma-separated clouds to fetch (default: the GPU clouds)")
+    cat.add_argument("--source", help="update: base URL of a catalogs/v8 folder (default: $MESHRUN_CATALOG_URL or "
+                                      "SkyPilot's public catalog repository)")
+    cat.add_argument("--json", action="store_true")
 
     ls_ = sub.add_parser("lease-service", help="the enforced GPU lease mode: a root service every user leases through",
                          description="Install (as root) or run the GPU lease service. With it, every user's agent "
@@ -245,7 +252,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if len(specs) > 1 and a.detach:
         raise SpecError("detach", f"{command[0]} is a pipeline of {len(specs)} tasks, run as a chain (each starts "
                         "when the previous one succeeded): leave out --detach so meshrun can start each in turn")
-    from ._placement import quiet
+    from ._gather import quiet
 
     rc = 0
     for i, spec in enumerate(specs):
@@ -274,7 +281,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     from . import _scheduler
     from ._errors import SpecError
     from ._backend import Feature
-    from ._placement import spec_for_offer
+    from ._gather import spec_for_offer
     from ._registry import get_backend
     from ._spec import JobSpec
     from ._store import Store
@@ -363,7 +370,7 @@ def _follow(job: Any) -> int:
     try:
         start = time.monotonic()
         while True:
-            st = job.status()
+            st = job.advance()  # waiting: a job pending past max_pending moves on
             if st is not JobState.PENDING and st is not JobState.SUBMITTING:
                 break
             msg = f"meshrun: {job.id} {st.value}" + (f": {safe_text(job.reason)}" if job.reason else "")
@@ -681,7 +688,8 @@ def cmd_backends(a: argparse.Namespace) -> int:
     one that has not answered within ``[placement] respond_within`` (1 s; this machine gets 2 s more) is
     shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s."""
     from . import _registry
-    from ._placement import LOCAL_GRACE, respond_limits, still_asking
+    from ._gather import LOCAL_GRACE, still_asking
+    from ._options import respond_limits
 
     limits = respond_limits()
     infos = _registry.list_backends(load=False)
@@ -752,7 +760,9 @@ def _check_one(probe: Any) -> tuple[tuple[str, str], str | None]:
 
 
 def cmd_offers(a: argparse.Namespace) -> int:
-    from ._placement import cli_offers_timeout, plan, quiet, still_asking
+    from ._gather import cli_offers_timeout, quiet, still_asking
+    from ._options import PlacementOptions
+    from ._placement import plan
     from ._spec import JobSpec
 
     spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
@@ -761,21 +771,56 @@ def cmd_offers(a: argparse.Namespace) -> int:
         kw["backends"] = [a.backend]
     # answer within about a second of the command starting: a backend slower than what is left is listed as
     # not answering (a submit waits longer, [placement] offers_timeout)
-    if kw.get("timeout") is None and not a.backend:  # one named backend: wait for its answer
-        kw["timeout"] = cli_offers_timeout()
+    if kw.get("offers_timeout") is None and not a.backend:  # one named backend: wait for its answer
+        kw["offers_timeout"] = cli_offers_timeout()
     with quiet() if a.json else contextlib.nullcontext():
-        p = plan(spec, raise_on_empty=False, **kw)
+        p = plan(spec, raise_on_empty=False, options=PlacementOptions.of(**kw))
     if a.json:
         print(json.dumps(p.to_dict(), indent=2))
         rc = 0
     else:
         p.print()
+        if any(o.detail.get("source") == "catalog" for o in [*p.offers, *(o for o, _ in p.rejected)]):
+            from ._catalog import catalog_info
+
+            print(catalog_info(kw.get("catalog_dir")).age_text())
         rc = 0 if p.chosen is not None else 1
     if still_asking():  # a backend that did not answer in time must not hold up the exit either
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def cmd_catalog(a: argparse.Namespace) -> int:
+    from ._catalog import catalog_info, load_catalog
+
+    if a.action == "update":
+        from ._catalog_update import cli_progress, update_catalog
+
+        clouds = [c.strip() for c in a.clouds.split(",") if c.strip()] if a.clouds else None
+        r = update_catalog(clouds, source=a.source, progress=None if a.json else cli_progress())
+        if a.json:
+            print(json.dumps({"folder": str(r.folder), "source": r.source, "fetched": r.fetched,
+                              "missing": r.missing}, indent=2))
+            return 0
+        print(f"updated {r.folder} from {r.source}: {', '.join(sorted(r.fetched))}")
+        for cloud, why in sorted(r.missing.items()):
+            print(f"  {cloud}: {why}")
+        return 0
+    info = catalog_info()
+    cat = load_catalog()
+    if a.json:
+        print(json.dumps({"folder": str(info.root) if info.root else None, "kind": info.kind, "as_of": info.as_of,
+                          "source": info.source, "clouds": {c: len(v) for c, v in cat.vms.items()},
+                          "errors": cat.errors}, indent=2))
+        return 0
+    print(info.age_text())
+    for c, rows in sorted(cat.vms.items()):
+        print(f"  {c}: {len(rows)} priced instance types and regions")
+    for e in cat.errors:
+        print(f"  unreadable: {e}")
+    return 0
 
 
 COMMANDS = {
@@ -789,6 +834,7 @@ COMMANDS = {
     "gpus": cmd_gpus,
     "backends": cmd_backends,
     "offers": cmd_offers,
+    "catalog": cmd_catalog,
     "lease-service": cmd_lease_service,
     "doctor": cmd_doctor,
 }

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ._errors import ConfigError
 
@@ -137,8 +137,6 @@ def configure(data: Mapping[str, Any] | None = None, **top: Any) -> Config:
     """Replace the configuration of this process (notebooks, tests): ``meshrun.configure({...})`` or
     ``meshrun.configure(default_backend="local")``. ``meshrun.configure()`` re-reads file and env."""
     global _current
-    from . import _registry
-
     with _lock:
         if data is None and not top:
             _current = Config.load()
@@ -146,8 +144,18 @@ def configure(data: Mapping[str, Any] | None = None, **top: Any) -> Config:
             merged = dict(data or {})
             merged.update(top)
             _current = Config(merged, source="meshrun.configure()")
-    _registry.reset()
+    for listener in list(_listeners):
+        listener()
     return _current
+
+
+_listeners: list[Callable[[], None]] = []
+
+
+def on_configure(listener: Callable[[], None]) -> None:
+    """Call ``listener`` whenever :func:`configure` replaces the configuration (the registry forgets the
+    backends it made with the old one); the config itself knows nothing of who listens."""
+    _listeners.append(listener)
 
 
 def _settings_base() -> Any:

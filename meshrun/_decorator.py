@@ -6,6 +6,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, ParamSpec, TypeVar, overload
 
 from ._errors import SpecError
+from ._options import PlacementOptions
 from ._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -13,10 +14,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_PLAN_KWARGS = ("objective", "max_price_per_hour", "backends", "exclude_backends", "allow_spot", "regions",
-                "value_of_time", "deadline", "runtime")
-
 
 class JobFunction(Generic[P, R]):
     """A function with a job spec attached. Calling it runs it here, as if undecorated.
@@ -27,9 +24,10 @@ class JobFunction(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], fields: dict[str, Any]):
         self.__meshrun_function__ = fn
         self._fields = dict(fields)
-        self._plan = {k: self._fields.pop(k) for k in list(self._fields) if k in _PLAN_KWARGS}
+        self._plan = PlacementOptions.split(self._fields)
         self._backend = self._fields.pop("backend", None)
         # validate now, so a bad decorator argument fails at import time, not at the first submit
+        PlacementOptions.of(**self._plan)
         self._template = JobSpec(function=fn, **self._fields)
         functools.update_wrapper(self, fn)
 

@@ -41,7 +41,9 @@ SUBMIT_PICKUP = 2.0
 class Job(Generic[R]):
     """A submitted job. Create one with ``meshrun.run``, ``fn.submit`` or ``Job.attach(job_id)``.
 
-    ``status()`` asks the backend (cheaply); ``wait()``/``result()`` block with polling that backs off;
+    ``status()`` asks the backend (cheaply, a read); ``wait()``/``result()`` block with polling that backs
+    off, retrying a failed attempt and moving a job stuck in the queue as its spec says (``advance()`` does
+    one round of that);
     ``logs()`` returns the output so far; ``cancel()`` stops the job and everything it started.
 
     ``Job[R]`` is typed by what ``result()`` returns: ``R`` for a function ``def f(...) -> R`` submitted with
@@ -53,6 +55,8 @@ class Job(Generic[R]):
         self._store = store or get_store()
         self._record = _record or self._store.get(job_id)
         self.id = self._record.id
+        # the outcome of an attempt that may be retried, as the last refresh saw it; advance() acts on it
+        self._due: JobStatus | None = None
 
     # ---- construction
     @classmethod
@@ -94,12 +98,26 @@ class Job(Generic[R]):
 
     # ---- state
     def refresh(self) -> JobRecord:
+        """The job's record, brought up to date (a read: see :meth:`status`)."""
         refresh([self])
         return self._record
 
     def status(self) -> JobState:
-        """The job's state now (asks the backend unless the outcome is already recorded)."""
+        """The job's state now (asks the backend unless the outcome is already recorded).
+
+        A read: it records what the backend says and never cancels, resubmits or moves the job. A failed
+        attempt with ``retries`` left, or a job pending past ``max_pending``, is acted on by :meth:`wait`
+        (and :meth:`result`, ``meshrun.wait``, ``meshrun wait``) or by :meth:`advance`."""
         return self.refresh().state
+
+    def advance(self) -> JobState:
+        """Refresh the job, then apply its retry and failover policy once: a failed attempt with ``retries``
+        left is archived and submitted again; a job pending past its spec's ``max_pending`` is cancelled and
+        submitted to the next offer of its plan. The wait loop does this every round; call it when polling
+        by hand. Returns the state afterwards."""
+        refresh([self])
+        advance([self])
+        return self._record.state
 
     @property
     def reason(self) -> str | None:
@@ -239,6 +257,14 @@ class Job(Generic[R]):
         at its backend and cancelled there, so it cannot go on running unseen."""
         rec = self.refresh()
         from ._registry import get_backend
+
+        if self._due is not None:  # its attempt ended and a retry is due: there is nothing left to stop
+            self._due = None
+            self._store.update(self.id, state=JobState.CANCELLED, ended_at=time.time(),
+                               reason="cancelled before its retry (the last attempt had ended)")
+            self._store.add_event(self.id, "cancelled", backend=rec.backend)
+            self._record = self._store.get(self.id)
+            return
 
         if rec.state is JobState.LOST and rec.backend and rec.backend_id:
             get_backend(rec.backend).cancel(rec.backend_id)
@@ -407,6 +433,7 @@ def refresh(jobs: Sequence[Job]) -> None:
 
     by_backend: dict[str, list[Job]] = {}
     for j in jobs:
+        j._due = None
         j._record = j._store.get(j.id)
         if j._record.terminal:
             continue
@@ -450,12 +477,23 @@ def refresh(jobs: Sequence[Job]) -> None:
             st = statuses.get(j._record.backend_id)
             if st is not None:
                 _apply(j, st, backend)
-    # jobs pending past their spec's max_pending move to the next offer of their plan
-    from ._scheduler import failover_if_stuck
+
+
+def advance(jobs: Sequence[Job]) -> None:
+    """The retry and failover policy, once, for jobs just refreshed: a failed attempt with retries left is
+    submitted again, a job pending past ``max_pending`` moves to the next offer of its plan
+    (:mod:`meshrun._attempts` does both, under the job folder's lock)."""
+    from ._attempts import failover_if_stuck, retry
 
     for j in jobs:
-        if j._record.state is JobState.PENDING:
-            failover_if_stuck(j)
+        due, j._due = j._due, None
+        if due is not None:
+            retry(j._store, j._record, j.job_dir, due)
+        elif j._record.state is JobState.PENDING:
+            failover_if_stuck(j._store, j._record, j.job_dir)
+        else:
+            continue
+        j._record = j._store.get(j.id)
 
 
 def _apply(job: Job, st: JobStatus, backend: Any) -> None:
@@ -465,9 +503,15 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
     if st.state is JobState.LOST and rec.kind == "function":
         st = _complete_result_wins(job, st, backend)
     if st.terminal and st.state is not rec.state:
-        from ._scheduler import retry_if_failed
+        from ._attempts import retries_left
 
-        if retry_if_failed(job, st, backend):
+        left = retries_left(rec, job.job_dir, st)
+        if left:
+            # not the job's outcome: the attempt is retried by whoever advances the job (the wait loop);
+            # until then the record stays as it was, with the news in the reason
+            job._due = st
+            job._record.reason = (f"attempt {rec.attempt} {st.state.value}" + (f" ({st.reason})" if st.reason else "")
+                                  + f"; a retry is due ({left} left)")
             return
     changes: dict[str, Any] = {}
     if st.state is not rec.state:
@@ -575,6 +619,7 @@ def wait(
     last_states: dict[str, JobState] = {}
     while True:
         refresh(jobs)
+        advance(jobs)  # the explicit place where failed attempts are retried and stuck jobs move
         pending = [j for j in jobs if not j._record.terminal]
         if on_change is not None:
             for j in jobs:

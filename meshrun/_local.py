@@ -87,6 +87,11 @@ class LocalBackend(Backend):
             env["MESHRUN_LEASE_DIR"] = self.settings.lease_dir
         if self.settings.share_gpu_below_mib and "MESHRUN_SHARE_GPU_BELOW_MIB" not in env:
             env["MESHRUN_SHARE_GPU_BELOW_MIB"] = str(self.settings.share_gpu_below_mib)
+        path = self._server_path() if self.settings.fork_server and self.settings.warm_imports else None
+        if path is not None:  # function jobs record the packages they import; the server keeps them warm
+            env[_agent.WARM_ENV] = path + ".warm.json"
+        else:
+            env.pop(_agent.WARM_ENV, None)
         return env
 
     def _server_path(self) -> str | None:
@@ -438,6 +443,9 @@ def _local_settings() -> Any:
             lease_dir: Union[str, None] = None
             fork_server: bool = True
             server_idle: float = 300.0
+            # the fork server imports the installed packages function jobs imported (e.g. torch), so the next
+            # job starts with them loaded (imports only: never a GPU context or a Python thread)
+            warm_imports: bool = True
             price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
             share_gpu_below_mib: float = 0.0
 

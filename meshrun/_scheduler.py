@@ -1,20 +1,24 @@
-"""check -> offers -> rank -> submit: the path from a spec to a running job, with failover."""
+"""The path from a spec to a submitted job: prepare (job folder + store row) -> choose (a named backend or
+the plan) -> the first attempt (:mod:`meshrun._attempts`, with failover to the next offer)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, ParamSpec, Sequence, TypeVar, overload
 
-from ._backend import JobState, Offer, Submission
-from ._errors import BackendError, MeshrunError, NoPlacementError, SpecError
+from ._attempts import Prepared, place_files_locally, record_plan, submit_with_failover
+from ._backend import Feature, JobState, Offer, Submission
+from ._errors import BackendUnavailable, NoPlacementError, SpecError
 from ._job import Job
+from ._options import PlacementOptions
+from ._placement import plan as make_plan
+from ._plan import Plan, rejection_lines
+from ._registry import get_backend
 from ._spec import JobSpec
-from ._store import JobRecord, Store, get_store, new_job_id
+from ._store import Store, get_store, new_job_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,28 +54,6 @@ def _check_files(spec: JobSpec, cwd: str) -> None:
         path = src if os.path.isabs(src) else os.path.join(cwd, src)
         if not os.path.exists(path):
             raise SpecError(f"files.{dst}", f"the source {src!r} does not exist (looked at {path})")
-
-
-def place_files_locally(spec: JobSpec, cwd: str) -> None:
-    """Local and shared-filesystem backends: copy ``files`` to their targets (relative to ``cwd``)."""
-    for dst, src in spec.files.items():
-        s = os.path.realpath(src if os.path.isabs(src) else os.path.join(cwd, src))
-        d = os.path.realpath(dst if os.path.isabs(dst) else os.path.join(cwd, dst))
-        if s == d:
-            continue
-        os.makedirs(os.path.dirname(d) or ".", exist_ok=True)
-        if os.path.isdir(s):
-            shutil.copytree(s, d, dirs_exist_ok=True)
-        else:
-            shutil.copy2(s, d)
-
-
-class Prepared:
-    """A job recorded in the store, with its folder and launch description, not yet submitted."""
-
-    def __init__(self, record: JobRecord, submission: Submission):
-        self.record = record
-        self.submission = submission
 
 
 def prepare(
@@ -112,25 +94,23 @@ def prepare(
     return Prepared(rec, sub)
 
 
-def choose(spec: JobSpec, backend: str | None = None, **plan_kwargs: Any) -> tuple[str, Offer | None, Any]:
+def choose(spec: JobSpec, backend: str | None = None,
+           options: PlacementOptions | None = None) -> tuple[str, Offer | None, Plan | None]:
     """Which backend and offer to use: the one named (argument, spec, config default), else the plan's
     choice. Returns (backend name, offer or None, plan or None); a plan only when placement chose."""
     from ._config import get_config
-    from ._placement import plan as make_plan
-    from ._placement import rejection_lines
 
+    options = options or PlacementOptions()
     name = backend or spec.backend or get_config().default_backend
     if name:
-        from ._registry import get_backend
-
         get_backend(name)  # an unknown or uninstalled backend raises BackendUnavailable with its install hint
-        kw = {k: v for k, v in plan_kwargs.items() if k not in ("backends", "exclude_backends")}
-        p = make_plan(spec, backends=[name], exclude_backends=[], raise_on_empty=False, **kw)
+        named = options.model_copy(update={"backends": (name,), "exclude_backends": ()})
+        p = make_plan(spec, raise_on_empty=False, options=named)
         if p.chosen is None:
             reasons = rejection_lines(p.rejected) or [f"{name}: no offers"]
             raise NoPlacementError(f"the {name} backend cannot run {spec.display_name!r}", reasons)
         return name, p.chosen, None
-    p = make_plan(spec, **plan_kwargs)
+    p = make_plan(spec, options=options)
     chosen = p.chosen
     assert chosen is not None  # make_plan raises NoPlacementError when nothing fits
     return chosen.launcher or chosen.backend, chosen, p
@@ -138,7 +118,7 @@ def choose(spec: JobSpec, backend: str | None = None, **plan_kwargs: Any) -> tup
 
 @overload
 def submit(
-    spec: JobSpec, /, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any
+    spec: JobSpec, /, *, backend: str | None = None, store: Store | None = None, **placement: Any
 ) -> Job[Any]: ...
 
 
@@ -149,9 +129,10 @@ def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Job[R]: 
 def submit(what: Any, /, *args: Any, **kwargs: Any) -> Job[Any]:
     """Place and submit one job; returns its :class:`Job` at once.
 
-    - ``meshrun.submit(spec, backend=None, **placement)``: a :class:`JobSpec` (a command or a function).
-      Without a named backend the plan chooses, and a failed submit moves on to the next offer (each attempt
-      recorded in the job's history).
+    - ``meshrun.submit(spec, backend=None, **placement)``: a :class:`JobSpec` (a command or a function);
+      ``placement`` are :class:`meshrun._options.PlacementOptions` keywords (``objective=``,
+      ``max_price_per_hour=``, ``timeout=``, ...). Without a named backend the plan chooses, and a failed
+      submit moves on to the next offer (each attempt recorded in the job's history).
     - ``meshrun.submit(fn, *args, **kwargs)``: run ``fn(*args, **kwargs)`` as a job; every keyword goes to
       ``fn``. A function decorated with ``@meshrun.job(...)`` keeps its resources and backend; a plain one
       gets the defaults (decorate it, or build a ``JobSpec(function=fn, ...)``, to set them).
@@ -163,9 +144,7 @@ def submit(what: Any, /, *args: Any, **kwargs: Any) -> Job[Any]:
                             "arguments go into the spec (JobSpec(function=fn, args=..., kwargs=...))")
         return _submit_spec(what, **kwargs)
     if callable(what):
-        from ._decorator import JobFunction
-
-        if isinstance(what, JobFunction):
+        if getattr(what, "__meshrun_function__", None) is not None:  # @meshrun.job: its own spec and options
             return what.submit(*args, **kwargs)
         return _submit_spec(JobSpec(function=what, args=args, kwargs=kwargs))
     if isinstance(what, (str, list, tuple)):
@@ -176,125 +155,34 @@ def submit(what: Any, /, *args: Any, **kwargs: Any) -> Job[Any]:
 
 
 def _submit_spec(
-    spec: JobSpec, *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any
+    spec: JobSpec, *, backend: str | None = None, store: Store | None = None, **placement: Any
 ) -> Job[Any]:
+    options = PlacementOptions.of(**placement)  # a bad option fails before anything is written
     store = store or get_store()
     store.open()  # a MESHRUN_HOME that is not ours is refused before any backend writes under it
-    name, offer, plan = choose(spec, backend, **plan_kwargs)
+    name, offer, plan = choose(spec, backend, options)
     prepared = prepare(spec, store=store, backend=name)
     if plan is not None:
-        from ._placement import record_plan
-
         record_plan(prepared, store, plan)
-    _submit_with_failover(prepared, store, name, offer, plan)
+    submit_with_failover(prepared, store, name, offer, plan)
     return Job(prepared.record.id, store=store)
 
 
-def _submit_with_failover(
-    prepared: Prepared,
-    store: Store,
-    name: str,
-    offer: Offer | None,
-    plan: Any,
-    *,
-    candidates: Sequence[Offer] | None = None,
-) -> None:
-    """Submit to ``offer``; with a plan (or ``candidates``), a submit that fails moves on to the next offer.
-
-    Each try is recorded (``submitted`` or ``submit_failed``, with its attempt number and offer). A backend
-    that is unavailable, or fails three times, is skipped for the rest. Without a plan the error is raised as
-    is; with one, a NoPlacementError listing every failure is raised when all fail (the job is FAILED)."""
-    from ._errors import BackendUnavailable
-    from ._placement import FAILS_PER_BACKEND, write_launch
-    from ._registry import get_backend
-
-    failover = plan is not None or candidates is not None
-    cands: list[Offer | None]
-    if candidates is not None:
-        cands = list(candidates)
-    elif plan is not None:
-        cands = list(plan.offers)
-    else:
-        cands = [offer]
-    job_id = prepared.record.id
-    rec = store.get(job_id)
-    attempt = sum(1 for h in rec.history if h.get("event") in ("submitted", "submit_failed"))
-    original = json.loads(json.dumps(prepared.submission.launch))
-    original_spec = prepared.submission.spec
-    errors: list[str] = []
-    dead: set[str] = set()
-    fails: dict[str, int] = {}
-    for cand in cands:
-        bname = (cand.launcher or cand.backend) if cand is not None else name
-        key = cand.key if cand is not None else None
-        if bname in dead:
-            continue
-        attempt += 1
-        if attempt > 1 and failover:  # the last backend may have rewritten launch.json
-            prepared.submission.launch = json.loads(json.dumps(original))
-            write_launch(prepared.submission.job_dir, original)
-        try:
-            _use_gpu_choice(prepared, original_spec, cand)
-            b = get_backend(bname)
-            bname = b.name or bname
-            store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)
-            prepared.submission.attempt = attempt
-            if b.name == "local" or getattr(b, "shared_filesystem", False):
-                place_files_locally(prepared.submission.spec, prepared.submission.launch["cwd"])
-            bid = b.submit(prepared.submission, cand)
-        except Exception as e:
-            msg = str(e) if isinstance(e, MeshrunError) else f"{type(e).__name__}: {e}"
-            errors.append(f"{key or bname}: {msg.splitlines()[0] if msg else type(e).__name__}")
-            store.add_event(job_id, "submit_failed", attempt=attempt, backend=bname, offer=key, error=msg)
-            if not failover:
-                store.update(job_id, state=JobState.FAILED, reason=f"submit failed: {msg}", ended_at=time.time())
-                if isinstance(e, MeshrunError):
-                    raise
-                raise BackendError(f"submit failed: {msg}", backend=bname) from e
-            fails[bname] = fails.get(bname, 0) + 1
-            if isinstance(e, BackendUnavailable) or fails[bname] >= FAILS_PER_BACKEND:
-                dead.add(bname)
-            continue
-        store.update(job_id, backend=bname, backend_id=bid, state=JobState.PENDING, submitted_at=time.time(),
-                     reason=None, where=None, started_at=None, ended_at=None, exit_code=None)
-        store.add_event(job_id, "submitted", attempt=attempt, backend=bname, backend_id=bid, offer=key)
-        return
-    store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
-    raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])
-
-
-def _use_gpu_choice(prepared: Prepared, spec: JobSpec, offer: Offer | None) -> None:
-    """Submit the GPU alternative the offer was made for (a spec with ``gpu_alternatives``)."""
-    from ._placement import spec_for_offer, write_launch
-
-    chosen = spec_for_offer(spec, offer)
-    prepared.submission.spec = chosen
-    launch = prepared.submission.launch
-    if (launch.get("gpus"), launch.get("gpu_type")) != (chosen.resources.gpus, chosen.resources.gpu_type):
-        launch["gpus"], launch["gpu_type"] = chosen.resources.gpus, chosen.resources.gpu_type
-        write_launch(prepared.submission.job_dir, launch)
-
-
 def submit_many(
-    specs: Sequence[JobSpec], *, backend: str | None = None, store: Store | None = None, **plan_kwargs: Any
+    specs: Sequence[JobSpec], *, backend: str | None = None, store: Store | None = None, **placement: Any
 ) -> list[Job]:
     """Submit jobs of one shape together: one placement, and one native array where the backend has one.
     With a plan, an array submit that fails moves to the next offer; a backend without arrays gets each job
     with the usual per-job failover."""
-    from ._backend import Feature
-    from ._errors import BackendUnavailable
-    from ._registry import get_backend
-
     if not specs:
         return []
+    options = PlacementOptions.of(**placement)
     store = store or get_store()
     store.open()  # a MESHRUN_HOME that is not ours is refused before any backend writes under it
-    name, offer, plan = choose(specs[0], backend, **plan_kwargs)
+    name, offer, plan = choose(specs[0], backend, options)
     array_id = new_job_id()
     prepared = [prepare(s, store=store, backend=name, array_id=array_id, array_index=i) for i, s in enumerate(specs)]
     if plan is not None:
-        from ._placement import record_plan
-
         for p in prepared:
             record_plan(p, store, plan)
     cands: list[Offer | None] = list(plan.offers) if plan is not None else [offer]
@@ -339,9 +227,9 @@ def submit_many(
         rest = cands[start:]
         for p in prepared:
             if plan is None:
-                _submit_with_failover(p, store, name, offer, None)
+                submit_with_failover(p, store, name, offer, None)
             else:
-                _submit_with_failover(p, store, name, offer, plan, candidates=[c for c in rest if c is not None])
+                submit_with_failover(p, store, name, offer, plan, candidates=[c for c in rest if c is not None])
     except Exception as e:
         for p in prepared:
             rec = store.get(p.record.id)
@@ -364,7 +252,8 @@ def run(command: Any = None, /, **fields: Any) -> Job[Any]:
 
     ``command`` is an argv list (run without a shell) or a string (run by ``bash -c``); the other keywords
     are :class:`JobSpec` fields; ``backend=`` names where to run it (else placement chooses), and the
-    placement options (``objective=``, ``max_price_per_hour=``, ...) are those of :func:`meshrun.plan`.
+    placement options (``objective=``, ``max_price_per_hour=``, ``unknown_start=``, ``timeout=``, ...) are
+    those of :func:`meshrun.plan`.
     A :class:`JobSpec` is accepted too (the keywords then replace its fields). A function is submitted with
     :func:`meshrun.submit` or ``@meshrun.job``.
     """
@@ -381,94 +270,9 @@ def run(command: Any = None, /, **fields: Any) -> Job[Any]:
         raise SpecError("command", "meshrun.run needs a command: an argv list such as ['python', 'train.py'] or a "
                         "string run by bash -c")
     backend = fields.pop("backend", None)
-    plan_kwargs = {k: fields.pop(k) for k in list(fields) if k in _PLAN_KWARGS}
+    placement = PlacementOptions.split(fields)
     if isinstance(command, JobSpec):
         spec = command.replace(**fields) if fields else command
     else:
         spec = JobSpec(command=command, **fields)
-    return _submit_spec(spec, backend=backend, **plan_kwargs)
-
-
-_PLAN_KWARGS = ("objective", "max_price_per_hour", "backends", "exclude_backends", "allow_spot", "regions",
-                "value_of_time", "deadline", "runtime")
-
-
-def failover_if_stuck(job: Job) -> None:
-    """Called on every status refresh of a PENDING job: if it was placed by a plan and has waited longer
-    than its spec's ``max_pending``, cancel it and submit it to the next offer of its plan (kept in the job
-    folder's plan.json, so any process can do it), recording a ``moved`` event and the new attempt."""
-    rec = job._record
-    if rec.state is not JobState.PENDING or not rec.backend_id or not rec.submitted_at:
-        return
-    max_pending = None
-    for h in reversed(rec.history):
-        if h.get("event") == "placed":
-            max_pending = h.get("max_pending")
-            break
-    if not max_pending:
-        return
-    waited = time.time() - rec.submitted_at
-    if waited < max_pending:
-        return
-    for h in reversed(rec.history):  # since this attempt began: nothing left to move to, or a recent failure
-        ev = h.get("event")
-        if ev == "submitted":
-            break
-        if ev == "failover_exhausted" or (ev == "failover_failed" and time.time() - h.get("time", 0) < 60):
-            return
-    try:
-        from ._placement import move_to_next_offer
-
-        move_to_next_offer(job, waited=waited, max_pending=float(max_pending))
-    except Exception as e:  # never break a status refresh
-        try:
-            job._store.add_event(job.id, "failover_failed", error=f"{type(e).__name__}: {e}")
-        except Exception:
-            pass
-
-
-RETRY_STATES = (JobState.FAILED, JobState.PREEMPTED, JobState.LOST)
-
-
-def retry_if_failed(job: Job, status: Any, backend: Any) -> bool:
-    """Called when a job's backend reports it FAILED, PREEMPTED or LOST: if its spec allows ``retries`` and
-    some are left, archive this attempt (its output stays under attempts/<n>/) and submit the job folder
-    again to the same backend. Returns True when it was resubmitted (the failure is then not final)."""
-    from ._placement import archive_attempt, job_folder_lock, load_plan, write_launch
-
-    rec = job._record
-    if status.state not in RETRY_STATES or not rec.backend:
-        return False
-    job_dir = Path(job.job_dir)
-    try:
-        spec = JobSpec.from_json((job_dir / "spec.json").read_text())
-    except (OSError, SpecError):
-        return False
-    used = sum(1 for h in rec.history if h.get("event") == "retry")
-    if spec.retries <= used:
-        return False
-    with job_folder_lock(job_dir) as mine:
-        if not mine:
-            return True  # another process is resubmitting it right now
-        fresh = job._store.get(job.id)
-        if fresh.backend_id != rec.backend_id or fresh.terminal:
-            job._record = fresh
-            return fresh.state is not JobState.FAILED
-        try:
-            backend.fetch_results(rec.backend_id, job_dir)  # keep the failed attempt's output with it
-        except MeshrunError:
-            pass
-        archive_attempt(job_dir, rec.attempt)
-        plan = load_plan(job_dir)
-        launch = (plan or {}).get("launch") or json.loads(
-            (job_dir / "attempts" / str(rec.attempt) / "launch.json").read_text())
-        write_launch(job_dir, launch)
-        job._store.add_event(job.id, "retry", attempt=rec.attempt, backend=rec.backend, state=status.state.value,
-                             reason=status.reason, left=spec.retries - used - 1)
-        sub = Submission(job_id=job.id, job_dir=job_dir, spec=spec, launch=dict(launch), attempt=rec.attempt + 1)
-        try:
-            _submit_with_failover(Prepared(job._store.get(job.id), sub), job._store, rec.backend, None, None)
-        except MeshrunError:
-            pass  # recorded: the job is FAILED with the submit error in its history
-        job._record = job._store.get(job.id)
-        return True
+    return _submit_spec(spec, backend=backend, **placement)

@@ -266,6 +266,19 @@ FunctionField = Annotated[
 ]
 
 
+#: readers of other tools' job files, by format ("skypilot", "skypilot-pipeline", "dstack": a path and
+#: ``env=`` -> JobSpec, or a list of them for a pipeline), registered by :mod:`meshrun._jobfile`, so that this
+#: module depends on none of them
+FILE_READERS: dict[str, Callable[..., Any]] = {}
+
+
+def _file_reader(kind: str) -> Callable[..., Any]:
+    reader = FILE_READERS.get(kind)
+    if reader is None:
+        raise SpecError("", f"the {kind} job-file reader is not loaded (import meshrun, which loads it with JobSpec)")
+    return reader
+
+
 class JobSpec(BaseModel):
     """A job, defined once: a command (argv list, or a string run by bash) or a Python function with its
     arguments, the resources it needs, its environment, files and time limit.
@@ -339,9 +352,7 @@ class JobSpec(BaseModel):
         ``workdir``, ``num_nodes``, ``file_mounts``, ``resources``); what only SkyPilot understands is kept in
         ``backend_options["skypilot"]``. ``env`` is merged over the task's envs (and fills null ones).
         docs/job-files.md says how each field maps. ``meshrun run task.yaml`` uses this."""
-        from ._taskyaml import spec_from_task_yaml
-
-        return spec_from_task_yaml(path, env=env)
+        return _file_reader("skypilot")(path, env=env)
 
     @classmethod
     def from_dstack_yaml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> "JobSpec":
@@ -349,17 +360,13 @@ class JobSpec(BaseModel):
         env, image, nodes, files, resources; dstack settings without a JobSpec field go to
         ``backend_options["dstack"]``; a field meshrun cannot express (ports, GPU count ranges, ...) is a
         SpecError naming it. docs/job-files.md says how each field maps."""
-        from ._dstackyaml import spec_from_dstack_yaml
-
-        return spec_from_dstack_yaml(path, env=env)
+        return _file_reader("dstack")(path, env=env)
 
     @classmethod
     def pipeline_from_skypilot_yaml(cls, path: str | os.PathLike[str], *,
                                     env: Mapping[str, str] | None = None) -> list["JobSpec"]:
         """Every task of a SkyPilot pipeline (a multi-document task YAML), in order (one for a plain task)."""
-        from ._taskyaml import specs_from_task_yaml
-
-        return specs_from_task_yaml(path, env=env)
+        return list(_file_reader("skypilot-pipeline")(path, env=env))
 
     def to_json(self, **kw: Any) -> str:
         """JSON text; a function is written as its "module:qualname" reference."""

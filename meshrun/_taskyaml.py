@@ -32,6 +32,7 @@ import re
 from typing import Any, Mapping
 
 from ._errors import SpecError
+from ._spec import JobSpec
 
 #: top-level keys of a SkyPilot task (its schema); the ones meshrun maps itself are handled below
 TASK_KEYS = (
@@ -107,8 +108,6 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
     inline secrets. ``env`` (``meshrun run --env``) is merged over the task's envs; an env left null is
     taken from ``environ`` (default: ``os.environ``). Secrets go to ``JobSpec.secrets``; a null secret (or
     the list form's names) is resolved from the submitter's environment at submit."""
-    from ._spec import JobSpec
-
     if not isinstance(config, Mapping):
         raise SpecError("", f"{source} must be a mapping of task fields, got {type(config).__name__}")
     environ = os.environ if environ is None else environ

@@ -29,7 +29,7 @@ _EXPORTS = {
     "register_backend": "._registry", "unregister_backend": "._registry", "get_backend": "._registry",
     "list_backends": "._registry", "install_hint": "._install",
     "agent_file": "._local", "agent_version": "._local", "map_agent_status": "._local", "tail_file": "._local",
-    "place_files_locally": "._scheduler",
+    "place_files_locally": "._attempts",
     "DIST_ENV_VARS": "._launch", "dist_env": "._launch", "dist_shell": "._launch", "free_port": "._launch",
     "check_dist_env": "._launch",
     "slurm_time": "._units",
@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._launch import check_dist_env, dist_env, dist_shell, free_port
     from ._local import agent_file, agent_version, map_agent_status, tail_file
     from ._registry import get_backend, list_backends, register_backend, unregister_backend
-    from ._scheduler import place_files_locally
+    from ._attempts import place_files_locally
     from ._units import slurm_time
 
 __all__ = [

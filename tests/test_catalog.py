@@ -1,4 +1,5 @@
-"""Cloud prices from SkyPilot-format catalog files, read from the public snapshot in shared/catalogs/v8."""
+"""Cloud prices from SkyPilot-format catalog files, read from the public snapshot that ships in meshrun/catalogs;
+``meshrun catalog update`` against a real local HTTP server."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import meshrun
 from meshrun import JobSpec, _catalog
 from meshrun._catalog import catalog_offers, load_catalog, norm_gpu, slurm_price
 
-SNAP = Path(__file__).resolve().parents[2] / "shared" / "catalogs" / "v8"
-pytestmark = pytest.mark.skipif(not SNAP.is_dir(), reason=f"the catalog snapshot is not at {SNAP}")
+SNAP = _catalog.SHIPPED
 
 
 def rows(cloud: str) -> list[dict[str, str]]:
@@ -116,11 +116,19 @@ def test_catalog_offers_is_public_and_takes_a_launcher():
 def test_catalog_folder_lookup(tmp_path, monkeypatch):
     monkeypatch.delenv("MESHRUN_CATALOG_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert _catalog.catalog_dir() is None
-    assert catalog_offers(spec(gpus=1)) == []
+    # out of the box: the snapshot that ships with meshrun, with prices and its age
+    assert _catalog.catalog_dir() == SNAP
+    assert any(o.fits and o.price_per_hour > 0 for o in catalog_offers(spec(gpus="H100:8")))
+    info = _catalog.catalog_info()
+    assert info.kind == "shipped" and _catalog.SNAPSHOT_DATE in info.age_text()
     sky = tmp_path / ".sky" / "catalogs" / "v8"
     sky.mkdir(parents=True)
     assert _catalog.catalog_dir() == sky
+    assert _catalog.catalog_info().kind == "skypilot"
+    fetched = _catalog.updated_dir()
+    fetched.mkdir(parents=True)
+    assert _catalog.catalog_dir() == fetched  # what `meshrun catalog update` fetched wins over SkyPilot's
+    fetched.rmdir()
     meshrun.configure({"placement": {"catalog_dir": str(SNAP)}})
     assert _catalog.catalog_dir() == SNAP
     monkeypatch.setenv("MESHRUN_CATALOG_DIR", str(sky))
@@ -174,3 +182,78 @@ def test_slurm_pricing_lookup_priority(tmp_path):
     assert price("other", "debug") == 0.0  # wildcard
     # the snapshot's single wildcard row prices everything at 0
     assert slurm_price(load_catalog(SNAP), region="x", zone="y", gpu_type="H100", gpus=8, cpus=1, memory=None)[0] == 0
+
+
+# ---- meshrun catalog update, against a real HTTP server -------------------------------------------------
+
+
+@pytest.fixture
+def catalog_server(tmp_path):
+    """A real HTTP server (the standard library's) serving a copy of the snapshot as ``/v8``."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    root = tmp_path / "served"
+    shutil.copytree(SNAP, root / "v8")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield root / "v8", f"http://127.0.0.1:{srv.server_address[1]}/v8"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_catalog_update_fetches_checks_and_switches_atomically(catalog_server, meshrun_home, monkeypatch):
+    from meshrun._catalog_update import update_catalog
+
+    served, url = catalog_server
+    monkeypatch.delenv("MESHRUN_CATALOG_DIR", raising=False)
+    said: list[str] = []
+    r = update_catalog(["lambda", "nebius", "aws"], source=url, progress=said.append)
+    assert sorted(r.fetched) == ["lambda", "nebius"] and "404" in r.missing["aws"]
+    link = _catalog.updated_dir()
+    assert link.is_symlink() and (link / "lambda" / "vms.csv").read_bytes() == (SNAP / "lambda" / "vms.csv").read_bytes()
+    assert any("lambda/vms.csv" in m and "priced rows" in m for m in said)
+    assert _catalog.catalog_dir() == link
+    info = _catalog.catalog_info()
+    assert info.kind == "fetched" and info.source == url and "today" in info.age_text()
+    first = link.resolve()
+    # a table that is not a price table: the update fails, names it, and the tables in use stay
+    (served / "nebius" / "vms.csv").write_text("<html>rate limited</html>\n")
+    with pytest.raises(meshrun.MeshrunError, match="nebius/vms.csv is not a price table"):
+        update_catalog(["lambda", "nebius"], source=url)
+    assert link.resolve() == first and (link / "nebius" / "vms.csv").read_bytes() == (SNAP / "nebius" / "vms.csv").read_bytes()
+    assert len(list((link.parent / "snapshots").iterdir())) == 1  # the failed download left nothing behind
+    # a source with none of the tables is an error, not an empty catalog
+    with pytest.raises(meshrun.MeshrunError, match="no price table could be fetched"):
+        update_catalog(["nosuchcloud"], source=url)
+    with pytest.raises(meshrun.ConfigError, match="clouds"):
+        update_catalog(["../etc"], source=url)
+
+
+def test_catalog_cli_update_and_show(catalog_server, meshrun_home, monkeypatch):
+    from meshrun.testing import run_cli
+
+    _, url = catalog_server
+    monkeypatch.delenv("MESHRUN_CATALOG_DIR", raising=False)
+    p = run_cli("catalog", "update", "--source", url, "--clouds", "lambda")
+    assert p.returncode == 0, p.stderr
+    assert "updated" in p.stdout and "lambda" in p.stdout
+    assert "lambda/vms.csv" in p.stderr and "priced rows" in p.stderr  # progress
+    p = run_cli("catalog")
+    assert p.returncode == 0 and "meshrun catalog update" in p.stdout and "lambda: " in p.stdout, p.stdout
+    # offers say where their prices come from and how old they are (a cloud launcher that is not installed
+    # stands for one whose server is down: the catalog's offers are listed either way)
+    cfg = meshrun_home / "offers.toml"
+    cfg.write_text('[placement]\nbackends = ["local", "skyless"]\ncloud_launcher = "skyless"\n')
+    p = run_cli("offers", "--gpus", "H100:8", check=False, env={"MESHRUN_CONFIG": str(cfg)})
+    assert "lambda" in p.stdout and "`meshrun catalog update`" in p.stdout and "today" in p.stdout, p.stdout

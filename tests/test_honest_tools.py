@@ -14,22 +14,14 @@ from typing import Any
 import pytest
 
 import meshrun
-from meshrun import JobSpec
+from meshrun import JobSpec, _catalog
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
-def _snapshot() -> Path | None:
-    """The catalog snapshot (``shared/catalogs/v8`` beside the checkout), or ``$MESHRUN_CATALOG_DIR``."""
-    env = os.environ.get("MESHRUN_CATALOG_DIR")
-    cands = [Path(env)] if env else []
-    cands += [p / "shared" / "catalogs" / "v8" for p in REPO.parents]
-    return next((c for c in cands if (c / "lambda" / "vms.csv").is_file()), None)
-
-
-SNAP = _snapshot()
-needs_snapshot = pytest.mark.skipif(SNAP is None, reason="the catalog snapshot (shared/catalogs/v8) is not here")
+SNAP: Path | None = _catalog.SHIPPED  # the price catalog snapshot that ships inside the package
+needs_snapshot = pytest.mark.skipif(not SNAP.is_dir(), reason="the catalog snapshot (meshrun/catalogs/v8) is not here")
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

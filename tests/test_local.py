@@ -362,3 +362,34 @@ def test_retries_resubmit_a_failed_job_and_keep_each_attempts_output(tmp_path):
     assert e.value.exit_code == 5
     assert always.record.attempt == 3
     assert [h["event"] for h in always.record.history].count("retry") == 2
+
+
+def test_status_is_a_read_and_the_retry_happens_where_the_job_is_advanced(tmp_path):
+    from meshrun.testing import wait_until
+
+    marker = tmp_path / "tried"
+    job = meshrun.run(["bash", "-c", f"if [ -e {marker} ]; then echo second; else touch {marker}; exit 3; fi"],
+                      retries=1, name="flaky")
+    # the first attempt fails; reading the status says so, and that a retry is due, but resubmits nothing
+    wait_until(lambda: "a retry is due" in (job.refresh().reason or ""), timeout=60,
+               what="the first attempt to fail")
+    for _ in range(3):
+        assert not job.done() and "attempt 1 failed" in (job.reason or "")
+    assert [h["event"] for h in job.history].count("retry") == 0 and job.record.attempt == 1
+    assert (job.job_dir / "exit.json").exists()  # the failed attempt's records are where it left them
+    # advancing the job (what wait() does every round) archives the attempt and submits it again
+    job.advance()
+    assert [h["event"] for h in job.history].count("retry") == 1 and job.record.attempt == 2
+    assert job.result(timeout=60) == 0 and job.logs().strip() == "second"
+    assert (job.job_dir / "attempts" / "1" / "exit.json").exists()
+
+
+def test_cancel_of_a_job_whose_retry_is_due_ends_it_without_the_retry():
+    from meshrun.testing import wait_until
+
+    job = meshrun.run(["bash", "-c", "exit 3"], retries=2)
+    wait_until(lambda: "a retry is due" in (job.refresh().reason or ""), timeout=60, what="the attempt to fail")
+    job.cancel()
+    assert job.status() is JobState.CANCELLED and "before its retry" in (job.reason or "")
+    job.advance()
+    assert job.record.attempt == 1 and [h["event"] for h in job.history].count("retry") == 0

@@ -35,13 +35,11 @@ from meshrun import (
     Offer,
     SpecError,
 )
-from meshrun import _registry
+from meshrun import _catalog, _registry
 from meshrun._placement import Objective, rank
 
-# the snapshot lives in shared/ beside the checkout (a worktree sits one folder deeper)
-SNAP = next((p / "shared" / "catalogs" / "v8" for p in Path(__file__).resolve().parents[2:]
-             if (p / "shared" / "catalogs" / "v8").is_dir()),
-            Path(__file__).resolve().parents[2] / "shared" / "catalogs" / "v8")
+# the price catalog snapshot that ships inside the package
+SNAP = _catalog.SHIPPED
 needs_snapshot = pytest.mark.skipif(not SNAP.is_dir(), reason=f"the catalog snapshot is not at {SNAP}")
 H = 3600.0
 
@@ -469,6 +467,9 @@ def test_scenario_pending_past_max_pending_moves_to_the_next_offer(register, fak
     meshrun.configure({"prices": {"local": {"default": 0.5}}})
     job = meshrun.run(["bash", "-c", "echo moved"], gpus=1, max_pending=1, backends=["hpc", "local"])
     assert job.backend == "hpc" and job.status() is JobState.PENDING
+    time.sleep(1.1)
+    # past max_pending, reading the status still changes nothing: moving is the wait loop's (or advance's)
+    assert job.status() is JobState.PENDING and job.backend == "hpc" and hpc.cancelled == []
     plan_file = json.loads((job.job_dir / "plan.json").read_text())
     assert [o["backend"] for o in plan_file["ranked"]] == ["hpc", "local"] and plan_file["max_pending"] == 1
     # a fresh handle (as after a re-attach in another process) finds the plan in the job folder
@@ -487,8 +488,10 @@ def test_pending_with_no_offer_left_stays_put_and_says_so_once(register):
     hpc = register(Scripted("hpc", cluster_offers(start=0.0)))
     job = meshrun.run(["true"], max_pending=0.2, backends=["hpc"])
     time.sleep(0.3)
+    assert job.status() is JobState.PENDING  # a read: it records nothing about failover
+    assert [h["event"] for h in job.history] == ["placed", "submitted"]
     for _ in range(3):
-        assert job.status() is JobState.PENDING
+        assert job.advance() is JobState.PENDING
     events = [h["event"] for h in job.history]
     assert events.count("failover_exhausted") == 1 and hpc.cancelled == []
     assert "every offer of its plan was tried" in [h for h in job.history if h["event"] == "failover_exhausted"][0]["reason"]
@@ -498,7 +501,7 @@ def test_named_backend_is_not_moved_or_replanned(register):
     hpc = register(Scripted("hpc", cluster_offers(start=0.0)))
     job = meshrun.run(["true"], max_pending=0.1, backend="hpc")
     time.sleep(0.2)
-    assert job.status() is JobState.PENDING and hpc.cancelled == []
+    assert job.advance() is JobState.PENDING and hpc.cancelled == []
     assert [h["event"] for h in job.history] == ["submitted"]
     hpc.submit_error = "down"
     with pytest.raises(BackendError, match="down"):  # a named backend's error is raised as is
@@ -551,6 +554,43 @@ def test_cli_offers_prints_the_ranked_table_and_json(tmp_path):
     assert none.returncode == 1 and "nothing fits" in none.stdout
     bad = cli("offers", "--objective", "cost", "--max-price", "-1", env=env)
     assert bad.returncode == 2 and "max_price_per_hour" in bad.stderr
+
+
+def test_one_placement_options_model_for_arguments_config_and_cli(tmp_path, register):
+    P = meshrun.PlacementOptions
+    o = P(objective="start", timeout=3, backends="local")
+    assert o.objective is Objective.START and o.offers_timeout == 3.0 and o.backends == ("local",)
+    with pytest.raises(Exception):
+        o.objective = Objective.COST  # type: ignore[misc]  # frozen
+    # arguments: SpecError naming the option; the config: ConfigError naming placement.<option>
+    for kw, field, text in [(dict(unknown_start="soon"), "unknown_start", "duration"),
+                            (dict(timeout=-1), "offers_timeout", ">= 0"),
+                            (dict(respond_within={"slurm": "x"}), "respond_within.slurm", "seconds"),
+                            (dict(objectiv="cost"), "objectiv", "the options are: objective")]:
+        with pytest.raises(SpecError) as e:
+            P(**kw)
+        assert e.value.field == field and text in str(e.value) and not isinstance(e.value, meshrun.ConfigError)
+        with pytest.raises(meshrun.ConfigError) as c:
+            P.from_config({"offers_timeout" if k == "timeout" else k: v for k, v in kw.items()})
+        assert c.value.field == f"placement.{field}", c.value
+    # the config's values are overridden by the arguments, and the arguments of run() are these options
+    meshrun.configure({"placement": {"objective": "start", "runtime": "2h"}})
+    merged = P(objective="cost").over(P.from_config())
+    assert merged.objective is Objective.COST and merged.runtime == 7200
+    register(Scripted("hpc", cluster_offers(start=0.0)))
+    job = meshrun.run(["true"], backends=["hpc"], unknown_start="2h", timeout=5)  # once rejected as JobSpec fields
+    placed = next(h for h in job.history if h["event"] == "placed")
+    assert placed["offer"] == "hpc/gpu/on-demand"
+    assert json.loads((job.job_dir / "plan.json").read_text())["inputs"]["unknown_start"] == 7200
+    with pytest.raises(SpecError) as e:
+        meshrun.run(["true"], backends=["hpc"], max_price_per_hour="lots")
+    assert e.value.field == "max_price_per_hour"
+    with pytest.raises(SpecError) as e:
+        meshrun.job(objective="fastest")(lambda: 1)
+    assert e.value.field == "objective"
+    # the CLI's flags are the same options (each flag's dest is the option's name)
+    bad = cli("offers", "--offers-timeout", "-3", env={"MESHRUN_CONFIG": str(tmp_path / "none.toml")})
+    assert bad.returncode == 2 and "offers_timeout" in bad.stderr, bad.stderr
 
 
 # ---- GPU alternatives: each ranked by its own price, the chosen one is what the job gets -------------------

@@ -37,7 +37,7 @@ def settings_class() -> Any:
 
     from pydantic import Field, SecretStr, field_validator
 
-    class DstackSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
+    class DstackSettings(mb.BackendSettings):
         url: Optional[str] = Field(None, description="the dstack server, e.g. http://127.0.0.1:3000")
         project: Optional[str] = Field(None, description="the dstack project (default: dstack's default, else main)")
         token: Optional[SecretStr] = Field(None, description="the user's dstack token")

@@ -120,7 +120,7 @@ def settings_model() -> Any:
 
     import meshrun.backend as mb
 
-    class KubernetesSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
+    class KubernetesSettings(mb.BackendSettings):
         """``[backends.kubernetes]``: where and how to talk to the cluster, and job defaults."""
 
         kubeconfig: Optional[str] = None  # default: $KUBECONFIG, else ~/.kube/config

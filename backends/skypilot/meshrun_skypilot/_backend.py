@@ -76,7 +76,7 @@ _POOL_CLOUDS = ("slurm", "kubernetes", "ssh")
 def _settings_class() -> Any:
     from typing import Optional, Union
 
-    class SkyPilotSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
+    class SkyPilotSettings(mb.BackendSettings):
         endpoint: Optional[str] = None  # a remote API server (default: the local one)
         port: Optional[int] = None  # local API server port (default: SKYPILOT_API_SERVER_LOCAL_PORT or 46580)
         start_server: bool = True  # start the local API server when it is down
@@ -274,7 +274,10 @@ class SkyPilotBackend(Backend):
         try:
             enabled = self.enabled_clouds()
         except BackendUnavailable as e:
-            return [Offer(backend=NAME, where="-", nodes=spec.nodes, fits=False, reason=str(e).removeprefix("[skypilot] "))]
+            why = str(e).removeprefix("[skypilot] ")
+            # prices do not need the server, launching does: show the catalog's offers, each saying why not
+            priced = [o.rejected(why) for o in self._catalog_offers(spec, self.settings.clouds, opts) if o.fits]
+            return priced or [Offer(backend=NAME, where="-", nodes=spec.nodes, fits=False, reason=why)]
         if not enabled:
             return [Offer(backend=NAME, where="-", gpus=spec.resources.gpus, gpu_type=spec.resources.gpu_type,
                           nodes=spec.nodes, fits=False,
@@ -306,18 +309,17 @@ class SkyPilotBackend(Backend):
                    for o in out]
         return out
 
-    def _catalog_offers(self, spec: Any, clouds: list[str], opts: Mapping[str, Any]) -> list[Offer]:
+    def _catalog_offers(self, spec: Any, clouds: list[str] | None, opts: Mapping[str, Any]) -> list[Offer]:
         folder = self.catalog_folder()
         if hasattr(meshrun, "catalog_offers"):  # the core's reader of the same SkyPilot catalog CSVs
-            if not os.path.isdir(folder):
-                return [Offer(backend=NAME, where=c, fits=False,
-                              reason=f"no SkyPilot catalog at {folder} (SkyPilot downloads it when online)")
-                        for c in clouds]
-            offers = meshrun.catalog_offers(spec, catalog_dir=folder, clouds=clouds, launcher=NAME)
+            # SkyPilot's own copy when it has one (it refreshes it), else the catalog meshrun uses (one
+            # `meshrun catalog update` fetched, or the snapshot that ships with meshrun)
+            where = folder if os.path.isdir(folder) else None
+            offers = meshrun.catalog_offers(spec, catalog_dir=where, clouds=clouds, launcher=NAME)
         else:  # pragma: no cover - an older core: SkyPilot's own catalog module
             from ._catalog import sky_catalog_offers
 
-            offers = sky_catalog_offers(spec, clouds)
+            offers = sky_catalog_offers(spec, clouds or [])
         region = opts.get("region")
         if region:
             offers = [o if not o.fits or o.region == region else o.rejected(f"the job asks for region {region}")

@@ -22,14 +22,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 SCRIPTS = HERE.parent / "scripts"
-SHARED_CATALOGS = [REPO.parent / "shared" / "catalogs", REPO / "shared" / "catalogs"]
 
 
 def snapshot_dir() -> Path | None:
-    for p in SHARED_CATALOGS:
-        if (p / "v8").is_dir():
-            return p / "v8"
-    return None
+    """The price catalog snapshot that ships inside the meshrun package."""
+    import meshrun
+
+    p = Path(meshrun.__file__).resolve().parent / "catalogs" / "v8"
+    return p if p.is_dir() else None
 
 
 def _free(port: int) -> bool:

@@ -44,6 +44,10 @@ SETTLED_WHILE_COMPLETING = frozenset({"CANCELLED", "TIMEOUT", "DEADLINE", "OUT_O
 
 # a job in Slurm's terminal state with no exit record yet: wait this long for the shared filesystem
 SETTLE = 30.0
+# a job Slurm shows FAILED whose agent was stopped by a signal from outside: while Slurm requeues a job
+# (scontrol requeue, preemption, a node failure) squeue shows it FAILED for a moment before PENDING again;
+# ask squeue afresh for this long before believing the FAILED
+REQUEUE_SETTLE = 10.0
 SINFO_TTL = 60.0  # partitions and node sizes
 CLUSTER_TTL = 86400.0  # the cluster's name
 CHECK_TTL = 10.0  # a good check()
@@ -101,6 +105,7 @@ class SlurmBackend(mb.Backend):
         self._sacct: dict[str, S.Row] = {}
         self._sacct_at: dict[str, float] = {}
         self._settle: dict[str, float] = {}
+        self._requeue_settle: dict[tuple[str, float], float] = {}
         self._cluster_name: str | None = None
         self._agent_remote: str | None = None
         self._agent_sha: str | None = None  # login-node mode: the uploaded agent's SHA-256
@@ -923,6 +928,14 @@ class SlurmBackend(mb.Backend):
                 JS.LOST, reason=f"Slurm no longer knows job {bid} (neither squeue nor sacct shows it) and it "
                                 f"left no exit record")
         st = S.to_status(row)
+        if row.state == "FAILED" and isinstance(rec0, Mapping) and rec0.get("signal") and not _agent_trusts(rec0):
+            key = (bid, float(rec0.get("ended_at") or 0))
+            first = self._requeue_settle.setdefault(key, time.monotonic())
+            if time.monotonic() - first < REQUEUE_SETTLE:
+                with self._lock:
+                    self._squeue_at = -1e9  # the next status asks squeue again
+                return mb.JobStatus(JS.RUNNING, reason="its agent was stopped by a signal; waiting to see whether "
+                                                       "Slurm requeues it", where=row.nodes)
         if st.state.terminal:
             # an exit record says more than Slurm's COMPLETED/FAILED; Slurm says more about what killed it
             if isinstance(rec0, Mapping) and row.state in ("COMPLETED", "FAILED"):

@@ -217,7 +217,7 @@ def settings_class() -> Any:
         return _SETTINGS_CLS
     from pydantic import Field, SecretStr, field_validator
 
-    class SlurmSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
+    class SlurmSettings(mb.BackendSettings):
         """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
 
         partition: Union[str, None] = None

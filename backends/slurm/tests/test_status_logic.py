@@ -60,9 +60,15 @@ def test_slurm_wins_over_an_agent_stopped_by_a_signal(backend, slurm_state, want
         assert st.state is want and st.reason.startswith(slurm_state), st
 
 
-def test_slurm_failed_with_an_agent_stopped_by_a_signal_stays_failed(backend):
-    st = backend._combine("5", TARGET, [rec("cancelled", reason="stopped by signal SIGTERM")],
-                          S.Row(id="5", state="FAILED", exit_code=1), None)
+def test_slurm_failed_with_an_agent_stopped_by_a_signal_stays_failed(backend, monkeypatch):
+    agent = rec("cancelled", sig=15, reason="stopped by signal SIGTERM")
+    row = S.Row(id="5", state="FAILED", exit_code=1)
+    # squeue shows a job being requeued FAILED for a moment: not an outcome yet
+    st = backend._combine("5", TARGET, [agent], row, None)
+    assert st.state is JS.RUNNING and "requeue" in st.reason
+    # still FAILED once Slurm had the time to requeue it: that is the outcome
+    monkeypatch.setattr("meshrun_slurm._backend.REQUEUE_SETTLE", 0.0)
+    st = backend._combine("5", TARGET, [agent], row, None)
     assert st.state is JS.FAILED and "SIGTERM" in st.reason
 
 

@@ -119,7 +119,7 @@ def _check_root(v: str) -> str:
     return v.rstrip("/") or "/"
 
 
-class SSHSettings(mb.BackendSettings):  # type: ignore[misc, valid-type]
+class SSHSettings(mb.BackendSettings):
     hosts: list[Union[str, HostSettings]] = []
     known_hosts: Optional[Union[str, list[str]]] = None
     ssh_config: Optional[str] = None
