@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _EXPORTS = {
-    # spec (from the module that also registers JobSpec's file readers: from_skypilot_yaml)
+    # spec (from the module that also registers JobSpec's file readers: from_skypilot_yaml, from_dstack_yaml)
     "JobSpec": "._jobfile",
     "Resources": "._spec",
     # jobs

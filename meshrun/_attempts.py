@@ -169,18 +169,6 @@ def job_folder_lock(job_dir: Path) -> Iterator[bool]:
 # ---- submit, with failover to the next offer ----------------------------------------------------------
 
 
-def _use_gpu_choice(prepared: Prepared, spec: Any, offer: Offer | None) -> None:
-    """Submit the GPU alternative the offer was made for (a spec with ``gpu_alternatives``)."""
-    from ._gather import spec_for_offer
-
-    chosen = spec_for_offer(spec, offer)
-    prepared.submission.spec = chosen
-    launch = prepared.submission.launch
-    if (launch.get("gpus"), launch.get("gpu_type")) != (chosen.resources.gpus, chosen.resources.gpu_type):
-        launch["gpus"], launch["gpu_type"] = chosen.resources.gpus, chosen.resources.gpu_type
-        write_launch(prepared.submission.job_dir, launch)
-
-
 def submit_with_failover(
     prepared: Prepared,
     store: Store,
@@ -210,7 +198,7 @@ def submit_with_failover(
     rec = store.get(job_id)
     attempt = sum(1 for h in rec.history if h.get("event") in ("submitted", "submit_failed"))
     launch = json.loads(json.dumps(sub.launch))  # the job's own, whatever a backend does to its copy
-    original_spec = sub.spec
+    spec = sub.spec  # with gpu_alternatives: each attempt is submitted as its offer's alternative
     errors: list[str] = []
     dead: set[str] = set()
     fails: dict[str, int] = {}
@@ -224,7 +212,7 @@ def submit_with_failover(
             sub.launch = json.loads(json.dumps(launch))
             write_launch(sub.job_dir, launch)
         try:
-            _use_gpu_choice(prepared, original_spec, cand)
+            _use_gpu_choice(sub, spec, cand)
             b = get_backend(bname)
             bname = b.name or bname
             store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)
@@ -251,6 +239,17 @@ def submit_with_failover(
         return
     store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
     raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])
+
+
+def _use_gpu_choice(sub: Submission, spec: JobSpec, offer: Offer | None) -> None:
+    """Submit the GPU alternative the offer was made for (a spec with ``gpu_alternatives``)."""
+    from ._gather import spec_for_offer
+
+    chosen = spec_for_offer(spec, offer)
+    sub.spec = chosen
+    if (sub.launch.get("gpus"), sub.launch.get("gpu_type")) != (chosen.resources.gpus, chosen.resources.gpu_type):
+        sub.launch["gpus"], sub.launch["gpu_type"] = chosen.resources.gpus, chosen.resources.gpu_type
+        write_launch(sub.job_dir, sub.launch)
 
 
 def _resubmission(store: Store, job_id: str, job_dir: Path, attempt: int) -> Prepared:

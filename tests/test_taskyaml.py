@@ -255,3 +255,18 @@ def test_cli_show_prints_what_meshrun_reads_without_secret_values(tmp_path, monk
     assert spec.resources.gpu_alternatives == ("L4:1", "A10G:1") and spec.secrets == {"TOK": None}
     assert "s3cr3t-value" not in out
     assert main(["show", "--native", "-b", "local", "t.yaml"]) == 2  # the local backend has nothing to show
+
+
+def test_a_command_line_resource_replaces_what_the_file_kept_for_its_tool():
+    from meshrun._cli import _override
+    from meshrun._dstackyaml import spec_from_dstack_config
+
+    sky = spec_from_task_config({"run": "x", "resources": {"accelerators": {"L4": 1, "A10G": 1}, "cpus": 8,
+                                                          "infra": "aws"}})
+    got = _override(sky, {"gpus": "H100:2"})
+    assert got.resources.gpu_request == "H100:2" and got.resources.gpu_alternatives == ()
+    assert got.options_for("skypilot") == {"cpus": "8", "infra": "aws"}  # the candidates are gone, not the rest
+    assert _override(sky, {"memory": "8GiB"}).options_for("skypilot")["accelerators"] == {"L4": 1, "A10G": 1}
+    dst = spec_from_dstack_config({"type": "task", "commands": ["x"], "resources": {"gpu": "A100:2"}})
+    assert "resources" not in _override(dst, {"cpus": 4}).options_for("dstack")
+    assert _override(dst, {"name": "n"}).options_for("dstack")["resources"] == {"gpu": "A100:2"}
