@@ -26,3 +26,37 @@ step() {  # step DESCRIPTION COMMAND [ARGS...]: run the command with its output 
   "$@" >>"$MESHRUN_INSTALL_LOG" 2>&1 || rc=$?
   [ "$rc" = 0 ] || fail "$what: $*" "$rc"
 }
+
+apt_install() {  # apt_install PKG...: install those not installed yet (root), without starting their daemons
+  local have need=() p rc=0 made_policy=0
+  have=" $(dpkg-query -W -f='${Package}=${Status} ' "$@" 2>/dev/null || true) "
+  for p in "$@"; do
+    case "$have" in *" $p=install ok installed "*) ;; *) need+=("$p") ;; esac
+  done
+  if [ ${#need[@]} -eq 0 ]; then say "Debian packages present"; return 0; fi
+  [ "$(id -u)" = 0 ] || fail "installing ${need[*]} needs root: run this script as root" 1
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ! -e /usr/sbin/policy-rc.d ]; then  # packages must not start daemons (there may be no init system)
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1
+  fi
+  say "apt-get install ${need[*]}"
+  _apt install -y -q --no-install-recommends "${need[@]}" ||
+    { _apt update -q && _apt install -y -q --no-install-recommends "${need[@]}"; } || rc=$?
+  [ "$made_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
+  [ "$rc" = 0 ] || fail "apt-get install ${need[*]}" "$rc"
+}
+
+_apt() {  # apt-get ARGS with its output in the log, retried while another apt/dpkg holds the lock
+  local i out
+  for i in $(seq 1 60); do
+    if out="$(apt-get -o DPkg::Lock::Timeout=60 "$@" 2>&1)"; then
+      printf '%s\n' "$out" >>"$MESHRUN_INSTALL_LOG"
+      return 0
+    fi
+    printf '%s\n' "$out" >>"$MESHRUN_INSTALL_LOG"
+    grep -qiE 'lock|dpkg was interrupted|Temporary failure' <<<"$out" || return 1
+    [ "$i" = 1 ] && say "apt is busy; retrying for up to 5 minutes"
+    sleep 5
+  done
+  return 1
+}

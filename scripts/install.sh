@@ -5,9 +5,9 @@
 #
 # One line per step. What pip and apt print goes to a log file (.venv/install.log, or $MESHRUN_INSTALL_LOG);
 # a step that fails prints its last lines and the log's path, and the script exits non-zero.
-# Fast when nothing changed: the editable installs are redone only when a pyproject.toml (or the Python,
-# or the checkout's location) changed since the last successful run, or an installed distribution no longer
-# points at this checkout; the backends' scripts only check what they would install.
+# Fast when nothing changed: the editable installs are redone only when a pyproject.toml or meshrun's version
+# (or the Python, or the checkout's location) changed since the last successful run, or an installed
+# distribution no longer points at this checkout; the backends' scripts only check what they would install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -62,7 +62,7 @@ for item in sys.argv[1:]:
 PY
 }
 stamp=.venv/.meshrun-install.stamp
-want="$( { echo "$root"; .venv/bin/python --version; printf '%s\n' "${args[@]}"; cat pyproject.toml backends/*/pyproject.toml; } \
+want="$( { echo "$root"; .venv/bin/python --version; printf '%s\n' "${args[@]}"; cat pyproject.toml backends/*/pyproject.toml meshrun/_version.py; } \
          | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && from_here >/dev/null 2>&1; then
   say "meshrun and its $(( ${#dists[@]} - 1 )) backends already installed from this checkout (pyproject files unchanged)"

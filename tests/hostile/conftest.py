@@ -3,8 +3,8 @@
 meshrun shares (the lease directory, fork-server sockets, job stores, terminal output, remote helpers)
 and assert that each one now fails.
 
-The users are created for the test session (``useradd``) and removed afterwards; the tests need root to
-do that and are skipped without it. Everything the two users share lives under a fresh directory in /tmp
+The users are created for the test session (``useradd``) and removed when the test run ends (the root
+conftest.py's ``session_services``); the tests need root to do that and are skipped without it. Everything the two users share lives under a fresh directory in /tmp
 that both can reach; each user's own files live in a private 0700 directory of theirs."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +80,13 @@ class User:
         return self.run([PY, "-c", code, *args], env=env, timeout=timeout)
 
 
-def _ensure_user(name: str, root: Path) -> User:
+def _ensure_user(name: str, root: Path, services) -> User:
+    services.use("hostile-users", was_up=True)
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+        services.created_user("hostile-users", name)  # removed (with its processes) when the test run ends
         pw = pwd.getpwnam(name)
     home = Path(pw.pw_dir)
     home.mkdir(parents=True, exist_ok=True)
@@ -116,28 +117,15 @@ NAMES = {"alice": "mra" + _SUFFIX, "bob": "mrb" + _SUFFIX}
 
 
 @pytest.fixture(scope="session")
-def alice(hostile_root) -> User:
+def alice(hostile_root, session_services) -> User:
     """The victim: an ordinary OS user running meshrun as usual (named ``mra<pid>``)."""
-    return _ensure_user(NAMES["alice"], hostile_root)
+    return _ensure_user(NAMES["alice"], hostile_root, session_services)
 
 
 @pytest.fixture(scope="session")
-def bob(hostile_root) -> User:
+def bob(hostile_root, session_services) -> User:
     """The attacker: another ordinary OS user of the same machine (named ``mrb<pid>``)."""
-    return _ensure_user(NAMES["bob"], hostile_root)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remove_users():
-    yield
-    for name in NAMES.values():
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            continue
-        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-        time.sleep(0.2)
-        subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
+    return _ensure_user(NAMES["bob"], hostile_root, session_services)
 
 
 @pytest.fixture
