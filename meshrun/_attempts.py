@@ -24,15 +24,17 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ._backend import JobState, JobStatus, Offer, Submission
 from ._errors import BackendError, BackendUnavailable, MeshrunError, NoPlacementError, SpecError
 from ._plan import Plan, _jsonable, group_rejections, offer_from_dict, offer_to_dict
 from ._registry import get_backend
-from ._spec import JobSpec
 from ._store import JobRecord, Store, _atomic_write
 from ._units import format_duration
+
+if TYPE_CHECKING:  # pragma: no cover - the spec (and pydantic) loads only when a job is (re)submitted
+    from ._spec import JobSpec
 
 
 class Prepared:
@@ -254,6 +256,8 @@ def _use_gpu_choice(sub: Submission, spec: JobSpec, offer: Offer | None) -> None
 
 def _resubmission(store: Store, job_id: str, job_dir: Path, attempt: int) -> Prepared:
     """The job folder as a new attempt's submission (its spec and its own launch description)."""
+    from ._spec import JobSpec
+
     spec = JobSpec.from_json((job_dir / "spec.json").read_text())
     launch = job_launch(job_dir, attempt)
     sub = Submission(job_id=job_id, job_dir=job_dir, spec=spec, launch=launch, attempt=attempt + 1)
@@ -271,6 +275,8 @@ def retries_left(rec: JobRecord, job_dir: Path, status: JobStatus) -> int:
     if status.state not in RETRY_STATES or not rec.backend:
         return 0
     try:
+        from ._spec import JobSpec
+
         spec = JobSpec.from_json((Path(job_dir) / "spec.json").read_text())
     except (OSError, SpecError):
         return 0

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("backends", help="installed backends and whether they can be used")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--fresh", action="store_true",
+                   help=f"check every backend now (otherwise a check younger than {BACKENDS_TTL:g}s is shown, "
+                        "with its age)")
 
     o = sub.add_parser("offers", help="where a job of this shape could run, ranked")
     _add_resource_args(o)
@@ -578,13 +581,18 @@ def cmd_wait(a: argparse.Namespace) -> int:
 
 
 def cmd_gpus(a: argparse.Namespace) -> int:
-    from ._registry import get_backend
+    if a.backend == "local":  # this machine: straight from the agent, without loading any backend
+        from ._localenv import local_gpus
 
-    b = get_backend(a.backend)
-    if not hasattr(b, "gpus"):
-        print(f"meshrun: the {a.backend} backend does not report GPU leases", file=sys.stderr)
-        return 2
-    snaps = b.gpus()
+        snaps: Any = local_gpus()
+    else:
+        from ._registry import get_backend
+
+        b = get_backend(a.backend)
+        if not hasattr(b, "gpus"):
+            print(f"meshrun: the {a.backend} backend does not report GPU leases", file=sys.stderr)
+            return 2
+        snaps = b.gpus()
     if isinstance(snaps, dict) and "gpus" in snaps:
         snaps = {snaps.get("host", "local"): snaps}
     if a.json:
@@ -683,10 +691,43 @@ def cmd_lease_service(a: argparse.Namespace) -> int:
     return 0
 
 
+BACKENDS_TTL = 60.0  # seconds `meshrun backends` shows the last check instead of checking again
+
+
+def _backends_cache() -> str:
+    from ._config import get_config
+
+    return str(get_config().home / "backends-checked.json")
+
+
+def _print_backends(out: list[dict[str, Any]], as_json: bool, checked_at: float, cached: bool) -> None:
+    if as_json:
+        print(json.dumps([dict(r, checked_at=checked_at) for r in out] if cached else out, indent=2))
+        return
+    rows = [[r["name"], r["status"], r["version"] or ("built in" if r["name"] == "local" else "-"), r["detail"]]
+            for r in out]
+    print_table(["BACKEND", "STATUS", "VERSION", "DETAIL"], rows,
+                styles={1: lambda v: {"ready": "green", "unavailable": "yellow", "failed to load": "red",
+                                      "error": "red", "not responding": "red"}.get(v, "dim")})
+    if cached:
+        print(f"checked {format_duration(max(0.0, time.time() - checked_at))} ago "
+              "(meshrun backends --fresh checks again)")
+
+
 def cmd_backends(a: argparse.Namespace) -> int:
     """Every backend and whether it can be used. Each installed one is loaded and checked in its own thread;
     one that has not answered within ``[placement] respond_within`` (1 s; this machine gets 2 s more) is
-    shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s."""
+    shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s.
+    The result is kept for ``BACKENDS_TTL`` seconds: a second ``meshrun backends`` within that time shows it,
+    with its age, without loading a single plugin (``--fresh`` checks again)."""
+    from . import _agent
+
+    if not a.fresh:
+        kept = _agent.read_json(_backends_cache())
+        if (isinstance(kept, dict) and isinstance(kept.get("rows"), list) and kept.get("python") == sys.executable
+                and 0 <= time.time() - float(kept.get("time") or 0) < BACKENDS_TTL):
+            _print_backends(kept["rows"], a.json, float(kept["time"]), cached=True)
+            return 0
     from . import _registry
     from ._gather import LOCAL_GRACE, still_asking
     from ._options import respond_limits
@@ -709,7 +750,6 @@ def cmd_backends(a: argparse.Namespace) -> int:
         if not left or max(left) <= 0:
             break
         wake.wait(min(x for x in left if x > 0))
-    rows = []
     out = []
     for info in infos:
         status, detail = "not installed", info.hint
@@ -723,14 +763,13 @@ def cmd_backends(a: argparse.Namespace) -> int:
                     detail += f"; last answer: {old['reason']}"
             else:
                 status, detail = probe.result or ("error", probe.failure or "no answer")
-        rows.append([info.name, status, info.version or ("built in" if info.name == "local" else "-"), detail])
         out.append({"name": info.name, "status": status, "version": info.version, "detail": detail})
-    if a.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print_table(["BACKEND", "STATUS", "VERSION", "DETAIL"], rows,
-                    styles={1: lambda v: {"ready": "green", "unavailable": "yellow", "failed to load": "red",
-                                          "error": "red", "not responding": "red"}.get(v, "dim")})
+    _print_backends(out, a.json, time.time(), cached=False)
+    try:
+        os.makedirs(os.path.dirname(_backends_cache()), mode=0o700, exist_ok=True)
+        _agent.write_json(_backends_cache(), {"time": time.time(), "python": sys.executable, "rows": out}, mode=0o600)
+    except OSError:
+        pass  # a read-only home: the next call checks again
     if still_asking():  # a backend that did not answer in time must not hold up the exit either
         sys.stdout.flush()
         sys.stderr.flush()

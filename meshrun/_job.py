@@ -474,6 +474,8 @@ def advance(jobs: Sequence[Job]) -> None:
     """The retry and failover policy, once, for jobs just refreshed: a failed attempt with retries left is
     submitted again, a job pending past ``max_pending`` moves to the next offer of its plan
     (:mod:`meshrun._attempts` does both, under the job folder's lock)."""
+    if not any(j._due is not None or j._record.state is JobState.PENDING for j in jobs):
+        return  # nothing to do: reading finished jobs loads no placement machinery
     from ._attempts import failover_if_stuck, retry
 
     for j in jobs:

@@ -21,7 +21,7 @@ from . import _agent
 from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
 from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
-from ._settings import BackendSettings
+from ._localenv import agent_env, gpu_snapshot
 
 INVENTORY_TTL = 10.0
 
@@ -57,18 +57,48 @@ class _Reaper:
         threading.Thread(target=p.wait, name=f"meshrun-reap-{p.pid}", daemon=True).start()
 
 
-class LocalSettings(BackendSettings):
-    """``[backends.local]``."""
+def _settings_model() -> Any:
+    """``LocalSettings``, the ``[backends.local]`` model, built on first use: the local backend serves reading
+    commands (``meshrun status``/``logs`` of a local job) that never need its settings, and pydantic is the
+    slowest import of all."""
+    global _LocalSettings
+    if _LocalSettings is None:
+        from ._settings import BackendSettings
 
-    grace_period: float = 10.0
-    lease_dir: Union[str, None] = None
-    fork_server: bool = True
-    server_idle: float = 300.0
-    # the fork server imports the installed packages function jobs imported (e.g. torch), so the next job
-    # starts with them loaded (imports only: never a GPU context or a Python thread)
-    warm_imports: bool = True
-    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-    share_gpu_below_mib: float = 0.0
+        class LocalSettings(BackendSettings):
+            """``[backends.local]``."""
+
+            grace_period: float = 10.0
+            lease_dir: Union[str, None] = None
+            fork_server: bool = True
+            server_idle: float = 300.0
+            # the fork server imports the installed packages function jobs imported (e.g. torch), so the next
+            # job starts with them loaded (imports only: never a GPU context or a Python thread)
+            warm_imports: bool = True
+            price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
+            share_gpu_below_mib: float = 0.0
+
+        _LocalSettings = LocalSettings
+    return _LocalSettings
+
+
+_LocalSettings: Any = None
+
+
+class _ModelOnFirstUse:
+    """A class attribute (``settings_model``) whose value is made by ``factory`` when first read."""
+
+    def __init__(self, factory: Any):
+        self.factory = factory
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return self.factory()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LocalSettings":
+        return _settings_model()
+    raise AttributeError(name)
 
 
 class LocalBackend(Backend):
@@ -78,13 +108,21 @@ class LocalBackend(Backend):
     install_hint = "built in"
     poll_interval = (0.002, 0.25)
     shared_filesystem = True
-    settings_model = LocalSettings
+    settings_model = _ModelOnFirstUse(_settings_model)
 
     def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
+        # the settings are validated when first used (a submit, offers, check), not to read a job's status
+        self.config: dict[str, Any] = dict(config or {})
+        self._settings: Any = None
         self._server_lock = threading.Lock()
         self._server_started = 0.0
         self._inventory: tuple[float, Any, Any] | None = None
+
+    @property
+    def settings(self) -> Any:
+        if self._settings is None:
+            self._settings = _settings_model().load(self.name, self.config)
+        return self._settings
 
     # ---- where things are
     @property
@@ -95,20 +133,9 @@ class LocalBackend(Backend):
         return self.home / "jobs" / backend_id
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # who submits (this process and its parents, e.g. a notebook kernel): a GPU this process holds is
-        # named as such in the waiting message rather than as an anonymous foreign process
-        env["MESHRUN_SUBMITTER_PIDS"] = ",".join(str(p) for p in _agent.ancestry())
-        if self.settings.lease_dir:
-            env["MESHRUN_LEASE_DIR"] = self.settings.lease_dir
-        if self.settings.share_gpu_below_mib and "MESHRUN_SHARE_GPU_BELOW_MIB" not in env:
-            env["MESHRUN_SHARE_GPU_BELOW_MIB"] = str(self.settings.share_gpu_below_mib)
         path = self._server_path() if self.settings.fork_server and self.settings.warm_imports else None
-        if path is not None:  # function jobs record the packages they import; the server keeps them warm
-            env[_agent.WARM_ENV] = path + ".warm.json"
-        else:
-            env.pop(_agent.WARM_ENV, None)
-        return env
+        return agent_env(self.settings.lease_dir, self.settings.share_gpu_below_mib,
+                         path + ".warm.json" if path is not None else None)
 
     def _server_path(self) -> str | None:
         return fork_server_path(self.home)
@@ -244,11 +271,7 @@ class LocalBackend(Backend):
 
     # ---- extras for the CLI
     def gpus(self) -> dict[str, Any]:
-        env = self._env()
-        snap = _agent.snapshot(env)
-        mode, detail = _agent.containment_available(env)  # what a job started from here gets
-        snap["containment"] = {"mode": mode, "detail": detail}
-        return snap
+        return gpu_snapshot(self._env())
 
     def stop_server(self) -> None:
         """Stop this process's warm fork server, if any (tests; it also idles out by itself)."""
