@@ -15,26 +15,6 @@ import meshrun.backend as mb
 
 from ._names import label_key_problem, label_value_problem, name_problem
 
-# options a job may set in backend_options["kubernetes"], and what each means (used in error messages)
-JOB_OPTIONS = {
-    "namespace": "namespace to run in",
-    "queue": "Kueue LocalQueue name (kueue.x-k8s.io/queue-name)",
-    "priority_class": "PriorityClass of the pods (spec.priorityClassName)",
-    "workload_priority_class": "Kueue WorkloadPriorityClass (kueue.x-k8s.io/priority-class)",
-    "node_selector": "extra node selector labels",
-    "tolerations": "extra pod tolerations",
-    "service_account": "service account of the pods",
-    "labels": "extra labels on the Job and its pods",
-    "annotations": "extra annotations on the Job and its pods",
-    "multi_node": '"indexed" (Indexed Job + headless Service) or "jobset"',
-    "gpu_products": "values of the GPU product node label that match the job's gpu_type",
-    "image_pull_policy": "Always, IfNotPresent or Never",
-    "workdir": "working directory inside the container",
-    "ttl_after_finished": "seconds a finished Job is kept (ttlSecondsAfterFinished); null keeps it",
-}
-
-
-
 def _listify(v: Any) -> Any:
     """Environment variables arrive as text: accept JSON for lists and tables, and 'a,b' for lists."""
     if isinstance(v, str):
@@ -225,22 +205,22 @@ def _check_queue(v: Any) -> Any:
 
 
 class KubernetesOptions(mb.BackendOptions):
-    """``backend_options["kubernetes"]`` of one job (JOB_OPTIONS says what each means)."""
+    """``backend_options["kubernetes"]`` of one job."""
 
-    namespace: Optional[str] = None
-    queue: Optional[str] = None
-    priority_class: Optional[str] = None
-    workload_priority_class: Optional[str] = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    service_account: Optional[str] = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    multi_node: Optional[Literal["indexed", "jobset"]] = None
-    gpu_products: Optional[list[str]] = None
-    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
-    workdir: Optional[str] = None
-    ttl_after_finished: Optional[int] = Field(-1, ge=-1)  # -1: the backend's setting
+    namespace: Optional[str] = None  # namespace to run in
+    queue: Optional[str] = None  # Kueue LocalQueue name (kueue.x-k8s.io/queue-name)
+    priority_class: Optional[str] = None  # PriorityClass of the pods (spec.priorityClassName)
+    workload_priority_class: Optional[str] = None  # Kueue WorkloadPriorityClass (kueue.x-k8s.io/priority-class)
+    node_selector: dict[str, str] = Field(default_factory=dict)  # extra node selector labels
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)  # extra pod tolerations
+    service_account: Optional[str] = None  # service account of the pods
+    labels: dict[str, str] = Field(default_factory=dict)  # extra labels on the Job and its pods
+    annotations: dict[str, str] = Field(default_factory=dict)  # extra annotations on the Job and its pods
+    multi_node: Optional[Literal["indexed", "jobset"]] = None  # Indexed Job + headless Service, or a JobSet
+    gpu_products: Optional[list[str]] = None  # values of the GPU product node label that match the job's gpu_type
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None  # Always, IfNotPresent or Never
+    workdir: Optional[str] = None  # working directory inside the container
+    ttl_after_finished: Optional[int] = Field(-1, ge=-1)  # seconds a finished Job is kept; -1: the setting
 
     @field_validator("namespace", "service_account", mode="before")
     @classmethod
