@@ -15,7 +15,7 @@ anything else is refused with an error naming the field, never dropped:
     resources.cpu/memory/disk-> cpus, memory, disk (minimums: "8", "8..", "32GB", "32GB..")
     resources (as written)   -> backend_options["dstack"]["resources"]: the dstack backend gives dstack the
                                 section itself (dstack's exact sizes and "at least one GPU" included)
-    resources.shm_size, python, spot_policy, max_price, retry, backends, regions, instance_types, fleets,
+    python, spot_policy, max_price, retry, backends, regions, instance_types, fleets,
     reservation, priority, working_dir, user, privileged, volumes, stop_duration, idle_duration
                              -> backend_options["dstack"]
 
