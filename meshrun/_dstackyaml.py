@@ -15,7 +15,7 @@ anything else is refused with an error naming the field, never dropped:
     resources.cpu/memory/disk-> cpus, memory, disk (minimums: "8", "8..", "32GB", "32GB..")
     resources (as written)   -> backend_options["dstack"]["resources"]: the dstack backend gives dstack the
                                 section itself (dstack's exact sizes and "at least one GPU" included)
-    resources.shm_size, python, spot_policy, max_price, retry, backends, regions, instance_types, fleets,
+    python, spot_policy, max_price, retry, backends, regions, instance_types, fleets,
     reservation, priority, working_dir, user, privileged, volumes, stop_duration, idle_duration
                              -> backend_options["dstack"]
 
@@ -98,6 +98,11 @@ def spec_from_dstack_config(config: Any, *, base_dir: str | None = None, source:
                             + ", ".join(sorted((*_MAPPED, *DSTACK_OPTIONS))))
     fields: dict[str, Any] = {}
     opts: dict[str, Any] = {k: config[k] for k in DSTACK_OPTIONS if config.get(k) is not None}
+    retry = opts.get("retry")
+    if isinstance(retry, Mapping):  # dstack's {on_events: [...], duration: ...}: the backend's retry/retry_on
+        opts["retry"] = retry.get("duration") or True
+        if retry.get("on_events") is not None:
+            opts["retry_on"] = retry["on_events"]
     if isinstance(opts.get("python"), float):  # YAML reads `python: 3.12` as a number (and 3.10 as 3.1)
         opts["python"] = {"3.1": "3.10"}.get(str(opts["python"]), str(opts["python"]))
 

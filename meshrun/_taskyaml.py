@@ -132,8 +132,11 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
     if setup is not None:
         fields["setup"] = [_text(setup, "setup")]
 
-    envs = _envs(config.get("envs"), env or {}, environ, source)
     secrets = _secrets(config.get("secrets"))
+    overrides = dict(env or {})
+    for k in [k for k in overrides if k in secrets]:  # --env NAME=... fills a secret and keeps it secret
+        secrets[k] = overrides.pop(k)
+    envs = _envs(config.get("envs"), overrides, environ, source)
     if envs:
         fields["env"] = envs
     if secrets:

@@ -81,3 +81,10 @@ def test_env_overrides_and_hostile_values():
     spec = spec_from_dstack_config({"type": "task", "commands": [HOSTILE], "env": ["A", "B=1"]},
                                    env={"A": HOSTILE})
     assert spec.command == HOSTILE.strip() and spec.env == {"A": HOSTILE, "B": "1"}
+
+
+def test_dstack_retry_mapping_becomes_the_backends_retry_options():
+    spec = spec_from_dstack_config({"type": "task", "commands": ["x"],
+                                    "retry": {"on_events": ["no-capacity", "error"], "duration": "1h"}})
+    opts = spec.options_for("dstack")
+    assert opts["retry"] == "1h" and opts["retry_on"] == ["no-capacity", "error"]

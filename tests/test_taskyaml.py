@@ -133,6 +133,8 @@ def test_env_overrides_merge_and_fill_nulls(monkeypatch):
     with pytest.raises(meshrun.SpecError) as e:
         spec_from_task_config(cfg)
     assert e.value.field == "envs.MODEL" and "--env MODEL=" in str(e.value)
+    spec = spec_from_task_config({"run": "x", "secrets": {"HF_TOKEN": None}}, env={"HF_TOKEN": "t"})
+    assert spec.secrets == {"HF_TOKEN": "t"} and spec.env == {}  # --env fills a secret, which stays secret
 
 
 @pytest.mark.parametrize("config, field", [

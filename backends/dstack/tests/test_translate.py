@@ -350,3 +350,12 @@ def test_show_native_prints_the_run_spec(tmp_path, monkeypatch, capsys):
     assert main(["show", "--native", "-b", "dstack", ".dstack.yml"]) == 0
     rs = RunSpec.model_validate(yaml.safe_load(capsys.readouterr().out))
     assert rs.configuration.resources.gpu.count.min == 2 and rs.configuration.resources.gpu.name == ["A100"]
+
+
+def test_an_imported_retry_is_what_dstack_reads():
+    from meshrun._dstackyaml import spec_from_dstack_config
+
+    doc = {"type": "task", "commands": ["x"], "retry": {"on_events": ["no-capacity", "error"], "duration": "1h"}}
+    conf, rs = translate(spec_from_dstack_config(doc))
+    theirs = RunSpec.model_validate({"configuration": doc}).configuration.retry
+    assert rs.configuration.retry == theirs
