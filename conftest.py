@@ -10,6 +10,7 @@ uses them or they were there before (docs/testing.md).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -201,10 +203,23 @@ class SessionServices:
         self.use(name, was_up=True)  # a run finishing meanwhile must not stop it under us
         sh = ["bash", str(script)]
         was_up = subprocess.run([*sh, "status"], env=env, capture_output=True).returncode == 0
-        missing = [u for u in users if not user_exists(u)]
-        p = subprocess.run([*sh, "up"], env=env, capture_output=True, text=True, timeout=timeout)
-        self.use(name, was_up=was_up, down=[*sh, "down"], users=[u for u in missing if user_exists(u)])
+        with self.creating_users(name, users):
+            p = subprocess.run([*sh, "up"], env=env, capture_output=True, text=True, timeout=timeout)
+        self.use(name, was_up=was_up, down=[*sh, "down"])
         return p
+
+    @contextlib.contextmanager
+    def creating_users(self, name: str, users: tuple[str, ...] | list[str]) -> Iterator[None]:
+        """Around code that creates those of OS ``users`` that are missing (a service's script): the ones it
+        created are removed when the last run using ``name`` ends."""
+        self.use(name, was_up=True)
+        missing = [u for u in users if not user_exists(u)]
+        try:
+            yield
+        finally:
+            for u in missing:
+                if user_exists(u):
+                    self.created_user(name, u)
 
     def created_user(self, name: str, user: str) -> None:
         """This run created OS user ``user`` (for ``name``): removed when the last run using it ends."""

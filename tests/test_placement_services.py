@@ -58,11 +58,8 @@ def services(session_services):
         pytest.fail(f"slurm-cluster.sh up failed:\n{p.stdout}\n{p.stderr}")
     env = dict(os.environ, MRSSH_POOL_DIR=POOL_DIR, MRSSH_SCRATCH=SCRATCH)
     was_up = subprocess.run(["bash", str(POOL_SCRIPT), "status"], env=env, capture_output=True).returncode == 0
-    session_services.use("sshd-pool-users", was_up=True)
-    new_users = [u for u in ("mrssh-alice", "mrssh-bob") if subprocess.run(["id", u], capture_output=True).returncode]
-    p = subprocess.run(["bash", str(POOL_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
-    for u in new_users:  # the pool's test users, removed at the end of the run
-        session_services.created_user("sshd-pool-users", u)
+    with session_services.creating_users("sshd-pool-users", ("mrssh-alice", "mrssh-bob")):
+        p = subprocess.run(["bash", str(POOL_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         pytest.fail(f"sshd-pool.sh up failed:\n{p.stdout}\n{p.stderr}")
     pool = json.loads(Path(POOL_DIR, "pool.json").read_text())

@@ -56,12 +56,10 @@ def slurm_sky(sky_env, session_services):
     # users `up` creates
     session_services.use("slurm-cluster", was_up=True)
     cluster_was_up = subprocess.run(["bash", str(SLURM_CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0
-    new_users = [u for u in ("slurmrest", SKY_USER) if subprocess.run(["id", u], capture_output=True).returncode]
-    p = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
-    session_services.use("slurm-cluster", was_up=cluster_was_up, down=["bash", str(SLURM_CLUSTER_SCRIPT), "down"],
-                         users=[u for u in new_users if u == "slurmrest"])
-    if SKY_USER in new_users:
-        session_services.created_user("skypilot-login-user", SKY_USER)
+    with session_services.creating_users("slurm-cluster", ("slurmrest",)), \
+            session_services.creating_users("skypilot-login-user", (SKY_USER,)):
+        p = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    session_services.use("slurm-cluster", was_up=cluster_was_up, down=["bash", str(SLURM_CLUSTER_SCRIPT), "down"])
     if p.returncode != 0:
         pytest.fail(f"skypilot-slurm.sh up failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     facts = _facts(subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True, check=True).stdout)

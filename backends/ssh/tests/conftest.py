@@ -37,11 +37,8 @@ def pool(session_services):
     if os.geteuid() != 0:
         pytest.skip("the SSH pool needs root (network namespaces, sshd, test users)")
     was_up = _pool_script("status").returncode == 0
-    session_services.use("sshd-pool-users", was_up=True)
-    new_users = [u for u in (ALICE, BOB) if subprocess.run(["id", u], capture_output=True).returncode]
-    p = _pool_script("up")
-    for u in new_users:
-        session_services.created_user("sshd-pool-users", u)
+    with session_services.creating_users("sshd-pool-users", (ALICE, BOB)):
+        p = _pool_script("up")
     if p.returncode != 0:
         raise RuntimeError(f"sshd-pool.sh up failed:\n{p.stdout}\n{p.stderr}")
     info = json.loads(Path(POOL_DIR, "pool.json").read_text())
