@@ -2996,7 +2996,12 @@ def run_job(job_dir, env=None):
 
 def _spawn_direct(job_dir, env=None, python=None):
     """Start a supervisor as a fresh interpreter in its own session (the slow, always-available path)."""
-    argv = [python or sys.executable, os.path.abspath(__file__), "run", job_dir]
+    return start_agent([python or sys.executable, os.path.abspath(__file__), "run", job_dir], env)
+
+
+def start_agent(argv, env=None):
+    """Start ``argv`` (this agent, as a supervisor or a fork server) detached: a session of its own, no
+    terminal, no inherited descriptors. Returns the Popen (the caller reaps it)."""
     p = subprocess.Popen(
         argv,
         env=env,

@@ -239,15 +239,8 @@ class LocalBackend(Backend):
             if time.monotonic() - self._server_started < 5:
                 return
             self._server_started = time.monotonic()
-            p = subprocess.Popen(
-                [sys.executable, str(agent_file()), "serve", path, str(self.settings.server_idle)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
+            p = _agent.start_agent([sys.executable, str(agent_file()), "serve", path, str(self.settings.server_idle)],
+                                   env)
             _Reaper.watch(p)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:

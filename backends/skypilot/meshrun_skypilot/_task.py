@@ -92,16 +92,13 @@ def resources_config(spec: Any, opts: Mapping[str, Any] | None = None) -> dict[s
     return res
 
 
-def task_config(spec: Any) -> dict[str, Any]:
-    """The SkyPilot task YAML (as a dict) that runs the spec's command natively: what
-    ``meshrun._taskyaml.spec_from_task_config`` reads back into the same spec."""
-    opts = job_options(spec)
-    if spec.kind != "command":
-        raise meshrun.SpecError("function", "a function job has no plain SkyPilot task; submit it to the "
-                                "skypilot backend, which runs it through meshrun's runner")
+def _common_config(spec: Any, opts: Mapping[str, Any], name: str | None,
+                   secrets: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task fields both task forms share (name, workdir, nodes, resources, envs, secrets, file mounts),
+    and the job's extra ``task`` keys still to merge (their ``file_mounts`` already merged)."""
     cfg: dict[str, Any] = {}
-    if spec.name is not None:
-        cfg["name"] = spec.name
+    if name is not None:
+        cfg["name"] = name
     if spec.workdir is not None:
         cfg["workdir"] = spec.workdir
     if spec.nodes != 1:
@@ -112,13 +109,25 @@ def task_config(spec: Any) -> dict[str, Any]:
     if spec.env:
         cfg["envs"] = dict(spec.env)
     if spec.secrets:
-        cfg["secrets"] = {k: None for k in spec.secrets}  # names only: the values are never written
+        cfg["secrets"] = dict(secrets or {})
     mounts = {remote_target(k): v for k, v in spec.files.items()}
     extra = dict(opts.get("task") or {})
     if isinstance(extra.get("file_mounts"), Mapping):
         mounts.update(extra.pop("file_mounts"))
     if mounts:
         cfg["file_mounts"] = mounts
+    return cfg, extra
+
+
+def task_config(spec: Any) -> dict[str, Any]:
+    """The SkyPilot task YAML (as a dict) that runs the spec's command natively: what
+    ``meshrun._taskyaml.spec_from_task_config`` reads back into the same spec."""
+    opts = job_options(spec)
+    if spec.kind != "command":
+        raise meshrun.SpecError("function", "a function job has no plain SkyPilot task; submit it to the "
+                                "skypilot backend, which runs it through meshrun's runner")
+    # names only: the values of secrets are never written
+    cfg, extra = _common_config(spec, opts, spec.name, {k: None for k in spec.secrets})
     if spec.setup:
         cfg["setup"] = spec.setup[0] if len(spec.setup) == 1 else "set -e\n" + "\n".join(spec.setup)
     cfg["run"] = spec.command if isinstance(spec.command, str) else shlex.join(spec.command)
@@ -215,24 +224,8 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
         import cloudpickle
 
         cp = cloudpickle.__version__
-    cfg: dict[str, Any] = {"name": submission.name}
-    if spec.workdir is not None:
-        cfg["workdir"] = spec.workdir
-    if spec.nodes != 1:
-        cfg["num_nodes"] = spec.nodes
-    res = resources_config(spec, opts)
-    if res:
-        cfg["resources"] = res
-    if spec.env:
-        cfg["envs"] = dict(spec.env)
-    if spec.secrets:
-        cfg["secrets"] = submission.secrets  # SkyPilot's own secrets: redacted in everything it shows
-    mounts = {remote_target(k): v for k, v in spec.files.items()}
-    extra = dict(opts.get("task") or {})
-    if isinstance(extra.get("file_mounts"), Mapping):
-        mounts.update(extra.pop("file_mounts"))
-    if mounts:
-        cfg["file_mounts"] = mounts
+    # SkyPilot's own secrets: redacted in everything it shows
+    cfg, extra = _common_config(spec, opts, submission.name, submission.secrets)
     cfg["run"] = run_script(job_id=submission.job_id, bundle_b64=base64.b64encode(data).decode(), python=python,
                             nonce=mb.records_nonce(submission.job_dir) or "", cloudpickle_version=cp)
     for k, v in extra.items():
