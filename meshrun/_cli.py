@@ -700,6 +700,32 @@ def _backends_cache() -> str:
     return str(get_config().home / "backends-checked.json")
 
 
+def _backends_seen() -> list[Any]:
+    """What a kept ``meshrun backends`` answer depends on, cheaply: this interpreter, its import path, when
+    each site-packages folder last changed (a backend installed or removed) and the config file's state."""
+    from ._config import config_path
+
+    seen: list[Any] = [sys.executable, list(sys.path)]
+    for p in sys.path:
+        if p.endswith(("site-packages", "dist-packages")):
+            try:
+                seen.append(os.stat(p).st_mtime_ns)
+            except OSError:
+                seen.append(None)
+    try:
+        st = os.stat(config_path())
+        seen.append([str(config_path()), st.st_mtime_ns, st.st_size])
+    except OSError:
+        seen.append(None)
+    import hashlib
+
+    # the settings that come from the environment (hashed: some are tokens)
+    mine = sorted((k, v) for k, v in os.environ.items() if k.startswith(("MESHRUN_", "SKYPILOT_", "DSTACK_", "KUBECONFIG",
+                                                                          "SLURM_CONF", "PATH")))
+    seen.append(hashlib.sha256(json.dumps(mine).encode()).hexdigest())
+    return seen
+
+
 def _print_backends(out: list[dict[str, Any]], as_json: bool, checked_at: float, cached: bool) -> None:
     if as_json:
         print(json.dumps([dict(r, checked_at=checked_at) for r in out] if cached else out, indent=2))
@@ -724,7 +750,7 @@ def cmd_backends(a: argparse.Namespace) -> int:
 
     if not a.fresh:
         kept = _agent.read_json(_backends_cache())
-        if (isinstance(kept, dict) and isinstance(kept.get("rows"), list) and kept.get("python") == sys.executable
+        if (isinstance(kept, dict) and isinstance(kept.get("rows"), list) and kept.get("seen") == _backends_seen()
                 and 0 <= time.time() - float(kept.get("time") or 0) < BACKENDS_TTL):
             _print_backends(kept["rows"], a.json, float(kept["time"]), cached=True)
             return 0
@@ -765,11 +791,13 @@ def cmd_backends(a: argparse.Namespace) -> int:
                 status, detail = probe.result or ("error", probe.failure or "no answer")
         out.append({"name": info.name, "status": status, "version": info.version, "detail": detail})
     _print_backends(out, a.json, time.time(), cached=False)
-    try:
-        os.makedirs(os.path.dirname(_backends_cache()), mode=0o700, exist_ok=True)
-        _agent.write_json(_backends_cache(), {"time": time.time(), "python": sys.executable, "rows": out}, mode=0o600)
-    except OSError:
-        pass  # a read-only home: the next call checks again
+    if all(r["status"] not in ("not responding", "error") for r in out):  # a backend still asked: ask again
+        try:
+            os.makedirs(os.path.dirname(_backends_cache()), mode=0o700, exist_ok=True)
+            _agent.write_json(_backends_cache(), {"time": time.time(), "seen": _backends_seen(), "rows": out},
+                              mode=0o600)
+        except OSError:
+            pass  # a read-only home: the next call checks again
     if still_asking():  # a backend that did not answer in time must not hold up the exit either
         sys.stdout.flush()
         sys.stderr.flush()

@@ -21,6 +21,7 @@ from . import _agent
 from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
 from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
+from ._errors import ConfigError
 from ._localenv import agent_env, gpu_snapshot
 
 INVENTORY_TTL = 10.0
@@ -57,6 +58,12 @@ class _Reaper:
         threading.Thread(target=p.wait, name=f"meshrun-reap-{p.pid}", daemon=True).start()
 
 
+#: the keys of ``[backends.local]``; unknown ones are refused when the backend is made (the values' types when
+#: the settings are first used), so a typo is an error at once without loading pydantic for every read
+SETTING_NAMES = ("grace_period", "lease_dir", "fork_server", "server_idle", "warm_imports", "price_per_gpu_hour",
+                 "share_gpu_below_mib")
+
+
 def _settings_model() -> Any:
     """``LocalSettings``, the ``[backends.local]`` model, built on first use: the local backend serves reading
     commands (``meshrun status``/``logs`` of a local job) that never need its settings, and pydantic is the
@@ -78,6 +85,7 @@ def _settings_model() -> Any:
             price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
             share_gpu_below_mib: float = 0.0
 
+        assert tuple(LocalSettings.model_fields) == SETTING_NAMES, "SETTING_NAMES and LocalSettings must agree"
         _LocalSettings = LocalSettings
     return _LocalSettings
 
@@ -113,6 +121,10 @@ class LocalBackend(Backend):
     def __init__(self, config: Mapping[str, Any] | None = None):
         # the settings are validated when first used (a submit, offers, check), not to read a job's status
         self.config: dict[str, Any] = dict(config or {})
+        unknown = sorted(set(self.config) - set(SETTING_NAMES))
+        if unknown:
+            raise ConfigError(f"backends.local.{unknown[0]}", f"unknown setting {unknown[0]!r} for the local backend; "
+                              f"the valid settings are: {', '.join(sorted(SETTING_NAMES))}")
         self._settings: Any = None
         self._server_lock = threading.Lock()
         self._server_started = 0.0

@@ -74,7 +74,7 @@ def test_install_all_names_every_backend_folder():
 def test_the_readme_install_line_names_every_backend_folder():
     """The README's one line that installs meshrun with every backend, run through bash's expansion."""
     readme = (REPO / "README.md").read_text()
-    line = next(l for l in readme.splitlines() if "backends/*/" in l and "pip install -e ." in l)
+    line = next(c for c in re.findall(r"`([^`\n]+)`", readme) if "backends/*/" in c and "pip install -e ." in c)
     # expand it as the shell would, printing the arguments pip would get
     shown = re.sub(r"\S*pip install", "printf '%s\\n'", line, count=1)
     out = subprocess.run(["bash", "-c", shown], cwd=REPO, capture_output=True, text=True,
