@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--setup", action="append", default=[], help="shell command to run first (repeatable)")
     r.add_argument("--detach", "-d", action="store_true", help="print the job id and return at once")
     r.add_argument("--shell", action="store_true", help="run the command as one bash -c string")
+    r.add_argument("--track", metavar="TOOLS", help='experiment tracking: "wandb,mlflow,tensorboard" (settings '
+                   'from the [tracking] config table), or "none" (default: the tools that table lists)')
     r.add_argument("--json", action="store_true", help="print the job as JSON (with --detach)")
     _add_resource_args(r)
     _add_placement_args(r)
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 30; 0: all)")
     ls.add_argument("--state", "-s", action="append", help="only jobs in this state (repeatable)")
     ls.add_argument("--json", action="store_true")
+
+    tb = sub.add_parser("tensorboard", help="start TensorBoard over a job's or a sweep's log folders",
+                        epilog="Arguments after the id go to tensorboard (e.g. --port 6007).")
+    tb.add_argument("job_or_sweep", help="a job id, or the sweep id of a .map (its jobs' WANDB_RUN_GROUP)")
+    tb.add_argument("--print", dest="print_only", action="store_true", help="print the log folder and exit")
+    tb.add_argument("tb_args", nargs=argparse.REMAINDER)
 
     st = sub.add_parser("status", help="show one job in detail")
     st.add_argument("job_id")
@@ -229,6 +237,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         fields["workdir"] = a.workdir
     if a.setup:
         fields["setup"] = a.setup
+    if a.track is not None:
+        fields["track"] = False if a.track.strip().lower() in ("none", "") else a.track
     if len(command) == 1 and command[0].endswith((".yaml", ".yml")) and os.path.isfile(command[0]):
         from ._taskyaml import spec_from_task_yaml
 
@@ -365,7 +375,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     job.refresh()
     contained = _containment(job)
     if a.json:
-        print(json.dumps(dict(_job_json(job), containment=contained), indent=2))
+        print(json.dumps(dict(_job_json(job), containment=contained, tracking=job.tracking), indent=2))
         return 0
     r = job.record
     pairs = [
@@ -385,6 +395,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         pairs.append(("attempt", str(r.attempt)))
     if contained:
         pairs.append(("containment", contained["mode"] + (f" ({contained['cgroup']})" if contained.get("cgroup") else "")))
+    from ._tracking import link_lines
+
+    pairs += link_lines(job.job_dir)
     pairs.append(("folder", str(r.job_dir)))
     print_kv(pairs)
     if r.history:
@@ -677,6 +690,30 @@ def cmd_offers(a: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_tensorboard(a: argparse.Namespace) -> int:
+    from ._errors import MeshrunError
+    from ._store import get_store
+    from ._tracking import tensorboard_logdir
+
+    logdir = tensorboard_logdir(get_store(), a.job_or_sweep)
+    if a.print_only:
+        print(logdir)
+        return 0
+    extra = list(a.tb_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise MeshrunError("meshrun tensorboard needs the tensorboard package: pip install 'meshrun[track]' "
+                           f"(or run tensorboard --logdir {logdir} yourself)")
+    argv = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, *extra]
+    print(f"meshrun: tensorboard --logdir {logdir}", file=sys.stderr)
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
 def cmd_catalog(a: argparse.Namespace) -> int:
     from ._catalog import catalog_info, load_catalog
 
@@ -719,6 +756,7 @@ COMMANDS = {
     "backends": cmd_backends,
     "offers": cmd_offers,
     "catalog": cmd_catalog,
+    "tensorboard": cmd_tensorboard,
     "lease-service": cmd_lease_service,
     "doctor": cmd_doctor,
 }

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from ._errors import ConfigError
 
-TOP_LEVEL_KEYS = ("default_backend", "home", "backends", "placement", "prices")
+TOP_LEVEL_KEYS = ("default_backend", "home", "backends", "placement", "prices", "tracking")
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class Config:
             raise ConfigError(
                 unknown[0], f"unknown configuration key in {source}; the valid keys are: {', '.join(TOP_LEVEL_KEYS)}"
             )
-        for table in ("backends", "placement", "prices"):
+        for table in ("backends", "placement", "prices", "tracking"):
             if table in data and not isinstance(data[table], Mapping):
                 raise ConfigError(table, f"must be a table in {source}")
         backends = data.get("backends") or {}

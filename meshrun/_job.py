@@ -87,6 +87,13 @@ class Job(Generic[R]):
         return list(self._record.history)
 
     @property
+    def tracking(self) -> dict[str, Any]:
+        """The runs this job was tracked as (meshrun/_tracking.py): {tool: {run_id, name, url, logdir, ...}}."""
+        from ._tracking import links
+
+        return links(self.job_dir)
+
+    @property
     def spec(self) -> JobSpec:
         from ._spec import JobSpec
 
