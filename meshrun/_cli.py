@@ -695,13 +695,14 @@ def cmd_tensorboard(a: argparse.Namespace) -> int:
     from ._store import get_store
     from ._tracking import tensorboard_logdir
 
+    extra = list(a.tb_args)
+    mine = extra[:extra.index("--")] if "--" in extra else extra
+    print_only = a.print_only or "--print" in mine  # also after the id
+    extra = [x for x in mine if x != "--print"] + (extra[extra.index("--") + 1:] if "--" in extra else [])
     logdir = tensorboard_logdir(get_store(), a.job_or_sweep)
-    if a.print_only:
+    if print_only:
         print(logdir)
         return 0
-    extra = list(a.tb_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:

@@ -4,6 +4,7 @@ TensorBoard event files, each read back with the tool's own reader. Jobs run on 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import signal
@@ -108,11 +109,13 @@ def _job_functions():
         mlflow.end_run()
         return x
 
-    def _has_key() -> bool:
+    def _has_key(digest: str) -> bool:
+        import hashlib
         import os
 
-        return os.environ.get("WANDB_API_KEY") == "wk-" + "s3cret-9f8e7d" and \
-            os.environ.get("MLFLOW_TRACKING_TOKEN") == "mt-" + "s3cret-1a2b3c"
+        # the keys themselves must not travel in the payload: the job compares a digest
+        seen = os.environ.get("WANDB_API_KEY", "") + "|" + os.environ.get("MLFLOW_TRACKING_TOKEN", "")
+        return hashlib.sha256(seen.encode()).hexdigest() == digest
 
     def _tb_step(x: int) -> None:
         import os
@@ -276,7 +279,8 @@ def test_a_command_that_never_calls_mlflow_still_gets_its_run_closed(mlflow_uri)
 def test_keys_reach_the_job_but_never_the_store_logs_or_status(mlflow_uri, tmp_path, monkeypatch, meshrun_home):
     monkeypatch.setenv("WANDB_API_KEY", "wk-s3cret-9f8e7d")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mt-s3cret-1a2b3c")
-    job = meshrun.submit(JobSpec(function=_has_key, track={
+    digest = hashlib.sha256(b"wk-s3cret-9f8e7d|mt-s3cret-1a2b3c").hexdigest()
+    job = meshrun.submit(JobSpec(function=_has_key, args=(digest,), track={
         "mlflow": {"tracking_uri": mlflow_uri}, "wandb": {"mode": "offline", "dir": str(tmp_path)},
         "tensorboard": {"root": str(tmp_path / "tb")}}), backend="local")
     assert job.result(timeout=120) is True
