@@ -14,6 +14,9 @@ File: ``$MESHRUN_CONFIG``, else ``$XDG_CONFIG_HOME/meshrun/config.toml`` (``~/.c
     [placement]                      # see docs/placement.md
     catalog_dir = "~/.sky/catalogs/v8"
 
+    [tracking.mlflow]                # see docs/tracking.md
+    tracking_uri = "http://mlflow.lab:5000"
+
 Unknown top-level keys are errors that list the valid ones; each backend validates its own table.
 Environment: ``MESHRUN_HOME``, ``MESHRUN_BACKEND`` (default backend), and ``MESHRUN_<BACKEND>_<KEY>`` for
 any key of a backend's table (``MESHRUN_DSTACK_TOKEN``, ``MESHRUN_SLURM_PARTITION``).
