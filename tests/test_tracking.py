@@ -34,41 +34,6 @@ def _get(url: str) -> bytes:
         return bytes(r.read())
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """A real MLflow tracking server with a SQLite backend store, once for the module."""
-    pytest.importorskip("mlflow")
-    d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    p = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--default-artifact-root", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            if p.poll() is not None:
-                raise AssertionError(f"mlflow server exited: {(d / 'server.log').read_text()[-2000:]}")
-            try:
-                return _get(uri + "/health").strip() == b"OK"
-            except OSError:
-                return False
-
-        wait_until(up, timeout=180, interval=0.3, what="the mlflow server to answer")
-        yield uri
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def _job_functions():
     # defined in here, not at module level, so they travel by value (this test module is not importable by
     # name in the job's process)
@@ -226,17 +191,17 @@ def test_a_retried_job_resumes_the_same_wandb_run(tmp_path, monkeypatch):
 # ---- MLflow, a real server --------------------------------------------------------------------------
 
 
-def test_mlflow_map_is_a_parent_run_with_a_child_per_job_closed_by_meshrun(mlflow_uri, tmp_path):
+def test_mlflow_map_is_a_parent_run_with_a_child_per_job_closed_by_meshrun(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     meshrun.configure({"default_backend": "local",
-                       "tracking": {"mlflow": {"tracking_uri": mlflow_uri, "experiment": "meshrun-tests"}}})
+                       "tracking": {"mlflow": {"tracking_uri": mlflow_server, "experiment": "meshrun-tests"}}})
     step = meshrun.job(_mlflow_step, cpus=1)
     jobs = step.map([0, 1, 2], lr=0.5)
     assert jobs[0].result(timeout=180) == 0
     with pytest.raises(meshrun.JobFailed):
         jobs[1].result(timeout=180)
-    client = MlflowClient(mlflow_uri)
+    client = MlflowClient(mlflow_server)
     rid2 = jobs[2].tracking["mlflow"]["run_id"]
     wait_until(lambda: client.get_run(rid2).data.metrics.get("x") == 2.0, timeout=120, interval=0.5,
                what="the third job to log its metric")
@@ -258,17 +223,17 @@ def test_mlflow_map_is_a_parent_run_with_a_child_per_job_closed_by_meshrun(mlflo
     assert "x=1 is bad" in runs[1].data.tags["meshrun.reason"] or "exit" in runs[1].data.tags["meshrun.reason"]
     p = client.get_run(parent)
     assert p.info.status == "FAILED" and p.data.tags["meshrun.sweep"] == jobs[0].record.array_id
-    assert t[0]["url"] == f"{mlflow_uri}/#/experiments/{exp.experiment_id}/runs/{t[0]['run_id']}"
+    assert t[0]["url"] == f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{t[0]['run_id']}"
     out = run_cli("status", jobs[1].id).stdout
     assert t[1]["run_id"] in out and t[1]["url"] in out
 
 
-def test_a_command_that_never_calls_mlflow_still_gets_its_run_closed(mlflow_uri):
+def test_a_command_that_never_calls_mlflow_still_gets_its_run_closed(mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    job = meshrun.run(["bash", "-c", "exit 3"], backend="local", track={"mlflow": {"tracking_uri": mlflow_uri}})
+    job = meshrun.run(["bash", "-c", "exit 3"], backend="local", track={"mlflow": {"tracking_uri": mlflow_server}})
     assert job.wait(timeout=120) is meshrun.JobState.FAILED
-    run = MlflowClient(mlflow_uri).get_run(job.tracking["mlflow"]["run_id"])
+    run = MlflowClient(mlflow_server).get_run(job.tracking["mlflow"]["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["meshrun.state"] == "failed"
     assert run.data.tags["meshrun.job_id"] == job.id and job.tracking["ended"]["state"] == "failed"
 
@@ -276,12 +241,12 @@ def test_a_command_that_never_calls_mlflow_still_gets_its_run_closed(mlflow_uri)
 # ---- no secrets stored ------------------------------------------------------------------------------
 
 
-def test_keys_reach_the_job_but_never_the_store_logs_or_status(mlflow_uri, tmp_path, monkeypatch, meshrun_home):
+def test_keys_reach_the_job_but_never_the_store_logs_or_status(mlflow_server, tmp_path, monkeypatch, meshrun_home):
     monkeypatch.setenv("WANDB_API_KEY", "wk-s3cret-9f8e7d")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mt-s3cret-1a2b3c")
     digest = hashlib.sha256(b"wk-s3cret-9f8e7d|mt-s3cret-1a2b3c").hexdigest()
     job = meshrun.submit(JobSpec(function=_has_key, args=(digest,), track={
-        "mlflow": {"tracking_uri": mlflow_uri}, "wandb": {"mode": "offline", "dir": str(tmp_path)},
+        "mlflow": {"tracking_uri": mlflow_server}, "wandb": {"mode": "offline", "dir": str(tmp_path)},
         "tensorboard": {"root": str(tmp_path / "tb")}}), backend="local")
     assert job.result(timeout=120) is True
     shown = run_cli("status", job.id).stdout + run_cli("status", job.id, "--json").stdout + run_cli("ls").stdout
