@@ -156,6 +156,34 @@ def mlflow_server(tmp_path_factory):
                 pass
 
 
+@pytest.fixture
+def wandb_runs():
+    """read(folder) -> the run record of every offline W&B run under ``folder/wandb``, read with wandb's own
+    datastore reader: [{"id", "name", "group", "tags", "project", "file"}]."""
+    pytest.importorskip("wandb")
+    import glob
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    def read(root: Path) -> list[dict]:
+        runs = []
+        for f in sorted(glob.glob(str(Path(root) / "wandb" / "offline-run-*" / "run-*.wandb"))):
+            ds = datastore.DataStore()
+            ds.open_for_scan(f)
+            while (data := ds.scan_data()) is not None:
+                rec = pb.Record()
+                rec.ParseFromString(data)
+                if rec.WhichOneof("record_type") == "run":
+                    r = rec.run
+                    runs.append({"id": r.run_id, "name": r.display_name, "group": r.run_group,
+                                 "tags": list(r.tags), "project": r.project, "file": f})
+                    break
+        return runs
+
+    return read
+
+
 def proc_alive(pid: int) -> bool:
     """True for a live process, False for a dead or zombie one."""
     try:

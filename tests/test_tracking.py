@@ -3,7 +3,6 @@ TensorBoard event files, each read back with the tool's own reader. Jobs run on 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -137,35 +136,14 @@ def test_a_bad_tracking_table_in_the_config_is_a_config_error():
 # ---- Weights & Biases, offline ------------------------------------------------------------------------
 
 
-def _wandb_runs(root: Path) -> list[dict]:
-    """Every run record of the offline runs under ``root``, read with wandb's own datastore reader."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
-
-    runs = []
-    for f in sorted(glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))):
-        ds = datastore.DataStore()
-        ds.open_for_scan(f)
-        while (data := ds.scan_data()) is not None:
-            rec = pb.Record()
-            rec.ParseFromString(data)
-            if rec.WhichOneof("record_type") == "run":
-                r = rec.run
-                runs.append({"id": r.run_id, "name": r.display_name, "group": r.run_group, "tags": list(r.tags),
-                             "project": r.project, "file": f})
-                break
-    return runs
-
-
-def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch, wandb_runs):
     monkeypatch.setenv("WANDB_SILENT", "true")
     train = meshrun.job(_wandb_train, name="train", backend="local", cpus=1,
                         track={"wandb": {"project": "sweep-test", "mode": "offline", "dir": str(tmp_path)}})
     jobs = train.map([1, 2])
     assert [j.result(timeout=180) for j in jobs] == [j.id for j in jobs]
     sweep = jobs[0].record.array_id
-    runs = {r["id"]: r for r in _wandb_runs(tmp_path)}
+    runs = {r["id"]: r for r in wandb_runs(tmp_path)}
     assert set(runs) == {j.id for j in jobs}
     for i, j in enumerate(jobs):
         r = runs[j.id]
@@ -176,14 +154,13 @@ def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch)
         assert j.tracking["wandb"]["run_id"] == j.id and j.tracking["wandb"]["group"] == sweep
 
 
-def test_a_retried_job_resumes_the_same_wandb_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_a_retried_job_resumes_the_same_wandb_run(tmp_path, monkeypatch, wandb_runs):
     monkeypatch.setenv("WANDB_SILENT", "true")
     job = meshrun.submit(JobSpec(function=_wandb_fails_once, args=(str(tmp_path / "marker"),), retries=1,
                                  track={"wandb": {"mode": "offline", "dir": str(tmp_path)}}), backend="local")
     assert job.result(timeout=180) == job.id
     assert job.record.attempt == 2
-    runs = _wandb_runs(tmp_path)
+    runs = wandb_runs(tmp_path)
     assert len(runs) == 2  # one offline run folder per attempt, both the same run
     assert {r["id"] for r in runs} == {job.id}
 

@@ -4,8 +4,6 @@ meshrun closes the MLflow runs when squeue/sacct report the ends."""
 
 from __future__ import annotations
 
-import glob
-
 import pytest
 
 import meshrun
@@ -35,12 +33,9 @@ def _functions():
 tracked = _functions()
 
 
-def test_a_tracked_map_on_slurm(slurm, mlflow_server, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_a_tracked_map_on_slurm(slurm, mlflow_server, wandb_runs, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     track = {"wandb": {"mode": "offline", "dir": str(tmp_path)}, "tensorboard": {"root": str(tmp_path / "tb")},
@@ -59,16 +54,7 @@ def test_a_tracked_map_on_slurm(slurm, mlflow_server, tmp_path, monkeypatch):
     assert client.get_run(t[0]["mlflow"]["parent_run_id"]).info.status == "FAILED"
     assert client.get_run(t[1]["mlflow"]["run_id"]).data.tags["meshrun.where"] == jobs[1].record.where
 
-    groups = {}
-    for f in glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb")):
-        ds = datastore.DataStore()
-        ds.open_for_scan(f)
-        while (data := ds.scan_data()) is not None:
-            rec = pb.Record()
-            rec.ParseFromString(data)
-            if rec.WhichOneof("record_type") == "run":
-                groups[rec.run.run_id] = (rec.run.run_group, rec.run.display_name)
-                break
+    groups = {r["id"]: (r["group"], r["name"]) for r in wandb_runs(tmp_path)}
     assert groups == {j.id: (sweep, f"tracked[{i}]") for i, j in enumerate(jobs)}
 
     for i, x in enumerate(t):
