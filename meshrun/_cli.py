@@ -314,6 +314,7 @@ def _job_json(job: Any) -> dict[str, Any]:
         "attempt": r.attempt,
         "history": r.history,
         "job_dir": str(r.job_dir),
+        "tracking": job.tracking,
     }
 
 
@@ -352,16 +353,21 @@ def cmd_ls(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps([_job_json(j) for j in jobs], indent=2))
         return 0
+    from ._tracking import short_links
+
     rows = []
-    for j in jobs:
+    tracked = [short_links(j.job_dir) for j in jobs]
+    for j, t in zip(jobs, tracked):
         r = j.record
         runtime = format_duration((r.ended_at or time.time()) - r.started_at) if r.started_at else "-"
         rows.append([r.id, r.name, r.state.value, r.backend or "-", r.where or "-", _age(r.created_at), runtime])
+        if any(tracked):  # a column only when some listed job is tracked
+            rows[-1].append(t or "-")
     if not rows:
         print("no jobs yet (meshrun run -- CMD to start one)")
         return 0
-    print_table(["ID", "NAME", "STATE", "BACKEND", "WHERE", "SUBMITTED", "RUNTIME"], rows,
-                styles={2: state_style})
+    head = ["ID", "NAME", "STATE", "BACKEND", "WHERE", "SUBMITTED", "RUNTIME"] + (["TRACKED"] if any(tracked) else [])
+    print_table(head, rows, styles={2: state_style})
     total = store.count(states=states) if a.limit and len(rows) >= a.limit else len(rows)
     if total > len(rows):
         print(f"{len(rows)} of {total} jobs shown, newest first (meshrun ls --limit 0 shows all)")
@@ -375,7 +381,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     job.refresh()
     contained = _containment(job)
     if a.json:
-        print(json.dumps(dict(_job_json(job), containment=contained, tracking=job.tracking), indent=2))
+        print(json.dumps(dict(_job_json(job), containment=contained), indent=2))
         return 0
     r = job.record
     pairs = [

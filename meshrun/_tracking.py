@@ -356,6 +356,33 @@ def link_lines(job_dir: Path | str) -> list[tuple[str, str]]:
     return out
 
 
+def short_links(job_dir: Path | str) -> str:
+    """A few words for a table column (``meshrun ls``): the tools, with the MLflow run's id cut short."""
+    t = links(job_dir)
+    parts = []
+    if "wandb" in t:
+        parts.append("wandb")
+    if "mlflow" in t:
+        parts.append(f"mlflow:{t['mlflow']['run_id'][:8]}")
+    if "tensorboard" in t:
+        parts.append("tb")
+    return " ".join(parts)
+
+
+def html_links(job_dir: Path | str) -> str:
+    """The tracked runs for a notebook view: each tool's run, linked where it has a URL (escaped HTML)."""
+    import html
+
+    out = []
+    for label, text in link_lines(job_dir):
+        body, _, url = text.partition("  ")
+        if url.startswith(("http://", "https://")):
+            out.append(f'{html.escape(label)} <a href="{html.escape(url)}" target="_blank">{html.escape(body)}</a>')
+        else:
+            out.append(f"{html.escape(label)} {html.escape(text)}")
+    return "<br>".join(out)
+
+
 def tensorboard_logdir(store: Store, job_or_sweep: str) -> str:
     """The folder TensorBoard should read for a job (its log dir) or a sweep (the folder of its jobs)."""
     from ._errors import JobNotFound

@@ -203,6 +203,10 @@ def test_mlflow_map_is_a_parent_run_with_a_child_per_job_closed_by_meshrun(mlflo
     assert t[0]["url"] == f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{t[0]['run_id']}"
     out = run_cli("status", jobs[1].id).stdout
     assert t[1]["run_id"] in out and t[1]["url"] in out
+    assert json.loads(run_cli("status", jobs[1].id, "--json").stdout)["tracking"]["mlflow"] == t[1]
+    listed = run_cli("ls").stdout
+    assert "TRACKED" in listed and all(f"mlflow:{x['run_id'][:8]}" in listed for x in t)
+    assert f'<a href="{t[0]["url"]}"' in jobs[0]._repr_html_()
 
 
 def test_a_command_that_never_calls_mlflow_still_gets_its_run_closed(mlflow_server):
@@ -311,6 +315,7 @@ def test_an_untracked_job_has_no_tracking_and_track_false_overrides_the_config(t
     assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED
     assert job.tracking == {} and not (job.job_dir / "tracking.json").exists()
     assert "TENSORBOARD_LOGDIR" not in json.loads((job.job_dir / "launch.json").read_text())["env"]
+    assert "TRACKED" not in run_cli("ls").stdout and "tracking" not in job._repr_html_()
     job = meshrun.run(["true"])
     assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED
     assert job.tracking["tensorboard"]["logdir"] == str(tmp_path / "tb" / job.id)
