@@ -319,3 +319,28 @@ def test_an_untracked_job_has_no_tracking_and_track_false_overrides_the_config(t
     job = meshrun.run(["true"])
     assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED
     assert job.tracking["tensorboard"]["logdir"] == str(tmp_path / "tb" / job.id)
+
+
+# ---- the example notebook ---------------------------------------------------------------------------
+
+
+@pytest.mark.service
+def test_the_tracking_notebook_runs_in_a_real_kernel(tmp_path):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("mlflow")
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "examples" / "tracking.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    def text(i: int) -> str:
+        return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in nb.cells[i].outputs
+                       if o.get("name") != "stderr")  # MLflow's and tqdm's log lines
+
+    assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
+    assert text(2) == "[0.3585, 0.1216, 0.0115]"
+    lines = text(3).splitlines()
+    assert [ln.split()[:2] for ln in lines[:3]] == [["fit[0]", "FINISHED"], ["fit[1]", "FINISHED"],
+                                                    ["fit[2]", "FINISHED"]]
+    assert "'lr': '0.1'" in lines[1] and lines[3].startswith("parent: fit ") and lines[3].endswith("FINISHED")
+    assert "mlflow" in nb.cells[4].outputs[0]["data"]["text/html"]
