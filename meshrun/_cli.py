@@ -379,6 +379,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     job = Job.attach(a.job_id)
     job.refresh()
+    from ._tracking import close_again
+
+    close_again(job._store, job.id)  # a tracking server that was down when the job ended
     contained = _containment(job)
     if a.json:
         print(json.dumps(dict(_job_json(job), containment=contained), indent=2))

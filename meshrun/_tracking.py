@@ -11,12 +11,14 @@ every job of the sweep has ended) is set FINISHED, FAILED or KILLED with the rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError, MeshrunError
@@ -43,6 +45,7 @@ _MLFLOW_STATUS = {"succeeded": "FINISHED", "cancelled": "KILLED", "preempted": "
 
 # a sweep's MLflow parent run, created once per (tracking URI, sweep id) by the submitting process
 _parents: dict[tuple[str, str], tuple[str, str]] = {}
+_env_lock = threading.RLock()
 
 
 # ---- what to track ------------------------------------------------------------------------------------
@@ -83,8 +86,10 @@ def normalize(value: Any, where: str = "track") -> dict[str, dict[str, Any]] | N
             if k == "tags":
                 if isinstance(v, str):
                     v = [t.strip() for t in v.split(",") if t.strip()]
-                if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
-                    raise ValueError(f"{where}.{tool}.tags must be a list of text, got {v!r}")
+                if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) and t and "," not in t
+                                                               for t in v):
+                    raise ValueError(f"{where}.{tool}.tags must be a list of non-empty text without commas "
+                                     f"(WANDB_TAGS is comma-separated), got {v!r}")
                 v = list(v)
             elif not isinstance(v, str) or not v or "\x00" in v:
                 raise ValueError(f"{where}.{tool}.{k} must be non-empty text, got {v!r}")
@@ -172,6 +177,25 @@ def _wandb_identity(s: dict[str, Any], job_id: str, name: str, sweep: str | None
     return env, rec
 
 
+_MLFLOW_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+@contextlib.contextmanager
+def _quick_mlflow() -> Iterator[None]:
+    """MLflow retries an unreachable server for minutes by default; meshrun's own calls (at submit, and in
+    whatever status refresh sees a job end) give up after seconds. Variables the user set are kept."""
+    with _env_lock:
+        mine = [k for k in _MLFLOW_QUICK if k not in os.environ]
+        for k in mine:
+            os.environ[k] = _MLFLOW_QUICK[k]
+        try:
+            yield
+        finally:
+            for k in mine:
+                os.environ.pop(k, None)
+
+
 def _mlflow_client(uri: str) -> Any:
     try:
         from mlflow.tracking import MlflowClient
@@ -188,29 +212,8 @@ def _mlflow_identity(s: dict[str, Any], spec: JobSpec, job_id: str, name: str, s
         raise ConfigError("tracking.mlflow.tracking_uri", "MLflow tracking needs a tracking URI: set tracking_uri "
                           "in [tracking.mlflow] (or track={'mlflow': {'tracking_uri': ...}}) or MLFLOW_TRACKING_URI")
     try:
-        client = _mlflow_client(uri)
-        exp_name = s.get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
-        exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
-        tags = {"meshrun.job_id": job_id, "meshrun.backend": backend}
-        parent = None
-        if sweep:
-            key = (uri, sweep)
-            if key not in _parents:
-                prun = client.create_run(exp_id, run_name=f"{spec.display_name} {sweep}",
-                                         tags={"meshrun.sweep": sweep, "meshrun.backend": backend})
-                _parents[key] = (prun.info.run_id, exp_id)
-            parent = _parents[key][0]
-            tags["mlflow.parentRunId"] = parent
-            tags["meshrun.sweep"] = sweep
-        run = client.create_run(exp_id, run_name=name, tags=tags)
-        rid = run.info.run_id
-        params = _function_params(spec)
-        if params:
-            from mlflow.entities import Param
-
-            client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
-        client.update_run(rid, status="SCHEDULED")  # the job's start_run() makes it RUNNING
+        with _quick_mlflow():
+            exp_id, rid, parent = _mlflow_create(s, spec, uri, job_id, name, sweep, backend)
     except MeshrunError:
         raise
     except Exception as e:
@@ -222,6 +225,35 @@ def _mlflow_identity(s: dict[str, Any], spec: JobSpec, job_id: str, name: str, s
     if uri.startswith(("http://", "https://")):
         rec["url"] = f"{_redact(uri).rstrip('/')}/#/experiments/{exp_id}/runs/{rid}"
     return env, rec
+
+
+def _mlflow_create(s: dict[str, Any], spec: JobSpec, uri: str, job_id: str, name: str, sweep: str | None,
+                   backend: str) -> tuple[str, str, str | None]:
+    """The job's run (and its sweep's parent run, once per process): (experiment id, run id, parent id)."""
+    client = _mlflow_client(uri)
+    exp_name = s.get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    exp = client.get_experiment_by_name(exp_name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+    tags = {"meshrun.job_id": job_id, "meshrun.backend": backend}
+    parent = None
+    if sweep:
+        key = (uri, sweep)
+        if key not in _parents:
+            prun = client.create_run(exp_id, run_name=f"{spec.display_name} {sweep}",
+                                     tags={"meshrun.sweep": sweep, "meshrun.backend": backend})
+            _parents[key] = (prun.info.run_id, exp_id)
+        parent = _parents[key][0]
+        tags["mlflow.parentRunId"] = parent
+        tags["meshrun.sweep"] = sweep
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    rid = run.info.run_id
+    params = _function_params(spec)
+    if params:
+        from mlflow.entities import Param
+
+        client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    client.update_run(rid, status="SCHEDULED")  # the job's start_run() makes it RUNNING
+    return str(exp_id), rid, parent
 
 
 def _function_params(spec: JobSpec) -> dict[str, str]:
@@ -274,7 +306,8 @@ def job_ended(store: Store, job_id: str) -> None:
         rec = store.get(job_id)
         state = rec.state.value
         if rec.state.terminal and isinstance(record.get("mlflow"), dict):
-            _mlflow_close(store, record, state, rec.reason, rec.where)
+            with _quick_mlflow():
+                _mlflow_close(store, record, state, rec.reason, rec.where)
         record["ended"] = {"state": state, "reason": rec.reason, "at": time.time()}
         record.pop("close_error", None)
     except Exception as e:
@@ -284,6 +317,13 @@ def job_ended(store: Store, job_id: str) -> None:
         except Exception:
             return
     _write(path, record)
+
+
+def close_again(store: Store, job_id: str) -> None:
+    """Close an ended job's runs once more if the last try failed (``meshrun status`` does, so a tracking
+    server that was down when the job ended catches up)."""
+    if links(store.job_dir(job_id)).get("close_error") and store.get(job_id).terminal:
+        job_ended(store, job_id)
 
 
 def _mlflow_close(store: Store, record: dict[str, Any], state: str, reason: str | None, where: str | None) -> None:

@@ -113,6 +113,7 @@ def test_track_accepts_names_lists_mappings_and_false():
     ("wandb,comet", ["unknown tracking tool 'comet'", "wandb, mlflow, tensorboard"]),
     ({"wandb": {"api_key": "x"}}, ["unknown setting 'api_key'", "WANDB_API_KEY"]),
     ({"wandb": {"mode": "fast"}}, ["mode must be one of", "offline"]),
+    ({"wandb": {"tags": ["a,b"]}}, ["without commas", "WANDB_TAGS"]),
     ({"mlflow": {"tracking_uri": "http://me:pw@host:5000"}}, ["must not carry a password",
                                                               "MLFLOW_TRACKING_PASSWORD"]),
     (3, ["expected a tool name"]),
@@ -217,6 +218,29 @@ def test_a_command_that_never_calls_mlflow_still_gets_its_run_closed(mlflow_serv
     run = MlflowClient(mlflow_server).get_run(job.tracking["mlflow"]["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["meshrun.state"] == "failed"
     assert run.data.tags["meshrun.job_id"] == job.id and job.tracking["ended"]["state"] == "failed"
+
+
+def test_a_server_down_when_the_job_ends_is_noted_and_meshrun_status_closes_the_run_later(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    gate = tmp_path / "go"
+    job = meshrun.run(["bash", "-c", f"while [ ! -e {gate} ]; do sleep 0.1; done; exit 5"], backend="local",
+                      track={"mlflow": {"tracking_uri": mlflow_server}})
+    # the server "moves away" before the job ends: meshrun reads the URI the job was given from launch.json
+    launch = job.job_dir / "launch.json"
+    real = launch.read_text()
+    launch.write_text(real.replace(mlflow_server, f"http://127.0.0.1:{_free_port()}"))
+    gate.touch()
+    assert job.wait(timeout=120) is meshrun.JobState.FAILED
+    assert "MlflowException" in job.tracking["close_error"]
+    rid = job.tracking["mlflow"]["run_id"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(rid).info.status == "SCHEDULED"  # never started by the job, not closed yet
+    assert "closing the run failed" in run_cli("status", job.id).stdout
+    launch.write_text(real)  # the server is back
+    out = run_cli("status", job.id).stdout
+    assert "closing the run failed" not in out and "close_error" not in job.tracking
+    assert client.get_run(rid).info.status == "FAILED"
 
 
 # ---- no secrets stored ------------------------------------------------------------------------------
