@@ -16,6 +16,8 @@ VARS = ("WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_NAME", "MLFLOW_RUN_ID", "TENSO
 SHOW = "import json, os, sys; print(json.dumps({k: os.environ.get(k) for k in %r})); sys.exit(int(sys.argv[1]))" % (
     VARS,)
 
+NAME = "it's \"a\" $(touch /tmp/pwned) `id`; ünï\nsweep"  # reaches the job unchanged, never through a shell
+
 
 def test_a_tracked_sweep_over_ssh(ssh_backend, workdir, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -23,7 +25,7 @@ def test_a_tracked_sweep_over_ssh(ssh_backend, workdir, mlflow_server, tmp_path)
     ssh_backend(gpus=1)
     track = {"wandb": {"mode": "offline"}, "mlflow": {"tracking_uri": mlflow_server, "experiment": "ssh"},
              "tensorboard": {"root": str(tmp_path / "tb")}}
-    specs = [meshrun.JobSpec(command=["python3", "-c", SHOW, str(code)], name="sweep", backend="ssh", track=track)
+    specs = [meshrun.JobSpec(command=["python3", "-c", SHOW, str(code)], name=NAME, backend="ssh", track=track)
              for code in (0, 4)]
     jobs = meshrun.submit_many(specs)
     meshrun.wait(jobs, timeout=120)
@@ -32,7 +34,7 @@ def test_a_tracked_sweep_over_ssh(ssh_backend, workdir, mlflow_server, tmp_path)
     for i, j in enumerate(jobs):
         seen = json.loads(j.logs().strip().splitlines()[-1])
         t = j.tracking
-        assert seen == {"WANDB_RUN_ID": j.id, "WANDB_RUN_GROUP": sweep, "WANDB_NAME": f"sweep[{i}]",
+        assert seen == {"WANDB_RUN_ID": j.id, "WANDB_RUN_GROUP": sweep, "WANDB_NAME": f"{NAME}[{i}]",
                         "MLFLOW_RUN_ID": t["mlflow"]["run_id"], "TENSORBOARD_LOGDIR": t["tensorboard"]["logdir"]}
     client = MlflowClient(mlflow_server)
     runs = [client.get_run(j.tracking["mlflow"]["run_id"]) for j in jobs]
