@@ -128,6 +128,76 @@ def fake_gpus(tmp_path, monkeypatch):
     return Fake()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend store) on a free port, started once for the whole run by the
+    first test that asks for it; its URI. Tests of experiment tracking (docs/tracking.md) use it."""
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    pytest.importorskip("mlflow")
+    d = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+         "--default-artifact-root", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            if p.poll() is not None:
+                raise AssertionError(f"mlflow server exited: {(d / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=5) as r:
+                    return bytes(r.read()).strip() == b"OK"
+            except OSError:
+                return False
+
+        wait_until(up, timeout=180, interval=0.3, what="the mlflow server to answer")
+        yield uri
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def wandb_runs():
+    """read(folder) -> the run record of every offline W&B run under ``folder/wandb``, read with wandb's own
+    datastore reader: [{"id", "name", "group", "tags", "project", "file"}]."""
+    pytest.importorskip("wandb")
+    import glob
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    def read(root: Path) -> list[dict]:
+        runs = []
+        for f in sorted(glob.glob(str(Path(root) / "wandb" / "offline-run-*" / "run-*.wandb"))):
+            ds = datastore.DataStore()
+            ds.open_for_scan(f)
+            while (data := ds.scan_data()) is not None:
+                rec = pb.Record()
+                rec.ParseFromString(data)
+                if rec.WhichOneof("record_type") == "run":
+                    r = rec.run
+                    runs.append({"id": r.run_id, "name": r.display_name, "group": r.run_group,
+                                 "tags": list(r.tags), "project": r.project, "file": f})
+                    break
+        return runs
+
+    return read
 
 
 def proc_alive(pid: int) -> bool:

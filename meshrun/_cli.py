@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--setup", action="append", default=[], help="shell command to run first (repeatable)")
     r.add_argument("--detach", "-d", action="store_true", help="print the job id and return at once")
     r.add_argument("--shell", action="store_true", help="run the command as one bash -c string")
+    r.add_argument("--track", metavar="TOOLS", help='experiment tracking: "wandb,mlflow,tensorboard" (settings '
+                   'from the [tracking] config table), or "none" (default: the tools that table lists)')
     r.add_argument("--json", action="store_true", help="print the job as JSON (with --detach)")
     _add_resource_args(r)
     _add_placement_args(r)
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 30; 0: all)")
     ls.add_argument("--state", "-s", action="append", help="only jobs in this state (repeatable)")
     ls.add_argument("--json", action="store_true")
+
+    tb = sub.add_parser("tensorboard", help="start TensorBoard over a job's or a sweep's log folders",
+                        epilog="Arguments after the id go to tensorboard (e.g. --port 6007).")
+    tb.add_argument("job_or_sweep", help="a job id, or the sweep id of a .map (its jobs' WANDB_RUN_GROUP)")
+    tb.add_argument("--print", dest="print_only", action="store_true", help="print the log folder and exit")
+    tb.add_argument("tb_args", nargs=argparse.REMAINDER)
 
     st = sub.add_parser("status", help="show one job in detail")
     st.add_argument("job_id")
@@ -244,6 +252,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         fields["workdir"] = a.workdir
     if a.setup:
         fields["setup"] = a.setup
+    if a.track is not None:
+        fields["track"] = False if a.track.strip().lower() in ("none", "") else a.track
     if job_file:
         from ._jobfile import specs_from_job_file
 
@@ -419,6 +429,7 @@ def _job_json(job: Any) -> dict[str, Any]:
         "attempt": r.attempt,
         "history": r.history,
         "job_dir": str(r.job_dir),
+        "tracking": job.tracking,
     }
 
 
@@ -457,16 +468,21 @@ def cmd_ls(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps([_job_json(j) for j in jobs], indent=2))
         return 0
+    from ._tracking import short_links
+
     rows = []
-    for j in jobs:
+    tracked = [short_links(j.job_dir) for j in jobs]
+    for j, t in zip(jobs, tracked):
         r = j.record
         runtime = format_duration((r.ended_at or time.time()) - r.started_at) if r.started_at else "-"
         rows.append([r.id, r.name, r.state.value, r.backend or "-", r.where or "-", _age(r.created_at), runtime])
+        if any(tracked):  # a column only when some listed job is tracked
+            rows[-1].append(t or "-")
     if not rows:
         print("no jobs yet (meshrun run -- CMD to start one)")
         return 0
-    print_table(["ID", "NAME", "STATE", "BACKEND", "WHERE", "SUBMITTED", "RUNTIME"], rows,
-                styles={2: state_style})
+    head = ["ID", "NAME", "STATE", "BACKEND", "WHERE", "SUBMITTED", "RUNTIME"] + (["TRACKED"] if any(tracked) else [])
+    print_table(head, rows, styles={2: state_style})
     total = store.count(states=states) if a.limit and len(rows) >= a.limit else len(rows)
     if total > len(rows):
         print(f"{len(rows)} of {total} jobs shown, newest first (meshrun ls --limit 0 shows all)")
@@ -478,6 +494,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     job = Job.attach(a.job_id)
     job.refresh()
+    from ._tracking import close_again
+
+    close_again(job._store, job.id)  # a tracking server that was down when the job ended
     contained = _containment(job)
     if a.json:
         print(json.dumps(dict(_job_json(job), containment=contained), indent=2))
@@ -500,6 +519,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         pairs.append(("attempt", str(r.attempt)))
     if contained:
         pairs.append(("containment", contained["mode"] + (f" ({contained['cgroup']})" if contained.get("cgroup") else "")))
+    from ._tracking import link_lines
+
+    pairs += link_lines(job.job_dir)
     pairs.append(("folder", str(r.job_dir)))
     print_kv(pairs)
     if r.history:
@@ -859,6 +881,31 @@ def cmd_offers(a: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_tensorboard(a: argparse.Namespace) -> int:
+    from ._errors import MeshrunError
+    from ._store import get_store
+    from ._tracking import tensorboard_logdir
+
+    extra = list(a.tb_args)
+    mine = extra[:extra.index("--")] if "--" in extra else extra
+    print_only = a.print_only or "--print" in mine  # also after the id
+    extra = [x for x in mine if x != "--print"] + (extra[extra.index("--") + 1:] if "--" in extra else [])
+    logdir = tensorboard_logdir(get_store(), a.job_or_sweep)
+    if print_only:
+        print(logdir)
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise MeshrunError("meshrun tensorboard needs the tensorboard package: pip install 'meshrun[track]' "
+                           f"(or run tensorboard --logdir {logdir} yourself)")
+    argv = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, *extra]
+    print(f"meshrun: tensorboard --logdir {logdir}", file=sys.stderr)
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
 def cmd_catalog(a: argparse.Namespace) -> int:
     from ._catalog import catalog_info, load_catalog
 
@@ -902,6 +949,7 @@ COMMANDS = {
     "backends": cmd_backends,
     "offers": cmd_offers,
     "catalog": cmd_catalog,
+    "tensorboard": cmd_tensorboard,
     "lease-service": cmd_lease_service,
     "doctor": cmd_doctor,
 }

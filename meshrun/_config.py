@@ -14,6 +14,9 @@ File: ``$MESHRUN_CONFIG``, else ``$XDG_CONFIG_HOME/meshrun/config.toml`` (``~/.c
     [placement]                      # see docs/placement.md
     catalog_dir = "~/.sky/catalogs/v8"
 
+    [tracking.mlflow]                # see docs/tracking.md
+    tracking_uri = "http://mlflow.lab:5000"
+
 Unknown top-level keys are errors that list the valid ones; each backend validates its own table.
 Environment: ``MESHRUN_HOME``, ``MESHRUN_BACKEND`` (default backend), and ``MESHRUN_<BACKEND>_<KEY>`` for
 any key of a backend's table (``MESHRUN_DSTACK_TOKEN``, ``MESHRUN_SLURM_PARTITION``).
@@ -29,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 from ._errors import ConfigError
 
-TOP_LEVEL_KEYS = ("default_backend", "home", "backends", "placement", "prices")
+TOP_LEVEL_KEYS = ("default_backend", "home", "backends", "placement", "prices", "tracking")
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -77,7 +80,7 @@ class Config:
             raise ConfigError(
                 unknown[0], f"unknown configuration key in {source}; the valid keys are: {', '.join(TOP_LEVEL_KEYS)}"
             )
-        for table in ("backends", "placement", "prices"):
+        for table in ("backends", "placement", "prices", "tracking"):
             if table in data and not isinstance(data[table], Mapping):
                 raise ConfigError(table, f"must be a table in {source}")
         backends = data.get("backends") or {}

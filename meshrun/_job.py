@@ -91,6 +91,13 @@ class Job(Generic[R]):
         return list(self._record.history)
 
     @property
+    def tracking(self) -> dict[str, Any]:
+        """The runs this job was tracked as (meshrun/_tracking.py): {tool: {run_id, name, url, logdir, ...}}."""
+        from ._tracking import links
+
+        return links(self.job_dir)
+
+    @property
     def spec(self) -> JobSpec:
         from ._spec import JobSpec
 
@@ -333,9 +340,13 @@ class Job(Generic[R]):
             rows.append(("runtime", format_duration(end - r.started_at)))
         if r.exit_code is not None:
             rows.append(("exit code", str(r.exit_code)))
+        from ._tracking import html_links  # experiment tracking: the job's runs, linked
+
+        if tracked := html_links(self.job_dir):
+            rows.append(("tracking", tracked))
         body = "".join(
             f'<tr><th style="text-align:left;padding-right:1em">{k}</th><td style="text-align:left">'
-            f"{v if k in ('state', 'backend', 'what') else html.escape(str(v))}</td></tr>"
+            f"{v if k in ('state', 'backend', 'what', 'tracking') else html.escape(str(v))}</td></tr>"
             for k, v in rows
         )
         tail = html.escape(self.log_tail(8)) if r.state is not JobState.SUBMITTING else ""

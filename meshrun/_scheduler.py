@@ -78,6 +78,9 @@ def prepare(
         fn = spec.resolve_function()
         files["payload.pkl"] = dumps(fn, spec.args, spec.kwargs)
     launch = build_launch(spec, job_id, cwd=cwd)
+    from ._tracking import begin  # experiment tracking: the run identity goes into the job's environment
+
+    begin(spec, launch, files, backend=backend, array_id=array_id, array_index=array_index)
     files["spec.json"] = spec.to_json().encode()
     files["launch.json"] = (json.dumps(launch, sort_keys=True) + "\n").encode()
     rec = store.create(
@@ -145,6 +148,8 @@ def submit(what: Any, /, *args: Any, **kwargs: Any) -> Job[Any]:
         if args:
             raise SpecError("args", "meshrun.submit(spec) takes no positional arguments after the spec; a function's "
                             "arguments go into the spec (JobSpec(function=fn, args=..., kwargs=...))")
+        if "track" in kwargs:  # experiment tracking is a field of the spec
+            what = what.replace(track=kwargs.pop("track"))
         return _submit_spec(what, **kwargs)
     if callable(what):
         if getattr(what, "__meshrun_function__", None) is not None:  # @meshrun.job: its own spec and options

@@ -319,6 +319,17 @@ class JobSpec(BaseModel):
     )
     retries: int = Field(0, description="times to resubmit a job that failed (0 to 100)")
     labels: dict[str, str] = Field(default_factory=dict, description="free-form labels for your own use")
+    # experiment tracking (meshrun/_tracking.py): None = the config's [tracking] table
+    track: dict[str, dict[str, Any]] | None = Field(
+        None, description='experiment tracking: "wandb,mlflow,tensorboard", a list, {tool: {settings}}, or False'
+    )
+
+    @field_validator("track", mode="before")
+    @classmethod
+    def _v_track(cls, v: Any) -> dict[str, dict[str, Any]] | None:
+        from ._tracking import normalize
+
+        return normalize(v)
 
     # ---- construction: every error is a SpecError -------------------------------------------------
     def __init__(self, **data: Any):

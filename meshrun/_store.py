@@ -357,6 +357,11 @@ class Store:
         self._run(lambda c: c.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ?", vals))
         if fields.get("backend_id") is not None:
             self._note_backend(job_id, fields.get("backend"), fields["backend_id"])
+        if "state" in fields and JobState(fields["state"]).terminal:
+            # experiment tracking: close the job's tracked runs (a no-op for an untracked job)
+            from ._tracking import job_ended
+
+            job_ended(self, job_id)
 
     def _note_backend(self, job_id: str, backend: str | None, backend_id: str) -> None:
         """Keep where the job was submitted in its folder too (``backend.json``), for rebuilding the index."""
