@@ -471,9 +471,9 @@ def _redact(uri: str) -> str:
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
-    from ._store import _atomic_write
+    from ._agent import atomic_write
 
     try:
-        _atomic_write(path, (json.dumps(record, sort_keys=True, indent=1) + "\n").encode())
+        atomic_write(str(path), (json.dumps(record, sort_keys=True, indent=1) + "\n").encode(), 0o600)
     except OSError:
         pass
