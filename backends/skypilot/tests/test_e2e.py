@@ -237,6 +237,8 @@ class TestSkyPilotContract(BackendContract):
         "reattach_after_submitter_killed": _E2E + "asks a fresh backend for the status",
         "map_order": _LEAN,
         "logs_follow_ends": _E2E + "follows each job's log to its end",
+        "corrupted_result_detected": _LEAN + "; the result is checked by the core's one reader, as on every "
+                                             "other row",
         "idempotent_cancel": _LEAN,
         "batched_status": _E2E + "asks a fresh backend for the status",
     }
