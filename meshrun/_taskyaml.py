@@ -124,6 +124,10 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
         fields["name"] = _text(config["name"], "name")
     run = config.get("run")
     if run is None:
+        if "pool" in config or "service" in config:
+            kind = "pool" if "pool" in config else "service"
+            raise SpecError("run", f"{source} has no run section: it is a SkyPilot {kind} spec (`{kind}:`, for "
+                            f"`sky {'jobs pool apply' if kind == 'pool' else 'serve up'}`), not a task to run")
         raise SpecError("run", f"{source} has no run section; meshrun needs something to run")
     if not isinstance(run, str):
         raise SpecError("run", "must be a shell script (text); SkyPilot's Python-callable run is not supported")

@@ -16,6 +16,11 @@ pipeline) and with ``meshrun``'s importer. It prints:
   (``build_task(task_config(spec))``) equals SkyPilot's own parse of the original (resources, nodes, envs,
   secrets' names, run, setup).
 
+YAML files that are not task files are counted as "not a task", by what they look like: a SkyPilot pool or
+service spec without ``run`` (``sky jobs pool apply``/``sky serve up`` input: SkyPilot parses it, there is
+nothing to run), a SkyPilot config (``~/.sky/config.yaml``, admin policies), a Kubernetes manifest, another
+tool's config (Helm values, training recipes, ...), or a dstack configuration of another ``type``.
+
 Null envs get a placeholder value (as ``--env NAME=...`` would give them); paths are not checked. The
 checks are the ones tests/test_jobfiles.py runs over the vendored sample in tests/data/jobfiles/.
 """
@@ -67,9 +72,36 @@ def load(path: Path) -> list[Any] | None:
 
 
 def looks_like_skypilot(docs: list[Any]) -> bool:
-    tasks = docs[1:] if len(docs) > 1 and isinstance(docs[0], dict) and set(docs[0]) <= {"name"} else docs
+    tasks = _task_docs(docs)
     return all(isinstance(d, dict) and d and set(d) <= set(TASK_KEYS) | {"_metadata"} for d in tasks) and any(
         "run" in d or "setup" in d or "resources" in d for d in tasks)
+
+
+#: top-level keys of SkyPilot's own config files (``~/.sky/config.yaml``, ``.sky.yaml``, admin policy configs)
+SKY_CONFIG_KEYS = frozenset((
+    "api_server", "jobs", "serve", "allowed_clouds", "workspaces", "admin_policy", "kubernetes", "aws", "gcp",
+    "azure", "nebius", "oci", "docker", "nvidia_gpus", "ssh", "slurm", "provision", "daemons", "db", "logs",
+    "rbac", "active_workspace", "lambda", "runpod", "vast", "fluidstack", "cudo", "ibm", "scp", "vsphere",
+))
+
+
+def not_a_task(docs: list[Any] | None) -> str | None:
+    """What a YAML file that is not a task file looks like (None for a SkyPilot task or a dstack config)."""
+    if docs is None:
+        return "not YAML"
+    if len(docs) == 1 and is_dstack_config(docs[0]):
+        return None
+    if looks_like_skypilot(docs):
+        tasks = _task_docs(docs)
+        if all("run" not in d for d in tasks) and any("pool" in d or "service" in d for d in tasks):
+            return "SkyPilot pool or service spec without run"
+        return None
+    first = docs[0]
+    if isinstance(first, dict) and "apiVersion" in first and "kind" in first:
+        return "Kubernetes manifest"
+    if isinstance(first, dict) and first and set(first) <= SKY_CONFIG_KEYS:
+        return "SkyPilot config"
+    return "other YAML (another tool's config)"
 
 
 def _null_envs(doc: Any) -> dict[str, str]:
@@ -196,26 +228,31 @@ def check_dstack(path: Path, doc: Any) -> dict[str, Any]:
     return res
 
 
-def check_file(path: Path, compare: bool = True, sky: bool = True) -> dict[str, Any] | None:
-    """The checks of one file (None for a YAML file that is neither a SkyPilot task nor a dstack configuration).
-    ``sky=False`` leaves SkyPilot's own parse (and so the comparison) out."""
+def check_file(path: Path, compare: bool = True, sky: bool = True) -> dict[str, Any]:
+    """The checks of one file (for a YAML file that is neither a SkyPilot task nor a dstack configuration:
+    ``kind`` "not a task" and ``what`` it looks like). ``sky=False`` leaves SkyPilot's own parse (and so the
+    comparison) out."""
     docs = load(path)
-    if docs is None:
-        return None
+    other = not_a_task(docs)
+    if other is not None or docs is None:
+        return {"file": str(path), "kind": "not a task", "what": other, "meshrun": "not a task"}
     if len(docs) == 1 and is_dstack_config(docs[0]):
         return check_dstack(path, docs[0])
-    if looks_like_skypilot(docs):
-        return check_skypilot(path, docs, compare and sky, sky)
-    return None
+    return check_skypilot(path, docs, compare and sky, sky)
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     sky = [r for r in results if r["kind"] == "skypilot"]
     dst = [r for r in results if r["kind"] == "dstack task"]
     refused = collections.Counter(r["meshrun"] for r in results if r["meshrun"].startswith("refused"))
+    other = collections.Counter(r["what"] for r in results if r["kind"] == "not a task")
     return {
+        "yaml_files_read": len(results),
+        "not_a_task": dict(other.most_common()),
         "skypilot_files": len(sky),
         "skypilot_accepted_by_skypilot": sum(r["sky"] == "accepted" for r in sky),
+        "skypilot_refused_by_skypilot": dict(collections.Counter(
+            r["sky"][len("refused: "):][:120] for r in sky if r["sky"].startswith("refused")).most_common()),
         "skypilot_imported": sum(r["meshrun"] == "imported" for r in sky),
         "skypilot_accepted_but_refused_by_meshrun": sum(r["sky"] == "accepted" and r["meshrun"] != "imported"
                                                         for r in sky),
@@ -241,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         if f.suffix not in (".yaml", ".yml"):
             continue
         r = check_file(f, compare=not a.no_compare)
-        if r is not None:
-            results.append(r)
-            if a.json:
-                print(json.dumps(r))
-            elif a.verbose and (r["meshrun"] != "imported" or r.get("gpus_lost") or r.get("translation") == "differs"):
-                print(f"{r['file']}: {r['meshrun']} {r.get('reason', '')} {r.get('gpus_lost', '')} "
-                      f"{r.get('difference', '')}".rstrip())
+        results.append(r)
+        if a.json:
+            print(json.dumps(r))
+        elif a.verbose and (r["meshrun"] not in ("imported", "not a task") or r.get("gpus_lost")
+                            or r.get("translation") == "differs" or str(r.get("sky", "")).startswith("refused")):
+            print(f"{r['file']}: {r['meshrun']} {r.get('reason', '')} {r.get('gpus_lost', '')} "
+                  f"{r.get('difference', '')} {r.get('sky', '') if r.get('sky') != 'accepted' else ''}".rstrip())
     counts = summarize(results)
     print(json.dumps(counts, indent=2))
     return 1 if counts["gpus_lost"] else 0

@@ -164,6 +164,17 @@ def test_errors_name_the_field(config, field, monkeypatch):
     assert e.value.field == field, str(e.value)
 
 
+def test_a_pool_or_service_spec_without_run_is_refused_as_not_a_task(tmp_path):
+    # SkyPilot parses a pool spec (``sky jobs pool apply``) as a task, but there is nothing to run
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("pool:\n  workers: 2\nresources:\n  accelerators: {L4, A10G}\nsetup: pip install x\n")
+    with pytest.raises(meshrun.SpecError, match="SkyPilot pool spec.*not a task to run") as e:
+        meshrun.JobSpec.from_skypilot_yaml(pool)
+    assert e.value.field == "run"
+    with pytest.raises(meshrun.SpecError, match="SkyPilot service spec.*sky serve up"):
+        spec_from_task_config({"service": {"readiness_probe": "/"}, "setup": "x"})
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(meshrun.SpecError, match="cannot read"):
         meshrun.JobSpec.from_skypilot_yaml(tmp_path / "missing.yaml")
