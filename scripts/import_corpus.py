@@ -18,7 +18,7 @@ pipeline) and with ``meshrun``'s importer. It prints:
 
 YAML files that are not task files are counted as "not a task", by what they look like: a SkyPilot pool or
 service spec without ``run`` (``sky jobs pool apply``/``sky serve up`` input: SkyPilot parses it, there is
-nothing to run), a SkyPilot config (``~/.sky/config.yaml``, admin policies), a Kubernetes manifest, another
+nothing to run), a fragment of task fields with nothing to run, a SkyPilot config (``~/.sky/config.yaml``, admin policies), a Kubernetes manifest, another
 tool's config (Helm values, training recipes, ...), or a dstack configuration of another ``type``.
 
 Null envs get a placeholder value (as ``--env NAME=...`` would give them); paths are not checked. The
@@ -96,6 +96,8 @@ def not_a_task(docs: list[Any] | None) -> str | None:
         if all("run" not in d for d in tasks) and any("pool" in d or "service" in d for d in tasks):
             return "SkyPilot pool or service spec without run"
         return None
+    if all(isinstance(d, dict) and d and set(d) <= set(TASK_KEYS) for d in _task_docs(docs)):
+        return "SkyPilot task fragment without run"
     first = docs[0]
     if isinstance(first, dict) and "apiVersion" in first and "kind" in first:
         return "Kubernetes manifest"
@@ -173,9 +175,15 @@ def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool 
         return res
     if res["sky"] != "accepted":
         return res
+    try:  # an instance_type's accelerators come from SkyPilot's catalog, which it may have to download
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            wants = [gpu_names(t) for t in tasks]
+    except Exception as e:
+        res["translation"] = (f"not comparable: SkyPilot could not tell the task's accelerators offline "
+                              f"({type(e).__name__}; an instance_type needs its catalog)")
+        return res
     lost = []
-    for t, s in zip(tasks, specs):
-        want = gpu_names(t)
+    for want, s in zip(wants, specs):
         if want and not s.resources.gpus:
             lost.append("all GPUs")
         elif want - spec_gpu_names(s):
@@ -258,6 +266,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                                                         for r in sky),
         "skypilot_translation_equal": sum(r.get("translation") == "equal" for r in sky),
         "skypilot_translation_differs": sum(r.get("translation") == "differs" for r in sky),
+        "skypilot_not_comparable": sum(str(r.get("translation", "")).startswith("not comparable") for r in sky),
         "dstack_tasks": len(dst),
         "dstack_imported": sum(r["meshrun"] == "imported" for r in dst),
         "dstack_other_types": sum(r["kind"].startswith("dstack") and r["kind"] != "dstack task" for r in results),
@@ -282,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             print(json.dumps(r))
         elif a.verbose and (r["meshrun"] not in ("imported", "not a task") or r.get("gpus_lost")
-                            or r.get("translation") == "differs" or str(r.get("sky", "")).startswith("refused")):
+                            or r.get("translation", "equal") != "equal" or str(r.get("sky", "")).startswith("refused")):
             print(f"{r['file']}: {r['meshrun']} {r.get('reason', '')} {r.get('gpus_lost', '')} "
-                  f"{r.get('difference', '')} {r.get('sky', '') if r.get('sky') != 'accepted' else ''}".rstrip())
+                  f"{r.get('difference', '')} {r.get('sky', '') if r.get('sky') != 'accepted' else ''} "
+                  f"{r.get('translation', '') if r.get('translation', 'equal') != 'equal' else ''}".rstrip())
     counts = summarize(results)
     print(json.dumps(counts, indent=2))
     return 1 if counts["gpus_lost"] else 0
