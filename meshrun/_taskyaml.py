@@ -128,6 +128,9 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
             kind = "pool" if "pool" in config else "service"
             raise SpecError("run", f"{source} has no run section: it is a SkyPilot {kind} spec (`{kind}:`, for "
                             f"`sky {'jobs pool apply' if kind == 'pool' else 'serve up'}`), not a task to run")
+        if config.get("setup") is not None:
+            raise SpecError("run", f"{source} has no run section: it only sets up a cluster (what `sky launch` does "
+                            "with a setup and no run); meshrun runs jobs: give it a run section")
         raise SpecError("run", f"{source} has no run section; meshrun needs something to run")
     if not isinstance(run, str):
         raise SpecError("run", "must be a shell script (text); SkyPilot's Python-callable run is not supported")

@@ -16,9 +16,9 @@ pipeline) and with ``meshrun``'s importer. It prints:
   (``build_task(task_config(spec))``) equals SkyPilot's own parse of the original (resources, nodes, envs,
   secrets' names, run, setup).
 
-YAML files that are not task files are counted as "not a task", by what they look like: a SkyPilot pool or
-service spec without ``run`` (``sky jobs pool apply``/``sky serve up`` input: SkyPilot parses it, there is
-nothing to run), a fragment of task fields with nothing to run, a SkyPilot config (``~/.sky/config.yaml``, admin policies), a Kubernetes manifest, another
+YAML files that are not task files are counted as "not a task", by what they look like: a SkyPilot spec
+without ``run`` (a pool for ``sky jobs pool apply``, a service for ``sky serve up``, or only a cluster's
+``setup`` for ``sky launch``: SkyPilot parses it, there is no job to run), a fragment of task fields with nothing to run, a SkyPilot volume spec, a SkyPilot config (``~/.sky/config.yaml``, admin policies), a Kubernetes manifest, another
 tool's config (Helm values, training recipes, ...), or a dstack configuration of another ``type``.
 
 Null envs get a placeholder value (as ``--env NAME=...`` would give them); paths are not checked. The
@@ -85,20 +85,27 @@ SKY_CONFIG_KEYS = frozenset((
 ))
 
 
+#: keys of a SkyPilot volume spec (``sky volumes apply``)
+SKY_VOLUME_KEYS = frozenset(("name", "type", "infra", "size", "config", "labels", "use_existing", "resource_name"))
+
+
 def not_a_task(docs: list[Any] | None) -> str | None:
     """What a YAML file that is not a task file looks like (None for a SkyPilot task or a dstack config)."""
     if docs is None:
         return "not YAML"
+    first = docs[0]
+    if (len(docs) == 1 and isinstance(first, dict) and "size" in first
+            and set(first) <= SKY_VOLUME_KEYS and str(first.get("type", "")).endswith(("pvc", "volume"))):
+        return "SkyPilot volume spec"  # ``sky volumes apply`` input; its ``type`` is not a dstack one
     if len(docs) == 1 and is_dstack_config(docs[0]):
         return None
     if looks_like_skypilot(docs):
         tasks = _task_docs(docs)
-        if all("run" not in d for d in tasks) and any("pool" in d or "service" in d for d in tasks):
-            return "SkyPilot pool or service spec without run"
+        if all(d.get("run") is None for d in tasks):
+            return "SkyPilot spec without run (a pool, a service or a cluster's set-up)"
         return None
     if all(isinstance(d, dict) and d and set(d) <= set(TASK_KEYS) for d in _task_docs(docs)):
         return "SkyPilot task fragment without run"
-    first = docs[0]
     if isinstance(first, dict) and "apiVersion" in first and "kind" in first:
         return "Kubernetes manifest"
     if isinstance(first, dict) and first and set(first) <= SKY_CONFIG_KEYS:
@@ -193,8 +200,16 @@ def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool 
     if compare:
         from meshrun_skypilot import _task
 
+        def submitted(spec: Any) -> dict[str, Any]:
+            # the backend submits the secrets' values (a null one resolved at submit; SkyPilot drops a null
+            # one from its own parse too); task_config, the form meshrun shows, writes their names only
+            cfg = _task.task_config(spec)
+            if spec.secrets:
+                cfg["secrets"] = dict(spec.secrets)
+            return cfg
+
         try:
-            ours = [sky_view(_task.build_task(_task.task_config(s))) for s in specs]
+            ours = [sky_view(_task.build_task(submitted(s))) for s in specs]
             theirs = [sky_view(t) for t in tasks]
             res["translation"] = "equal" if ours == theirs else "differs"
             if ours != theirs:

@@ -89,10 +89,13 @@ def test_the_corpus_script_counts(capsys):
 
 @pytest.mark.parametrize("text,what", [
     ("pool:\n  workers: 2\nresources:\n  accelerators: L4\nsetup: pip install x\n",
-     "SkyPilot pool or service spec without run"),
+     "SkyPilot spec without run (a pool, a service or a cluster's set-up)"),
+    ("resources:\n  cpus: 2+\nsetup: pip install x\nconfig:\n  kubernetes: {}\n",
+     "SkyPilot spec without run (a pool, a service or a cluster's set-up)"),
     ("file_mounts:\n  /code:\n    name: b\n    mode: MOUNT\n", "SkyPilot task fragment without run"),
     ("api_server:\n  endpoint: http://x\njobs:\n  controller:\n    resources: {cpus: 2}\n", "SkyPilot config"),
     ("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n", "Kubernetes manifest"),
+    ("name: ckpt\ntype: k8s-pvc\ninfra: k8s\nsize: 100Gi\n", "SkyPilot volume spec"),
     ("base_model: m\nlora_r: 8\n", "other YAML (another tool's config)"),
     ("run: [unclosed\n", "not YAML"),
 ])

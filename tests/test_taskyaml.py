@@ -173,6 +173,8 @@ def test_a_pool_or_service_spec_without_run_is_refused_as_not_a_task(tmp_path):
     assert e.value.field == "run"
     with pytest.raises(meshrun.SpecError, match="SkyPilot service spec.*sky serve up"):
         spec_from_task_config({"service": {"readiness_probe": "/"}, "setup": "x"})
+    with pytest.raises(meshrun.SpecError, match="only sets up a cluster.*give it a run section"):
+        spec_from_task_config({"resources": {"cpus": "2+"}, "setup": "pip install x"})
 
 
 def test_file_errors(tmp_path):
