@@ -47,7 +47,7 @@ import yaml  # noqa: E402
 
 import meshrun  # noqa: E402
 from meshrun._dstackyaml import is_dstack_config, spec_from_dstack_config  # noqa: E402
-from meshrun._taskyaml import TASK_KEYS, spec_from_task_config  # noqa: E402
+from meshrun._taskyaml import TASK_KEYS, spec_from_task_config, task_documents  # noqa: E402
 
 PLACEHOLDER = "placeholder"
 
@@ -119,7 +119,9 @@ def _null_envs(doc: Any) -> dict[str, str]:
 
 
 def _task_docs(docs: list[Any]) -> list[Any]:
-    return docs[1:] if len(docs) > 1 and isinstance(docs[0], dict) and set(docs[0]) <= {"name"} else docs
+    """The task documents (after a pipeline's or a job group's header)."""
+    head = docs[0] if len(docs) > 1 and isinstance(docs[0], dict) else None
+    return docs[1:] if head is not None and set(head) <= {"name", "execution", "primary_tasks"} else docs
 
 
 def sky_parse(doc: dict) -> Any:
@@ -171,6 +173,7 @@ def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool 
         res["sky"] = f"refused: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
     specs = []
     try:
+        task_documents(docs, str(path))  # a job group (tasks at the same time) is refused
         for d in _task_docs(docs):
             specs.append(spec_from_task_config(d, env=_null_envs(d), source=str(path)))
         res["meshrun"] = "imported"
