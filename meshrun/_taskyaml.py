@@ -82,11 +82,25 @@ def specs_from_task_yaml(path: str | os.PathLike[str], *, env: Mapping[str, str]
     document may hold only the pipeline's ``name``), in order. ``meshrun run`` runs a pipeline as a chain:
     each task starts when the previous one succeeded."""
     path = os.fspath(path)
-    docs = load_documents(path)
-    if len(docs) > 1 and isinstance(docs[0], Mapping) and set(docs[0]) <= {"name"}:
-        docs = docs[1:]  # the pipeline's own header
+    docs = task_documents(load_documents(path), path)
     return [spec_from_task_config(d, source=path if len(docs) == 1 else f"task {i + 1} of {path}", env=env)
             for i, d in enumerate(docs)]
+
+
+def task_documents(docs: list[Any], source: str) -> list[Any]:
+    """The task documents of a loaded SkyPilot YAML: all of them, or those after a pipeline's header (a first
+    document with only ``name``). A job group (a header with ``execution: parallel``: tasks that run at the
+    same time) is refused: meshrun runs the tasks of a file as a chain, one after the other."""
+    head = docs[0] if len(docs) > 1 and isinstance(docs[0], Mapping) else None
+    if head is not None and set(head) <= {"name"}:
+        return docs[1:]
+    if head is not None and set(head) <= {"name", "execution", "primary_tasks"}:
+        if str(head.get("execution", "serial")) != "serial":
+            raise SpecError("execution", f"{source} is a SkyPilot job group (execution: {head['execution']}: its "
+                            f"{len(docs) - 1} tasks run at the same time); meshrun runs the tasks of a file as a "
+                            "chain, each after the previous one: submit them as separate jobs")
+        return docs[1:]
+    return docs
 
 
 def spec_from_task_yaml(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Any:
@@ -124,6 +138,13 @@ def spec_from_task_config(config: Any, *, base_dir: str | None = None, source: s
         fields["name"] = _text(config["name"], "name")
     run = config.get("run")
     if run is None:
+        if "pool" in config or "service" in config:
+            kind = "pool" if "pool" in config else "service"
+            raise SpecError("run", f"{source} has no run section: it is a SkyPilot {kind} spec (`{kind}:`, for "
+                            f"`sky {'jobs pool apply' if kind == 'pool' else 'serve up'}`), not a task to run")
+        if config.get("setup") is not None:
+            raise SpecError("run", f"{source} has no run section: it only sets up a cluster (what `sky launch` does "
+                            "with a setup and no run); meshrun runs jobs: give it a run section")
         raise SpecError("run", f"{source} has no run section; meshrun needs something to run")
     if not isinstance(run, str):
         raise SpecError("run", "must be a shell script (text); SkyPilot's Python-callable run is not supported")

@@ -16,6 +16,11 @@ pipeline) and with ``meshrun``'s importer. It prints:
   (``build_task(task_config(spec))``) equals SkyPilot's own parse of the original (resources, nodes, envs,
   secrets' names, run, setup).
 
+YAML files that are not task files are counted as "not a task", by what they look like: a SkyPilot spec
+without ``run`` (a pool for ``sky jobs pool apply``, a service for ``sky serve up``, or only a cluster's
+``setup`` for ``sky launch``: SkyPilot parses it, there is no job to run), a fragment of task fields with nothing to run, a SkyPilot volume spec, a SkyPilot config (``~/.sky/config.yaml``, admin policies), a Kubernetes manifest, another
+tool's config (Helm values, training recipes, ...), or a dstack configuration of another ``type``.
+
 Null envs get a placeholder value (as ``--env NAME=...`` would give them); paths are not checked. The
 checks are the ones tests/test_jobfiles.py runs over the vendored sample in tests/data/jobfiles/.
 """
@@ -42,7 +47,7 @@ import yaml  # noqa: E402
 
 import meshrun  # noqa: E402
 from meshrun._dstackyaml import is_dstack_config, spec_from_dstack_config  # noqa: E402
-from meshrun._taskyaml import TASK_KEYS, spec_from_task_config  # noqa: E402
+from meshrun._taskyaml import TASK_KEYS, spec_from_task_config, task_documents  # noqa: E402
 
 PLACEHOLDER = "placeholder"
 
@@ -67,9 +72,45 @@ def load(path: Path) -> list[Any] | None:
 
 
 def looks_like_skypilot(docs: list[Any]) -> bool:
-    tasks = docs[1:] if len(docs) > 1 and isinstance(docs[0], dict) and set(docs[0]) <= {"name"} else docs
+    tasks = _task_docs(docs)
     return all(isinstance(d, dict) and d and set(d) <= set(TASK_KEYS) | {"_metadata"} for d in tasks) and any(
         "run" in d or "setup" in d or "resources" in d for d in tasks)
+
+
+#: top-level keys of SkyPilot's own config files (``~/.sky/config.yaml``, ``.sky.yaml``, admin policy configs)
+SKY_CONFIG_KEYS = frozenset((
+    "api_server", "jobs", "serve", "allowed_clouds", "workspaces", "admin_policy", "kubernetes", "aws", "gcp",
+    "azure", "nebius", "oci", "docker", "nvidia_gpus", "ssh", "slurm", "provision", "daemons", "db", "logs",
+    "rbac", "active_workspace", "lambda", "runpod", "vast", "fluidstack", "cudo", "ibm", "scp", "vsphere",
+))
+
+
+#: keys of a SkyPilot volume spec (``sky volumes apply``)
+SKY_VOLUME_KEYS = frozenset(("name", "type", "infra", "size", "config", "labels", "use_existing", "resource_name"))
+
+
+def not_a_task(docs: list[Any] | None) -> str | None:
+    """What a YAML file that is not a task file looks like (None for a SkyPilot task or a dstack config)."""
+    if docs is None:
+        return "not YAML"
+    first = docs[0]
+    if (len(docs) == 1 and isinstance(first, dict) and "size" in first
+            and set(first) <= SKY_VOLUME_KEYS and str(first.get("type", "")).endswith(("pvc", "volume"))):
+        return "SkyPilot volume spec"  # ``sky volumes apply`` input; its ``type`` is not a dstack one
+    if len(docs) == 1 and is_dstack_config(docs[0]):
+        return None
+    if looks_like_skypilot(docs):
+        tasks = _task_docs(docs)
+        if all(d.get("run") is None for d in tasks):
+            return "SkyPilot spec without run (a pool, a service or a cluster's set-up)"
+        return None
+    if all(isinstance(d, dict) and d and set(d) <= set(TASK_KEYS) for d in _task_docs(docs)):
+        return "SkyPilot task fragment without run"
+    if isinstance(first, dict) and "apiVersion" in first and "kind" in first:
+        return "Kubernetes manifest"
+    if isinstance(first, dict) and first and set(first) <= SKY_CONFIG_KEYS:
+        return "SkyPilot config"
+    return "other YAML (another tool's config)"
 
 
 def _null_envs(doc: Any) -> dict[str, str]:
@@ -78,7 +119,9 @@ def _null_envs(doc: Any) -> dict[str, str]:
 
 
 def _task_docs(docs: list[Any]) -> list[Any]:
-    return docs[1:] if len(docs) > 1 and isinstance(docs[0], dict) and set(docs[0]) <= {"name"} else docs
+    """The task documents (after a pipeline's or a job group's header)."""
+    head = docs[0] if len(docs) > 1 and isinstance(docs[0], dict) else None
+    return docs[1:] if head is not None and set(head) <= {"name", "execution", "primary_tasks"} else docs
 
 
 def sky_parse(doc: dict) -> Any:
@@ -130,6 +173,7 @@ def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool 
         res["sky"] = f"refused: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
     specs = []
     try:
+        task_documents(docs, str(path))  # a job group (tasks at the same time) is refused
         for d in _task_docs(docs):
             specs.append(spec_from_task_config(d, env=_null_envs(d), source=str(path)))
         res["meshrun"] = "imported"
@@ -141,9 +185,15 @@ def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool 
         return res
     if res["sky"] != "accepted":
         return res
+    try:  # an instance_type's accelerators come from SkyPilot's catalog, which it may have to download
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            wants = [gpu_names(t) for t in tasks]
+    except Exception as e:
+        res["translation"] = (f"not comparable: SkyPilot could not tell the task's accelerators offline "
+                              f"({type(e).__name__}; an instance_type needs its catalog)")
+        return res
     lost = []
-    for t, s in zip(tasks, specs):
-        want = gpu_names(t)
+    for want, s in zip(wants, specs):
         if want and not s.resources.gpus:
             lost.append("all GPUs")
         elif want - spec_gpu_names(s):
@@ -153,8 +203,16 @@ def check_skypilot(path: Path, docs: list[Any], compare: bool = True, sky: bool 
     if compare:
         from meshrun_skypilot import _task
 
+        def submitted(spec: Any) -> dict[str, Any]:
+            # the backend submits the secrets' values (a null one resolved at submit; SkyPilot drops a null
+            # one from its own parse too); task_config, the form meshrun shows, writes their names only
+            cfg = _task.task_config(spec)
+            if spec.secrets:
+                cfg["secrets"] = dict(spec.secrets)
+            return cfg
+
         try:
-            ours = [sky_view(_task.build_task(_task.task_config(s))) for s in specs]
+            ours = [sky_view(_task.build_task(submitted(s))) for s in specs]
             theirs = [sky_view(t) for t in tasks]
             res["translation"] = "equal" if ours == theirs else "differs"
             if ours != theirs:
@@ -196,31 +254,37 @@ def check_dstack(path: Path, doc: Any) -> dict[str, Any]:
     return res
 
 
-def check_file(path: Path, compare: bool = True, sky: bool = True) -> dict[str, Any] | None:
-    """The checks of one file (None for a YAML file that is neither a SkyPilot task nor a dstack configuration).
-    ``sky=False`` leaves SkyPilot's own parse (and so the comparison) out."""
+def check_file(path: Path, compare: bool = True, sky: bool = True) -> dict[str, Any]:
+    """The checks of one file (for a YAML file that is neither a SkyPilot task nor a dstack configuration:
+    ``kind`` "not a task" and ``what`` it looks like). ``sky=False`` leaves SkyPilot's own parse (and so the
+    comparison) out."""
     docs = load(path)
-    if docs is None:
-        return None
+    other = not_a_task(docs)
+    if other is not None or docs is None:
+        return {"file": str(path), "kind": "not a task", "what": other, "meshrun": "not a task"}
     if len(docs) == 1 and is_dstack_config(docs[0]):
         return check_dstack(path, docs[0])
-    if looks_like_skypilot(docs):
-        return check_skypilot(path, docs, compare and sky, sky)
-    return None
+    return check_skypilot(path, docs, compare and sky, sky)
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     sky = [r for r in results if r["kind"] == "skypilot"]
     dst = [r for r in results if r["kind"] == "dstack task"]
     refused = collections.Counter(r["meshrun"] for r in results if r["meshrun"].startswith("refused"))
+    other = collections.Counter(r["what"] for r in results if r["kind"] == "not a task")
     return {
+        "yaml_files_read": len(results),
+        "not_a_task": dict(other.most_common()),
         "skypilot_files": len(sky),
         "skypilot_accepted_by_skypilot": sum(r["sky"] == "accepted" for r in sky),
+        "skypilot_refused_by_skypilot": dict(collections.Counter(
+            r["sky"][len("refused: "):][:120] for r in sky if r["sky"].startswith("refused")).most_common()),
         "skypilot_imported": sum(r["meshrun"] == "imported" for r in sky),
         "skypilot_accepted_but_refused_by_meshrun": sum(r["sky"] == "accepted" and r["meshrun"] != "imported"
                                                         for r in sky),
         "skypilot_translation_equal": sum(r.get("translation") == "equal" for r in sky),
         "skypilot_translation_differs": sum(r.get("translation") == "differs" for r in sky),
+        "skypilot_not_comparable": sum(str(r.get("translation", "")).startswith("not comparable") for r in sky),
         "dstack_tasks": len(dst),
         "dstack_imported": sum(r["meshrun"] == "imported" for r in dst),
         "dstack_other_types": sum(r["kind"].startswith("dstack") and r["kind"] != "dstack task" for r in results),
@@ -241,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         if f.suffix not in (".yaml", ".yml"):
             continue
         r = check_file(f, compare=not a.no_compare)
-        if r is not None:
-            results.append(r)
-            if a.json:
-                print(json.dumps(r))
-            elif a.verbose and (r["meshrun"] != "imported" or r.get("gpus_lost") or r.get("translation") == "differs"):
-                print(f"{r['file']}: {r['meshrun']} {r.get('reason', '')} {r.get('gpus_lost', '')} "
-                      f"{r.get('difference', '')}".rstrip())
+        results.append(r)
+        if a.json:
+            print(json.dumps(r))
+        elif a.verbose and (r["meshrun"] not in ("imported", "not a task") or r.get("gpus_lost")
+                            or r.get("translation", "equal") != "equal" or str(r.get("sky", "")).startswith("refused")):
+            print(f"{r['file']}: {r['meshrun']} {r.get('reason', '')} {r.get('gpus_lost', '')} "
+                  f"{r.get('difference', '')} {r.get('sky', '') if r.get('sky') != 'accepted' else ''} "
+                  f"{r.get('translation', '') if r.get('translation', 'equal') != 'equal' else ''}".rstrip())
     counts = summarize(results)
     print(json.dumps(counts, indent=2))
     return 1 if counts["gpus_lost"] else 0

@@ -85,3 +85,24 @@ def test_the_corpus_script_counts(capsys):
     assert corpus_script().main([str(DATA / "dstack"), "--no-compare"]) == 0
     out = capsys.readouterr().out
     assert '"dstack_tasks": 18' in out and '"gpus_lost": 0' in out
+
+
+@pytest.mark.parametrize("text,what", [
+    ("pool:\n  workers: 2\nresources:\n  accelerators: L4\nsetup: pip install x\n",
+     "SkyPilot spec without run (a pool, a service or a cluster's set-up)"),
+    ("resources:\n  cpus: 2+\nsetup: pip install x\nconfig:\n  kubernetes: {}\n",
+     "SkyPilot spec without run (a pool, a service or a cluster's set-up)"),
+    ("file_mounts:\n  /code:\n    name: b\n    mode: MOUNT\n", "SkyPilot task fragment without run"),
+    ("api_server:\n  endpoint: http://x\njobs:\n  controller:\n    resources: {cpus: 2}\n", "SkyPilot config"),
+    ("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n", "Kubernetes manifest"),
+    ("name: ckpt\ntype: k8s-pvc\ninfra: k8s\nsize: 100Gi\n", "SkyPilot volume spec"),
+    ("base_model: m\nlora_r: 8\n", "other YAML (another tool's config)"),
+    ("run: [unclosed\n", "not YAML"),
+])
+def test_the_corpus_script_counts_what_is_not_a_task(text, what, tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text(text)
+    r = corpus_script().check_file(f, sky=False)
+    assert r["kind"] == "not a task" and r["what"] == what and r["meshrun"] == "not a task"
+    counts = corpus_script().summarize([r])
+    assert counts["yaml_files_read"] == 1 and counts["not_a_task"] == {what: 1} and counts["skypilot_files"] == 0

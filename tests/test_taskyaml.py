@@ -164,6 +164,30 @@ def test_errors_name_the_field(config, field, monkeypatch):
     assert e.value.field == field, str(e.value)
 
 
+@pytest.mark.parametrize("text,match,field", [
+    # SkyPilot reads these as tasks, but there is no job to run (sky jobs pool apply / sky serve up / sky launch)
+    ("pool:\n  workers: 2\nresources:\n  accelerators: {L4, A10G}\nsetup: pip install x\n",
+     "SkyPilot pool spec.*not a task to run", "run"),
+    ("service:\n  readiness_probe: /\nsetup: x\n", "SkyPilot service spec.*sky serve up", "run"),
+    ("resources:\n  cpus: 2+\nsetup: pip install x\n", "only sets up a cluster.*give it a run section", "run"),
+    # a job group runs its tasks at the same time; meshrun runs a file's tasks as a chain
+    ("name: g\nexecution: parallel\n---\nname: a\nrun: echo a\n---\nname: b\nrun: echo b\n",
+     "job group.*2 tasks run at the same time.*separate jobs", "execution"),
+])
+def test_skypilot_files_with_no_job_to_chain_are_refused_saying_what_they_are(text, match, field, tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text(text)
+    with pytest.raises(meshrun.SpecError, match=match) as e:
+        meshrun.JobSpec.pipeline_from_skypilot_yaml(f)
+    assert e.value.field == field
+
+
+def test_a_serial_job_group_is_a_chain(tmp_path):
+    f = tmp_path / "group.yaml"
+    f.write_text("name: g\nexecution: serial\n---\nrun: echo a\n---\nrun: echo b\n")
+    assert [s.command for s in meshrun.JobSpec.pipeline_from_skypilot_yaml(f)] == ["echo a", "echo b"]
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(meshrun.SpecError, match="cannot read"):
         meshrun.JobSpec.from_skypilot_yaml(tmp_path / "missing.yaml")

@@ -25,3 +25,13 @@ def test_a_skypilot_file_translates_to_what_skypilot_reads(name, sky_home, tmp_p
     assert r is not None and r["sky"] == "accepted" and r["meshrun"] == "imported", r
     assert not r.get("gpus_lost"), r
     assert r["translation"] == "equal", r
+
+
+def test_secrets_given_a_value_in_the_file_translate_to_what_skypilot_reads(sky_home, tmp_path, monkeypatch):
+    # a secret with a value written in the file (even an empty one) is a secret of the task SkyPilot builds
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "t.yaml"
+    f.write_text('secrets:\n  HF_TOKEN: ""\n  API_KEY: abc\n  LATER: null\nrun: echo hi\n')
+    r = _script().check_file(f)
+    assert r["sky"] == "accepted" and r["meshrun"] == "imported", r
+    assert r["translation"] == "equal", r
