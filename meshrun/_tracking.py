@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -399,19 +400,22 @@ def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, wher
     # an offline run is written where the job's were, when that folder is here; else (and for an online run,
     # whose local files are only a cache) into the job's folder in the store
     folder = env.get("WANDB_DIR")
-    if not (folder and env.get("WANDB_MODE") == "offline" and os.path.isdir(folder)):
+    if folder and env.get("WANDB_MODE") == "offline" and os.path.isdir(folder):
+        folder = os.path.abspath(folder)
+    else:
         folder = str(store.job_dir(job_id))
     env.update({"WANDB_DIR": folder, "WANDB_RUN_ID": job_id, "WANDB_RESUME": "allow", "WANDB_SILENT": "true"})
     env.setdefault("WANDB_INIT_TIMEOUT", "15")
     code = exit_code if isinstance(exit_code, int) and exit_code > 0 else 1
     args = [state, (reason or state)[:4900].replace("\x00", ""), (where or "").replace("\x00", ""), str(code)]
-    p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, text=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
     try:
         out, err = p.communicate(timeout=_WANDB_TIMEOUT)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(OSError):
-            os.killpg(p.pid, 9)  # the process and the wandb service it started
+            os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
         p.communicate()
         raise MeshrunError(f"W&B: resuming run {job_id} to mark it {state} took over {_WANDB_TIMEOUT:g} s") from None
     lines = out.strip().splitlines()

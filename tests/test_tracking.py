@@ -208,6 +208,22 @@ def test_meshrun_marks_the_wandb_run_of_a_failed_and_a_cancelled_job(tmp_path, m
     assert "marked cancelled by meshrun" in run_cli("status", cancelled.id).stdout
 
 
+def test_a_wandb_run_that_could_not_be_marked_is_noted_and_meshrun_status_marks_it_later(tmp_path, monkeypatch,
+                                                                                         wandb_runs):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")  # no key and no server here: resuming the run fails
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_free_port()}")
+    job = meshrun.run(["bash", "-c", "exit 4"], backend="local", track={"wandb": {"dir": str(tmp_path)}})
+    assert job.wait(timeout=120) is meshrun.JobState.FAILED
+    assert "W&B" in job.tracking["close_error"] and "closed" not in job.tracking["wandb"]
+    assert "closing the run failed" in run_cli("status", job.id).stdout
+    out = run_cli("status", job.id, env={"WANDB_MODE": "offline"}).stdout  # now it can be written
+    assert "marked failed by meshrun" in out and "close_error" not in job.tracking
+    [r] = wandb_runs(tmp_path)
+    assert r["id"] == job.id and r["exit_code"] == 4 and r["summary"]["meshrun.state"] == "failed"
+
+
 # ---- MLflow, a real server --------------------------------------------------------------------------
 
 
