@@ -174,8 +174,9 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture
 def wandb_runs():
-    """read(folder) -> the run record of every offline W&B run under ``folder/wandb``, read with wandb's own
-    datastore reader: [{"id", "name", "group", "tags", "project", "file"}]."""
+    """read(folder) -> every offline W&B run under ``folder/wandb``, read with wandb's own datastore reader:
+    [{"id", "name", "group", "tags", "project", "summary", "exit_code", "file"}] (the tags of the run's last
+    run record, the summary's updates merged, the exit record's code or None when the run never ended)."""
     pytest.importorskip("wandb")
     import glob
 
@@ -187,14 +188,21 @@ def wandb_runs():
         for f in sorted(glob.glob(str(Path(root) / "wandb" / "offline-run-*" / "run-*.wandb"))):
             ds = datastore.DataStore()
             ds.open_for_scan(f)
+            run: dict = {"summary": {}, "exit_code": None, "file": f}
             while (data := ds.scan_data()) is not None:
                 rec = pb.Record()
                 rec.ParseFromString(data)
-                if rec.WhichOneof("record_type") == "run":
+                kind = rec.WhichOneof("record_type")
+                if kind == "run":
                     r = rec.run
-                    runs.append({"id": r.run_id, "name": r.display_name, "group": r.run_group,
-                                 "tags": list(r.tags), "project": r.project, "file": f})
-                    break
+                    run.update({"id": r.run_id, "name": r.display_name, "group": r.run_group,
+                                "tags": list(r.tags), "project": r.project})
+                elif kind == "summary":
+                    run["summary"].update({u.key: json.loads(u.value_json) for u in rec.summary.update if u.key})
+                elif kind == "exit":
+                    run["exit_code"] = rec.exit.exit_code
+            if "id" in run:
+                runs.append(run)
         return runs
 
     return read

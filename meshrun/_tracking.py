@@ -6,7 +6,8 @@ environment at submit (so every backend carries it, and an unmodified ``wandb.in
 ``mlflow.start_run()`` or TensorBoard writer lands in the right place). What was handed out is kept in the
 job folder as ``tracking.json`` (ids, names, URLs; never a key or a token). When the store first records a
 job's end, :func:`job_ended` closes what the job could not: its MLflow run (and a sweep's parent run once
-every job of the sweep has ended) is set FINISHED, FAILED or KILLED with the reason as a tag.
+every job of the sweep has ended) is set FINISHED, FAILED or KILLED with the reason as a tag, and the W&B run
+of a job that did not succeed is resumed and finished with a failing exit code, the outcome in its summary.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import contextlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -297,7 +301,8 @@ def _tensorboard_identity(s: dict[str, Any], job_id: str, sweep: str | None,
 
 def job_ended(store: Store, job_id: str) -> None:
     """Called by the store when it records a terminal state. Closes the job's MLflow run (and its sweep's
-    parent run once the whole sweep has ended); never raises (a failure is noted in tracking.json)."""
+    parent run once the whole sweep has ended) and marks the W&B run of a job that did not succeed; never
+    raises (a failure is noted in tracking.json)."""
     path = store.job_dir(job_id) / RECORD
     if not path.exists():
         return
@@ -308,11 +313,17 @@ def job_ended(store: Store, job_id: str) -> None:
         if rec.state.terminal and isinstance(record.get("mlflow"), dict):
             with _quick_mlflow():
                 _mlflow_close(store, record, state, rec.reason, rec.where)
+        w = record.get("wandb")
+        if rec.state.terminal and isinstance(w, dict) and state != "succeeded" and not w.get("closed"):
+            w["closed"] = _wandb_close(store, job_id, state, rec.reason, rec.where, rec.exit_code)
         record["ended"] = {"state": state, "reason": rec.reason, "at": time.time()}
         record.pop("close_error", None)
     except Exception as e:
         try:
-            record = json.loads(path.read_text())
+            fresh = json.loads(path.read_text())
+            if isinstance(record.get("wandb"), dict) and record["wandb"].get("closed"):
+                fresh["wandb"] = record["wandb"]  # closed before the failure: not to be closed twice
+            record = fresh
             record["close_error"] = f"{type(e).__name__}: {e}"
         except Exception:
             return
@@ -352,6 +363,68 @@ def _mlflow_close(store: Store, record: dict[str, Any], state: str, reason: str 
             client.set_terminated(parent, status=pstatus)
 
 
+# the submitter's W&B variables the closing process keeps (credentials, server, local folders); the run's
+# identity comes from the job's launch environment
+_WANDB_KEEP = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR",
+               "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_INIT_TIMEOUT")
+_WANDB_TIMEOUT = 20.0  # seconds for the whole closing process (an offline one takes about three)
+
+# run in a separate Python, so that wandb's global state and threads never enter the submitting process
+_WANDB_CLOSE = """
+import json, os, sys
+import wandb
+state, reason, where, code = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+run = wandb.init()
+run.summary.update({"meshrun.state": state, "meshrun.reason": reason, "meshrun.where": where})
+run.tags = tuple(t for t in run.tags if t != "meshrun:" + state) + ("meshrun:" + state,)
+folder = os.path.dirname(run.dir)
+run.finish(exit_code=code)
+print(json.dumps({"folder": folder}))
+"""
+
+
+def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, where: str | None,
+                 exit_code: int | None) -> dict[str, Any]:
+    """Resume the job's W&B run in a separate process and finish it with a failing exit code, the job's state,
+    reason and host in its summary (``meshrun.state``, ``meshrun.reason``, ``meshrun.where``) and a
+    ``meshrun:<state>`` tag. Returns what was done, for tracking.json; raises when it could not be done."""
+    import importlib.util
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") or k in _WANDB_KEEP}
+    env.update({k: v for k, v in _launch_env(store, job_id).items() if k.startswith("WANDB_")})
+    if env.get("WANDB_MODE") == "disabled":
+        return {"skipped": "mode disabled"}
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("tracking.wandb", "marking the W&B run of a job that did not succeed needs the wandb "
+                          "package here, where jobs are submitted: pip install 'meshrun[track]' (or wandb)")
+    # an offline run is written where the job's were, when that folder is here; else (and for an online run,
+    # whose local files are only a cache) into the job's folder in the store
+    folder = env.get("WANDB_DIR")
+    if folder and env.get("WANDB_MODE") == "offline" and os.path.isdir(folder):
+        folder = os.path.abspath(folder)
+    else:
+        folder = str(store.job_dir(job_id))
+    env.update({"WANDB_DIR": folder, "WANDB_RUN_ID": job_id, "WANDB_RESUME": "allow", "WANDB_SILENT": "true"})
+    env.setdefault("WANDB_INIT_TIMEOUT", "15")
+    code = exit_code if isinstance(exit_code, int) and exit_code > 0 else 1
+    args = [state, (reason or state)[:4900].replace("\x00", ""), (where or "").replace("\x00", ""), str(code)]
+    p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, text=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=_WANDB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
+        p.communicate()
+        raise MeshrunError(f"W&B: resuming run {job_id} to mark it {state} took over {_WANDB_TIMEOUT:g} s") from None
+    lines = out.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        last = (err.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+        raise MeshrunError(f"W&B: could not mark run {job_id} {state}: {last}")
+    return {"state": state, "exit_code": code, "folder": json.loads(lines[-1])["folder"], "at": time.time()}
+
+
 def _launch_env(store: Store, job_id: str) -> dict[str, str]:
     try:
         env = json.loads((store.job_dir(job_id) / "launch.json").read_text()).get("env") or {}
@@ -382,6 +455,8 @@ def link_lines(job_dir: Path | str) -> list[tuple[str, str]]:
         text = f"run {w['run_id']}" + (f" in {where}" if where else "") + (f" ({w['mode']})" if w.get("mode") else "")
         if w.get("group"):
             text += f", group {w['group']}"
+        if (w.get("closed") or {}).get("state"):
+            text += f", marked {w['closed']['state']} by meshrun"
         out.append(("wandb", text + (f"  {w['url']}" if w.get("url") else "")))
     if "mlflow" in t:
         m = t["mlflow"]

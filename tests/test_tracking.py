@@ -144,8 +144,9 @@ def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch,
     jobs = train.map([1, 2])
     assert [j.result(timeout=180) for j in jobs] == [j.id for j in jobs]
     sweep = jobs[0].record.array_id
-    runs = {r["id"]: r for r in wandb_runs(tmp_path)}
-    assert set(runs) == {j.id for j in jobs}
+    listed = wandb_runs(tmp_path)
+    runs = {r["id"]: r for r in listed}
+    assert set(runs) == {j.id for j in jobs} and len(listed) == 2  # meshrun leaves a succeeded run to the job
     for i, j in enumerate(jobs):
         r = runs[j.id]
         assert r["name"] == f"train[{i}]"
@@ -153,6 +154,8 @@ def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch,
         assert r["project"] == "sweep-test"
         assert {"meshrun", "backend:local"} <= set(r["tags"])
         assert j.tracking["wandb"]["run_id"] == j.id and j.tracking["wandb"]["group"] == sweep
+        assert r["exit_code"] == 0 and not any(k.startswith("meshrun.") for k in r["summary"])
+        assert "closed" not in j.tracking["wandb"]
 
 
 def test_a_retried_job_resumes_the_same_wandb_run(tmp_path, monkeypatch, wandb_runs):
@@ -164,6 +167,61 @@ def test_a_retried_job_resumes_the_same_wandb_run(tmp_path, monkeypatch, wandb_r
     runs = wandb_runs(tmp_path)
     assert len(runs) == 2  # one offline run folder per attempt, both the same run
     assert {r["id"] for r in runs} == {job.id}
+
+
+_WANDB_SLEEPER = """
+import os, time, wandb
+run = wandb.init()
+run.log({"step": 1})
+open(os.environ["MARKER"], "w").close()
+time.sleep(600)
+"""
+
+
+def test_meshrun_marks_the_wandb_run_of_a_failed_and_a_cancelled_job(tmp_path, monkeypatch, wandb_runs):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    track = {"wandb": {"project": "close-test", "mode": "offline", "dir": str(tmp_path)}}
+    failed = meshrun.run(["bash", "-c", "exit 3"], name="never-calls-wandb", backend="local", track=track)
+    marker = tmp_path / "started"
+    cancelled = meshrun.run([sys.executable, "-c", _WANDB_SLEEPER], name="sleeper", backend="local", track=track,
+                            env={"MARKER": str(marker)})
+    assert failed.wait(timeout=120) is meshrun.JobState.FAILED
+    wait_until(marker.exists, timeout=120, interval=0.3, what="the job's wandb.init()")
+    cancelled.cancel()
+    assert cancelled.status() is meshrun.JobState.CANCELLED
+
+    runs = wandb_runs(tmp_path)
+    # the killed job's own run folder holds no record its writer flushed; meshrun's closing run is the same run
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{cancelled.id}"))) == 2
+    for job, state, code in ((failed, "failed", 3), (cancelled, "cancelled", 1)):
+        closing = [r for r in runs if r["id"] == job.id]
+        assert len(closing) == 1, runs
+        r = closing[0]
+        assert r["exit_code"] == code and r["summary"]["meshrun.state"] == state
+        assert r["summary"]["meshrun.reason"] == (job.record.reason or state) != state
+        assert r["summary"]["meshrun.where"] == (job.record.where or "")
+        assert r["name"] == job.name and r["project"] == "close-test"
+        assert {"meshrun", "backend:local", f"meshrun:{state}"} <= set(r["tags"])
+        closed = job.tracking["wandb"]["closed"]
+        assert closed["state"] == state and closed["exit_code"] == code
+        assert Path(r["file"]).parent == Path(closed["folder"])
+    assert "marked cancelled by meshrun" in run_cli("status", cancelled.id).stdout
+
+
+def test_a_wandb_run_that_could_not_be_marked_is_noted_and_meshrun_status_marks_it_later(tmp_path, monkeypatch,
+                                                                                         wandb_runs):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")  # no key and no server here: resuming the run fails
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_free_port()}")
+    job = meshrun.run(["bash", "-c", "exit 4"], backend="local", track={"wandb": {"dir": str(tmp_path)}})
+    assert job.wait(timeout=120) is meshrun.JobState.FAILED
+    assert "W&B" in job.tracking["close_error"] and "closed" not in job.tracking["wandb"]
+    assert "closing the run failed" in run_cli("status", job.id).stdout
+    out = run_cli("status", job.id, env={"WANDB_MODE": "offline"}).stdout  # now it can be written
+    assert "marked failed by meshrun" in out and "close_error" not in job.tracking
+    [r] = wandb_runs(tmp_path)
+    assert r["id"] == job.id and r["exit_code"] == 4 and r["summary"]["meshrun.state"] == "failed"
 
 
 # ---- MLflow, a real server --------------------------------------------------------------------------
