@@ -2424,6 +2424,9 @@ class Supervisor:
         env.update(self.launch.get("env") or {})
         env["MESHRUN_JOB_ID"] = str(self.launch.get("job_id") or "")
         env["MESHRUN_JOB_DIR"] = self.job_dir
+        if env.get("WANDB_RUN_ID") == env["MESHRUN_JOB_ID"] and env.get("WANDB_TAGS"):
+            # a W&B run meshrun tracks: the host the job landed on, known only here
+            env["WANDB_TAGS"] += ",host:" + socket.gethostname().replace(",", "_")
         if self.launch.get("name") is not None:
             env["MESHRUN_JOB_NAME"] = self.launch["name"]
         env.setdefault("PYTHONUNBUFFERED", "1")

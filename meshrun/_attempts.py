@@ -31,6 +31,7 @@ from ._errors import BackendError, BackendUnavailable, MeshrunError, NoPlacement
 from ._plan import Plan, _jsonable, group_rejections, offer_from_dict, offer_to_dict
 from ._registry import get_backend
 from ._store import JobRecord, Store, _atomic_write
+from ._tracking import for_offer
 from ._units import format_duration
 
 if TYPE_CHECKING:  # pragma: no cover - the spec (and pydantic) loads only when a job is (re)submitted
@@ -215,6 +216,8 @@ def submit_with_failover(
             write_launch(sub.job_dir, launch)
         try:
             _use_gpu_choice(sub, spec, cand)
+            if for_offer(sub.launch, cand):  # a tracked W&B run is tagged with what its attempt costs
+                write_launch(sub.job_dir, sub.launch)
             b = get_backend(bname)
             bname = b.name or bname
             store.update(job_id, backend=bname, attempt=attempt, state=JobState.SUBMITTING)

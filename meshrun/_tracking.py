@@ -160,6 +160,24 @@ def begin(spec: JobSpec, launch: dict[str, Any], files: dict[str, bytes], *, bac
     files[RECORD] = (json.dumps(record, sort_keys=True, indent=1) + "\n").encode()
 
 
+def for_offer(launch: dict[str, Any], offer: Any) -> bool:
+    """Tag a W&B-tracked job with the price of the offer its attempt is submitted to (``price:$1.23/h``,
+    ``spot``); returns whether ``launch`` changed."""
+    env = launch.get("env") or {}
+    tags = env.get("WANDB_TAGS")
+    if not tags or offer is None or env.get("WANDB_RUN_ID") != launch.get("job_id"):
+        return False
+    kept = [t for t in tags.split(",") if not t.startswith("price:") and t != "spot"]
+    kept.append(f"price:${float(offer.total_price_per_hour):.2f}/h")
+    if getattr(offer, "spot", False):
+        kept.append("spot")
+    new = ",".join(kept)
+    if new == tags:
+        return False
+    launch["env"] = {**env, "WANDB_TAGS": new}
+    return True
+
+
 def _wandb_identity(s: dict[str, Any], job_id: str, name: str, sweep: str | None,
                     tags: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     # the run id is the job id: a retry or a failover of the job resumes the same run

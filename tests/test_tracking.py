@@ -152,7 +152,7 @@ def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch,
         assert r["name"] == f"train[{i}]"
         assert r["group"] == sweep
         assert r["project"] == "sweep-test"
-        assert {"meshrun", "backend:local"} <= set(r["tags"])
+        assert {"meshrun", "backend:local", f"host:{socket.gethostname()}", "price:$0.00/h"} <= set(r["tags"])
         assert j.tracking["wandb"]["run_id"] == j.id and j.tracking["wandb"]["group"] == sweep
         assert r["exit_code"] == 0 and not any(k.startswith("meshrun.") for k in r["summary"])
         assert "closed" not in j.tracking["wandb"]
