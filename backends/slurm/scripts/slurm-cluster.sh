@@ -158,6 +158,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# a job step credential lives 30 s (default 120): also how long a requeued job waits before it may start
+# again on a node (starting it sooner is refused with "Job credential revoked")
+AuthInfo=cred_expire=30
 $auth_lines
 SlurmctldPort=$CTLD_PORT
 StateSaveLocation=$SPOOL_CTLD
