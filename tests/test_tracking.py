@@ -144,7 +144,12 @@ def test_wandb_map_is_one_group_each_run_named_and_tagged(tmp_path, monkeypatch,
     jobs = train.map([1, 2])
     assert [j.result(timeout=180) for j in jobs] == [j.id for j in jobs]
     sweep = jobs[0].record.array_id
-    listed = wandb_runs(tmp_path)
+
+    def ended() -> list[dict] | None:  # W&B's own service process may still be writing a run's file
+        got = wandb_runs(tmp_path)
+        return got if sum(r["exit_code"] is not None for r in got) >= 2 else None
+
+    listed = wait_until(ended, timeout=60, what="both W&B runs written out")
     runs = {r["id"]: r for r in listed}
     assert set(runs) == {j.id for j in jobs} and len(listed) == 2  # meshrun leaves a succeeded run to the job
     for i, j in enumerate(jobs):
