@@ -22,14 +22,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError, MeshrunError
 
-if TYPE_CHECKING:
-    from ._spec import JobSpec
-    from ._store import Store
+# the spec and the store call in here (when a job is prepared, when an end is recorded), so this module names
+# their types without importing them: ``JobSpec`` and ``Store`` below are those of meshrun._spec / _store
+JobSpec = Any
+Store = Any
 
 RECORD = "tracking.json"
 

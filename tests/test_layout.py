@@ -1,8 +1,9 @@
 """The layout of meshrun's modules: no import cycles, deferred (in-function) imports included.
 
 Every ``meshrun/*.py`` is parsed with ``ast``; every import of another meshrun module (``from . import x``,
-``from .x import y``, ``import meshrun.x``, at module level or inside a function) is an edge. Imports under
-``if TYPE_CHECKING:`` are not (they never run). A cycle fails the test and is printed, edge by edge.
+``from .x import y``, ``import meshrun.x``, at module level, inside a function or under ``if TYPE_CHECKING:``)
+is an edge: a type-only import still ties two modules together. A cycle fails the test and is printed, edge by
+edge.
 """
 
 from __future__ import annotations
@@ -11,11 +12,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "meshrun"
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def imports_of(path: Path, modules: set[str]) -> dict[str, int]:
@@ -27,13 +23,6 @@ def imports_of(path: Path, modules: set[str]) -> dict[str, int]:
             found.setdefault(name, line)
 
     class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            if _is_type_checking(node.test):
-                for n in node.orelse:
-                    self.visit(n)
-                return
-            self.generic_visit(node)
-
         def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
             if node.level == 1 or (node.level == 0 and (node.module or "").split(".")[0] == "meshrun"):
                 parts = (node.module or "").split(".")
@@ -120,11 +109,11 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
     (tmp_path / "_b.py").write_text("def f():\n    from ._c import x\n")
     (tmp_path / "_c.py").write_text("import meshrun._a\nfrom typing import TYPE_CHECKING\n"
                                     "if TYPE_CHECKING:\n    from ._d import y\n")
-    (tmp_path / "_d.py").write_text("from meshrun._c import z\n")
+    (tmp_path / "_d.py").write_text("z = 1\n")
     mods = {"_a", "_b", "_c", "_d"}
     graph = {p.stem: imports_of(p, mods) for p in tmp_path.glob("*.py")}
-    assert set(graph["_a"]) == {"_b"} and set(graph["_b"]) == {"_c"} and set(graph["_c"]) == {"_a"}
-    assert set(graph["_d"]) == {"_c"}  # _c's import of _d is for type checkers only
+    assert set(graph["_a"]) == {"_b"} and set(graph["_b"]) == {"_c"}
+    assert set(graph["_c"]) == {"_a", "_d"}  # a type-only import is an edge too
     assert find_cycles(graph) == [["_a", "_b", "_c", "_a"]]
 
 
