@@ -3192,14 +3192,44 @@ def _installed_module(name):
     return (os.sep + "site-packages" + os.sep in f or os.sep + "dist-packages" + os.sep in f) and name != "meshrun"
 
 
+def _own_folder(path):
+    """Whether the folder holding ``path`` is ours and nobody else may write to it."""
+    try:
+        d = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return d.st_uid == os.getuid() and not d.st_mode & 0o022
+
+
+def read_own_json(path, max_bytes=64 << 10):
+    """JSON from ``path`` only when it is this user's own: a regular file (not followed through a link) of
+    ours that nobody else may write, in a folder of ours that nobody else may write; else None. What decides
+    which packages a fork server imports must never be chosen by another user."""
+    if not _own_folder(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022 or st.st_size > max_bytes:
+            return None
+        return json.loads(os.read(fd, max_bytes + 1).decode())
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def learn_warm(path, before):
     """Record in ``path`` the installed top-level packages this process imported since ``before`` (a set
     of module names): the fork server imports them ahead of the next job."""
     new = sorted({n.split(".")[0] for n in sys.modules} - {n.split(".")[0] for n in before})
     new = [n for n in new if not n.startswith("_") and _installed_module(n)]
-    if not path or not new:
+    if not path or not new or not _own_folder(path):
         return
-    data = read_json(path)
+    data = read_own_json(path)
     data = data if isinstance(data, dict) else {}
     mods = [m for m in data.get("modules", []) if isinstance(m, str)]
     unsafe = set(m for m in data.get("unsafe", []) if isinstance(m, str))
@@ -3241,7 +3271,7 @@ def warm_up(path):
     """Import the modules ``path`` lists (see :func:`learn_warm`), one by one; a module after whose import
     forking is unsafe is marked so in the file and this process starts again without it. Returns
     {module: (file, mtime_ns)} of those imported, to notice a module upgraded under a running server."""
-    data = read_json(path) if path else None
+    data = read_own_json(path) if path else None
     if not isinstance(data, dict):
         return {}
     unsafe = [m for m in data.get("unsafe", []) if isinstance(m, str)]
@@ -3431,7 +3461,7 @@ def serve(path, idle=600.0):
         if seen == warm_seen or handed_over:
             return
         warm_seen = seen
-        data = read_json(warm_file)
+        data = read_own_json(warm_file)
         want = set(data.get("modules", [])) - set(data.get("unsafe", [])) if isinstance(data, dict) else set()
         if want - set(warm):
             # a job imported packages this server does not have: a successor imports them all, then takes

@@ -595,3 +595,53 @@ def test_a_limit_the_server_cannot_give_is_reported_in_the_job_log(alice, clean_
     fields, out = _probe(alice, "ulimit -Sn 100", env=env)
     assert _served(fields, path) and fields["nofile"] == "100/256", out
     assert "the job runs with soft 100 / hard 256" in out, out
+
+
+# ---- the warm fork server imports only what its own user's jobs recorded --------------------------------
+
+
+def test_a_warm_import_list_another_user_wrote_is_never_imported(alice: User, bob: User, hostile_root: Path):
+    """The fork server imports the packages listed in its warm-imports file. Bob writes such a list naming a
+    package that runs code when imported, where Alice's server would read it: her server must not import it.
+    The same list written by Alice herself is imported (the test can see an import happen)."""
+    from meshrun import _local
+
+    base = hostile_root / f"warm-{uuid.uuid4().hex[:8]}"
+    pkg = base / "lib" / "site-packages" / "mr_warm_evil"
+    pkg.mkdir(parents=True)
+    marks = base / "marks"
+    marks.mkdir()
+    os.chmod(marks, 0o1777)
+    (pkg / "__init__.py").write_text(
+        f"import os\nopen({str(marks)!r} + '/imported-by-%d' % os.getuid(), 'w').close()\n")
+    for d in (base, base / "lib", pkg.parent, pkg):
+        os.chmod(d, 0o755)
+    os.chmod(pkg / "__init__.py", 0o644)
+    listing = json.dumps({"modules": ["mr_warm_evil"]})
+    # Bob's list: a file of his, in a folder of his, readable by everyone
+    bobs = base / "bob"
+    bobs.mkdir(mode=0o755)
+    os.chown(bobs, bob.uid, bob.gid)
+    assert bob.run(["sh", "-c", f"umask 022; printf '%s' {shlex.quote(listing)} > {bobs}/planted.warm.json"]).returncode == 0
+    env = alice.env(PYTHONPATH=alice.env()["PYTHONPATH"] + os.pathsep + str(pkg.parent))
+    agent = str(_local.agent_file())
+
+    def serve(warm_file: Path) -> subprocess.CompletedProcess:
+        sock = alice.private / f"w-{uuid.uuid4().hex[:6]}.sock"
+        return alice.run([PY, agent, "serve", str(sock), "1"], env={**env, "MESHRUN_WARM_FILE": str(warm_file)},
+                         timeout=60)
+
+    p = serve(bobs / "planted.warm.json")
+    assert p.returncode == 0, p.stderr
+    assert not (marks / f"imported-by-{alice.uid}").exists(), "Alice's fork server imported Bob's list"
+    # a link to it from Alice's own folder is not followed either
+    link = alice.private / "linked.warm.json"
+    os.symlink(bobs / "planted.warm.json", link)
+    os.lchown(link, alice.uid, alice.gid)
+    assert serve(link).returncode == 0
+    assert not (marks / f"imported-by-{alice.uid}").exists(), "followed a link to Bob's list"
+    # control: the same list, Alice's own, in her own folder, is imported
+    mine = alice.private / "own.warm.json"
+    assert alice.run(["sh", "-c", f"umask 077; printf '%s' {shlex.quote(listing)} > {mine}"]).returncode == 0
+    assert serve(mine).returncode == 0
+    assert (marks / f"imported-by-{alice.uid}").exists(), "the server did not import its own user's list"
