@@ -37,7 +37,10 @@ while not (os.path.exists(pidfile) and open(pidfile).read().strip()):
     time.sleep(0.02)
 escapee = int(open(pidfile).read())
 st = _agent.read_json(os.path.join(job_dir, "state.json"))
-assert _agent.proc_session(escapee) != st["sid"]
+# bash writes $! right after its fork, maybe before the child has called setsid(): wait for it
+while _agent.proc_session(escapee) == st["sid"]:
+    assert time.time() < end, "the escapee never left the job's session"
+    time.sleep(0.02)
 ex = _agent.cancel(job_dir)
 print(json.dumps({"state": ex["state"], "containment": st["containment"], "cgroup": st.get("cgroup"),
                   "escapee": escapee, "escapee_alive": _agent.pid_alive(escapee)}), flush=True)
