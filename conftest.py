@@ -379,6 +379,20 @@ def session_services() -> SessionServices:
     return _services
 
 
+SLURM_GROUP = (REPO / "backends" / "slurm", REPO / "backends" / "skypilot")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Mark every test that uses the shared Slurm cluster (SkyPilot's tests launch onto it): scripts/test.sh runs
+    ``-m slurm_cluster`` and ``-m "not slurm_cluster"`` side by side, so no two tests of the cluster overlap
+    (one restarts slurmctld) and the rest never waits for it."""
+    for item in items:
+        if ("slurm_cluster" in getattr(item, "fixturenames", ())
+                or any(item.path.is_relative_to(d) for d in SLURM_GROUP)):
+            item.add_marker(pytest.mark.slurm_cluster)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _services is None or not _services.used:
         return

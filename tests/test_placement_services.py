@@ -31,7 +31,7 @@ SCRATCH = os.environ.get("MRSSH_SCRATCH", "/var/tmp/meshrun-sshpool")
 USER = "mrssh-alice"
 
 # starting the cluster and the pool may take minutes on a fresh machine
-pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.slurm_cluster, pytest.mark.timeout(900)]
 
 
 def _missing() -> str | None:
