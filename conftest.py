@@ -173,7 +173,20 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture
-def wandb_runs():
+def wandb_tmp(monkeypatch):
+    """A private TMPDIR for the test and the jobs it starts, removed at its end: W&B's service leaves folders
+    and sockets in the temporary folder of every process that used it."""
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mrwb")  # short: W&B puts AF_UNIX sockets in it
+    monkeypatch.setenv("TMPDIR", d)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # this process asks again
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def wandb_runs(wandb_tmp):
     """read(folder) -> every offline W&B run under ``folder/wandb``, read with wandb's own datastore reader:
     [{"id", "name", "group", "tags", "project", "summary", "exit_code", "file"}] (the tags of the run's last
     run record, the summary's updates merged, the exit record's code or None when the run never ended)."""

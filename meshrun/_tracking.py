@@ -16,9 +16,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -427,16 +429,22 @@ def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, wher
     env.setdefault("WANDB_INIT_TIMEOUT", "15")
     code = exit_code if isinstance(exit_code, int) and exit_code > 0 else 1
     args = [state, (reason or state)[:4900].replace("\x00", ""), (where or "").replace("\x00", ""), str(code)]
-    p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, text=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+    # W&B's service leaves folders and sockets in the temporary folder: a private one (mkdtemp: ours, 0700,
+    # a name nobody could choose beforehand), removed afterwards
+    env["TMPDIR"] = tmp = tempfile.mkdtemp(prefix="meshrun-wandb-")
     try:
-        out, err = p.communicate(timeout=_WANDB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
-            os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
-        p.communicate()
-        raise MeshrunError(f"W&B: resuming run {job_id} to mark it {state} took over {_WANDB_TIMEOUT:g} s") from None
+        p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, text=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=_WANDB_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
+            p.communicate()
+            raise MeshrunError(f"W&B: resuming run {job_id} to mark it {state} took over {_WANDB_TIMEOUT:g} s") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     lines = out.strip().splitlines()
     if p.returncode != 0 or not lines:
         last = (err.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
