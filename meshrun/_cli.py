@@ -364,7 +364,8 @@ def _override(spec: Any, fields: dict[str, Any]) -> Any:
     (what it kept for SkyPilot or dstack included)."""
     if not fields:
         return spec
-    gpu: dict[str, tuple[str, ...]] = {"skypilot": ("accelerators", "any_of", "ordered"), "dstack": ("resources",)}
+    gpu: dict[str, tuple[str, ...]] = {"skypilot": ("accelerators", "any_of", "ordered", "instance_type"),
+                                       "dstack": ("resources",)}
     kept: dict[str, dict[str, tuple[str, ...]]] = {"gpus": gpu, "gpu_type": gpu, "cpus": {"skypilot": ("cpus",), "dstack": ("resources",)},
             "memory": {"skypilot": ("memory",), "dstack": ("resources",)}}
     drop = {(b, k) for field, by in kept.items() if field in fields for b, keys in by.items() for k in keys}
