@@ -720,7 +720,7 @@ def _read_bench(p: Path) -> dict[str, Any] | None:
 _COLOURS = ["#1565c0", "#2e7d32", "#c62828", "#6a1b9a", "#ef6c00", "#00838f", "#4e342e", "#ad1457"]
 
 
-def _bench_svg(collective: str, series: Mapping[str, Mapping[int, float]], w: int = 640, h: int = 300) -> str:
+def _bench_svg(collective: str, series: Mapping[str, Mapping[int, float]], w: int = 820, h: int = 300) -> str:
     """busbw (GB/s) against message size (log scale) as an inline SVG, one line per series."""
     import math
 
@@ -729,7 +729,7 @@ def _bench_svg(collective: str, series: Mapping[str, Mapping[int, float]], w: in
         return ""
     x0, x1 = math.log2(min(s for s, _ in pts)), math.log2(max(s for s, _ in pts))
     y1 = max(v for _, v in pts) or 1.0
-    L, R, T, B = 60, 170, 24, 40
+    L, R, T, B = 60, 250, 24, 40
     pw, ph = w - L - R, h - T - B
 
     def X(s: int) -> float:

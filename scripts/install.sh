@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything meshrun and its whole test suite need, on a fresh Debian 12 machine (run as root):
 # the Debian packages each backend's real-service tests use (openssh-server, Slurm, ...), chromium for the
-# dashboard's browser tests, and a virtual
-# environment .venv with meshrun, every backend under backends/, PyTorch (CPU) and the test tools.
+# dashboard's browser tests, and a virtual environment .venv with meshrun, every backend under backends/,
+# PyTorch (CPU) and the test tools.
 #
 # One line per step. What pip and apt print goes to a log file (.venv/install.log, or $MESHRUN_INSTALL_LOG);
 # a step that fails prints its last lines and the log's path, and the script exits non-zero.
