@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from ._backend import JobState
 from ._errors import JobNotFound, MeshrunError
-from ._store import JobRecord, Store, get_store
+from ._store import JobRecord, Store, _read_json, get_store
 from ._units import format_duration, format_size
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
@@ -553,13 +553,6 @@ def _int(v: Any, default: int) -> int:
         return int(v)
     except (TypeError, ValueError):
         return default
-
-
-def _read_json(p: Path) -> Any:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _decode_upto(data: bytes) -> str:

@@ -177,6 +177,15 @@ def test_cancel_in_the_browser_stops_a_real_job(dash: Dash, store_env: Dash, pag
     wait_until(gone, 15, what="the job's process to end")
     assert job.status().value == "cancelled"
     assert page.locator("#cancel").is_disabled()
+    # retry: the same spec again, as a new job whose page opens
+    pidfile.unlink()
+    page.click("#retry")
+    page.wait_for_url(lambda url: "/job/" in url and job.id not in url)
+    again = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector("#state .s-running")
+    assert again != job.id and "to-cancel" in page.locator("h1").inner_text()
+    page.click("#cancel")
+    page.wait_for_selector("#state .s-cancelled")
 
 
 def test_hostile_name_env_and_output_render_inert(dash: Dash, store_env: Dash, page: Any) -> None:
@@ -271,3 +280,27 @@ def test_clean_strips_terminal_escapes() -> None:
     assert clean("a\x1b[31mb\x1b[0m\x1b]8;;http://x\x07c\x1b]0;t\x1b\\d\x9b2Je\x07\x00f\u202eg") == "abcdefg"
     assert clean("10%\r50%\r100%\nnext") == "100%\nnext"
     assert esc('<b a="1">') == "&lt;b a=&quot;1&quot;&gt;"
+
+
+def test_search_pages_and_filters(meshrun_home: Path) -> None:
+    from meshrun._backend import JobState
+    from meshrun._store import get_store
+
+    store = get_store()
+    ids = []
+    for i in range(7):
+        r = store.create(name=f"job-{i}" if i % 2 else f"other-{i}", kind="command", summary="", backend="local",
+                         array_id="sw1" if i < 3 else None, array_index=i if i < 3 else None)
+        store.update(r.id, state=JobState.FAILED if i == 6 else JobState.SUCCEEDED, created_at=1000.0 + i)
+        ids.append(r.id)
+    recs, total = store.search(limit=3)
+    assert total == 7 and [r.id for r in recs] == ids[::-1][:3]  # newest first
+    recs, total = store.search(limit=3, offset=6)
+    assert total == 7 and [r.id for r in recs] == [ids[0]]
+    assert store.search(limit=3, offset=9) == ([], 7)
+    assert {r.id for r in store.search(name="job-")[0]} == {ids[1], ids[3], ids[5]}
+    assert store.search(name="%")[1] == 0  # a substring, not a pattern
+    assert [r.id for r in store.search(states=[JobState.FAILED])[0]] == [ids[6]]
+    assert store.search(array_id="sw1", limit=2)[1] == 3
+    assert store.search(user="nobody-here")[1] == 0 and store.search(backend="local")[1] == 7
+    assert store.distinct("state") == ["failed", "succeeded"]
