@@ -214,7 +214,7 @@ class Dashboard:
             return f'<a href="/?{esc(urlencode(dict(keep, page=p)))}">{label}</a>'
 
         nav = (f'<p class="pager" id="pager">{link(page - 1, "&larr; newer") if page > 1 else ""} '
-               f'page {page} of {pages} ({total} jobs) {link(page + 1, "older &rarr;") if page < pages else ""}</p>')
+               f'page {page} of {pages} (<span id="total">{total}</span> jobs) {link(page + 1, "older &rarr;") if page < pages else ""}</p>')
         table = _table(["ID", "NAME", "STATE", "BACKEND", "WHERE", "USER", "SWEEP", "SUBMITTED", "RUNTIME"],
                        [_row_html(r) for r in recs], cls="jobs", body_id="jobs")
         live = f'<div id="live" data-api="/api/jobs?{esc(urlencode(dict(keep, page=page)))}"></div>'
@@ -406,7 +406,7 @@ class Dashboard:
             if hit is not None and time.monotonic() - hit[0] < 2.0:
                 return hit[1]
         from ._localenv import local_gpus
-        from ._registry import get_backend, installed_backends
+        from ._registry import backend_class, get_backend, installed_backends
 
         snaps: dict[str, Any] = {}
         try:
@@ -418,6 +418,8 @@ class Dashboard:
             if name == "local":
                 continue
             try:
+                if not hasattr(backend_class(name), "gpus"):  # only backends with hosts of their own (ssh)
+                    continue
                 b = get_backend(name)
                 if hasattr(b, "gpus"):
                     for host, snap in (b.gpus() or {}).items():
@@ -923,6 +925,8 @@ class Handler(BaseHTTPRequestHandler):
             self._refuse(HTTPStatus.NOT_FOUND, str(e))
         except MeshrunError as e:
             self._refuse(HTTPStatus.INTERNAL_SERVER_ERROR, str(e))
+        except Exception as e:  # a page that failed says why, and the server goes on
+            self._refuse(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
 
     def _route_get(self, path: str, q: dict[str, str]) -> None:
         app = self.server.app
@@ -982,8 +986,8 @@ class Handler(BaseHTTPRequestHandler):
             self._refuse(e.status, str(e))
         except JobNotFound as e:
             self._refuse(HTTPStatus.NOT_FOUND, str(e))
-        except MeshrunError as e:
-            self._json({"error": str(e)}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        except Exception as e:
+            self._json({"error": f"{type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 # ---- the command ---------------------------------------------------------------------------------------

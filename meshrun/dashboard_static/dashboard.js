@@ -60,6 +60,8 @@
         return tr;
       });
       body.replaceChildren(...rows);
+      const total = document.getElementById("total");
+      if (total) total.textContent = String(data.total);
       const empty = document.getElementById("empty");
       if (empty && rows.length) empty.remove();
     });
