@@ -68,6 +68,11 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
     yield Dash(root / "home", env, proc, port)
     proc.terminate()
     proc.wait(10)
+    from meshrun import _agent
+
+    for d in (root / "home" / "jobs").iterdir():  # what a failed test left running
+        if (d / "state.json").exists() and not (d / "exit.json").exists():
+            _agent.cancel(str(d), grace=1)
 
 
 @pytest.fixture
