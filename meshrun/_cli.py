@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
                         add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sub.add_parser("dashboard", help="a web dashboard of jobs, GPUs, offers and bench results (docs/dashboard.md)",
+                   add_help=False).add_argument("dashboard_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -198,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench._cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "dashboard":
+        from ._dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:])
     args = parser.parse_args(argv)
     if not args.cmd:
         parser.print_help()

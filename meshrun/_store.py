@@ -440,6 +440,52 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [self._record(r) for r in self._run(lambda c: c.execute(sql, args).fetchall())]
 
+    def search(
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        states: Iterable[JobState] | None = None,
+        backend: str | None = None,
+        name: str | None = None,
+        user: str | None = None,
+        array_id: str | None = None,
+    ) -> tuple[builtins.list[JobRecord], int]:
+        """One page of jobs, newest first, and how many match: ``name`` is a substring of the job's name,
+        the other filters are exact. Each page is one indexed query, however many jobs the store holds."""
+        where, args = [], []
+        if states is not None:
+            st = [s.value for s in states]
+            where.append(f"state IN ({', '.join('?' * len(st))})")
+            args += st
+        for col, val in (("backend", backend), ("user", user), ("array_id", array_id)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if name:
+            where.append("instr(name, ?) > 0")
+            args.append(name)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM jobs{cond} ORDER BY created_at DESC, id DESC "
+               f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}")
+
+        def q(c: sqlite3.Connection) -> tuple[builtins.list[Any], int]:
+            rows = c.execute(sql, args).fetchall()
+            total = len(rows) + offset if (len(rows) < limit and (rows or not offset)) else \
+                int(c.execute(f"SELECT COUNT(*) FROM jobs{cond}", args).fetchone()[0])
+            return rows, total
+
+        rows, total = self._run(q)
+        return [self._record(r) for r in rows], total
+
+    def distinct(self, column: str) -> builtins.list[str]:
+        """The values a column takes (``backend``, ``user`` or ``state``), sorted, for filters."""
+        if column not in ("backend", "user", "state"):
+            raise ValueError(f"no filter on column {column}")
+        rows = self._run(lambda c: c.execute(
+            f"SELECT DISTINCT {column} FROM jobs WHERE {column} IS NOT NULL ORDER BY {column}").fetchall())
+        return [str(r[0]) for r in rows]
+
     def count(self, *, states: Iterable[JobState] | None = None) -> int:
         """How many jobs the index holds (in these states)."""
         sql, args = "SELECT COUNT(*) FROM jobs", []

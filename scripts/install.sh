@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything meshrun and its whole test suite need, on a fresh Debian 12 machine (run as root):
-# the Debian packages each backend's real-service tests use (openssh-server, Slurm, ...), and a virtual
-# environment .venv with meshrun, every backend under backends/, PyTorch (CPU) and the test tools.
+# the Debian packages each backend's real-service tests use (openssh-server, Slurm, ...), chromium for the
+# dashboard's browser tests, and a virtual environment .venv with meshrun, every backend under backends/,
+# PyTorch (CPU) and the test tools.
 #
 # One line per step. What pip and apt print goes to a log file (.venv/install.log, or $MESHRUN_INSTALL_LOG);
 # a step that fails prints its last lines and the log's path, and the script exits non-zero.
@@ -23,6 +24,10 @@ export MESHRUN_INSTALL_LOG="${MESHRUN_INSTALL_LOG:-$root/.venv/install.log}"
 : >"$MESHRUN_INSTALL_LOG"
 . scripts/install-lib.sh  # say, step, fail
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --no-input)
+
+# Debian's chromium: the dashboard's browser tests drive it through Playwright (tests/test_dashboard.py);
+# Playwright's own browser download is never used
+apt_install chromium
 
 if [ "${new_venv:-0}" = 1 ]; then
   step "upgrading pip in the new .venv" "${PIP[@]}" install -U pip
