@@ -25,19 +25,18 @@ export MESHRUN_INSTALL_LOG="${MESHRUN_INSTALL_LOG:-$root/.venv/install.log}"
 . scripts/install-lib.sh  # say, step, fail
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --no-input)
 
-# Debian's chromium: the dashboard's browser tests drive it through Playwright (tests/test_dashboard.py);
-# Playwright's own browser download is never used
-apt_install chromium
-
 if [ "${new_venv:-0}" = 1 ]; then
   step "upgrading pip in the new .venv" "${PIP[@]}" install -U pip
 fi
 
-# Per-backend system packages and extras (apt, service binaries, separate venvs for servers), one script after
-# the other, beside the pip installs below (they share nothing with .venv): the install takes about the time of
-# the longer of the two instead of their sum.
+# Debian's chromium, then per-backend system packages and extras (apt, service binaries, separate venvs for
+# servers), one script after the other, beside the pip installs below (they share nothing with .venv): the
+# install takes about the time of the longer of the two instead of their sum.
 backend_installs() {
   local s rc
+  # Debian's chromium: the dashboard's browser tests drive it through Playwright (tests/test_dashboard.py);
+  # Playwright's own browser download is never used
+  apt_install chromium
   for s in backends/*/scripts/install.sh; do
     [ -f "$s" ] || continue
     rc=0
