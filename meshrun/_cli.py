@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 
@@ -15,6 +13,7 @@ from ._units import format_duration, format_size
 
 TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
 if TYPE_CHECKING:
+    import argparse
     from typing import Any, Callable, Sequence
 
 EPILOG = """examples:
@@ -80,6 +79,8 @@ def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _args_run(sub: Any) -> None:
+    import argparse
+
     r = sub.add_parser("run", help="run a command as a job", epilog="Everything after -- is the command.")
     r.add_argument("--name", "-n", help="job name")
     r.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
@@ -117,6 +118,8 @@ def _args_ls(sub: Any) -> None:
 
 
 def _args_tensorboard(sub: Any) -> None:
+    import argparse
+
     tb = sub.add_parser("tensorboard", help="start TensorBoard over a job's or a sweep's log folders",
                         epilog="Arguments after the id go to tensorboard (e.g. --port 6007).")
     tb.add_argument("job_or_sweep", help="a job id, or the sweep id of a .map (its jobs' WANDB_RUN_GROUP)")
@@ -205,6 +208,8 @@ def _args_doctor(sub: Any) -> None:
 
 
 def _args_bench(sub: Any) -> None:
+    import argparse
+
     be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
                         add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -214,6 +219,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The ``meshrun`` parser, with every subcommand (``meshrun --help``) or, given ``only``, with that one
     alone: a command line that names its subcommand parses the same either way, without building ~15
     subparsers and their help first (a good part of a CLI start)."""
+    import argparse
+
     from ._version import __version__
 
     p = argparse.ArgumentParser(
@@ -230,14 +237,83 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+# The reading commands' command lines, parsed without argparse (importing it and building a parser is a good
+# part of a start these commands must keep short): each command's options as {flag: (dest, kind)} with kind
+# bool (a switch), int, float, str or list (repeatable), its defaults, and its positional (a name; "+": one or
+# more). Only plain command lines take this path: an unknown or abbreviated flag, "--flag=value", a value or
+# argument that starts with "-", "--", -h or a missing argument go to argparse, which then answers exactly as
+# it always did. tests/test_cli_fast_paths.py checks that both parse every such command line alike.
+_FAST: dict[str, tuple[dict[str, tuple[str, Any]], dict[str, Any], tuple[str, str] | None]] = {
+    "ls": ({"--limit": ("limit", int), "-l": ("limit", int), "--state": ("state", list), "-s": ("state", list),
+            "--json": ("json", bool)}, {"limit": 30, "state": None, "json": False}, None),
+    "status": ({"--json": ("json", bool)}, {"json": False}, ("job_id", "1")),
+    "logs": ({"--follow": ("follow", bool), "-f": ("follow", bool), "--tail": ("tail", int), "-n": ("tail", int),
+              "--max-bytes": ("max_bytes", str)}, {"follow": False, "tail": None, "max_bytes": None}, ("job_id", "1")),
+    "cancel": ({}, {}, ("job_ids", "+")),
+    "wait": ({"--timeout": ("timeout", float)}, {"timeout": None}, ("job_ids", "+")),
+    "gpus": ({"--json": ("json", bool), "--backend": ("backend", str), "-b": ("backend", str)},
+             {"json": False, "backend": "local"}, None),
+    "backends": ({"--json": ("json", bool), "--fresh": ("fresh", bool)}, {"json": False, "fresh": False}, None),
+}
+
+
+def _fast_args(argv: list[str]) -> Any:
+    """``argv`` of a reading command parsed as argparse would parse it (a ``types.SimpleNamespace`` with the
+    same attributes as argparse's Namespace), or None: let argparse do it."""
+    if not argv or argv[0] not in _FAST:
+        return None
+    flags, defaults, positional = _FAST[argv[0]]
+    out: dict[str, Any] = dict(defaults)
+    args: list[str] = []
+    block = 0  # runs of positional arguments: argparse takes a "+" positional only as one run
+    i, last_positional = 1, False
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("-"):
+            if tok not in flags:
+                return None
+            dest, kind = flags[tok]
+            if kind is bool:
+                out[dest] = True
+            else:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    return None
+                value = argv[i + 1]
+                try:
+                    out[dest] = ([*(out[dest] or []), value] if kind is list else kind(value))
+                except ValueError:
+                    return None
+                i += 1
+            last_positional = False
+        else:
+            if not last_positional:
+                block += 1
+            args.append(tok)
+            last_positional = True
+        i += 1
+    if positional is None:
+        if args:
+            return None
+    else:
+        name, nargs = positional
+        if not args or block > 1 or (nargs == "1" and len(args) > 1):
+            return None
+        out[name] = args[0] if nargs == "1" else args
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cmd=argv[0], **out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # every argument after the word goes to its own parser
         from .bench._cli import main as bench_main
 
         return bench_main(argv[1:])
-    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args = _fast_args(argv)
+    if args is None:
+        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+        args = parser.parse_args(argv)
     if not args.cmd:
         parser.print_help()
         return 2
@@ -381,6 +457,8 @@ def _is_job_file(arg: str) -> bool:
 
 def _more_run_flags(a: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
     """The run flags given after a job file, merged into ``a`` (repeatable ones add to those before)."""
+    import argparse
+
     from ._errors import SpecError
 
     more = build_parser("run").parse_args(["run", *rest])
@@ -1008,5 +1086,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], 
 
 
 if __name__ == "__main__":  # pragma: no cover
+    import signal
+
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

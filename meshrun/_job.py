@@ -212,6 +212,13 @@ class Job(_Generic[R]):
         local = self.job_dir / "output.log"
         if rec.backend is None or rec.backend_id is None:
             return iter(())
+        if rec.backend == "local" and _plain_local_backend():
+            from ._config import get_config
+            from ._logfile import local_logs
+
+            # what LocalBackend.logs reads, without loading the backend machinery
+            return local_logs(get_config().home / "jobs" / rec.backend_id, follow=follow, tail=tail,
+                              max_bytes=max_bytes)
         from ._registry import get_backend
 
         cut = tail is not None or max_bytes is not None
@@ -369,6 +376,18 @@ class Job(_Generic[R]):
         logs = (f'<div><b>output</b> (the last 8 lines, at most 4000 characters)</div>'
                 f'<pre style="max-height:12em;overflow:auto;margin:0.3em 0">{tail}</pre>') if tail else ""
         return f'<div class="meshrun-job"><b>meshrun.Job</b><table>{body}</table>{logs}</div>'
+
+
+def _plain_local_backend() -> bool:
+    """True when ``get_backend("local")`` would be the built-in local backend made from an empty
+    ``[backends.local]`` table, which cannot fail: nothing registered in its place (the registry keeps what
+    ``register_backend`` was given; unimported, it holds nothing) and no local setting to check."""
+    registry = sys.modules.get("meshrun._registry")
+    if registry is not None and "local" in registry._manual:
+        return False
+    from ._config import get_config
+
+    return not get_config().backend("local")
 
 
 def _cap(text: str, n: int) -> str:
