@@ -885,17 +885,19 @@ def cmd_backends(a: argparse.Namespace) -> int:
     shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s.
     The result is kept for ``BACKENDS_TTL`` seconds: a second ``meshrun backends`` within that time shows it,
     with its age, without loading a single plugin (``--fresh`` checks again)."""
-    from . import _agent
-
     if not a.fresh:
-        kept = _agent.read_json(_backends_cache())
+        try:  # read here, not with the agent's read_json: importing the agent is most of a cached answer's time
+            with open(_backends_cache(), "rb") as f:
+                kept = json.loads(f.read().decode())
+        except (OSError, ValueError):
+            kept = None
         if (isinstance(kept, dict) and isinstance(kept.get("rows"), list) and kept.get("seen") == _backends_seen()
                 and 0 <= time.time() - float(kept.get("time") or 0) < BACKENDS_TTL):
             _print_backends(kept["rows"], a.json, float(kept["time"]), cached=True)
             return 0
     import threading
 
-    from . import _registry
+    from . import _agent, _registry
     from ._gather import LOCAL_GRACE, still_asking
     from ._options import respond_limits
 
