@@ -6,7 +6,6 @@ starts in milliseconds; GPU leases live in the machine-wide ``MESHRUN_LEASE_DIR`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -47,6 +46,8 @@ def _agent_digest() -> str:
     path = str(agent_file())
     if path not in _DIGEST:
         try:
+            import hashlib
+
             _DIGEST[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
         except OSError:
             _DIGEST[path] = "?"
@@ -314,6 +315,8 @@ def fork_server_path(home: Path | str, *, warn: bool = True) -> str | None:
     when ``XDG_RUNTIME_DIR`` is a private directory of ours, else ``/tmp/meshrun-<uid>``; never in
     ``MESHRUN_HOME``, which may be shared or loose."""
     key = f"{sys.executable}|{_agent.AGENT_VERSION}|{agent_file()}|{_agent_digest()}|{os.getuid()}|{home}"
+    import hashlib  # here, not at the top: reading a local job's status needs no hash
+
     name = f"agent-{hashlib.sha1(key.encode()).hexdigest()[:10]}.sock"
     d = socket_dir(warn=warn)
     return None if d is None else os.path.join(d, name)
