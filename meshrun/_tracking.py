@@ -12,27 +12,28 @@ of a job that did not succeed is resumed and finished with a failing exit code, 
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError, MeshrunError
 
-# the spec and the store call in here (when a job is prepared, when an end is recorded), so this module names
-# their types without importing them: ``JobSpec`` and ``Store`` below are those of meshrun._spec / _store
-JobSpec = Any
-Store = Any
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
+
+    # the spec and the store call in here (when a job is prepared, when an end is recorded), so this module
+    # names their types without importing them: ``JobSpec`` and ``Store`` are those of meshrun._spec / _store
+    JobSpec = Any
+    Store = Any
 
 RECORD = "tracking.json"
 
@@ -52,7 +53,7 @@ _MLFLOW_STATUS = {"succeeded": "FINISHED", "cancelled": "KILLED", "preempted": "
 
 # a sweep's MLflow parent run, created once per (tracking URI, sweep id) by the submitting process
 _parents: dict[tuple[str, str], tuple[str, str]] = {}
-_env_lock = threading.RLock()
+_env_lock = _thread.RLock()  # threading's RLock, without importing threading (a CLI start)
 
 
 # ---- what to track ------------------------------------------------------------------------------------
@@ -429,6 +430,10 @@ def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, wher
     env.setdefault("WANDB_INIT_TIMEOUT", "15")
     code = exit_code if isinstance(exit_code, int) and exit_code > 0 else 1
     args = [state, (reason or state)[:4900].replace("\x00", ""), (where or "").replace("\x00", ""), str(code)]
+    import shutil
+    import subprocess
+    import tempfile
+
     # W&B's service leaves folders and sockets in the temporary folder: a private one (mkdtemp: ours, 0700,
     # a name nobody could choose beforehand), removed afterwards
     env["TMPDIR"] = tmp = tempfile.mkdtemp(prefix="meshrun-wandb-")
