@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
 
 from . import _agent
-from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
+from ._backend import Availability, Backend, Feature, JobRef, JobState, JobStatus, Offer, Submission
 from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
 from ._errors import ConfigError
@@ -141,9 +141,6 @@ class LocalBackend(Backend):
     def home(self) -> Path:
         return get_config().home
 
-    def _job_dir(self, backend_id: str) -> Path:
-        return self.home / "jobs" / backend_id
-
     def _env(self) -> dict[str, str]:
         path = self._server_path() if self.settings.fork_server and self.settings.warm_imports else None
         return agent_env(self.settings.lease_dir, self.settings.share_gpu_below_mib,
@@ -255,24 +252,24 @@ class LocalBackend(Backend):
                                    env)
             _Reaper.watch(p)
 
-    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
-        return {i: local_status(self._job_dir(i)) for i in ids}
+    def status(self, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        return {r: local_status(r.job_dir) for r in refs}
 
-    def cancel(self, backend_id: str) -> None:
-        _agent.cancel(str(self._job_dir(backend_id)), grace=self.settings.grace_period)
+    def cancel(self, ref: JobRef) -> None:
+        _agent.cancel(str(ref.job_dir), grace=self.settings.grace_period)
 
     #: logs() takes ``tail``/``max_bytes`` and starts that far from the end of the file
     logs_from_end = True
 
-    def logs(self, backend_id: str, *, follow: bool = False, tail: int | None = None,
+    def logs(self, ref: JobRef, *, follow: bool = False, tail: int | None = None,
              max_bytes: int | None = None) -> Iterator[str]:
-        job_dir = self._job_dir(backend_id)
+        job_dir = ref.job_dir
         log = job_dir / _agent.LOG
         start = tail_offset(log, tail, max_bytes) if (tail is not None or max_bytes is not None) else 0
         return tail_file(log, follow=follow, done=lambda: (job_dir / _agent.EXIT).exists(), start=start)
 
-    def find(self, job_id: str) -> str | None:
-        return job_id if (self._job_dir(job_id) / _agent.LAUNCH).exists() else None
+    def find(self, job_id: str, job_dir: Path) -> str | None:
+        return job_id if (job_dir / _agent.LAUNCH).exists() else None
 
     # ---- extras for the CLI
     def gpus(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@
         def check(self) -> mb.Availability: ...
         def offers(self, spec) -> list[mb.Offer]: ...
         def submit(self, submission: mb.Submission, offer=None) -> str: ...
-        def status(self, ids) -> dict[str, mb.JobStatus]: ...
+        def status(self, refs: list[mb.JobRef]) -> dict[str, mb.JobStatus]: ...
+        def cancel(self, ref: mb.JobRef) -> None: ...
+        def logs(self, ref: mb.JobRef, *, follow=False) -> Iterator[str]: ...
 
 docs/writing-a-backend.md describes every duty. The user API (jobs, specs, placement, errors, units) stays in
 ``meshrun`` itself; the errors a backend raises are re-exported here too. The names below were also
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 # imported on first use, like meshrun's own names, so importing a backend package stays cheap
 _EXPORTS = {
     "Backend": "._backend", "Feature": "._backend", "Availability": "._backend", "Offer": "._backend",
-    "Submission": "._backend", "JobState": "._backend", "JobStatus": "._backend", "RESULT_FILES": "._backend",
+    "Submission": "._backend", "JobRef": "._backend", "JobState": "._backend", "JobStatus": "._backend", "RESULT_FILES": "._backend",
     "STAGED_FILES": "._backend",
     "BackendSettings": "._settings", "BackendOptions": "._settings",
     "register_backend": "._registry", "unregister_backend": "._registry", "get_backend": "._registry",
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         Availability,
         Backend,
         Feature,
+        JobRef,
         JobState,
         JobStatus,
         Offer,
@@ -105,6 +108,7 @@ __all__ = [
     "Availability",
     "Offer",
     "Submission",
+    "JobRef",
     "JobState",
     "JobStatus",
     "RESULT_FILES",

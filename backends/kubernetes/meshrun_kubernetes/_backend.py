@@ -458,7 +458,7 @@ class KubernetesBackend(mb.Backend):
             return
         mb.write_records(job_dir, files)
 
-    def find(self, job_id: str) -> str | None:
+    def find(self, job_id: str, job_dir: Path | None = None) -> str | None:
         if not LABEL_VALUE.match(job_id or "") or not job_id:
             return None
         k = self.kube()

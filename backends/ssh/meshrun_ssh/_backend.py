@@ -315,7 +315,7 @@ class SSHBackend(mb.Backend):
         files = h.fetch(job_id, list(mb.RESULT_FILES) + ["output.log"], limits={"output.log": 8 << 20})
         mb.write_records(Path(job_dir), files, also=["output.log"])
 
-    def find(self, job_id: str) -> Optional[str]:
+    def find(self, job_id: str, job_dir: Optional[Path] = None) -> Optional[str]:
         def look(h: Any) -> bool:
             path = f"{h.job_dir(job_id)}/launch.json"
             return bool(h.exists([path], retry=False).get(path))
