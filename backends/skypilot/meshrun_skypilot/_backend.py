@@ -112,6 +112,7 @@ class SkyPilotBackend(Backend):
                 | Feature.REATTACH | Feature.SPOT | Feature.SECRETS)
     install_hint = mb.install_hint("skypilot")
     settings_model = SkyPilotSettings
+    options_model = _task.SkyPilotOptions
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
         self.server = ApiServer(self.settings)
