@@ -21,7 +21,6 @@ from . import _agent
 from ._backend import Availability, Backend, Feature, JobRef, JobState, JobStatus, Offer, Submission
 from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
-from ._errors import ConfigError
 from ._localenv import agent_env, gpu_snapshot
 
 INVENTORY_TTL = 10.0
@@ -60,8 +59,7 @@ class _Reaper:
 
 #: the keys of ``[backends.local]``; unknown ones are refused when the backend is made (the values' types when
 #: the settings are first used), so a typo is an error at once without loading pydantic for every read
-SETTING_NAMES = ("grace_period", "lease_dir", "fork_server", "server_idle", "warm_imports", "price_per_gpu_hour",
-                 "share_gpu_below_mib")
+SETTING_NAMES = ("grace_period", "lease_dir", "fork_server", "server_idle", "warm_imports", "share_gpu_below_mib")
 
 
 def _settings_model() -> Any:
@@ -82,7 +80,6 @@ def _settings_model() -> Any:
             # the fork server imports the installed packages function jobs imported (e.g. torch), so the next
             # job starts with them loaded (imports only: never a GPU context or a Python thread)
             warm_imports: bool = True
-            price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
             share_gpu_below_mib: float = 0.0
 
         assert tuple(LocalSettings.model_fields) == SETTING_NAMES, "SETTING_NAMES and LocalSettings must agree"
@@ -121,10 +118,8 @@ class LocalBackend(Backend):
     def __init__(self, config: Mapping[str, Any] | None = None):
         # the settings are validated when first used (a submit, offers, check), not to read a job's status
         self.config: dict[str, Any] = dict(config or {})
-        unknown = sorted(set(self.config) - set(SETTING_NAMES))
-        if unknown:
-            raise ConfigError(f"backends.local.{unknown[0]}", f"unknown setting {unknown[0]!r} for the local backend; "
-                              f"the valid settings are: {', '.join(sorted(SETTING_NAMES))}")
+        if set(self.config) - set(SETTING_NAMES):
+            _settings_model().load(self.name, self.config)  # the model's error names the key and the valid ones
         self._settings: Any = None
         self._server_lock = threading.Lock()
         self._server_started = 0.0
@@ -173,7 +168,6 @@ class LocalBackend(Backend):
         gpus, source, err = self._discover()
         matching = [g for g in gpus if _agent.gpu_matches(g, r.gpu_type)]
         gpu_type = r.gpu_type or (matching[0]["name"] if (r.gpus and matching) else None)
-        price = self._price(gpu_type) * r.gpus
         base = Offer(
             backend=self.name,
             where=host,
@@ -182,7 +176,6 @@ class LocalBackend(Backend):
             cpus=r.cpus,
             memory=r.memory,
             nodes=1,
-            price_per_hour=price,
             detail={"gpu_source": source},
         )
         if r.nodes > 1:
@@ -217,16 +210,6 @@ class LocalBackend(Backend):
             return [base]
         note = f"{len(free)} of {len(matching)} GPUs free, {len(queue)} job(s) queued"
         return [Offer(**{**_offer_fields(base), "expected_start": None, "start_note": f"queued: {note}"})]
-
-    def _price(self, gpu_type: str | None) -> float:
-        prices = self.settings.price_per_gpu_hour
-        if isinstance(prices, (int, float)):
-            return float(prices)
-        if gpu_type:
-            for k, v in prices.items():
-                if _agent.gpu_matches({"name": gpu_type}, k):
-                    return float(v)
-        return float(prices.get("default", 0.0))
 
     def submit(self, submission: Submission, offer: Offer | None = None) -> str:
         job_dir = str(submission.job_dir)

@@ -7,7 +7,7 @@ Both are declared models (``KubernetesBackend.settings_model`` / ``options_model
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional
 
 from pydantic import Field, field_validator
 
@@ -124,8 +124,6 @@ class KubernetesSettings(mb.BackendSettings):
     workdir: Optional[str] = None
     result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(30.0, gt=0)
-    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-    price_per_cpu_hour: float = 0.0
 
     @field_validator("namespace", "service_account", mode="before")
     @classmethod
@@ -165,7 +163,7 @@ class KubernetesSettings(mb.BackendSettings):
     def _v_ann(cls, v: Any) -> Any:
         return _check_labels(_tableify(v))
 
-    @field_validator("gpu_products", "price_per_gpu_hour", mode="before")
+    @field_validator("gpu_products", mode="before")
     @classmethod
     def _v_json_table(cls, v: Any) -> Any:
         if isinstance(v, str) and v.strip().startswith("{"):

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import meshrun
 import meshrun.backend as mb
@@ -85,7 +85,6 @@ class SkyPilotSettings(mb.BackendSettings):
     idle_minutes: int = 10  # autodown a cluster meshrun started after this long idle (safety net)
     max_inline_bytes: int = 8 * 1024**2  # job files travelling inside the task
     catalog_dir: Optional[str] = None  # SkyPilot catalog folder (default: ~/.sky/catalogs/v8)
-    pool_price_per_hour: Union[float, dict[str, float]] = 0.0  # Slurm/Kubernetes/SSH pools: $ per node-hour
     request_timeout: float = 120.0  # seconds to wait for quick API requests (status, queue, cancel)
     follow_logs: int = 16  # the submitting process follows up to this many jobs' logs (0: poll `sky queue`)
 
@@ -317,11 +316,9 @@ class SkyPilotBackend(Backend):
         return offers
 
     def _pool_offer(self, spec: Any, pool: str) -> Offer:
-        prices = self.settings.pool_price_per_hour
-        price = float(prices) if isinstance(prices, (int, float)) else float(prices.get(pool, prices.get("default", 0.0)))
-        r = spec.resources
+        r = spec.resources  # priced by the core's [prices] ([prices."skypilot:<infra>"]), like on-prem offers
         return Offer(backend=NAME, where=pool, gpus=r.gpus, gpu_type=r.gpu_type, cpus=r.cpus, memory=r.memory,
-                     nodes=r.nodes, price_per_hour=price, expected_start=None,
+                     nodes=r.nodes, expected_start=None,
                      start_note=f"the queue of {pool} (SkyPilot asks it at launch)", region=pool.partition("/")[2] or None,
                      launcher=NAME, detail={"source": "pool", "infra": pool})
 

@@ -5,7 +5,6 @@
     partition = "gpu"                 # defaults for every job (backend_options["slurm"] overrides per job)
     account = "lab"
     login_host = "login.cluster"      # optional: submit through a login node over SSH
-    price_per_gpu_hour = {gpu = 0.0, "gpu:a100" = 1.2}
 
 Importing this package is cheap: nothing talks to Slurm before a backend method is called.
 """

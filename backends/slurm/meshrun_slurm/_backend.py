@@ -346,20 +346,6 @@ class SlurmBackend(mb.Backend):
             pass
         return None
 
-    def _price(self, partition: str, gpu_type: str | None) -> float:
-        prices = self.settings.price_per_gpu_hour
-        if isinstance(prices, (int, float)):
-            return float(prices)
-        keys = []
-        if gpu_type:
-            keys += [f"{partition}:{gpu_type}", gpu_type]
-        keys += [partition, "default"]
-        low = {k.lower(): v for k, v in prices.items()}
-        for k in keys:
-            if k.lower() in low:
-                return float(low[k.lower()])
-        return 0.0
-
     def offers(self, spec: Any) -> list[mb.Offer]:
         """One offer per partition the job may use: whether it can ever fit there (sinfo: nodes, CPUs,
         memory, GPUs, time limit), and when Slurm would start it (``sbatch --test-only``)."""
@@ -470,8 +456,7 @@ class SlurmBackend(mb.Backend):
         gpu_type = r.gpu_type
         if r.gpus and r.gpu_type and gres_type:
             gpu_type = gres_type  # Slurm's own spelling of the type
-        price = self._price(part, gpu_type) * r.gpus
-        offer = replace(base, gpu_type=gpu_type, price_per_hour=price,
+        offer = replace(base, gpu_type=gpu_type,
                         detail={**base.detail, "gres_type": gres_type if r.gpu_type else None,
                                 "nodes_fitting": count})
         if not self.settings.test_only:

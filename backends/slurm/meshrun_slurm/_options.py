@@ -179,30 +179,6 @@ def user_comment(opts: "JobOptions") -> bool:
     return bool(_sets(opts.sbatch, "--comment", least=5))
 
 
-def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
-    if isinstance(value, Mapping):
-        out: dict[str, float] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: keys are partition or GPU type names")
-            out[k] = _price_number(v, f"{where}.{k}")
-        return out
-    return _price_number(value, where)
-
-
-def _price_number(value: Any, where: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{where} must be a number or a table of numbers")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"{where} must be a price of 0 or more")
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return _price_number(float(value), where)
-        except ValueError:
-            raise ValueError(f"{where} must be a number or a table of numbers, got {value!r}") from None
-    raise ValueError(f"{where} must be a number or a table of numbers")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,18 +234,12 @@ class SlurmSettings(mb.BackendSettings, _JobDefaults):
     rest_user: Union[str, None] = None
     token: Union[SecretStr, None] = None  # slurmrestd's JWT
     rest_api_version: str = "v0.0.38"
-    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
     query_interval: float = 1.0
     lost_after: float = 300.0
     sacct: bool = True
     test_only: bool = True
     grace_period: float = 3.0
     request_timeout: float = 60.0
-
-    @field_validator("price_per_gpu_hour", mode="before")
-    @classmethod
-    def _v_price(cls, v: Any) -> Any:
-        return _price(v, "price_per_gpu_hour")
 
     @field_validator("query_interval", "lost_after", "grace_period", "request_timeout")
     @classmethod

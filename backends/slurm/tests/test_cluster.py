@@ -113,8 +113,8 @@ def test_offers(slurm, slurm_cluster):
     assert not o.fits and "nosuch" in o.reason
     with pytest.raises(meshrun.NoPlacementError, match="GPUs"):
         meshrun.run(["true"], gpus=gpus + 1, backend="slurm")
-    meshrun.configure({"backends": {"slurm": {"price_per_gpu_hour": {slurm_cluster["SLURM_PARTITION"]: 2.5}}}})
-    (o,) = meshrun.get_backend("slurm").offers(meshrun.JobSpec(command=["true"], gpus=2))
+    meshrun.configure({"prices": {f"slurm:{slurm_cluster['SLURM_PARTITION']}": {"default": 2.5}}})
+    (o,) = meshrun.offers(meshrun.JobSpec(command=["true"], gpus=2), ["slurm"])
     assert o.price_per_hour == 5.0
 
 

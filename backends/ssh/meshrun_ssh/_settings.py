@@ -50,7 +50,6 @@ class HostSettings(mb.BackendSettings):
     key: Optional[str] = None
     python: str = "python3"
     lease_dir: Optional[str] = None
-    price_per_gpu_hour: float = 0.0
     env: dict[str, str] = {}
     remote_dir: Optional[str] = None
     proxy_jump: Optional[str] = None
@@ -99,13 +98,6 @@ class HostSettings(mb.BackendSettings):
                 raise ValueError(f"environment variable names must be identifiers, got {k!r}")
             if "\x00" in val:
                 raise ValueError(f"the value of {k} contains a NUL character")
-        return v
-
-    @field_validator("price_per_gpu_hour")
-    @classmethod
-    def _v_price(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must not be negative")
         return v
 
     @property
@@ -228,7 +220,6 @@ class HostParams:
     ssh_config: Optional[str] = None
     python: str = "python3"
     lease_dir: Optional[str] = None
-    price_per_gpu_hour: float = 0.0
     env: tuple[tuple[str, str], ...] = ()
     remote_dir: str = "~/.meshrun"
     connect_timeout: float = 10.0
@@ -352,7 +343,6 @@ def resolve(entry: Union[str, HostSettings, Mapping[str, Any]], settings: SSHSet
         ssh_config=cfg_path,
         python=entry.python,
         lease_dir=entry.lease_dir,
-        price_per_gpu_hour=entry.price_per_gpu_hour,
         env=tuple(sorted(entry.env.items())),
         remote_dir=entry.remote_dir or settings.remote_dir,
         connect_timeout=settings.connect_timeout,
