@@ -559,9 +559,7 @@ class SlurmBackend(mb.Backend):
             commands_only = spec.kind == "command"
         verified: dict[str, Any] = {}
         if not self.shared_filesystem:
-            from meshrun_ssh import BOOT_PROGRAM
-
-            verified = {"agent_sha256": self._verified_agent()[1], "boot": BOOT_PROGRAM}
+            verified = {"agent_sha256": self._verified_agent()[1], "boot": mb.boot_program()}
         return BatchJob(
             job_name=job_name, workdir=workdir, python=self._python(), agent=self._agent_path(), job_dir=job_dir,
             nodes=r.nodes, gpus=r.gpus, gpu_type=gpu_type, cpus=r.cpus, memory=r.memory, disk=r.disk,

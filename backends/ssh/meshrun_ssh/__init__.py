@@ -9,8 +9,8 @@ Also a small connection API other backends build on (the Slurm backend's login-n
     conn.run(["sbatch", "--parsable", "job.sh"])      # CompletedProcess; never raises on exit codes
     conn.put_bytes(b"...", "~/job.sh", 0o700); conn.get_bytes("~/out.txt"); conn.exists("~/x")
 
-and a verified, content-addressed copy of a program on the host (install_verified, boot_argv, BOOT_PROGRAM:
-a file is kept under its SHA-256, checked before use and run only from the bytes whose hash was checked).
+and a verified, content-addressed copy of a program on the host (install_verified, boot_argv, through the
+core's meshrun/_bootstrap.py: a file is kept under its SHA-256, checked before use and run only from the bytes whose hash was checked).
 
 Importing this package is cheap: paramiko is imported when a connection is first made.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = ["SSHBackend", "Connection", "connect", "close_all", "install_verified", "content_name", "boot_argv",
-           "BOOT_PROGRAM", "UnsafeDirectory", "__version__"]
+           "UnsafeDirectory", "__version__"]
 
 _LAZY = {
     "SSHBackend": "._backend",
@@ -32,7 +32,6 @@ _LAZY = {
     "install_verified": "._verified",
     "content_name": "._verified",
     "boot_argv": "._verified",
-    "BOOT_PROGRAM": "._verified",
     "UnsafeDirectory": "._verified",
 }
 
@@ -51,4 +50,4 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # pragma: no cover
     from ._backend import SSHBackend
     from ._conn import Connection, close_all, connect
-    from ._verified import BOOT_PROGRAM, UnsafeDirectory, boot_argv, content_name, install_verified
+    from ._verified import UnsafeDirectory, boot_argv, content_name, install_verified
