@@ -209,8 +209,7 @@ class JobRef(str):
     def __reduce__(self) -> Any:
         return (JobRef, (self.backend_id, self.job_id, self.job_dir))
 
-    def __repr__(self) -> str:
-        return f"JobRef({self.backend_id!r}, job_id={self.job_id!r}, job_dir={str(self.job_dir)!r})"
+    # repr() stays the id's own ('123_4'): backends name the id in their messages
 
 
 STAGED_FILES = ("launch.json", "payload.pkl", "spec.json")
