@@ -20,7 +20,7 @@ reachable as ``meshrun.<name>`` and still are.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 # imported on first use, like meshrun's own names, so importing a backend package stays cheap
 _EXPORTS = {
@@ -58,6 +58,27 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def lazy_exports(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` that imports each public name from its private module on first use
+    (``names``: {name: ".module"}), so importing a backend package stays cheap::
+
+        __getattr__ = mb.lazy_exports(__name__, {"MyBackend": "._backend"})
+    """
+
+    def __getattr__(name: str) -> Any:
+        mod = names.get(name)
+        if mod is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+        import sys
+
+        value = getattr(importlib.import_module(mod, package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
@@ -120,6 +141,7 @@ __all__ = [
     "get_backend",
     "list_backends",
     "install_hint",
+    "lazy_exports",
     # the host agent and the job folder
     "agent_file",
     "agent_version",
