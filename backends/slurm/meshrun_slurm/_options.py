@@ -5,10 +5,9 @@ Both are validated here: an unknown key or a bad value is an error naming the fi
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import meshrun
 import meshrun.backend as mb
@@ -220,6 +219,9 @@ class _JobDefaults(BaseModel):
         return None if v is None else _parallelism(v, "array_parallelism")
 
 
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a number of seconds, 0 or more
+
+
 class SlurmSettings(mb.BackendSettings, _JobDefaults):
     """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
 
@@ -234,19 +236,12 @@ class SlurmSettings(mb.BackendSettings, _JobDefaults):
     rest_user: Union[str, None] = None
     token: Union[SecretStr, None] = None  # slurmrestd's JWT
     rest_api_version: str = "v0.0.38"
-    query_interval: float = 1.0
-    lost_after: float = 300.0
+    query_interval: Seconds = 1.0
+    lost_after: Seconds = 300.0
     sacct: bool = True
     test_only: bool = True
-    grace_period: float = 3.0
-    request_timeout: float = 60.0
-
-    @field_validator("query_interval", "lost_after", "grace_period", "request_timeout")
-    @classmethod
-    def _v_positive(cls, v: float) -> float:
-        if not (v >= 0 and math.isfinite(v)):
-            raise ValueError("must be a number of seconds, 0 or more")
-        return v
+    grace_period: Seconds = 3.0
+    request_timeout: Seconds = 60.0
 
     @field_validator("python", "remote_dir", mode="before")
     @classmethod
