@@ -114,7 +114,7 @@ def test_the_local_logs_shortcut_reads_what_the_local_backend_reads():
     job = meshrun.run(["bash", "-c", "for i in 1 2 3 4 5; do echo line $i; done"])
     job.wait(timeout=60)
     assert _plain_local_backend()
-    backend = "".join(get_backend("local").logs(job.backend_id, tail=2))
+    backend = "".join(get_backend("local").logs(job._ref(), tail=2))
     assert job.logs(tail=2) == backend == "line 4\nline 5\n"
     assert job.logs(max_bytes=7) == "line 5\n"
 
