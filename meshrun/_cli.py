@@ -671,13 +671,15 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
             since = "-"
         else:
             holder, job, since = "free", "-", "-"
-        rows.append([str(g["index"]), g.get("name") or "-", format_size(g.get("memory")), holder, job, since,
+        rows.append([str(g.get("label", g["index"])), g.get("name") or "-", format_size(g.get("memory")), holder, job, since,
                      g.get("uuid", "")])
     title = f"{host} ({snap.get('source')})" if many or snap.get("source") else host
     if snap.get("mode"):
         title += f", leases: {snap['mode']}"
     print_table(["GPU", "NAME", "MEMORY", "HOLDER", "JOB / PROCESSES", "SINCE", "UUID"], rows, title=title,
                 styles={3: lambda v: "green" if v == "free" else ("red" if v == "foreign" else "yellow")})
+    for note in snap.get("notes") or []:
+        print(safe_text(note))
     queue = snap.get("queue") or []
     if queue:
         policy = snap.get("queue_policy")

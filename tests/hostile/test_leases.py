@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from meshrun.testing import assert_no_gpu_overlap
+
 from .conftest import JOB, PY, User, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
@@ -301,3 +303,43 @@ def test_hidden_processes_do_not_free_a_live_lease(alice, bob, lease_dir, hide):
     assert alices.returncode == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert res["state"] == "succeeded", res
+
+
+AMD_RACER = r"""
+import json, os, sys, uuid
+import meshrun
+out, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+code = ("import json, os, sys, time, uuid; t0 = time.time(); time.sleep(0.2); "
+        "rec = {'gpus': os.environ.get('ROCR_VISIBLE_DEVICES'), 'hip': os.environ.get('HIP_VISIBLE_DEVICES'), "
+        "'cuda': os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': t0, 'end': time.time(), 'user': os.getuid(), "
+        "'job': os.environ.get('MESHRUN_JOB_ID')}; "
+        "open(os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'), 'w').write(json.dumps(rec))")
+jobs = [meshrun.run(["python3", "-c", code, out], gpus=1 + (i + k) % 2, name=f"amd{k}-{i}") for i in range(n)]
+meshrun.wait(jobs, timeout=240)
+print(json.dumps([j.id for j in jobs if j.status() is not meshrun.JobState.SUCCEEDED]))
+"""
+
+
+def test_two_users_racing_for_declared_amd_gpus_never_share_one(alice, bob, lease_dir, shared_dir):
+    """Alice and Bob, two submitters each, race for three declared AMD GPUs (``MESHRUN_GPUS=amd:0-2``) in the
+    shared lease directory: no GPU is ever held by two jobs at once, each job sees its GPUs through
+    ROCR_VISIBLE_DEVICES (physical indices) and HIP/CUDA_VISIBLE_DEVICES from 0, and nothing stays leased."""
+    out = shared_dir / "amd-records"
+    out.mkdir()
+    os.chmod(out, 0o1777)
+    procs = [u.popen([PY, "-c", AMD_RACER, str(out), "3", str(k)], env=_env(u, lease_dir, gpus="amd:0-2"),
+                     stdout=subprocess.PIPE, text=True)
+             for k, u in enumerate([alice, bob, alice, bob])]
+    for p in procs:
+        stdout, _ = p.communicate(timeout=300)
+        assert p.returncode == 0 and json.loads(stdout.strip().splitlines()[-1]) == []
+    recs = [json.loads(f.read_text()) for f in out.glob("*.json")]
+    assert len(recs) == 12 and {r["user"] for r in recs} == {alice.uid, bob.uid}
+    for r in recs:
+        n = len(r["gpus"].split(","))
+        assert set(r["gpus"].split(",")) <= {"0", "1", "2"} and r["hip"] == r["cuda"] == ",".join(map(str, range(n)))
+    assert_no_gpu_overlap(recs)
+    snap = json.loads(_gpus(alice, lease_dir, "--json", gpus="amd:0-2").stdout)
+    (host,) = snap.values()
+    assert host["leases"] == {} and host["queue"] == [] and [g["label"] for g in host["gpus"]] == [
+        "amd:0", "amd:1", "amd:2"]
