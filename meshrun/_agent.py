@@ -773,6 +773,8 @@ class LeaseError(Exception):
 LEASE_TABLE = "leases.json"
 LEASE_LOCK = "lock"
 HOLD_PREFIX = "hold-"
+USAGE_PREFIX = "usage-"  # usage-<uid>.jsonl: one line per ended lease of that user's, appended by that user
+USAGE_MAX_BYTES = 8 << 20  # then the file is renamed to usage-<uid>.1.jsonl (the older one goes) and begun again
 TABLE_MAX_BYTES = 1 << 20
 HOLD_MAX_BYTES = 64 << 10
 LOCK_TIMEOUT = 30.0
@@ -1234,6 +1236,8 @@ class Leases:
                             record_usage(state, dict(rec, since=rec.get("granted_at")), t)
                         changed = True
                     if st.st_uid == os.getuid():
+                        if rec is not None and rec.get("state") == "leased":
+                            self.append_usage(dict(rec, ended_by="reclaimed"), state["ended"].get(name, t))
                         try:
                             os.unlink(name, dir_fd=self._dfd)
                         except OSError:
@@ -1334,9 +1338,12 @@ class Leases:
         data = (json.dumps(rec, sort_keys=True) + "\n").encode()
         _rewrite_in_place(self.hold_fd, data, os.fstat(self.hold_fd).st_size)
 
-    def grant(self, state, indices):
-        """Our ticket becomes a lease on ``indices`` (under the lock)."""
+    def grant(self, state, indices, names=None):
+        """Our ticket becomes a lease on ``indices`` (under the lock); ``names``: their models, for the usage
+        record."""
         rec = dict(self.hold_rec, state="leased", gpus=list(indices), granted_at=now())
+        if names:
+            rec["gpu_names"] = [_clean(n, 100) for n in names][:MAX_GPUS_PER_JOB]
         self._write_hold(rec)
         self.hold_rec = rec
         state["queue"] = [t for t in state["queue"] if t.get("hold") != self.hold_name]
@@ -1350,6 +1357,7 @@ class Leases:
             t = now()
             for _ in rec["gpus"]:
                 record_usage(state, dict(rec, since=rec.get("granted_at")), t)
+            self.append_usage(rec, t)
         try:
             os.unlink(self.hold_name, dir_fd=self._dfd)
         except OSError:
@@ -1376,6 +1384,7 @@ class Leases:
             t = now()
             for _ in recs:
                 record_usage(state, recs[0], t)
+            self.append_usage(dict(recs[0], granted_at=recs[0].get("since")), t)
             for k in [k for k, r in state["gpus"].items() if r.get("hold") == name]:
                 del state["gpus"][k]
             state["ended"].pop(name, None)
@@ -1384,6 +1393,50 @@ class Leases:
             os.unlink(name, dir_fd=self._dfd)
         except OSError:
             pass
+
+    # -- the usage record (meshrun usage): append-only, one file per user, written only by that user
+    def append_usage(self, rec, t):
+        """Append one ended lease to this user's usage record (under the lock). Never fails the caller: the
+        record is a report, not the lease."""
+        line = {"v": 1, "uid": rec.get("uid", os.getuid()), "user": rec.get("user"), "job_id": rec.get("job_id"),
+                "name": rec.get("name"), "host": rec.get("host") or socket.gethostname(), "gpus": rec.get("gpus"),
+                "gpu_names": rec.get("gpu_names"), "gpu_type": rec.get("gpu_type"), "queued_at": rec.get("since"),
+                "granted_at": rec.get("granted_at"), "ended_at": t}
+        if rec.get("ended_by"):
+            line["ended_by"] = rec["ended_by"]
+        data = (json.dumps(line, sort_keys=True) + "\n").encode()
+        name = "%s%d.jsonl" % (USAGE_PREFIX, os.getuid())
+        try:
+            fd = self._open_own_log(name)
+            try:
+                if os.fstat(fd).st_size + len(data) > USAGE_MAX_BYTES:
+                    os.close(fd)
+                    fd = None
+                    os.rename(name, "%s%d.1.jsonl" % (USAGE_PREFIX, os.getuid()), src_dir_fd=self._dfd,
+                              dst_dir_fd=self._dfd)
+                    fd = self._open_own_log(name)
+                os.write(fd, data)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        except (OSError, LeaseError) as e:
+            self._warn("could not append to the usage record %s: %s" % (self._where(name), getattr(e, "strerror", None) or e))
+
+    def _open_own_log(self, name):
+        """This user's usage record, opened for appending through the directory: created exclusively if it
+        is not there, never through a link, and used only if it is a regular file of ours with one link."""
+        flags = os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=self._dfd)
+            os.fchmod(fd, 0o644)  # created by this call
+            return fd
+        except FileExistsError:
+            fd = os.open(name, flags, dir_fd=self._dfd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.getuid():
+            os.close(fd)
+            raise LeaseError("it is not a regular file of this user's (%s)" % _who(st))
+        return fd
 
     # -- entries of older agents (agent version < 4): live while their supervisor or session lives
     @staticmethod
@@ -1413,6 +1466,69 @@ class Leases:
         if not dropped and state.pop("changed", False):
             dropped.append(("holds", None, None))  # dead holds were accounted: the table changed
         return dropped
+
+
+def _valid_usage(r):
+    return (isinstance(r, dict) and _is_int(r.get("uid")) and isinstance(r.get("gpus"), list)
+            and 0 < len(r["gpus"]) <= MAX_GPUS_PER_JOB and all(_is_int(i, 0, 1 << 20) for i in r["gpus"])
+            and _is_num(r.get("granted_at")) and _is_num(r.get("ended_at")) and r["ended_at"] >= r["granted_at"]
+            and (r.get("queued_at") is None or _is_num(r.get("queued_at")))
+            and all(_opt_str(r.get(k), 4096) for k in ("user", "job_id", "name", "host", "gpu_type"))
+            and (r.get("gpu_names") is None or (isinstance(r["gpu_names"], list)
+                                                and all(isinstance(n, str) for n in r["gpu_names"]))))
+
+
+def usage_records(path=None, env=None):
+    """Every user's usage record in the lease directory (``meshrun usage``): (list of ended leases, warnings).
+
+    The directory is shared with every user, so it is read as the lease table is: the directory opened
+    without following a link, each ``usage-<uid>.jsonl`` through it without following one, used only if it
+    is a regular file with one link owned by that uid (or root, whose records name their user), at most twice
+    USAGE_MAX_BYTES; a line that is not a well-formed record is skipped. Whose a record is comes from the
+    file's owner, not from its content."""
+    env = os.environ if env is None else env
+    path = path or lease_dir(env)
+    out, warnings = [], []
+    try:
+        dfd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        return out, warnings
+    except OSError as e:
+        return out, ["cannot read the lease directory %s: %s" % (path, e.strerror or e)]
+    try:
+        for name in sorted(os.listdir(dfd)):
+            if not (name.startswith(USAGE_PREFIX) and name.endswith(".jsonl")):
+                continue
+            owner = name[len(USAGE_PREFIX):-len(".jsonl")].split(".", 1)[0]
+            if not owner.isdigit():
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=dfd)
+            except OSError as e:
+                warnings.append("ignored %s: %s" % (_clean(name), e.strerror or e))
+                continue
+            try:
+                st = os.fstat(fd)
+                if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > 2 * USAGE_MAX_BYTES
+                        or st.st_uid not in (int(owner), 0)):
+                    warnings.append("ignored %s (%s): not a usage record of uid %s" % (_clean(name), _who(st), owner))
+                    continue
+                raw = _read_fd(fd, 2 * USAGE_MAX_BYTES)
+            finally:
+                os.close(fd)
+            for line in raw.decode(errors="replace").splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if not _valid_usage(r):
+                    continue
+                if st.st_uid != 0:
+                    r["uid"] = st.st_uid
+                out.append(r)
+    finally:
+        os.close(dfd)
+    return out, warnings
 
 
 def _proc_owner(pid):
@@ -1611,7 +1727,7 @@ def snapshot(env=None, with_processes=True, leases=None):
             p.setdefault("user", _proc_owner(p["pid"]))
     # the queue in the order it is served, each ticket with its place and the GPUs its user holds now
     held = held_by_owner(state)
-    order, _, usage = serve_order(gpus, state, set(busy))
+    order, grants, usage = serve_order(gpus, state, set(busy))
     queue = [dict(_public(t), position=i + 1, held=held.get(_owner(t), 0),
                   recent_gpu_hours=round(usage.get(str(_owner(t)), 0.0) / 3600.0, 4))
              for i, t in enumerate(order)]
@@ -1619,6 +1735,9 @@ def snapshot(env=None, with_processes=True, leases=None):
     for rec in state["gpus"].values():
         name = str(rec.get("user") or rec.get("uid"))
         held_by_user[name] = held_by_user.get(name, 0) + 1
+    # what the queue works from: each user's recent use (GPU-hours, halving every FAIR_HALF_LIFE), and the
+    # tickets that would start now
+    recent = dict((uid_name(int(k)) if k.isdigit() else k, round(v / 3600.0, 4)) for k, v in usage.items())
     return {
         "host": socket.gethostname(),
         "agent_version": AGENT_VERSION,
@@ -1630,6 +1749,8 @@ def snapshot(env=None, with_processes=True, leases=None):
         "queue": queue,
         "queue_policy": queue_policy(state),
         "held_by_user": held_by_user,
+        "recent_gpu_hours": recent,
+        "starts_next": [t.get("job_id") for t in order if t["ticket"] in grants],
         "foreign": busy,
         "lease_dir": leases.path,
         "mode": "cooperative",
@@ -1827,7 +1948,8 @@ class LeaseService:
             t = ticket[0]
             if t["ticket"] in grants:
                 idx = grants[t["ticket"]]
-                rec = dict(t, state="leased", gpus=idx, granted_at=now())
+                rec = dict(t, state="leased", gpus=idx, granted_at=now(),
+                           gpu_names=[g.get("name") or "" for g in gpus if g["index"] in idx])
                 for k in ("hold",):
                     rec.pop(k, None)
                 rec["n"] = t["n"]
@@ -2681,7 +2803,8 @@ class Supervisor:
                     order, grants, _ = serve_order(gpus, state, set(busy))
                     mine = grants.get(self.ticket)
                     if mine is not None:
-                        self.leases.grant(state, mine)
+                        by_index = dict((g["index"], g) for g in gpus)
+                        self.leases.grant(state, mine, [by_index[i].get("name") or "" for i in mine])
                         if changed:
                             self.leases.save(state)
                         self.ticket = None

@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
                         add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sub.add_parser("usage", help="GPU-hours by user, host, GPU type and sweep; waits, idle GPUs, spend, fair share",
+                   add_help=False).add_argument("usage_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -198,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench._cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "usage":  # meshrun/_usage.py parses its own options
+        from ._usage import main as usage_main
+
+        return usage_main(argv[1:])
     args = parser.parse_args(argv)
     if not args.cmd:
         parser.print_help()
