@@ -163,3 +163,15 @@ def test_real_jobs_leave_a_usage_record_and_the_queue_shows_what_starts_next(mon
     # the first job is counted once (from its lease record), with the store's view of it
     rep = json.loads(_usage(capsys, "--json", "--since", "1h", "--until", "now"))
     assert {u["job_id"]: u["source"] for u in rep["uses"]}[job.id] == "lease record"
+
+
+def test_png_plot_or_a_clear_word_without_matplotlib(history, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "usage.png"
+    _usage(capsys, "--png", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
+    since = datetime.fromtimestamp(T0).isoformat()
+    assert main(["usage", "--since", since, "--png", str(tmp_path / "none.png")]) == 1
+    assert "--png needs matplotlib, which is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
