@@ -450,13 +450,19 @@ def amd_smi_gpus():
         return [], err
     static, _ = _run(["amd-smi", "static", "--asic", "--vram"])
     details = dict((r["gpu"], r) for r in _amd_text_records(static or ""))
+    listed = _amd_text_records(out)
+    # ROCr (and so HIP) numbers GPUs in the order of their KFD nodes, not amd-smi's: where every GPU shows its
+    # NODE_ID, a GPU's place among them is the index ROCR_VISIBLE_DEVICES takes
+    nodes = [r.get("NODE_ID", "") for r in listed]
+    rocr = (dict((r["gpu"], sorted(int(n) for n in nodes).index(int(r["NODE_ID"]))) for r in listed)
+            if all(n.isdigit() for n in nodes) and len(set(nodes)) == len(nodes) else {})
     gpus = []
-    for r in _amd_text_records(out):
+    for r in listed:
         d = details.get(r["gpu"], {})
         uuid = r.get("UUID") or ""
         ident = uuid if uuid and uuid != "N/A" and not uuid.startswith("<") else (r.get("BDF") or str(r["gpu"]))
-        gpus.append({"index": AMD_SLOT_BASE + r["gpu"], "device": r["gpu"], "vendor": "amd",
-                     "name": d.get("ASIC.MARKET_NAME") or "AMD GPU", "uuid": "AMD-%s" % ident,
+        gpus.append({"index": AMD_SLOT_BASE + r["gpu"], "device": r["gpu"], "rocr": rocr.get(r["gpu"], r["gpu"]),
+                     "vendor": "amd", "name": d.get("ASIC.MARKET_NAME") or "AMD GPU", "uuid": "AMD-%s" % ident,
                      "memory": _amd_size(d.get("VRAM.SIZE"))})
     return gpus, None
 
@@ -722,7 +728,7 @@ def mask_env(gpus):
     """The variables that show a job its leased ``gpus`` and nothing else (all of one vendor):
 
     * NVIDIA: ``CUDA_VISIBLE_DEVICES`` (their indices, in PCI bus order);
-    * AMD: ``ROCR_VISIBLE_DEVICES`` (their indices: ROCr, under every ROCm runtime, shows only those) and
+    * AMD: ``ROCR_VISIBLE_DEVICES`` (their ROCr indices: ROCr, under every ROCm runtime, shows only those) and
       ``HIP_VISIBLE_DEVICES``/``CUDA_VISIBLE_DEVICES`` counting from 0 (HIP numbers the devices ROCr left it,
       and PyTorch on ROCm reads either);
     * Apple (MPS): nothing can be masked; the lease alone keeps other jobs off.
@@ -738,7 +744,7 @@ def mask_env(gpus):
     vendor = gpus[0].get("vendor") or "nvidia"
     devices = ",".join(str(g.get("device", g["index"])) for g in gpus)
     if vendor == "amd":
-        env["ROCR_VISIBLE_DEVICES"] = devices
+        env["ROCR_VISIBLE_DEVICES"] = ",".join(str(g.get("rocr", g.get("device", g["index"]))) for g in gpus)
         env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpus)))
     elif vendor == "nvidia":
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

@@ -51,10 +51,10 @@ def test_amd_smi_inventory_and_foreign_processes(amd):
     amd(amd_smi="amd-smi-mi308x")
     gpus, source, err = _agent.discover_gpus()
     assert (source, err) == ("amd-smi", None)
-    assert [(g["label"], g["device"], g["vendor"], g["name"], g["uuid"]) for g in gpus] == [
-        ("amd:0", 0, "amd", "MI308X", "AMD-0000:23:00.0"),  # the UUID is redacted in the recording: the BDF
-        ("amd:1", 1, "amd", "AMD GPU", "AMD-0000:26:00.0"),  # `static` was recorded for GPU 0 only
-    ]
+    assert [(g["label"], g["device"], g["rocr"], g["vendor"], g["name"], g["uuid"]) for g in gpus] == [
+        ("amd:0", 0, 0, "amd", "MI308X", "AMD-0000:23:00.0"),  # the UUID is redacted in the recording: the BDF
+        ("amd:1", 1, 1, "amd", "AMD GPU", "AMD-0000:26:00.0"),  # `static` was recorded for GPU 0 only
+    ]  # rocr: the place of each GPU's KFD node (NODE_ID 1 and 2) among the GPUs', the order ROCr numbers them in
     snap = _agent.snapshot()
     assert {p["pid"]: p["process_name"] for p in snap["foreign"]["AMD-0000:23:00.0"]} == {
         420157: "TransferBench", 420315: "rvs"}
