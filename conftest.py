@@ -173,7 +173,20 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture
-def wandb_runs():
+def wandb_tmp(monkeypatch):
+    """A private TMPDIR for the test and the jobs it starts, removed at its end: W&B's service leaves folders
+    and sockets in the temporary folder of every process that used it."""
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mrwb")  # short: W&B puts AF_UNIX sockets in it
+    monkeypatch.setenv("TMPDIR", d)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # this process asks again
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def wandb_runs(wandb_tmp):
     """read(folder) -> every offline W&B run under ``folder/wandb``, read with wandb's own datastore reader:
     [{"id", "name", "group", "tags", "project", "summary", "exit_code", "file"}] (the tags of the run's last
     run record, the summary's updates merged, the exit record's code or None when the run never ended)."""
@@ -377,6 +390,20 @@ def session_services() -> SessionServices:
     if _services is None:
         _services = SessionServices()
     return _services
+
+
+SLURM_GROUP = (REPO / "backends" / "slurm", REPO / "backends" / "skypilot")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Mark every test that uses the shared Slurm cluster (SkyPilot's tests launch onto it): scripts/test.sh runs
+    ``-m slurm_cluster`` and ``-m "not slurm_cluster"`` side by side, so no two tests of the cluster overlap
+    (one restarts slurmctld) and the rest never waits for it."""
+    for item in items:
+        if ("slurm_cluster" in getattr(item, "fixturenames", ())
+                or any(item.path.is_relative_to(d) for d in SLURM_GROUP)):
+            item.add_marker(pytest.mark.slurm_cluster)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -17,9 +17,9 @@ those names also still resolve here, as they did before, but are not part of ``_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._version import __version__
+
+TYPE_CHECKING = False  # typing is not imported at run time: `import meshrun` stays fast
 
 _EXPORTS = {
     # spec (from the module that also registers JobSpec's file readers: from_skypilot_yaml, from_dstack_yaml)
@@ -104,6 +104,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from typing import Any
+
     from . import backend
     from ._backend import JobState, Offer
     from ._catalog import catalog_offers

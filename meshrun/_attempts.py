@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ._backend import JobState, JobStatus, Offer, Submission
-from ._errors import BackendError, BackendUnavailable, MeshrunError, NoPlacementError, SpecError
+from ._errors import BackendError, BackendUnavailable, MeshrunError, NoPlacementError
 from ._plan import Plan, _jsonable, group_rejections, offer_from_dict, offer_to_dict
 from ._registry import get_backend
+from ._retries import retries_left
 from ._store import JobRecord, Store, _atomic_write
 from ._tracking import for_offer
 from ._units import format_duration
@@ -268,24 +269,6 @@ def _resubmission(store: Store, job_id: str, job_dir: Path, attempt: int) -> Pre
 
 
 # ---- retries: a failed attempt submitted again ---------------------------------------------------------
-
-RETRY_STATES = (JobState.FAILED, JobState.PREEMPTED, JobState.LOST)
-
-
-def retries_left(rec: JobRecord, job_dir: Path, status: JobStatus) -> int:
-    """How many retries the job has left if its attempt ended with ``status`` (0: this outcome is final).
-    A read: it looks at the spec and the history, and changes nothing."""
-    if status.state not in RETRY_STATES or not rec.backend:
-        return 0
-    try:
-        from ._spec import JobSpec
-
-        spec = JobSpec.from_json((Path(job_dir) / "spec.json").read_text())
-    except (OSError, SpecError):
-        return 0
-    used = sum(1 for h in rec.history if h.get("event") == "retry")
-    return max(0, spec.retries - used)
-
 
 def retry(store: Store, rec: JobRecord, job_dir: Path, status: JobStatus) -> bool:
     """The job's attempt ended with ``status`` (FAILED, PREEMPTED or LOST) and it has ``retries`` left:

@@ -17,39 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
+from ._state import JobState as JobState  # defined apart: reading the job store needs nothing else here
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._spec import JobSpec
-
-
-class JobState(str, enum.Enum):
-    """Where a job is in its life. TIMEOUT, PREEMPTED and CANCELLED stay distinct from FAILED."""
-
-    SUBMITTING = "submitting"  # meshrun is handing it to a backend
-    PENDING = "pending"  # accepted, waiting for resources (a queue, a GPU lease, provisioning)
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-    PREEMPTED = "preempted"
-    LOST = "lost"  # the backend no longer knows the job and no outcome was recorded
-    UNKNOWN = "unknown"  # the backend could not be asked just now (it may still be fine)
-
-    @property
-    def terminal(self) -> bool:
-        return self in _TERMINAL
-
-    @property
-    def ok(self) -> bool:
-        return self is JobState.SUCCEEDED
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_TERMINAL = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.PREEMPTED, JobState.LOST}
-)
 
 
 @dataclass(frozen=True)

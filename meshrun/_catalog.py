@@ -628,6 +628,17 @@ def gpu_names(cat: Catalog) -> list[str]:
     return sorted(names)
 
 
+def instance_accelerators(instance_type: str, cloud: str | None = None,
+                          path: str | os.PathLike[str] | None = None) -> tuple[str, int] | None:
+    """The GPUs of a cloud instance type as the catalog in use lists them: (name, count), ``("", 0)`` for an
+    instance without, None when none of its tables lists it (or two clouds' tables disagree). ``cloud``
+    (a catalog folder: ``aws``, ``gcp``, ...) limits the search to that cloud's table."""
+    cat = load_catalog(path)
+    rows = iter_rows(cat, [cloud] if cloud else None)
+    found = {(vm.gpu, vm.gpus) for vm in rows if vm.instance_type == instance_type}
+    return found.pop() if len(found) == 1 else None
+
+
 def iter_rows(cat: Catalog, clouds: Iterable[str] | None = None) -> Iterable[VM]:
     for cloud in clouds if clouds is not None else cat.clouds:
         yield from cat.vms.get(cloud, [])

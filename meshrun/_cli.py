@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, Sequence
 
 from ._display import is_terminal, print_kv, print_table, safe_text, state_style
 from ._units import format_duration, format_size
+
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, Callable, Sequence
 
 EPILOG = """examples:
   meshrun run --gpus 2 -- python train.py --lr 0.1
@@ -77,17 +78,8 @@ def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k in FIELDS if (v := getattr(a, k, None)) is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
-
-    p = argparse.ArgumentParser(
-        prog="meshrun",
-        description="Define a job once; run it on this machine, SSH workstations, Slurm, Kubernetes or the cloud.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--version", action="version", version=f"meshrun {__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+def _args_run(sub: Any) -> None:
+    import argparse
 
     r = sub.add_parser("run", help="run a command as a job", epilog="Everything after -- is the command.")
     r.add_argument("--name", "-n", help="job name")
@@ -104,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- COMMAND [ARGS...], or a job file: a SkyPilot task YAML or a dstack task (.dstack.yml)")
 
+
+def _args_show(sub: Any) -> None:
     sh = sub.add_parser("show", help="what meshrun reads from a job file, or (--native) what a backend would submit",
                         description="Print the JobSpec meshrun reads from FILE (a SkyPilot task YAML, a dstack task, "
                                     "or a JobSpec as JSON); with --native, what the backend would submit for it "
@@ -114,11 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--backend", "-b", help="the backend (default: the one placement would choose)")
     sh.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
 
+
+def _args_ls(sub: Any) -> None:
     ls = sub.add_parser("ls", help="list jobs")
     ls.add_argument("--limit", "-l", type=int, default=30, help="show at most this many jobs, newest first "
                     "(default 30; 0: all)")
     ls.add_argument("--state", "-s", action="append", help="only jobs in this state (repeatable)")
     ls.add_argument("--json", action="store_true")
+
+
+def _args_tensorboard(sub: Any) -> None:
+    import argparse
 
     tb = sub.add_parser("tensorboard", help="start TensorBoard over a job's or a sweep's log folders",
                         epilog="Arguments after the id go to tensorboard (e.g. --port 6007).")
@@ -126,38 +126,54 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--print", dest="print_only", action="store_true", help="print the log folder and exit")
     tb.add_argument("tb_args", nargs=argparse.REMAINDER)
 
+
+def _args_status(sub: Any) -> None:
     st = sub.add_parser("status", help="show one job in detail")
     st.add_argument("job_id")
     st.add_argument("--json", action="store_true")
 
+
+def _args_logs(sub: Any) -> None:
     lg = sub.add_parser("logs", help="print a job's output")
     lg.add_argument("job_id")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     lg.add_argument("--tail", "-n", type=int, metavar="LINES", help="start at the last LINES lines")
     lg.add_argument("--max-bytes", metavar="SIZE", help='at most this much from the end, e.g. "1MiB" or 4096')
 
+
+def _args_cancel(sub: Any) -> None:
     c = sub.add_parser("cancel", help="cancel jobs (the whole process tree; frees their GPUs)")
     c.add_argument("job_ids", nargs="+")
 
+
+def _args_wait(sub: Any) -> None:
     w = sub.add_parser("wait", help="wait for jobs to end; exit code 0 if all succeeded")
     w.add_argument("job_ids", nargs="+")
     w.add_argument("--timeout", type=float)
 
+
+def _args_gpus(sub: Any) -> None:
     g = sub.add_parser("gpus", help="who holds which GPU on this machine (or a backend's hosts)")
     g.add_argument("--json", action="store_true")
     g.add_argument("--backend", "-b", default="local", help="local (default) or a backend with hosts, e.g. ssh")
 
+
+def _args_backends(sub: Any) -> None:
     b = sub.add_parser("backends", help="installed backends and whether they can be used")
     b.add_argument("--json", action="store_true")
     b.add_argument("--fresh", action="store_true",
                    help=f"check every backend now (otherwise a check younger than {BACKENDS_TTL:g}s is shown, "
                         "with its age)")
 
+
+def _args_offers(sub: Any) -> None:
     o = sub.add_parser("offers", help="where a job of this shape could run, ranked")
     _add_resource_args(o)
     _add_placement_args(o)
     o.add_argument("--json", action="store_true")
 
+
+def _args_catalog(sub: Any) -> None:
     cat = sub.add_parser("catalog", help="the cloud price catalog: which one is used, how old; update it",
                          description="Cloud prices come from SkyPilot-format catalog tables. A dated snapshot ships "
                                      "with meshrun; `meshrun catalog update` fetches current ones.")
@@ -168,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "SkyPilot's public catalog repository)")
     cat.add_argument("--json", action="store_true")
 
+
+def _args_lease_service(sub: Any) -> None:
     ls_ = sub.add_parser("lease-service", help="the enforced GPU lease mode: a root service every user leases through",
                          description="Install (as root) or run the GPU lease service. With it, every user's agent "
                                      "leases GPUs through a root-owned Unix socket and nobody can touch the lease "
@@ -180,38 +198,135 @@ def build_parser() -> argparse.ArgumentParser:
     ls_.add_argument("--no-start", action="store_true", help="install only; do not enable or start the unit")
     ls_.add_argument("--socket", default=None, help="run: socket path (default /run/meshrun/lease.sock)")
     ls_.add_argument("--state-dir", default=None, help="run: lease directory (default /var/lib/meshrun/leases)")
+
+
+def _args_doctor(sub: Any) -> None:
     dr = sub.add_parser("doctor", help="check the job store, GPU leases, fork server, backends and GPU tools")
     dr.add_argument("--rebuild", action="store_true",
                     help="rebuild the job index from the job folders (the old file is kept beside it)")
     dr.add_argument("--json", action="store_true")
 
+
+def _args_bench(sub: Any) -> None:
+    import argparse
+
     be = sub.add_parser("bench", help="collective bandwidth benchmark (nccl-tests compatible busbw)",
                         add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER)
-    sub.add_parser("usage", help="GPU-hours by user, host, GPU type and sweep; waits, idle GPUs, spend, fair share",
-                   add_help=False).add_argument("usage_args", nargs=argparse.REMAINDER)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``meshrun`` parser, with every subcommand (``meshrun --help``) or, given ``only``, with that one
+    alone: a command line that names its subcommand parses the same either way, without building ~15
+    subparsers and their help first (a good part of a CLI start)."""
+    import argparse
+
+    from ._version import __version__
+
+    p = argparse.ArgumentParser(
+        prog="meshrun",
+        description="Define a job once; run it on this machine, SSH workstations, Slurm, Kubernetes or the cloud.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"meshrun {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    for name, (add_args, _) in COMMANDS.items():
+        if only is None or name == only:
+            add_args(sub)
     return p
+
+
+# The reading commands' command lines, parsed without argparse (importing it and building a parser is a good
+# part of a start these commands must keep short): each command's options as {flag: (dest, kind)} with kind
+# bool (a switch), int, float, str or list (repeatable), its defaults, and its positional (a name; "+": one or
+# more). Only plain command lines take this path: an unknown or abbreviated flag, "--flag=value", a value or
+# argument that starts with "-", "--", -h or a missing argument go to argparse, which then answers exactly as
+# it always did. tests/test_cli_fast_paths.py checks that both parse every such command line alike.
+_FAST: dict[str, tuple[dict[str, tuple[str, Any]], dict[str, Any], tuple[str, str] | None]] = {
+    "ls": ({"--limit": ("limit", int), "-l": ("limit", int), "--state": ("state", list), "-s": ("state", list),
+            "--json": ("json", bool)}, {"limit": 30, "state": None, "json": False}, None),
+    "status": ({"--json": ("json", bool)}, {"json": False}, ("job_id", "1")),
+    "logs": ({"--follow": ("follow", bool), "-f": ("follow", bool), "--tail": ("tail", int), "-n": ("tail", int),
+              "--max-bytes": ("max_bytes", str)}, {"follow": False, "tail": None, "max_bytes": None}, ("job_id", "1")),
+    "cancel": ({}, {}, ("job_ids", "+")),
+    "wait": ({"--timeout": ("timeout", float)}, {"timeout": None}, ("job_ids", "+")),
+    "gpus": ({"--json": ("json", bool), "--backend": ("backend", str), "-b": ("backend", str)},
+             {"json": False, "backend": "local"}, None),
+    "backends": ({"--json": ("json", bool), "--fresh": ("fresh", bool)}, {"json": False, "fresh": False}, None),
+}
+
+
+def _fast_args(argv: list[str]) -> Any:
+    """``argv`` of a reading command parsed as argparse would parse it (a ``types.SimpleNamespace`` with the
+    same attributes as argparse's Namespace), or None: let argparse do it."""
+    if not argv or argv[0] not in _FAST:
+        return None
+    flags, defaults, positional = _FAST[argv[0]]
+    out: dict[str, Any] = dict(defaults)
+    args: list[str] = []
+    block = 0  # runs of positional arguments: argparse takes a "+" positional only as one run
+    i, last_positional = 1, False
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("-"):
+            if tok not in flags:
+                return None
+            dest, kind = flags[tok]
+            if kind is bool:
+                out[dest] = True
+            else:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    return None
+                value = argv[i + 1]
+                try:
+                    out[dest] = ([*(out[dest] or []), value] if kind is list else kind(value))
+                except ValueError:
+                    return None
+                i += 1
+            last_positional = False
+        else:
+            if not last_positional:
+                block += 1
+            args.append(tok)
+            last_positional = True
+        i += 1
+    if positional is None:
+        if args:
+            return None
+    else:
+        name, nargs = positional
+        if not args or block > 1 or (nargs == "1" and len(args) > 1):
+            return None
+        out[name] = args[0] if nargs == "1" else args
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cmd=argv[0], **out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv and argv[0] == "bench":
+    if argv and argv[0] == "bench":  # every argument after the word goes to its own parser
         from .bench._cli import main as bench_main
 
         return bench_main(argv[1:])
-    if argv and argv[0] == "usage":  # meshrun/_usage.py parses its own options
-        from ._usage import main as usage_main
+    if argv and argv[0] == "dashboard":  # likewise (an optional extra: nothing of it loads otherwise)
+        from ._dashboard import main as dashboard_main
 
-        return usage_main(argv[1:])
-    args = parser.parse_args(argv)
+        return dashboard_main(argv[1:])
+    if argv and argv[0] == "usage":  # likewise: meshrun/_usage.py parses its own options
+        return cmd_usage(argv[1:])
+    args = _fast_args(argv)
+    if args is None:
+        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+        args = parser.parse_args(argv)
     if not args.cmd:
         parser.print_help()
         return 2
     from ._errors import JobNotFound, MeshrunError
 
     try:
-        return int(COMMANDS[args.cmd](args) or 0)
+        return int(COMMANDS[args.cmd][1](args) or 0)
     except JobNotFound as e:
         print(f"meshrun: {safe_text(e, newlines=True)}", file=sys.stderr)
         return 2
@@ -348,9 +463,11 @@ def _is_job_file(arg: str) -> bool:
 
 def _more_run_flags(a: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
     """The run flags given after a job file, merged into ``a`` (repeatable ones add to those before)."""
+    import argparse
+
     from ._errors import SpecError
 
-    more = build_parser().parse_args(["run", *rest])
+    more = build_parser("run").parse_args(["run", *rest])
     if more.command:
         raise SpecError("command", f"a job file takes no command after it; got {' '.join(more.command)!r} "
                         "(flags go before or after the file)")
@@ -370,7 +487,8 @@ def _override(spec: Any, fields: dict[str, Any]) -> Any:
     (what it kept for SkyPilot or dstack included)."""
     if not fields:
         return spec
-    gpu: dict[str, tuple[str, ...]] = {"skypilot": ("accelerators", "any_of", "ordered"), "dstack": ("resources",)}
+    gpu: dict[str, tuple[str, ...]] = {"skypilot": ("accelerators", "any_of", "ordered", "instance_type"),
+                                       "dstack": ("resources",)}
     kept: dict[str, dict[str, tuple[str, ...]]] = {"gpus": gpu, "gpu_type": gpu, "cpus": {"skypilot": ("cpus",), "dstack": ("resources",)},
             "memory": {"skypilot": ("memory",), "dstack": ("resources",)}}
     drop = {(b, k) for field, by in kept.items() if field in fields for b, keys in by.items() for k in keys}
@@ -382,7 +500,7 @@ def _override(spec: Any, fields: dict[str, Any]) -> Any:
 
 def _follow(job: Any) -> int:
     """Stream a job's output while it runs; Ctrl-C detaches (the job keeps running)."""
-    from ._backend import JobState
+    from ._state import JobState
 
     shown_state = None
     status_line = is_terminal(sys.stderr)
@@ -459,7 +577,7 @@ def _age(ts: float | None) -> str:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    from ._backend import JobState
+    from ._state import JobState
     from ._job import Job, refresh
     from ._store import get_store
 
@@ -579,7 +697,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 
 def cmd_cancel(a: argparse.Namespace) -> int:
-    from ._backend import JobState
+    from ._state import JobState
     from ._job import Job
 
     for jid in a.job_ids:
@@ -776,15 +894,19 @@ def cmd_backends(a: argparse.Namespace) -> int:
     shown as not responding and remembered so (a later answer forgets it), so this answers within ~2 s.
     The result is kept for ``BACKENDS_TTL`` seconds: a second ``meshrun backends`` within that time shows it,
     with its age, without loading a single plugin (``--fresh`` checks again)."""
-    from . import _agent
-
     if not a.fresh:
-        kept = _agent.read_json(_backends_cache())
+        try:  # read here, not with the agent's read_json: importing the agent is most of a cached answer's time
+            with open(_backends_cache(), "rb") as f:
+                kept = json.loads(f.read().decode())
+        except (OSError, ValueError):
+            kept = None
         if (isinstance(kept, dict) and isinstance(kept.get("rows"), list) and kept.get("seen") == _backends_seen()
                 and 0 <= time.time() - float(kept.get("time") or 0) < BACKENDS_TTL):
             _print_backends(kept["rows"], a.json, float(kept["time"]), cached=True)
             return 0
-    from . import _registry
+    import threading
+
+    from . import _agent, _registry
     from ._gather import LOCAL_GRACE, still_asking
     from ._options import respond_limits
 
@@ -945,24 +1067,65 @@ def cmd_catalog(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "run": cmd_run,
-    "show": cmd_show,
-    "ls": cmd_ls,
-    "status": cmd_status,
-    "logs": cmd_logs,
-    "cancel": cmd_cancel,
-    "wait": cmd_wait,
-    "gpus": cmd_gpus,
-    "backends": cmd_backends,
-    "offers": cmd_offers,
-    "catalog": cmd_catalog,
-    "tensorboard": cmd_tensorboard,
-    "lease-service": cmd_lease_service,
-    "doctor": cmd_doctor,
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench._cli import main as bench_main
+
+    return bench_main(list(a.bench_args))
+
+
+def _args_dashboard(sub: Any) -> None:
+    import argparse
+
+    sub.add_parser("dashboard", help="a web dashboard of jobs, GPUs, offers and bench results (docs/dashboard.md)",
+                   add_help=False).add_argument("dashboard_args", nargs=argparse.REMAINDER)
+
+
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    from ._dashboard import main as dashboard_main
+
+    return dashboard_main(list(a.dashboard_args))
+
+
+def _args_usage(sub: Any) -> None:
+    import argparse
+
+    sub.add_parser("usage", help="GPU-hours by user, host, GPU type and sweep; waits, idle GPUs, spend, fair share",
+                   add_help=False).add_argument("usage_args", nargs=argparse.REMAINDER)
+
+
+def cmd_usage(a: Any) -> int:
+    from ._usage import main as usage_main
+
+    return usage_main(a if isinstance(a, list) else list(a.usage_args))
+
+
+# Every subcommand: its name -> (the function that adds its subparser, the function that runs it), in the
+# order ``meshrun --help`` lists them. A new subcommand is a ``_args_<name>(sub)`` that calls
+# ``sub.add_parser("<name>", ...)``, a ``cmd_<name>(args) -> int``, and one line here; only the subcommand a
+# command line names is built, so it costs the other commands nothing.
+COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]] = {
+    "run": (_args_run, cmd_run),
+    "show": (_args_show, cmd_show),
+    "ls": (_args_ls, cmd_ls),
+    "tensorboard": (_args_tensorboard, cmd_tensorboard),
+    "status": (_args_status, cmd_status),
+    "logs": (_args_logs, cmd_logs),
+    "cancel": (_args_cancel, cmd_cancel),
+    "wait": (_args_wait, cmd_wait),
+    "gpus": (_args_gpus, cmd_gpus),
+    "backends": (_args_backends, cmd_backends),
+    "offers": (_args_offers, cmd_offers),
+    "catalog": (_args_catalog, cmd_catalog),
+    "lease-service": (_args_lease_service, cmd_lease_service),
+    "doctor": (_args_doctor, cmd_doctor),
+    "bench": (_args_bench, cmd_bench),
+    "dashboard": (_args_dashboard, cmd_dashboard),
+    "usage": (_args_usage, cmd_usage),
 }
 
 
 if __name__ == "__main__":  # pragma: no cover
+    import signal
+
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

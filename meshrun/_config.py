@@ -24,27 +24,35 @@ any key of a backend's table (``MESHRUN_DSTACK_TOKEN``, ``MESHRUN_SLURM_PARTITIO
 
 from __future__ import annotations
 
+import _thread  # threading's lock and local, without importing threading (a CLI start)
 import os
 import sys
-import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
 
 from ._errors import ConfigError
+
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 TOP_LEVEL_KEYS = ("default_backend", "home", "backends", "placement", "prices", "tracking")
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read the config file {path}: {e}") from None
+    if not text.strip():  # an empty file needs no TOML parser (importing one is a good part of a CLI start)
+        return {}
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise ConfigError("", f"cannot read the config file {path}: {e}") from None
+        return tomllib.loads(text.decode())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"the config file {path} is not valid TOML: {e}") from None
 
@@ -124,7 +132,7 @@ class Config:
         return table
 
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 _current: Config | None = None
 
 

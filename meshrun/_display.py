@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 
 def is_terminal(stream: Any = None) -> bool:

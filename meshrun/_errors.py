@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 
 class MeshrunError(Exception):

@@ -68,6 +68,13 @@ def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | No
         if getattr(spec, "secrets", None) and Feature.SECRETS not in b.features:
             return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot pass secrets "
                           "to a job without writing them down (give them as env, or use a backend that can)")], None
+        if name != "skypilot" and getattr(spec, "backend_options", {}).get("skypilot"):
+            from ._taskyaml import skypilot_only  # a SkyPilot instance_type whose GPUs the spec does not say
+
+            why = skypilot_only(spec)
+            if why:
+                why = f"the {name} backend cannot run it: {why}"
+                return [Offer(backend=name, where="-", fits=False, reason=why)], None
         doing("checking availability")
         av = b.check()
         if not av.ok:

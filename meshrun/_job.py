@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import html
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, Iterable, Iterator, Sequence
+from types import GenericAlias
 
-from typing_extensions import TypeVar
-
-from ._backend import JobState, JobStatus
 from ._errors import (
     BackendError,
     JobCancelled,
@@ -20,13 +16,31 @@ from ._errors import (
     JobTimeout,
     MeshrunError,
 )
+from ._state import JobState
 from ._store import JobRecord, Store, StoreError, get_store
 from ._units import format_duration
 
+# Neither typing nor typing_extensions is imported at run time (``meshrun ls`` and ``status`` must start fast):
+# ``Job[R]`` is generic for type checkers; at run time ``Job[int]`` is a ``types.GenericAlias``, as ``list[int]`` is.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Generator, Generic, Iterable, Iterator, Sequence
+
+    from typing_extensions import TypeVar
+
+    from ._backend import JobStatus
     from ._spec import JobSpec
 
-R = TypeVar("R", default=Any)  # Job(job_id) and a bare Job are Job[Any]
+    R = TypeVar("R", default=Any)  # Job(job_id) and a bare Job are Job[Any]
+
+    class _Generic(Generic[R]):
+        pass
+else:
+    R = "R"
+
+    class _Generic:
+        __slots__ = ()
+        __class_getitem__ = classmethod(GenericAlias)
 
 # a job that sits in SUBMITTING longer than this without a backend id was interrupted mid-submit
 SUBMIT_GRACE = 60.0
@@ -38,7 +52,7 @@ FAILURE_TAIL = 4000
 SUBMIT_PICKUP = 2.0
 
 
-class Job(Generic[R]):
+class Job(_Generic[R]):
     """A submitted job. Create one with ``meshrun.run``, ``fn.submit`` or ``Job.attach(job_id)``.
 
     ``status()`` asks the backend (cheaply, a read); ``wait()``/``result()`` block with polling that backs
@@ -198,6 +212,13 @@ class Job(Generic[R]):
         local = self.job_dir / "output.log"
         if rec.backend is None or rec.backend_id is None:
             return iter(())
+        if rec.backend == "local" and _plain_local_backend():
+            from ._config import get_config
+            from ._logfile import local_logs
+
+            # what LocalBackend.logs reads, without loading the backend machinery
+            return local_logs(get_config().home / "jobs" / rec.backend_id, follow=follow, tail=tail,
+                              max_bytes=max_bytes)
         from ._registry import get_backend
 
         cut = tail is not None or max_bytes is not None
@@ -317,6 +338,8 @@ class Job(Generic[R]):
         return f"<meshrun.Job {self.id} {r.name!r} {r.state.value}{code} on {r.backend}>"
 
     def _repr_html_(self) -> str:
+        import html
+
         r = self._record
         color = {
             JobState.SUCCEEDED: "#2e7d32",
@@ -353,6 +376,18 @@ class Job(Generic[R]):
         logs = (f'<div><b>output</b> (the last 8 lines, at most 4000 characters)</div>'
                 f'<pre style="max-height:12em;overflow:auto;margin:0.3em 0">{tail}</pre>') if tail else ""
         return f'<div class="meshrun-job"><b>meshrun.Job</b><table>{body}</table>{logs}</div>'
+
+
+def _plain_local_backend() -> bool:
+    """True when ``get_backend("local")`` would be the built-in local backend made from an empty
+    ``[backends.local]`` table, which cannot fail: nothing registered in its place (the registry keeps what
+    ``register_backend`` was given; unimported, it holds nothing) and no local setting to check."""
+    registry = sys.modules.get("meshrun._registry")
+    if registry is not None and "local" in registry._manual:
+        return False
+    from ._config import get_config
+
+    return not get_config().backend("local")
 
 
 def _cap(text: str, n: int) -> str:
@@ -431,8 +466,6 @@ def _read_json(p: Path) -> Any:
 
 def refresh(jobs: Sequence[Job]) -> None:
     """Bring many jobs' records up to date with one status call per backend."""
-    from ._registry import get_backend
-
     by_backend: dict[str, list[Job]] = {}
     for j in jobs:
         j._due = None
@@ -442,6 +475,11 @@ def refresh(jobs: Sequence[Job]) -> None:
         if j._record.backend is None:
             continue
         by_backend.setdefault(j._record.backend, []).append(j)
+    if not by_backend:
+        return  # every job's outcome is recorded: no backend is loaded
+    from ._backend import JobStatus
+    from ._registry import get_backend
+
     for bname, group in by_backend.items():
         try:
             backend = get_backend(bname)
@@ -507,7 +545,7 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
     if st.state is JobState.LOST and rec.kind == "function":
         st = _complete_result_wins(job, st, backend)
     if st.terminal and st.state is not rec.state:
-        from ._attempts import retries_left
+        from ._retries import retries_left
 
         left = retries_left(rec, job.job_dir, st)
         if left:
@@ -590,6 +628,7 @@ def _complete_result_wins(job: Job, st: JobStatus, backend: Any) -> JobStatus:
     """A function job reported lost whose complete result is on disk (its supervisor died between the
     worker's end and the exit record) succeeded: its result is returned, not a JobLost."""
     from ._agent import result_complete
+    from ._backend import JobStatus
 
     p = job.job_dir / "result.pkl"
     if not p.exists():
@@ -612,8 +651,6 @@ def wait(
     on_change: Callable[[Job[R]], None] | None = None,
 ) -> list[Job[R]]:
     """Wait for all ``jobs`` to end, polling each backend once per round with a growing interval."""
-    from ._registry import get_backend
-
     jobs = list(jobs)
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
@@ -646,6 +683,8 @@ def wait(
             _progress_line(_describe_progress(jobs, now - start))
             shown = True
         first, longest = 0.5, 10.0
+        from ._registry import get_backend
+
         try:
             intervals = [get_backend(j._record.backend).poll_interval for j in pending if j._record.backend]
             if intervals:

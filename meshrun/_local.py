@@ -6,7 +6,6 @@ starts in milliseconds; GPU leases live in the machine-wide ``MESHRUN_LEASE_DIR`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -23,6 +22,9 @@ from ._backend import map_agent_status as map_agent_status  # the agent's record
 from ._config import get_config
 from ._errors import ConfigError
 from ._localenv import agent_env, gpu_snapshot
+from ._logfile import local_logs
+from ._logfile import tail_file as tail_file  # meshrun.backend's tail_file, as it always was
+from ._logfile import tail_offset as tail_offset
 
 INVENTORY_TTL = 10.0
 
@@ -44,6 +46,8 @@ def _agent_digest() -> str:
     path = str(agent_file())
     if path not in _DIGEST:
         try:
+            import hashlib
+
             _DIGEST[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
         except OSError:
             _DIGEST[path] = "?"
@@ -271,10 +275,7 @@ class LocalBackend(Backend):
 
     def logs(self, backend_id: str, *, follow: bool = False, tail: int | None = None,
              max_bytes: int | None = None) -> Iterator[str]:
-        job_dir = self._job_dir(backend_id)
-        log = job_dir / _agent.LOG
-        start = tail_offset(log, tail, max_bytes) if (tail is not None or max_bytes is not None) else 0
-        return tail_file(log, follow=follow, done=lambda: (job_dir / _agent.EXIT).exists(), start=start)
+        return local_logs(self._job_dir(backend_id), follow=follow, tail=tail, max_bytes=max_bytes)
 
     def find(self, job_id: str) -> str | None:
         return job_id if (self._job_dir(job_id) / _agent.LAUNCH).exists() else None
@@ -311,41 +312,6 @@ def local_status(job_dir: Path) -> JobStatus:
     return st
 
 
-def tail_offset(path: Path, tail: int | None = None, max_bytes: int | None = None, block: int = 65536) -> int:
-    """Where the last ``tail`` lines (and at most ``max_bytes`` bytes) of a file begin, found by reading
-    backwards from its end a block at a time (never the whole file)."""
-    try:
-        f = open(path, "rb")
-    except OSError:
-        return 0
-    with f:
-        size = f.seek(0, 2)
-        floor = 0 if max_bytes is None else max(0, size - max_bytes)
-        if tail is None:
-            return floor
-        if tail == 0:
-            return size
-        pos = size
-        wanted = tail + 1  # the file's own final newline ends the last line, it does not start one
-        f.seek(size - 1 if size else 0)
-        if size and f.read(1) != b"\n":
-            wanted = tail
-        while pos > floor:
-            n = min(block, pos - floor)
-            pos -= n
-            f.seek(pos)
-            buf = f.read(n)
-            i = len(buf)
-            while True:
-                i = buf.rfind(b"\n", 0, i)
-                if i < 0:
-                    break
-                wanted -= 1
-                if wanted == 0:
-                    return pos + i + 1
-        return floor
-
-
 def fork_server_path(home: Path | str, *, warn: bool = True) -> str | None:
     """Where the warm fork server for this user, interpreter, agent and ``home`` listens, or None when there is
     no private directory to put its socket in (then jobs start as fresh processes, with a warning).
@@ -354,6 +320,8 @@ def fork_server_path(home: Path | str, *, warn: bool = True) -> str | None:
     when ``XDG_RUNTIME_DIR`` is a private directory of ours, else ``/tmp/meshrun-<uid>``; never in
     ``MESHRUN_HOME``, which may be shared or loose."""
     key = f"{sys.executable}|{_agent.AGENT_VERSION}|{agent_file()}|{_agent_digest()}|{os.getuid()}|{home}"
+    import hashlib  # here, not at the top: reading a local job's status needs no hash
+
     name = f"agent-{hashlib.sha1(key.encode()).hexdigest()[:10]}.sock"
     d = socket_dir(warn=warn)
     return None if d is None else os.path.join(d, name)
@@ -432,36 +400,6 @@ def _user_of(uid: int) -> str:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except (KeyError, ImportError):
         return f"uid {uid}"
-
-
-def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: int = 0) -> Iterator[str]:
-    """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
-    and EOF. Only one chunk is held at a time."""
-    pos = start
-    import codecs
-
-    dec = codecs.getincrementaldecoder("utf-8")("replace")
-    while True:
-        finished = done() if follow else True
-        try:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                while True:
-                    chunk = f.read(65536)
-                    if not chunk:
-                        break
-                    pos += len(chunk)
-                    text = dec.decode(chunk)
-                    if text:
-                        yield text
-        except FileNotFoundError:
-            pass
-        if finished:
-            rest = dec.decode(b"", final=True)
-            if rest:
-                yield rest
-            return
-        time.sleep(poll)
 
 
 def _total_memory() -> int | None:

@@ -8,9 +8,12 @@ value in that table is still reported by the typed settings the moment a job is 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
 
 from . import _agent
+
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Mapping
 
 
 def agent_env(lease_dir: Any = None, share_gpu_below_mib: Any = None, warm_file: str | None = None,

@@ -21,22 +21,23 @@ works on a full disk), a damaged or missing one is reported as a :class:`StoreEr
 
 from __future__ import annotations
 
+import _thread  # threading's lock and local, without importing threading (a CLI start)
 import builtins
 import errno
 import json
 import os
 import re
-import secrets
 import sqlite3
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
 
-from ._backend import JobState
 from ._errors import JobNotFound, MeshrunError
+from ._state import JobState
+
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Sequence
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -89,32 +90,58 @@ def new_job_id() -> str:
     for _ in range(8):
         ms, r = divmod(ms, 36)
         head = _ALPHABET[r] + head
+    import secrets
+
     return head + "".join(secrets.choice(_ALPHABET) for _ in range(4))
 
 
-@dataclass
 class JobRecord:
-    id: str
-    name: str
-    kind: str
-    summary: str
-    backend: str | None
-    backend_id: str | None
-    state: JobState
-    reason: str | None
-    exit_code: int | None
-    where: str | None
-    created_at: float
-    submitted_at: float | None
-    started_at: float | None
-    ended_at: float | None
-    array_id: str | None
-    array_index: int | None
-    attempt: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    user: str | None = None
-    pid: int | None = None
-    job_dir: Path | None = None
+    """One row of the job index (with the job's folder). A plain class, not a dataclass: ``meshrun ls`` and
+    ``status`` build these and must not pay for importing ``dataclasses``."""
+
+    __match_args__ = _FIELDS = (
+        "id", "name", "kind", "summary", "backend", "backend_id", "state", "reason", "exit_code", "where",
+        "created_at", "submitted_at", "started_at", "ended_at", "array_id", "array_index", "attempt", "history",
+        "user", "pid", "job_dir",
+    )
+
+    def __init__(self, id: str, name: str, kind: str, summary: str, backend: str | None, backend_id: str | None,
+                 state: JobState, reason: str | None, exit_code: int | None, where: str | None, created_at: float,
+                 submitted_at: float | None, started_at: float | None, ended_at: float | None,
+                 array_id: str | None, array_index: int | None, attempt: int,
+                 history: list[dict[str, Any]] | None = None, user: str | None = None, pid: int | None = None,
+                 job_dir: Path | None = None) -> None:
+        self.id = id
+        self.name = name
+        self.kind = kind
+        self.summary = summary
+        self.backend = backend
+        self.backend_id = backend_id
+        self.state = state
+        self.reason = reason
+        self.exit_code = exit_code
+        self.where = where
+        self.created_at = created_at
+        self.submitted_at = submitted_at
+        self.started_at = started_at
+        self.ended_at = ended_at
+        self.array_id = array_id
+        self.array_index = array_index
+        self.attempt = attempt
+        self.history: list[dict[str, Any]] = [] if history is None else history
+        self.user = user
+        self.pid = pid
+        self.job_dir = job_dir
+
+    def __repr__(self) -> str:
+        return f"JobRecord({', '.join(f'{k}={getattr(self, k)!r}' for k in self._FIELDS)})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
 
     @property
     def terminal(self) -> bool:
@@ -131,8 +158,8 @@ class Store:
     def __init__(self, home: Path | str):
         self.home = Path(home).expanduser()
         self.jobs_dir = self.home / "jobs"
-        self._local = threading.local()
-        self._init_lock = threading.Lock()
+        self._local = _thread._local()
+        self._init_lock = _thread.allocate_lock()
         self._ready = False
 
     # ---- connection per thread and process (sqlite connections must not cross either)
@@ -439,6 +466,52 @@ class Store:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [self._record(r) for r in self._run(lambda c: c.execute(sql, args).fetchall())]
+
+    def search(
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        states: Iterable[JobState] | None = None,
+        backend: str | None = None,
+        name: str | None = None,
+        user: str | None = None,
+        array_id: str | None = None,
+    ) -> tuple[builtins.list[JobRecord], int]:
+        """One page of jobs, newest first, and how many match: ``name`` is a substring of the job's name,
+        the other filters are exact. Each page is one indexed query, however many jobs the store holds."""
+        where, args = [], []
+        if states is not None:
+            st = [s.value for s in states]
+            where.append(f"state IN ({', '.join('?' * len(st))})")
+            args += st
+        for col, val in (("backend", backend), ("user", user), ("array_id", array_id)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if name:
+            where.append("instr(name, ?) > 0")
+            args.append(name)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM jobs{cond} ORDER BY created_at DESC, id DESC "
+               f"LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}")
+
+        def q(c: sqlite3.Connection) -> tuple[builtins.list[Any], int]:
+            rows = c.execute(sql, args).fetchall()
+            total = len(rows) + offset if (len(rows) < limit and (rows or not offset)) else \
+                int(c.execute(f"SELECT COUNT(*) FROM jobs{cond}", args).fetchone()[0])
+            return rows, total
+
+        rows, total = self._run(q)
+        return [self._record(r) for r in rows], total
+
+    def distinct(self, column: str) -> builtins.list[str]:
+        """The values a column takes (``backend``, ``user`` or ``state``), sorted, for filters."""
+        if column not in ("backend", "user", "state"):
+            raise ValueError(f"no filter on column {column}")
+        rows = self._run(lambda c: c.execute(
+            f"SELECT DISTINCT {column} FROM jobs WHERE {column} IS NOT NULL ORDER BY {column}").fetchall())
+        return [str(r[0]) for r in rows]
 
     def count(self, *, states: Iterable[JobState] | None = None) -> int:
         """How many jobs the index holds (in these states)."""
@@ -892,7 +965,7 @@ def _user() -> str:
 
 
 _stores: dict[str, Store] = {}
-_stores_lock = threading.Lock()
+_stores_lock = _thread.allocate_lock()
 
 
 def get_store(home: Path | str | os.PathLike[str] | None = None) -> Store:

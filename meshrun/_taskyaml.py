@@ -18,6 +18,8 @@ backends simply ignore it.
     resources.memory "32GB+" -> memory in GiB (a "4x" ratio stays in backend_options)
     resources.disk_size      -> disk in GiB ("1024GB" too)
     resources.image_id       -> image, for "docker:IMAGE" (and kept in backend_options)
+    resources.instance_type  -> gpus, when the file names no accelerators and the price catalog lists the
+                                instance (kept in backend_options; one it does not list keeps the job on SkyPilot)
     anything else            -> backend_options["skypilot"] (resource keys flat, other task keys under "task")
 
 ``${VAR}``/``$VAR`` in workdir and file_mounts are filled from envs and inline secrets. docs/job-files.md
@@ -87,20 +89,36 @@ def specs_from_task_yaml(path: str | os.PathLike[str], *, env: Mapping[str, str]
             for i, d in enumerate(docs)]
 
 
+#: the header of a SkyPilot job group (a first document with ``execution: parallel``), as SkyPilot reads it
+JOB_GROUP_HEADER_KEYS = ("name", "execution", "primary_tasks", "termination_delay", "inter_connection")
+
+
+def split_documents(docs: list[Any]) -> tuple[Mapping[str, Any] | None, list[Any]]:
+    """(header, tasks) of a loaded SkyPilot YAML, by SkyPilot's own rules: with more than one document, a
+    first one with ``execution: parallel`` heads a job group, and a first one with only ``name`` (and
+    ``execution``) heads a pipeline; otherwise every document is a task."""
+    first = docs[0] if len(docs) > 1 and isinstance(docs[0], Mapping) else None
+    if first is not None and (first.get("execution") == "parallel" or set(first) in ({"name"}, {"name", "execution"})):
+        return first, docs[1:]
+    return None, docs
+
+
 def task_documents(docs: list[Any], source: str) -> list[Any]:
-    """The task documents of a loaded SkyPilot YAML: all of them, or those after a pipeline's header (a first
-    document with only ``name``). A job group (a header with ``execution: parallel``: tasks that run at the
-    same time) is refused: meshrun runs the tasks of a file as a chain, one after the other."""
-    head = docs[0] if len(docs) > 1 and isinstance(docs[0], Mapping) else None
-    if head is not None and set(head) <= {"name"}:
-        return docs[1:]
-    if head is not None and set(head) <= {"name", "execution", "primary_tasks"}:
-        if str(head.get("execution", "serial")) != "serial":
-            raise SpecError("execution", f"{source} is a SkyPilot job group (execution: {head['execution']}: its "
-                            f"{len(docs) - 1} tasks run at the same time); meshrun runs the tasks of a file as a "
-                            "chain, each after the previous one: submit them as separate jobs")
-        return docs[1:]
-    return docs
+    """The task documents of a loaded SkyPilot YAML: all of them, or those after a pipeline's header. A job
+    group (``execution: parallel``: tasks that run at the same time and reach each other by name) is refused:
+    meshrun runs the tasks of a file as a chain, one after the other."""
+    head, tasks = split_documents(docs)
+    execution = head.get("execution") if head is not None else None
+    if execution == "parallel":
+        raise SpecError("execution", f"{source} is a SkyPilot job group (execution: parallel): its {len(tasks)} "
+                        "tasks run at the same time and reach each other by name, which meshrun cannot do (it "
+                        "runs the tasks of a file one after another, each when the previous one succeeded); "
+                        f"launch the group with SkyPilot itself (sky jobs launch {source}), or make the file a "
+                        "pipeline (a first document with only name) to run its tasks as a chain")
+    if execution not in (None, "serial"):
+        raise SpecError("execution", f"{execution!r} is not an execution mode of a pipeline: serial (a chain, "
+                        "the default) or parallel (a SkyPilot job group)")
+    return tasks
 
 
 def spec_from_task_yaml(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Any:
@@ -344,22 +362,73 @@ def _map_gpus(res: Mapping[str, Any], fields: dict[str, Any], opts: dict[str, An
                 raise SpecError(f"resources.{key}[{i}]", "expected a mapping of resources fields")
             entry = _accelerators_alias(entry, f"resources.{key}[{i}]")
             acc = entry.get("accelerators", top)
-            if acc is None:
-                lost.append(i)
-            else:
+            if acc is not None:
                 choices.extend(_accelerator_list(acc, f"resources.{key}[{i}].accelerators"))
+                continue
+            implied = instance_gpus({**res, **entry})
+            if top is None and implied != ("", 0):
+                opts["accelerators"] = None  # SkyPilot reads this one's GPUs from its instance type: none to inherit
+            if implied is None:
+                continue  # an instance type the catalog does not list: only SkyPilot can offer it
+            if implied[1]:
+                choices.append((implied[0], float(implied[1])))
+            else:
+                lost.append(i)
         if lost and choices:
             raise SpecError(f"resources.{key}[{lost[0]}]", "asks for no GPU while another alternative asks for "
                             f"{choices[0][0]}; meshrun cannot offer a choice between GPUs and none: give every "
                             "alternative its accelerators (or none of them)")
     elif top is not None:
         choices = _accelerator_list(top, "resources.accelerators")
+    else:
+        implied = instance_gpus(res)  # GPUs that only the instance type names (p4d.24xlarge: 8 A100)
+        if implied is not None and implied[1]:
+            choices = [(implied[0], float(implied[1]))]
+            opts["accelerators"] = None  # SkyPilot is given the instance type as written and reads its GPUs itself
     if not choices:
         return
     whole = [f"{name}:{math.ceil(count)}" for name, count in choices]
     fields["gpus"] = whole[0]
     if len(set(whole)) > 1:
         fields["gpu_alternatives"] = whole
+
+
+def instance_gpus(res: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The GPUs a SkyPilot resources mapping's ``instance_type`` has, by the catalog meshrun reads prices from
+    (its ``infra``/``cloud`` picks the cloud's table): (name, count), ``("", 0)`` for none (also when no
+    instance type is named), None when no table lists it."""
+    itype = res.get("instance_type")
+    if not isinstance(itype, str):
+        return ("", 0)
+    from ._catalog import instance_accelerators
+
+    where = res.get("infra") if res.get("infra") is not None else res.get("cloud")
+    cloud = str(where).split("/")[0].strip().lower() if where is not None else ""
+    return instance_accelerators(itype, cloud if cloud and cloud != "*" else None)
+
+
+def skypilot_only(spec: Any) -> str | None:
+    """Why a backend other than SkyPilot cannot run ``spec`` as written (None if it can): the spec asks for no
+    GPU but names a SkyPilot ``instance_type`` (``backend_options["skypilot"]``, or one of its
+    ``any_of``/``ordered`` alternatives) that has GPUs, or whose GPUs no catalog table meshrun has lists."""
+    opts = spec.backend_options.get("skypilot") or {}
+    if spec.resources.gpus or not isinstance(opts, Mapping):
+        return None
+    alts = [e for k in ("any_of", "ordered") for e in (opts.get(k) or []) if isinstance(e, Mapping)]
+    entries: list[Mapping[str, Any]] = [{**opts, **e} for e in alts] or [opts]
+    for res in entries:
+        if res.get("accelerators") is not None or res.get("gpus") is not None:
+            continue
+        implied = instance_gpus(res)
+        itype = res.get("instance_type")
+        if implied is None:
+            return (f"it names the SkyPilot instance_type {itype}, whose GPUs meshrun cannot tell: no table of its "
+                    "price catalog lists it (`meshrun catalog update` fetches the clouds' tables); only SkyPilot "
+                    "can run it as written, or give gpus= to run it elsewhere")
+        if implied[1]:
+            return (f"it names the SkyPilot instance_type {itype}, which has {implied[1]} {implied[0]} GPU(s), "
+                    f"but asks for none: give gpus=\"{implied[0]}:{implied[1]}\" to run it elsewhere")
+    return None
 
 
 def _accelerator_list(acc: Any, field: str) -> list[tuple[str, float]]:

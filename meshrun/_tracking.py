@@ -12,25 +12,28 @@ of a job that did not succeed is resumed and finished with a failing exit code, 
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError, MeshrunError
 
-# the spec and the store call in here (when a job is prepared, when an end is recorded), so this module names
-# their types without importing them: ``JobSpec`` and ``Store`` below are those of meshrun._spec / _store
-JobSpec = Any
-Store = Any
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI must start fast)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
+
+    # the spec and the store call in here (when a job is prepared, when an end is recorded), so this module
+    # names their types without importing them: ``JobSpec`` and ``Store`` are those of meshrun._spec / _store
+    JobSpec = Any
+    Store = Any
 
 RECORD = "tracking.json"
 
@@ -50,7 +53,7 @@ _MLFLOW_STATUS = {"succeeded": "FINISHED", "cancelled": "KILLED", "preempted": "
 
 # a sweep's MLflow parent run, created once per (tracking URI, sweep id) by the submitting process
 _parents: dict[tuple[str, str], tuple[str, str]] = {}
-_env_lock = threading.RLock()
+_env_lock = _thread.RLock()  # threading's RLock, without importing threading (a CLI start)
 
 
 # ---- what to track ------------------------------------------------------------------------------------
@@ -427,16 +430,26 @@ def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, wher
     env.setdefault("WANDB_INIT_TIMEOUT", "15")
     code = exit_code if isinstance(exit_code, int) and exit_code > 0 else 1
     args = [state, (reason or state)[:4900].replace("\x00", ""), (where or "").replace("\x00", ""), str(code)]
-    p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, text=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+    import shutil
+    import subprocess
+    import tempfile
+
+    # W&B's service leaves folders and sockets in the temporary folder: a private one (mkdtemp: ours, 0700,
+    # a name nobody could choose beforehand), removed afterwards
+    env["TMPDIR"] = tmp = tempfile.mkdtemp(prefix="meshrun-wandb-")
     try:
-        out, err = p.communicate(timeout=_WANDB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
-            os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
-        p.communicate()
-        raise MeshrunError(f"W&B: resuming run {job_id} to mark it {state} took over {_WANDB_TIMEOUT:g} s") from None
+        p = subprocess.Popen([sys.executable, "-c", _WANDB_CLOSE, *args], env=env, cwd=folder, text=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=_WANDB_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
+            p.communicate()
+            raise MeshrunError(f"W&B: resuming run {job_id} to mark it {state} took over {_WANDB_TIMEOUT:g} s") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     lines = out.strip().splitlines()
     if p.returncode != 0 or not lines:
         last = (err.strip().splitlines() or [f"exit code {p.returncode}"])[-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import timedelta
+import sys
 
 _SIZE_UNITS = {
     "": 1,
@@ -73,7 +73,8 @@ def parse_duration(value: object) -> float:
     """Seconds from "1h30m", "90s", "01:30:00", "1-00:00:00" (Slurm's D-HH:MM:SS), a timedelta or a number."""
     if isinstance(value, bool):
         raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
-    if isinstance(value, timedelta):
+    dt = sys.modules.get("datetime")  # a timedelta exists only once datetime is imported: not imported here
+    if dt is not None and isinstance(value, dt.timedelta):
         secs = value.total_seconds()
     elif isinstance(value, (int, float)):
         secs = float(value)

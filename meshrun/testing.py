@@ -450,11 +450,19 @@ def results_path(root: str) -> str:
 
 def pytest_sessionfinish(session: Any) -> None:
     """Merge this run's results into docs/conformance.json (a partial run updates only what it ran)."""
-    import json
+    import fcntl
 
     if not _RESULTS:
         return
     path = results_path(str(session.config.rootpath))
+    with open(f"{path}.lock", "a") as lock:  # test runs side by side each merge their part
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_results(path)
+
+
+def _merge_results(path: str) -> None:
+    import json
+
     try:
         with open(path) as f:
             data = json.load(f)

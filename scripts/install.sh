@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything meshrun and its whole test suite need, on a fresh Debian 12 machine (run as root):
-# the Debian packages each backend's real-service tests use (openssh-server, Slurm, ...), and a virtual
-# environment .venv with meshrun, every backend under backends/, PyTorch (CPU) and the test tools.
+# the Debian packages each backend's real-service tests use (openssh-server, Slurm, ...), chromium for the
+# dashboard's browser tests, and a virtual environment .venv with meshrun, every backend under backends/,
+# PyTorch (CPU) and the test tools.
 #
 # One line per step. What pip and apt print goes to a log file (.venv/install.log, or $MESHRUN_INSTALL_LOG);
 # a step that fails prints its last lines and the log's path, and the script exits non-zero.
@@ -27,6 +28,25 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check --no-input)
 if [ "${new_venv:-0}" = 1 ]; then
   step "upgrading pip in the new .venv" "${PIP[@]}" install -U pip
 fi
+
+# Debian's chromium, then per-backend system packages and extras (apt, service binaries, separate venvs for
+# servers), one script after the other, beside the pip installs below (they share nothing with .venv): the
+# install takes about the time of the longer of the two instead of their sum.
+backend_installs() {
+  local s rc
+  # Debian's chromium: the dashboard's browser tests drive it through Playwright (tests/test_dashboard.py);
+  # Playwright's own browser download is never used
+  apt_install chromium
+  for s in backends/*/scripts/install.sh; do
+    [ -f "$s" ] || continue
+    rc=0
+    bash "$s" || rc=$?
+    [ "$rc" = 0 ] || { echo "[install] FAILED (exit $rc): $s (full log: $MESHRUN_INSTALL_LOG)" >&2; return "$rc"; }
+  done
+}
+backend_installs &
+backends_pid=$!
+trap 'kill "$backends_pid" 2>/dev/null || true' EXIT  # a failed step below stops them too
 
 # PyTorch: the CPU build (the bandwidth harness's gloo tests and the multi-node tests use it).
 # Pinned so pip takes the local CPU wheel rather than a multi-GB CUDA build.
@@ -73,11 +93,8 @@ else
   echo "$want" >"$stamp"
 fi
 
-# Per-backend system packages and extras (apt, service binaries, separate venvs for servers).
-for s in backends/*/scripts/install.sh; do
-  [ -f "$s" ] || continue
-  rc=0
-  bash "$s" || rc=$?
-  [ "$rc" = 0 ] || { echo "[install] FAILED (exit $rc): $s (full log: $MESHRUN_INSTALL_LOG)" >&2; exit "$rc"; }
-done
+rc=0
+wait "$backends_pid" || rc=$?
+trap - EXIT
+[ "$rc" = 0 ] || exit "$rc"
 say "done in $(( $(date +%s) - t0 ))s (details in $MESHRUN_INSTALL_LOG)"

@@ -170,9 +170,17 @@ def test_errors_name_the_field(config, field, monkeypatch):
      "SkyPilot pool spec.*not a task to run", "run"),
     ("service:\n  readiness_probe: /\nsetup: x\n", "SkyPilot service spec.*sky serve up", "run"),
     ("resources:\n  cpus: 2+\nsetup: pip install x\n", "only sets up a cluster.*give it a run section", "run"),
-    # a job group runs its tasks at the same time; meshrun runs a file's tasks as a chain
+    # a job group runs its tasks at the same time; meshrun runs a file's tasks as a chain, so none of them is
+    # started (whatever else its header holds: SkyPilot reads it as a job group by execution: parallel alone)
     ("name: g\nexecution: parallel\n---\nname: a\nrun: echo a\n---\nname: b\nrun: echo b\n",
-     "job group.*2 tasks run at the same time.*separate jobs", "execution"),
+     r"job group.*2 tasks run at the same time.*sky jobs launch .*f\.yaml.*pipeline", "execution"),
+    ("name: g\nexecution: parallel\nprimary_tasks: [a]\ntermination_delay: 10s\ninter_connection: x\n---\n"
+     "name: a\nrun: echo a\n", "job group.*1 tasks run at the same time", "execution"),
+    # a pipeline's execution is serial, as SkyPilot's own loader says
+    ("name: g\nexecution: sideways\n---\nrun: echo a\n---\nrun: echo b\n", "'sideways' is not an execution mode",
+     "execution"),
+    # a first document with more than name/execution and no execution: parallel is a task to SkyPilot too
+    ("name: g\nexecution: serial\nprimary_tasks: [a]\n---\nrun: echo a\n", "not a SkyPilot task field", "execution"),
 ])
 def test_skypilot_files_with_no_job_to_chain_are_refused_saying_what_they_are(text, match, field, tmp_path):
     f = tmp_path / "f.yaml"
@@ -186,6 +194,83 @@ def test_a_serial_job_group_is_a_chain(tmp_path):
     f = tmp_path / "group.yaml"
     f.write_text("name: g\nexecution: serial\n---\nrun: echo a\n---\nrun: echo b\n")
     assert [s.command for s in meshrun.JobSpec.pipeline_from_skypilot_yaml(f)] == ["echo a", "echo b"]
+
+
+def test_a_job_group_starts_no_task(tmp_path, monkeypatch, capsys):
+    """`meshrun run` on a parallel job group refuses it before anything runs: no task is half-run."""
+    from meshrun._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text("name: g\nexecution: parallel\n---\nname: a\nrun: echo a > a.txt\n---\n"
+                                     "name: b\nrun: echo b > b.txt\n")
+    assert main(["run", "-b", "local", "g.yaml"]) == 2
+    assert "SkyPilot job group" in capsys.readouterr().err
+    assert not (tmp_path / "a.txt").exists() and not (tmp_path / "b.txt").exists()
+
+
+P4D = ("InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,Region,GpuInfo,SpotPrice\n"
+       "p4d.24xlarge,A100,8.0,96.0,1152.0,32.77,us-east-1,,\nm5.8xlarge,,,32.0,128.0,1.54,us-east-1,,\n")
+
+
+@pytest.fixture
+def aws_catalog(tmp_path, monkeypatch):
+    """A catalog folder whose AWS table lists p4d.24xlarge (8 A100) and m5.8xlarge (no GPU)."""
+    from meshrun._catalog import clear_cache
+
+    (tmp_path / "cat" / "aws").mkdir(parents=True)
+    (tmp_path / "cat" / "aws" / "vms.csv").write_text(P4D)
+    monkeypatch.setenv("MESHRUN_CATALOG_DIR", str(tmp_path / "cat"))
+    clear_cache()
+    yield tmp_path / "cat"
+    clear_cache()
+
+
+def test_gpus_implied_by_an_instance_type_come_from_the_catalog(aws_catalog):
+    from meshrun_skypilot import _task
+
+    spec = spec_from_task_config({"run": "x", "resources": {"infra": "aws", "instance_type": "p4d.24xlarge"}})
+    assert spec.resources.gpu_request == "A100:8"  # other backends are asked for what the instance has
+    # SkyPilot is given the instance type as written (it reads the instance's GPUs itself)
+    assert _task.task_config(spec)["resources"] == {"infra": "aws", "instance_type": "p4d.24xlarge",
+                                                    "accelerators": None}
+    cpu = spec_from_task_config({"run": "x", "resources": {"instance_type": "m5.8xlarge"}})
+    assert cpu.resources.gpus == 0
+    from meshrun._taskyaml import skypilot_only
+
+    assert skypilot_only(spec) is None and skypilot_only(cpu) is None
+    # an alternative named only by its instance type is one of the GPU alternatives, in its place
+    alt = spec_from_task_config({"run": "x", "resources": {"ordered": [{"accelerators": "H100:8"},
+                                                                          {"instance_type": "p4d.24xlarge"}]}})
+    assert alt.resources.gpu_alternatives == ("H100:8", "A100:8")
+    res = _task.task_config(alt)["resources"]
+    assert res["accelerators"] is None  # no top-level GPU for the instance-type alternative to inherit
+    with pytest.raises(meshrun.SpecError, match="asks for no GPU while another") as e:  # GPUs or none
+        spec_from_task_config({"run": "x", "resources": {"any_of": [{"accelerators": "H100:8"},
+                                                                     {"instance_type": "m5.8xlarge"}]}})
+    assert e.value.field == "resources.any_of[1]"
+
+
+def test_an_instance_type_the_catalog_does_not_list_runs_only_on_skypilot(aws_catalog):
+    """Never 0 GPUs in silence: an instance type whose GPUs meshrun cannot tell keeps the job off the other
+    backends, each passed over with the reason."""
+    spec = spec_from_task_config({"run": "true", "resources": {"instance_type": "a3-highgpu-8g", "infra": "gcp"}})
+    assert spec.resources.gpus == 0
+    p = meshrun.plan(spec, backends=["local"], raise_on_empty=False)
+    assert p.chosen is None
+    why = [r.offer.reason for r in p.rejected if r.offer.backend == "local"]
+    assert why and "instance_type a3-highgpu-8g, whose GPUs meshrun cannot tell" in why[0]
+    with pytest.raises(meshrun.NoPlacementError, match="a3-highgpu-8g"):
+        meshrun.submit(spec, backend="local")
+    # a JobSpec that names a GPU instance type and no GPU is refused there too, saying what to ask for
+    bare = meshrun.JobSpec(command="true", backend_options={"skypilot": {"instance_type": "p4d.24xlarge"}})
+    why = [r.offer.reason for r in meshrun.plan(bare, backends=["local"], raise_on_empty=False).rejected]
+    assert why and 'has 8 A100 GPU(s), but asks for none: give gpus="A100:8"' in why[0]
+    # once the GPUs are said, or the instance has none, other backends are asked (the local one has no H100)
+    from meshrun._taskyaml import skypilot_only
+
+    assert skypilot_only(spec.replace(gpus="H100:8")) is None
+    cpu = spec_from_task_config({"run": "true", "resources": {"instance_type": "m5.8xlarge"}})
+    assert meshrun.plan(cpu, backends=["local"]).chosen is not None
 
 
 def test_file_errors(tmp_path):
@@ -293,6 +378,9 @@ def test_a_command_line_resource_replaces_what_the_file_kept_for_its_tool():
     assert got.resources.gpu_request == "H100:2" and got.resources.gpu_alternatives == ()
     assert got.options_for("skypilot") == {"cpus": "8", "infra": "aws"}  # the candidates are gone, not the rest
     assert _override(sky, {"memory": "8GiB"}).options_for("skypilot")["accelerators"] == {"L4": 1, "A10G": 1}
+    # an instance type names its own GPUs: a new GPU request replaces it too
+    inst = spec_from_task_config({"run": "x", "resources": {"instance_type": "p4d.24xlarge", "infra": "aws"}})
+    assert _override(inst, {"gpus": "H100:8"}).options_for("skypilot") == {"infra": "aws"}
     dst = spec_from_dstack_config({"type": "task", "commands": ["x"], "resources": {"gpu": "A100:2"}})
     assert "resources" not in _override(dst, {"cpus": 4}).options_for("dstack")
     assert _override(dst, {"name": "n"}).options_for("dstack")["resources"] == {"gpu": "A100:2"}

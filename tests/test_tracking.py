@@ -183,7 +183,7 @@ time.sleep(600)
 """
 
 
-def test_meshrun_marks_the_wandb_run_of_a_failed_and_a_cancelled_job(tmp_path, monkeypatch, wandb_runs):
+def test_meshrun_marks_the_wandb_run_of_a_failed_and_a_cancelled_job(tmp_path, monkeypatch, wandb_runs, wandb_tmp):
     monkeypatch.setenv("WANDB_SILENT", "true")
     track = {"wandb": {"project": "close-test", "mode": "offline", "dir": str(tmp_path)}}
     failed = meshrun.run(["bash", "-c", "exit 3"], name="never-calls-wandb", backend="local", track=track)
@@ -211,6 +211,7 @@ def test_meshrun_marks_the_wandb_run_of_a_failed_and_a_cancelled_job(tmp_path, m
         assert closed["state"] == state and closed["exit_code"] == code
         assert Path(r["file"]).parent == Path(closed["folder"])
     assert "marked cancelled by meshrun" in run_cli("status", cancelled.id).stdout
+    assert not list(wandb_tmp.glob("meshrun-wandb-*")), "the closing process's temporary folder was left behind"
 
 
 def test_a_wandb_run_that_could_not_be_marked_is_noted_and_meshrun_status_marks_it_later(tmp_path, monkeypatch,
@@ -412,7 +413,7 @@ def test_an_untracked_job_has_no_tracking_and_track_false_overrides_the_config(t
 
 
 @pytest.mark.service
-def test_the_tracking_notebook_runs_in_a_real_kernel(tmp_path):
+def test_the_tracking_notebook_runs_in_a_real_kernel(tmp_path, wandb_tmp):
     nbclient = pytest.importorskip("nbclient")
     nbformat = pytest.importorskip("nbformat")
     pytest.importorskip("mlflow")

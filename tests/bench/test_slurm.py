@@ -14,7 +14,7 @@ import pytest
 
 import meshrun
 
-pytestmark = [pytest.mark.service, pytest.mark.slow]
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.slurm_cluster]
 
 CLUSTER = Path(__file__).resolve().parents[2] / "backends" / "slurm" / "scripts" / "slurm-cluster.sh"
 

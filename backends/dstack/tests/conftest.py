@@ -121,6 +121,7 @@ def _stop_at_exit(server: DstackServer) -> None:
             shutil.rmtree(server.state, ignore_errors=True)
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: a run that skips these tests starts no server
 def pytest_collection_modifyitems(session, config, items):
     mine = [i for i in items if str(i.path).startswith(str(HERE)) and i.get_closest_marker("service")]
     if mine and (SERVER_VENV / "bin" / "dstack").exists():

@@ -35,3 +35,26 @@ def test_secrets_given_a_value_in_the_file_translate_to_what_skypilot_reads(sky_
     r = _script().check_file(f)
     assert r["sky"] == "accepted" and r["meshrun"] == "imported", r
     assert r["translation"] == "equal", r
+
+
+def test_gpus_only_an_instance_type_names_translate_to_what_skypilot_reads(sky_home, tmp_path, monkeypatch):
+    # SkyPilot reads the instance's GPUs from its catalog; meshrun's spec asks for the same GPUs (from the
+    # catalog it reads prices from), and the task its backend builds is SkyPilot's own parse of the file
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "t.yaml"
+    f.write_text("resources:\n  infra: lambda\n  instance_type: gpu_1x_a100_sxm4\nrun: nvidia-smi\n")
+    r = _script().check_file(f)
+    assert r["sky"] == "accepted" and r["meshrun"] == "imported" and r["gpus"] == ["A100:1"], r
+    assert not r.get("gpus_lost") and not r.get("skypilot_only"), r
+    assert r["translation"] == "equal", r
+
+
+def test_a_job_group_skypilot_accepts_is_refused_naming_execution(sky_home, tmp_path, monkeypatch):
+    # SkyPilot's loader reads a job group by execution: parallel, whatever else its header holds
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "g.yaml"
+    f.write_text("name: g\nexecution: parallel\nprimary_tasks: [a]\ntermination_delay: 10s\n---\n"
+                 "name: a\nrun: echo a\n---\nname: b\nresources:\n  accelerators: L4:1\nrun: echo b\n")
+    r = _script().check_file(f)
+    assert r["kind"] == "skypilot" and r["tasks"] == 2 and r["sky"] == "accepted", r
+    assert r["meshrun"] == "refused: execution" and "sky jobs launch" in r["reason"], r
