@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from pydantic import Field
@@ -76,17 +75,17 @@ class SubprocessBackend(mb.Backend):
         launch = dict(submission.launch, grace_period=self.settings.grace_period)
         (submission.job_dir / "launch.json").write_text(json.dumps(launch))
         self._agent("submit", str(submission.job_dir), nice=opts.nice)
-        return str(submission.job_dir)  # the backend id: where the agent keeps the job's records
+        return submission.job_id  # the backend id; status, cancel and logs get it with the job's folder
 
-    def status(self, ids: Sequence[str]) -> dict[str, mb.JobStatus]:
-        if not ids:
+    def status(self, refs: Sequence[mb.JobRef]) -> dict[str, mb.JobStatus]:
+        if not refs:
             return {}
-        records = self._agent("status", *ids)  # one agent call for every job
-        return {i: mb.map_agent_status(records.get(i) or {}) for i in ids}
+        records = self._agent("status", *(str(r.job_dir) for r in refs))  # one agent call for every job
+        return {r: mb.map_agent_status(records.get(str(r.job_dir)) or {}) for r in refs}
 
-    def cancel(self, backend_id: str) -> None:
-        self._agent("cancel", backend_id)  # a job that already ended is left as it is
+    def cancel(self, ref: mb.JobRef) -> None:
+        self._agent("cancel", str(ref.job_dir))  # a job that already ended is left as it is
 
-    def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
-        job_dir = Path(backend_id)
+    def logs(self, ref: mb.JobRef, *, follow: bool = False) -> Iterator[str]:
+        job_dir = ref.job_dir
         return mb.tail_file(job_dir / "output.log", follow=follow, done=lambda: (job_dir / "exit.json").exists())

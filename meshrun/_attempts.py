@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from ._backend import JobState, JobStatus, Offer, Submission
-from ._errors import BackendError, BackendUnavailable, MeshrunError, NoPlacementError
+from ._backend import JobRef, JobState, JobStatus, Offer, Submission
+from ._errors import BackendError, BackendUnavailable, MeshrunError, NoPlacementError, SpecError
 from ._plan import Plan, _jsonable, group_rejections, offer_from_dict, offer_to_dict
 from ._registry import get_backend
 from ._retries import retries_left
@@ -286,7 +286,8 @@ def retry(store: Store, rec: JobRecord, job_dir: Path, status: JobStatus) -> boo
             return False  # resubmitted (or ended) meanwhile: the next refresh records it
         backend = get_backend(str(rec.backend))
         try:
-            backend.fetch_results(rec.backend_id, job_dir)  # keep the failed attempt's output with it
+            # keep the failed attempt's output with it
+            backend.fetch_results(JobRef(str(rec.backend_id), rec.id, job_dir), job_dir)
         except MeshrunError:
             pass
         archive_attempt(job_dir, rec.attempt)
@@ -360,11 +361,12 @@ def move_to_next_offer(store: Store, rec: JobRecord, job_dir: Path, *, waited: f
                             f"it stays on {rec.backend}")
             return False
         backend = get_backend(str(rec.backend))
-        now_state = backend.status([rec.backend_id]).get(rec.backend_id)
+        ref = JobRef(str(rec.backend_id), rec.id, job_dir)
+        now_state = backend.status([ref]).get(ref)
         if now_state is not None and now_state.state is not JobState.PENDING:
             return False  # it started (or ended) meanwhile: the next refresh records that
         try:
-            backend.cancel(rec.backend_id)
+            backend.cancel(ref)
         except MeshrunError as e:
             store.add_event(rec.id, "failover_failed", backend=rec.backend, error=f"cancel failed: {e}")
             return False

@@ -1,7 +1,9 @@
 """The backend contract: small on purpose.
 
 ``check() -> Availability`` (cheap, never raises) · ``offers(spec) -> list[Offer]`` · ``submit(submission,
-offer) -> backend job id`` · ``status(ids) -> {id: JobStatus}`` (batched) · ``cancel(id)`` · ``logs(id)``.
+offer) -> backend job id`` · ``status(refs) -> {id: JobStatus}`` (batched) · ``cancel(ref)`` · ``logs(ref)``.
+Every call about a submitted job gets a :class:`JobRef`: the backend's id carrying the job's folder, so a
+backend never rebuilds a job's path from the configuration.
 
 The core pickles, stages and collects results; a backend only gets the job's supervisor (the host agent,
 ``python3 _agent.py run JOB_DIR``) or the user's command running on the resources it offered, and maps its
@@ -148,6 +150,39 @@ class Submission:
         return sorted(p for p in self.job_dir.iterdir() if p.is_file() and p.name in STAGED_FILES)
 
 
+class JobRef(str):
+    """One submitted job as the core hands it to ``status``, ``cancel``, ``logs`` and ``fetch_results``: it *is*
+    the backend's id for the job (a ``str``, so it keys the dict ``status`` returns), and carries the job's
+    meshrun id (``job_id``) and its local folder (``job_dir``), the one the core made and ``submit`` was given.
+    A backend reads what it kept about the job (ids, markers, the records' nonce) from ``job_dir``; it never
+    rebuilds a job's path from the configuration. ``JobRef.of(job)`` makes one for a :class:`meshrun.Job`."""
+
+    job_id: str
+    job_dir: Path
+
+    def __new__(cls, backend_id: str, job_id: str, job_dir: Path | str) -> "JobRef":
+        self = super().__new__(cls, backend_id)
+        self.job_id = job_id
+        self.job_dir = Path(job_dir)
+        return self
+
+    @classmethod
+    def of(cls, job: Any) -> "JobRef":
+        """The reference of a submitted :class:`meshrun.Job` (ValueError before its backend accepted it)."""
+        if job.backend_id is None:
+            raise ValueError(f"job {job.id} has no backend id yet")
+        return cls(job.backend_id, job.id, job.job_dir)
+
+    @property
+    def backend_id(self) -> str:
+        return str.__str__(self)
+
+    def __reduce__(self) -> Any:
+        return (JobRef, (self.backend_id, self.job_id, self.job_dir))
+
+    # repr() stays the id's own ('123_4'): backends name the id in their messages
+
+
 STAGED_FILES = ("launch.json", "payload.pkl", "spec.json")
 
 # files the agent writes that a remote backend brings back into the local job folder (the agent's RECORDS)
@@ -209,15 +244,16 @@ class Backend(ABC):
         """Start the job; return the backend's id for it."""
 
     @abstractmethod
-    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
-        """The status of many jobs at once (one call to the scheduler, not one per job)."""
+    def status(self, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        """The status of many jobs at once (one call to the scheduler, not one per job), keyed by backend id.
+        Each :class:`JobRef` carries the job's folder (``ref.job_dir``)."""
 
     @abstractmethod
-    def cancel(self, backend_id: str) -> None:
+    def cancel(self, ref: JobRef) -> None:
         """Stop the job and everything it started."""
 
     @abstractmethod
-    def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
+    def logs(self, ref: JobRef, *, follow: bool = False) -> Iterator[str]:
         """The job's output as text chunks; with ``follow``, keep yielding until the job ends."""
 
     # -- optional
@@ -225,12 +261,14 @@ class Backend(ABC):
         """Submit many jobs of one shape; backends with native arrays override this."""
         return [self.submit(s, offer) for s in submissions]
 
-    def fetch_results(self, backend_id: str, job_dir: Path) -> None:
-        """Bring the agent's records (``RESULT_FILES``) back into ``job_dir``; no-op on a shared filesystem.
-        Write them with ``meshrun.backend.write_records``; from a log, read them with ``extract_records``."""
+    def fetch_results(self, ref: JobRef, job_dir: Path) -> None:
+        """Bring the agent's records (``RESULT_FILES``) back into ``job_dir`` (``ref.job_dir``, or the folder of
+        an attempt being kept); no-op on a shared filesystem. Write them with ``meshrun.backend.write_records``;
+        from a log, read them with ``extract_records``."""
 
-    def find(self, job_id: str) -> str | None:
-        """The backend id of a meshrun job found by its name or label, or None."""
+    def find(self, job_id: str, job_dir: Path) -> str | None:
+        """The backend id of a meshrun job whose submitter died before recording it (found by the markers
+        ``submit`` left in ``job_dir``, or by its name or label at the scheduler), or None."""
         return None
 
     def native(self, submission: Submission, offer: Offer | None = None) -> str:

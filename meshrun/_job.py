@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import TypeVar
 
-    from ._backend import JobStatus
+    from ._backend import JobRef, JobStatus
     from ._spec import JobSpec
 
     R = TypeVar("R", default=Any)  # Job(job_id) and a bare Job are Job[Any]
@@ -99,6 +99,12 @@ class Job(_Generic[R]):
     @property
     def job_dir(self) -> Path:
         return self._store.job_dir(self.id)
+
+    def _ref(self) -> JobRef:
+        """What a backend gets about this job: its backend id, carrying the job's id and folder."""
+        from ._backend import JobRef  # only where a backend is asked: reading a job loads no backend machinery
+
+        return JobRef(str(self._record.backend_id), self.id, self.job_dir)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -224,14 +230,15 @@ class Job(_Generic[R]):
         cut = tail is not None or max_bytes is not None
         try:
             b = get_backend(rec.backend)
+            ref = self._ref()
             if getattr(b, "logs_from_end", False):  # reads its file lazily, from where the tail begins
-                return b.logs(rec.backend_id, follow=follow, tail=tail, max_bytes=max_bytes)
+                return b.logs(ref, follow=follow, tail=tail, max_bytes=max_bytes)
             if not follow:  # read now, so a backend error is caught here rather than while iterating
-                chunks = b.logs(rec.backend_id, follow=False)
+                chunks = b.logs(ref, follow=False)
                 if cut:
                     return iter([_tail_of(chunks, tail, max_bytes)])
                 return iter(["".join(chunks)])
-            chunks = b.logs(rec.backend_id, follow=True)
+            chunks = b.logs(ref, follow=True)
             return _tail_then_follow(chunks, tail, max_bytes) if cut else chunks
         except BackendError:
             if not follow:
@@ -286,7 +293,7 @@ class Job(_Generic[R]):
             return
 
         if rec.state is JobState.LOST and rec.backend and rec.backend_id:
-            get_backend(rec.backend).cancel(rec.backend_id)
+            get_backend(rec.backend).cancel(self._ref())
             self._store.update(self.id, state=JobState.CANCELLED, ended_at=time.time(),
                                reason=f"cancelled after it was lost ({rec.reason or 'no outcome recorded'}); "
                                       "what it left running was stopped")
@@ -300,7 +307,7 @@ class Job(_Generic[R]):
             found = None
             if name:
                 try:
-                    found = get_backend(name).find(self.id)
+                    found = get_backend(name).find(self.id, self.job_dir)
                 except MeshrunError:
                     found = None
             if found is None or name is None:
@@ -314,7 +321,7 @@ class Job(_Generic[R]):
             self._store.add_event(self.id, "reattached", backend=rec.backend, backend_id=found)
             rec = self._record = self._store.get(self.id)
         asked = time.time()  # the history shows the request when it was made (the end comes at the agent's time)
-        get_backend(name).cancel(rec.backend_id)
+        get_backend(name).cancel(self._ref())
         self._store.add_event(self.id, "cancel", at=asked, backend=name)
         # the backend may take a moment to report it; record the outcome we asked for if it goes quiet
         deadline = time.monotonic() + 30
@@ -493,7 +500,7 @@ def refresh(jobs: Sequence[Job]) -> None:
             if rec.backend_id is None:
                 age = time.time() - rec.created_at
                 if age > SUBMIT_GRACE or (age > SUBMIT_PICKUP and _agent_seen(j.job_dir)):
-                    found = backend.find(j.id)
+                    found = backend.find(j.id, j.job_dir)
                     if found:
                         j._store.update(j.id, backend=bname, backend_id=found, state=JobState.PENDING,
                                         submitted_at=time.time())
@@ -508,7 +515,7 @@ def refresh(jobs: Sequence[Job]) -> None:
         if not todo:
             continue
         try:
-            statuses = backend.status([j._record.backend_id for j in todo])
+            statuses = backend.status([j._ref() for j in todo])
         except BackendError as e:
             for j in todo:
                 j._record.reason = f"status unavailable: {e}"
@@ -570,7 +577,7 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
         changes["started_at"] = time.time()
     if st.terminal:
         try:
-            backend.fetch_results(rec.backend_id, job.job_dir)
+            backend.fetch_results(job._ref(), job.job_dir)
         except BackendError as e:
             changes["reason"] = f"{st.reason or st.state.value}; results could not be fetched: {e}"
         # the agent's own exit record is the authority on the exit code and the times (a scheduler may not
@@ -633,7 +640,7 @@ def _complete_result_wins(job: Job, st: JobStatus, backend: Any) -> JobStatus:
     p = job.job_dir / "result.pkl"
     if not p.exists():
         try:
-            backend.fetch_results(job._record.backend_id, job.job_dir)
+            backend.fetch_results(job._ref(), job.job_dir)
         except BackendError:
             return st
     if not result_complete(p):

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
 
 from . import _agent
-from ._backend import Availability, Backend, Feature, JobState, JobStatus, Offer, Submission
+from ._backend import Availability, Backend, Feature, JobRef, JobState, JobStatus, Offer, Submission
 from ._backend import map_agent_status as map_agent_status  # the agent's records, read by every backend
 from ._config import get_config
-from ._errors import ConfigError
 from ._localenv import agent_env, gpu_snapshot
 from ._logfile import local_logs
 from ._logfile import tail_file as tail_file  # meshrun.backend's tail_file, as it always was
@@ -64,8 +63,7 @@ class _Reaper:
 
 #: the keys of ``[backends.local]``; unknown ones are refused when the backend is made (the values' types when
 #: the settings are first used), so a typo is an error at once without loading pydantic for every read
-SETTING_NAMES = ("grace_period", "lease_dir", "fork_server", "server_idle", "warm_imports", "price_per_gpu_hour",
-                 "share_gpu_below_mib")
+SETTING_NAMES = ("grace_period", "lease_dir", "fork_server", "server_idle", "warm_imports", "share_gpu_below_mib")
 
 
 def _settings_model() -> Any:
@@ -86,7 +84,6 @@ def _settings_model() -> Any:
             # the fork server imports the installed packages function jobs imported (e.g. torch), so the next
             # job starts with them loaded (imports only: never a GPU context or a Python thread)
             warm_imports: bool = True
-            price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
             share_gpu_below_mib: float = 0.0
 
         assert tuple(LocalSettings.model_fields) == SETTING_NAMES, "SETTING_NAMES and LocalSettings must agree"
@@ -125,10 +122,8 @@ class LocalBackend(Backend):
     def __init__(self, config: Mapping[str, Any] | None = None):
         # the settings are validated when first used (a submit, offers, check), not to read a job's status
         self.config: dict[str, Any] = dict(config or {})
-        unknown = sorted(set(self.config) - set(SETTING_NAMES))
-        if unknown:
-            raise ConfigError(f"backends.local.{unknown[0]}", f"unknown setting {unknown[0]!r} for the local backend; "
-                              f"the valid settings are: {', '.join(sorted(SETTING_NAMES))}")
+        if set(self.config) - set(SETTING_NAMES):
+            _settings_model().load(self.name, self.config)  # the model's error names the key and the valid ones
         self._settings: Any = None
         self._server_lock = threading.Lock()
         self._server_started = 0.0
@@ -144,9 +139,6 @@ class LocalBackend(Backend):
     @property
     def home(self) -> Path:
         return get_config().home
-
-    def _job_dir(self, backend_id: str) -> Path:
-        return self.home / "jobs" / backend_id
 
     def _env(self) -> dict[str, str]:
         path = self._server_path() if self.settings.fork_server and self.settings.warm_imports else None
@@ -183,7 +175,6 @@ class LocalBackend(Backend):
         groups = _agent.gpu_groups(gpus, r.gpu_type)
         matching: list[Any] = next((g for g in groups if len(g) >= r.gpus), max(groups, key=len, default=[]))
         gpu_type = r.gpu_type or (matching[0]["name"] if (r.gpus and matching) else None)
-        price = self._price(gpu_type) * r.gpus
         base = Offer(
             backend=self.name,
             where=host,
@@ -192,7 +183,6 @@ class LocalBackend(Backend):
             cpus=r.cpus,
             memory=r.memory,
             nodes=1,
-            price_per_hour=price,
             detail={"gpu_source": source},
         )
         if r.nodes > 1:
@@ -230,16 +220,6 @@ class LocalBackend(Backend):
         note = f"{len(free)} of {len(matching)} GPUs free, {len(queue)} job(s) queued"
         return [Offer(**{**_offer_fields(base), "expected_start": None, "start_note": f"queued: {note}"})]
 
-    def _price(self, gpu_type: str | None) -> float:
-        prices = self.settings.price_per_gpu_hour
-        if isinstance(prices, (int, float)):
-            return float(prices)
-        if gpu_type:
-            for k, v in prices.items():
-                if _agent.gpu_matches({"name": gpu_type}, k):
-                    return float(v)
-        return float(prices.get("default", 0.0))
-
     def submit(self, submission: Submission, offer: Offer | None = None) -> str:
         job_dir = str(submission.job_dir)
         launch = dict(submission.launch)
@@ -264,21 +244,21 @@ class LocalBackend(Backend):
                                    env)
             _Reaper.watch(p)
 
-    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
-        return {i: local_status(self._job_dir(i)) for i in ids}
+    def status(self, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        return {r: local_status(r.job_dir) for r in refs}
 
-    def cancel(self, backend_id: str) -> None:
-        _agent.cancel(str(self._job_dir(backend_id)), grace=self.settings.grace_period)
+    def cancel(self, ref: JobRef) -> None:
+        _agent.cancel(str(ref.job_dir), grace=self.settings.grace_period)
 
     #: logs() takes ``tail``/``max_bytes`` and starts that far from the end of the file
     logs_from_end = True
 
-    def logs(self, backend_id: str, *, follow: bool = False, tail: int | None = None,
+    def logs(self, ref: JobRef, *, follow: bool = False, tail: int | None = None,
              max_bytes: int | None = None) -> Iterator[str]:
-        return local_logs(self._job_dir(backend_id), follow=follow, tail=tail, max_bytes=max_bytes)
+        return local_logs(ref.job_dir, follow=follow, tail=tail, max_bytes=max_bytes)
 
-    def find(self, job_id: str) -> str | None:
-        return job_id if (self._job_dir(job_id) / _agent.LAUNCH).exists() else None
+    def find(self, job_id: str, job_dir: Path) -> str | None:
+        return job_id if (job_dir / _agent.LAUNCH).exists() else None
 
     # ---- extras for the CLI
     def gpus(self) -> dict[str, Any]:

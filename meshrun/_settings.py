@@ -26,6 +26,16 @@ M = TypeVar("M", bound="_Declared")
 _SECRET_WORDS = ("token", "password", "secret", "key")
 
 
+#: settings no backend has any more, and where each went: a config that still sets one is told so
+MOVED = {
+    "price_per_gpu_hour": "prices are set in [prices] for every backend alike: [prices.{b}] (or "
+                          "[prices.\"{b}:<host or partition>\"]) with GPU types, default, cpu and memory "
+                          "(docs/placement.md, Prices)",
+    "price_per_cpu_hour": "prices are set in [prices]: cpu = <$ per CPU-hour> in [prices.{b}] (docs/placement.md)",
+    "pool_price_per_hour": "pools are priced in [prices]: [prices.\"{b}:<infra>\"] (docs/placement.md)",
+}
+
+
 class _Declared(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,9 +60,17 @@ class _Declared(BaseModel):
     @classmethod
     def _explain(cls, backend: str, e: ValidationError, what: str) -> tuple[str, str]:
         """(key, message) for the first error, naming the backend and what is allowed."""
-        err = e.errors(include_url=False)[0]
-        loc = [str(p) for p in err.get("loc", ())]
+        # of a union's errors (a host given as a name or a table), the one that went deepest; the union's
+        # branch names (a class or a type, "HostSettings", "str") are not part of the key
+        err = max(e.errors(include_url=False), key=lambda x: len(x.get("loc", ())))
+        branches = {"str", "int", "float", "bool", "list", "dict"}
+        loc = [str(p) for p in err.get("loc", ())
+               if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in branches))]
         key = ".".join(loc)
+        if err.get("type") == "extra_forbidden" and loc and loc[-1] in MOVED:
+            return key, f"{loc[-1]!r} is no longer a setting: {MOVED[loc[-1]].format(b=backend)}"
+        if err.get("type") == "extra_forbidden" and len(loc) > 1:
+            return key, f"unknown {what} {loc[-1]!r} in {'.'.join(loc[:-1])} for the {backend} backend"
         if err.get("type") == "extra_forbidden":
             valid = ", ".join(sorted(cls.model_fields)) or "(none)"
             return key, f"unknown {what} {key!r} for the {backend} backend; the valid {what}s are: {valid}"

@@ -396,6 +396,7 @@ class BackendContract:
 
     def test_batched_status(self, contract_backend: str) -> None:
         import meshrun
+        import meshrun.backend as mb
 
         self._check("batched_status")
         jobs = [self._submit(contract_backend, command=["true"]) for _ in range(3)]
@@ -403,7 +404,7 @@ class BackendContract:
             for j in jobs:
                 j.wait(timeout=self.timeout)
         backend = meshrun.get_backend(contract_backend)
-        ids = [j.backend_id for j in jobs]
+        ids = [mb.JobRef.of(j) for j in jobs]  # each carries its job's folder, as the core passes them
         got = backend.status(ids)
         assert set(ids) <= set(got), (ids, got)
         if self.runs_jobs:

@@ -73,3 +73,13 @@ def test_writing_a_backend_documents_the_kit_module():
     doc = (REPO / "docs" / "writing-a-backend.md").read_text()
     assert "import meshrun.backend as mb" in doc
     assert "class MyBackend(mb.Backend):" in doc
+
+
+def test_a_job_ref_is_the_backend_id_carrying_the_job_folder(tmp_path):
+    import pickle
+
+    ref = mb.JobRef("123_4", "0a1b2c", tmp_path)
+    assert ref == "123_4" and {ref: 1}["123_4"] == 1 and repr(ref) == "'123_4'" and f"{ref}" == "123_4"
+    assert (ref.backend_id, ref.job_id, ref.job_dir) == ("123_4", "0a1b2c", tmp_path)
+    again = pickle.loads(pickle.dumps(ref))
+    assert isinstance(again, mb.JobRef) and (again, again.job_id, again.job_dir) == (ref, "0a1b2c", tmp_path)

@@ -24,6 +24,7 @@ import pytest
 from meshrun.testing import wait_until as _wait_until
 
 import meshrun
+import meshrun.backend as mb
 from meshrun import JobState, _agent
 
 CAN_CGROUP = _agent.delegated_cgroup()[0] is not None
@@ -230,7 +231,7 @@ def test_a_thousand_children_end_with_the_job(tmp_path, mechanism, how):
 def test_status_shows_the_containment(tmp_path, mechanism):
     job = meshrun.run(["sleep", "1000"])
     wait_until(lambda: job.status() is JobState.RUNNING, what="running")
-    st = meshrun.get_backend("local").status([job.backend_id])[job.backend_id]
+    st = meshrun.get_backend("local").status([mb.JobRef.of(job)])[job.backend_id]
     assert st.detail["containment"] == mechanism
     out = subprocess.run([sys.executable, "-m", "meshrun", "status", job.id], capture_output=True, text=True,
                          timeout=60)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 
 import meshrun
+import meshrun.backend
 from meshrun import (
     Availability,
     Backend,
@@ -337,9 +338,18 @@ def test_on_prem_prices_come_from_the_config(register, fake_gpus):
     hpc.make_offers = lambda s: [replace(o, where="cluster/gpu") for o in cluster_offers(0.0)(s)]
     meshrun.configure({"prices": {"hpc": {"H100": 1.5}, "hpc:gpu": {"default": 0.25}}})
     assert meshrun.offers(spec(gpus=2), ["hpc"])[0].price_per_hour == pytest.approx(0.5)
-    # without [prices], the backend's own price stands (the local backend's price_per_gpu_hour)
-    meshrun.configure({"backends": {"local": {"price_per_gpu_hour": 0.75}}})
-    assert meshrun.offers(spec(gpus=1), ["local"])[0].price_per_hour == pytest.approx(0.75)
+    # prices are only in [prices]: a backend setting for them is refused, saying where they went
+    for backend, key, table in (("local", "price_per_gpu_hour", {"price_per_gpu_hour": 1.0}),
+                                ("slurm", "price_per_gpu_hour", {"price_per_gpu_hour": {"gpu": 1.0}}),
+                                ("kubernetes", "price_per_cpu_hour", {"price_per_cpu_hour": 1.0}),
+                                ("skypilot", "pool_price_per_hour", {"pool_price_per_hour": 1.0}),
+                                ("ssh", "hosts.0.price_per_gpu_hour", {"hosts": [{"name": "a", "price_per_gpu_hour": 1}]})):
+        try:
+            cls = type(meshrun.backend.get_backend(backend))
+        except meshrun.MeshrunError:
+            continue  # not installed here
+        with pytest.raises(meshrun.ConfigError, match=rf"backends\.{backend}\.{key}: .*no longer a setting.*\[prices"):
+            cls(table)
 
 
 @needs_snapshot

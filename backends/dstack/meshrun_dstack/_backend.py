@@ -396,7 +396,7 @@ class DstackBackend(mb.Backend):
                     f"the dstack run {backend_id!r} is done but its log holds no meshrun records "
                     "(was the log cut short, e.g. by dstack's log quota?)", backend=self.name)
 
-    def find(self, job_id: str) -> str | None:
+    def find(self, job_id: str, job_dir: Path | None = None) -> str | None:
         c = self.client()
         name = _translate.run_name(job_id)
         run = c.get_run(name)

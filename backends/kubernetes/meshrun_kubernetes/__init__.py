@@ -12,15 +12,9 @@ Importing this package does not import the ``kubernetes`` client: it is loaded o
 
 from __future__ import annotations
 
-from typing import Any
+import meshrun.backend as mb
 
 __all__ = ["KubernetesBackend"]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "KubernetesBackend":
-        from ._backend import KubernetesBackend
-
-        globals()[name] = KubernetesBackend
-        return KubernetesBackend
-    raise AttributeError(f"module 'meshrun_kubernetes' has no attribute {name!r}")
+__getattr__ = mb.lazy_exports(__name__, {"KubernetesBackend": "._backend"})

@@ -136,21 +136,6 @@ class KubernetesBackend(mb.Backend):
             result_max_bytes=s.result_max_bytes,
         )
 
-    def _price(self, gpu_type: str | None, gpus: int, cpus: float | None) -> float:
-        prices = self.settings.price_per_gpu_hour
-        per_gpu = 0.0
-        if isinstance(prices, (int, float)):
-            per_gpu = float(prices)
-        else:
-            from ._offers import gpu_matches
-
-            per_gpu = float(prices.get("default", 0.0))
-            for k, v in prices.items():
-                if gpu_type and k != "default" and gpu_matches(gpu_type, k):
-                    per_gpu = float(v)
-                    break
-        return per_gpu * gpus + self.settings.price_per_cpu_hour * float(cpus or 0)
-
     def offers(self, spec: Any) -> list[mb.Offer]:
         from . import _offers
         from ._client import KubeApiError
@@ -161,7 +146,7 @@ class KubernetesBackend(mb.Backend):
         base = mb.Offer(
             backend=self.name, where=t.namespace + (f"/{t.queue}" if t.queue else ""), gpus=r.gpus,
             gpu_type=r.gpu_type, cpus=r.cpus, memory=r.memory, nodes=r.nodes,
-            price_per_hour=self._price(r.gpu_type, r.gpus, r.cpus), expected_start=None, start_note="unknown",
+            expected_start=None, start_note="unknown",
             detail={"namespace": t.namespace},
         )
         if r.nodes > 1 and t.multi_node == "jobset":
@@ -458,7 +443,7 @@ class KubernetesBackend(mb.Backend):
             return
         mb.write_records(job_dir, files)
 
-    def find(self, job_id: str) -> str | None:
+    def find(self, job_id: str, job_dir: Path | None = None) -> str | None:
         if not LABEL_VALUE.match(job_id or "") or not job_id:
             return None
         k = self.kube()

@@ -7,9 +7,9 @@ Both are declared models (``KubernetesBackend.settings_model`` / ``options_model
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field
 
 import meshrun.backend as mb
 
@@ -94,106 +94,6 @@ def _check_tolerations(v: Any) -> Any:
     return out
 
 
-class KubernetesSettings(mb.BackendSettings):
-    """``[backends.kubernetes]``: where and how to talk to the cluster, and job defaults."""
-
-    kubeconfig: Optional[str] = None  # default: $KUBECONFIG, else ~/.kube/config
-    context: Optional[str] = None  # a context of the kubeconfig (default: its current-context)
-    in_cluster: Optional[bool] = None  # None: in-cluster config when no kubeconfig exists and running in a pod
-    namespace: Optional[str] = None  # default: the context's namespace, else "default"
-    image: Optional[str] = None  # default container image when the spec has none
-    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
-    image_pull_secrets: list[str] = Field(default_factory=list)
-    queue: Optional[str] = None  # Kueue LocalQueue; None: no Kueue
-    priority_class: Optional[str] = None
-    workload_priority_class: Optional[str] = None
-    kueue_version: Literal["v1beta1", "v1beta2"] = "v1beta1"
-    gpu_resource: str = "nvidia.com/gpu"
-    gpu_label: str = "nvidia.com/gpu.product"
-    gpu_products: dict[str, list[str]] = Field(default_factory=dict)  # {"H100": ["NVIDIA-H100-80GB-HBM3"]}
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    service_account: Optional[str] = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    multi_node: Literal["indexed", "jobset"] = "indexed"
-    master_port: int = Field(29500, ge=1, le=65535)
-    cluster_domain: Optional[str] = None  # e.g. "cluster.local": makes MASTER_ADDR fully qualified
-    ttl_after_finished: Optional[int] = Field(7 * 86400, ge=0)
-    python: str = "python3"  # the interpreter in the image that runs function jobs
-    workdir: Optional[str] = None
-    result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    request_timeout: float = Field(30.0, gt=0)
-    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-    price_per_cpu_hour: float = 0.0
-
-    @field_validator("namespace", "service_account", mode="before")
-    @classmethod
-    def _v_label_names(cls, v: Any) -> Any:
-        return _check_name(v, label=True)
-
-    @field_validator("queue", mode="before")
-    @classmethod
-    def _v_queue(cls, v: Any) -> Any:
-        return _check_queue(v)
-
-    @field_validator("priority_class", "workload_priority_class", "cluster_domain", mode="before")
-    @classmethod
-    def _v_sub(cls, v: Any) -> Any:
-        return _check_name(v, label=False)
-
-    @field_validator("image_pull_secrets", mode="before")
-    @classmethod
-    def _v_secrets(cls, v: Any) -> Any:
-        v = _listify(v)
-        for s in v or []:
-            _check_name(s, label=False)
-        return v or []
-
-    @field_validator("node_selector", mode="before")
-    @classmethod
-    def _v_ns(cls, v: Any) -> Any:
-        return _check_label_values(_tableify(v))
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _v_labels(cls, v: Any) -> Any:
-        return _check_label_values(_tableify(v))
-
-    @field_validator("annotations", mode="before")
-    @classmethod
-    def _v_ann(cls, v: Any) -> Any:
-        return _check_labels(_tableify(v))
-
-    @field_validator("gpu_products", "price_per_gpu_hour", mode="before")
-    @classmethod
-    def _v_json_table(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip().startswith("{"):
-            return _tableify(v)
-        return v
-
-    @field_validator("tolerations", mode="before")
-    @classmethod
-    def _v_tol(cls, v: Any) -> Any:
-        return _check_tolerations(v)
-
-    @field_validator("gpu_label", mode="before")
-    @classmethod
-    def _v_gpu_label(cls, v: Any) -> Any:
-        p = label_key_problem(v)
-        if p:
-            raise ValueError(p)
-        return v
-
-    @field_validator("gpu_resource", mode="before")
-    @classmethod
-    def _v_gpu_res(cls, v: Any) -> Any:
-        p = label_key_problem(v)
-        if p or "/" not in str(v):
-            raise ValueError("expected an extended resource name such as nvidia.com/gpu or amd.com/gpu")
-        return v
-
-
 def _check_queue(v: Any) -> Any:
     """A LocalQueue name is a DNS subdomain that also has to fit in a label value (63 characters)."""
     if v is None:
@@ -204,73 +104,107 @@ def _check_queue(v: Any) -> Any:
     return v
 
 
+def _check_key(v: Any) -> Any:
+    p = label_key_problem(v)
+    if p:
+        raise ValueError(p)
+    return v
+
+
+def _check_resource(v: Any) -> Any:
+    if label_key_problem(v) or "/" not in str(v):
+        raise ValueError("expected an extended resource name such as nvidia.com/gpu or amd.com/gpu")
+    return v
+
+
+def _check_products(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, str) or not isinstance(v, (list, tuple)):
+        raise ValueError("expected a list of node label values")
+    for x in v:
+        if not x or label_value_problem(x):
+            raise ValueError(f"{x!r} is not a valid label value")
+    return list(v)
+
+
+def _check_workdir(v: Any) -> Any:
+    if v is not None and (not isinstance(v, str) or not v.startswith("/") or "\x00" in v):
+        raise ValueError("expected an absolute path inside the container")
+    return v
+
+
+def _check_secrets(v: Any) -> Any:
+    v = _listify(v)
+    for s in v or []:
+        _check_name(s, label=False)
+    return v or []
+
+
+# the kinds of value both models take, each with its rule (settings may also come as text: MESHRUN_KUBERNETES_*)
+LabelName = Annotated[Optional[str], BeforeValidator(lambda v: _check_name(v, label=True))]  # namespace, account
+Subdomain = Annotated[Optional[str], BeforeValidator(_check_name)]  # a DNS subdomain: PriorityClass, domain
+QueueName = Annotated[Optional[str], BeforeValidator(_check_queue)]
+Tolerations = Annotated[list[dict[str, Any]], BeforeValidator(_check_tolerations)]
+PullPolicy = Optional[Literal["Always", "IfNotPresent", "Never"]]
+Labels = Annotated[dict[str, str], BeforeValidator(_check_label_values)]
+Annotations = Annotated[dict[str, str], BeforeValidator(_check_labels)]
+LabelsText = Annotated[dict[str, str], BeforeValidator(lambda v: _check_label_values(_tableify(v)))]
+AnnotationsText = Annotated[dict[str, str], BeforeValidator(lambda v: _check_labels(_tableify(v)))]
+
+
+class KubernetesSettings(mb.BackendSettings):
+    """``[backends.kubernetes]``: where and how to talk to the cluster, and job defaults."""
+
+    kubeconfig: Optional[str] = None  # default: $KUBECONFIG, else ~/.kube/config
+    context: Optional[str] = None  # a context of the kubeconfig (default: its current-context)
+    in_cluster: Optional[bool] = None  # None: in-cluster config when no kubeconfig exists and running in a pod
+    namespace: LabelName = None  # default: the context's namespace, else "default"
+    image: Optional[str] = None  # default container image when the spec has none
+    image_pull_policy: PullPolicy = None
+    image_pull_secrets: Annotated[list[str], BeforeValidator(_check_secrets)] = Field(default_factory=list)
+    queue: QueueName = None  # Kueue LocalQueue; None: no Kueue
+    priority_class: Subdomain = None
+    workload_priority_class: Subdomain = None
+    kueue_version: Literal["v1beta1", "v1beta2"] = "v1beta1"
+    gpu_resource: Annotated[str, BeforeValidator(_check_resource)] = "nvidia.com/gpu"
+    gpu_label: Annotated[str, BeforeValidator(_check_key)] = "nvidia.com/gpu.product"
+    # {"H100": ["NVIDIA-H100-80GB-HBM3"]}
+    gpu_products: Annotated[dict[str, list[str]], BeforeValidator(
+        lambda v: _tableify(v) if isinstance(v, str) and v.strip().startswith("{") else v)] = Field(default_factory=dict)
+    node_selector: LabelsText = Field(default_factory=dict)
+    tolerations: Tolerations = Field(default_factory=list)
+    service_account: LabelName = None
+    labels: LabelsText = Field(default_factory=dict)
+    annotations: AnnotationsText = Field(default_factory=dict)
+    multi_node: Literal["indexed", "jobset"] = "indexed"
+    master_port: int = Field(29500, ge=1, le=65535)
+    cluster_domain: Subdomain = None  # e.g. "cluster.local": makes MASTER_ADDR fully qualified
+    ttl_after_finished: Optional[int] = Field(7 * 86400, ge=0)
+    python: str = "python3"  # the interpreter in the image that runs function jobs
+    workdir: Optional[str] = None
+    result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_timeout: float = Field(30.0, gt=0)
+
+
 class KubernetesOptions(mb.BackendOptions):
     """``backend_options["kubernetes"]`` of one job."""
 
-    namespace: Optional[str] = None  # namespace to run in
-    queue: Optional[str] = None  # Kueue LocalQueue name (kueue.x-k8s.io/queue-name)
-    priority_class: Optional[str] = None  # PriorityClass of the pods (spec.priorityClassName)
-    workload_priority_class: Optional[str] = None  # Kueue WorkloadPriorityClass (kueue.x-k8s.io/priority-class)
-    node_selector: dict[str, str] = Field(default_factory=dict)  # extra node selector labels
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)  # extra pod tolerations
-    service_account: Optional[str] = None  # service account of the pods
-    labels: dict[str, str] = Field(default_factory=dict)  # extra labels on the Job and its pods
-    annotations: dict[str, str] = Field(default_factory=dict)  # extra annotations on the Job and its pods
+    namespace: LabelName = None  # namespace to run in
+    queue: QueueName = None  # Kueue LocalQueue name (kueue.x-k8s.io/queue-name)
+    priority_class: Subdomain = None  # PriorityClass of the pods (spec.priorityClassName)
+    workload_priority_class: Subdomain = None  # Kueue WorkloadPriorityClass (kueue.x-k8s.io/priority-class)
+    node_selector: Labels = Field(default_factory=dict)  # extra node selector labels
+    tolerations: Tolerations = Field(default_factory=list)  # extra pod tolerations
+    service_account: LabelName = None  # service account of the pods
+    labels: Labels = Field(default_factory=dict)  # extra labels on the Job and its pods
+    annotations: Annotations = Field(default_factory=dict)  # extra annotations on the Job and its pods
     multi_node: Optional[Literal["indexed", "jobset"]] = None  # Indexed Job + headless Service, or a JobSet
-    gpu_products: Optional[list[str]] = None  # values of the GPU product node label that match the job's gpu_type
-    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None  # Always, IfNotPresent or Never
-    workdir: Optional[str] = None  # working directory inside the container
+    # values of the GPU product node label that match the job's gpu_type
+    gpu_products: Annotated[Optional[list[str]], BeforeValidator(_check_products)] = None
+    image_pull_policy: PullPolicy = None  # Always, IfNotPresent or Never
+    workdir: Annotated[Optional[str], BeforeValidator(_check_workdir)] = None  # working directory in the container
     ttl_after_finished: Optional[int] = Field(-1, ge=-1)  # seconds a finished Job is kept; -1: the setting
-
-    @field_validator("namespace", "service_account", mode="before")
-    @classmethod
-    def _v_names(cls, v: Any) -> Any:
-        return _check_name(v, label=True)
-
-    @field_validator("queue", mode="before")
-    @classmethod
-    def _v_queue(cls, v: Any) -> Any:
-        return _check_queue(v)
-
-    @field_validator("priority_class", "workload_priority_class", mode="before")
-    @classmethod
-    def _v_sub(cls, v: Any) -> Any:
-        return _check_name(v, label=False)
-
-    @field_validator("node_selector", "labels", mode="before")
-    @classmethod
-    def _v_labels(cls, v: Any) -> Any:
-        return _check_label_values(v)
-
-    @field_validator("annotations", mode="before")
-    @classmethod
-    def _v_ann(cls, v: Any) -> Any:
-        return _check_labels(v)
-
-    @field_validator("tolerations", mode="before")
-    @classmethod
-    def _v_tol(cls, v: Any) -> Any:
-        return _check_tolerations(v)
-
-    @field_validator("gpu_products", mode="before")
-    @classmethod
-    def _v_products(cls, v: Any) -> Any:
-        if v is None:
-            return None
-        if isinstance(v, str) or not isinstance(v, (list, tuple)):
-            raise ValueError("expected a list of node label values")
-        for x in v:
-            p = label_value_problem(x)
-            if p or not x:
-                raise ValueError(f"{x!r} is not a valid label value")
-        return list(v)
-
-    @field_validator("workdir", mode="before")
-    @classmethod
-    def _v_workdir(cls, v: Any) -> Any:
-        if v is not None and (not isinstance(v, str) or not v.startswith("/") or "\x00" in v):
-            raise ValueError("expected an absolute path inside the container")
-        return v
 
 
 def load_job_options(spec: Any) -> KubernetesOptions:

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import meshrun
 import meshrun.backend as mb
@@ -85,7 +85,6 @@ class SkyPilotSettings(mb.BackendSettings):
     idle_minutes: int = 10  # autodown a cluster meshrun started after this long idle (safety net)
     max_inline_bytes: int = 8 * 1024**2  # job files travelling inside the task
     catalog_dir: Optional[str] = None  # SkyPilot catalog folder (default: ~/.sky/catalogs/v8)
-    pool_price_per_hour: Union[float, dict[str, float]] = 0.0  # Slurm/Kubernetes/SSH pools: $ per node-hour
     request_timeout: float = 120.0  # seconds to wait for quick API requests (status, queue, cancel)
     follow_logs: int = 16  # the submitting process follows up to this many jobs' logs (0: poll `sky queue`)
 
@@ -112,6 +111,7 @@ class SkyPilotBackend(Backend):
                 | Feature.REATTACH | Feature.SPOT | Feature.SECRETS)
     install_hint = mb.install_hint("skypilot")
     settings_model = SkyPilotSettings
+    options_model = _task.SkyPilotOptions
     def __init__(self, config: Mapping[str, Any] | None = None):
         super().__init__(config)
         self.server = ApiServer(self.settings)
@@ -316,11 +316,9 @@ class SkyPilotBackend(Backend):
         return offers
 
     def _pool_offer(self, spec: Any, pool: str) -> Offer:
-        prices = self.settings.pool_price_per_hour
-        price = float(prices) if isinstance(prices, (int, float)) else float(prices.get(pool, prices.get("default", 0.0)))
-        r = spec.resources
+        r = spec.resources  # priced by the core's [prices] ([prices."skypilot:<infra>"]), like on-prem offers
         return Offer(backend=NAME, where=pool, gpus=r.gpus, gpu_type=r.gpu_type, cpus=r.cpus, memory=r.memory,
-                     nodes=r.nodes, price_per_hour=price, expected_start=None,
+                     nodes=r.nodes, expected_start=None,
                      start_note=f"the queue of {pool} (SkyPilot asks it at launch)", region=pool.partition("/")[2] or None,
                      launcher=NAME, detail={"source": "pool", "infra": pool})
 
@@ -381,7 +379,7 @@ class SkyPilotBackend(Backend):
                                  idle_minutes_to_autostop=idle if (owned or "idle_minutes" in opts) else None,
                                  down=owned)
             backend_id = f"cluster:{cluster}:{name}:{req}"
-            self._follow(backend_id, sdk, cluster, submission.job_id, str(req))
+            self._follow(mb.JobRef(backend_id, submission.job_id, submission.job_dir), sdk, cluster, str(req))
             return backend_id
         except meshrun.MeshrunError:
             raise
@@ -404,7 +402,8 @@ class SkyPilotBackend(Backend):
         recs = self._get(sdk.status([cluster], all_users=True), f"status of cluster {cluster}", self.settings.request_timeout)
         return any(_enum_name(_field(r, "status")) == "UP" for r in recs or [])
 
-    def _follow(self, backend_id: str, sdk: Any, cluster: str, job_id: str, req: str) -> None:
+    def _follow(self, ref: mb.JobRef, sdk: Any, cluster: str, req: str) -> None:
+        backend_id = ref.backend_id
         with self._lock:
             live = sum(1 for f in self._followers.values() if f.alive)
             if live >= self.settings.follow_logs or backend_id in self._followers:
@@ -414,10 +413,8 @@ class SkyPilotBackend(Backend):
                 with self._lock:
                     self._results[backend_id] = files
 
-            from meshrun import get_config
-
-            nonce = mb.records_nonce(get_config().home / "jobs" / job_id, create=False) or ""
-            self._followers[backend_id] = LogFollower(sdk, cluster=cluster, job_id=job_id, nonce=nonce,
+            nonce = mb.records_nonce(ref.job_dir, create=False) or ""
+            self._followers[backend_id] = LogFollower(sdk, cluster=cluster, job_id=ref.job_id, nonce=nonce,
                                                       request_id=req, on_records=keep)
 
     def _followed_status(self, backend_id: str, requests: Mapping[str, Any]) -> JobStatus | None:
@@ -446,10 +443,10 @@ class SkyPilotBackend(Backend):
                          detail={"sky_job_id": f.sky_job, "cluster": cluster, "native": "PENDING"})
 
     # ---- contract: status ---------------------------------------------------------------------------
-    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+    def status(self, refs: Sequence[mb.JobRef]) -> dict[str, JobStatus]:
         out: dict[str, JobStatus] = {}
         parsed = {}
-        for i in ids:
+        for i in refs:
             try:
                 parsed[i] = parse_id(i)
             except BackendError as e:
@@ -464,8 +461,8 @@ class SkyPilotBackend(Backend):
             followers = dict(self._followers)
         asking = [p[3] for i, p in parsed.items() if p[3] and (i not in followers or followers[i].sky_job is None)]
         requests = self._request_states(asking)
-        by_cluster: dict[str, list[str]] = {}
-        managed: list[str] = []
+        by_cluster: dict[str, list[mb.JobRef]] = {}
+        managed: list[mb.JobRef] = []
         for i, (kind, cluster, _, _) in parsed.items():
             if kind != "managed" and i in followers:
                 known = self._followed_status(i, requests)
@@ -520,7 +517,7 @@ class SkyPilotBackend(Backend):
             return JobStatus(JobState.FAILED, reason=f"SkyPilot could not launch the job: {why}"[:2000])
         return None
 
-    def _cluster_job_status(self, backend_id: str, parsed: tuple[str, str, str, str], records: list[Any],
+    def _cluster_job_status(self, backend_id: mb.JobRef, parsed: tuple[str, str, str, str], records: list[Any],
                             missing: str | None, requests: Mapping[str, Any]) -> JobStatus:
         _, cluster, name, req = parsed
         mine = [r for r in records if _field(r, "job_name") == name]
@@ -542,7 +539,7 @@ class SkyPilotBackend(Backend):
                              "cluster went away", where=cluster)
         return JobStatus(JobState.LOST, reason=f"no job named {name} on the SkyPilot cluster {cluster}", where=cluster)
 
-    def _with_agent_record(self, backend_id: str, st: JobStatus, cluster: str, sky_job: Any) -> JobStatus:
+    def _with_agent_record(self, backend_id: mb.JobRef, st: JobStatus, cluster: str, sky_job: Any) -> JobStatus:
         """A finished job: read the agent's records from its log (the outcome the agent saw: timeout,
         cancelled, the function's error) and keep them for fetch_results. SkyPilot may report the job ended
         a moment before the last lines reach its log: for RECORDS_GRACE seconds after the end a missing
@@ -559,11 +556,11 @@ class SkyPilotBackend(Backend):
                              started_at=st.started_at, ended_at=st.ended_at, where=st.where, detail=st.detail)
         return _refined(st, files) or st
 
-    def _managed_status(self, ids: list[str], parsed: Mapping[str, tuple[str, str, str, str]],
+    def _managed_status(self, ids: list[mb.JobRef], parsed: Mapping[mb.JobRef, tuple[str, str, str, str]],
                         requests: Mapping[str, Any]) -> dict[str, JobStatus]:
         from sky.jobs.client import sdk as jobs_sdk
 
-        out = {}
+        out: dict[str, JobStatus] = {}
         try:
             got = self._get(jobs_sdk.queue_v2(refresh=False, skip_finished=False, all_users=True),
                             "managed job queue", self.settings.request_timeout)
@@ -608,16 +605,16 @@ class SkyPilotBackend(Backend):
         return out
 
     # ---- results, logs, cancel, find ----------------------------------------------------------------
-    def _collect(self, backend_id: str, *, cluster: str | None = None, sky_job: Any = None,
+    def _collect(self, backend_id: mb.JobRef, *, cluster: str | None = None, sky_job: Any = None,
                  managed_job: Any = None) -> dict[str, bytes] | None:
-        """The agent's records from the job's log (read once, then kept with the log text)."""
+        """The agent's records from the job's log (read once, then kept with the log text), checked with the
+        nonce kept in the job's folder."""
         with self._lock:
             if backend_id in self._results:
                 return self._results[backend_id]
-        job_id = parse_id(backend_id)[2].removeprefix("meshrun-")
-        from meshrun import get_config
-
-        nonce = mb.records_nonce(get_config().home / "jobs" / job_id, create=False)
+        if not isinstance(backend_id, mb.JobRef):  # a bare id: no folder, no nonce to check the records with
+            return None
+        nonce = mb.records_nonce(backend_id.job_dir, create=False)
         if nonce is None:
             return None
         try:
@@ -632,7 +629,7 @@ class SkyPilotBackend(Backend):
                 self._results[backend_id] = files
         return files
 
-    def fetch_results(self, backend_id: str, job_dir: Path) -> None:
+    def fetch_results(self, backend_id: mb.JobRef, job_dir: Path) -> None:
         kind, cluster, name, _ = parse_id(backend_id)
         files = self._results.get(backend_id)
         if files is None:
@@ -705,7 +702,7 @@ class SkyPilotBackend(Backend):
         except Exception as e:
             raise self._translate(e, f"logs of {cluster or 'managed job'} job {sky_job or managed_job}") from e
 
-    def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
+    def logs(self, backend_id: mb.JobRef, *, follow: bool = False) -> Iterator[str]:
         kind, cluster, name, req = parse_id(backend_id)
         if follow and req:  # still being launched: wait for the job to appear
             self._wait_for_job(kind, cluster, name, req)
@@ -733,7 +730,7 @@ class SkyPilotBackend(Backend):
                 return
             time.sleep(2.0)
 
-    def cancel(self, backend_id: str) -> None:
+    def cancel(self, backend_id: mb.JobRef) -> None:
         kind, cluster, name, req = parse_id(backend_id)
         sdk = self._sdk()
         if kind == "managed":
@@ -755,14 +752,12 @@ class SkyPilotBackend(Backend):
                 except Exception:
                     pass
             if cluster == name:
-                from meshrun import get_config
-
-                self._down_if_owned(cluster, get_config().home / "jobs" / name.removeprefix("meshrun-"))
+                self._down_if_owned(cluster, getattr(backend_id, "job_dir", None))
             return
         self._get(sdk.cancel(cluster, job_ids=[int(_field(rec, "job_id"))]), f"cancelling {name} on {cluster}",
                   self.settings.request_timeout)
 
-    def find(self, job_id: str) -> str | None:
+    def find(self, job_id: str, job_dir: Path | None = None) -> str | None:
         name = f"meshrun-{job_id}"
         try:
             sdk = self._sdk()

@@ -17,52 +17,66 @@ import math
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping, Optional
+
+from pydantic import Field, StrictBool, StrictInt
 
 import meshrun
 import meshrun.backend as mb
 
 GIB = 1024**3
 
-#: meshrun's own keys of backend_options["skypilot"]; every SkyPilot resources key is accepted as well
-JOB_OPTIONS = {
-    "cluster": "run on this SkyPilot cluster: `sky exec` when it is up, else `sky launch` creates it (and keeps it)",
-    "keep": "keep the cluster meshrun started after the job ends (default: tear it down)",
-    "managed": "launch as a SkyPilot managed job (`sky jobs launch`): preemptions are recovered by SkyPilot",
-    "idle_minutes": "autostop/autodown the cluster after this many idle minutes (safety net)",
-    "task": "other SkyPilot task fields, passed through verbatim (service, volumes, config, ...)",
-}
-RESOURCE_OPTIONS = (
-    "infra", "cloud", "region", "zone", "accelerators", "accelerator_args", "instance_type", "cpus",
-    "memory", "disk_size", "disk_tier", "network_tier", "use_spot", "job_recovery", "image_id", "ports",
-    "labels", "any_of", "ordered", "autostop", "priority", "priority_class", "max_hourly_cost", "local_disk",
-    "ephemeral_storage", "volumes",
-)
+class SkyPilotOptions(mb.BackendOptions):
+    """``backend_options["skypilot"]`` of a job, validated by the core before placement: meshrun's own keys,
+    and every key of a SkyPilot ``resources`` section, handed to SkyPilot as given (SkyPilot checks those
+    values when it builds the task)."""
+
+    # meshrun's own
+    cluster: Optional[str] = Field(None, pattern=r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")  # sky exec/launch here
+    keep: StrictBool = False  # keep the cluster meshrun started after the job ends (default: tear it down)
+    managed: StrictBool = False  # launch as a managed job (`sky jobs launch`): SkyPilot recovers preemptions
+    idle_minutes: Optional[Annotated[StrictInt, Field(ge=0)]] = None  # autostop/autodown after this long idle
+    task: dict[str, Any] = {}  # other SkyPilot task fields, passed through verbatim (service, volumes, ...)
+    # SkyPilot's resources keys
+    infra: Any = None
+    cloud: Any = None
+    region: Any = None
+    zone: Any = None
+    accelerators: Any = None
+    accelerator_args: Any = None
+    instance_type: Any = None
+    cpus: Any = None
+    memory: Any = None
+    disk_size: Any = None
+    disk_tier: Any = None
+    network_tier: Any = None
+    use_spot: Optional[StrictBool] = None
+    job_recovery: Any = None
+    image_id: Any = None
+    ports: Any = None
+    labels: Any = None
+    any_of: Any = None
+    ordered: Any = None
+    autostop: Any = None
+    priority: Any = None
+    priority_class: Any = None
+    max_hourly_cost: Any = None
+    local_disk: Any = None
+    ephemeral_storage: Any = None
+    volumes: Any = None
+
+
+#: the SkyPilot resources keys among the options: they go into the task's ``resources`` as given
+RESOURCE_OPTIONS = tuple(k for k in SkyPilotOptions.model_fields if k not in ("cluster", "keep", "managed",
+                                                                              "idle_minutes", "task"))
 START_MARK = "::meshrun-started:"  # node 0 prints it once the job is unpacked and about to start
 
 
 def job_options(spec: Any) -> dict[str, Any]:
-    """``backend_options["skypilot"]``, checked: unknown keys are a SpecError listing the valid ones."""
-    opts = spec.options_for("skypilot")
-    valid = sorted(set(JOB_OPTIONS) | set(RESOURCE_OPTIONS))
-    for k in opts:
-        if k not in valid:
-            raise meshrun.SpecError(f"backend_options.skypilot.{k}",
-                                    f"unknown SkyPilot option; the valid options are: {', '.join(valid)}")
-    for k in ("keep", "managed", "use_spot"):
-        if k in opts and not isinstance(opts[k], bool):
-            raise meshrun.SpecError(f"backend_options.skypilot.{k}", f"expected true or false, got {opts[k]!r}")
-    if "cluster" in opts and (not isinstance(opts["cluster"], str)
-                              or not re.fullmatch(r"[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?", opts["cluster"])):
-        raise meshrun.SpecError("backend_options.skypilot.cluster",
-                                f"expected a SkyPilot cluster name (letters, digits, - _ .), got {opts['cluster']!r}")
-    if "idle_minutes" in opts and (isinstance(opts["idle_minutes"], bool) or not isinstance(opts["idle_minutes"], int)
-                                   or opts["idle_minutes"] < 0):
-        raise meshrun.SpecError("backend_options.skypilot.idle_minutes",
-                                f"expected a whole number of minutes, got {opts['idle_minutes']!r}")
-    if "task" in opts and not isinstance(opts["task"], Mapping):
-        raise meshrun.SpecError("backend_options.skypilot.task", "expected a mapping of SkyPilot task fields")
-    return opts
+    """The keys of ``backend_options["skypilot"]`` the job gives, validated by :class:`SkyPilotOptions` (a
+    SpecError names the key and what is allowed)."""
+    opts = SkyPilotOptions.load("skypilot", spec.options_for("skypilot"))
+    return opts.model_dump(include=opts.model_fields_set)
 
 
 # ---- spec -> task (the portable mapping) -----------------------------------------------------------------

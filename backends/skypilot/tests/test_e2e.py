@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import meshrun
+import meshrun.backend as mb
 from meshrun.testing import BackendContract
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -133,7 +134,7 @@ def test_one_cluster_command_function_cancel(sky, sky_env):
     assert sky.find(job.id) == f"cluster:{cluster}:meshrun-{job.id}:"
     # this process followed the job's log; another process (a fresh backend) asks SkyPilot and agrees
     fresh = type(sky)(sky.config)
-    st = fresh.status([job.record.backend_id])[job.record.backend_id]
+    st = fresh.status([mb.JobRef.of(job)])[job.record.backend_id]  # the job's folder has the records' nonce
     assert (st.state, st.exit_code) == (meshrun.JobState.SUCCEEDED, 0), st
 
     # a decorated function on the same cluster: `sky exec`

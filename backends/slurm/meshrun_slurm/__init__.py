@@ -5,14 +5,15 @@
     partition = "gpu"                 # defaults for every job (backend_options["slurm"] overrides per job)
     account = "lab"
     login_host = "login.cluster"      # optional: submit through a login node over SSH
-    price_per_gpu_hour = {gpu = 0.0, "gpu:a100" = 1.2}
 
 Importing this package is cheap: nothing talks to Slurm before a backend method is called.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import meshrun.backend as mb
 
 __version__ = "0.1.0"
 __all__ = ["SlurmBackend", "render_script", "BatchJob", "ArrayPart", "sbatch_quote", "STATES", "__version__"]
@@ -27,15 +28,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'meshrun_slurm' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = mb.lazy_exports(__name__, _LAZY)
 
 
 if TYPE_CHECKING:  # pragma: no cover

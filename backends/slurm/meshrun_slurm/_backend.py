@@ -99,7 +99,6 @@ class SlurmBackend(mb.Backend):
         self._runner: Any = None
         self._lock = threading.RLock()
         self._targets: dict[str, Target | None] = {}
-        self._records: dict[str, dict[str, Any]] = {}
         self._squeue: dict[str, S.Row] = {}
         self._squeue_at = -1e9
         self._squeue_err: str | None = None
@@ -238,50 +237,26 @@ class SlurmBackend(mb.Backend):
         LocalRunner().put_bytes(data, str(path), mode)
 
     # ------------------------------------------------------------------------------------------------
-    # index: backend id -> job folder (so status, logs and cancel work from any process)
+    # a job's folder, as the core hands it over (meshrun.backend.JobRef): what submit left there
 
-    def _index_path(self, slurm_id: str) -> Path:
-        return self._state_dir() / "ids" / f"{slurm_id}.json"
-
-    def _remember(self, slurm_id: str, rec: dict[str, Any]) -> None:
-        self._write_local(self._index_path(slurm_id), json.dumps(rec, sort_keys=True).encode())
-
-    def _index_record(self, base: str) -> dict[str, Any] | None:
-        """The index record of a Slurm job id (an array's is read once for all its tasks)."""
+    def _target(self, ref: str) -> Target | None:
+        """Where the job of ``ref`` is, read from the folder it carries (launch.json and the id marker
+        ``submit`` wrote); None for a bare Slurm id (then Slurm alone answers)."""
         with self._lock:
-            if base in self._records:
-                return self._records[base]
-        try:
-            rec = json.loads(self._index_path(base).read_text())
-        except (OSError, ValueError):
-            rec = None
-        rec = rec if isinstance(rec, dict) else None
-        if rec is not None:
-            with self._lock:
-                self._records[base] = rec
-        return rec
-
-    def _target(self, backend_id: str) -> Target | None:
+            if ref in self._targets:
+                return self._targets[ref]
+        if not isinstance(ref, mb.JobRef):
+            return None
+        mark = _read_json(ref.job_dir / ID_MARK)
+        launch = _read_json(ref.job_dir / "launch.json")
+        t = Target(ref.job_id, ref.job_dir, self._cluster_dir(ref.job_dir), int(launch.get("nodes") or 1),
+                   float(mark.get("submitted_at") or 0))
         with self._lock:
-            if backend_id in self._targets:
-                return self._targets[backend_id]
-        base, _, task = backend_id.partition("_")
-        t: Target | None = None
-        rec = self._index_record(base)
-        if isinstance(rec, dict):
-            if task and rec.get("tasks"):
-                try:
-                    one = rec["tasks"][int(task)]
-                    t = Target(one["job_id"], Path(one["job_dir"]), one["cluster_dir"], int(rec.get("nodes", 1)),
-                               float(rec.get("submitted_at", 0)))
-                except (IndexError, KeyError, ValueError):
-                    t = None
-            elif not task and rec.get("job_dir"):
-                t = Target(rec["job_id"], Path(rec["job_dir"]), rec["cluster_dir"], int(rec.get("nodes", 1)),
-                           float(rec.get("submitted_at", 0)))
-        with self._lock:
-            self._targets[backend_id] = t
+            self._targets[ref.backend_id] = t
         return t
+
+    def _mark(self, job_dir: Path, slurm_id: str, now: float) -> None:
+        self._write_local(job_dir / ID_MARK, json.dumps({"slurm_job_id": slurm_id, "submitted_at": now}).encode())
 
     # ------------------------------------------------------------------------------------------------
     # contract: check, offers
@@ -370,20 +345,6 @@ class SlurmBackend(mb.Backend):
         except (OSError, ValueError, KeyError, TypeError):
             pass
         return None
-
-    def _price(self, partition: str, gpu_type: str | None) -> float:
-        prices = self.settings.price_per_gpu_hour
-        if isinstance(prices, (int, float)):
-            return float(prices)
-        keys = []
-        if gpu_type:
-            keys += [f"{partition}:{gpu_type}", gpu_type]
-        keys += [partition, "default"]
-        low = {k.lower(): v for k, v in prices.items()}
-        for k in keys:
-            if k.lower() in low:
-                return float(low[k.lower()])
-        return 0.0
 
     def offers(self, spec: Any) -> list[mb.Offer]:
         """One offer per partition the job may use: whether it can ever fit there (sinfo: nodes, CPUs,
@@ -495,8 +456,7 @@ class SlurmBackend(mb.Backend):
         gpu_type = r.gpu_type
         if r.gpus and r.gpu_type and gres_type:
             gpu_type = gres_type  # Slurm's own spelling of the type
-        price = self._price(part, gpu_type) * r.gpus
-        offer = replace(base, gpu_type=gpu_type, price_per_hour=price,
+        offer = replace(base, gpu_type=gpu_type,
                         detail={**base.detail, "gres_type": gres_type if r.gpu_type else None,
                                 "nodes_fitting": count})
         if not self.settings.test_only:
@@ -599,9 +559,7 @@ class SlurmBackend(mb.Backend):
             commands_only = spec.kind == "command"
         verified: dict[str, Any] = {}
         if not self.shared_filesystem:
-            from meshrun_ssh import BOOT_PROGRAM
-
-            verified = {"agent_sha256": self._verified_agent()[1], "boot": BOOT_PROGRAM}
+            verified = {"agent_sha256": self._verified_agent()[1], "boot": mb.boot_program()}
         return BatchJob(
             job_name=job_name, workdir=workdir, python=self._python(), agent=self._agent_path(), job_dir=job_dir,
             nodes=r.nodes, gpus=r.gpus, gpu_type=gpu_type, cpus=r.cpus, memory=r.memory, disk=r.disk,
@@ -671,11 +629,7 @@ class SlurmBackend(mb.Backend):
         self._stage(submission.job_dir, cluster_dir, [f.name for f in submission.files()] + [SCRIPT], spec,
                     submission.launch.get("local_cwd"))
         slurm_id = self._sbatch(f"{cluster_dir}/{SCRIPT}", _comment(spec.display_name, opts))
-        now = time.time()
-        self._remember(slurm_id, {"job_id": submission.job_id, "job_dir": str(submission.job_dir),
-                                  "cluster_dir": cluster_dir, "nodes": spec.resources.nodes, "submitted_at": now})
-        self._write_local(submission.job_dir / ID_MARK,
-                          json.dumps({"slurm_job_id": slurm_id, "submitted_at": now}).encode())
+        self._mark(submission.job_dir, slurm_id, time.time())
         return slurm_id
 
     def submit_array(self, submissions: Sequence[mb.Submission], offer: mb.Offer | None = None) -> list[str]:
@@ -705,10 +659,11 @@ class SlurmBackend(mb.Backend):
         for i, s in enumerate(subs):
             self._prepare_launch(s)
             cdir = self._cluster_dir(s.job_dir)
-            tasks.append({"job_id": s.job_id, "job_dir": str(s.job_dir), "cluster_dir": cdir})
-            self._write_local(s.job_dir / ARRAY_MARK, json.dumps({"array": token, "index": i}).encode())
+            tasks.append(cdir)
+            self._write_local(s.job_dir / ARRAY_MARK,
+                              json.dumps({"array": token, "index": i, "dir": cluster_array}).encode())
             self._stage(s.job_dir, cdir, [f.name for f in s.files()], s.spec, s.launch.get("local_cwd"))
-        tasks_data = b"".join(t["cluster_dir"].encode() + b"\0" for t in tasks)
+        tasks_data = b"".join(t.encode() + b"\0" for t in tasks)
         self._write_local(array_dir / "tasks", tasks_data)
         job = self._batch_job(
             spec, opts, offer, job_name=f"meshrun-array-{token}", workdir=cluster_array, job_dir=None,
@@ -729,13 +684,10 @@ class SlurmBackend(mb.Backend):
         else:
             array_id = self._sbatch(f"{cluster_array}/{SCRIPT}", comment)
         now = time.time()
-        self._remember(array_id, {"array": token, "array_dir": str(array_dir), "tasks": tasks,
-                                  "nodes": spec.resources.nodes, "submitted_at": now})
         ids = []
         for i, s in enumerate(subs):
-            bid = f"{array_id}_{i}"
-            self._write_local(s.job_dir / ID_MARK, json.dumps({"slurm_job_id": bid, "submitted_at": now}).encode())
-            ids.append(bid)
+            ids.append(f"{array_id}_{i}")
+            self._mark(s.job_dir, ids[-1], now)
         return ids
 
     # ------------------------------------------------------------------------------------------------
@@ -870,9 +822,9 @@ class SlurmBackend(mb.Backend):
         with self._lock:
             return {i: self._sacct[i] for i in ids if i in self._sacct}
 
-    def status(self, ids: Sequence[str]) -> dict[str, mb.JobStatus]:
-        ids = list(dict.fromkeys(ids))
-        targets = {i: self._target(i) for i in ids}
+    def status(self, refs: Sequence[mb.JobRef]) -> dict[str, mb.JobStatus]:
+        targets = {str(r): self._target(r) for r in refs}
+        ids = list(targets)
         records = self._exit_records([t for t in targets.values() if t is not None])
         out: dict[str, mb.JobStatus] = {}
         need: list[str] = []
@@ -944,7 +896,8 @@ class SlurmBackend(mb.Backend):
     # ------------------------------------------------------------------------------------------------
     # contract: cancel, logs, results, find
 
-    def cancel(self, backend_id: str) -> None:
+    def cancel(self, ref: mb.JobRef) -> None:
+        backend_id = str(ref)
         if self.settings.api == "rest":
             self.rest.cancel(backend_id)
         else:
@@ -958,16 +911,13 @@ class SlurmBackend(mb.Backend):
             self._sacct_at.pop(backend_id, None)
 
     def _log_files(self, t: Target, slurm_id: str) -> tuple[str, str | None]:
-        """The agent's output log and Slurm's own output file of the job (on the cluster)."""
+        """The agent's output log and Slurm's own output file of the job (on the cluster; an array task's
+        is in its array's folder, named in the task's marker)."""
         log = f"{t.cluster_dir}/output.log"
         base, _, task = slurm_id.partition("_")
         if task:
-            try:
-                rec = self._index_record(base) or {}
-                adir = rec["array_dir"] if self.shared_filesystem else f"{self._cluster_root()}/arrays/{rec['array']}"
-                return log, f"{adir}/slurm-{base}_{task}.out"
-            except (OSError, ValueError, KeyError):
-                return log, None
+            adir = _read_json(t.job_dir / ARRAY_MARK).get("dir")
+            return log, f"{adir}/slurm-{base}_{task}.out" if isinstance(adir, str) else None
         return log, f"{t.cluster_dir}/slurm-{base}.out"
 
     def _read(self, path: str) -> bytes | None:
@@ -976,10 +926,11 @@ class SlurmBackend(mb.Backend):
         except Exception:
             return None
 
-    def logs(self, backend_id: str, *, follow: bool = False) -> Iterator[str]:
+    def logs(self, ref: mb.JobRef, *, follow: bool = False) -> Iterator[str]:
         """The job's output (node 0's, for a multi-node job); Slurm's own messages about the job (time limit,
         cancel, node failure) follow at the end."""
-        t = self._target(backend_id)
+        backend_id = str(ref)
+        t = self._target(ref)
         if t is None:
             raise meshrun.BackendError(f"no job folder is known for Slurm job {backend_id}", backend=BACKEND)
         log, slurm_out = self._log_files(t, backend_id)
@@ -992,7 +943,7 @@ class SlurmBackend(mb.Backend):
             if time.monotonic() - asked_at < 1.0:
                 return finished
             asked_at = time.monotonic()
-            finished = self.status([backend_id])[backend_id].terminal
+            finished = self.status([ref])[backend_id].terminal
             return finished
 
         def gen() -> Iterator[str]:
@@ -1016,28 +967,24 @@ class SlurmBackend(mb.Backend):
 
         return gen()
 
-    def fetch_results(self, backend_id: str, job_dir: Path) -> None:
+    def fetch_results(self, ref: mb.JobRef, job_dir: Path) -> None:
         if self.shared_filesystem:
             return
-        t = self._target(backend_id)
+        t = self._target(ref)
         if t is None:
             return
         files = {name: self._read(f"{t.cluster_dir}/{name}") for name in (*mb.RESULT_FILES, "output.log")}
         mb.write_records(Path(job_dir), {k: v for k, v in files.items() if v is not None}, also=["output.log"])
 
-    def find(self, job_id: str) -> str | None:
+    def find(self, job_id: str, job_dir: Path) -> str | None:
         """The Slurm id of a meshrun job: from its folder's marker, else by its job name in squeue/sacct."""
-        job_dir = self.home / "jobs" / job_id
-        try:
-            return json.loads((job_dir / ID_MARK).read_text())["slurm_job_id"]
-        except (OSError, ValueError, KeyError):
-            pass
+        known = _read_json(job_dir / ID_MARK).get("slurm_job_id")
+        if isinstance(known, str):
+            return known
         name, index = f"meshrun-{job_id}", None
-        try:
-            mark = json.loads((job_dir / ARRAY_MARK).read_text())
-            name, index = f"meshrun-array-{mark['array']}", int(mark["index"])
-        except (OSError, ValueError, KeyError):
-            pass
+        mark = _read_json(job_dir / ARRAY_MARK)
+        if "array" in mark:
+            name, index = f"meshrun-array-{mark['array']}", int(mark.get("index") or 0)
         found = None
         who = ["--me"] if self._me_ok else [f"--user={self._remote_user()}"]
         p = self._run(["squeue", *who, "--noheader", f"--name={name}", "--format=%A"], check=False)
@@ -1053,17 +1000,9 @@ class SlurmBackend(mb.Backend):
         if ids:
             base = ids[-1]
             found = f"{base}_{index}" if index is not None else base
-            if index is None:
-                cluster_dir = self._cluster_dir(job_dir)
-                try:
-                    nodes = json.loads((job_dir / "launch.json").read_text()).get("nodes", 1)
-                except (OSError, ValueError):
-                    nodes = 1
-                self._remember(base, {"job_id": job_id, "job_dir": str(job_dir), "cluster_dir": cluster_dir,
-                                      "nodes": nodes, "submitted_at": time.time()})
-                with self._lock:
-                    self._targets.pop(base, None)
-                    self._records.pop(base, None)
+            self._mark(job_dir, found, time.time())  # what status reads its age from
+            with self._lock:
+                self._targets.pop(found, None)
         return found
 
     def close(self) -> None:
@@ -1090,11 +1029,17 @@ class SlurmBackend(mb.Backend):
         slurm_id = self.rest.submit(job, script, comment=_comment(sub.spec.display_name, opts))
         with self._lock:
             self._squeue_at = -1e9
-        now = time.time()
-        self._remember(slurm_id, {"job_id": sub.job_id, "job_dir": str(sub.job_dir), "cluster_dir": cluster_dir,
-                                  "nodes": sub.spec.resources.nodes, "submitted_at": now})
-        self._write_local(sub.job_dir / ID_MARK, json.dumps({"slurm_job_id": slurm_id, "submitted_at": now}).encode())
+        self._mark(sub.job_dir, slurm_id, time.time())
         return slurm_id
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file of the job folder; {} when missing or not an object."""
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}
 
 
 def _from_records(recs: list[Any]) -> mb.JobStatus | None:

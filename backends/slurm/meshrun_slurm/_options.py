@@ -5,10 +5,9 @@ Both are validated here: an unknown key or a bad value is an error naming the fi
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import meshrun
 import meshrun.backend as mb
@@ -179,30 +178,6 @@ def user_comment(opts: "JobOptions") -> bool:
     return bool(_sets(opts.sbatch, "--comment", least=5))
 
 
-def _price(value: Any, where: str) -> Union[float, dict[str, float]]:
-    if isinstance(value, Mapping):
-        out: dict[str, float] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: keys are partition or GPU type names")
-            out[k] = _price_number(v, f"{where}.{k}")
-        return out
-    return _price_number(value, where)
-
-
-def _price_number(value: Any, where: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{where} must be a number or a table of numbers")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"{where} must be a price of 0 or more")
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return _price_number(float(value), where)
-        except ValueError:
-            raise ValueError(f"{where} must be a number or a table of numbers, got {value!r}") from None
-    raise ValueError(f"{where} must be a number or a table of numbers")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,6 +219,9 @@ class _JobDefaults(BaseModel):
         return None if v is None else _parallelism(v, "array_parallelism")
 
 
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a number of seconds, 0 or more
+
+
 class SlurmSettings(mb.BackendSettings, _JobDefaults):
     """``[backends.slurm]``: defaults for every job, where the cluster is and how to talk to it."""
 
@@ -258,25 +236,12 @@ class SlurmSettings(mb.BackendSettings, _JobDefaults):
     rest_user: Union[str, None] = None
     token: Union[SecretStr, None] = None  # slurmrestd's JWT
     rest_api_version: str = "v0.0.38"
-    price_per_gpu_hour: Union[float, dict[str, float]] = 0.0
-    query_interval: float = 1.0
-    lost_after: float = 300.0
+    query_interval: Seconds = 1.0
+    lost_after: Seconds = 300.0
     sacct: bool = True
     test_only: bool = True
-    grace_period: float = 3.0
-    request_timeout: float = 60.0
-
-    @field_validator("price_per_gpu_hour", mode="before")
-    @classmethod
-    def _v_price(cls, v: Any) -> Any:
-        return _price(v, "price_per_gpu_hour")
-
-    @field_validator("query_interval", "lost_after", "grace_period", "request_timeout")
-    @classmethod
-    def _v_positive(cls, v: float) -> float:
-        if not (v >= 0 and math.isfinite(v)):
-            raise ValueError("must be a number of seconds, 0 or more")
-        return v
+    grace_period: Seconds = 3.0
+    request_timeout: Seconds = 60.0
 
     @field_validator("python", "remote_dir", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,7 +55,10 @@ def slurm(slurm_cluster, meshrun_home, monkeypatch, tmp_path):
     yield b
     # cancel whatever the test left behind
     ids = set()
-    for p in (meshrun_home / "slurm" / "ids").glob("*.json") if (meshrun_home / "slurm" / "ids").exists() else []:
-        ids.add(p.stem)
+    for p in (meshrun_home / "jobs").glob("*/slurm.json"):
+        try:
+            ids.add(json.loads(p.read_text())["slurm_job_id"])
+        except (OSError, ValueError, KeyError):
+            pass
     if ids:
         subprocess.run(["scancel", *sorted(ids)], capture_output=True)

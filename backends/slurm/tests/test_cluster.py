@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import meshrun
+import meshrun.backend as mb
 
 from .conftest import CLUSTER
 
@@ -112,8 +113,8 @@ def test_offers(slurm, slurm_cluster):
     assert not o.fits and "nosuch" in o.reason
     with pytest.raises(meshrun.NoPlacementError, match="GPUs"):
         meshrun.run(["true"], gpus=gpus + 1, backend="slurm")
-    meshrun.configure({"backends": {"slurm": {"price_per_gpu_hour": {slurm_cluster["SLURM_PARTITION"]: 2.5}}}})
-    (o,) = meshrun.get_backend("slurm").offers(meshrun.JobSpec(command=["true"], gpus=2))
+    meshrun.configure({"prices": {f"slurm:{slurm_cluster['SLURM_PARTITION']}": {"default": 2.5}}})
+    (o,) = meshrun.offers(meshrun.JobSpec(command=["true"], gpus=2), ["slurm"])
     assert o.price_per_hour == 5.0
 
 
@@ -191,7 +192,7 @@ def test_map_of_20_is_one_job_array(slurm):
 def test_status_is_one_squeue_for_many_queued_jobs(slurm):
     fn = meshrun.job(backend="slurm", backend_options={"slurm": {"sbatch": ["--hold"]}})(square)
     jobs = fn.map(range(40))
-    ids = [j.backend_id for j in jobs]
+    ids = [mb.JobRef.of(j) for j in jobs]
     for _ in range(3):
         slurm._squeue_at = -1e9
         before = dict(slurm.calls)
@@ -289,7 +290,7 @@ def test_status_survives_a_slurmctld_restart(slurm):
         b = meshrun.get_backend("slurm")
         while not stop.is_set():
             b._squeue_at = -1e9
-            seen.append(b.status([job.backend_id])[job.backend_id].state)
+            seen.append(b.status([mb.JobRef.of(job)])[job.backend_id].state)
             time.sleep(0.1)
 
     t = threading.Thread(target=poll, daemon=True)
@@ -345,22 +346,23 @@ def test_find_by_name_when_the_id_is_unknown(slurm, meshrun_home):
 
 
 def _found_by_name_alone(job, meshrun_home):
-    """A fresh backend that knows nothing of the job (its id records removed) finds it, sees it, cancels it."""
+    """A fresh backend that knows nothing of the job (its id marker removed) finds it, sees it, cancels it."""
     bid = job.backend_id
-    (meshrun_home / "slurm" / "ids" / f"{bid}.json").unlink()
     (job.job_dir / "slurm.json").unlink()
     meshrun.configure({"backends": {"slurm": {"query_interval": 0.3}}})  # a fresh backend, nothing cached
     b = meshrun.get_backend("slurm")
-    assert b.find(job.id) == bid
-    assert b.status([bid])[bid].state in (JS.PENDING, JS.RUNNING)
-    b.cancel(bid)
+    assert b.find(job.id, job.job_dir) == bid
+    assert (job.job_dir / "slurm.json").exists()  # found once, remembered in the job's folder
+    ref = mb.JobRef(bid, job.id, job.job_dir)
+    assert b.status([ref])[bid].state in (JS.PENDING, JS.RUNNING)
+    b.cancel(ref)
 
 
 def test_find_array_member(slurm):
     jobs = meshrun.job(backend="slurm", backend_options={"slurm": {"sbatch": ["--hold"]}})(square).map([1, 2, 3])
     (jobs[2].job_dir / "slurm.json").unlink()
     meshrun.configure({})
-    assert meshrun.get_backend("slurm").find(jobs[2].id) == jobs[2].backend_id
+    assert meshrun.get_backend("slurm").find(jobs[2].id, jobs[2].job_dir) == jobs[2].backend_id
 
 
 def test_reattach_from_another_process(slurm, meshrun_home):

@@ -114,9 +114,8 @@ class SSHBackend(mb.Backend):
     def _offer(self, spec: Any, name: str, res: Any) -> mb.Offer:
         r = spec.resources
         h = self._host(name)
-        price = h.params.price_per_gpu_hour * r.gpus
         base = dict(backend=BACKEND, where=name, gpus=r.gpus, gpu_type=r.gpu_type, cpus=r.cpus, memory=r.memory,
-                    nodes=1, price_per_hour=price)
+                    nodes=1)
         if isinstance(res, BaseException):
             why = str(res).splitlines()[0].removeprefix("[ssh] ")
             return mb.Offer(**base, fits=False, reason=f"unreachable: {why}", expected_start=None,
@@ -317,7 +316,7 @@ class SSHBackend(mb.Backend):
         files = h.fetch(job_id, list(mb.RESULT_FILES) + ["output.log"], limits={"output.log": 8 << 20})
         mb.write_records(Path(job_dir), files, also=["output.log"])
 
-    def find(self, job_id: str) -> Optional[str]:
+    def find(self, job_id: str, job_dir: Optional[Path] = None) -> Optional[str]:
         def look(h: Any) -> bool:
             path = f"{h.job_dir(job_id)}/launch.json"
             return bool(h.exists([path], retry=False).get(path))

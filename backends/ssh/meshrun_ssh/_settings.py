@@ -45,12 +45,11 @@ class HostSettings(mb.BackendSettings):
 
     name: Optional[str] = None
     host: Optional[str] = None
-    port: Optional[int] = None
+    port: Optional[int] = Field(None, ge=1, le=65535)  # a TCP port
     user: Optional[str] = None
     key: Optional[str] = None
     python: str = "python3"
     lease_dir: Optional[str] = None
-    price_per_gpu_hour: float = 0.0
     env: dict[str, str] = {}
     remote_dir: Optional[str] = None
     proxy_jump: Optional[str] = None
@@ -64,13 +63,6 @@ class HostSettings(mb.BackendSettings):
             raise ValueError(f"host name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
                              "(it is part of job ids)")
         return self
-
-    @field_validator("port")
-    @classmethod
-    def _v_port(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and not 1 <= v <= 65535:
-            raise ValueError(f"must be a TCP port from 1 to 65535, got {v}")
-        return v
 
     @field_validator("python")
     @classmethod
@@ -101,13 +93,6 @@ class HostSettings(mb.BackendSettings):
                 raise ValueError(f"the value of {k} contains a NUL character")
         return v
 
-    @field_validator("price_per_gpu_hour")
-    @classmethod
-    def _v_price(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must not be negative")
-        return v
-
     @property
     def label(self) -> str:
         return self.name or self.host or "?"
@@ -128,12 +113,12 @@ class SSHSettings(mb.BackendSettings):
     remote_dir: str = "~/.meshrun"
     sync_exclude: list[str] = []
     max_sync_bytes: int = 100 * 1024**2
-    max_sync_files: int = 20000
+    max_sync_files: int = Field(20000, ge=1)
     sync: bool = True
-    connect_timeout: float = 10.0
-    retries: int = 8
-    retry_max_wait: float = 4.0
-    grace_period: float = 10.0
+    connect_timeout: float = Field(10.0, gt=0)
+    retries: int = Field(8, ge=1)
+    retry_max_wait: float = Field(4.0, gt=0)
+    grace_period: float = Field(10.0, gt=0)
     persistent: bool = True
 
     @field_validator("hosts", mode="before")
@@ -165,20 +150,6 @@ class SSHSettings(mb.BackendSettings):
     @classmethod
     def _v_root(cls, v: str) -> str:
         return _check_root(v)
-
-    @field_validator("connect_timeout", "retry_max_wait", "grace_period")
-    @classmethod
-    def _v_positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be more than 0")
-        return v
-
-    @field_validator("retries", "max_sync_files")
-    @classmethod
-    def _v_count(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
 
     @model_validator(mode="after")
     def _v_unique(self) -> "SSHSettings":
@@ -228,7 +199,6 @@ class HostParams:
     ssh_config: Optional[str] = None
     python: str = "python3"
     lease_dir: Optional[str] = None
-    price_per_gpu_hour: float = 0.0
     env: tuple[tuple[str, str], ...] = ()
     remote_dir: str = "~/.meshrun"
     connect_timeout: float = 10.0
@@ -352,7 +322,6 @@ def resolve(entry: Union[str, HostSettings, Mapping[str, Any]], settings: SSHSet
         ssh_config=cfg_path,
         python=entry.python,
         lease_dir=entry.lease_dir,
-        price_per_gpu_hour=entry.price_per_gpu_hour,
         env=tuple(sorted(entry.env.items())),
         remote_dir=entry.remote_dir or settings.remote_dir,
         connect_timeout=settings.connect_timeout,
