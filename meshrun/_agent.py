@@ -365,55 +365,391 @@ def nvidia_smi_processes():
 
 
 def parse_declared(value):
-    """``MESHRUN_GPUS``: "0,1,2,3", "0-3", "none" or "" (no GPUs)."""
+    """``MESHRUN_GPUS``: "0,1,2,3", "0-3", "none" or "" (no GPUs); indices only (see ``parse_declared_gpus``)."""
+    return [i for _, i in parse_declared_gpus(value)]
+
+
+def parse_declared_gpus(value):
+    """``MESHRUN_GPUS`` as [(vendor, index), ...]: "0-3" (NVIDIA), "amd:0-7" (AMD), "0-1,amd:0-1" (both),
+    "none" or "" (no GPUs). A vendor prefix holds for the items after it, up to the next prefix."""
     value = value.strip()
     if value.lower() in ("", "none"):
         return []
-    idx = []
+    out, vendor = [], "nvidia"
     for part in value.split(","):
         part = part.strip()
+        if ":" in part:
+            vendor, part = part.split(":", 1)
+            vendor = vendor.strip().lower()
+            if vendor not in ("nvidia", "amd"):
+                raise ValueError("MESHRUN_GPUS: unknown GPU vendor %r (nvidia or amd, e.g. 'amd:0-7')" % vendor)
         if "-" in part:
             a, b = part.split("-", 1)
-            idx.extend(range(int(a), int(b) + 1))
+            out.extend((vendor, i) for i in range(int(a), int(b) + 1))
         elif part:
-            idx.append(int(part))
-    if len(set(idx)) != len(idx) or any(i < 0 for i in idx):
-        raise ValueError("MESHRUN_GPUS must list distinct GPU indices, e.g. '0,1,2,3' or '0-3'")
-    return idx
+            out.append((vendor, int(part)))
+    if len(set(out)) != len(out) or any(i < 0 or i >= AMD_SLOT_BASE for _, i in out):
+        raise ValueError("MESHRUN_GPUS must list distinct GPU indices, e.g. '0,1,2,3' or '0-3' ('amd:0-7' for AMD)")
+    return out
+
+
+# AMD GPUs (ROCm). Their lease slots are AMD_SLOT_BASE + the GPU's index, so a machine with GPUs of both
+# vendors keeps one lease table without the two index spaces colliding (an NVIDIA GPU 0 and an AMD GPU 0
+# are different GPUs); "device" is the index the vendor's own tools and masking variables use.
+AMD_SLOT_BASE = 1000
+VENDORS = ("nvidia", "amd", "apple")
+
+
+def _amd_size(v):
+    """Bytes from amd-smi's "196592 MB" / {"value": 196592, "unit": "MB"} (MB as amd-smi means it: MiB)."""
+    if isinstance(v, dict):
+        v = "%s %s" % (v.get("value"), v.get("unit") or "")
+    parts = str(v or "").split()
+    try:
+        n = float(parts[0])
+    except (ValueError, IndexError):
+        return None
+    unit = (parts[1] if len(parts) > 1 else "B").upper()
+    scale = {"B": 1, "KB": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "MIB": 1 << 20, "GB": 1 << 30, "GIB": 1 << 30}
+    return int(n * scale.get(unit, 1))
+
+
+def _amd_text_records(text):
+    """amd-smi's human output ("GPU: 0" then indented "SECTION:" / "KEY: value" lines) as
+    [{"gpu": 0, "ASIC.MARKET_NAME": ..., "BUS.BDF": ..., "VRAM.SIZE": ...}, ...]."""
+    recs, stack = [], []
+    for line in text.splitlines():
+        if not line.strip() or ":" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, value = line.strip().partition(":")
+        key, value = key.strip(), value.strip()
+        if indent == 0:
+            if key == "GPU" and value.isdigit():
+                recs.append({"gpu": int(value)})
+            stack = []
+            continue
+        if not recs:
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if value:
+            recs[-1][".".join([s for _, s in stack] + [key])] = value
+        else:
+            stack.append((indent, key))
+    return recs
+
+
+def amd_smi_gpus():
+    """AMD GPUs as amd-smi reports them: (list of dicts, error or None). ``amd-smi list`` gives every GPU
+    (index, BDF, UUID), ``amd-smi static --asic --vram`` their names and memory. Their human output is read:
+    its layout has stayed the same across ROCm releases, where the JSON's has not (a list in ROCm 6,
+    {"gpu_data": [...]} later)."""
+    out, err = _run(["amd-smi", "list"])
+    if out is None:
+        return [], err
+    static, _ = _run(["amd-smi", "static", "--asic", "--vram"])
+    details = dict((r["gpu"], r) for r in _amd_text_records(static or ""))
+    listed = _amd_text_records(out)
+    # ROCr (and so HIP) numbers GPUs in the order of their KFD nodes, not amd-smi's: where every GPU shows its
+    # NODE_ID, a GPU's place among them is the index ROCR_VISIBLE_DEVICES takes
+    nodes = [r.get("NODE_ID", "") for r in listed]
+    rocr = (dict((r["gpu"], sorted(int(n) for n in nodes).index(int(r["NODE_ID"]))) for r in listed)
+            if all(n.isdigit() for n in nodes) and len(set(nodes)) == len(nodes) else {})
+    gpus = []
+    for r in listed:
+        d = details.get(r["gpu"], {})
+        uuid = r.get("UUID") or ""
+        ident = uuid if uuid and uuid != "N/A" and not uuid.startswith("<") else (r.get("BDF") or str(r["gpu"]))
+        gpus.append({"index": AMD_SLOT_BASE + r["gpu"], "device": r["gpu"], "rocr": rocr.get(r["gpu"], r["gpu"]),
+                     "vendor": "amd", "name": d.get("ASIC.MARKET_NAME") or "AMD GPU", "uuid": "AMD-%s" % ident,
+                     "memory": _amd_size(d.get("VRAM.SIZE"))})
+    return gpus, None
+
+
+def _rocm_card_index(key):
+    return int(key[4:]) if key.startswith("card") and key[4:].isdigit() else None
+
+
+def rocm_smi_gpus():
+    """AMD GPUs as ``rocm-smi --showproductname --showmeminfo vram --showbus --json`` reports them, where
+    only the older rocm-smi is installed: (list of dicts, error or None)."""
+    out, err = _run(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--showbus", "--json"])
+    if out is None:
+        return [], err
+    try:
+        data = json.loads(out[out.find("{"):]) if "{" in out else {}
+    except ValueError as e:
+        return [], "rocm-smi printed no JSON: %s" % e
+    gpus = []
+    for key, card in sorted(data.items(), key=lambda kv: _rocm_card_index(kv[0]) or 0):
+        i = _rocm_card_index(key)
+        if i is None or not isinstance(card, dict):
+            continue
+        name = card.get("Card Series") or card.get("Device Name") or card.get("Card series") or "AMD GPU"
+        bus = card.get("PCI Bus") or card.get("Unique ID")
+        mem = card.get("VRAM Total Memory (B)")
+        gpus.append({"index": AMD_SLOT_BASE + i, "device": i, "vendor": "amd", "name": name,
+                     "uuid": "AMD-%s" % (bus if bus and bus != "N/A" else i),
+                     "memory": int(mem) if str(mem or "").isdigit() else None})
+    return gpus, None
+
+
+def amd_gpus():
+    """AMD GPUs from amd-smi, else rocm-smi: (list, tool, error or None)."""
+    gpus, err = amd_smi_gpus()
+    if gpus or err is None:
+        return gpus, "amd-smi", err
+    gpus2, err2 = rocm_smi_gpus()
+    if gpus2 or err2 is None:
+        return gpus2, "rocm-smi", err2
+    return [], "amd-smi", err
+
+
+def _amd_mib(v):
+    b = _amd_size(v)
+    return "%d" % (b >> 20) if b is not None else ""
+
+
+def amd_smi_processes():
+    """Compute processes on AMD GPUs from ``amd-smi process --json``: (list of {pid, gpu (index), used_memory
+    (MiB), process_name}, error)."""
+    out, err = _run(["amd-smi", "process", "--json"])
+    if out is None:
+        return [], err
+    try:
+        data = json.loads(out[min(i for i in (out.find("["), out.find("{"), len(out)) if i >= 0):] or "[]")
+    except ValueError as e:
+        return [], "amd-smi printed no JSON: %s" % e
+    if isinstance(data, dict):
+        data = data.get("gpu_data") or []
+    procs = []
+    for entry in data if isinstance(data, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("gpu"), int):
+            continue
+        plist = entry.get("process_list") or []
+        for item in plist if isinstance(plist, list) else []:
+            info = item.get("process_info") if isinstance(item, dict) else None
+            if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+                continue  # "No running processes detected"
+            mem = info.get("mem_usage") or (info.get("memory_usage") or {}).get("vram_mem") or info.get("mem")
+            procs.append({"pid": info["pid"], "gpu": entry["gpu"], "used_memory": _amd_mib(mem),
+                          "process_name": str(info.get("name") or "")})
+    return procs, None
+
+
+def rocm_smi_processes():
+    """Compute processes on AMD GPUs from rocm-smi: ``--showpids`` (pid, name, VRAM) joined with
+    ``--showpidgpus`` (which GPUs each pid uses): (list, error)."""
+    out, err = _run(["rocm-smi", "--showpids"])
+    if out is None:
+        return [], err
+    info = {}
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 4 and cols[0].isdigit():
+            vram = cols[3]
+            info[int(cols[0])] = (cols[1], "%d" % (int(vram) >> 20) if vram.isdigit() else "")
+    if not info:
+        return [], None
+    out, err = _run(["rocm-smi", "--showpidgpus"])
+    if out is None:
+        return [], err
+    procs, pid = [], None
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[0] == "PID" and words[1].isdigit() and words[2:4] == ["is", "using"]:
+            pid = int(words[1])  # "PID 1949829 is using 2 DRM device(s):", then its GPUs on one line or more
+        elif pid is not None and words and all(w.isdigit() for w in words):
+            name, mem = info.get(pid, ("", ""))
+            procs.extend({"pid": pid, "gpu": int(w), "used_memory": mem, "process_name": name} for w in words)
+        else:
+            pid = None
+    return procs, None
+
+
+def amd_processes(gpus, tool):
+    """Processes on the AMD GPUs in ``gpus``, each with the ``gpu_uuid`` of its GPU: (list, error)."""
+    procs, err = (rocm_smi_processes() if tool == "rocm-smi" else amd_smi_processes())
+    by_device = dict((g["device"], g["uuid"]) for g in gpus if g.get("vendor") == "amd")
+    out = []
+    for p in procs:
+        if p["gpu"] in by_device:
+            out.append({"pid": p["pid"], "gpu_uuid": by_device[p["gpu"]], "used_memory": p["used_memory"],
+                        "process_name": p["process_name"]})
+    return out, err
+
+
+# Apple Silicon: the whole machine is one Metal (MPS) device. There is nothing to mask, so GPU jobs are
+# serialised by the lease table alone: one at a time.
+APPLE_SLOT = 2000
+
+
+def machine_platform(env=None):
+    """(system, machine), e.g. ("Linux", "x86_64") or ("Darwin", "arm64"); ``MESHRUN_PLATFORM`` ("Darwin-arm64")
+    stands in for the real one (tests, and a Mac seen through an emulator)."""
+    env = os.environ if env is None else env
+    fake = env.get("MESHRUN_PLATFORM")
+    if fake:
+        system, _, machine = fake.partition("-")
+        return system, machine
+    u = os.uname()
+    return u.sysname, u.machine
+
+
+def apple_gpu(env=None):
+    """The Mac's one MPS device, or None when this is not Apple Silicon."""
+    system, machine = machine_platform(env)
+    if system != "Darwin" or machine != "arm64":
+        return None
+    out, _ = _run(["sysctl", "-n", "machdep.cpu.brand_string", "hw.memsize"], timeout=5)
+    lines = (out or "").split("\n")
+    name = lines[0].strip() if lines and lines[0].strip() else "Apple Silicon"
+    mem = lines[1].strip() if len(lines) > 1 else ""
+    return {"index": APPLE_SLOT, "device": 0, "vendor": "apple", "name": "%s (MPS)" % name,
+            "uuid": "MPS-0", "memory": int(mem) if mem.isdigit() else None}
+
+
+def _declared(vendor, i):
+    if vendor == "amd":
+        return {"index": AMD_SLOT_BASE + i, "device": i, "vendor": "amd", "uuid": "AMD-declared-%d" % i,
+                "name": "declared", "memory": None}
+    return {"index": i, "device": i, "vendor": "nvidia", "uuid": "GPU-declared-%d" % i, "name": "declared",
+            "memory": None}
 
 
 def discover_gpus(env=None):
+    """The GPUs meshrun may hand out here: (gpus, source, error), each GPU with its ``vendor``, its
+    ``device`` index (the vendor's numbering) and its ``label`` in ``meshrun gpus``; see ``_discover``."""
+    gpus, source, err = _discover(os.environ if env is None else env)
+    for g in gpus:
+        g["label"] = gpu_label(g)
+    return gpus, source, err
+
+
+def _discover(env):
     """The GPUs meshrun may hand out here: (gpus, source, error).
 
-    ``MESHRUN_GPUS`` restricts discovery to those indices (taking their details from nvidia-smi when it
-    answers) or declares them outright on a machine without nvidia-smi.
-    """
-    env = os.environ if env is None else env
+    NVIDIA GPUs from nvidia-smi, AMD GPUs from amd-smi (or rocm-smi), a Mac's MPS device from the platform.
+    ``MESHRUN_GPUS`` restricts discovery to those indices (taking their details from the tools when they
+    answer) or declares them outright on a machine without them."""
     declared = env.get("MESHRUN_GPUS")
+    mps = apple_gpu(env)
+    if mps is not None:
+        if declared is not None and not parse_declared_gpus(declared):
+            return [], "MESHRUN_GPUS", None
+        return [mps], "platform (Apple Silicon: one MPS device)", None
     smi, err = nvidia_smi_gpus()
+    for g in smi:
+        g.setdefault("vendor", "nvidia")
+        g.setdefault("device", g["index"])
+    amd, tool, aerr = amd_gpus()
+    for g in amd:
+        g["smi"] = tool
     if declared is None:
+        if smi and amd:
+            return smi + amd, "nvidia-smi, " + tool, None
+        if amd:
+            return amd, tool, None
         return smi, "nvidia-smi", err
-    wanted = parse_declared(declared)
-    by_index = {g["index"]: g for g in smi}
-    gpus = []
-    for i in wanted:
-        if i in by_index:
-            gpus.append(by_index[i])
-        else:
-            gpus.append({"index": i, "uuid": "GPU-declared-%d" % i, "name": "declared", "memory": None})
+    wanted = parse_declared_gpus(declared)
+    by_key = dict(((g["vendor"], g["device"]), g) for g in smi + amd)
+    gpus = [by_key.get(k) or _declared(*k) for k in wanted]
     return gpus, "MESHRUN_GPUS", None
 
 
-def _real_gpus(gpus):
-    """True when at least one GPU came from nvidia-smi (declared-only GPUs have no processes to ask about)."""
-    return any(g.get("name") != "declared" for g in gpus)
+def gpu_label(g):
+    """How ``meshrun gpus`` names a GPU: its index (NVIDIA), "amd:<index>", or "mps"."""
+    vendor = g.get("vendor") or "nvidia"
+    return "mps" if vendor == "apple" else ("amd:%s" % g.get("device") if vendor == "amd" else str(g["index"]))
+
+
+def gpu_notes(gpus):
+    """What ``meshrun gpus`` says about the kinds of GPU here, beyond the table."""
+    if any(g.get("vendor") == "apple" for g in gpus):
+        return ["Apple Silicon: one MPS device for the whole machine; nothing can mask it, so jobs that ask for "
+                "a GPU run one at a time (serialised by the lease table)"]
+    if len(set(g.get("vendor") or "nvidia" for g in gpus)) > 1:
+        return ["GPUs of more than one vendor: a job gets GPUs of one vendor and model (ask for a type, e.g. "
+                "MI300X:8 or H100:8, to choose)"]
+    return []
+
+
+def _real_gpus(gpus, vendor=None):
+    """True when at least one GPU (of ``vendor``) came from a vendor tool (declared-only GPUs have no
+    processes to ask about)."""
+    return any(g.get("name") != "declared" and (vendor is None or g.get("vendor", "nvidia") == vendor)
+               for g in gpus)
+
+
+def gpu_processes(gpus):
+    """Compute processes on ``gpus`` from each vendor's tool: (list of {pid, gpu_uuid, used_memory (MiB),
+    process_name}, error or None)."""
+    procs, errs = [], []
+    if _real_gpus(gpus, "nvidia"):
+        p, e = nvidia_smi_processes()
+        procs.extend(p)
+        errs.append(e)
+    amd = [g for g in gpus if g.get("vendor") == "amd" and g.get("name") != "declared"]
+    if amd:
+        p, e = amd_processes(gpus, amd[0].get("smi"))
+        procs.extend(p)
+        errs.append(e)
+    return procs, "; ".join(e for e in errs if e) or None
 
 
 def gpu_matches(gpu, gpu_type):
     if not gpu_type:
         return True
     norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
-    return norm(gpu_type) in norm(gpu.get("name") or "")
+    return norm(gpu_type) in norm(gpu.get("name") or "") or norm(gpu_type) == gpu.get("vendor")
+
+
+def gpu_groups(gpus, gpu_type=None):
+    """The GPUs that may serve one job, as groups of one vendor and model each (a job never gets a mix),
+    matching ``gpu_type``: NVIDIA first, then AMD, then Apple; within a vendor, in index order."""
+    groups = {}
+    for g in sorted(gpus, key=lambda g: g["index"]):
+        if gpu_matches(g, gpu_type):
+            groups.setdefault((g.get("vendor") or "nvidia", g.get("name")), []).append(g)
+    return [groups[k] for k in sorted(groups, key=lambda k: (VENDORS.index(k[0]) if k[0] in VENDORS else 9,
+                                                             groups[k][0]["index"]))]
+
+
+def fit_gpus(gpus, n, gpu_type=None):
+    """``n`` GPUs of one kind from ``gpus`` (the first group that has enough), or None."""
+    for grp in gpu_groups(gpus, gpu_type):
+        if len(grp) >= n:
+            return grp[:n]
+    return None
+
+
+def mask_env(gpus):
+    """The variables that show a job its leased ``gpus`` and nothing else (all of one vendor):
+
+    * NVIDIA: ``CUDA_VISIBLE_DEVICES`` (their indices, in PCI bus order);
+    * AMD: ``ROCR_VISIBLE_DEVICES`` (their ROCr indices: ROCr, under every ROCm runtime, shows only those) and
+      ``HIP_VISIBLE_DEVICES``/``CUDA_VISIBLE_DEVICES`` counting from 0 (HIP numbers the devices ROCr left it,
+      and PyTorch on ROCm reads either);
+    * Apple (MPS): nothing can be masked; the lease alone keeps other jobs off.
+
+    A CPU job gets ``CUDA_VISIBLE_DEVICES=""`` (and, on a machine with AMD GPUs, ``ROCR_VISIBLE_DEVICES``
+    naming none) so it cannot wander onto a GPU someone else leased."""
+    if not gpus:
+        env = {"CUDA_VISIBLE_DEVICES": ""}
+        if os.path.exists("/dev/kfd"):
+            env["ROCR_VISIBLE_DEVICES"] = env["HIP_VISIBLE_DEVICES"] = "-1"
+        return env
+    env = {"MESHRUN_GPU_UUIDS": ",".join(g["uuid"] for g in gpus)}
+    vendor = gpus[0].get("vendor") or "nvidia"
+    devices = ",".join(str(g.get("device", g["index"])) for g in gpus)
+    if vendor == "amd":
+        env["ROCR_VISIBLE_DEVICES"] = ",".join(str(g.get("rocr", g.get("device", g["index"]))) for g in gpus)
+        env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpus)))
+    elif vendor == "nvidia":
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,6 +779,8 @@ class LeaseError(Exception):
 LEASE_TABLE = "leases.json"
 LEASE_LOCK = "lock"
 HOLD_PREFIX = "hold-"
+USAGE_PREFIX = "usage-"  # usage-<uid>.jsonl: one line per ended lease of that user's, appended by that user
+USAGE_MAX_BYTES = 8 << 20  # then the file is renamed to usage-<uid>.1.jsonl (the older one goes) and begun again
 TABLE_MAX_BYTES = 1 << 20
 HOLD_MAX_BYTES = 64 << 10
 LOCK_TIMEOUT = 30.0
@@ -904,6 +1242,8 @@ class Leases:
                             record_usage(state, dict(rec, since=rec.get("granted_at")), t)
                         changed = True
                     if st.st_uid == os.getuid():
+                        if rec is not None and rec.get("state") == "leased":
+                            self.append_usage(dict(rec, ended_by="reclaimed"), state["ended"].get(name, t))
                         try:
                             os.unlink(name, dir_fd=self._dfd)
                         except OSError:
@@ -1004,9 +1344,12 @@ class Leases:
         data = (json.dumps(rec, sort_keys=True) + "\n").encode()
         _rewrite_in_place(self.hold_fd, data, os.fstat(self.hold_fd).st_size)
 
-    def grant(self, state, indices):
-        """Our ticket becomes a lease on ``indices`` (under the lock)."""
+    def grant(self, state, indices, names=None):
+        """Our ticket becomes a lease on ``indices`` (under the lock); ``names``: their models, for the usage
+        record."""
         rec = dict(self.hold_rec, state="leased", gpus=list(indices), granted_at=now())
+        if names:
+            rec["gpu_names"] = [_clean(n, 100) for n in names][:MAX_GPUS_PER_JOB]
         self._write_hold(rec)
         self.hold_rec = rec
         state["queue"] = [t for t in state["queue"] if t.get("hold") != self.hold_name]
@@ -1020,6 +1363,7 @@ class Leases:
             t = now()
             for _ in rec["gpus"]:
                 record_usage(state, dict(rec, since=rec.get("granted_at")), t)
+            self.append_usage(rec, t)
         try:
             os.unlink(self.hold_name, dir_fd=self._dfd)
         except OSError:
@@ -1046,6 +1390,7 @@ class Leases:
             t = now()
             for _ in recs:
                 record_usage(state, recs[0], t)
+            self.append_usage(dict(recs[0], granted_at=recs[0].get("since")), t)
             for k in [k for k, r in state["gpus"].items() if r.get("hold") == name]:
                 del state["gpus"][k]
             state["ended"].pop(name, None)
@@ -1054,6 +1399,50 @@ class Leases:
             os.unlink(name, dir_fd=self._dfd)
         except OSError:
             pass
+
+    # -- the usage record (meshrun usage): append-only, one file per user, written only by that user
+    def append_usage(self, rec, t):
+        """Append one ended lease to this user's usage record (under the lock). Never fails the caller: the
+        record is a report, not the lease."""
+        line = {"v": 1, "uid": rec.get("uid", os.getuid()), "user": rec.get("user"), "job_id": rec.get("job_id"),
+                "name": rec.get("name"), "host": rec.get("host") or socket.gethostname(), "gpus": rec.get("gpus"),
+                "gpu_names": rec.get("gpu_names"), "gpu_type": rec.get("gpu_type"), "queued_at": rec.get("since"),
+                "granted_at": rec.get("granted_at"), "ended_at": t}
+        if rec.get("ended_by"):
+            line["ended_by"] = rec["ended_by"]
+        data = (json.dumps(line, sort_keys=True) + "\n").encode()
+        name = "%s%d.jsonl" % (USAGE_PREFIX, os.getuid())
+        try:
+            fd = self._open_own_log(name)
+            try:
+                if os.fstat(fd).st_size + len(data) > USAGE_MAX_BYTES:
+                    os.close(fd)
+                    fd = None
+                    os.rename(name, "%s%d.1.jsonl" % (USAGE_PREFIX, os.getuid()), src_dir_fd=self._dfd,
+                              dst_dir_fd=self._dfd)
+                    fd = self._open_own_log(name)
+                os.write(fd, data)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        except (OSError, LeaseError) as e:
+            self._warn("could not append to the usage record %s: %s" % (self._where(name), getattr(e, "strerror", None) or e))
+
+    def _open_own_log(self, name):
+        """This user's usage record, opened for appending through the directory: created exclusively if it
+        is not there, never through a link, and used only if it is a regular file of ours with one link."""
+        flags = os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=self._dfd)
+            os.fchmod(fd, 0o644)  # created by this call
+            return fd
+        except FileExistsError:
+            fd = os.open(name, flags, dir_fd=self._dfd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.getuid():
+            os.close(fd)
+            raise LeaseError("it is not a regular file of this user's (%s)" % _who(st))
+        return fd
 
     # -- entries of older agents (agent version < 4): live while their supervisor or session lives
     @staticmethod
@@ -1083,6 +1472,69 @@ class Leases:
         if not dropped and state.pop("changed", False):
             dropped.append(("holds", None, None))  # dead holds were accounted: the table changed
         return dropped
+
+
+def _valid_usage(r):
+    return (isinstance(r, dict) and _is_int(r.get("uid")) and isinstance(r.get("gpus"), list)
+            and 0 < len(r["gpus"]) <= MAX_GPUS_PER_JOB and all(_is_int(i, 0, 1 << 20) for i in r["gpus"])
+            and _is_num(r.get("granted_at")) and _is_num(r.get("ended_at")) and r["ended_at"] >= r["granted_at"]
+            and (r.get("queued_at") is None or _is_num(r.get("queued_at")))
+            and all(_opt_str(r.get(k), 4096) for k in ("user", "job_id", "name", "host", "gpu_type"))
+            and (r.get("gpu_names") is None or (isinstance(r["gpu_names"], list)
+                                                and all(isinstance(n, str) for n in r["gpu_names"]))))
+
+
+def usage_records(path=None, env=None):
+    """Every user's usage record in the lease directory (``meshrun usage``): (list of ended leases, warnings).
+
+    The directory is shared with every user, so it is read as the lease table is: the directory opened
+    without following a link, each ``usage-<uid>.jsonl`` through it without following one, used only if it
+    is a regular file with one link owned by that uid (or root, whose records name their user), at most twice
+    USAGE_MAX_BYTES; a line that is not a well-formed record is skipped. Whose a record is comes from the
+    file's owner, not from its content."""
+    env = os.environ if env is None else env
+    path = path or lease_dir(env)
+    out, warnings = [], []
+    try:
+        dfd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        return out, warnings
+    except OSError as e:
+        return out, ["cannot read the lease directory %s: %s" % (path, e.strerror or e)]
+    try:
+        for name in sorted(os.listdir(dfd)):
+            if not (name.startswith(USAGE_PREFIX) and name.endswith(".jsonl")):
+                continue
+            owner = name[len(USAGE_PREFIX):-len(".jsonl")].split(".", 1)[0]
+            if not owner.isdigit():
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=dfd)
+            except OSError as e:
+                warnings.append("ignored %s: %s" % (_clean(name), e.strerror or e))
+                continue
+            try:
+                st = os.fstat(fd)
+                if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > 2 * USAGE_MAX_BYTES
+                        or st.st_uid not in (int(owner), 0)):
+                    warnings.append("ignored %s (%s): not a usage record of uid %s" % (_clean(name), _who(st), owner))
+                    continue
+                raw = _read_fd(fd, 2 * USAGE_MAX_BYTES)
+            finally:
+                os.close(fd)
+            for line in raw.decode(errors="replace").splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if not _valid_usage(r):
+                    continue
+                if st.st_uid != 0:
+                    r["uid"] = st.st_uid
+                out.append(r)
+    finally:
+        os.close(dfd)
+    return out, warnings
 
 
 def _proc_owner(pid):
@@ -1242,8 +1694,8 @@ def serve_order(gpus, state, busy_uuids, t=None):
     order, grants = [], {}
     waiting = sorted(state["queue"], key=key)
     for tk in waiting:
-        fit = [g for g in free if gpu_matches(g, tk.get("gpu_type"))][: tk["gpus"]]
-        if len(fit) < tk["gpus"]:
+        fit = fit_gpus(free, tk["gpus"], tk.get("gpu_type"))
+        if fit is None:
             break
         grants[tk["ticket"]] = [g["index"] for g in fit]
         taken = set(id(g) for g in fit)
@@ -1265,7 +1717,7 @@ def snapshot(env=None, with_processes=True, leases=None):
         return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {},
                 "mode": "enforced", "warnings": []}
     gpus, source, err = discover_gpus(env)
-    procs, perr = nvidia_smi_processes() if (with_processes and _real_gpus(gpus)) else ([], None)
+    procs, perr = gpu_processes(gpus) if with_processes else ([], None)
     leases = leases or Leases(lease_dir(env), env)
     try:
         with leases:
@@ -1281,7 +1733,7 @@ def snapshot(env=None, with_processes=True, leases=None):
             p.setdefault("user", _proc_owner(p["pid"]))
     # the queue in the order it is served, each ticket with its place and the GPUs its user holds now
     held = held_by_owner(state)
-    order, _, usage = serve_order(gpus, state, set(busy))
+    order, grants, usage = serve_order(gpus, state, set(busy))
     queue = [dict(_public(t), position=i + 1, held=held.get(_owner(t), 0),
                   recent_gpu_hours=round(usage.get(str(_owner(t)), 0.0) / 3600.0, 4))
              for i, t in enumerate(order)]
@@ -1289,6 +1741,9 @@ def snapshot(env=None, with_processes=True, leases=None):
     for rec in state["gpus"].values():
         name = str(rec.get("user") or rec.get("uid"))
         held_by_user[name] = held_by_user.get(name, 0) + 1
+    # what the queue works from: each user's recent use (GPU-hours, halving every FAIR_HALF_LIFE), and the
+    # tickets that would start now
+    recent = dict((uid_name(int(k)) if k.isdigit() else k, round(v / 3600.0, 4)) for k, v in usage.items())
     return {
         "host": socket.gethostname(),
         "agent_version": AGENT_VERSION,
@@ -1300,11 +1755,14 @@ def snapshot(env=None, with_processes=True, leases=None):
         "queue": queue,
         "queue_policy": queue_policy(state),
         "held_by_user": held_by_user,
+        "recent_gpu_hours": recent,
+        "starts_next": [t.get("job_id") for t in order if t["ticket"] in grants],
         "foreign": busy,
         "lease_dir": leases.path,
         "mode": "cooperative",
         "liveness": "flock on each job's hold file",
         "warnings": leases.warnings,
+        "notes": gpu_notes(gpus),
         "time": now(),
     }
 
@@ -1429,7 +1887,7 @@ class LeaseService:
             return []
         t, procs = self._procs
         if now() - t > 1.0:
-            procs = nvidia_smi_processes()[0]
+            procs = gpu_processes(gpus)[0]
             self._procs = (now(), procs)
         return procs
 
@@ -1496,7 +1954,8 @@ class LeaseService:
             t = ticket[0]
             if t["ticket"] in grants:
                 idx = grants[t["ticket"]]
-                rec = dict(t, state="leased", gpus=idx, granted_at=now())
+                rec = dict(t, state="leased", gpus=idx, granted_at=now(),
+                           gpu_names=[g.get("name") or "" for g in gpus if g["index"] in idx])
                 for k in ("hold",):
                     rec.pop(k, None)
                 rec["n"] = t["n"]
@@ -2310,10 +2769,14 @@ class Supervisor:
         if svc:
             return self._acquire_from_service(svc, n, gpu_type)
         gpus, source, err = discover_gpus(self.env)
-        fitting = [g for g in gpus if gpu_matches(g, gpu_type)]
-        if len(fitting) < n:
+        groups = gpu_groups(gpus, gpu_type)
+        most = max([len(grp) for grp in groups] or [0])
+        if most < n:
             what = "%d %s GPU(s)" % (n, gpu_type) if gpu_type else "%d GPU(s)" % n
-            have = "%d GPU(s)%s" % (len(fitting), " of type %s" % gpu_type if gpu_type else "")
+            have = "%d GPU(s)%s" % (most, " of type %s" % gpu_type if gpu_type else "")
+            if len(groups) > 1:
+                have += " of one kind (a job never mixes vendors or models: %s)" % ", ".join(
+                    "%d x %s" % (len(grp), grp[0].get("name")) for grp in groups)
             detail = " (%s)" % err if err and not gpus else ""
             raise _Fail("the job asks for %s and this machine has %s%s" % (what, have, detail))
         check_foreign = _real_gpus(gpus)
@@ -2330,7 +2793,7 @@ class Supervisor:
         }
         delay, warned = 0.01, set()
         while True:
-            procs = nvidia_smi_processes()[0] if check_foreign else []
+            procs = gpu_processes(gpus)[0] if check_foreign else []
             try:
                 with self.leases:
                     state = self.leases.load()
@@ -2346,7 +2809,8 @@ class Supervisor:
                     order, grants, _ = serve_order(gpus, state, set(busy))
                     mine = grants.get(self.ticket)
                     if mine is not None:
-                        self.leases.grant(state, mine)
+                        by_index = dict((g["index"], g) for g in gpus)
+                        self.leases.grant(state, mine, [by_index[i].get("name") or "" for i in mine])
                         if changed:
                             self.leases.save(state)
                         self.ticket = None
@@ -2433,13 +2897,7 @@ class Supervisor:
         leased = len(self.gpus) if self.launch.get("lease", True) is not False else None
         env.update(dist_env(self.launch, self.env, leased))
         if self.launch.get("mask_gpus", True):
-            if self.gpus:
-                env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g["index"]) for g in self.gpus)
-                env["MESHRUN_GPU_UUIDS"] = ",".join(g["uuid"] for g in self.gpus)
-            else:
-                # a CPU job must not wander onto a GPU someone else leased
-                env["CUDA_VISIBLE_DEVICES"] = ""
+            env.update(mask_env(self.gpus))
         return env
 
     # -- starting the job

@@ -314,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._dashboard import main as dashboard_main
 
         return dashboard_main(argv[1:])
+    if argv and argv[0] == "usage":  # likewise: meshrun/_usage.py parses its own options
+        return cmd_usage(argv[1:])
     args = _fast_args(argv)
     if args is None:
         parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
@@ -793,13 +795,15 @@ def _print_gpu_snapshot(host: str, snap: dict[str, Any], many: bool) -> None:
             since = "-"
         else:
             holder, job, since = "free", "-", "-"
-        rows.append([str(g["index"]), g.get("name") or "-", format_size(g.get("memory")), holder, job, since,
+        rows.append([str(g.get("label", g["index"])), g.get("name") or "-", format_size(g.get("memory")), holder, job, since,
                      g.get("uuid", "")])
     title = f"{host} ({snap.get('source')})" if many or snap.get("source") else host
     if snap.get("mode"):
         title += f", leases: {snap['mode']}"
     print_table(["GPU", "NAME", "MEMORY", "HOLDER", "JOB / PROCESSES", "SINCE", "UUID"], rows, title=title,
                 styles={3: lambda v: "green" if v == "free" else ("red" if v == "foreign" else "yellow")})
+    for note in snap.get("notes") or []:
+        print(safe_text(note))
     queue = snap.get("queue") or []
     if queue:
         policy = snap.get("queue_policy")
@@ -1082,6 +1086,19 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
     return dashboard_main(list(a.dashboard_args))
 
 
+def _args_usage(sub: Any) -> None:
+    import argparse
+
+    sub.add_parser("usage", help="GPU-hours by user, host, GPU type and sweep; waits, idle GPUs, spend, fair share",
+                   add_help=False).add_argument("usage_args", nargs=argparse.REMAINDER)
+
+
+def cmd_usage(a: Any) -> int:
+    from ._usage import main as usage_main
+
+    return usage_main(a if isinstance(a, list) else list(a.usage_args))
+
+
 # Every subcommand: its name -> (the function that adds its subparser, the function that runs it), in the
 # order ``meshrun --help`` lists them. A new subcommand is a ``_args_<name>(sub)`` that calls
 # ``sub.add_parser("<name>", ...)``, a ``cmd_<name>(args) -> int``, and one line here; only the subcommand a
@@ -1103,6 +1120,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], 
     "doctor": (_args_doctor, cmd_doctor),
     "bench": (_args_bench, cmd_bench),
     "dashboard": (_args_dashboard, cmd_dashboard),
+    "usage": (_args_usage, cmd_usage),
 }
 
 

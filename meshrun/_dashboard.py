@@ -638,7 +638,7 @@ def _gpu_host_html(host: str, snap: Any) -> str:
                          f"{', ' + esc(p.get('used_memory')) + ' MiB' if p.get('used_memory') not in (None, '') else ''})"
                          for p in procs) or "-"
         util = g.get("utilization")
-        rows.append([esc(g.get("index")), esc(g.get("name") or "-"), esc(format_size(g.get("memory"))),
+        rows.append([esc(g.get("label", g.get("index"))), esc(g.get("name") or "-"), esc(format_size(g.get("memory"))),
                      esc(f"{util}%" if util is not None else "-"), holder, job, since, fp])
     out = head + _table(["GPU", "NAME", "MEMORY", "UTIL", "HOLDER", "JOB", "SINCE", "FOREIGN PROCESSES"], rows,
                         cls="gpus")

@@ -150,9 +150,13 @@ def check_gpu_tools() -> Check:
     smi = shutil.which("nvidia-smi", path=env.get("PATH"))
     declared = env.get("MESHRUN_GPUS")
     if smi is None:
+        gpus, source, _ = _agent.discover_gpus(env)  # AMD GPUs (amd-smi/rocm-smi), or a Mac's MPS device
+        if gpus and source != "MESHRUN_GPUS":
+            names = sorted({str(g.get("name")) for g in gpus})
+            return Check("GPU tools", "ok", f"{len(gpus)} GPU(s) ({', '.join(names)}), from {source}")
         if declared is not None:
             return Check("GPU tools", "ok", f"no nvidia-smi; GPUs declared by MESHRUN_GPUS={declared}")
-        return Check("GPU tools", "ok", "no nvidia-smi on PATH: no NVIDIA GPUs here (CPU jobs only)")
+        return Check("GPU tools", "ok", "no nvidia-smi, amd-smi or rocm-smi on PATH: no GPUs here (CPU jobs only)")
     try:
         p = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=15, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -152,7 +152,8 @@ class LocalBackend(Backend):
         """The GPU inventory (nvidia-smi is slow: cached for a few seconds; leases are always read fresh)."""
         now = time.monotonic()
         env = self._env()
-        key = (env.get("MESHRUN_GPUS"), env.get("PATH"), env.get("FAKE_NVIDIA_SMI"))
+        key = tuple(env.get(k) for k in ("MESHRUN_GPUS", "PATH", "MESHRUN_PLATFORM", "FAKE_NVIDIA_SMI",
+                                           "FAKE_AMD_SMI_DIR", "FAKE_ROCM_SMI_DIR"))
         if self._inventory is None or now - self._inventory[0] > INVENTORY_TTL or self._inventory[1] != key:
             self._inventory = (now, key, _agent.discover_gpus(env))
         return self._inventory[2]
@@ -170,7 +171,9 @@ class LocalBackend(Backend):
         host = socket.gethostname()
         env = self._env()
         gpus, source, err = self._discover()
-        matching = [g for g in gpus if _agent.gpu_matches(g, r.gpu_type)]
+        # a job gets GPUs of one vendor and model: the first kind with enough of them, else the largest
+        groups = _agent.gpu_groups(gpus, r.gpu_type)
+        matching: list[Any] = next((g for g in groups if len(g) >= r.gpus), max(groups, key=len, default=[]))
         gpu_type = r.gpu_type or (matching[0]["name"] if (r.gpus and matching) else None)
         base = Offer(
             backend=self.name,
@@ -185,7 +188,9 @@ class LocalBackend(Backend):
         if r.nodes > 1:
             return [base.rejected(f"the local backend runs single-node jobs; the job asks for {r.nodes} nodes")]
         if r.gpus and len(matching) < r.gpus:
-            have = f"{len(matching)} {r.gpu_type} GPU(s)" if r.gpu_type else f"{len(gpus)} GPU(s)"
+            have = f"{len(matching)} {r.gpu_type} GPU(s)" if r.gpu_type else f"{len(matching)} GPU(s)"
+            if len(groups) > 1:
+                have += " of one kind (a job never mixes vendors or models)"
             why = f" ({err})" if err and not gpus else ""
             return [base.rejected(f"this machine has {have}{why}; the job asks for {r.gpus}")]
         cpus = os.cpu_count() or 1

@@ -146,7 +146,7 @@ def slurm_time(secs: float) -> str:
     return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
 
 
-GPU_HELP = 'a GPU count (2) or a type and count ("H100:8", "A100-80GB:4"); a type alone means one GPU'
+GPU_HELP = 'a GPU count (2) or a type and count ("H100:8", "MI300X:8", "A100-80GB:4"); a type alone means one GPU'
 _GPU_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 

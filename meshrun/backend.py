@@ -30,7 +30,8 @@ _EXPORTS = {
     "BackendSettings": "._settings", "BackendOptions": "._settings",
     "register_backend": "._registry", "unregister_backend": "._registry", "get_backend": "._registry",
     "list_backends": "._registry", "install_hint": "._install",
-    "agent_file": "._local", "agent_version": "._local", "boot_program": "._bootstrap", "map_agent_status": "._local", "tail_file": "._local",
+    "agent_file": "._local", "agent_version": "._local", "boot_program": "._bootstrap", "gpu_groups": "._agent",
+    "map_agent_status": "._local", "tail_file": "._local",
     "place_files_locally": "._attempts",
     "DIST_ENV_VARS": "._launch", "dist_env": "._launch", "dist_shell": "._launch", "free_port": "._launch",
     "check_dist_env": "._launch",
@@ -99,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._install import install_hint
     from ._launch import CONTRACT as DIST_ENV_VARS
     from ._launch import check_dist_env, dist_env, dist_shell, free_port
+    from ._agent import gpu_groups
     from ._bootstrap import source as boot_program
     from ._local import agent_file, agent_version, map_agent_status, tail_file
     from ._registry import get_backend, list_backends, register_backend, unregister_backend
@@ -146,6 +148,7 @@ __all__ = [
     "agent_file",
     "agent_version",
     "boot_program",
+    "gpu_groups",
     "map_agent_status",
     "tail_file",
     "place_files_locally",

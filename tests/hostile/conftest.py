@@ -9,6 +9,7 @@ that both can reach; each user's own files live in a private 0700 directory of t
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -158,3 +159,31 @@ print(json.dumps({"id": j.id, "state": j.record.state.value, "reason": j.record.
 
 def wait_for(pred, timeout: float = 60.0) -> None:
     wait_until(pred, timeout, 0.1)
+
+
+RACER = r"""
+import json, sys
+import meshrun
+out, n, k, var = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+code = ("import json, os, sys, time, uuid; t0 = time.time(); time.sleep(0.2); "
+        "rec = {'gpus': os.environ.get(sys.argv[2]), 'hip': os.environ.get('HIP_VISIBLE_DEVICES'), "
+        "'cuda': os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': t0, 'end': time.time(), 'user': os.getuid(), "
+        "'job': os.environ.get('MESHRUN_JOB_ID')}; "
+        "open(os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'), 'w').write(json.dumps(rec))")
+jobs = [meshrun.run(["python3", "-c", code, out, var], gpus=1 + (i + k) % 2, name=f"r{k}-{i}") for i in range(n)]
+meshrun.wait(jobs, timeout=240)
+print(json.dumps([j.id for j in jobs if j.status() is not meshrun.JobState.SUCCEEDED]))
+"""
+
+
+def race(users: list[User], env_of, out: Path, n: int, var: str = "CUDA_VISIBLE_DEVICES") -> list[dict]:
+    """One submitter per entry of ``users``, all at once, each running ``n`` GPU jobs of 1 or 2 GPUs that record
+    the GPUs they were shown (``var``), by whom and when, into ``out``: the records, once every job succeeded."""
+    out.mkdir()
+    os.chmod(out, 0o1777)
+    procs = [u.popen([PY, "-c", RACER, str(out), str(n), str(k), var], env=env_of(u), stdout=subprocess.PIPE, text=True)
+             for k, u in enumerate(users)]
+    for p in procs:
+        stdout, _ = p.communicate(timeout=300)
+        assert p.returncode == 0 and json.loads(stdout.strip().splitlines()[-1]) == []
+    return [json.loads(f.read_text()) for f in out.glob("*.json")]

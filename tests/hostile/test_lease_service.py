@@ -20,7 +20,7 @@ from meshrun import _agent
 
 from meshrun.testing import assert_no_gpu_overlap as assert_no_overlap
 
-from .conftest import JOB, PY, REPO, User, wait_for as _wait_for
+from .conftest import JOB, PY, REPO, User, race, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -170,30 +170,8 @@ def test_a_service_restart_loses_no_lease(alice, bob, service):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-RACER = r"""
-import json, os, sys, time, uuid
-import meshrun
-out, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-code = ("import json, os, sys, time, uuid; t0 = time.time(); time.sleep(0.2); "
-        "rec = {'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': t0, 'end': time.time(), "
-        "'user': os.getuid(), 'job': os.environ.get('MESHRUN_JOB_ID')}; "
-        "open(os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'), 'w').write(json.dumps(rec))")
-jobs = [meshrun.run(["python3", "-c", code, out], gpus=1 + (i + k) % 2, name=f"r{k}-{i}") for i in range(n)]
-meshrun.wait(jobs, timeout=240)
-print(json.dumps([j.id for j in jobs if j.status() is not meshrun.JobState.SUCCEEDED]))
-"""
-
-
 def test_two_users_racing_through_the_service_never_share_a_gpu(alice, bob, service, shared_dir):
-    out = shared_dir / "records"
-    out.mkdir()
-    os.chmod(out, 0o1777)
-    procs = [u.popen([PY, "-c", RACER, str(out), "4", str(k)], env=_env(u, service), stdout=subprocess.PIPE, text=True)
-             for k, u in enumerate([alice, bob, alice, bob])]
-    for p in procs:
-        stdout, _ = p.communicate(timeout=300)
-        assert p.returncode == 0 and json.loads(stdout.strip().splitlines()[-1]) == []
-    recs = [json.loads(f.read_text()) for f in out.glob("*.json")]
+    recs = race([alice, bob, alice, bob], lambda u: _env(u, service), shared_dir / "records", 4)
     assert len(recs) == 16 and {r["user"] for r in recs} == {alice.uid, bob.uid}
     assert_no_overlap(recs)
     _wait_for(lambda: _snapshot(alice, service)["leases"] == {} and _snapshot(alice, service)["queue"] == [])

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import JOB, PY, User, wait_for as _wait_for
+from meshrun.testing import assert_no_gpu_overlap
+
+from .conftest import JOB, PY, User, race, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +91,17 @@ def _plant(bob: User, *shell: str) -> None:
     assert p.returncode == 0, p.stderr
 
 
+def _hard_link(bob: User, src: Path, dst: Path) -> None:
+    """Bob hard-links Alice's ``src`` as ``dst`` (possible where fs.protected_hardlinks is off)."""
+    prot = Path("/proc/sys/fs/protected_hardlinks")
+    old = prot.read_text().strip()
+    prot.write_text("0")
+    try:
+        _plant(bob, f"ln {src} {dst}")
+    finally:
+        prot.write_text(old)
+
+
 @pytest.mark.parametrize("layout", ["sticky", "legacy-0777"])
 def test_lock_symlink_is_not_followed(alice, bob, lease_dir, bashrc, layout):
     """Attack 1a: Bob makes `lock` a link to Alice's ~/.bashrc (or to a ~/.bash_profile that does not
@@ -132,13 +145,7 @@ def test_table_links_and_temp_names_are_not_written_through(alice, bob, lease_di
     _untouched(bashrc, alice)
     # ... and as a hard link (possible where fs.protected_hardlinks is off)
     (lease_dir / "leases.json").unlink()
-    prot = Path("/proc/sys/fs/protected_hardlinks")
-    old = prot.read_text().strip()
-    prot.write_text("0")
-    try:
-        _plant(bob, f"ln {bashrc} {lease_dir}/leases.json")
-    finally:
-        prot.write_text(old)
+    _hard_link(bob, bashrc, lease_dir / "leases.json")
     res = _job(alice, lease_dir, ["true"], gpus=1)
     assert res["state"] in FAILED and "hard links" in res["reason"]
     _untouched(bashrc, alice)
@@ -301,3 +308,42 @@ def test_hidden_processes_do_not_free_a_live_lease(alice, bob, lease_dir, hide):
     assert alices.returncode == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert res["state"] == "succeeded", res
+
+
+def test_two_users_racing_for_declared_amd_gpus_never_share_one(alice, bob, lease_dir, shared_dir):
+    """Alice and Bob, two submitters each, race for three declared AMD GPUs (``MESHRUN_GPUS=amd:0-2``) in the
+    shared lease directory: no GPU is ever held by two jobs at once, each job sees its GPUs through
+    ROCR_VISIBLE_DEVICES (physical indices) and HIP/CUDA_VISIBLE_DEVICES from 0, and nothing stays leased."""
+    recs = race([alice, bob, alice, bob], lambda u: _env(u, lease_dir, gpus="amd:0-2"), shared_dir / "amd-records",
+                3, var="ROCR_VISIBLE_DEVICES")
+    assert len(recs) == 12 and {r["user"] for r in recs} == {alice.uid, bob.uid}
+    for r in recs:
+        n = len(r["gpus"].split(","))
+        assert set(r["gpus"].split(",")) <= {"0", "1", "2"} and r["hip"] == r["cuda"] == ",".join(map(str, range(n)))
+    assert_no_gpu_overlap(recs)
+    snap = json.loads(_gpus(alice, lease_dir, "--json", gpus="amd:0-2").stdout)
+    (host,) = snap.values()
+    assert host["leases"] == {} and host["queue"] == [] and [g["label"] for g in host["gpus"]] == [
+        "amd:0", "amd:1", "amd:2"]
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "bobs-file", "fifo"])
+def test_a_planted_usage_record_is_never_written_through(alice, bob, lease_dir, bashrc, plant):
+    """Bob plants `usage-<alice's uid>.jsonl` (the name Alice's agent appends her ended leases to) as a link to
+    her ~/.bashrc, a file of his, or a FIFO: her jobs still run, nothing of hers is written, and his file
+    gains nothing (her record is just not kept, with a warning)."""
+    target = lease_dir / f"usage-{alice.uid}.jsonl"
+    if plant == "hardlink":
+        _hard_link(bob, bashrc, target)
+    else:
+        _plant(bob, {"symlink": f"ln -s {bashrc} {target}", "bobs-file": f"touch {target} && chmod 666 {target}",
+                     "fifo": f"mkfifo -m 666 {target}"}[plant])
+    assert _job(alice, lease_dir, ["true"], gpus=1, name="recorded")["state"] == "succeeded"
+    _untouched(bashrc, alice)
+    if plant == "bobs-file":
+        assert target.read_text() == ""
+    # what she reads back skips it too: whose a record is comes from the file's owner
+    p = alice.python("import json, meshrun._agent as a; print(json.dumps(a.usage_records()))",
+                     env=_env(alice, lease_dir))
+    records, warnings = json.loads(p.stdout)
+    assert records == [] and any(target.name in w for w in warnings), p.stdout + p.stderr

@@ -154,7 +154,9 @@ class SSHBackend(mb.Backend):
             return mb.Offer(**base, fits=False, reason=f"GPU leases unusable on {name}: {snap['error']} "
                                  f"(set {h.params.field_prefix}.lease_dir to a directory every user may write)")
         gpu_error = snap.get("error") if not gpus else None
-        matching = [g for g in gpus if _gpu_matches(g, r.gpu_type)]
+        # a job gets GPUs of one vendor and model (AMD and NVIDIA on one host): the first kind with enough
+        groups = mb.gpu_groups(gpus, r.gpu_type)
+        matching: list = next((g for g in groups if len(g) >= r.gpus), max(groups, key=len, default=[]))
         if len(matching) < r.gpus:
             have = f"{len(matching)} {r.gpu_type} GPU(s)" if r.gpu_type else f"{len(gpus)} GPU(s)"
             return mb.Offer(**base, fits=False,

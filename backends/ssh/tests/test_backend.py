@@ -376,3 +376,15 @@ def test_unusable_lease_dir_is_reported(make_config, workdir, lease_root):
     (cpu,) = meshrun.get_backend("ssh").offers(meshrun.JobSpec(command=["true"]))
     assert cpu.fits  # CPU jobs take no lease
     meshrun.configure()
+
+
+def test_amd_gpus_on_an_ssh_host_are_leased_and_masked_by_the_same_agent(ssh_backend, workdir):
+    """The agent the backend uploads serves AMD GPUs as it does locally: two declared AMD GPUs on host1,
+    a job asking for "amd:2" gets both through ROCr's variables."""
+    ssh_backend(hosts=["host1"], host_env={"host1": {"MESHRUN_GPUS": "amd:0-1"}})
+    code = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+            "('ROCR_VISIBLE_DEVICES', 'HIP_VISIBLE_DEVICES', 'CUDA_VISIBLE_DEVICES')}))")
+    job = meshrun.run(["python3", "-c", code], gpus="amd:2", backend="ssh")
+    assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED, job.reason
+    assert json.loads(job.logs().strip().splitlines()[-1]) == {
+        "ROCR_VISIBLE_DEVICES": "0,1", "HIP_VISIBLE_DEVICES": "0,1", "CUDA_VISIBLE_DEVICES": "0,1"}
