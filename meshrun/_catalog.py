@@ -147,9 +147,18 @@ def catalog_dir(path: str | os.PathLike[str] | None = None) -> Path | None:
     if fetched.is_dir():
         return fetched
     sky = Path.home() / ".sky" / "catalogs" / "v8"
-    if sky.is_dir():
+    if catalog_has_tables(sky):
         return sky
     return SHIPPED if SHIPPED.is_dir() else None
+
+
+def catalog_has_tables(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a cloud's price table (``<cloud>/vms.csv``): SkyPilot makes its catalogs folder
+    (with only ``.meta`` in it) before it has fetched any cloud's table."""
+    try:
+        return any((Path(folder) / c / "vms.csv").is_file() for c in os.listdir(folder) if not c.startswith("."))
+    except OSError:
+        return False
 
 
 def updated_dir() -> Path:

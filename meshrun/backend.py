@@ -36,6 +36,7 @@ _EXPORTS = {
     "DIST_ENV_VARS": "._launch", "dist_env": "._launch", "dist_shell": "._launch", "free_port": "._launch",
     "check_dist_env": "._launch",
     "slurm_time": "._units",
+    "catalog_has_tables": "._catalog",
     "extract_records": "._transport", "records_from_log": "._transport", "LogFilter": "._transport", "strip_records": "._transport",
     "write_records": "._transport", "agent_command": "._transport", "pack_job": "._transport",
     "new_nonce": "._transport", "records_nonce": "._transport", "frame_lines_max": "._transport", "exit_records": "._transport",
@@ -122,6 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         write_records,
     )
     from ._units import slurm_time
+    from ._catalog import catalog_has_tables
 
 __all__ = [
     # the contract
@@ -174,6 +176,8 @@ __all__ = [
     "check_dist_env",
     # units only schedulers need
     "slurm_time",
+    # the cloud price catalog
+    "catalog_has_tables",
     # errors a backend raises
     "BackendError",
     "BackendUnavailable",

@@ -122,7 +122,11 @@ def test_catalog_folder_lookup(tmp_path, monkeypatch):
     info = _catalog.catalog_info()
     assert info.kind == "shipped" and _catalog.SNAPSHOT_DATE in info.age_text()
     sky = tmp_path / ".sky" / "catalogs" / "v8"
-    sky.mkdir(parents=True)
+    (sky / ".meta").mkdir(parents=True)  # SkyPilot makes its folder before it fetches any cloud's table
+    assert _catalog.catalog_dir() == SNAP
+    assert any(o.fits and o.price_per_hour > 0 for o in catalog_offers(spec(gpus="H100:8")))
+    (sky / "lambda").mkdir()
+    (sky / "lambda" / "vms.csv").write_text((SNAP / "lambda" / "vms.csv").read_text())
     assert _catalog.catalog_dir() == sky
     assert _catalog.catalog_info().kind == "skypilot"
     fetched = _catalog.updated_dir()

@@ -299,7 +299,7 @@ class SkyPilotBackend(Backend):
         if hasattr(meshrun, "catalog_offers"):  # the core's reader of the same SkyPilot catalog CSVs
             # SkyPilot's own copy when it has one (it refreshes it), else the catalog meshrun uses (one
             # `meshrun catalog update` fetched, or the snapshot that ships with meshrun)
-            where = folder if os.path.isdir(folder) else None
+            where = folder if mb.catalog_has_tables(folder) else None
             offers = meshrun.catalog_offers(spec, catalog_dir=where, clouds=clouds, launcher=NAME)
         else:  # pragma: no cover - an older core: SkyPilot's own catalog module
             from ._catalog import sky_catalog_offers

@@ -112,7 +112,7 @@ def test_bad_backend_ids_and_settings():
     assert st.state is meshrun.JobState.LOST and "not a SkyPilot backend id" in st.reason
 
 
-def test_api_server_down(meshrun_home, free_api_port):
+def test_api_server_down(meshrun_home, free_api_port, tmp_path):
     """With start_server = false and nothing on the port, every call says the server is down and how to start it."""
     port = free_api_port
     meshrun.configure({"backends": {"skypilot": {"port": port, "start_server": False}}})
@@ -125,6 +125,14 @@ def test_api_server_down(meshrun_home, free_api_port):
     assert offers and not any(o.fits for o in offers)
     for o in offers:
         assert "is down" in o.reason and "sky api start" in o.reason and "sky check" in o.reason
+    assert any(o.where.startswith("lambda") and o.price_per_hour > 0 for o in offers)
+    # SkyPilot makes its catalogs folder (only .meta in it) before it fetches any table: prices still come
+    # from the catalog meshrun uses
+    empty = tmp_path / "catalogs" / "v8"
+    (empty / ".meta").mkdir(parents=True)
+    meshrun.configure({"backends": {"skypilot": {"port": port, "start_server": False, "catalog_dir": str(empty)}}})
+    b = meshrun.get_backend("skypilot")
+    offers = b.offers(meshrun.JobSpec(command="true", gpus="H100:1"))
     assert any(o.where.startswith("lambda") and o.price_per_hour > 0 for o in offers)
     with pytest.raises(meshrun.BackendUnavailable):
         b.submit(_submission(meshrun.JobSpec(command="true")))
