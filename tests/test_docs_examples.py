@@ -42,7 +42,7 @@ FENCE = re.compile(r"^(```+|~~~+)\s*([\w-]*)")
 # meshrun subcommands that are safe to run here (reading, or run on this machine)
 SAFE = {"ls", "status", "logs", "wait", "cancel", "offers", "gpus", "backends", "show", "catalog", "usage",
         "doctor", "run"}
-OWN_PARSER = {"bench", "dashboard", "usage"}  # they parse their own arguments
+OWN_PARSER = {"bench", "dashboard", "usage"}  # they parse their own arguments (usage: only as it runs)
 
 
 @dataclass
@@ -128,14 +128,19 @@ def unsafe(argv: list[str]) -> str | None:
 
 def parse_check(b: Block, argv: list[str]) -> None:
     """The CLI's own parser accepts ``meshrun ARGV`` (nothing runs)."""
-    from meshrun import _cli
+    from meshrun import _cli, _dashboard
+    from meshrun.bench import _cli as bench_cli
 
-    if not argv or argv[0] in OWN_PARSER or argv[0] not in _cli.COMMANDS:
-        assert not argv or argv[0] in _cli.COMMANDS, f"{b}: no meshrun subcommand {argv[0]!r}"
-        return
-    argv = [("1" if w == "JOB_ID" else w) for w in argv]
+    assert not argv or argv[0] in _cli.COMMANDS, f"{b}: no meshrun subcommand {argv[0]!r}"
+    argv = [("1" if w == "JOB_ID" else w) for w in argv[: argv.index(">") if ">" in argv else None]]
+    own = {"bench": bench_cli.build_parser, "dashboard": _dashboard.build_parser}
+    if not argv or (argv[0] in OWN_PARSER and argv[0] not in own) or "--help" in argv or "-h" in argv:
+        return  # `meshrun usage` builds its parser as it runs; --help is run where the block runs
     try:
-        _cli.build_parser(argv[0]).parse_args(argv)
+        if argv[0] in own:
+            own[argv[0]]().parse_args(argv[1:])
+        else:
+            _cli.build_parser(argv[0]).parse_args(argv)
     except SystemExit as e:
         raise AssertionError(f"{b}: `meshrun {shlex.join(argv)}` is refused by the CLI's parser") from e
 
