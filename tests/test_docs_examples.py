@@ -175,24 +175,29 @@ def run_shell(b: Block, cwd: Path) -> None:
             job_id = p.stdout.split()[-1]
 
 
-def load_toml(b: Block) -> None:
+def load_toml(b: Block, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Load the block as the config file, and have each table read by what reads it."""
-    import tomllib
-
     import meshrun
     from meshrun import _prices, _registry, _tracking
 
-    data = tomllib.loads(b.text)
-    config = meshrun.configure(data)
-    for name in data.get("backends", {}):
-        _registry.backend_class(name)(config.backend(name))  # its settings model: unknown keys are errors
-    meshrun.PlacementOptions.from_config()
-    _prices.price_table()
-    _tracking.configured()
+    path = cwd / f"config-{b.line}.toml"
+    path.write_text(b.text)
+    try:
+        with monkeypatch.context() as m:  # the file's later blocks run without it
+            m.setenv("MESHRUN_CONFIG", str(path))
+            config = meshrun.configure()  # read from the file, as a fresh process reads it
+            for name in config.data.get("backends", {}):
+                _registry.backend_class(name)(config.backend(name))  # its settings model: unknown keys are errors
+            meshrun.PlacementOptions.from_config()
+            _prices.price_table()
+            _tracking.configured()
+    finally:
+        meshrun.configure()
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
-def test_doc_blocks(doc: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_doc_blocks(doc: Path, tmp_path: Path, request: pytest.FixtureRequest,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
     ran = skipped = 0
     for b in blocks(doc):
         if not b.lang:
@@ -212,7 +217,7 @@ def test_doc_blocks(doc: Path, tmp_path: Path, request: pytest.FixtureRequest) -
             run_python(b, tmp_path)
         elif b.lang == "toml":
             try:
-                load_toml(b)
+                load_toml(b, tmp_path, monkeypatch)
             except meshrun_errors() as e:
                 raise AssertionError(f"{b}: {type(e).__name__}: {e}") from e
         else:
