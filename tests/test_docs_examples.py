@@ -13,8 +13,9 @@ Each fenced block is one of:
 A block that cannot run here (a Slurm cluster, a cloud, a GPU, your own ``train.py``, an install) carries
 ``<!-- doctest: skip (the reason) -->`` on the line before it; the ``meshrun`` command lines of a skipped shell
 block are still parsed by the CLI's own parser, so a documented flag that does not exist fails. A block may also
-be preceded by ``<!-- doctest: env KEY=VALUE ... (why) -->`` (e.g. GPUs declared with ``MESHRUN_GPUS``) and a
-shell block by ``<!-- doctest: exit N (why) -->``, the exit code its commands document.
+be preceded by ``<!-- doctest: env KEY=VALUE ... (why) -->`` (e.g. GPUs declared with ``MESHRUN_GPUS``),
+``<!-- doctest: stub train.py ... (why) -->`` (stand-ins for the user's own scripts, which print their arguments)
+and a shell block by ``<!-- doctest: exit N (why) -->``, the exit code its commands document.
 Blocks without a language (layouts, output) are text. Each file is one test, with one MESHRUN_HOME for all
 its blocks; the test prints how many blocks ran and how many were skipped.
 """
@@ -36,7 +37,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 SHELL = ("bash", "sh", "shell", "console")
 TIMEOUT = 60
 
-MARKER = re.compile(r"^<!--\s*doctest:\s*(skip|env|exit)\s*(.*?)\s*-->$")
+MARKER = re.compile(r"^<!--\s*doctest:\s*(skip|env|exit|stub)\s*(.*?)\s*-->$")
 FENCE = re.compile(r"^(```+|~~~+)\s*([\w-]*)")
 
 # meshrun subcommands that are safe to run here (reading, or run on this machine)
@@ -54,6 +55,7 @@ class Block:
     skip: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     exit: int = 0
+    stubs: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return f"{self.path.relative_to(REPO)}:{self.line} ({self.lang})"
@@ -83,6 +85,8 @@ def blocks(path: Path) -> list[Block]:
                 reason = mm.group(2)
                 assert re.fullmatch(r"\(.+\)", reason), f"{b}: a skip marker gives its reason in parentheses"
                 b.skip = reason[1:-1]
+            elif mm.group(1) == "stub":
+                b.stubs += shlex.split(mm.group(2).split("(")[0])
             elif mm.group(1) == "exit":
                 b.exit = int(mm.group(2).split()[0])
             else:
@@ -146,14 +150,27 @@ def parse_check(b: Block, argv: list[str]) -> None:
 
 
 def run_python(b: Block, cwd: Path) -> None:
+    write_stubs(b, cwd)
     env = {**os.environ, **b.env}
     p = subprocess.run([sys.executable, "-c", b.text], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=TIMEOUT)
     assert p.returncode == 0, f"{b} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
 
 
+def write_stubs(b: Block, cwd: Path) -> None:
+    """Stand-ins for the user's own scripts a block names: they print their arguments and exit 0."""
+    for name in b.stubs:
+        f = cwd / name
+        if name.endswith(".py"):
+            f.write_text("import sys\nprint('stand-in for your script:', sys.argv[1:])\n")
+        else:
+            f.write_text("#!/bin/bash\necho \"stand-in for your script: $*\"\n")
+            f.chmod(0o755)
+
+
 def run_shell(b: Block, cwd: Path) -> None:
     job_id = None
+    write_stubs(b, cwd)
     for line in command_lines(b):
         argv = argv_of(line)
         assert argv is not None, f"{b}: {line!r} is not a meshrun command; mark the block doctest: skip (reason)"
