@@ -1027,7 +1027,9 @@ def cmd_tensorboard(a: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        raise MeshrunError("meshrun tensorboard needs the tensorboard package: pip install 'meshrun[track]' "
+        from ._install import extra_hint
+
+        raise MeshrunError(f"meshrun tensorboard needs the tensorboard package: {extra_hint('track')} "
                            f"(or run tensorboard --logdir {logdir} yourself)")
     argv = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, *extra]
     print(f"meshrun: tensorboard --logdir {logdir}", file=sys.stderr)

@@ -111,6 +111,20 @@ def install_hint(name: str, extras: Iterable[str] = ()) -> str:
     return f"from a checkout of meshrun: pip install -e {shlex.quote(f'{BACKENDS_DIR}/{name}{extra}')}"
 
 
+def extra_hint(extra: str) -> str:
+    """One command that installs meshrun's optional dependencies ``extra`` (``track``) for the way meshrun is
+    installed here (meshrun is not published on a package index either)."""
+    root = source_tree()
+    if root is not None:
+        return f"{pip_command()} install -e {shlex.quote(f'{root}[{extra}]')}"
+    kind, where, editable = _installed_origin()
+    if kind == "dir":
+        return f"{pip_command()} install {'-e ' if editable else ''}{shlex.quote(f'{where}[{extra}]')}"
+    if kind in ("vcs", "repo"):
+        return f"{pip_command()} install {shlex.quote(f'meshrun[{extra}] @ {where}')}"
+    return f"from a checkout of meshrun: pip install -e {shlex.quote(f'.[{extra}]')}"
+
+
 def install_all_hint() -> str | None:
     """One command that installs every backend of the checkout meshrun runs from (None for an installed copy)."""
     root = source_tree()

@@ -226,8 +226,10 @@ def _mlflow_client(uri: str) -> Any:
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
+        from ._install import extra_hint
+
         raise ConfigError("tracking.mlflow", "tracking with MLflow needs the mlflow package here, where jobs are "
-                          "submitted: pip install 'meshrun[track]' (or mlflow)") from None
+                          f"submitted: {extra_hint('track')} (or pip install mlflow)") from None
     return MlflowClient(tracking_uri=uri)
 
 
@@ -417,8 +419,10 @@ def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, wher
     if env.get("WANDB_MODE") == "disabled":
         return {"skipped": "mode disabled"}
     if importlib.util.find_spec("wandb") is None:
+        from ._install import extra_hint
+
         raise ConfigError("tracking.wandb", "marking the W&B run of a job that did not succeed needs the wandb "
-                          "package here, where jobs are submitted: pip install 'meshrun[track]' (or wandb)")
+                          f"package here, where jobs are submitted: {extra_hint('track')} (or pip install wandb)")
     # an offline run is written where the job's were, when that folder is here; else (and for an online run,
     # whose local files are only a cache) into the job's folder in the store
     folder = env.get("WANDB_DIR")

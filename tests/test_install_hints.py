@@ -21,7 +21,7 @@ except ImportError:  # Python 3.10
 
 import meshrun.backend as mb
 from meshrun import _registry
-from meshrun._install import install_all_hint, install_hint
+from meshrun._install import extra_hint, install_all_hint, install_hint
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = sorted(n for n in _registry.KNOWN if n != "local")
@@ -85,7 +85,7 @@ def test_the_readme_install_line_names_every_backend_folder():
 
 def _installed_copy(tmp_path: Path, direct_url: dict | None, urls: list[str] = ()) -> str:
     """A copy of meshrun installed into a site folder (no checkout around it), with the given install record;
-    returns what its install_hint says for ssh."""
+    returns what its install_hint says for ssh and slurm[rest], and its extra_hint for track, one a line."""
     site = tmp_path / "site"
     shutil.copytree(REPO / "meshrun", site / "meshrun", ignore=shutil.ignore_patterns("__pycache__"))
     info = site / "meshrun-0.1.0.dist-info"
@@ -94,7 +94,8 @@ def _installed_copy(tmp_path: Path, direct_url: dict | None, urls: list[str] = (
                                    + "".join(f"Project-URL: {u}\n" for u in urls))
     if direct_url is not None:
         (info / "direct_url.json").write_text(json.dumps(direct_url))
-    code = "from meshrun._install import install_hint as h; print(h('ssh')); print(h('slurm', ['rest']))"
+    code = ("from meshrun._install import install_hint as h, extra_hint as x; print(h('ssh')); "
+            "print(h('slurm', ['rest'])); print(x('track'))")
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(site)},
                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
 
@@ -105,11 +106,13 @@ def test_an_installed_copy_from_git_points_at_the_same_commit(tmp_path):
     assert out[0].endswith(" install 'meshrun-ssh @ git+https://example.org/meshrun.git@0123abc"
                            "#subdirectory=backends/ssh'")
     assert "'meshrun-slurm[rest] @ git+https://example.org/meshrun.git@0123abc#subdirectory=backends/slurm'" in out[1]
+    assert out[2].endswith(" install 'meshrun[track] @ git+https://example.org/meshrun.git@0123abc'")
 
 
 def test_an_installed_copy_from_a_folder_points_at_that_folder(tmp_path):
     out = _installed_copy(tmp_path, {"url": REPO.as_uri(), "dir_info": {}}).splitlines()
     assert out[0].endswith(f" install {REPO}/backends/ssh")  # not editable, as meshrun was not
+    assert out[2].endswith(f" install '{REPO}[track]'")
     out = _installed_copy(tmp_path / "e", {"url": REPO.as_uri(), "dir_info": {"editable": True}}).splitlines()
     assert out[0].endswith(f" install -e {REPO}/backends/ssh")
 
@@ -121,6 +124,13 @@ def test_an_installed_copy_uses_the_repository_url_or_says_to_use_a_checkout(tmp
     out = _installed_copy(tmp_path / "bare", None).splitlines()
     assert out[0] == "from a checkout of meshrun: pip install -e backends/ssh"
     assert out[1] == "from a checkout of meshrun: pip install -e 'backends/slurm[rest]'"
+    assert out[2] == "from a checkout of meshrun: pip install -e '.[track]'"
+
+
+def test_the_extras_hint_of_this_checkout_installs_the_extra():
+    hint = extra_hint("track")
+    assert shlex.split(hint)[-2:] == ["-e", f"{REPO}[track]"]
+    assert "track" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
 # ---- the hinted command, run for real into a throwaway environment -------------------------------------------
