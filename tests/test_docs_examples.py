@@ -43,6 +43,7 @@ FENCE = re.compile(r"^(```+|~~~+)\s*([\w-]*)")
 # meshrun subcommands that are safe to run here (reading, or run on this machine)
 SAFE = {"ls", "status", "logs", "wait", "cancel", "offers", "gpus", "backends", "show", "catalog", "usage",
         "doctor", "run"}
+SERVICES = ("slurm", "ssh", "dstack", "kubernetes")  # backends of the shared test services
 OWN_PARSER = {"bench", "dashboard", "usage"}  # they parse their own arguments (usage: only as it runs)
 
 
@@ -215,6 +216,9 @@ def load_toml(b: Block, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
 def test_doc_blocks(doc: Path, tmp_path: Path, request: pytest.FixtureRequest,
                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # the jobs the blocks submit stay on this machine: the test services (a Slurm cluster, ...) other tests
+    # start are not this test's to use
+    Path(os.environ["MESHRUN_CONFIG"]).write_text(f"[placement]\nexclude_backends = {list(SERVICES)!r}\n")
     ran = skipped = 0
     for b in blocks(doc):
         if not b.lang:
