@@ -109,6 +109,8 @@ def command_lines(b: Block) -> list[str]:
 def argv_of(line: str) -> list[str] | None:
     """The meshrun arguments of a command line, or None when it is not a meshrun command."""
     words = shlex.split(line, comments=True)
+    while words and re.match(r"[A-Za-z_]\w*=", words[0]):  # VAR=value meshrun ...
+        words = words[1:]
     if words[:1] == ["meshrun"]:
         return words[1:]
     if words[:3] == ["python", "-m", "meshrun"]:
@@ -118,6 +120,7 @@ def argv_of(line: str) -> list[str] | None:
 
 def unsafe(argv: list[str]) -> str | None:
     """Why ``meshrun ARGV`` cannot run here, or None."""
+    argv = argv[: argv.index("--")] if "--" in argv else argv  # not the job's own command
     if "--help" in argv or "-h" in argv:
         return None
     cmd = argv[0] if argv else ""
