@@ -68,6 +68,10 @@ def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | No
         if getattr(spec, "secrets", None) and Feature.SECRETS not in b.features:
             return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot pass secrets "
                           "to a job without writing them down (give them as env, or use a backend that can)")], None
+        if (getattr(spec, "inputs", None) or getattr(spec, "outputs", None)) and Feature.DATA not in b.features:
+            why = getattr(b, "data_refusal", "") or "it does not run the node-side stager"
+            return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot move the job's "
+                          f"object-store inputs/outputs: {why}")], None
         doing("checking availability")
         av = b.check()
         if not av.ok:
