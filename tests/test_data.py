@@ -4,11 +4,9 @@ corruption detected, resumed downloads, the cache, and the endpoint and credenti
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -180,45 +178,6 @@ def _slow_python(tmp_path: Path) -> Path:
     return p
 
 
-def _crc32c(data: bytes) -> int:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _corrupt_in_store(data_dir: Path, payload: bytes) -> None:
-    """Flip the first byte of ``payload`` where SeaweedFS keeps it (its volume files), and fix the needle's own
-    CRC so the server serves the altered bytes as good: bit rot the store itself does not see."""
-    bad = bytes([payload[0] ^ 0xFF]) + payload[1:]
-
-    def forms(c: int) -> list[bytes]:
-        v = (((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8
-        return [struct.pack(">I", c), struct.pack(">I", v & 0xFFFFFFFF)]
-
-    done = 0
-    for f in glob.glob(str(data_dir / "**" / "*.dat"), recursive=True):
-        b = bytearray(Path(f).read_bytes())
-        i = b.find(payload)
-        if i < 0:
-            continue
-        b[i:i + len(payload)] = bad
-        end = i + len(payload)
-        for old, new in zip(forms(_crc32c(payload)), forms(_crc32c(bad))):
-            j = b.find(old, end, end + 64)
-            if j >= 0:
-                b[j:j + 4] = new
-        Path(f).write_bytes(bytes(b))
-        done += 1
-    assert done, "the object's bytes were not found in the store's volume files"
-
-
 @pytest.mark.parametrize("stored_checksum", [False, True], ids=["etag-only", "crc32-stored"])
 def test_a_corrupted_object_fails_the_job_and_nothing_is_kept(s3, tmp_path, stored_checksum):
     payload = b"meshrun-corrupt-" + os.urandom(24).hex().encode() + b"-end"
@@ -232,7 +191,7 @@ def test_a_corrupted_object_fails_the_job_and_nothing_is_kept(s3, tmp_path, stor
                              aws_secret_access_key=s3.secret, region_name="us-east-1",
                              config=Config(request_checksum_calculation="when_required"))
         plain.put_object(Bucket=s3.bucket, Key="c/obj.bin", Body=payload)
-    _corrupt_in_store(s3.server["data"], payload)
+    s3.corrupt(payload)
     ran = tmp_path / "ran"
     job = meshrun.submit(meshrun.JobSpec(command=f"touch {ran}", workdir=str(tmp_path),
                                          inputs={f"s3://{s3.bucket}/c/obj.bin": "obj.bin"}), backend="local")
