@@ -286,6 +286,24 @@ def fetch_object(client, cache, obj, progress, pool):
         progress.add(size)
         obj["cached"] = True
         return final
+    import fcntl
+
+    # one download of an object per cache at a time (the nodes of a job on one host, two jobs): the others
+    # wait, then find it in the cache
+    lock = os.open(os.path.join(cache.partial, ident + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cache.hit(ident, size):
+            progress.add(size)
+            obj["cached"] = True
+            return final
+        return _fetch_locked(client, cache, obj, ident, final, progress, pool)
+    finally:
+        os.close(lock)
+
+
+def _fetch_locked(client, cache, obj, ident, final, progress, pool):
+    bucket, key, size, etag, version = obj["bucket"], obj["key"], obj["size"], obj["etag"], obj.get("version")
     url = "s3://%s/%s" % (bucket, key)
     ranges, check = _ranges(client, bucket, key, size, etag, version) if size > PART or _MULTI.match(etag) \
         else ([(0, size - 1)] if size else [], ("md5", None) if _MD5.match(etag) else ("size", None))
