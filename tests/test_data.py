@@ -204,9 +204,12 @@ def test_a_corrupted_object_fails_the_job_and_nothing_is_kept(s3, tmp_path, stor
 
 
 def test_a_cut_download_resumes_with_the_parts_it_has(s3, tmp_path):
-    from meshrun import _stage
-    from boto3.s3.transfer import TransferConfig
     import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from boto3.s3.transfer import TransferConfig
+
+    from meshrun import _stage
 
     body = os.urandom(20 << 20)
     s3.client.upload_fileobj(io.BytesIO(body), s3.bucket, "r/big", Config=TransferConfig(
@@ -226,16 +229,30 @@ def test_a_cut_download_resumes_with_the_parts_it_has(s3, tmp_path):
                 raise ConnectionError("cut")
 
     client.meta.events.register("before-parameter-build.s3.GetObject", cut)
+    one = ThreadPoolExecutor(1)  # the parts one after the other: the cut falls after the second
     with pytest.raises(Exception):
-        _stage.fetch_object(client, cache, dict(obj), _stage.Progress("t", 0, 1), None)
+        _stage.fetch_object(client, cache, dict(obj), _stage.Progress("t", 0, 1), one)
     client.meta.events.unregister("before-parameter-build.s3.GetObject", cut)
     ranges.clear()
     client.meta.events.register("before-parameter-build.s3.GetObject",
                                 lambda params, **kw: ranges.append(params.get("Range")))
-    path = _stage.fetch_object(client, cache, dict(obj), _stage.Progress("t", 0, 1), None)
-    assert Path(path).read_bytes() == body
+    again = dict(obj)
+    path = _stage.fetch_object(client, cache, again, _stage.Progress("t", 0, 1), one)
+    assert Path(path).read_bytes() == body and again["verified"] == "crc32-composite"  # the server's CRC-32s
     assert ranges == ["bytes=%d-%d" % (10 << 20, (15 << 20) - 1), "bytes=%d-%d" % (15 << 20, (20 << 20) - 1)]
     assert [p.name for p in Path(cache.partial).iterdir() if not p.name.endswith(".lock")] == []
+    # a multi-part object without a stored checksum: checked against its ETag (the MD5 of its parts' MD5s)
+    import boto3
+    from botocore.config import Config
+
+    plain = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                         aws_secret_access_key=s3.secret, region_name="us-east-1",
+                         config=Config(request_checksum_calculation="when_required"))
+    plain.upload_fileobj(io.BytesIO(body[:12 << 20]), s3.bucket, "m/obj", Config=TransferConfig(
+        multipart_threshold=5 << 20, multipart_chunksize=5 << 20))
+    obj2 = _stage.list_input(client, f"s3://{s3.bucket}/m/obj", str(tmp_path / "obj"))[0][0]
+    path = _stage.fetch_object(client, cache, obj2, _stage.Progress("t", 0, 1), ThreadPoolExecutor(4))
+    assert Path(path).read_bytes() == body[:12 << 20] and obj2["verified"] == "md5-multipart"
 
 
 def test_the_cache_refuses_a_folder_of_another_user_or_a_link(tmp_path):
