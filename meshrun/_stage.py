@@ -48,8 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 PART = 64 << 20  # the upload part size, and the part size of a download without part boundaries
 SUB = 8 << 20  # the largest ranged GET of a download whose parts are fetched side by side
-WORKERS = int(os.environ.get("MESHRUN_DATA_WORKERS") or 16)
-PROGRESS_EVERY = float(os.environ.get("MESHRUN_DATA_PROGRESS_EVERY") or 5.0)
+WORKERS = int(os.environ.get("MESHRUN_DATA_WORKERS") or 10)
 RECORD = ".outputs.json"  # in the job folder: what was uploaded (key, size, mtime), so nothing goes up twice
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 _MULTI = re.compile(r"^([0-9a-f]{32})-([0-9]+)$")
@@ -194,7 +193,8 @@ class Progress:
         self.start = time.time()
         self._stop = threading.Event()
         self._t = None
-        if total > 0 and PROGRESS_EVERY > 0:
+        self.every = float(os.environ.get("MESHRUN_DATA_PROGRESS_EVERY") or 5.0)
+        if total > 0 and self.every > 0:
             self._t = threading.Thread(target=self._loop, daemon=True)
             self._t.start()
 
@@ -203,7 +203,7 @@ class Progress:
             self.done += n
 
     def _loop(self):
-        while not self._stop.wait(PROGRESS_EVERY):
+        while not self._stop.wait(self.every):
             dt = max(time.time() - self.start, 1e-6)
             say("%s %s of %s (%d objects), %.1f MiB/s" % (self.verb, fmt_size(self.done), fmt_size(self.total),
                                                           self.count, self.done / dt / (1 << 20)))

@@ -133,6 +133,7 @@ def seaweedfs(folder: Any, *, weed: str | None = None, bind: str = "0.0.0.0") ->
         p = subprocess.Popen(
             [weed, "server", f"-dir={d / 'data'}", "-ip=127.0.0.1", f"-ip.bind={bind}", f"-master.port={master}",
              f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}", f"-s3.config={conf}",
+             "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports: two servers would collide
              "-master.volumeSizeLimitMB=256", "-volume.max=300"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -275,3 +275,15 @@ def test_the_cache_refuses_a_folder_of_another_user_or_a_link(tmp_path):
     os.chmod(loose, 0o777)
     _stage.own_dir(str(loose))
     assert loose.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_node_without_boto3_fails_the_job_with_what_to_do(s3, tmp_path, monkeypatch):
+    bare = tmp_path / "bare-python"  # the same Python without its site-packages: no boto3
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S -I \"$@\"\n")
+    bare.chmod(0o755)
+    monkeypatch.setenv("MESHRUN_DATA_PYTHON", str(bare))
+    job = meshrun.submit(meshrun.JobSpec(command="echo never", workdir=str(tmp_path),
+                                         inputs={f"s3://{s3.bucket}/x/": "x/"}), backend="local")
+    with pytest.raises(meshrun.JobFailed) as e:
+        job.result(timeout=60)
+    assert "boto3 is not installed" in str(e.value) and "MESHRUN_DATA_PYTHON" in str(e.value)
