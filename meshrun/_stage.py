@@ -762,7 +762,7 @@ def main(argv=None):
     ap.add_argument("--state", default="failed")
     a = ap.parse_args(argv)
     try:
-        import boto3  # noqa: F401
+        __import__("boto3")
     except ImportError:
         say("boto3 is not installed for %s; install it there (pip install boto3) or set MESHRUN_DATA_PYTHON on "
             "this node to a Python that has it" % sys.executable)

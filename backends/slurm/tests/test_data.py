@@ -10,22 +10,9 @@ from pathlib import Path
 import pytest
 
 import meshrun
-from meshrun.testing import wait_until
+from meshrun.testing import files_holding, wait_until
 
 pytestmark = pytest.mark.service
-
-
-def _keys(s3, prefix=""):
-    return sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents") or [])
-
-
-def _files_holding(root: Path, needles: list[str]) -> list[str]:
-    out = []
-    for p in Path(root).rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            data = p.read_bytes()
-            out += [f"{p}: {n!r}" for n in needles if n.encode() in data]
-    return out
 
 
 def test_inputs_outputs_cancel_policy_and_corruption_on_slurm(slurm, s3, s3_node, tmp_path, meshrun_home,
@@ -40,7 +27,7 @@ def test_inputs_outputs_cancel_policy_and_corruption_on_slurm(slurm, s3, s3_node
         command='mkdir -p out && cat data/a.txt data/deep/b.txt > "out/node$NODE_RANK.txt"', backend="slurm",
         nodes=2, inputs={f"s3://{s3.bucket}/in/": "data/"}, outputs={"out/": f"s3://{s3.bucket}/res/"}))
     assert job.wait(timeout=180) is meshrun.JobState.SUCCEEDED, (job.reason, job.logs())
-    assert _keys(s3, "res/") == ["res/node0.txt", "res/node1.txt"]
+    assert s3.keys("res/") == ["res/node0.txt", "res/node1.txt"]
     assert s3.client.get_object(Bucket=s3.bucket, Key="res/node1.txt")["Body"].read() == b"alpha\nbeta\n"
 
     # cancelled: the checkpoint folder goes up (its policy names cancel), the final one (success only) does not
@@ -51,8 +38,8 @@ def test_inputs_outputs_cancel_policy_and_corruption_on_slurm(slurm, s3, s3_node
     wait_until(lambda: "ready" in job2.logs(), 90, interval=0.2, what="the job to start")
     job2.cancel()
     assert job2.wait(timeout=120) is meshrun.JobState.CANCELLED
-    wait_until(lambda: _keys(s3, "ck/") == ["ck/c"], 30, interval=0.2, what="the cancelled job's checkpoint")
-    assert _keys(s3, "fin/") == []
+    wait_until(lambda: s3.keys("ck/") == ["ck/c"], 30, interval=0.2, what="the cancelled job's checkpoint")
+    assert s3.keys("fin/") == []
 
     # an object that is not what its ETag says fails the job before it starts
     payload = b"meshrun-slurm-corrupt-" + os.urandom(16).hex().encode()
@@ -65,5 +52,5 @@ def test_inputs_outputs_cancel_policy_and_corruption_on_slurm(slurm, s3, s3_node
 
     # the key pair and the endpoint are in no file meshrun wrote (job store, job folders, the working folder)
     needles = [s3.secret, s3.access_key, f":{s3.server['port']}"]
-    assert _files_holding(meshrun_home, needles) == []
-    assert _files_holding(Path.cwd(), needles) == []
+    assert files_holding(meshrun_home, needles) == []
+    assert files_holding(Path.cwd(), needles) == []

@@ -10,24 +10,11 @@ from pathlib import Path
 
 import meshrun
 import pytest
-from meshrun.testing import wait_until
+from meshrun.testing import files_holding, wait_until
 
 pytestmark = pytest.mark.service
 ALICE = "mrssh-alice"
 SCRATCH = os.environ.get("MRSSH_SCRATCH", "/var/tmp/meshrun-sshpool")
-
-
-def _keys(s3, prefix=""):
-    return sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents") or [])
-
-
-def _files_holding(root: Path, needles: list[str]) -> list[str]:
-    out = []
-    for p in Path(root).rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            data = p.read_bytes()
-            out += [f"{p}: {n!r}" for n in needles if n.encode() in data]
-    return out
 
 
 def test_inputs_outputs_cancel_policy_and_corruption_on_an_ssh_host(ssh_backend, s3, s3_node, pool, workdir,
@@ -57,7 +44,7 @@ def test_inputs_outputs_cancel_policy_and_corruption_on_an_ssh_host(ssh_backend,
     wait_until(lambda: "ready" in job2.logs(), 60, what="the job to start")
     job2.cancel()
     assert job2.wait(timeout=120) is meshrun.JobState.CANCELLED
-    assert _keys(s3, "ck/") == ["ck/c"] and _keys(s3, "fin/") == []
+    assert s3.keys("ck/") == ["ck/c"] and s3.keys("fin/") == []
 
     # an object that is not what its ETag says fails the job before it starts
     payload = b"meshrun-ssh-corrupt-" + os.urandom(16).hex().encode()
@@ -71,6 +58,6 @@ def test_inputs_outputs_cancel_policy_and_corruption_on_an_ssh_host(ssh_backend,
     # the key pair and the endpoint are in no file meshrun wrote, here or on the host
     needles = [s3.secret, s3.access_key, f":{s3.server['port']}"]
     remote_home = Path(pool["users"][ALICE]["home"])
-    assert _files_holding(meshrun_home, needles) == []
-    assert _files_holding(remote_home / ".meshrun", needles) == []
-    assert _files_holding(remote_home / ".cache" / "meshrun" / "data", needles) == []  # the host's default cache
+    assert files_holding(meshrun_home, needles) == []
+    assert files_holding(remote_home / ".meshrun", needles) == []
+    assert files_holding(remote_home / ".cache" / "meshrun" / "data", needles) == []  # the host's default cache
