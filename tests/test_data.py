@@ -274,3 +274,18 @@ def test_a_node_without_boto3_fails_the_job_with_what_to_do(s3, tmp_path, monkey
     with pytest.raises(meshrun.JobFailed) as e:
         job.result(timeout=60)
     assert "boto3 is not installed" in str(e.value) and "MESHRUN_DATA_PYTHON" in str(e.value)
+
+
+def _read_input(name):
+    with open(name) as f:
+        return f.read()
+
+
+def test_a_function_job_reads_its_inputs(s3, tmp_path):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _put(s3, "fn/in.txt", b"for the function")
+    spec = meshrun.JobSpec(function=_read_input, args=("in.txt",), workdir=str(tmp_path),
+                           inputs={f"s3://{s3.bucket}/fn/in.txt": "in.txt"})
+    assert meshrun.submit(spec, backend="local").result(timeout=60) == "for the function"
