@@ -459,7 +459,8 @@ def s3(s3_server, monkeypatch, tmp_path):
     """This test's bucket on the S3 server, its endpoint and key pair in the environment (AWS_*; no profile
     of the machine's user is read) and a boto3 client: an object with .client, .bucket, .endpoint, .secret,
     .access_key, .env (the variables), .server (s3_server's dict), .keys(prefix) (the bucket's keys, sorted),
-    .corrupt(payload) (alters an object's bytes
+    .needles (the key pair and the endpoint's port), .put_corrupted(key) (an object whose stored bytes no longer
+    match its checksums; returns its URL), .corrupt(payload) (alters an object's bytes
     in the store's own files, its CRC fixed up: the server serves them as good)."""
     import uuid
 
@@ -482,6 +483,14 @@ def s3(s3_server, monkeypatch, tmp_path):
     o.client = boto3.client("s3", endpoint_url=o.endpoint, aws_access_key_id=o.access_key,
                             aws_secret_access_key=o.secret, region_name="us-east-1")
     o.corrupt = lambda payload: _corrupt_in_store(s3_server["data"], payload)
+    def put_corrupted(key: str) -> str:
+        payload = b"meshrun-corrupt-" + os.urandom(16).hex().encode()
+        o.client.put_object(Bucket=o.bucket, Key=key, Body=payload)
+        o.corrupt(payload)
+        return f"s3://{o.bucket}/{key}"
+
+    o.put_corrupted = put_corrupted
+    o.needles = [o.secret, o.access_key, f":{s3_server['port']}"]  # what no file meshrun writes may hold
     o.keys = lambda prefix="": sorted(x["Key"] for x in o.client.list_objects_v2(
         Bucket=o.bucket, Prefix=prefix).get("Contents") or [])
     o.bucket = "mr-" + uuid.uuid4().hex[:12]

@@ -47,16 +47,13 @@ def test_inputs_outputs_cancel_policy_and_corruption_on_an_ssh_host(ssh_backend,
     assert s3.keys("ck/") == ["ck/c"] and s3.keys("fin/") == []
 
     # an object that is not what its ETag says fails the job before it starts
-    payload = b"meshrun-ssh-corrupt-" + os.urandom(16).hex().encode()
-    s3.client.put_object(Bucket=s3.bucket, Key="bad/obj", Body=payload)
-    s3.corrupt(payload)
     job3 = meshrun.submit(meshrun.JobSpec(command="echo never", backend="ssh",
-                                          inputs={f"s3://{s3.bucket}/bad/obj": "obj"}))
+                                          inputs={s3.put_corrupted("bad/obj"): "obj"}))
     assert job3.wait(timeout=120) is meshrun.JobState.FAILED
     assert "checksum mismatch" in (job3.reason or "") and "never" not in job3.logs()
 
     # the key pair and the endpoint are in no file meshrun wrote, here or on the host
-    needles = [s3.secret, s3.access_key, f":{s3.server['port']}"]
+    needles = s3.needles
     remote_home = Path(pool["users"][ALICE]["home"])
     assert files_holding(meshrun_home, needles) == []
     assert files_holding(remote_home / ".meshrun", needles) == []
