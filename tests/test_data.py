@@ -289,3 +289,36 @@ def test_a_function_job_reads_its_inputs(s3, tmp_path):
     spec = meshrun.JobSpec(function=_read_input, args=("in.txt",), workdir=str(tmp_path),
                            inputs={f"s3://{s3.bucket}/fn/in.txt": "in.txt"})
     assert meshrun.submit(spec, backend="local").result(timeout=60) == "for the function"
+
+
+def test_periodic_uploads_send_what_changed_and_the_end_skips_what_went_up(s3, tmp_path):
+    """The stager's ``sync`` step as the agent runs it beside a job (here with a short interval written into
+    launch.json directly; the spec allows 10 s at the least), then the ``out`` step at the end."""
+    import signal
+    import subprocess
+
+    job_dir, work = tmp_path / "job", tmp_path / "work"
+    (work / "ck").mkdir(parents=True)
+    job_dir.mkdir()
+    (job_dir / "stage.py").write_bytes(Path(meshrun.__file__).with_name("_stage.py").read_bytes())
+    (job_dir / "launch.json").write_text(json.dumps({"cwd": str(work), "data": {"inputs": [], "outputs": [
+        {"path": "ck/", "destination": f"s3://{s3.bucket}/ck/", "on": ["success"], "every": 0.3}]}}))
+    (work / "ck" / "step1").write_text("1")
+    sync = subprocess.Popen([sys.executable, str(job_dir / "stage.py"), "sync", str(job_dir)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: s3.keys("ck/") == ["ck/step1"], 60, interval=0.1, what="the first periodic upload")
+        (work / "ck" / "step2").write_text("2")
+        wait_until(lambda: s3.keys("ck/") == ["ck/step1", "ck/step2"], 30, interval=0.1, what="the second one")
+    finally:
+        sync.send_signal(signal.SIGTERM)
+        err = sync.communicate(timeout=30)[1]
+    assert "periodic upload: 1 object(s)" in err
+    record = json.loads((job_dir / ".outputs.json").read_text())
+    assert sorted(record) == [f"s3://{s3.bucket}/ck/step1", f"s3://{s3.bucket}/ck/step2"]
+    assert oct((job_dir / ".outputs.json").stat().st_mode & 0o777) == "0o600"
+    (work / "ck" / "step3").write_text("3")
+    out = subprocess.run([sys.executable, str(job_dir / "stage.py"), "out", str(job_dir), "--state", "succeeded"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "1 object(s)" in out.stderr, out.stderr  # only step3 was new
+    assert s3.keys("ck/") == ["ck/step1", "ck/step2", "ck/step3"]
