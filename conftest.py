@@ -519,9 +519,12 @@ def s3_node(s3):
     """make(base, user=None, host="127.0.0.1") -> the environment a remote node needs to stage this test's data
     the way a real one would: a profile (``AWS_CONFIG_FILE`` with the endpoint, ``AWS_SHARED_CREDENTIALS_FILE``
     with the key pair: files of ``user``, mode 0600, under ``base``) and ``MESHRUN_DATA_PYTHON`` (the system
-    Python with a copy of boto3 ``user`` may read). The variables hold file paths only, never a secret."""
+    Python with a copy of boto3 ``user`` may read). The variables hold file paths only, never a secret. ``base``
+    is removed when the test ends."""
+    made: list[Path] = []
 
     def make(base: Path, user: str | None = None, host: str = "127.0.0.1") -> dict[str, str]:
+        made.append(base)
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o755)
         prof = base / "aws"
@@ -545,4 +548,6 @@ def s3_node(s3):
             env["MESHRUN_DATA_PYTHON"] = str(py)
         return env
 
-    return make
+    yield make
+    for base in made:
+        shutil.rmtree(base, ignore_errors=True)
