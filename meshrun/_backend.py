@@ -53,6 +53,7 @@ class Feature(enum.Flag):
     REATTACH = enum.auto()  # find(job_id) can rediscover a job without its backend id
     SPOT = enum.auto()
     SECRETS = enum.auto()  # passes Submission.secrets to the job without writing them anywhere
+    DATA = enum.auto()  # runs the spec's inputs/outputs (the agent's stager on the node, docs/data.md)
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class JobRef(str):
     # repr() stays the id's own ('123_4'): backends name the id in their messages
 
 
-STAGED_FILES = ("launch.json", "payload.pkl", "spec.json")
+STAGED_FILES = ("launch.json", "payload.pkl", "spec.json", "stage.py")
 
 # files the agent writes that a remote backend brings back into the local job folder (the agent's RECORDS)
 RESULT_FILES = ("exit.json", "state.json", "result.pkl", "error.json", "error.pkl")
@@ -199,6 +200,8 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
     features: ClassVar[Feature] = Feature.COMMANDS | Feature.FUNCTIONS
+    #: without Feature.DATA: why the backend cannot run a spec's inputs/outputs (placement shows it)
+    data_refusal: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""
     #: the typed ``[backends.<name>]`` table (a ``meshrun.backend.BackendSettings`` subclass); the base loads it
     #: into ``self.settings`` when the backend is created, so a bad setting is a ConfigError naming the key

@@ -75,6 +75,10 @@ def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | No
             if why:
                 why = f"the {name} backend cannot run it: {why}"
                 return [Offer(backend=name, where="-", fits=False, reason=why)], None
+        if (getattr(spec, "inputs", None) or getattr(spec, "outputs", None)) and Feature.DATA not in b.features:
+            why = getattr(b, "data_refusal", "") or "it does not run the node-side stager"
+            return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot move the job's "
+                          f"object-store inputs/outputs: {why}")], None
         doing("checking availability")
         av = b.check()
         if not av.ok:

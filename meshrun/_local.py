@@ -113,7 +113,7 @@ def __getattr__(name: str) -> Any:
 class LocalBackend(Backend):
     name = "local"
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.LOGS_FOLLOW | Feature.REATTACH
-                | Feature.SECRETS)
+                | Feature.SECRETS | Feature.DATA)
     install_hint = "built in"
     poll_interval = (0.002, 0.25)
     shared_filesystem = True

@@ -11,6 +11,7 @@ from typing import Any, Callable, ParamSpec, Sequence, TypeVar, overload
 
 from ._attempts import Prepared, place_files_locally, record_plan, submit_with_failover
 from ._backend import Feature, JobState, Offer, Submission
+from ._data import launch_data, stage_source
 from ._errors import BackendUnavailable, NoPlacementError, SpecError
 from ._job import Job
 from ._options import PlacementOptions
@@ -46,6 +47,9 @@ def build_launch(spec: JobSpec, job_id: str, *, cwd: str) -> dict[str, Any]:
         launch["argv"] = None
     else:
         launch["argv"] = list(spec.command or [])
+    data = launch_data(spec.inputs, spec.outputs)
+    if data is not None:  # URLs and paths only: the endpoint and credentials are the node's
+        launch["data"] = data
     return launch
 
 
@@ -81,6 +85,8 @@ def prepare(
     from ._tracking import begin  # experiment tracking: the run identity goes into the job's environment
 
     begin(spec, launch, files, backend=backend, array_id=array_id, array_index=array_index)
+    if "data" in launch:
+        files["stage.py"] = stage_source()  # the stager travels with the job folder (docs/data.md)
     files["spec.json"] = spec.to_json().encode()
     files["launch.json"] = (json.dumps(launch, sort_keys=True) + "\n").encode()
     rec = store.create(

