@@ -82,11 +82,12 @@ def now():
     return time.time()
 
 
-def atomic_write(path, data, mode=0o644):
+def atomic_write(path, data, mode=0o644, before_replace=None):
     """Write bytes to ``path`` so that readers see the old or the new content, never a torn file.
 
     The temporary file gets a fresh random name and is created exclusively (never through a link someone
-    planted); it is removed again if anything fails."""
+    planted); it is removed again if anything fails. ``before_replace`` (if given) is called once the new
+    content is wholly written, just before it becomes visible at ``path``."""
     d, base = os.path.split(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
@@ -104,6 +105,8 @@ def atomic_write(path, data, mode=0o644):
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -113,8 +116,8 @@ def atomic_write(path, data, mode=0o644):
         raise
 
 
-def write_json(path, obj, mode=0o644):
-    atomic_write(path, (json.dumps(obj, sort_keys=True) + "\n").encode(), mode)
+def write_json(path, obj, mode=0o644, before_replace=None):
+    atomic_write(path, (json.dumps(obj, sort_keys=True) + "\n").encode(), mode, before_replace)
 
 
 def result_complete(path):
@@ -2719,11 +2722,11 @@ class Supervisor:
         }
         rec.update(result_digest(self._path(RESULT)) if state == "succeeded" else {})
         try:
-            write_json(path, rec, mode=0o600)
+            # the reserved room goes before the record appears: whoever sees the job ended sees it gone
+            write_json(path, rec, mode=0o600, before_replace=lambda: _remove_quietly(reserve))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            _remove_quietly("%s.tmp.%d" % (path, os.getpid()))  # the half-written copy
             if "ENOSPC" not in (reason or ""):
                 rec["reason"] = "the disk is full (ENOSPC) at %s: %s" % (self.job_dir, reason or "the job " + state)
             try:
@@ -2731,8 +2734,6 @@ class Supervisor:
                 os.replace(reserve, path)
             except OSError as e2:
                 _log("could not write the exit record (%s; %s)" % (e, e2))
-            return
-        _remove_quietly(reserve)
 
     def _reserve_exit(self):
         """Set aside room for the exit record while there is some: a job may fill the disk."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import meshrun
-from meshrun.testing import assert_no_gpu_overlap
+from meshrun.testing import assert_no_gpu_overlap, wait_until
 from meshrun import JobState, _agent
 
 @pytest.fixture(autouse=True)
@@ -31,12 +31,14 @@ AGENT = _agent.__file__
 
 
 def _record_job(out_dir: Path, sleep: float) -> list[str]:
-    """A command that records (its GPUs, start, end) into out_dir, holding the GPUs for ``sleep`` s."""
+    """A command that records (its GPUs, start, end) into out_dir, holding the GPUs for ``sleep`` s. The
+    record appears whole (written aside, then renamed), so a test polling for it never reads it half-written."""
     code = (
         "import json, os, sys, time, uuid; t0 = time.time(); time.sleep(float(sys.argv[2])); "
         "rec = {'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), 'uuids': os.environ.get('MESHRUN_GPU_UUIDS'), "
         "'start': t0, 'end': time.time(), 'user': os.getuid(), 'job': os.environ.get('MESHRUN_JOB_ID')}; "
-        "open(os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'), 'w').write(json.dumps(rec))"
+        "p = os.path.join(sys.argv[1], uuid.uuid4().hex + '.json'); "
+        "open(p + '.part', 'w').write(json.dumps(rec)); os.rename(p + '.part', p)"
     )
     return ["python3", "-c", code, str(out_dir), str(sleep)]
 
@@ -282,11 +284,14 @@ def test_fair_share_across_os_users(shared_lease_dir, other_user, monkeypatch, c
         b_dir, b_cmd = _other_user_job(other_user, out, "b-job", _record_job(out, 0.3), 4)
         env = {"PATH": "/usr/bin:/bin", "MESHRUN_LEASE_DIR": str(shared_lease_dir), "MESHRUN_GPUS": "0-3"}
         b_proc = subprocess.Popen(b_cmd, env=env)
-        _wait(lambda: (_agent.read_json(str(b_dir / "state.json")) or {}).get("state") == "queued")
+        # B's ticket is in the queue once its job says what it waits for (the supervisor's first "queued",
+        # without a reason, comes before it takes the ticket)
+        _wait(lambda: "waiting for 4 GPU(s)" in ((_agent.read_json(str(b_dir / "state.json")) or {}).get("reason")
+                                                 or ""))
         # B (no recent use) is now first in line although it came second; and A's job knows it
         snap = _agent.snapshot()
         assert [(t["job_id"], t["user"], t["held"]) for t in snap["queue"]] == [
-            ("b-job", other_user, 0), (a3.id, pwd.getpwuid(os.getuid()).pw_name, 4)]
+            ("b-job", other_user, 0), (a3.id, pwd.getpwuid(os.getuid()).pw_name, 4)], snap
         assert snap["queue"][0]["recent_gpu_hours"] == 0 and snap["queue"][1]["recent_gpu_hours"] > 0
         assert snap["held_by_user"] == {pwd.getpwuid(os.getuid()).pw_name: 4}
         _wait(lambda: "1 job(s) ahead" in (a3.refresh().reason or ""))
@@ -296,15 +301,12 @@ def test_fair_share_across_os_users(shared_lease_dir, other_user, monkeypatch, c
         text = capfd.readouterr().out
         assert "fair share" in text and text.index("b-job") < text.index("a-second")
         a1.cancel()
-        _wait(lambda: list(out.glob("*.json")))  # the first job to finish on A's freed GPUs
-        first = [json.loads(f.read_text())["job"] for f in out.glob("*.json")]
-        assert first == ["b-job"], "A's second job got the GPUs before B's"
-        assert b_proc.wait(60) == 0
-        a3.result(timeout=60)
+        assert b_proc.wait(120) == 0
+        a3.result(timeout=120)
         recs = {r["job"]: r for r in (json.loads(f.read_text()) for f in out.glob("*.json"))}
         b_rec = recs["b-job"]
         assert b_rec["user"] == pwd.getpwnam(other_user).pw_uid
-        assert recs[a3.id]["start"] >= b_rec["end"], "A's second job started before B's"
+        assert recs[a3.id]["start"] >= b_rec["end"], "A's second job got the GPUs before B's"
         assert_no_gpu_overlap([b_rec, recs[a3.id]])
         assert json.loads((b_dir / "exit.json").read_text())["state"] == "succeeded"
         # A's ended lease is remembered as recent use (4 GPUs for a few seconds), B's too
@@ -397,12 +399,8 @@ def test_cli_gpus_shows_holders_queue_and_foreign(fake_gpus, capfd):
         squatter.wait()
 
 
-def _wait(pred, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
+def _wait(pred, timeout: float = 90.0) -> None:
+    wait_until(pred, timeout)
 
 
 def test_a_gpu_held_by_the_submitter_itself_is_named_at_once(fake_gpus, monkeypatch):

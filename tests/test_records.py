@@ -249,3 +249,30 @@ def test_temp_files_of_dead_writers_are_cleaned_when_the_job_ends(tmp_path):
     assert live.exists()  # its writer is alive
     assert fresh.exists()  # too young to tell (a writer elsewhere on a shared filesystem)
     assert not (job.job_dir / "exit.json.reserve").exists()  # the exit record's reserved room is given back
+
+
+def test_the_exit_records_reserved_room_is_gone_before_the_record_appears(tmp_path, monkeypatch):
+    """A reader that sees the exit record (the job has ended) never sees the reserved room still there: it is
+    removed before the record is renamed into place, not after."""
+    from meshrun import _agent
+
+    d = tmp_path / "job"
+    d.mkdir()
+    (d / "launch.json").write_text(json.dumps({"job_id": "j", "kind": "command", "argv": ["true"]}))
+    sup = _agent.Supervisor(str(d))
+    sup._reserve_exit()
+    assert (d / "exit.json.reserve").exists()
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # what a reader sees at the moment the record appears
+        if str(dst) == str(d / "exit.json"):
+            seen.append((d / "exit.json.reserve").exists())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_agent.os, "replace", replace)
+    sup._exit("succeeded", 0)
+    monkeypatch.undo()
+    assert seen == [False]
+    assert json.loads((d / "exit.json").read_text())["state"] == "succeeded"
+    assert not (d / "exit.json.reserve").exists()

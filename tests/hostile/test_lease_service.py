@@ -39,14 +39,23 @@ class Service:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """Start the service and return once it listens: its own socket is in place (after a restart the
+        killed service's socket is still there, refusing connections, until the new one replaces it)."""
+        old = self._sock_inode()
         env = {"PATH": "/usr/bin:/bin", "MESHRUN_GPUS": self.gpus}
         self.proc = subprocess.Popen([PY, str(AGENT), "lease-service", str(self.sock), str(self.state)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        end = time.monotonic() + 30
-        while not self.sock.exists():
+        end = time.monotonic() + 60
+        while self._sock_inode() in (None, old):
             assert self.proc.poll() is None, self.proc.stderr.read()
             assert time.monotonic() < end, "the lease service did not start"
             time.sleep(0.05)
+
+    def _sock_inode(self) -> int | None:
+        try:
+            return self.sock.stat().st_ino
+        except FileNotFoundError:
+            return None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -69,6 +78,14 @@ def _env(user: User, svc: Service, **extra: str) -> dict[str, str]:
 
 def _job(user: User, svc: Service, argv, gpus=1, name="job", wait=60.0) -> dict:
     p = user.run([PY, "-c", JOB, json.dumps(argv), str(gpus), name, str(wait)], env=_env(user, svc), timeout=wait + 60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _status(user: User, svc: Service, job_id: str) -> dict:
+    code = ("import json, sys, meshrun; j = meshrun.Job(sys.argv[1]); j.refresh(); "
+            "print(json.dumps({'state': j.record.state.value, 'reason': j.record.reason}))")
+    p = user.run([PY, "-c", code, job_id], env=_env(user, svc))
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -163,8 +180,10 @@ def test_a_service_restart_loses_no_lease(alice, bob, service):
     assert len(_held_by(bob, service)) == 2
     state = json.loads((bob.private / "meshrun-home" / "jobs" / bobs["id"] / "state.json").read_text())
     os.kill(state["pid"], signal.SIGKILL)
-    waiting = _job(alice, service, ["true"], gpus=1, name="alices", wait=3)
-    assert waiting["state"] == "pending" and "waiting for 1 GPU" in (waiting["reason"] or ""), waiting
+    waiting = _job(alice, service, ["true"], gpus=1, name="alices", wait=0)
+    # Alice's job waits for Bob's GPUs, held by his job's orphaned process after the restart
+    _wait_for(lambda: "waiting for 1 GPU" in (_status(alice, service, waiting["id"])["reason"] or ""))
+    assert _status(alice, service, waiting["id"])["state"] == "pending"
     os.kill(int(pidfile.read_text()), signal.SIGKILL)
     p = alice.run([PY, "-m", "meshrun", "wait", waiting["id"]], env=_env(alice, service), timeout=90)
     assert p.returncode == 0, p.stdout + p.stderr
