@@ -225,6 +225,9 @@ def submit_with_failover(
             sub.attempt = attempt
             if getattr(b, "shared_filesystem", False):
                 place_files_locally(sub.spec, sub.launch["cwd"])
+            # the hand-over's start: a backend that starts the job within submit() (local, ssh) records a start
+            # time before submit() returns, and the history must not show it running before it was submitted
+            handed = time.time()
             bid = b.submit(sub, cand)
         except Exception as e:
             msg = str(e) if isinstance(e, MeshrunError) else f"{type(e).__name__}: {e}"
@@ -239,9 +242,9 @@ def submit_with_failover(
             if isinstance(e, BackendUnavailable) or fails[bname] >= FAILS_PER_BACKEND:
                 dead.add(bname)
             continue
-        store.update(job_id, backend=bname, backend_id=bid, state=JobState.PENDING, submitted_at=time.time(),
+        store.update(job_id, backend=bname, backend_id=bid, state=JobState.PENDING, submitted_at=handed,
                      reason=None, where=None, started_at=None, ended_at=None, exit_code=None)
-        store.add_event(job_id, "submitted", attempt=attempt, backend=bname, backend_id=bid, offer=key)
+        store.add_event(job_id, "submitted", at=handed, attempt=attempt, backend=bname, backend_id=bid, offer=key)
         return
     store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
     raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])

@@ -222,6 +222,7 @@ def submit_many(
                 for p in prepared:
                     store.update(p.record.id, backend=b.name, attempt=start + 1)
                     p.submission.attempt = start + 1
+                handed = time.time()  # as for one job (_attempts): submitted when the hand-over began
                 ids = b.submit_array([p.submission for p in prepared], cand)
             except Exception as e:
                 if plan is None:
@@ -230,11 +231,10 @@ def submit_many(
                     store.add_event(p.record.id, "submit_failed", attempt=start + 1, backend=b.name,
                                     offer=cand.key if cand else None, error=str(e))
                 continue
-            now = time.time()
             for p, bid in zip(prepared, ids):
-                store.update(p.record.id, backend_id=bid, state=JobState.PENDING, submitted_at=now)
-                store.add_event(p.record.id, "submitted", attempt=start + 1, backend=b.name, backend_id=bid,
-                                array=array_id, offer=cand.key if cand else None)
+                store.update(p.record.id, backend_id=bid, state=JobState.PENDING, submitted_at=handed)
+                store.add_event(p.record.id, "submitted", at=handed, attempt=start + 1, backend=b.name,
+                                backend_id=bid, array=array_id, offer=cand.key if cand else None)
             return [Job(p.record.id, store=store) for p in prepared]
         else:
             start = len(cands)

@@ -393,3 +393,24 @@ def test_cancel_of_a_job_whose_retry_is_due_ends_it_without_the_retry():
     assert job.status() is JobState.CANCELLED and "before its retry" in (job.reason or "")
     job.advance()
     assert job.record.attempt == 1 and [h["event"] for h in job.history].count("retry") == 0
+
+
+def test_a_job_that_starts_within_a_slow_submit_is_submitted_before_it_runs(monkeypatch):
+    """The history is in time order: a backend that starts the job inside submit() (local, ssh) and returns late
+    must still show 'submitted' before 'running' (the submit is stamped when the hand-over began)."""
+    from meshrun._local import LocalBackend
+    from meshrun.testing import wait_until
+
+    real = LocalBackend.submit
+
+    def slow_submit(self, sub, offer=None):
+        bid = real(self, sub, offer)
+        wait_until(lambda: (sub.job_dir / "state.json").exists(), timeout=60, what="the job's start")
+        time.sleep(0.3)  # returns well after the job started, as a loaded machine or a slow link would
+        return bid
+
+    monkeypatch.setattr(LocalBackend, "submit", slow_submit)
+    job = meshrun.run(["bash", "-c", "sleep 1"], retries=1)
+    assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED
+    events = [h["event"] for h in job.history]
+    assert events.index("submitted") < events.index("running"), events

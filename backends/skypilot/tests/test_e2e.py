@@ -180,6 +180,14 @@ def test_two_node_function_and_teardown(sky, sky_env):
         import socket
 
         keys = ("NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "GPUS_PER_NODE", "NPROC_PER_NODE")
+        if os.environ["NODE_RANK"] != "0":
+            # the test cluster's nodes all have the address 127.0.0.1, so SkyPilot takes both for its head and
+            # writes both ranks' output into one log file, where lines written at the same moment can clobber
+            # each other (seen: rank 0's line lost, a piece of its result record left): rank 1 speaks once rank 0 is
+            # done. On real nodes each has its own log.
+            import time
+
+            time.sleep(5)
         print("node", os.environ["NODE_RANK"], os.environ.get("SLURMD_NODENAME"), flush=True)
         return {k: os.environ[k] for k in keys} | {"host": socket.gethostname()}
 
