@@ -19,7 +19,7 @@ import meshrun.backend as mb
 
 from . import _manifests as mf
 from ._names import LABEL_VALUE
-from ._settings import KubernetesOptions, KubernetesSettings, load_job_options
+from ._settings import KubernetesOptions, KubernetesSettings, env_from, load_job_options
 
 F = mb.Feature
 S = mb.JobState
@@ -30,10 +30,8 @@ SELECTOR_CHUNK = 100
 
 class KubernetesBackend(mb.Backend):
     name = "kubernetes"
-    features = F.COMMANDS | F.FUNCTIONS | F.GPUS | F.MULTI_NODE | F.LOGS_FOLLOW | F.REATTACH
+    features = F.COMMANDS | F.FUNCTIONS | F.GPUS | F.MULTI_NODE | F.LOGS_FOLLOW | F.REATTACH | F.DATA
     install_hint = mb.install_hint("kubernetes")
-    data_refusal = ("a command job's pod gets no job folder (only a function job's payload travels, in a Secret) "
-                    "and its image need not have boto3; read the data in the job, or mount a volume")
     poll_interval = (2.0, 30.0)
     settings_model = KubernetesSettings
     options_model = KubernetesOptions
@@ -136,6 +134,7 @@ class KubernetesBackend(mb.Backend):
             python=s.python,
             workdir=opts.workdir or s.workdir,
             result_max_bytes=s.result_max_bytes,
+            env_from=tuple(env_from(opts.data_env_from if opts.data_env_from is not None else s.data_env_from)),
         )
 
     def offers(self, spec: Any) -> list[mb.Offer]:
@@ -203,29 +202,36 @@ class KubernetesBackend(mb.Backend):
     # ---- rendering ----------------------------------------------------------------------------------
     def render(self, submission: mb.Submission, offer: mb.Offer | None = None,
                *, nonce: str | None = None) -> tuple[mf.Manifests, dict[str, bytes]]:
-        """The objects for ``submission`` and, for a function job, the files of its Secret."""
+        """The objects for ``submission`` and, for a job run under the agent (a function or data job), the
+        files of its Secret."""
         spec = submission.spec
         t = self.target(spec, None, offer)
         m = mf.render(spec, job_id=submission.job_id, submission_name=submission.name, target=t,
                       attempt=submission.attempt)
         files: dict[str, bytes] = {}
-        if spec.kind == "function":
-            payload = submission.job_dir / "payload.pkl"
-            if not payload.exists():
-                raise meshrun.SpecError("function", f"the job folder has no payload.pkl ({payload})")
+        if mf.runs_agent(spec):
+            needed = {"function": "payload.pkl"} if spec.kind == "function" else {}
+            if mf.has_data(spec):
+                needed["inputs"] = "stage.py"  # the stager, written by the core for a job that moves data
+            files = {}
+            for field_name, fname in needed.items():
+                path = submission.job_dir / fname
+                if not path.exists():
+                    raise meshrun.SpecError(field_name, f"the job folder has no {fname} ({path})")
+                files[fname] = path.read_bytes()
             dist = mf.dist_values(spec, m.master_addr, t.master_port)
             launch = mf.container_launch(submission.launch, spec, dist=dist, t=t)
-            files = {
+            files.update({
                 "_agent.py": Path(mb.agent_file()).read_bytes(),
                 "launch.json": (json.dumps(launch, sort_keys=True) + "\n").encode(),
-                "payload.pkl": payload.read_bytes(),
                 mf.NONCE_FILE: (nonce or "").encode(),
-            }
+            })
             total = sum(len(v) for v in files.values())
-            if total > SECRET_MAX_BYTES:
+            if total > SECRET_MAX_BYTES:  # only a function's payload can grow so large
+                size = meshrun.format_size(len(files.get("payload.pkl", b"")))
                 raise meshrun.SpecError(
                     "args",
-                    f"the pickled function and arguments take {meshrun.format_size(len(files['payload.pkl']))}; "
+                    f"the pickled function and arguments take {size}; "
                     f"with meshrun's runner the job's Secret would hold {meshrun.format_size(total)}, more than the "
                     f"{meshrun.format_size(SECRET_MAX_BYTES)} Kubernetes allows in a Secret. Pass large data "
                     "through storage the pods can read (a volume, an object store) and send its location instead")
@@ -233,8 +239,8 @@ class KubernetesBackend(mb.Backend):
 
     # ---- submit -------------------------------------------------------------------------------------
     def native(self, submission: mb.Submission, offer: mb.Offer | None = None) -> str:
-        """The manifests the API server would get: the workload and, for several nodes, its Service (a
-        function job's Secret, which holds its pickled payload, is left out)."""
+        """The manifests the API server would get: the workload and, for several nodes, its Service (the
+        Secret of a job run under the agent, which holds its pickled payload, is left out)."""
         import yaml
 
         m, _ = self.render(submission, offer, nonce="0" * 32)
@@ -251,7 +257,9 @@ class KubernetesBackend(mb.Backend):
         k = self.kube()
         job_id = submission.job_id
         state = {"backend_id": m.backend_id, "namespace": m.namespace, "name": m.name, "kind": m.kind,
-                 "nonce": nonce, "kueue": bool(m.workload["metadata"]["labels"].get(mf.KUEUE_QUEUE))}
+                 # only a job under the agent frames records into its log: a plain command's log has none
+                 "nonce": nonce if files else None,
+                 "kueue": bool(m.workload["metadata"]["labels"].get(mf.KUEUE_QUEUE))}
         path.write_text(json.dumps(state, sort_keys=True) + "\n")
         os.chmod(path, 0o600)
         try:

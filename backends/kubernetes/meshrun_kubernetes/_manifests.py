@@ -11,8 +11,10 @@ What a job becomes:
   ``<job>-0.<job>.<namespace>.svc`` (``MASTER_ADDR``) and ``NODE_RANK`` is the pod's completion index; or,
   with ``multi_node = "jobset"``, a JobSet (``jobset.x-k8s.io/v1alpha2``) that makes its own Service and
   restarts the whole group on failure;
-* function jobs: plus a Secret holding the host agent, the container entry point, ``launch.json`` and the
-  pickled payload, mounted read-only into the pod.
+* function jobs, and jobs with object-store inputs/outputs: run under meshrun's host agent, plus a Secret
+  holding the agent, ``launch.json``, the pickled payload (functions) and the stager ``stage.py`` (data jobs),
+  mounted read-only into the pod. A data job's container also gets ``envFrom`` the Secrets and ConfigMaps
+  named by ``data_env_from`` (its S3 endpoint and credentials, by reference only: docs/data.md).
 
 With Kueue, the Job (or JobSet) carries ``kueue.x-k8s.io/queue-name`` and is created suspended; Kueue
 admits it by unsuspending it. Without Kueue the backend unsuspends it itself once its Secret and Service
@@ -81,6 +83,7 @@ class Target:
     python: str = "python3"
     workdir: str | None = None
     result_max_bytes: int = 4 * 1024 * 1024
+    env_from: Sequence[Mapping[str, Any]] = ()  # a data job's envFrom (Secret and ConfigMap references)
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,18 @@ def _meta_labels(job_id: str, display: str, t: Target) -> dict[str, str]:
     return labels
 
 
+def has_data(spec: Any) -> bool:
+    """Whether the job moves object-store data (its inputs/outputs are staged by the agent's stager)."""
+    return bool(getattr(spec, "inputs", None) or getattr(spec, "outputs", None))
+
+
+def runs_agent(spec: Any) -> bool:
+    """Whether the pod runs the job under meshrun's host agent (function jobs and data jobs)."""
+    return spec.kind == "function" or has_data(spec)
+
+
 def _container_command(spec: Any, t: Target) -> list[str]:
-    if spec.kind == "function":
+    if runs_agent(spec):
         # the agent copies the Secret's files into the job folder, runs the job, streams its output as the pod
         # log and ends it with node 0's records framed with the job's nonce (kept in the Secret)
         return mb.agent_command(t.python, f"{IN_DIR}/_agent.py", JOB_DIR, f"@{IN_DIR}/{NONCE_FILE}", inputs=IN_DIR,
@@ -219,6 +232,8 @@ def _pod_template(spec: Any, *, job_id: str, name: str, t: Target, dist: Mapping
         "command": _container_command(spec, t),
         "env": _env(spec, job_id, dist, multi),
     }
+    if has_data(spec) and t.env_from:
+        container["envFrom"] = [dict(x) for x in t.env_from]
     if t.image_pull_policy:
         container["imagePullPolicy"] = t.image_pull_policy
     if t.workdir:
@@ -228,7 +243,7 @@ def _pod_template(spec: Any, *, job_id: str, name: str, t: Target, dist: Mapping
         container["resources"] = res
     mounts: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
-    if spec.kind == "function":
+    if runs_agent(spec):
         mounts += [{"name": "meshrun-in", "mountPath": IN_DIR, "readOnly": True},
                    {"name": "meshrun-job", "mountPath": JOB_DIR}]
         volumes += [{"name": "meshrun-in", "secret": {"secretName": name, "defaultMode": 0o444}},
@@ -279,13 +294,14 @@ def _job_spec(spec: Any, *, template: dict[str, Any], t: Target, backoff: int, n
     js: dict[str, Any] = {"backoffLimit": backoff}
     if nodes > 1:
         js.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes})
-    if spec.time_limit:
+    if spec.time_limit and not has_data(spec):
+        # a data job's limit is the agent's: it starts once the inputs are in place, and outputs still go up
         js["activeDeadlineSeconds"] = max(1, int(math.ceil(spec.time_limit)))
     rules: list[dict[str, Any]] = [
         # a pod evicted or preempted (node drain, scheduler preemption) is replaced without using a retry
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
-    if spec.kind == "function":
+    if runs_agent(spec):
         rules.append({"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                            "values": [mb.NO_RETRY_EXIT]}})
     js["podFailurePolicy"] = {"rules": rules}
@@ -355,12 +371,13 @@ def render(spec: Any, *, job_id: str, submission_name: str, target: Target, atte
 
 def container_launch(launch: Mapping[str, Any], spec: Any, *, dist: Mapping[str, str], t: Target) -> dict[str, Any]:
     """``launch.json`` as the host agent inside the pod must see it: Kubernetes already gave the pod its
-    GPUs (no leases, no masking), the Job's deadline enforces the time limit, paths are the container's."""
+    GPUs (no leases, no masking), the Job's deadline enforces the time limit (the agent does for a data job,
+    from when its inputs are in place), paths are the container's."""
     out = dict(launch)
     out.update({
         "lease": False,
         "mask_gpus": False,
-        "time_limit": None,
+        "time_limit": launch.get("time_limit") if has_data(spec) else None,
         "cwd": t.workdir,
         "sys_path": [],
         "dist": dict(dist),
@@ -375,7 +392,7 @@ def secret_data(files: Mapping[str, bytes]) -> dict[str, str]:
 
 def render_secret(m: Manifests, *, job_id: str, files: Mapping[str, bytes],
                   owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The Secret holding a function job's inputs; ``owner`` (the created Job) makes it go with the Job."""
+    """The Secret holding the files of a job run under the agent; ``owner`` (the created Job) makes it go with the Job."""
     meta: dict[str, Any] = {
         "name": m.name,
         "namespace": m.namespace,

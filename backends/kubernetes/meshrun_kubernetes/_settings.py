@@ -141,11 +141,44 @@ def _check_secrets(v: Any) -> Any:
     return v or []
 
 
+ENV_FROM_KINDS = {"secret": "secretRef", "configmap": "configMapRef"}
+
+
+def _check_env_from(v: Any) -> Any:
+    """``["s3-credentials", "configmap/s3-endpoint"]``: Secrets (``NAME`` or ``secret/NAME``) and ConfigMaps
+    (``configmap/NAME``) whose keys become a data job's environment (``envFrom``)."""
+    if v is None:
+        return None
+    v = _listify(v)
+    if isinstance(v, str) or not isinstance(v, (list, tuple)):
+        raise ValueError("expected a list of Secret names (or 'configmap/NAME' for a ConfigMap)")
+    for x in v:
+        if not isinstance(x, str):
+            raise ValueError(f"expected text, got {x!r}")
+        kind, _, name = x.rpartition("/")
+        if kind and kind.lower() not in ENV_FROM_KINDS:
+            raise ValueError(f"{x!r}: expected NAME, secret/NAME or configmap/NAME")
+        p = name_problem(name, label=False)
+        if p:
+            raise ValueError(f"{x!r}: the name {p}")
+    return list(v)
+
+
+def env_from(entries: Any) -> list[dict[str, Any]]:
+    """The container's ``envFrom`` for entries checked by :func:`_check_env_from`."""
+    out = []
+    for x in entries or ():
+        kind, _, name = x.rpartition("/")
+        out.append({ENV_FROM_KINDS[(kind or "secret").lower()]: {"name": name}})
+    return out
+
+
 # the kinds of value both models take, each with its rule (settings may also come as text: MESHRUN_KUBERNETES_*)
 LabelName = Annotated[Optional[str], BeforeValidator(lambda v: _check_name(v, label=True))]  # namespace, account
 Subdomain = Annotated[Optional[str], BeforeValidator(_check_name)]  # a DNS subdomain: PriorityClass, domain
 QueueName = Annotated[Optional[str], BeforeValidator(_check_queue)]
 Tolerations = Annotated[list[dict[str, Any]], BeforeValidator(_check_tolerations)]
+EnvFrom = Annotated[Optional[list[str]], BeforeValidator(_check_env_from)]
 PullPolicy = Optional[Literal["Always", "IfNotPresent", "Never"]]
 Labels = Annotated[dict[str, str], BeforeValidator(_check_label_values)]
 Annotations = Annotated[dict[str, str], BeforeValidator(_check_labels)]
@@ -185,6 +218,9 @@ class KubernetesSettings(mb.BackendSettings):
     workdir: Optional[str] = None
     result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     request_timeout: float = Field(30.0, gt=0)
+    # Secrets ("NAME") and ConfigMaps ("configmap/NAME") whose keys become the environment of a job with
+    # inputs/outputs (its S3 endpoint and credentials: docs/data.md); referenced by name only
+    data_env_from: EnvFrom = None
 
 
 class KubernetesOptions(mb.BackendOptions):
@@ -205,6 +241,7 @@ class KubernetesOptions(mb.BackendOptions):
     image_pull_policy: PullPolicy = None  # Always, IfNotPresent or Never
     workdir: Annotated[Optional[str], BeforeValidator(_check_workdir)] = None  # working directory in the container
     ttl_after_finished: Optional[int] = Field(-1, ge=-1)  # seconds a finished Job is kept; -1: the setting
+    data_env_from: EnvFrom = None  # Secrets/ConfigMaps for a data job's environment; replaces the setting's
 
 
 def load_job_options(spec: Any) -> KubernetesOptions:

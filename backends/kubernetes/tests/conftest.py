@@ -263,6 +263,11 @@ def make_submission(tmp_path):
             launch["shell"], launch["argv"] = spec.command, None
         else:
             launch["argv"] = list(spec.command)
+        if spec.inputs or spec.outputs:  # a job that moves data: launch.json's "data" and the stager
+            launch["data"] = {"inputs": [i.model_dump() for i in spec.inputs],
+                              "outputs": [{**o.model_dump(), "on": list(o.on)} for o in spec.outputs]}
+            stager = Path(meshrun.__file__).with_name("_stage.py")
+            (job_dir / "stage.py").write_bytes(stager.read_bytes())
         (job_dir / "launch.json").write_text(json.dumps(launch))
         return meshrun.Submission(job_id=job_id, job_dir=job_dir, spec=spec, launch=launch)
 

@@ -18,6 +18,7 @@ import meshrun
 import pytest
 
 import meshrun.backend as mb
+from meshrun.testing import files_holding
 from meshrun_kubernetes import KubernetesBackend
 from meshrun_kubernetes import _manifests as mf
 
@@ -171,3 +172,103 @@ def test_forged_and_truncated_frames(tmp_path, make_submission):
         parse_block("\n".join(lines[:-1]), NONCE)  # the log lost its last line
     with pytest.raises(mb.RecordError, match="checksum|decoded"):
         parse_block(log.replace(lines[-2][-20:], lines[-2][-20:][::-1]), NONCE)
+
+
+# ---- a job with object-store inputs and outputs, against a real S3 server (SeaweedFS) ---------------------
+
+
+def pod_env(m, secrets, base):
+    """The container's environment as the kubelet makes it: ``envFrom`` first (each Secret's keys, from
+    ``secrets``: name -> its data), then ``env`` on top, each value expanded the kubelet's way."""
+    from meshrun_kubernetes._names import expand
+
+    c = m.workload["spec"]["template"]["spec"]["containers"][0]
+    env = dict(base)
+    for ref in c.get("envFrom", []):
+        env.update(secrets[ref["secretRef"]["name"]])
+    for e in c["env"]:
+        env[e["name"]] = expand(e["value"], env)
+    return env
+
+
+def data_job(tmp_path, make_submission, s3, command, **kw):
+    """A data job's pod, staged as the cluster would: the Secret's files, the env the manifest gives with the
+    cluster's Secret ``s3-credentials`` (the S3 endpoint and key pair) through envFrom; nothing of this
+    machine's environment."""
+    spec = meshrun.JobSpec(command=command, env={"GREETING": "hi $(x)"}, **kw)
+    sub = make_submission(spec)
+    b = KubernetesBackend({"namespace": "ml", "image": "python:3.11", "data_env_from": ["s3-credentials"]})
+    m, files = b.render(sub, nonce=NONCE)
+    src = tmp_path / "secret"
+    src.mkdir()
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    home = tmp_path / "home"  # the container's home: the stager's cache goes under it
+    home.mkdir()
+    base = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    env = pod_env(m, {"s3-credentials": s3.env}, base)
+    workdir = tmp_path / "image-workdir"
+    workdir.mkdir()
+    return b, sub, m, files, (src, tmp_path / "job", workdir), env
+
+
+def test_a_data_job_stages_inputs_uploads_outputs_and_writes_no_credentials(tmp_path, make_submission, s3):
+    s3.client.put_object(Bucket=s3.bucket, Key="set/a.txt", Body=b"alpha\n")
+    s3.client.put_object(Bucket=s3.bucket, Key="set/sub/b.txt", Body=b"beta\n")
+    b, sub, m, files, (src, job, workdir), env = data_job(
+        tmp_path, make_submission, s3,
+        'mkdir -p out && cat data/a.txt data/sub/b.txt > out/seen.txt && echo "$GREETING" >> out/seen.txt',
+        inputs={f"s3://{s3.bucket}/set/": "data/"}, outputs={"out/": f"s3://{s3.bucket}/results/"},
+        time_limit=600)
+    assert not any(k.startswith("AWS_") for e in m.workload["spec"]["template"]["spec"]["containers"][0]["env"]
+                   for k in [e["name"]])
+    p = subprocess.run(container_argv(m, src, job), cwd=workdir, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=120)
+    log = p.stdout.decode()
+    assert p.returncode == 0, (log, p.stderr.decode())
+    records = parse_block(log, NONCE)
+    assert json.loads(records["exit.json"])["state"] == "succeeded"
+    got = s3.client.get_object(Bucket=s3.bucket, Key="results/seen.txt")["Body"].read()
+    assert got == b"alpha\nbeta\nhi $(x)\n"
+    user = mb.strip_records(log)  # what the pod log shows, and fetch_results keeps as output.log
+    assert "inputs ready: 2 object(s)" in user and "outputs uploaded" in user
+    # the endpoint and the key pair are in no object meshrun made, no file it wrote, and not in the pod log
+    needles = [*s3.needles, s3.endpoint]
+    secret = mf.render_secret(m, job_id=sub.job_id, files=files)
+    made = json.dumps([m.workload, secret]) + b.native(sub) + "".join(v.decode("latin-1") for v in files.values())
+    assert [n for n in needles if n in made] == []
+    assert [n for n in needles if n in log + p.stderr.decode()] == []
+    assert files_holding([sub.job_dir, job, workdir], needles) == []
+
+
+def test_a_data_job_whose_image_lacks_boto3_fails_saying_what_to_do(tmp_path, make_submission, s3):
+    bare = tmp_path / "bare-python"  # the same Python without its site-packages: no boto3
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S -I \"$@\"\n")
+    bare.chmod(0o755)
+    ran = tmp_path / "ran"
+    b, sub, m, files, (src, job, workdir), env = data_job(
+        tmp_path, make_submission, s3, f"touch {ran}", inputs={f"s3://{s3.bucket}/x/": "x/"})
+    env["MESHRUN_DATA_PYTHON"] = str(bare)
+    p = subprocess.run(container_argv(m, src, job), cwd=workdir, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=120)
+    assert p.returncode == 1 and not ran.exists()
+    ex = json.loads(parse_block(p.stdout.decode(), NONCE)["exit.json"])
+    assert ex["state"] == "failed"
+    assert "boto3 is not installed" in ex["reason"] and "MESHRUN_DATA_PYTHON" in ex["reason"]
+
+
+def test_a_cancelled_data_job_uploads_what_its_policy_says(tmp_path, make_submission, s3):
+    started = tmp_path / "started"
+    b, sub, m, files, (src, job, workdir), env = data_job(
+        tmp_path, make_submission, s3, f"mkdir -p ck && echo 1 > ck/c1 && touch {started} && sleep 600",
+        outputs={"ck/": {"destination": f"s3://{s3.bucket}/ck/", "on": ["cancel"]}})
+    p = subprocess.Popen(container_argv(m, src, job), cwd=workdir, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # the kubelet, when the Job is deleted (cancel)
+    out, _ = p.communicate(timeout=mf.POD_GRACE)  # within the pod's termination grace
+    assert json.loads(parse_block(out.decode(), NONCE)["exit.json"])["state"] == "cancelled"
+    assert s3.keys("ck/") == ["ck/c1"]

@@ -309,3 +309,51 @@ def test_show_native_prints_the_manifests_without_a_cluster(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["kind"] for d in docs] == ["Job", "Service"]
     assert docs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "python:3.11-slim"
+
+
+DATA_SPEC = dict(inputs={"s3://lab-data/imagenet/": "data/imagenet/"},
+                 outputs={"ckpt/": {"destination": "s3://lab-ckpt/run-17/", "on": ["success", "cancel"]}})
+
+
+def test_data_command_job_runs_under_the_agent_with_the_stager_and_credentials_by_reference(make_submission, golden,
+                                                                                            k8s_valid):
+    spec = meshrun.JobSpec(command=["python", "train.py", "--data", "data/imagenet"], gpus=1, time_limit=600,
+                           name="train", **DATA_SPEC)
+    m, files, sub = render(spec, make_submission, data_env_from=["s3-credentials", "configmap/s3-endpoint"])
+    secret = mf.render_secret(m, job_id=sub.job_id, files=files)
+    for o in (m.workload, secret):
+        k8s_valid(o)
+    golden("job-data.json", m.workload)
+    golden("secret-data.json", secret)
+    assert sorted(files) == ["_agent.py", "launch.json", "records.nonce", "stage.py"]
+    assert files["stage.py"] == (sub.job_dir / "stage.py").read_bytes()
+    launch = json.loads(files["launch.json"])
+    assert launch["data"]["inputs"] == [{"source": "s3://lab-data/imagenet/", "path": "data/imagenet/"}]
+    assert launch["argv"] == ["python", "train.py", "--data", "data/imagenet"]
+    # the agent keeps the time limit (from when the inputs are in place); the Job has no deadline of its own
+    assert launch["time_limit"] == 600 and "activeDeadlineSeconds" not in m.workload["spec"]
+    c = m.workload["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:3] == ["python3", "/meshrun/in/_agent.py", "run"]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}, {"configMapRef": {"name": "s3-endpoint"}}]
+    # a job option replaces the setting; a job without data gets no envFrom
+    opts = {"kubernetes": {"data_env_from": ["other-creds"]}}
+    m2, _, _ = render(spec.replace(backend_options=opts), make_submission, data_env_from=["s3-credentials"])
+    assert m2.workload["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "other-creds"}}]
+    plain, files3, _ = render(meshrun.JobSpec(command=["true"]), make_submission, data_env_from=["s3-credentials"])
+    assert "envFrom" not in plain.workload["spec"]["template"]["spec"]["containers"][0] and files3 == {}
+
+
+@pytest.mark.parametrize("value, words", [
+    (["Bad_Name"], "DNS-1123 subdomain"),
+    (["volume/x"], "configmap/NAME"),
+    ("{", "not valid JSON"),
+])
+def test_data_env_from_is_checked(value, words):
+    with pytest.raises(meshrun.ConfigError) as e:
+        KubernetesBackend({**BASE, "data_env_from": value}).settings
+    assert "data_env_from" in str(e.value) and words in str(e.value)
+
+
+def test_a_data_job_is_offered_not_refused():
+    assert meshrun.Feature.DATA in KubernetesBackend.features
