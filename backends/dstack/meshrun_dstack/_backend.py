@@ -39,10 +39,9 @@ class DstackBackend(mb.Backend):
         | mb.Feature.LOGS_FOLLOW
         | mb.Feature.REATTACH
         | mb.Feature.SPOT
+        | mb.Feature.DATA
     )
     install_hint = mb.install_hint("dstack")
-    data_refusal = ("dstack runs the job in its own container image, which need not have boto3, with none of the "
-                    "submitter's credentials; use dstack volumes, or read the data in the job")
     settings_model = DstackSettings
     options_model = _translate.DstackOptions
     poll_interval = (1.0, 15.0)
@@ -108,19 +107,23 @@ class DstackBackend(mb.Backend):
     def _configuration(self, spec: Any, *, job_id: str, name: str | None, options: Any,
                        remote_job_dir: str | None = None, offer: Any = None, nonce: str = "plan") -> dict[str, Any]:
         fcmd = None
-        slack = 0.0
-        if spec.kind == "function":
+        slack: float | None = 0.0
+        data = _has_data(spec)
+        if spec.kind == "function" or data:
             cp = None
-            if self.settings.install_cloudpickle:
+            if spec.kind == "function" and self.settings.install_cloudpickle:
                 import cloudpickle
 
                 cp = cloudpickle.__version__
             fcmd = _task.function_command(remote_job_dir or f"{self.settings.remote_dir}/{job_id}",
-                                          cloudpickle_version=cp, nonce=nonce)
-            slack = 120.0  # the agent enforces the limit itself and records it; dstack stops it later
+                                          cloudpickle_version=cp, nonce=nonce,
+                                          boto3=data and self.settings.install_boto3)
+            # the agent enforces the limit itself and records it; dstack stops it later. A data job's limit
+            # starts once its inputs are in place, and its outputs go up after it: dstack's clock is left off
+            slack = None if data else 120.0
         return _translate.task_configuration(
             spec, job_id=job_id, name=name, options=options, function_command=fcmd,
-            time_limit_slack=slack, offer=offer,
+            time_limit_slack=slack, offer=offer, secrets=self.settings.data_secrets if data else None,
         )
 
     def _validate(self, rs: dict[str, Any]) -> None:
@@ -245,9 +248,10 @@ class DstackBackend(mb.Backend):
         uploads: list[tuple[Any, str]] = []
         if work_dir is not None:
             uploads.append((lambda: _task.tar_tree(Path(cwd), "work"), work_dir))
-        if spec.kind == "function":
+        if spec.kind == "function" or _has_data(spec):  # run under the agent: the job folder travels
             launch = dict(submission.launch)
-            launch.update(cwd=work_dir or options.working_dir or ".", lease=False, mask_gpus=False,
+            # no folder given: the agent takes the task's own (absolute, so the stager places inputs there too)
+            launch.update(cwd=work_dir or options.working_dir or None, lease=False, mask_gpus=False,
                           scheduler="dstack", dist={"MASTER_PORT": "29500"})
             launch.setdefault("grace_period", 10)
             (submission.job_dir / "launch.json").write_text(json.dumps(launch, sort_keys=True) + "\n")
@@ -377,11 +381,12 @@ class DstackBackend(mb.Backend):
             time.sleep(self.log_poll)
 
     def fetch_results(self, backend_id: str, job_dir: Path) -> None:
-        """A function job's records, taken from the run's log (framed by the agent with the job's nonce)."""
+        """The records of a job run under the agent (a function or data job), taken from the run's log (framed
+        by the agent with the job's nonce)."""
         job_dir = Path(job_dir)
         launch = _read_json(job_dir / "launch.json") or {}
         nonce = mb.records_nonce(job_dir, create=False)
-        if launch.get("kind") != "function" or nonce is None:
+        if (launch.get("kind") != "function" and not launch.get("data")) or nonce is None:
             return
         c = self.client()
         text = "".join(self._log_chunks(c, backend_id, follow=False))
@@ -408,6 +413,11 @@ class DstackBackend(mb.Backend):
         if isinstance(env, dict) and env.get("MESHRUN_JOB_ID") not in (None, _translate.escape_env(job_id)):
             return None
         return name
+
+
+def _has_data(spec: Any) -> bool:
+    """Whether the job moves object-store data (the agent's stager runs before and after it)."""
+    return bool(getattr(spec, "inputs", None) or getattr(spec, "outputs", None))
 
 
 def _fields(o: mb.Offer) -> dict[str, Any]:

@@ -14,10 +14,12 @@ place only, when the HTTP client builds its Authorization header.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -26,6 +28,10 @@ import meshrun.backend as mb
 
 DEFAULT_PROJECT = "main"
 DEFAULT_DSTACK_CONFIG = "~/.dstack/config.yml"
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# a dstack secret a task's env can reference: what dstack's ${{ secrets.NAME }} interpolation accepts (the server
+# also allows '-' in a secret's name, but such a secret cannot be referenced)
+SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
 
 
 class DstackSettings(mb.BackendSettings):
@@ -51,6 +57,35 @@ class DstackSettings(mb.BackendSettings):
     api_version: Optional[str] = Field(
         None, description="the API level to announce (X-API-VERSION); default: negotiated with the server"
     )
+    data_secrets: Dict[str, str] = Field(
+        default_factory=dict,
+        description="for jobs with inputs/outputs: environment variable -> the dstack project secret that gives its "
+                    "value (the S3 endpoint and credentials), e.g. {AWS_ACCESS_KEY_ID = \"s3_key\"}",
+    )
+    install_boto3: bool = Field(
+        True, description="pip-install boto3 in the task of a job with inputs/outputs when its Python lacks it"
+    )
+
+    @field_validator("data_secrets", mode="before")
+    @classmethod
+    def _v_data_secrets(cls, v: Any) -> Any:
+        if isinstance(v, str):  # MESHRUN_DSTACK_DATA_SECRETS: a JSON table
+            try:
+                v = json.loads(v) if v.strip() else {}
+            except ValueError:
+                raise ValueError("expected a JSON table of variable -> secret name") from None
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise ValueError("expected a table of environment variable -> dstack secret name")
+        for var, name in v.items():
+            if not isinstance(var, str) or not ENV_NAME.match(var):
+                raise ValueError(f"{var!r} is not an environment variable name (letters, digits, '_', not starting "
+                                 "with a digit)")
+            if not isinstance(name, str) or not SECRET_NAME.match(name):
+                raise ValueError(f"{var}: {name!r} is not a secret name a task can reference (1 to 200 of letters, "
+                                 "digits and '_', not starting with a digit)")
+        return dict(v)
 
     @field_validator("endpoint")
     @classmethod

@@ -2,14 +2,14 @@
 
 Out: file archives (dstack's format: an uncompressed tar whose members are rooted at the archived
 path's base name, uploaded to ``/api/files/upload_archive`` and mapped to a container path). A function
-job ships one archive holding its job folder (``launch.json``, ``payload.pkl``, ``spec.json``) and the
-host agent, unpacked at ``<remote_dir>/<job id>``; ``files`` and ``workdir`` of the spec ship as their own
-archives.
+job, or a job with inputs/outputs, ships one archive holding its job folder (``launch.json``,
+``payload.pkl``, ``spec.json``, the stager ``stage.py``) and the host agent, unpacked at
+``<remote_dir>/<job id>``; ``files`` and ``workdir`` of the spec ship as their own archives.
 
-In: a function job's records (``exit.json``, ``result.pkl``, ``error.json`` ...) come back through the
-run's log, the one channel from a task to its submitter that needs nothing but the dstack server: the task
-runs the agent as ``run DIR --emit-records NONCE``, which streams the job's output and ends it with the
-records framed with the job's nonce and a checksum; ``meshrun.backend.extract_records`` takes them out of
+In: the records of a job run under the agent (``exit.json``, ``result.pkl``, ``error.json`` ...) come back
+through the run's log, the one channel from a task to its submitter that needs nothing but the dstack server:
+the task runs the agent as ``run DIR --emit-records NONCE``, which streams the job's output and ends it with
+the records framed with the job's nonce and a checksum; ``meshrun.backend.extract_records`` takes them out of
 the log again and ``meshrun.backend.LogFilter`` hides them from ``logs()``.
 """
 
@@ -30,12 +30,24 @@ CLOUDPICKLE_CHECK = (
 )
 
 
-def function_command(remote_job_dir: str, *, cloudpickle_version: str | None, nonce: str) -> str:
-    """The single shell command of a function job's task: the agent runs the job and frames its records."""
+# the stager's Python (the agent's rule: MESHRUN_DATA_PYTHON, else the agent's own); a failed install is not
+# the task's end: the stager then says in the job's log that boto3 is missing, and what to do
+BOTO3_CHECK = (
+    '"${MESHRUN_DATA_PYTHON:-${MESHRUN_PYTHON:-python3}}" -c "import boto3" 2>/dev/null || '
+    '"${MESHRUN_DATA_PYTHON:-${MESHRUN_PYTHON:-python3}}" -m pip install -q boto3 || true'
+)
+
+
+def function_command(remote_job_dir: str, *, cloudpickle_version: str | None, nonce: str,
+                     boto3: bool = False) -> str:
+    """The single shell command of a job run under the agent (a function job, or a job with inputs/outputs):
+    the agent runs the job and frames its records; with ``boto3``, boto3 is installed first where it lacks."""
     run = shlex.join(mb.agent_command("PYTHON", f"{remote_job_dir}/_agent.py", remote_job_dir, nonce)[1:])
     run = '"${MESHRUN_PYTHON:-python3}" ' + run
+    # braces: dstack joins commands with && and each pip fallback must stay one unit
+    if boto3:
+        run = "{ " + BOTO3_CHECK + "; } && " + run
     if cloudpickle_version:
-        # braces: dstack joins commands with && and the pip fallback must stay one unit
         return "{ " + CLOUDPICKLE_CHECK.format(v=cloudpickle_version) + "; } && " + run
     return run
 

@@ -10,7 +10,9 @@ What dstack does to a task, and what that means here (read from dstack's server)
   therefore not placed in ``commands`` at all but carried base64-encoded in the environment and run
   with ``eval``.
 * environment values go through dstack's secrets interpolation (``${{ secrets.x }}``, and ``$$`` for a
-  literal ``$``); every ``$`` of a value is doubled here so the value reaches the task unchanged.
+  literal ``$``); every ``$`` of a value is doubled here so the value reaches the task unchanged. The only
+  references meshrun writes are those of the ``data_secrets`` setting (a job with inputs/outputs), made here
+  from checked names, never from a spec's value.
 * run names must match ``^[a-z][a-z0-9-]{1,40}$``.
 """
 
@@ -156,6 +158,15 @@ def parse_options(spec: Any) -> DstackOptions:
 # pieces
 
 
+def secret_ref(name: str) -> str:
+    """The env value dstack replaces with the project secret ``name`` when the job starts."""
+    from ._settings import SECRET_NAME
+
+    if not SECRET_NAME.match(name):
+        raise meshrun.ConfigError("backends.dstack.data_secrets", f"{name!r} is not a secret name a task can reference")
+    return "${{ secrets.%s }}" % name
+
+
 def escape_env(value: str) -> str:
     """A value that dstack's interpolation turns back into ``value`` (``$`` -> ``$$``)."""
     return value.replace("$", "$$")
@@ -265,18 +276,25 @@ def task_configuration(
     options: Any,
     env: Mapping[str, str] | None = None,
     function_command: str | None = None,
-    time_limit_slack: float = 0.0,
+    time_limit_slack: float | None = 0.0,
     offer: Any = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The dstack ``type: task`` configuration (a plain dict in dstack's schema) for ``spec``."""
+    """The dstack ``type: task`` configuration (a plain dict in dstack's schema) for ``spec``. ``secrets``
+    (variable -> dstack secret name) become references the server fills in when the job starts (a variable
+    the spec's env sets keeps the spec's value); ``time_limit_slack`` None: no ``max_duration`` (the agent
+    keeps the time limit)."""
     commands, extra_env = task_commands(spec, function_command=function_command)
     all_env = {**spec.env, **(env or {}), **extra_env,
                "MESHRUN_JOB_ID": job_id, "MESHRUN_JOB_NAME": spec.display_name}
+    env_values = {k: escape_env(str(v)) for k, v in all_env.items()}
+    for var, secret in (secrets or {}).items():
+        env_values.setdefault(var, secret_ref(secret))
     conf: dict[str, Any] = {
         "type": "task",
         "name": name,
         "commands": commands,
-        "env": {k: escape_env(str(v)) for k, v in all_env.items()},
+        "env": env_values,
         "resources": resources_spec(spec.resources, options),
     }
     if spec.resources.nodes > 1:
@@ -289,9 +307,9 @@ def task_configuration(
                                     "dstack takes either an image or a Python version, not both")
     elif options.python:
         conf["python"] = options.python
-    elif function_command is not None:
+    elif spec.kind == "function" and function_command is not None:
         conf["python"] = python_version()  # the function was pickled by this Python
-    if spec.time_limit:
+    if spec.time_limit and time_limit_slack is not None:
         conf["max_duration"] = int(math.ceil(spec.time_limit + time_limit_slack))
     spot = options.spot_policy
     if spot is None and offer is not None and options.pin_offer:

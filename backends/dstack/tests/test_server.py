@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from meshrun.testing import files_holding
 from meshrun.testing import wait_until as _wait_until
 
 import meshrun
@@ -273,11 +274,8 @@ def echo_back(*args, **kwargs):
 HOSTILE = "it's $HOME ${{ secrets.x }} $$ `id` \"q\" \n ✓"
 
 
-def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tmp_path, monkeypatch):
-    """Submit a function job (the server keeps its job spec), then do what dstack's runner would: unpack
-    the file archives, run the job spec's commands with its environment, and write the output into the
-    server's log storage. The result then comes back through the server's logs API."""
-    b = backend()
+def spy_uploads(b, monkeypatch):
+    """The file archives the backend uploads to the server, by archive id (what dstack's runner unpacks)."""
     uploaded: dict[str, bytes] = {}
     real_upload = b.client().upload_archive
 
@@ -287,19 +285,18 @@ def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tm
         return archive
 
     monkeypatch.setattr(b.client(), "upload_archive", spy)
-    # a decorated function, submitted the usual way (placement: the named backend's queued offer)
-    fn = meshrun.job(name=HOSTILE, env={"HOSTILE": HOSTILE}, backend="dstack",
-                     backend_options={"dstack": {"retry": "1h", "image": "scratch"}})(echo_back)
-    job = fn.submit(HOSTILE, ["x"], k=HOSTILE)
-    name = job.refresh().backend_id
-    assert job.refresh().state is meshrun.JobState.PENDING
-    b.cancel(name)
-    wait_for(lambda: b.status([name])[name].terminal, what="the stop")
+    return uploaded
+
+
+def play_runner(dstack, b, name, uploaded, tmp_path, secrets=None):
+    """What dstack does with the job of run ``name`` (stopped before it got an instance) once it runs: the
+    job spec the server keeps, its env interpolated with the project's ``secrets`` (the server's own
+    interpolator, as it does when the job starts), its file archives unpacked at their paths, its commands run
+    in a folder of their own, and their output written into the server's log storage. Returns the finished
+    process and the log file."""
     run = b.client().get_run(name)
     job_spec = run["jobs"][0]["job_spec"]
     sub_id = run["jobs"][0]["job_submissions"][-1]["id"]
-
-    # the runner's part: archives at their paths, the commands with the job's environment
     for fa in job_spec["file_archives"]:
         target = Path(fa["path"])
         with tarfile.open(fileobj=io.BytesIO(uploaded[fa["id"]])) as t:
@@ -309,14 +306,13 @@ def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tm
                 t.extract(m, target, filter="data")
     from dstack._internal.utils.interpolator import VariablesInterpolator
 
-    interp = VariablesInterpolator({"secrets": {}})
+    interp = VariablesInterpolator({"secrets": secrets or {}})
     env = {k: interp.interpolate_or_error(v) for k, v in job_spec["env"].items()}
     env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HOME=str(tmp_path),
                DSTACK_NODE_RANK="0", DSTACK_NODES_NUM="1", DSTACK_GPUS_PER_NODE="0")
     workdir = tmp_path / "container-workdir"
     workdir.mkdir()
     p = subprocess.run(job_spec["commands"], env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
     log_file = dstack.server_dir / "projects" / "main" / "logs" / name / sub_id / "job.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = datetime.now(timezone.utc)
@@ -324,6 +320,25 @@ def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tm
         for i, line in enumerate(p.stdout.splitlines(keepends=True)):
             ts = (t0 + timedelta(milliseconds=i)).isoformat()
             f.write(json.dumps({"timestamp": ts, "log_source": "stdout", "message": line}) + "\n")
+    return p, log_file
+
+
+def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tmp_path, monkeypatch):
+    """Submit a function job (the server keeps its job spec), then do what dstack's runner would: unpack
+    the file archives, run the job spec's commands with its environment, and write the output into the
+    server's log storage. The result then comes back through the server's logs API."""
+    b = backend()
+    uploaded = spy_uploads(b, monkeypatch)
+    # a decorated function, submitted the usual way (placement: the named backend's queued offer)
+    fn = meshrun.job(name=HOSTILE, env={"HOSTILE": HOSTILE}, backend="dstack",
+                     backend_options={"dstack": {"retry": "1h", "image": "scratch"}})(echo_back)
+    job = fn.submit(HOSTILE, ["x"], k=HOSTILE)
+    name = job.refresh().backend_id
+    assert job.refresh().state is meshrun.JobState.PENDING
+    b.cancel(name)
+    wait_for(lambda: b.status([name])[name].terminal, what="the stop")
+    p, log_file = play_runner(dstack, b, name, uploaded, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
 
     # the submitter's part, through the server's API
     text = "".join(b.logs(name))
@@ -352,3 +367,48 @@ def test_function_job_round_trip_through_the_servers_job_spec_and_log(dstack, tm
     with pytest.raises(meshrun.BackendError, match="checksum|decoded"):
         b.fetch_results(name, job.job_dir)
     assert not (job.job_dir / "result.pkl").exists()
+
+
+# ---- a job with object-store inputs/outputs, its credentials in the dstack project's secrets ------------------
+
+
+def test_data_job_round_trip_credentials_from_dstack_secrets_written_nowhere(dstack, s3, tmp_path, monkeypatch,
+                                                                             meshrun_home):
+    """A command job with inputs and outputs: the server keeps references to the project's secrets in its job
+    spec, never their values; played as dstack's runner would (the references filled in, the job folder with
+    the agent and the stager unpacked), it stages its inputs from the S3 server and uploads its outputs; its
+    records come back through the server's log."""
+    secrets = {"mr_s3_key": s3.access_key, "mr_s3_secret": s3.secret, "mr_s3_endpoint": s3.endpoint}
+    monkeypatch.setenv("MESHRUN_DSTACK_DATA_SECRETS", json.dumps(
+        {"AWS_ACCESS_KEY_ID": "mr_s3_key", "AWS_SECRET_ACCESS_KEY": "mr_s3_secret",
+         "AWS_ENDPOINT_URL": "mr_s3_endpoint"}))
+    meshrun.configure()
+    b = backend()
+    uploaded = spy_uploads(b, monkeypatch)
+    s3.client.put_object(Bucket=s3.bucket, Key="set/a.txt", Body=b"alpha\n")
+    spec = meshrun.JobSpec(
+        command='mkdir -p out && cat data/a.txt > out/seen.txt && echo "$V" >> out/seen.txt',
+        env={"V": "${{ secrets.mr_s3_key }} $x"}, name="data", time_limit=600,
+        inputs={f"s3://{s3.bucket}/set/": "data/"}, outputs={"out/": f"s3://{s3.bucket}/results/"},
+        backend="dstack", backend_options={"dstack": {"retry": "1h", "image": "scratch"}})
+    job = meshrun.submit(spec)
+    name = job.refresh().backend_id
+    b.cancel(name)
+    wait_for(lambda: b.status([name])[name].terminal, what="the stop")
+    run = b.client().get_run(name)
+    env = run["jobs"][0]["job_spec"]["env"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.mr_s3_secret }}"
+    p, _ = play_runner(dstack, b, name, uploaded, tmp_path, secrets=secrets)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = s3.client.get_object(Bucket=s3.bucket, Key="results/seen.txt")["Body"].read()
+    assert got == b"alpha\n${{ secrets.mr_s3_key }} $x\n"  # the spec's own text is never interpolated
+    text = "".join(b.logs(name))
+    assert "inputs ready: 1 object(s)" in text and "outputs uploaded" in text and "meshrun-records" not in text
+    b.fetch_results(name, job.job_dir)
+    assert json.loads((job.job_dir / "exit.json").read_text())["state"] == "succeeded"
+    # the server's run, the job store, what meshrun shows and the task's own folders hold no credential
+    needles = [*s3.needles, s3.endpoint]
+    shown = json.dumps(b.client().get_run(name)) + text + b.native(meshrun.Submission(
+        job_id=job.id, job_dir=job.job_dir, spec=spec, launch=json.loads((job.job_dir / "launch.json").read_text())))
+    assert [n for n in needles if n in shown] == []
+    assert files_holding([meshrun_home, tmp_path / "task-root", tmp_path / "container-workdir"], needles) == []

@@ -359,3 +359,59 @@ def test_an_imported_retry_is_what_dstack_reads():
     conf, rs = translate(spec_from_dstack_config(doc))
     theirs = RunSpec.model_validate({"configuration": doc}).configuration.retry
     assert rs.configuration.retry == theirs
+
+
+# ---- a job with object-store inputs/outputs ---------------------------------------------------------------
+
+DATA_SECRETS = {"AWS_ACCESS_KEY_ID": "s3_key", "AWS_SECRET_ACCESS_KEY": "s3_secret", "AWS_ENDPOINT_URL": "s3_endpoint"}
+GOLDEN = __import__("pathlib").Path(__file__).resolve().parent / "golden"
+
+
+def data_conf(s, **cfg):
+    from meshrun_dstack import DstackBackend
+
+    b = DstackBackend({"remote_dir": "/tmp/meshrun", "data_secrets": DATA_SECRETS, **cfg})
+    conf = b._configuration(s, job_id="abc123", name=tr.run_name("abc123"), options=tr.parse_options(s),
+                            nonce="n0nce")
+    return conf, RunSpec.model_validate(tr.run_spec(conf))
+
+
+def test_a_data_job_runs_under_the_agent_with_its_credentials_as_dstack_secret_references():
+    s = spec(command=["python", "train.py"], time_limit=600, env={"V": "${{ secrets.s3_key }} $x"},
+             inputs={"s3://lab-data/imagenet/": "data/"}, outputs={"ckpt/": "s3://lab-ckpt/run-17/"})
+    conf, rs = data_conf(s)
+    path = GOLDEN / "task-data.json"
+    got = {"commands": conf["commands"], "env": conf["env"]}
+    if os.environ.get("MESHRUN_UPDATE_GOLDEN") or not path.exists():
+        path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    assert json.loads(path.read_text()) == got
+    # the references are dstack's, filled in from the project's secrets when the job starts; the spec's own
+    # value that looks like one reaches the task as written
+    assert conf["env"]["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.s3_secret }}"
+    interp = VariablesInterpolator({"secrets": {"s3_key": "AK", "s3_secret": "SK", "s3_endpoint": "http://s3:9"}})
+    env = {k: interp.interpolate_or_error(v) for k, v in rs.configuration.env.as_dict().items()}
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_ENDPOINT_URL"]) == ("AK", "SK",
+                                                                                                   "http://s3:9")
+    assert env["V"] == "${{ secrets.s3_key }} $x"
+    # the agent keeps the time limit from when the inputs are in place: no max_duration; no Python pinned
+    assert "max_duration" not in conf and "python" not in conf
+    assert len(conf["commands"]) == 1 and "_agent.py" in conf["commands"][0] and "import boto3" in conf["commands"][0]
+    # a job without data gets no references, and install_boto3 = false leaves the install out
+    plain, _ = data_conf(spec(command=["true"]))
+    assert not [v for v in plain["env"].values() if "secrets." in v and "$$" not in v]
+    conf2, _ = data_conf(s, install_boto3=False)
+    assert "boto3" not in conf2["commands"][0]
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"AWS-KEY": "s3_key"}, "not an environment variable name"),
+    ({"AWS_ACCESS_KEY_ID": "s3-key"}, "not a secret name"),
+    ({"AWS_ACCESS_KEY_ID": "}} ${{ x"}, "not a secret name"),
+    ("[1]", "table"),
+])
+def test_data_secrets_are_checked(table, words):
+    from meshrun_dstack import DstackBackend
+
+    with pytest.raises(meshrun.ConfigError) as e:
+        DstackBackend({"data_secrets": table}).settings
+    assert "data_secrets" in str(e.value) and words in str(e.value)
