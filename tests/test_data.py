@@ -55,7 +55,7 @@ def test_backends_that_cannot_stage_data_are_rejected_with_the_reason():
 
     spec = meshrun.JobSpec(command=["true"], inputs={"s3://lab-data/a": "a"})
     got = {}
-    for name in ("kubernetes", "dstack", "skypilot"):
+    for name in ("kubernetes", "dstack"):
         try:
             offers, _ = _ask(name, spec)
         except meshrun.MeshrunError:
