@@ -47,6 +47,9 @@ def meshrun_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MESHRUN_CONFIG", str(tmp_path / "no-such-config.toml"))
     monkeypatch.delenv("MESHRUN_GPUS", raising=False)
     monkeypatch.delenv("MESHRUN_BACKEND", raising=False)
+    # the processes a test starts run `meshrun run`/`offers` and first submits themselves, not through a warm
+    # command server that outlives the test (tests/test_cli_server.py turns it on for servers of its own)
+    monkeypatch.setenv("MESHRUN_CLI_SERVER", "0")
     (tmp_path / "no-such-config.toml").write_text("")
     _reset_meshrun()
     yield home

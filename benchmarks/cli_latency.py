@@ -8,7 +8,8 @@ as what people compare with.
 Targets (issue "First contact"): everyday commands (ls, status, logs, cancel, wait, gpus, backends with
 cached checks) within 1.5x of ``python -c pass``; ``meshrun run -- true`` within 2x; ``meshrun offers --gpus
 1`` at most 300 ms with warm caches; the first API use in a fresh interpreter (``import meshrun`` and a
-submit) at most 150 ms above the interpreter's start.
+submit) at most 150 ms above the interpreter's start. `run`, `offers` and the first submit are measured as
+users get them (answered by the warm command server) and, beside them, without it (MESHRUN_CLI_SERVER=0).
 
     .venv/bin/python benchmarks/cli_latency.py --rounds 15 [--out benchmarks/results/cli_latency.json]
 """
@@ -75,6 +76,20 @@ def main() -> int:
             cached = True
             break
     subprocess.run(mr + ["offers", "--gpus", "1"], env=env, capture_output=True)
+    # the warm command server (meshrun/_cliserver.py) answers `run`, `offers` and a first `meshrun.run`: the
+    # first such command starts it; the next ones teach it what they import. The same commands are measured
+    # without it too (MESHRUN_CLI_SERVER=0), side by side.
+    served = False
+    for _ in range(3):
+        subprocess.run(mr + ["run", "--", "true"], env=env, capture_output=True)
+        time.sleep(1.0)
+        subprocess.run([PY, "-c", "import meshrun; meshrun.run(['true'])"], env=env, capture_output=True)
+        time.sleep(0.5)
+    probe = subprocess.run([PY, "-c", "from meshrun._cliserver import server_path; import os; "
+                                      "print(os.path.exists(server_path() or ''))"], env=env, capture_output=True,
+                           text=True)
+    served = probe.stdout.strip() == "True"
+    off = dict(env, MESHRUN_CLI_SERVER="0")
 
     cmds: dict[str, list[str]] = {
         "python -c pass": [PY, "-c", "pass"],
@@ -84,6 +99,10 @@ def main() -> int:
         "offers --gpus 1": mr + ["offers", "--gpus", "1"],
         "api: import + submit": [PY, "-c", "import meshrun; meshrun.run(['true'])"],
     }
+    unserved = {"run -- true (no server)": "run -- true", "offers --gpus 1 (no server)": "offers --gpus 1",
+                "api: import + submit (no server)": "api: import + submit"}
+    cmds.update({k: cmds[v] for k, v in unserved.items()})
+    envs = {k: (off if k in unserved else env) for k in cmds}
     for tool, argv in (("squeue", ["squeue", "--me"]), ("nvidia-smi -L", ["nvidia-smi", "-L"])):
         if shutil.which(argv[0]) and subprocess.run(argv, capture_output=True).returncode == 0:
             cmds[tool] = argv
@@ -92,14 +111,14 @@ def main() -> int:
         order = list(cmds)
         random.shuffle(order)
         for k in order:
-            samples[k].append(timed(cmds[k], env))
+            samples[k].append(timed(cmds[k], envs.get(k, env)))
     med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     base = med["python -c pass"]
     rows = {}
     for k, ms in med.items():
         row: dict[str, object] = {"median_ms": round(ms, 1), "ratio": round(ms / base, 2)}
-        if k in TARGETS:
-            kind, limit = TARGETS[k]
+        if k in TARGETS or k in unserved:
+            kind, limit = TARGETS[unserved.get(k, k)]
             got = ms / base if kind == "ratio" else ms if kind == "ms" else ms - base
             row.update(target=f"{'<=' if kind != 'above_ms' else '<= +'}{limit:g}{'x' if kind == 'ratio' else ' ms'}",
                        met=bool(got <= limit))
@@ -111,6 +130,7 @@ def main() -> int:
                     "load_before": os.getloadavg()},
         "rounds": a.rounds,
         "backends_check_cached": cached,  # false: some backend never answered within its limit while warming up
+        "command_server_up": served,  # whether the warm command server answered the served rows
         "results": rows,
         "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in samples.items()},
     }
@@ -118,6 +138,7 @@ def main() -> int:
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text + "\n")
+    subprocess.run([PY, "-c", "from meshrun._cliserver import stop; stop()"], env=env)
     shutil.rmtree(home, ignore_errors=True)
     return 0
 

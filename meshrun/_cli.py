@@ -305,6 +305,9 @@ def _fast_args(argv: list[str]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``meshrun ARGV``. Run as a program (no ``argv``), ``run`` and ``offers`` go through this user's warm
+    command server when one answers (meshrun/_cliserver.py)."""
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # every argument after the word goes to its own parser
         from .bench._cli import main as bench_main
@@ -316,6 +319,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dashboard_main(argv[1:])
     if argv and argv[0] == "usage":  # likewise: meshrun/_usage.py parses its own options
         return cmd_usage(argv[1:])
+    if program and argv and argv[0] in ("run", "offers"):  # _cliserver.SERVED (not imported for the others)
+        from . import _cliserver
+
+        if _cliserver.enabled():
+            rc = _cliserver.call(argv)
+            if rc is not None:
+                return rc
+            try:
+                return _main(argv)
+            finally:
+                _cliserver.start()  # warm for the next command
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _fast_args(argv)
     if args is None:
         parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
@@ -506,6 +524,7 @@ def _follow(job: Any) -> int:
     status_line = is_terminal(sys.stderr)
     try:
         start = time.monotonic()
+        nap = 0.005  # a job that starts at once is seen at once; then every 50 ms, backing off to 1 s
         while True:
             st = job.advance()  # waiting: a job pending past max_pending moves on
             if st is not JobState.PENDING and st is not JobState.SUBMITTING:
@@ -518,7 +537,8 @@ def _follow(job: Any) -> int:
                     sys.stderr.write(msg + "\n")
                 sys.stderr.flush()
                 shown_state = msg
-            time.sleep(min(1.0, 0.05 + (time.monotonic() - start) / 20))
+            time.sleep(min(nap, 1.0, 0.05 + (time.monotonic() - start) / 20))
+            nap *= 2
         if status_line and shown_state:
             sys.stderr.write("\r" + " " * 120 + "\r")
         for chunk in job.logs(follow=True):

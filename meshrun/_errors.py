@@ -10,6 +10,18 @@ if TYPE_CHECKING:
 class MeshrunError(Exception):
     """Base class of every error meshrun raises on purpose."""
 
+    def __reduce__(self) -> Any:
+        # pickled whole (args and attributes), whatever the subclass's __init__ takes: an error raised by the
+        # command server's child reaches the caller as it was raised
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type, args: tuple, attrs: dict) -> BaseException:
+    e = cls.__new__(cls, *args)
+    e.args = args
+    e.__dict__.update(attrs)
+    return e
+
 
 class SpecError(MeshrunError, ValueError):
     """A job spec (or a config value) is invalid. ``field`` names the offending field."""

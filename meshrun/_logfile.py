@@ -63,6 +63,7 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
     """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
     and EOF. Only one chunk is held at a time."""
     pos = start
+    wait = min(poll, 0.005)  # a short job's output is there within milliseconds: look again soon, then back off
     import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")("replace")
@@ -76,6 +77,7 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
                     if not chunk:
                         break
                     pos += len(chunk)
+                    wait = min(poll, 0.005)
                     text = dec.decode(chunk)
                     if text:
                         yield text
@@ -86,4 +88,5 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
             if rest:
                 yield rest
             return
-        time.sleep(poll)
+        time.sleep(wait)
+        wait = min(poll, wait * 2)

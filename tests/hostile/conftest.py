@@ -64,6 +64,7 @@ class User:
             "MESHRUN_HOME": str(self.private / "meshrun-home"),
             "MESHRUN_CONFIG": str(self.private / "no-config.toml"),
             "LANG": "C.UTF-8",
+            "MESHRUN_CLI_SERVER": "0",  # no command server outlives a test (test_client.py starts its own)
         }
         env.update(extra)
         return env

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -368,6 +369,89 @@ def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, cle
     # the server itself still serves alice
     r = cli(alice, "run", "--", "/bin/echo", "still-serving")
     assert r.returncode == 0 and "still-serving" in r.stdout, r.stderr
+
+
+# ---- 1b. the command server's socket (meshrun/_cliserver.py) ------------------------------------------------
+
+
+def cli_server_path(user: User, env=None) -> str:
+    r = py(user, "from meshrun._cliserver import server_path; print(server_path())", env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+BOB_COMMAND = r"""
+import array, json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+req = {"argv": ["run", "--", "/bin/sh", "-c", "id -u > " + sys.argv[2]], "cwd": "/", "env": {"PATH": "/usr/bin:/bin"},
+       "umask": 0, "streams": [1, 2], "key": sys.argv[3]}
+try:
+    s.sendmsg([(json.dumps(req) + "\n").encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [1, 2]))])
+except OSError as e:
+    print("send:", e, file=sys.stderr)
+buf = b""
+while not buf.endswith(b"\n"):
+    try:
+        b = s.recv(65536)
+    except OSError:
+        break
+    if not b:
+        break
+    buf += b
+print(buf.decode().strip() or "{}")
+"""
+
+
+def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_dir, clean_sockets):
+    """SO_PEERCRED on alice's command server: bob, reaching it through a link root made (her socket directory
+    is private), asks it to run a command with his streams; he is refused, nothing runs as alice, and her
+    own commands are still served."""
+    env = env_of(alice, MESHRUN_CLI_SERVER="1")
+    path = Path(cli_server_path(alice, env))
+    r = cli(alice, "run", "--", "/bin/true", env=env)  # runs itself and starts her server
+    assert r.returncode == 0, r.stderr
+    wait_until(path.exists, timeout=60, what="alice's command server")
+    key = py(alice, "from meshrun._cliserver import server_key; print(server_key())", env=env).stdout.strip()
+    bob_area = shared_for(bob, shared_dir, "bob", 0o777)
+    link = bob_area / "alice-cli.sock"
+    os.link(path, link)
+    os.chmod(link, 0o777)
+    mark = bob_area / "pwned"
+    before = len(alice_jobs(alice, env))
+    try:
+        r = py(bob, BOB_COMMAND, link, mark, key)
+        assert r.returncode == 0, r.stderr
+        reply = json.loads(r.stdout)
+        assert "pid" not in reply and "refused" in reply.get("error", ""), reply
+        time.sleep(1)
+        assert not mark.exists()
+        assert len(alice_jobs(alice, env)) == before  # no job of bob's in her store
+        r = cli(alice, "run", "--", "/bin/echo", "still-serving", env=env)
+        assert r.returncode == 0 and "still-serving" in r.stdout, r.stderr
+    finally:
+        os.unlink(link)
+        os.unlink(path)  # her server ends
+
+
+def test_a_command_server_socket_of_another_user_gets_no_byte(alice, bob, shared_dir, clean_sockets):
+    """Bob's listener at alice's command-server path (put there with root's help): her `meshrun run` sends him
+    nothing (not her environment, not her streams), says whose socket it is, and runs the command itself."""
+    env = env_of(alice, MESHRUN_CLI_SERVER="1", TOKEN=SECRET)
+    path = Path(cli_server_path(alice, env))
+    bob_area = shared_for(bob, shared_dir, "bob", 0o755)
+    listener = Listener(bob, bob_area / "planted.sock", bob_area)
+    os.rename(bob_area / "planted.sock", path)
+    try:
+        r = cli(alice, "run", "--", "/bin/sh", "-c", 'echo "token=$TOKEN"', env=env)
+        assert r.returncode == 0 and f"token={SECRET}" in r.stdout, r.stderr
+        assert f"{path} is served by uid {bob.uid}" in r.stderr, r.stderr
+    finally:
+        listener.stop()
+        remove_path(path)
+    got = listener.state()
+    assert got["connections"] >= 1 and got["received"] == "", got
 
 
 # ---- 2. the job store ----------------------------------------------------------------------------------------

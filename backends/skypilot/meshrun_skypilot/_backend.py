@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from pydantic import field_validator
+
 import meshrun
 import meshrun.backend as mb
 from meshrun import (
@@ -71,6 +73,7 @@ REQUEST_RUNNING = ("PENDING", "RUNNING")
 
 _ID_RE = re.compile(r"^(cluster|managed):([^:]*):([^:]+):([^:]*)$")
 _POOL_CLOUDS = ("slurm", "kubernetes", "ssh")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SkyPilotSettings(mb.BackendSettings):
@@ -87,6 +90,20 @@ class SkyPilotSettings(mb.BackendSettings):
     catalog_dir: Optional[str] = None  # SkyPilot catalog folder (default: ~/.sky/catalogs/v8)
     request_timeout: float = 120.0  # seconds to wait for quick API requests (status, queue, cancel)
     follow_logs: int = 16  # the submitting process follows up to this many jobs' logs (0: poll `sky queue`)
+    # the submitter's variables a job with inputs/outputs gets as SkyPilot secrets, those that are set: the
+    # stager's endpoint, credentials and profile on the node (docs/data.md); [] forwards none
+    data_env: list[str] = list(_task.DATA_ENV)
+
+    @field_validator("data_env", mode="before")
+    @classmethod
+    def _v_data_env(cls, v: Any) -> Any:
+        if isinstance(v, str):  # MESHRUN_SKYPILOT_DATA_ENV="AWS_PROFILE,AWS_CONFIG_FILE"
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                if not isinstance(x, str) or not _ENV_NAME.match(x):
+                    raise ValueError(f"expected environment variable names, got {x!r}")
+        return v
 
 
 def parse_id(backend_id: str) -> tuple[str, str, str, str]:
@@ -108,10 +125,8 @@ def _msg(e: BaseException) -> str:
 class SkyPilotBackend(Backend):
     name = NAME
     features = (Feature.COMMANDS | Feature.FUNCTIONS | Feature.GPUS | Feature.MULTI_NODE | Feature.LOGS_FOLLOW
-                | Feature.REATTACH | Feature.SPOT | Feature.SECRETS)
+                | Feature.REATTACH | Feature.SPOT | Feature.SECRETS | Feature.DATA)
     install_hint = mb.install_hint("skypilot")
-    data_refusal = ("meshrun does not yet turn inputs/outputs into SkyPilot's bucket file mounts, and its cloud "
-                    "nodes have no credentials of the submitter's; give the task file_mounts with a bucket source")
     settings_model = SkyPilotSettings
     options_model = _task.SkyPilotOptions
     def __init__(self, config: Mapping[str, Any] | None = None):
@@ -329,7 +344,8 @@ class SkyPilotBackend(Backend):
         """The ``sky.Task`` meshrun launches for a submission (validated by SkyPilot)."""
         cfg = _task.launch_config(submission, python=self.settings.python, master_port=self.settings.master_port,
                                   grace_period=self.settings.grace_period,
-                                  max_inline_bytes=self.settings.max_inline_bytes)
+                                  max_inline_bytes=self.settings.max_inline_bytes,
+                                  data_env=self.settings.data_env)
         res = cfg.setdefault("resources", {})
         if not any(k in res for k in ("infra", "cloud", "any_of", "ordered")):
             where = None

@@ -14,10 +14,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Mapping, Optional, Sequence
 
 from pydantic import Field, StrictBool, StrictInt
 
@@ -70,6 +71,11 @@ class SkyPilotOptions(mb.BackendOptions):
 RESOURCE_OPTIONS = tuple(k for k in SkyPilotOptions.model_fields if k not in ("cluster", "keep", "managed",
                                                                               "idle_minutes", "task"))
 START_MARK = "::meshrun-started:"  # node 0 prints it once the job is unpacked and about to start
+#: the submitter's variables a job with inputs/outputs gets as SkyPilot secrets (those that are set): what the
+#: node's stager reads through boto3's chain (endpoint, key pair, profile) and meshrun's own data knobs
+DATA_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "MESHRUN_DATA_PYTHON", "MESHRUN_DATA_CACHE")
 
 
 def job_options(spec: Any) -> dict[str, Any]:
@@ -122,8 +128,8 @@ def _common_config(spec: Any, opts: Mapping[str, Any], name: str | None,
         cfg["resources"] = res
     if spec.env:
         cfg["envs"] = dict(spec.env)
-    if spec.secrets:
-        cfg["secrets"] = dict(secrets or {})
+    if secrets:
+        cfg["secrets"] = dict(secrets)
     mounts = {remote_target(k): v for k, v in spec.files.items()}
     extra = dict(opts.get("task") or {})
     if isinstance(extra.get("file_mounts"), Mapping):
@@ -140,6 +146,10 @@ def task_config(spec: Any) -> dict[str, Any]:
     if spec.kind != "command":
         raise meshrun.SpecError("function", "a function job has no plain SkyPilot task; submit it to the "
                                 "skypilot backend, which runs it through meshrun's runner")
+    if spec.inputs or spec.outputs:
+        raise meshrun.SpecError("inputs" if spec.inputs else "outputs",
+                                "object-store inputs/outputs have no plain SkyPilot task field; submit the job to "
+                                "the skypilot backend, which stages them on the node with meshrun's stager")
     # names only: the values of secrets are never written
     cfg, extra = _common_config(spec, opts, spec.name, {k: None for k in spec.secrets})
     if spec.setup:
@@ -223,9 +233,22 @@ def run_script(*, job_id: str, bundle_b64: str, nonce: str, python: str = "pytho
     )
 
 
+def data_secrets(spec: Any, names: Sequence[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a job with inputs/outputs takes from the submitter's environment (``environ``, default
+    ``os.environ``) to its nodes as SkyPilot secrets: each variable of ``names`` that is set, unless the spec
+    gives it itself (in ``env`` or ``secrets``). Nothing for a job that moves no data."""
+    if not (spec.inputs or spec.outputs):
+        return {}
+    env = os.environ if environ is None else environ
+    return {k: env[k] for k in names if k in env and k not in spec.env and k not in spec.secrets}
+
+
 def launch_config(submission: Any, *, python: str = "python3", master_port: int = 29500,
-                  grace_period: float | None = None, max_inline_bytes: int = 8 * 1024**2) -> dict[str, Any]:
-    """The task meshrun launches for a submission: the portable mapping, with meshrun's run script."""
+                  grace_period: float | None = None, max_inline_bytes: int = 8 * 1024**2,
+                  data_env: Sequence[str] = DATA_ENV) -> dict[str, Any]:
+    """The task meshrun launches for a submission: the portable mapping, with meshrun's run script. A job
+    with inputs/outputs also gets the variables of ``data_env`` set here as SkyPilot secrets (the stager's
+    endpoint and credentials on the node: :func:`data_secrets`)."""
     spec = submission.spec
     opts = job_options(spec)
     data = bundle(submission, grace_period=grace_period, master_port=master_port)
@@ -238,8 +261,10 @@ def launch_config(submission: Any, *, python: str = "python3", master_port: int 
         import cloudpickle
 
         cp = cloudpickle.__version__
-    # SkyPilot's own secrets: redacted in everything it shows
-    cfg, extra = _common_config(spec, opts, submission.name, submission.secrets)
+    # SkyPilot's own secrets: redacted in everything it shows; never in the job folder (not in launch.json:
+    # the node's environment is what the stager reads)
+    secrets = {**data_secrets(spec, data_env), **submission.secrets}
+    cfg, extra = _common_config(spec, opts, submission.name, secrets)
     cfg["run"] = run_script(job_id=submission.job_id, bundle_b64=base64.b64encode(data).decode(), python=python,
                             nonce=mb.records_nonce(submission.job_dir) or "", cloudpickle_version=cp)
     for k, v in extra.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,4 +197,88 @@ def backend(sky_server, meshrun_home):
     import meshrun
 
     meshrun.configure({"backends": {"skypilot": {"port": sky_server.port}}})
+    return meshrun.get_backend("skypilot")
+
+
+# ---- SkyPilot on the repo's test Slurm cluster (test_e2e.py, test_data.py) -------------------------------
+
+SCRIPT = SCRIPTS / "skypilot-slurm.sh"
+SLURM_CLUSTER_SCRIPT = REPO / "backends" / "slurm" / "scripts" / "slurm-cluster.sh"
+SKY_USER = os.environ.get("SKY_SLURM_USER", "meshsky")
+
+
+def _facts(out: str) -> dict[str, str]:
+    facts = {}
+    for line in out.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            facts[k] = v.strip("'")
+    return facts
+
+
+def _user_processes(user: str) -> list[str]:
+    p = subprocess.run(["ps", "-o", "pid=,args=", "-u", user], capture_output=True, text=True)
+    return [l.strip() for l in p.stdout.splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="module")
+def slurm_sky(sky_env, session_services):
+    """SkyPilot on the repo's test Slurm cluster, for one test module: `skypilot-slurm.sh up`, its client config
+    in the session's SkyPilot home and `sky check`; at the module's end every cluster of this home is taken
+    down, the login node stopped, and no process of its user may be left. Returns the script's facts."""
+    if os.geteuid() != 0:
+        pytest.skip("the SkyPilot-on-Slurm setup needs root (bash backends/skypilot/scripts/skypilot-slurm.sh up)")
+    if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
+        pytest.skip("no Slurm here")
+    t0 = time.monotonic()
+    # `up` also starts the Slurm cluster: stopped at the end of the test run if it was not up before, like the
+    # users `up` creates
+    session_services.use("slurm-cluster", was_up=True)
+    cluster_was_up = subprocess.run(["bash", str(SLURM_CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0
+    with session_services.creating_users("slurm-cluster", ("slurmrest",)), \
+            session_services.creating_users("skypilot-login-user", (SKY_USER,)):
+        p = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+    session_services.use("slurm-cluster", was_up=cluster_was_up, down=["bash", str(SLURM_CLUSTER_SCRIPT), "down"])
+    if p.returncode != 0:
+        pytest.fail(f"skypilot-slurm.sh up failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    facts = _facts(subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True, check=True).stdout)
+    (sky_env.home / ".slurm").mkdir(exist_ok=True)
+    shutil.copyfile(facts["SKY_SLURM_CONFIG"], sky_env.home / ".slurm" / "config")
+    with sky_env.apply():
+        sky_env.start_server()
+        from sky.client import sdk
+
+        enabled = sdk.get(sdk.check(("slurm",), False))
+    print(f"[skypilot] Slurm set up and checked in {time.monotonic() - t0:.1f}s: {enabled}")
+    yield facts
+    # teardown: clusters of this home, the login node, and everything SkyPilot left for its user
+    with sky_env.apply():
+        from sky.client import sdk
+
+        try:
+            for c in sdk.get(sdk.status(all_users=True)) or []:
+                sdk.get(sdk.down(c["name"] if isinstance(c, dict) else c.name))
+        except Exception as e:
+            print(f"[skypilot] teardown: {type(e).__name__}: {e}")
+        # leave the session's SkyPilot home as it was: no cloud enabled (the offline tests rely on it)
+        (sky_env.home / ".slurm" / "config").unlink(missing_ok=True)
+        try:
+            sdk.get(sdk.check(("slurm",), False))
+        except Exception as e:
+            print(f"[skypilot] teardown: sky check: {type(e).__name__}: {e}")
+    subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+    left = _user_processes(facts["SKY_SLURM_USER"])
+    assert not left, f"processes of {facts['SKY_SLURM_USER']} survived the teardown: {left}"
+
+
+@pytest.fixture
+def sky(slurm_sky, sky_server, meshrun_home, tmp_path, monkeypatch):
+    """The skypilot backend launching onto the test Slurm cluster, from a fresh working folder."""
+    import meshrun
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    meshrun.configure({"backends": {"skypilot": {"port": sky_server.port, "infra": slurm_sky["SKY_SLURM_INFRA"],
+                                                  "idle_minutes": 15}}})
     return meshrun.get_backend("skypilot")

@@ -379,3 +379,78 @@ def test_show_native_prints_the_task_skypilot_would_get(sky_home, tmp_path, monk
     task = yaml.safe_load(out)
     assert task["secrets"] == {"TOK": "<redacted>"}
     assert sorted(json.dumps(r["accelerators"]) for r in task["resources"]["any_of"]) == ['{"A10G": 1}', '{"L4": 1}']
+
+
+# ---- object-store inputs/outputs: the stager on the node, its variables as SkyPilot secrets ----------------
+
+DATA_VALUES = {"AWS_ACCESS_KEY_ID": "AKIDmeshrundata", "AWS_SECRET_ACCESS_KEY": "data-secret-key-value",
+               "AWS_ENDPOINT_URL": "http://s3.example.internal:7777", "AWS_REGION": "auto"}
+
+
+def _bundle_of(run: str) -> dict[str, bytes]:
+    import base64
+    import io
+    import re
+    import tarfile
+
+    b64 = re.search(r"printf '%s' '([A-Za-z0-9+/=]*)'", run).group(1)
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(b64)), mode="r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_a_job_with_data_gets_the_stagers_variables_as_secrets_written_nowhere(sky_home, meshrun_home,
+                                                                               monkeypatch):
+    from meshrun.testing import files_holding
+    from meshrun_skypilot import SkyPilotBackend
+
+    for k in _task.DATA_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in DATA_VALUES.items():
+        monkeypatch.setenv(k, v)
+    spec = meshrun.JobSpec(command="true", inputs={"s3://lab-data/in/": "data/"},
+                           outputs={"out/": "s3://lab-data/out/"}, env={"AWS_REGION": "eu-west-1"},
+                           secrets={"TOKEN": "tok-secret-value"})
+    sub = _submission(spec, meshrun_home)
+    cfg = _task.launch_config(sub)
+    # the variables that are set, as SkyPilot secrets; the spec's own env wins (AWS_REGION stays an env)
+    assert cfg["secrets"] == {"AWS_ACCESS_KEY_ID": "AKIDmeshrundata", "AWS_SECRET_ACCESS_KEY": "data-secret-key-value",
+                              "AWS_ENDPOINT_URL": "http://s3.example.internal:7777", "TOKEN": "tok-secret-value"}
+    assert cfg["envs"] == {"AWS_REGION": "eu-west-1"}
+    # the stager travels in the bundle, with launch.json's data section (URLs and paths only)
+    files = _bundle_of(cfg["run"])
+    assert files["stage.py"] == (Path(meshrun.__file__).parent / "_stage.py").read_bytes()
+    assert json.loads(files["launch.json"])["data"]["inputs"] == [{"source": "s3://lab-data/in/", "path": "data/"}]
+    needles = ["AKIDmeshrundata", "data-secret-key-value", "s3.example.internal", "tok-secret-value"]
+    assert [n for n in needles if n.encode() in b"".join(files.values()) or n in cfg["run"]] == []
+    # SkyPilot's redacted view and the task `meshrun show --native` prints hold none of the values
+    shown = _task.build_task(cfg)._to_yaml_config(redact_secrets=True)
+    assert set(shown["secrets"].values()) == {"<redacted>"} and len(shown["secrets"]) == 4
+    native = SkyPilotBackend({}).native(sub)
+    assert [n for n in needles if n in native] == []
+    # nothing in the job store (the job folder: spec.json, launch.json, stage.py, ...)
+    assert files_holding(meshrun_home, needles) == []
+
+    # the setting names the variables: none forwarded with []; a job that moves no data gets none
+    assert _task.launch_config(sub, data_env=[])["secrets"] == {"TOKEN": "tok-secret-value"}
+    assert _task.launch_config(sub, data_env=["AWS_REGION", "AWS_PROFILE"])["secrets"] == {"TOKEN": "tok-secret-value"}
+    plain = _task.launch_config(_submission(meshrun.JobSpec(command="true"), meshrun_home))
+    assert "secrets" not in plain and "stage.py" not in _bundle_of(plain["run"])
+
+
+def test_data_env_setting_takes_names_only():
+    from meshrun_skypilot._backend import SkyPilotSettings
+
+    assert SkyPilotSettings().data_env == list(_task.DATA_ENV)
+    got = SkyPilotSettings.load("skypilot", {"data_env": "AWS_PROFILE, AWS_CONFIG_FILE"})  # MESHRUN_SKYPILOT_DATA_ENV
+    assert got.data_env == ["AWS_PROFILE", "AWS_CONFIG_FILE"]
+    assert SkyPilotSettings.load("skypilot", {"data_env": ""}).data_env == []
+    with pytest.raises(meshrun.ConfigError) as e:
+        SkyPilotSettings.load("skypilot", {"data_env": ["AWS_PROFILE=x"]})
+    assert "data_env" in str(e.value) and "AWS_PROFILE=x" in str(e.value)
+
+
+def test_the_portable_task_has_no_field_for_inputs_and_outputs():
+    spec = meshrun.JobSpec(command="true", outputs={"out/": "s3://lab-data/out/"})
+    with pytest.raises(meshrun.SpecError) as e:
+        _task.task_config(spec)
+    assert e.value.field == "outputs" and "stager" in str(e.value)

@@ -1,0 +1,197 @@
+"""The warm command server (meshrun/_cliserver.py): `meshrun run`/`offers` and a fresh interpreter's first
+`meshrun.run` answered by a forked child of a resident process, exactly as the process itself would have.
+
+Each test runs its own server (its own PYTHONPATH, hence its own socket) and stops it at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshrun.testing import wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+HOSTILE = "it's \"q\" $(touch /tmp/pwned-cli-server) `id` \n; rm -rf ~ \\ é"
+
+# a client that reports, beside its exit code, whether it loaded pydantic (a served command never does)
+CLIENT = r"""
+import sys
+from meshrun._cli import main
+sys.argv = ["meshrun"] + sys.argv[1:]
+rc = main()
+sys.stderr.write("\nLOADED-PYDANTIC=%s\n" % ("pydantic" in sys.modules))
+sys.exit(rc)
+"""
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """This test's server: the environment that reaches it (a PYTHONPATH of its own) and a function that
+    starts it and waits until it answers."""
+    marker = tmp_path / "path-entry"
+    marker.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(marker)] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+    env["MESHRUN_CLI_SERVER"] = "1"
+    env["MESHRUN_BACKEND"] = "local"
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+
+    def path() -> str:
+        r = subprocess.run([sys.executable, "-c", "from meshrun._cliserver import server_path; print(server_path())"],
+                           env=env, capture_output=True, text=True, check=True)
+        return r.stdout.strip()
+
+    sock = path()
+
+    def start() -> int:
+        subprocess.run([sys.executable, "-c", "from meshrun._cliserver import start; start()"], env=env, check=True)
+        wait_until(lambda: os.path.exists(sock), 60, 0.05, "the command server's socket")
+        return server_pid()
+
+    def server_pid() -> int:
+        out = subprocess.run(["pgrep", "-f", f"meshrun._cliserver {sock}"], capture_output=True, text=True).stdout
+        pids = [int(p) for p in out.split()]
+        assert len(pids) == 1, out
+        return pids[0]
+
+    class Served:
+        pass
+
+    s = Served()
+    s.env, s.sock, s.start, s.marker, s.server_pid = env, sock, start, marker, server_pid
+    yield s
+    try:
+        os.unlink(sock)  # the server ends within a second of its socket going
+    except OSError:
+        pass
+    wait_until(lambda: subprocess.run(["pgrep", "-f", f"meshrun._cliserver {sock}"],
+                                      capture_output=True).returncode != 0, 30, 0.1, "the server to end")
+
+
+def client(served, *args, cwd=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLIENT, *args], env=served.env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+def test_run_through_the_server_is_the_same_command(served, tmp_path):
+    """The served child takes on the caller's argv, environment, working directory, umask and streams: a
+    hostile value reaches the job unchanged, the job runs where the caller stood, output and exit code are
+    the job's; and the caller never loads pydantic."""
+    served.start()
+    work = tmp_path / "work dir"
+    work.mkdir()
+    env = dict(served.env, HOSTILE_VALUE=HOSTILE)
+    r = subprocess.run([sys.executable, "-c", CLIENT, "run", "--name", HOSTILE, "--", "/bin/sh", "-c",
+                        'printf "%s|" "$HOSTILE_VALUE" "$PWD" "$1"; umask; exit 3', "sh", HOSTILE],
+                       env=env, cwd=work, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: os.umask(0o027))
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == f"{HOSTILE}|{work}|{HOSTILE}|0027\n", r.stdout
+    assert "LOADED-PYDANTIC=False" in r.stderr, r.stderr
+    assert not os.path.exists("/tmp/pwned-cli-server")
+    jobs = json.loads(subprocess.run([sys.executable, "-m", "meshrun", "ls", "--json"], env=served.env,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert [j["name"] for j in jobs] == [HOSTILE] and jobs[0]["state"] == "failed", jobs
+
+
+def test_without_a_server_the_command_runs_itself_and_starts_one(served):
+    """No server: the caller does the work (loading pydantic) and starts one; the next command is served."""
+    assert not os.path.exists(served.sock)
+    first = client(served, "run", "--", "/bin/echo", "one")
+    assert first.returncode == 0 and first.stdout == "one\n", first.stderr
+    assert "LOADED-PYDANTIC=True" in first.stderr
+    wait_until(lambda: os.path.exists(served.sock), 60, 0.05, "the server the first command started")
+    second = client(served, "run", "--", "/bin/echo", "two")
+    assert second.returncode == 0 and second.stdout == "two\n", second.stderr
+    assert "LOADED-PYDANTIC=False" in second.stderr
+
+
+def test_offers_and_bad_input_through_the_server(served):
+    """Errors come back as the process's own: the message on stderr and exit code 2."""
+    served.start()
+    ok = client(served, "offers", "--gpus", "0", "--json")
+    assert ok.returncode in (0, 1), ok.stdout + ok.stderr  # 1: some backend could not be asked
+    assert json.loads(ok.stdout)["chosen"]["backend"] == "local", ok.stdout
+    bad = client(served, "run", "--gpus", "-3", "--", "true")
+    assert bad.returncode == 2 and "gpus" in bad.stderr and "LOADED-PYDANTIC=False" in bad.stderr, bad.stderr
+
+
+API = r"""
+import json, sys
+import meshrun
+job = meshrun.run(["/bin/sh", "-c", 'printf "%s" "$V"'], env={"V": sys.argv[1]}, name="api")
+served = "pydantic" not in sys.modules
+job.wait()
+try:
+    meshrun.run(["true"], memory="lots")
+    err = None
+except meshrun.SpecError as e:
+    err = [type(e).__name__, e.field, str(e)]
+print(json.dumps({"out": job.logs(), "state": job.status().value, "err": err,
+                  "served": served, "job_type": type(job).__name__}))
+"""
+
+
+def test_a_fresh_interpreters_first_submit_is_served(served):
+    """`meshrun.run` from a fresh interpreter goes to the server with plain values, returns a real Job, and a
+    spec error comes back as the same exception (type and field) the process would have raised."""
+    served.start()
+    r = subprocess.run([sys.executable, "-c", API, HOSTILE], env=served.env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["out"] == HOSTILE and got["state"] == "succeeded", got
+    assert got["job_type"] == "Job"
+    assert got["err"][0] == "SpecError" and got["err"][1] == "memory", got
+    assert got["served"] is True, "the first submit was not served"
+
+
+def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served):
+    """Ctrl-C on the caller is passed to the command (which detaches from the job, as it does unserved); a
+    caller killed outright takes its command with it, as a hung-up terminal would."""
+    server = served.start()
+    p = subprocess.Popen([sys.executable, "-c", CLIENT, "run", "--", "sleep", "300"], env=served.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    wait_until(lambda: children(), 60, 0.05, "the served command")
+    time.sleep(1.0)  # the job is submitted and followed
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert "detached" in err and "keeps running" in err, err
+    job_id = err.split("meshrun cancel ")[1].split(" ")[0].rstrip(")\n")
+    subprocess.run([sys.executable, "-m", "meshrun", "cancel", job_id], env=served.env, check=True,
+                   capture_output=True)
+    wait_until(lambda: not children(), 30, 0.05, "the served command to end")
+
+    p = subprocess.Popen([sys.executable, "-c", CLIENT, "run", "--", "sleep", "300"], env=served.env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: children(), 60, 0.05, "the served command")
+    p.kill()
+    p.wait()
+    wait_until(lambda: not children(), 30, 0.05, "the command of the killed caller to end")
+
+
+def test_a_server_steps_aside_when_what_it_imported_changed(served):
+    """An install (a directory on its sys.path changes) makes the server stale: the next command runs in
+    its own process, the stale server ends, and a fresh one takes over."""
+    old = served.start()
+    (served.marker / "newly_installed.py").write_text("")
+    r = client(served, "run", "--", "/bin/echo", "after")
+    assert r.returncode == 0 and r.stdout == "after\n", r.stderr
+    assert "LOADED-PYDANTIC=True" in r.stderr  # it ran itself
+    wait_until(lambda: subprocess.run(["kill", "-0", str(old)], capture_output=True).returncode != 0, 30, 0.1,
+               "the stale server to end")
+    wait_until(lambda: os.path.exists(served.sock), 60, 0.05, "a fresh server")
+    assert served.server_pid() != old
