@@ -35,6 +35,7 @@ def run_checks(*, rebuild: bool = False) -> list[Check]:
     out += check_store(rebuild=rebuild)
     out += check_leases()
     out.append(check_fork_server())
+    out.append(check_command_server())
     out += check_backends()
     out.append(check_gpu_tools())
     return out
@@ -141,6 +142,23 @@ def check_fork_server() -> Check:
     finally:
         s.close()
     return Check("fork server", "ok", f"answers at {path}")
+
+
+def check_command_server() -> Check:
+    from . import _cliserver
+
+    if not _cliserver.enabled():
+        return Check("command server", "ok", "off (MESHRUN_CLI_SERVER=0): run and offers start as fresh processes")
+    path = _cliserver.server_path()
+    if path is None:
+        return Check("command server", "warning", "no private socket directory (see the fork server's check); "
+                                                  "run and offers start as fresh processes (slower)")
+    if not os.path.lexists(path):
+        return Check("command server", "ok", "not running (the next run or offers starts one)")
+    if not _cliserver._answers(path):
+        return Check("command server", "ok", f"{path} is left from a server that ended; the next run or offers "
+                                             "starts a fresh one")
+    return Check("command server", "ok", f"answers at {path}")
 
 
 def check_gpu_tools() -> Check:

@@ -100,6 +100,10 @@ def test_run_through_the_server_is_the_same_command(served, tmp_path):
     jobs = json.loads(subprocess.run([sys.executable, "-m", "meshrun", "ls", "--json"], env=served.env,
                                      capture_output=True, text=True, check=True).stdout)
     assert [j["name"] for j in jobs] == [HOSTILE] and jobs[0]["state"] == "failed", jobs
+    doctor = subprocess.run([sys.executable, "-m", "meshrun", "doctor", "--json"], env=served.env,
+                            capture_output=True, text=True)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    assert checks["command server"]["detail"] == f"answers at {served.sock}", checks["command server"]
 
 
 def test_without_a_server_the_command_runs_itself_and_starts_one(served):
