@@ -216,16 +216,18 @@ _LIMIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kmgt]i?)?b?\s*$", re.I)
 DEFAULT_MAX, DEFAULT_FREE = "none", "10%"
 
 
-def parse_limit(value, total, what):
+def parse_limit(value, total, what, none=True):
     """Bytes from a size (``200G``, ``1.5TiB``, a number of bytes) or a share of the cache's file system of
-    ``total`` bytes (``50%``); None for ``none``. A bad value raises StageError naming ``what``."""
+    ``total`` bytes (``50%``); None for ``none`` (where ``none`` is allowed). A bad value raises StageError
+    naming ``what``."""
     v = str(value).strip()
-    if v.lower() in ("none", "off", "unlimited"):
+    if none and v.lower() in ("none", "off", "unlimited"):
         return None
     m = _LIMIT.match(v)
     if not m or (m.group(2) == "%" and float(m.group(1)) > 100):
-        raise StageError("%s: expected a size such as 200G, 1.5TiB or 1000000 (bytes), a share of the cache's "
-                         "file system such as 50%%, or none; got %r" % (what, value))
+        raise StageError("%s: expected a size such as 200G, 1.5TiB or 1000000 (bytes)%s a share of the cache's "
+                         "file system such as 50%%%s; got %r" % (what, "," if none else " or",
+                                                                 ", or none" if none else "", value))
     n = float(m.group(1))
     if m.group(2) == "%":
         return int(total * n / 100)
@@ -266,7 +268,7 @@ def entries(cache):
     """The cache's objects, least recently used first: [{"id", "size", "used", "links"}]; ``used`` is the
     modification time of the object's lock file (touched at every use), else the object's own."""
     locks = {n[:-5]: st.st_mtime for n, st in _scan(cache.partial) if n.endswith(".lock")}
-    out = [{"id": n, "size": st.st_size, "used": max(locks.get(n, 0.0), st.st_mtime), "links": st.st_nlink}
+    out = [{"id": n, "size": st.st_size, "used": locks.get(n, st.st_mtime), "links": st.st_nlink}
            for n, st in _scan(cache.objects) if _ID.match(n)]
     return sorted(out, key=lambda e: (e["used"], e["id"]))
 
