@@ -29,6 +29,11 @@ SHA-256 of (endpoint, bucket, key, ETag, version), and the job's path gets a har
 file systems). ``CACHE`` is ``MESHRUN_DATA_CACHE``, else ``$XDG_CACHE_HOME/meshrun/data``, else
 ``~/.cache/meshrun/data``: per user, created 0700, refused when it is a link, belongs to someone else or
 others may write to it.
+
+Eviction (``evict``): before downloading and after the inputs are in place, the least recently used objects
+(by their lock file's modification time, touched at every use) that no job's input links and no other stager
+holds are removed while the cache is over ``MESHRUN_DATA_CACHE_MAX`` or its file system has less than
+``MESHRUN_DATA_CACHE_FREE`` (default 10%) free; partial downloads untouched for a day go too.
 """
 
 import argparse

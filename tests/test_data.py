@@ -379,6 +379,9 @@ def test_a_bad_flag_exits_2_with_the_message_before_anything_is_submitted():
     assert p.returncode == 2 and p.stderr == ("meshrun: error: --input 's3://lab-data/a=../up': the path: must not go "
                                               "up with '..', got '../up'\n")
     assert run_cli("ls", "--json").stdout.strip() == "[]"
+    p = run_cli("offers", "--output", "ckpt/=s3://lab-ckpt/r/;every=soon", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("meshrun: error: --output 'ckpt/=s3://lab-ckpt/r/;every=soon': "
+                                                     "every=: ")
 
 
 def test_meshrun_run_with_input_and_output_flags_on_the_local_backend(s3, tmp_path):
@@ -394,6 +397,11 @@ def test_meshrun_run_with_input_and_output_flags_on_the_local_backend(s3, tmp_pa
     p = run_cli("run", "-b", "local", "--workdir", str(work), "--output", f"out/=s3://{s3.bucket}/cli/failed/;on=failure",
                 "--", "sh", "-c", "echo partial > out/shout.txt; exit 4", check=False)
     assert p.returncode == 4 and _get(s3, "cli/failed/shout.txt") == b"partial\n"
+    # a task file's job takes them too (flags after the file, as sky takes them)
+    (work / "task.yaml").write_text(f"workdir: {work}\nrun: wc -c < data/words.txt > count.txt\n")
+    run_cli("run", str(work / "task.yaml"), "-b", "local", "--input", f"s3://{s3.bucket}/cli/in/=data/",
+            "--output", f"count.txt=s3://{s3.bucket}/cli/count.txt")
+    assert _get(s3, "cli/count.txt").strip() == b"14"
 
 
 # ---- the cache's eviction --------------------------------------------------------------------------
