@@ -544,15 +544,21 @@ def fetch_object(client, cache, obj, progress, pool, dest=None):
     bucket, key, size, etag, version = obj["bucket"], obj["key"], obj["size"], obj["etag"], obj.get("version")
     ident = obj["ident"] = cache.ident(bucket, key, etag, version)
     final = cache.path(ident)
-    lock = cache.lock(ident, exclusive=False)
+    lock = None
     try:
-        if not cache.hit(ident, size):
+        hit = cache.hit(ident, size)
+        if hit:  # placed under a shared lock: an eviction passes over it meanwhile
+            lock = cache.lock(ident, exclusive=False)
+            hit = cache.hit(ident, size)  # still there (not evicted before the lock was ours)
+        if not hit:
             # one download of an object per cache at a time (the nodes of a job on one host, two jobs): the
             # others wait, then find it in the cache
-            os.close(lock)
-            lock = None
+            if lock is not None:
+                os.close(lock)
+                lock = None
             lock = cache.lock(ident)
-        if cache.hit(ident, size):
+            hit = cache.hit(ident, size)
+        if hit:
             progress.add(size)
             obj["cached"] = True
         else:
