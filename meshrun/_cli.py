@@ -1139,7 +1139,7 @@ def cmd_data(a: argparse.Namespace) -> int:
             target = None
             if a.prune:
                 target = _stage.parse_limit(a.prune, _stage.limits(cache)["total"], "--prune", none=False)
-            pruned = _stage.evict(cache, target=target)
+            pruned = _stage.evict(cache, target=target, scan=True)
         r = _stage.report(cache)
     except _stage.StageError as e:
         raise MeshrunError(str(e)) from None

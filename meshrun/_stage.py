@@ -295,28 +295,37 @@ def report(cache, env=None):
 
 
 def _drop_partials(cache, now):
-    """Partial downloads untouched for PARTIAL_AGE whose object nobody holds: removed. Returns bytes freed."""
+    """Partial downloads untouched for PARTIAL_AGE whose object nobody holds: removed, and so are lock files
+    that old with neither an object nor a partial download (an object that failed its check). Returns bytes
+    freed."""
     freed = 0
     groups = {}
-    for n, st in partials(cache):
+    for n, st in _scan(cache.partial):
         groups.setdefault(n.split(".", 1)[0], []).append((n, st))
     for ident, files in groups.items():
         if not _ID.match(ident) or any(now - st.st_mtime < PARTIAL_AGE for _, st in files):
             continue
+        if all(n.endswith(".lock") for n, _ in files) and os.path.lexists(cache.path(ident)):
+            continue  # a cached object not used for a day: nothing to remove here
         lock = cache.lock(ident, wait=False)
         if lock is None:
             continue  # a download of it goes on
         try:
             for n, st in files:
+                if n.endswith(".lock"):
+                    continue
                 _remove(os.path.join(cache.partial, n))
                 freed += st.st_size
+            if not os.path.lexists(cache.path(ident)):
+                _remove(os.path.join(cache.partial, ident + ".lock"))  # held: a waiter takes the next one
         finally:
             os.close(lock)
     return freed
 
 
-def evict(cache, need=0, keep=(), target=None, env=None):
-    """Room in the cache: removes partial downloads older than PARTIAL_AGE, then the least recently used
+def evict(cache, need=0, keep=(), target=None, env=None, scan=False):
+    """Room in the cache: when it is over a limit (or given a ``target``, or ``scan``), removes partial downloads older than
+    PARTIAL_AGE (and lock files that old of objects it does not hold), then the least recently used
     objects until the cache (objects and partial downloads) holds at most its limit with ``need`` bytes more
     (``target`` bytes, else MESHRUN_DATA_CACHE_MAX) and, unless a ``target`` is given, the file system keeps
     MESHRUN_DATA_CACHE_FREE free with them. Never removed: an object of ``keep`` (the ids of the job being
@@ -331,6 +340,8 @@ def evict(cache, need=0, keep=(), target=None, env=None):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         lim = limits(cache, env)
+        if not scan and target is None and lim["max"] is None and lim["available"] >= lim["free"] + need:
+            return out  # within its limits, without reading the cache's folders (it may hold many objects)
         out["bytes"] += _drop_partials(cache, time.time())
         objs = entries(cache)
         held = sum(e["size"] for e in objs) + sum(st.st_size for _, st in partials(cache))

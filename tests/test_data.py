@@ -480,8 +480,11 @@ def test_eviction_removes_partial_downloads_left_for_a_day(tmp_path):
 
     from meshrun import _stage
 
-    cache, _ = _cache_with(tmp_path, {})
-    old, fresh, busy = (hashlib.sha256(n).hexdigest() for n in (b"old", b"fresh", b"busy"))
+    cache, ids = _cache_with(tmp_path, {"cached": (10, time.time() - 2 * _stage.PARTIAL_AGE)})
+    old, fresh, busy, failed = (hashlib.sha256(n).hexdigest() for n in (b"old", b"fresh", b"busy", b"failed"))
+    lock = Path(cache.partial) / (failed + ".lock")  # left by a download that failed its check: no object
+    lock.touch()
+    os.utime(lock, (time.time() - 2 * _stage.PARTIAL_AGE,) * 2)
     day_ago = time.time() - _stage.PARTIAL_AGE - 60
     for ident, when in ((old, day_ago), (fresh, None), (busy, day_ago)):
         for name in (ident, ident + ".json"):
@@ -491,11 +494,14 @@ def test_eviction_removes_partial_downloads_left_for_a_day(tmp_path):
                 os.utime(f, (when, when))
     held = cache.lock(busy)  # its download goes on (resumed by a job now)
     try:
-        r = _stage.evict(cache, env=NO_FLOOR)
+        assert _stage.evict(cache, env=NO_FLOOR)["bytes"] == 0  # within its limits: the stager reads nothing
+        r = _stage.evict(cache, env=NO_FLOOR, scan=True)  # meshrun data cache --prune
     finally:
         os.close(held)
     names = sorted(p.name for p in Path(cache.partial).iterdir() if not p.name.endswith(".lock"))
     assert names == sorted([fresh, fresh + ".json", busy, busy + ".json"]) and r["bytes"] == 20
+    assert not lock.exists() and (Path(cache.partial) / (ids["cached"] + ".lock")).exists()
+    assert r["objects"] == 0 and os.path.exists(cache.path(ids["cached"]))
 
 
 @pytest.mark.parametrize("value, got", [("200G", 200 * 10**9), ("1.5TiB", int(1.5 * 2**40)), ("50%", 500),
