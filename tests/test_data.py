@@ -569,3 +569,14 @@ def test_a_job_evicts_the_least_recently_used_object_and_the_next_job_downloads_
     log = stage("w3", "a", "c")
     assert "inputs ready: 2 object(s), 6.8 KiB (3.9 KiB from the cache)" in log  # c reused, a downloaded again
     assert (tmp_path / "w3" / "a.bin").read_bytes() == b"a" * 3000
+
+
+def test_a_bad_cache_limit_on_the_node_fails_the_staging_with_what_is_allowed(s3, tmp_path, monkeypatch):
+    _put(s3, "lim/a", b"a")
+    monkeypatch.setenv("MESHRUN_DATA_CACHE_FREE", "plenty")
+    job = meshrun.submit(meshrun.JobSpec(command="echo never", workdir=str(tmp_path),
+                                         inputs={f"s3://{s3.bucket}/lim/a": "a"}), backend="local")
+    with pytest.raises(meshrun.JobFailed) as e:
+        job.result(timeout=60)
+    assert "MESHRUN_DATA_CACHE_FREE: expected a size such as 200G" in str(e.value) and "'plenty'" in str(e.value)
+    assert not (tmp_path / "a").exists()
