@@ -1,4 +1,5 @@
-"""The ``meshrun`` command: run, show, ls, status, logs, cancel, gpus, backends, offers, catalog, doctor, bench."""
+"""The ``meshrun`` command: run, show, ls, status, logs, cancel, gpus, backends, offers, catalog, doctor, bench,
+data."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ EPILOG = """examples:
   meshrun run --gpus 2 -- python train.py --lr 0.1
   meshrun run -d --name sweep -- bash -c 'echo $HOSTNAME'
   meshrun run task.yaml --env HF_TOKEN       (a SkyPilot task YAML or a dstack .dstack.yml)
+  meshrun run --input s3://lab-data/set/=data/ --output 'out/=s3://lab-out/run1/;on=success,failure' -- ./train.sh
   meshrun show --native -b slurm task.yaml   (what the backend would submit)
   meshrun ls
   meshrun logs -f JOB_ID
@@ -71,6 +73,32 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                         "backend not named alone is skipped as not responding after [placement] respond_within, 1s)")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("object-store data (docs/data.md)")
+    g.add_argument("--input", dest="inputs", action="append", default=[], metavar="URL=PATH",
+                   help="an object (s3://bucket/key) or a prefix (s3://bucket/prefix/) the job reads, downloaded "
+                        "to PATH under its working directory before it starts, through the node's cache "
+                        "(repeatable; the last = separates URL and PATH)")
+    g.add_argument("--output", dest="outputs", action="append", default=[], metavar="PATH=URL[;on=WHEN,..][;every=T]",
+                   help="a file or folder the job writes, uploaded to URL (s3://bucket/prefix/) when it ends; "
+                        "on=: the ends that upload it (success, failure, cancel; default success); every=: also "
+                        "while it runs, e.g. 15m (repeatable; quote it: ; is the shell's too)")
+
+
+def _data_fields(a: argparse.Namespace) -> dict[str, Any]:
+    """``inputs``/``outputs`` from --input/--output (only those given); a bad one is a SpecError naming it."""
+    if not (getattr(a, "inputs", None) or getattr(a, "outputs", None)):
+        return {}
+    from ._data import DataError, parse_flags
+    from ._errors import SpecError
+
+    try:
+        inputs, outputs = parse_flags(a.inputs, a.outputs)
+    except DataError as e:
+        raise SpecError(e.field, e.message) from None
+    return {k: v for k, v in (("inputs", inputs), ("outputs", outputs)) if v}
+
+
 def _plan_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     """The placement flags given, as PlacementOptions keywords (each flag's dest is its option's name)."""
     from ._options import FIELDS
@@ -92,6 +120,7 @@ def _args_run(sub: Any) -> None:
                    'from the [tracking] config table), or "none" (default: the tools that table lists)')
     r.add_argument("--json", action="store_true", help="print the job as JSON (with --detach)")
     _add_resource_args(r)
+    _add_data_args(r)
     _add_placement_args(r)
     r.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- COMMAND [ARGS...], or a job file: a SkyPilot task YAML or a dstack task (.dstack.yml)")
@@ -169,6 +198,7 @@ def _args_backends(sub: Any) -> None:
 def _args_offers(sub: Any) -> None:
     o = sub.add_parser("offers", help="where a job of this shape could run, ranked")
     _add_resource_args(o)
+    _add_data_args(o)
     _add_placement_args(o)
     o.add_argument("--json", action="store_true")
 
@@ -384,7 +414,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         if not sep:
             raise SpecError("env", f"expected KEY=VALUE, got {item!r}")
         env[k] = v
-    fields: dict[str, Any] = _resource_fields(a)
+    fields: dict[str, Any] = {**_resource_fields(a), **_data_fields(a)}
     if a.name:
         fields["name"] = a.name
     if a.workdir:
@@ -1004,7 +1034,7 @@ def cmd_offers(a: argparse.Namespace) -> int:
     from ._placement import plan
     from ._spec import JobSpec
 
-    spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a))
+    spec = JobSpec(command=["true"], backend=a.backend, **_resource_fields(a), **_data_fields(a))
     kw = _plan_kwargs(a)
     if a.backend:
         kw["backends"] = [a.backend]
@@ -1095,6 +1125,66 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return bench_main(list(a.bench_args))
 
 
+def _args_data(sub: Any) -> None:
+    d = sub.add_parser("data", help="this machine's object-store data cache: size, use, pruning (docs/data.md)")
+    dsub = d.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
+    c = dsub.add_parser("cache", help="show this machine's data cache, or prune it",
+                        description="The cache of staged inputs on THIS machine, for this user (MESHRUN_DATA_CACHE, "
+                                    "else ~/.cache/meshrun/data): objects, size, what jobs' inputs still link, "
+                                    "partial downloads, the oldest use and the limits. Each node has its own: run it "
+                                    "there to see or prune a node's.")
+    c.add_argument("--prune", nargs="?", const="", default=None, metavar="SIZE",
+                   help="remove the least recently used objects no job's input links until the cache holds at "
+                        "most SIZE (e.g. 50G, 20%% of its file system, 0 for all it may remove); without SIZE, "
+                        "down to its limits (MESHRUN_DATA_CACHE_MAX, MESHRUN_DATA_CACHE_FREE); partial downloads "
+                        "untouched for a day go too")
+    c.add_argument("--json", action="store_true")
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from . import _stage
+    from ._errors import MeshrunError
+
+    root = _stage.cache_root()
+    if not os.path.isdir(os.path.join(root, "objects")):
+        if a.json:
+            print(json.dumps({"root": root, "objects": 0, "bytes": 0}))
+        else:
+            print(f"no data cache at {root} on this machine yet")
+        return 0
+    try:
+        cache = _stage.Cache(root)
+        pruned = None
+        if a.prune is not None:
+            target = None
+            if a.prune:
+                target = _stage.parse_limit(a.prune, _stage.limits(cache)["total"], "--prune", none=False)
+            pruned = _stage.evict(cache, target=target, scan=True)
+        r = _stage.report(cache)
+    except _stage.StageError as e:
+        raise MeshrunError(str(e)) from None
+    if a.json:
+        print(json.dumps({**r, "pruned": pruned}, indent=2))
+        return 0
+    lim = r["limits"]
+    if pruned is not None:
+        print(f"removed {pruned['objects']} object(s), {format_size(pruned['bytes'])}"
+              + (f"; {format_size(pruned['short'])} more is in use (linked from jobs' inputs) or being staged"
+                 if pruned["short"] else ""))
+    print_kv([
+        ("cache", f"{r['root']} (this machine's)"),
+        ("objects", f"{r['objects']}, {format_size(r['bytes'])}"),
+        ("in use", f"{r['linked_objects']}, {format_size(r['linked_bytes'])} (linked from jobs' inputs: not "
+                   "removed while linked)"),
+        ("partial", f"{r['partial_files']} file(s), {format_size(r['partial_bytes'])}"),
+        ("oldest use", _age(r["oldest_use"])),
+        ("limit", "none" if lim["max"] is None else format_size(lim["max"])),
+        ("keep free", f"{format_size(lim['free'])} of {format_size(lim['total'])} "
+                      f"({format_size(lim['available'])} free now)"),
+    ])
+    return 0
+
+
 def _args_dashboard(sub: Any) -> None:
     import argparse
 
@@ -1141,6 +1231,7 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], 
     "lease-service": (_args_lease_service, cmd_lease_service),
     "doctor": (_args_doctor, cmd_doctor),
     "bench": (_args_bench, cmd_bench),
+    "data": (_args_data, cmd_data),
     "dashboard": (_args_dashboard, cmd_dashboard),
     "usage": (_args_usage, cmd_usage),
 }

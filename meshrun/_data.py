@@ -6,7 +6,7 @@ endpoint or a credential); the transfers happen on the node (``_stage.py``, docs
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -144,6 +144,53 @@ def parse_outputs(v: Any) -> tuple[DataOutput, ...]:
                 raise DataError(f"{where}.every", f"must be at least {MIN_EVERY:g} seconds, got {every:g}")
         out.append(DataOutput(path=path, destination=dest, on=tuple(dict.fromkeys(on)), every=every))
     return tuple(out)
+
+
+#: what each part of an entry is called in a command-line flag's error
+_FLAG_PART = {"source": "the URL", "path": "the path", "destination": "the URL", "on": "on=", "every": "every="}
+_OUTPUT_OPTIONS = ("on", "every")
+
+
+def parse_flags(inputs: Sequence[str] = (), outputs: Sequence[str] = ()) -> tuple[tuple[DataInput, ...],
+                                                                                    tuple[DataOutput, ...]]:
+    """``meshrun run``'s ``--input URL=PATH`` and ``--output PATH=URL[;on=WHEN,...][;every=DURATION]`` (each
+    repeatable), validated exactly as the spec's fields are. A DataError's field names the flag and the entry as
+    given (``--input 's3://Lab/x=data/'``), its message the part that is wrong. An input's URL and path are
+    split at the last ``=`` (keys may hold one: ``s3://b/year=2024/=data/``), an output's at the ``=`` before
+    its ``s3://``; an output's options follow its URL, each after a ``;``."""
+    ins: list[dict[str, Any]] = []
+    for item in inputs:
+        url, sep, path = item.rpartition("=")
+        if not sep or not url:
+            raise DataError(f"--input {item!r}", "expected URL=PATH, e.g. --input s3://lab-data/imagenet/=data/")
+        ins.append({"source": url, "path": path})
+    outs: list[dict[str, Any]] = []
+    for item in outputs:
+        at = item.find("=s3://")
+        at = item.find("=") if at < 0 else at
+        if at <= 0:
+            raise DataError(f"--output {item!r}", "expected PATH=URL[;on=WHEN,...][;every=DURATION], e.g. "
+                                                  "--output 'ckpt/=s3://lab-ckpt/run-17/;on=success,failure;every=15m'")
+        url, *options = item[at + 1:].split(";")
+        entry: dict[str, Any] = {"path": item[:at], "destination": url}
+        for opt in options:
+            k, sep, v = opt.partition("=")
+            k = k.strip()
+            if not sep or k not in _OUTPUT_OPTIONS or k in entry:
+                why = "given twice:" if sep and k in _OUTPUT_OPTIONS else "unknown option"
+                raise DataError(f"--output {item!r}", f"{why} {opt!r}; after the URL an output takes "
+                                                      ";on=WHEN[,WHEN] (success, failure, cancel) and ;every=DURATION")
+            entry[k] = v.strip()
+        outs.append(entry)
+    try:
+        return parse_inputs(ins), parse_outputs(outs)
+    except DataError as e:
+        m = re.match(r"^(inputs|outputs)\[(\d+)\]\.(\w+)$", e.field)
+        if not m:
+            raise
+        flag, i, part = m.group(1)[:-1], int(m.group(2)), m.group(3)
+        item = (inputs if flag == "input" else outputs)[i]
+        raise DataError(f"--{flag} {item!r}", f"{_FLAG_PART.get(part, part)}: {e.message}") from None
 
 
 def _is_dir(path: str) -> bool:

@@ -29,6 +29,11 @@ SHA-256 of (endpoint, bucket, key, ETag, version), and the job's path gets a har
 file systems). ``CACHE`` is ``MESHRUN_DATA_CACHE``, else ``$XDG_CACHE_HOME/meshrun/data``, else
 ``~/.cache/meshrun/data``: per user, created 0700, refused when it is a link, belongs to someone else or
 others may write to it.
+
+Eviction (``evict``): before downloading and after the inputs are in place, the least recently used objects
+(by their lock file's modification time, touched at every use) that no job's input links and no other stager
+holds are removed while the cache is over ``MESHRUN_DATA_CACHE_MAX`` or its file system has less than
+``MESHRUN_DATA_CACHE_FREE`` (default 10%) free; partial downloads untouched for a day go too.
 """
 
 import argparse
@@ -179,6 +184,221 @@ class Cache:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size == size
 
+    def lock(self, ident, exclusive=True, wait=True):
+        """The object's lock, ``partial/<id>.lock``, held (shared by a stager placing a cached object, exclusive
+        by one downloading or evicting it): an fd to close, or None when ``wait`` is off and it is held. A lock
+        file removed while this waited for it (an eviction) is not the lock any more: the new one is taken."""
+        import fcntl
+
+        path = os.path.join(self.partial, ident + ".lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.lstat(path))
+                except OSError:
+                    same = False
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)
+
+
+# ---- eviction ------------------------------------------------------------------------------------
+
+PARTIAL_AGE = 24 * 3600  # a partial download untouched this long is removed by the next eviction
+_ID = re.compile(r"^[0-9a-f]{64}$")
+# meshrun's units (meshrun/_units.py): k, M, G, T are powers of 1000, Ki, Mi, Gi, Ti of 1024; a B may follow
+_UNITS = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "t": 1000 ** 4,
+          "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3, "ti": 1024 ** 4}
+_LIMIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kmgt]i?)?b?\s*$", re.I)
+DEFAULT_MAX, DEFAULT_FREE = "none", "10%"
+
+
+def parse_limit(value, total, what, none=True):
+    """Bytes from a size (``200G``, ``1.5TiB``, a number of bytes) or a share of the cache's file system of
+    ``total`` bytes (``50%``); None for ``none`` (where ``none`` is allowed). A bad value raises StageError
+    naming ``what``."""
+    v = str(value).strip()
+    if none and v.lower() in ("none", "off", "unlimited"):
+        return None
+    m = _LIMIT.match(v)
+    if not m or (m.group(2) == "%" and float(m.group(1)) > 100):
+        raise StageError("%s: expected a size such as 200G, 1.5TiB or 1000000 (bytes)%s a share of the cache's "
+                         "file system such as 50%%%s; got %r" % (what, "," if none else " or",
+                                                                 ", or none" if none else "", value))
+    n = float(m.group(1))
+    if m.group(2) == "%":
+        return int(total * n / 100)
+    return int(n * _UNITS[(m.group(2) or "").lower()])
+
+
+def limits(cache, env=None):
+    """The cache's limits on this node: {"max": bytes or None, "free": bytes to keep free, "total": the file
+    system's size, "available": its free bytes now}, from MESHRUN_DATA_CACHE_MAX (default none) and
+    MESHRUN_DATA_CACHE_FREE (default 10%)."""
+    env = os.environ if env is None else env
+    st = os.statvfs(cache.objects)
+    total = st.f_blocks * st.f_frsize
+    return {"max": parse_limit(env.get("MESHRUN_DATA_CACHE_MAX") or DEFAULT_MAX, total, "MESHRUN_DATA_CACHE_MAX"),
+            "free": parse_limit(env.get("MESHRUN_DATA_CACHE_FREE") or DEFAULT_FREE, total,
+                                "MESHRUN_DATA_CACHE_FREE") or 0,
+            "total": total, "available": st.f_bavail * st.f_frsize}
+
+
+def _scan(folder):
+    """The plain files of ``folder`` (links and anything else are left alone): [(name, lstat)]."""
+    out = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out.append((e.name, st))
+    return out
+
+
+def entries(cache):
+    """The cache's objects, least recently used first: [{"id", "size", "used", "links"}]; ``used`` is the
+    modification time of the object's lock file (touched at every use), else the object's own."""
+    locks = {n[:-5]: st.st_mtime for n, st in _scan(cache.partial) if n.endswith(".lock")}
+    out = [{"id": n, "size": st.st_size, "used": locks.get(n, st.st_mtime), "links": st.st_nlink}
+           for n, st in _scan(cache.objects) if _ID.match(n)]
+    return sorted(out, key=lambda e: (e["used"], e["id"]))
+
+
+def partials(cache):
+    """Partial downloads and their journals: [(name, lstat)] (lock files not included)."""
+    return [(n, st) for n, st in _scan(cache.partial) if not n.endswith(".lock")]
+
+
+def report(cache, env=None):
+    """What ``meshrun data cache`` shows: the cache's objects, what is in use, partial downloads, limits."""
+    objs, parts = entries(cache), partials(cache)
+    linked = [e for e in objs if e["links"] > 1]
+    return {"root": cache.root, "objects": len(objs), "bytes": sum(e["size"] for e in objs),
+            "linked_objects": len(linked), "linked_bytes": sum(e["size"] for e in linked),
+            "partial_files": len(parts), "partial_bytes": sum(st.st_size for _, st in parts),
+            "oldest_use": objs[0]["used"] if objs else None, "newest_use": objs[-1]["used"] if objs else None,
+            "limits": limits(cache, env)}
+
+
+def _drop_partials(cache, now):
+    """Partial downloads untouched for PARTIAL_AGE whose object nobody holds: removed, and so are lock files
+    that old with neither an object nor a partial download (an object that failed its check). Returns bytes
+    freed."""
+    freed = 0
+    groups = {}
+    for n, st in _scan(cache.partial):
+        groups.setdefault(n.split(".", 1)[0], []).append((n, st))
+    for ident, files in groups.items():
+        if not _ID.match(ident) or any(now - st.st_mtime < PARTIAL_AGE for _, st in files):
+            continue
+        if all(n.endswith(".lock") for n, _ in files) and os.path.lexists(cache.path(ident)):
+            continue  # a cached object not used for a day: nothing to remove here
+        lock = cache.lock(ident, wait=False)
+        if lock is None:
+            continue  # a download of it goes on
+        try:
+            for n, st in files:
+                if n.endswith(".lock"):
+                    continue
+                _remove(os.path.join(cache.partial, n))
+                freed += st.st_size
+            if not os.path.lexists(cache.path(ident)):
+                _remove(os.path.join(cache.partial, ident + ".lock"))  # held: a waiter takes the next one
+        finally:
+            os.close(lock)
+    return freed
+
+
+def evict(cache, need=0, keep=(), target=None, env=None, scan=False):
+    """Room in the cache: when it is over a limit (or given a ``target``, or ``scan``), removes partial downloads older than
+    PARTIAL_AGE (and lock files that old of objects it does not hold), then the least recently used
+    objects until the cache (objects and partial downloads) holds at most its limit with ``need`` bytes more
+    (``target`` bytes, else MESHRUN_DATA_CACHE_MAX) and, unless a ``target`` is given, the file system keeps
+    MESHRUN_DATA_CACHE_FREE free with them. Never removed: an object of ``keep`` (the ids of the job being
+    staged), one with more than one link (a job's input links it: removing the cache's name would free
+    nothing, and the next job would download it again beside it), one whose lock another stager holds. One
+    eviction at a time per cache (``evict.lock``). Returns {"objects", "bytes", "short"}: what was removed, and
+    how much could not be freed."""
+    import fcntl
+
+    out = {"objects": 0, "bytes": 0, "short": 0}
+    fd = os.open(os.path.join(cache.root, "evict.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        lim = limits(cache, env)
+        if not scan and target is None and lim["max"] is None and lim["available"] >= lim["free"] + need:
+            return out  # within its limits, without reading the cache's folders (it may hold many objects)
+        out["bytes"] += _drop_partials(cache, time.time())
+        objs = entries(cache)
+        held = sum(e["size"] for e in objs) + sum(st.st_size for _, st in partials(cache))
+        if target is not None:
+            todo = held + need - target
+        else:
+            available = os.statvfs(cache.objects)
+            available = available.f_bavail * available.f_frsize
+            todo = max(held + need - lim["max"] if lim["max"] is not None else 0,
+                       lim["free"] + need - available)
+        keep = set(keep)
+        for e in objs:
+            if todo <= 0:
+                break
+            if e["id"] in keep or e["links"] > 1:
+                continue
+            lock = cache.lock(e["id"], wait=False)
+            if lock is None:
+                continue  # a stager places or downloads it now
+            try:
+                path = cache.path(e["id"])
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                    continue
+                os.unlink(path)
+                _remove(os.path.join(cache.partial, e["id"] + ".lock"))  # held: a waiter takes the next one
+            finally:
+                os.close(lock)
+            todo -= st.st_size
+            out["objects"] += 1
+            out["bytes"] += st.st_size
+        out["short"] = max(todo, 0)
+    finally:
+        os.close(fd)
+    return out
+
+
+def evict_said(cache, need=0, keep=()):
+    """``evict`` for a stager, what it did said in the job's log; a failure to evict is said, not raised (the
+    job's inputs are what matters)."""
+    try:
+        r = evict(cache, need=need, keep=keep)
+    except OSError as e:
+        say("data cache: eviction failed: %s" % clean(e))
+        return None
+    if r["objects"] or r["bytes"]:
+        say("data cache: removed %d least recently used object(s) (and partial downloads older than %dh), %s"
+            % (r["objects"], PARTIAL_AGE // 3600, fmt_size(r["bytes"])))
+    if r["short"]:
+        say("data cache: %s short of its limits (MESHRUN_DATA_CACHE_MAX, MESHRUN_DATA_CACHE_FREE): nothing more "
+            "may be removed (what is left is linked from jobs' inputs or held by another stager)"
+            % fmt_size(r["short"]))
+    return r
+
 
 # ---- progress ------------------------------------------------------------------------------------
 
@@ -327,30 +547,40 @@ def _get_range(client, bucket, key, etag, version, fd, start, end, progress, alg
 _SERVER_SUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
 
 
-def fetch_object(client, cache, obj, progress, pool):
-    """Download one object into the cache (resuming a partial download), verify it and return its cache
-    path. ``obj``: {"bucket", "key", "size", "etag", "version"}."""
+def fetch_object(client, cache, obj, progress, pool, dest=None):
+    """Download one object into the cache (resuming a partial download), verify it, place it at ``dest`` (if
+    given) and return its cache path. ``obj``: {"bucket", "key", "size", "etag", "version"}; its cache id goes
+    into ``obj["ident"]``. The object's lock is held throughout, so no eviction removes it before the job's
+    link to it is made; its lock file's modification time records this use (the eviction's last use)."""
     bucket, key, size, etag, version = obj["bucket"], obj["key"], obj["size"], obj["etag"], obj.get("version")
-    ident = cache.ident(bucket, key, etag, version)
+    ident = obj["ident"] = cache.ident(bucket, key, etag, version)
     final = cache.path(ident)
-    if cache.hit(ident, size):
-        progress.add(size)
-        obj["cached"] = True
-        return final
-    import fcntl
-
-    # one download of an object per cache at a time (the nodes of a job on one host, two jobs): the others
-    # wait, then find it in the cache
-    lock = os.open(os.path.join(cache.partial, ident + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    lock = None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if cache.hit(ident, size):
+        hit = cache.hit(ident, size)
+        if hit:  # placed under a shared lock: an eviction passes over it meanwhile
+            lock = cache.lock(ident, exclusive=False)
+            hit = cache.hit(ident, size)  # still there (not evicted before the lock was ours)
+        if not hit:
+            # one download of an object per cache at a time (the nodes of a job on one host, two jobs): the
+            # others wait, then find it in the cache
+            if lock is not None:
+                os.close(lock)
+                lock = None
+            lock = cache.lock(ident)
+            hit = cache.hit(ident, size)
+        if hit:
             progress.add(size)
             obj["cached"] = True
-            return final
-        return _fetch_locked(client, cache, obj, ident, final, progress, pool)
+        else:
+            _fetch_locked(client, cache, obj, ident, final, progress, pool)
+        os.utime(lock)
+        if dest is not None:
+            place(final, dest)
+        return final
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def _fetch_locked(client, cache, obj, ident, final, progress, pool):
@@ -551,13 +781,12 @@ def download(client, items, cache, workers=WORKERS):
         for o, d in items:
             (small if o["size"] <= PART and not _MULTI.match(o["etag"]) else large).append((o, d))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futs = [(pool.submit(fetch_object, client, cache, o, progress, None), d) for o, d in small]
-            placed = [(f.result(), d) for f, d in futs]
+            futs = [pool.submit(fetch_object, client, cache, o, progress, None, d) for o, d in small]
+            for f in futs:
+                f.result()
         with ThreadPoolExecutor(max_workers=workers) as parts:
             for o, d in large:
-                placed.append((fetch_object(client, cache, o, progress, parts), d))
-        for src, d in placed:
-            place(src, d)
+                fetch_object(client, cache, o, progress, parts, d)
     except StageError:
         raise
     except Exception as e:
@@ -669,7 +898,16 @@ def step_in(job_dir):
             path += "/"
         items.extend(list_input(client, i["source"], path))
     say("staging %d input object(s), %s" % (len(items), fmt_size(sum(o["size"] for o, _ in items))))
+    limits(cache)  # a bad MESHRUN_DATA_CACHE_MAX or _FREE is said before anything is downloaded
+    missing = {}
+    for o, _ in items:
+        ident = cache.ident(o["bucket"], o["key"], o["etag"], o.get("version"))
+        missing[ident] = 0 if cache.hit(ident, o["size"]) else o["size"]
+    keep, need = set(missing), sum(missing.values())
+    if need:
+        evict_said(cache, need=need, keep=keep)  # room for the downloads first
     s = download(client, items, cache)
+    evict_said(cache, keep=keep)
     rate = (s["bytes"] - s["cached_bytes"]) / max(s["seconds"], 1e-6) / (1 << 20)
     say("inputs ready: %d object(s), %s (%s from the cache) in %.1fs, %.1f MiB/s"
         % (s["objects"], fmt_size(s["bytes"]), fmt_size(s["cached_bytes"]), s["seconds"], rate))

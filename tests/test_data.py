@@ -335,3 +335,261 @@ def test_periodic_uploads_send_what_changed_and_the_end_skips_what_went_up(s3, t
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "1 object(s)" in out.stderr, out.stderr  # only step3 was new
     assert s3.keys("ck/") == ["ck/step1", "ck/step2", "ck/step3"]
+
+
+# ---- the command line: meshrun run --input/--output ----------------------------------------------
+
+
+def test_input_and_output_flags_give_the_spec_fields():
+    from meshrun._data import parse_flags
+
+    inputs, outputs = parse_flags(
+        ["s3://lab-data/year=2024/=data/", "s3://lab-data/one/config.json=conf.json"],
+        ["ckpt/=s3://lab-ckpt/run-17/;on=success,failure,cancel;every=15m", "log.txt=s3://lab-ckpt/logs/"])
+    spec = meshrun.JobSpec(command=["true"],
+                           inputs={"s3://lab-data/year=2024/": "data/", "s3://lab-data/one/config.json": "conf.json"},
+                           outputs={"ckpt/": {"destination": "s3://lab-ckpt/run-17/", "on": ["success", "failure",
+                                                                                              "cancel"],
+                                              "every": "15m"}, "log.txt": "s3://lab-ckpt/logs/"})
+    assert (inputs, outputs) == (spec.inputs, spec.outputs)
+    assert parse_flags([], ["a=b=s3://lab-ckpt/x/"])[1][0].path == "a=b"  # an output splits before its s3://
+
+
+@pytest.mark.parametrize("inputs, outputs, field, message", [
+    (["nothing"], [], "--input 'nothing'", "expected URL=PATH, e.g. --input s3://lab-data/imagenet/=data/"),
+    (["=data/"], [], "--input '=data/'", "expected URL=PATH, e.g. --input s3://lab-data/imagenet/=data/"),
+    (["s3://Lab/x=d"], [], "--input 's3://Lab/x=d'",
+     "the URL: 'Lab' is not a valid bucket name (3 to 63 of a-z, 0-9, '.', '-'), in 's3://Lab/x'"),
+    (["s3://lab-data/a=../up"], [], "--input 's3://lab-data/a=../up'",
+     "the path: must not go up with '..', got '../up'"),
+    (["s3://lab-data/a=d", "s3://lab-data/b=d/"], [], "--input 's3://lab-data/b=d/'",
+     "the path: 'd/' is the path of s3://lab-data/a too"),
+    ([], ["ckpt/"], "--output 'ckpt/'", "expected PATH=URL[;on=WHEN,...][;every=DURATION], e.g. "
+                                        "--output 'ckpt/=s3://lab-ckpt/run-17/;on=success,failure;every=15m'"),
+    ([], ["ckpt/=gs://x/"], "--output 'ckpt/=gs://x/'",
+     "the URL: expected an object-store URL s3://bucket/key or s3://bucket/prefix/, got 'gs://x/' (R2, GCS, MinIO, "
+     "SeaweedFS ... through their S3 API: the endpoint comes from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)"),
+    ([], ["o/=s3://lab-ckpt/r/;on=sometimes"], "--output 'o/=s3://lab-ckpt/r/;on=sometimes'",
+     "on=: expected a non-empty list of success, failure, cancel, got ['sometimes']"),
+    ([], ["o/=s3://lab-ckpt/r/;every=1s"], "--output 'o/=s3://lab-ckpt/r/;every=1s'",
+     "every=: must be at least 10 seconds, got 1"),
+    ([], ["o/=s3://lab-ckpt/r/;when=now"], "--output 'o/=s3://lab-ckpt/r/;when=now'",
+     "unknown option 'when=now'; after the URL an output takes ;on=WHEN[,WHEN] (success, failure, cancel) and "
+     ";every=DURATION"),
+    ([], ["o/=s3://lab-ckpt/r/;on=success;on=cancel"], "--output 'o/=s3://lab-ckpt/r/;on=success;on=cancel'",
+     "given twice: 'on=cancel'; after the URL an output takes ;on=WHEN[,WHEN] (success, failure, cancel) and "
+     ";every=DURATION"),
+])
+def test_bad_input_and_output_flags_name_the_flag_and_the_entry(inputs, outputs, field, message):
+    from meshrun._data import DataError, parse_flags
+
+    with pytest.raises(DataError) as e:
+        parse_flags(inputs, outputs)
+    assert (e.value.field, e.value.message) == (field, message)
+
+
+def test_a_bad_flag_exits_2_with_the_message_before_anything_is_submitted():
+    p = run_cli("run", "--input", "s3://lab-data/a=../up", "--", "true", check=False)
+    assert p.returncode == 2 and p.stderr == ("meshrun: error: --input 's3://lab-data/a=../up': the path: must not go "
+                                              "up with '..', got '../up'\n")
+    assert run_cli("ls", "--json").stdout.strip() == "[]"
+    p = run_cli("offers", "--output", "ckpt/=s3://lab-ckpt/r/;every=soon", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("meshrun: error: --output 'ckpt/=s3://lab-ckpt/r/;every=soon': "
+                                                     "every=: ")
+
+
+def test_meshrun_run_with_input_and_output_flags_on_the_local_backend(s3, tmp_path):
+    _put(s3, "cli/in/words.txt", b"hello from s3\n")
+    work = tmp_path / "w"
+    work.mkdir()
+    p = run_cli("run", "-b", "local", "--workdir", str(work), "--input", f"s3://{s3.bucket}/cli/in/=data/",
+                "--output", f"out/=s3://{s3.bucket}/cli/res/;on=success,failure",
+                "--", "sh", "-c", "mkdir -p out && tr a-z A-Z < data/words.txt > out/shout.txt && echo done")
+    assert "done" in p.stdout
+    assert s3.keys("cli/res/") == ["cli/res/shout.txt"] and _get(s3, "cli/res/shout.txt") == b"HELLO FROM S3\n"
+    # the policy given on the command line: a failure uploads too
+    p = run_cli("run", "-b", "local", "--workdir", str(work),
+                "--output", f"out/=s3://{s3.bucket}/cli/failed/;on=failure", "--", "sh", "-c",
+                "echo partial > out/shout.txt; exit 4", check=False)
+    assert p.returncode == 4 and _get(s3, "cli/failed/shout.txt") == b"partial\n"
+    # a task file's job takes them too (flags after the file, as sky takes them)
+    (work / "task.yaml").write_text(f"workdir: {work}\nrun: wc -c < data/words.txt > count.txt\n")
+    run_cli("run", str(work / "task.yaml"), "-b", "local", "--input", f"s3://{s3.bucket}/cli/in/=data/",
+            "--output", f"count.txt=s3://{s3.bucket}/cli/count.txt")
+    assert _get(s3, "cli/count.txt").strip() == b"14"
+
+
+# ---- the cache's eviction --------------------------------------------------------------------------
+
+
+def _cache_with(tmp_path: Path, objects: dict[str, tuple[int, float]]):
+    """A cache holding real files: {name: (size, last use)}; returns (cache, {name: id})."""
+    from meshrun import _stage
+
+    cache = _stage.Cache(str(tmp_path / "cache"))
+    ids = {}
+    for name, (size, used) in objects.items():
+        ident = ids[name] = hashlib.sha256(name.encode()).hexdigest()
+        p = Path(cache.path(ident))
+        p.write_bytes(b"x" * size)
+        p.chmod(0o444)
+        lock = Path(cache.partial) / (ident + ".lock")
+        lock.touch()
+        os.utime(lock, (used, used))
+    return cache, ids
+
+
+NO_FLOOR = {"MESHRUN_DATA_CACHE_FREE": "0"}  # the file system's own free space plays no part here
+
+
+def test_eviction_removes_the_least_recently_used_objects_no_job_holds(tmp_path):
+    from meshrun import _stage
+
+    cache, ids = _cache_with(tmp_path, {"linked": (1000, 100), "a": (1000, 200), "held": (1000, 300),
+                                        "c": (1000, 400), "kept": (1000, 500), "new": (1000, 600)})
+    (tmp_path / "job").mkdir()
+    os.link(cache.path(ids["linked"]), tmp_path / "job" / "input.bin")  # a job's input links it
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"y" * 5000)
+    os.symlink(outside, cache.path(hashlib.sha256(b"link").hexdigest()))  # a link: neither counted nor followed
+    held = cache.lock(ids["held"])  # another stager places or downloads it now
+    try:
+        r = _stage.evict(cache, keep={ids["kept"]}, env={"MESHRUN_DATA_CACHE_MAX": "4000", **NO_FLOOR})
+    finally:
+        os.close(held)
+    assert r == {"objects": 2, "bytes": 2000, "short": 0}  # 6000 held, 4000 allowed: a, then c (oldest first)
+    left = {n for n, i in ids.items() if os.path.exists(cache.path(i))}
+    assert left == {"linked", "held", "kept", "new"}
+    assert not (Path(cache.partial) / (ids["a"] + ".lock")).exists()  # its lock file goes with it
+    assert outside.read_bytes() == b"y" * 5000 and os.path.islink(cache.path(hashlib.sha256(b"link").hexdigest()))
+    # room for a download of 2500 bytes under the same limit: "held" (now free) and "new" go; not enough yet
+    r = _stage.evict(cache, need=2500, keep={ids["kept"]}, env={"MESHRUN_DATA_CACHE_MAX": "4000", **NO_FLOOR})
+    assert r == {"objects": 2, "bytes": 2000, "short": 500}
+    assert {n for n, i in ids.items() if os.path.exists(cache.path(i))} == {"linked", "kept"}
+    assert (tmp_path / "job" / "input.bin").read_bytes() == b"x" * 1000
+    # a stager places a cached object through its lock again, taking the new lock file
+    fd = cache.lock(ids["a"], exclusive=False)
+    os.close(fd)
+
+
+def test_the_free_space_floor_evicts_and_a_stamped_use_keeps_an_object(tmp_path):
+    from meshrun import _stage
+
+    cache, ids = _cache_with(tmp_path, {"old": (100, 100), "recent": (100, 200)})
+    # a floor the file system cannot meet: everything that may go goes
+    r = _stage.evict(cache, env={"MESHRUN_DATA_CACHE_FREE": "100%"})
+    assert r["objects"] == 2 and r["short"] > 0
+    cache, ids = _cache_with(tmp_path, {"old": (100, 100), "recent": (100, 200)})
+    lock = cache.lock(ids["old"], exclusive=False)  # what a stager does when it uses an object: stamps its lock
+    os.utime(lock)
+    os.close(lock)
+    r = _stage.evict(cache, env={"MESHRUN_DATA_CACHE_MAX": "150", **NO_FLOOR})
+    assert r["objects"] == 1 and os.path.exists(cache.path(ids["old"]))
+    assert not os.path.exists(cache.path(ids["recent"]))
+
+
+def test_eviction_removes_partial_downloads_left_for_a_day(tmp_path):
+    import time
+
+    from meshrun import _stage
+
+    cache, ids = _cache_with(tmp_path, {"cached": (10, time.time() - 2 * _stage.PARTIAL_AGE)})
+    old, fresh, busy, failed = (hashlib.sha256(n).hexdigest() for n in (b"old", b"fresh", b"busy", b"failed"))
+    lock = Path(cache.partial) / (failed + ".lock")  # left by a download that failed its check: no object
+    lock.touch()
+    os.utime(lock, (time.time() - 2 * _stage.PARTIAL_AGE,) * 2)
+    day_ago = time.time() - _stage.PARTIAL_AGE - 60
+    for ident, when in ((old, day_ago), (fresh, None), (busy, day_ago)):
+        for name in (ident, ident + ".json"):
+            f = Path(cache.partial) / name
+            f.write_bytes(b"p" * 10)
+            if when:
+                os.utime(f, (when, when))
+    held = cache.lock(busy)  # its download goes on (resumed by a job now)
+    try:
+        assert _stage.evict(cache, env=NO_FLOOR)["bytes"] == 0  # within its limits: the stager reads nothing
+        r = _stage.evict(cache, env=NO_FLOOR, scan=True)  # meshrun data cache --prune
+    finally:
+        os.close(held)
+    names = sorted(p.name for p in Path(cache.partial).iterdir() if not p.name.endswith(".lock"))
+    assert names == sorted([fresh, fresh + ".json", busy, busy + ".json"]) and r["bytes"] == 20
+    assert not lock.exists() and (Path(cache.partial) / (ids["cached"] + ".lock")).exists()
+    assert r["objects"] == 0 and os.path.exists(cache.path(ids["cached"]))
+
+
+@pytest.mark.parametrize("value, got", [("200G", 200 * 10**9), ("1.5TiB", int(1.5 * 2**40)), ("50%", 500),
+                                        ("1000000", 1000000), ("64 MiB", 64 << 20), ("none", None), ("0", 0)])
+def test_cache_limits_are_sizes_or_shares_of_the_file_system(value, got):
+    from meshrun import _stage
+
+    assert _stage.parse_limit(value, 1000, "MESHRUN_DATA_CACHE_MAX") == got
+
+
+@pytest.mark.parametrize("value", ["lots", "150%", "-1", "5 parsecs"])
+def test_a_bad_cache_limit_names_the_variable(value):
+    from meshrun import _stage
+
+    with pytest.raises(_stage.StageError) as e:
+        _stage.parse_limit(value, 1000, "MESHRUN_DATA_CACHE_MAX")
+    assert str(e.value) == ("MESHRUN_DATA_CACHE_MAX: expected a size such as 200G, 1.5TiB or 1000000 (bytes), a share "
+                            f"of the cache's file system such as 50%, or none; got {value!r}")
+
+
+def test_meshrun_data_cache_shows_and_prunes_this_machines_cache(tmp_path, monkeypatch):
+    cache, ids = _cache_with(tmp_path, {"a": (1000, 100), "b": (2000, 200), "linked": (4000, 300)})
+    os.link(cache.path(ids["linked"]), tmp_path / "input.bin")
+    monkeypatch.setenv("MESHRUN_DATA_CACHE", cache.root)
+    r = json.loads(run_cli("data", "cache", "--json").stdout)
+    assert (r["root"], r["objects"], r["bytes"], r["linked_objects"], r["linked_bytes"], r["oldest_use"]) == \
+        (cache.root, 3, 7000, 1, 4000, 100)
+    shown = run_cli("data", "cache").stdout
+    assert f"{cache.root} (this machine's)" in shown and "3, 6.8KiB" in shown
+    p = run_cli("data", "cache", "--prune", "6000")
+    assert p.stdout.startswith("removed 1 object(s), 1000B\n")  # a, the least recently used
+    p = run_cli("data", "cache", "--prune", "0")
+    assert p.stdout.startswith("removed 1 object(s), 2.0KiB; 3.9KiB more is in use")
+    assert [p.name for p in Path(cache.objects).iterdir()] == [ids["linked"]]
+    p = run_cli("data", "cache", "--prune", "lots", check=False)
+    assert p.returncode == 2 and "--prune: expected a size such as 200G" in p.stderr
+    monkeypatch.setenv("MESHRUN_DATA_CACHE", str(tmp_path / "none-yet"))
+    assert run_cli("data", "cache").stdout == f"no data cache at {tmp_path / 'none-yet'} on this machine yet\n"
+
+
+def test_a_job_evicts_the_least_recently_used_object_and_the_next_job_downloads_it_again(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHRUN_DATA_CACHE_FREE", "0")
+    for key, size in (("a", 3000), ("b", 5000), ("c", 4000)):
+        _put(s3, f"ev/{key}.bin", key.encode() * size)
+
+    def stage(work: str, *keys: str, **env: str):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        (tmp_path / work).mkdir()
+        job = meshrun.submit(meshrun.JobSpec(command="cat *.bin | wc -c", workdir=str(tmp_path / work),
+                                             inputs={f"s3://{s3.bucket}/ev/{k}.bin": f"{k}.bin" for k in keys}),
+                             backend="local")
+        assert job.result(timeout=120) == 0, job.logs()
+        for k in env:
+            monkeypatch.delenv(k)
+        return job.logs()
+
+    stage("w0", "a")
+    stage("w1", "c")  # used after a
+    for k, w in (("a", "w0"), ("c", "w1")):
+        (tmp_path / w / f"{k}.bin").unlink()  # the jobs' copies are gone: nobody uses the cache's now
+    # 7000 bytes cached, 5000 to come, at most 9500 allowed: the least recently used (a) goes, c stays
+    log = stage("w2", "b", MESHRUN_DATA_CACHE_MAX="9500")
+    assert "data cache: removed 1 least recently used object(s)" in log and "2.9 KiB" in log
+    log = stage("w3", "a", "c")
+    assert "inputs ready: 2 object(s), 6.8 KiB (3.9 KiB from the cache)" in log  # c reused, a downloaded again
+    assert (tmp_path / "w3" / "a.bin").read_bytes() == b"a" * 3000
+
+
+def test_a_bad_cache_limit_on_the_node_fails_the_staging_with_what_is_allowed(s3, tmp_path, monkeypatch):
+    _put(s3, "lim/a", b"a")
+    monkeypatch.setenv("MESHRUN_DATA_CACHE_FREE", "plenty")
+    job = meshrun.submit(meshrun.JobSpec(command="echo never", workdir=str(tmp_path),
+                                         inputs={f"s3://{s3.bucket}/lim/a": "a"}), backend="local")
+    with pytest.raises(meshrun.JobFailed) as e:
+        job.result(timeout=60)
+    assert "MESHRUN_DATA_CACHE_FREE: expected a size such as 200G" in str(e.value) and "'plenty'" in str(e.value)
+    assert not (tmp_path / "a").exists()
