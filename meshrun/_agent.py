@@ -342,15 +342,38 @@ def nvidia_smi_gpus():
     return gpus, None
 
 
-def nvidia_smi_processes():
-    """Compute processes on the GPUs: (list of {pid, gpu_uuid, used_memory, process_name}, error)."""
-    out, err = _run(
-        [
-            "nvidia-smi",
-            "--query-compute-apps=pid,gpu_uuid,used_memory,process_name",
-            "--format=csv,noheader,nounits",
-        ]
-    )
+NVIDIA_APPS = ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory,process_name",
+               "--format=csv,noheader,nounits"]
+
+
+def _start(argv):
+    """``argv`` started now, its answer read later by ``_finish`` (two tools asked at once); None if it
+    cannot start."""
+    try:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError:
+        return None
+
+
+def _finish(p, timeout=15):
+    """What ``_run`` returns, for a process ``_start`` started (None: killed, as not needed)."""
+    if p is None:
+        return None, "not started"
+    try:
+        out, errout = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        p.kill()
+        p.communicate()
+        return None, str(e)
+    if p.returncode != 0:
+        return None, (errout or out).decode(errors="replace").strip() or "exit %d" % p.returncode
+    return out.decode(errors="replace"), None
+
+
+def nvidia_smi_processes(started=None):
+    """Compute processes on the GPUs: (list of {pid, gpu_uuid, used_memory, process_name}, error). ``started``:
+    the query already running (``_start(NVIDIA_APPS)``)."""
+    out, err = _finish(started) if started is not None else _run(NVIDIA_APPS)
     if out is None:
         return [], err
     procs = []
@@ -686,14 +709,17 @@ def _real_gpus(gpus, vendor=None):
                for g in gpus)
 
 
-def gpu_processes(gpus):
+def gpu_processes(gpus, started=None):
     """Compute processes on ``gpus`` from each vendor's tool: (list of {pid, gpu_uuid, used_memory (MiB),
-    process_name}, error or None)."""
+    process_name}, error or None). ``started``: nvidia-smi's query started ahead (ended here if not needed)."""
     procs, errs = [], []
     if _real_gpus(gpus, "nvidia"):
-        p, e = nvidia_smi_processes()
+        p, e = nvidia_smi_processes(started)
         procs.extend(p)
         errs.append(e)
+    elif started is not None:
+        started.kill()
+        started.communicate()
     amd = [g for g in gpus if g.get("vendor") == "amd" and g.get("name") != "declared"]
     if amd:
         p, e = amd_processes(gpus, amd[0].get("smi"))
@@ -1720,8 +1746,10 @@ def snapshot(env=None, with_processes=True, leases=None):
         gpus, source, _ = discover_gpus(env)
         return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {},
                 "mode": "enforced", "warnings": []}
+    # nvidia-smi answers in ~20 ms per question: ask for the processes while the inventory is being read
+    ahead = _start(NVIDIA_APPS) if with_processes and apple_gpu(env) is None else None
     gpus, source, err = discover_gpus(env)
-    procs, perr = gpu_processes(gpus) if with_processes else ([], None)
+    procs, perr = gpu_processes(gpus, ahead) if with_processes else ([], None)
     leases = leases or Leases(lease_dir(env), env)
     try:
         with leases:
