@@ -350,6 +350,16 @@ def _changed(seen: dict[str, int]) -> str | None:
     return None
 
 
+def _why_not_fork(seen: dict[str, int]) -> str | None:
+    changed = _changed(seen)
+    if changed:
+        return f"{changed} changed since this server started"
+    from ._agent import fork_unsafe
+
+    unsafe = fork_unsafe()  # a thread or a GPU context that a learned import left: never fork that
+    return f"forking became unsafe: {unsafe}" if unsafe else None
+
+
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     import array
 
@@ -581,13 +591,13 @@ def serve(path: str, idle: float = IDLE) -> None:
                             pass
                     seen.update({p: t for p, t in _watched().items() if p not in seen})
                     continue
-                stale = _changed(seen)
-                if req.get("key") != key or stale:
-                    why = f"{stale} changed since this server started" if stale else "a different interpreter"
-                    conn.sendall((json.dumps({"error": "stale: " + why}) + "\n").encode())
-                    if stale:
-                        return  # the caller runs the command itself and starts a fresh server
+                if req.get("key") != key:
+                    conn.sendall((json.dumps({"error": "not this server: a different interpreter"}) + "\n").encode())
                     continue
+                why = _why_not_fork(seen)
+                if why:  # the caller runs the command itself, and starts a fresh server
+                    conn.sendall((json.dumps({"error": "stale: " + why}) + "\n").encode())
+                    return
                 conn.settimeout(None)
                 pid = os.fork()
                 if pid == 0:
