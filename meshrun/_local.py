@@ -24,7 +24,7 @@ from ._localenv import agent_env, gpu_snapshot
 from ._logfile import local_logs
 from ._logfile import tail_file as tail_file  # meshrun.backend's tail_file, as it always was
 from ._logfile import tail_offset as tail_offset
-from ._rundir import socket_dir
+from ._rundir import prune_warm_files, socket_dir
 
 INVENTORY_TTL = 10.0
 
@@ -244,6 +244,7 @@ class LocalBackend(Backend):
             p = _agent.start_agent([sys.executable, str(agent_file()), "serve", path, str(self.settings.server_idle)],
                                    env)
             _Reaper.watch(p)
+            prune_warm_files(os.path.dirname(path))
 
     def status(self, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
         return {r: local_status(r.job_dir) for r in refs}

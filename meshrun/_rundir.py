@@ -93,3 +93,33 @@ def _user_of(uid: int) -> str:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except (KeyError, ImportError):
         return f"uid {uid}"
+
+
+WARM_FILE_DAYS = 14  # a fork server's import list unused this long belongs to a home or agent long gone
+
+
+def prune_warm_files(d: str, *, days: float = WARM_FILE_DAYS) -> int:
+    """Remove the fork servers' import lists (``agent-*.sock.warm.json``) in the private socket directory ``d``
+    that no server has written for ``days``: each MESHRUN_HOME and agent version leaves one. Only regular
+    files of this user's are removed (checked with lstat: never through a link). Returns how many."""
+    import stat
+    import time
+
+    cutoff = time.time() - days * 86400
+    gone = 0
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith("agent-") and name.endswith(".sock.warm.json")):
+            continue
+        p = os.path.join(d, name)
+        try:
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mtime < cutoff:
+                os.unlink(p)
+                gone += 1
+        except OSError:
+            pass
+    return gone

@@ -54,6 +54,31 @@ def test_sockets_live_in_a_private_xdg_runtime_dir(tmp_path, monkeypatch, helper
     assert not list(meshrun.get_config().home.glob("*.sock"))  # never in MESHRUN_HOME
 
 
+def test_old_import_lists_of_fork_servers_are_pruned_when_a_server_starts(tmp_path, monkeypatch, helpers):
+    """Each MESHRUN_HOME and agent version leaves its fork server's import list beside the socket; one unused
+    for two weeks goes when a server starts; a recent one, another file, and a link stay."""
+    import time
+
+    xdg = _private(tmp_path / "run")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    d = xdg / "meshrun"
+    d.mkdir(mode=0o700)
+    old, recent, other = d / "agent-0000000001.sock.warm.json", d / "agent-0000000002.sock.warm.json", d / "notes"
+    for p in (old, recent, other):
+        p.write_text("{}")
+    target = tmp_path / "elsewhere.json"
+    target.write_text("{}")
+    link = d / "agent-0000000003.sock.warm.json"
+    link.symlink_to(target)
+    weeks_ago = time.time() - 15 * 86400
+    for p in (old, other):
+        os.utime(p, (weeks_ago, weeks_ago))
+    os.utime(link, (weeks_ago, weeks_ago), follow_symlinks=False)
+    assert meshrun.run(["true"]).result(timeout=60) == 0  # starts this home's fork server
+    helpers.wait_until(lambda: not old.exists(), what="the old import list to go")
+    assert recent.exists() and other.exists() and link.is_symlink() and target.exists()
+
+
 def test_a_loose_xdg_runtime_dir_is_passed_over(tmp_path, monkeypatch):
     xdg = _private(tmp_path / "run", 0o755)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
