@@ -76,7 +76,7 @@ def main() -> int:
             cached = True
             break
     subprocess.run(mr + ["offers", "--gpus", "1"], env=env, capture_output=True)
-    # the warm command server (meshrun/_cliserver.py) answers `run`, `offers` and a first `meshrun.run`: the
+    # the warm command server (meshrun/_cliclient.py, _cliserver.py) answers `run`, `offers` and a first `meshrun.run`: the
     # first such command starts it; the next ones teach it what they import. The same commands are measured
     # without it too (MESHRUN_CLI_SERVER=0), side by side.
     served = False
@@ -85,7 +85,7 @@ def main() -> int:
         time.sleep(1.0)
         subprocess.run([PY, "-c", "import meshrun; meshrun.run(['true'])"], env=env, capture_output=True)
         time.sleep(0.5)
-    probe = subprocess.run([PY, "-c", "from meshrun._cliserver import server_path; import os; "
+    probe = subprocess.run([PY, "-c", "from meshrun._cliclient import server_path; import os; "
                                       "print(os.path.exists(server_path() or ''))"], env=env, capture_output=True,
                            text=True)
     served = probe.stdout.strip() == "True"
@@ -138,7 +138,7 @@ def main() -> int:
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text + "\n")
-    subprocess.run([PY, "-c", "from meshrun._cliserver import stop; stop()"], env=env)
+    subprocess.run([PY, "-c", "from meshrun._cliclient import stop; stop()"], env=env)
     shutil.rmtree(home, ignore_errors=True)
     return 0
 

@@ -31,7 +31,7 @@ _EXPORTS = {
     "gather": "._job",
     "job": "._decorator",
     "JobFunction": "._decorator",
-    "run": "._cliserver",  # _scheduler.run, or the warm command server's (the same contract)
+    "run": "._cliclient",  # _scheduler.run, or the warm command server's (the same contract)
     "submit": "._scheduler",
     "submit_many": "._scheduler",
     # placement

@@ -336,7 +336,7 @@ def _fast_args(argv: list[str]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``meshrun ARGV``. Run as a program (no ``argv``), ``run`` and ``offers`` go through this user's warm
-    command server when one answers (meshrun/_cliserver.py)."""
+    command server when one answers (meshrun/_cliclient.py)."""
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # every argument after the word goes to its own parser
@@ -349,17 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dashboard_main(argv[1:])
     if argv and argv[0] == "usage":  # likewise: meshrun/_usage.py parses its own options
         return cmd_usage(argv[1:])
-    if program and argv and argv[0] in ("run", "offers"):  # _cliserver.SERVED (not imported for the others)
-        from . import _cliserver
+    if program and argv and argv[0] in ("run", "offers"):  # _cliclient.SERVED (not imported for the others)
+        from . import _cliclient
 
-        if _cliserver.enabled():
-            rc = _cliserver.call(argv)
+        if _cliclient.enabled():
+            rc = _cliclient.call(argv)
             if rc is not None:
                 return rc
             try:
                 return _main(argv)
             finally:
-                _cliserver.start()  # warm for the next command
+                _cliclient.start()  # warm for the next command
     return _main(argv)
 
 

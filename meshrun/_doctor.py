@@ -145,17 +145,17 @@ def check_fork_server() -> Check:
 
 
 def check_command_server() -> Check:
-    from . import _cliserver
+    from . import _cliclient
 
-    if not _cliserver.enabled():
+    if not _cliclient.enabled():
         return Check("command server", "ok", "off (MESHRUN_CLI_SERVER=0): run and offers start as fresh processes")
-    path = _cliserver.server_path()
+    path = _cliclient.server_path()
     if path is None:
         return Check("command server", "warning", "no private socket directory (see the fork server's check); "
                                                   "run and offers start as fresh processes (slower)")
     if not os.path.lexists(path):
         return Check("command server", "ok", "not running (the next run or offers starts one)")
-    if not _cliserver._answers(path):
+    if not _cliclient.answers(path):
         return Check("command server", "ok", f"{path} is left from a server that ended; the next run or offers "
                                              "starts a fresh one")
     return Check("command server", "ok", f"answers at {path}")

@@ -1,4 +1,4 @@
-"""The warm command server (meshrun/_cliserver.py): `meshrun run`/`offers` and a fresh interpreter's first
+"""The warm command server (meshrun/_cliclient.py, meshrun/_cliserver.py): `meshrun run`/`offers` and a fresh interpreter's first
 `meshrun.run` answered by a forked child of a resident process, exactly as the process itself would have.
 
 Each test runs its own server (its own PYTHONPATH, hence its own socket) and stops it at the end."""
@@ -45,14 +45,14 @@ def served(tmp_path, monkeypatch):
     env.pop("PYTHONDONTWRITEBYTECODE", None)
 
     def path() -> str:
-        r = subprocess.run([sys.executable, "-c", "from meshrun._cliserver import server_path; print(server_path())"],
+        r = subprocess.run([sys.executable, "-c", "from meshrun._cliclient import server_path; print(server_path())"],
                            env=env, capture_output=True, text=True, check=True)
         return r.stdout.strip()
 
     sock = path()
 
     def start() -> int:
-        subprocess.run([sys.executable, "-c", "from meshrun._cliserver import start; start()"], env=env, check=True)
+        subprocess.run([sys.executable, "-c", "from meshrun._cliclient import start; start()"], env=env, check=True)
         wait_until(lambda: os.path.exists(sock), 60, 0.05, "the command server's socket")
         return server_pid()
 

@@ -371,11 +371,11 @@ def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, cle
     assert r.returncode == 0 and "still-serving" in r.stdout, r.stderr
 
 
-# ---- 1b. the command server's socket (meshrun/_cliserver.py) ------------------------------------------------
+# ---- 1b. the command server's socket (meshrun/_cliclient.py) -------------------------------------------------
 
 
 def cli_server_path(user: User, env=None) -> str:
-    r = py(user, "from meshrun._cliserver import server_path; print(server_path())", env=env)
+    r = py(user, "from meshrun._cliclient import server_path; print(server_path())", env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -413,7 +413,7 @@ def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_
     r = cli(alice, "run", "--", "/bin/true", env=env)  # runs itself and starts her server
     assert r.returncode == 0, r.stderr
     wait_until(path.exists, timeout=60, what="alice's command server")
-    key = py(alice, "from meshrun._cliserver import server_key; print(server_key())", env=env).stdout.strip()
+    key = py(alice, "from meshrun._cliclient import server_key; print(server_key())", env=env).stdout.strip()
     bob_area = shared_for(bob, shared_dir, "bob", 0o777)
     link = bob_area / "alice-cli.sock"
     os.link(path, link)
