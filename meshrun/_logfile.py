@@ -89,4 +89,4 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
                 yield rest
             return
         time.sleep(wait)
-        wait = min(poll, wait * 2)
+        wait = min(poll, wait * 1.5)
