@@ -2250,6 +2250,7 @@ def cgroup_kill(path):
 def cgroup_remove(path, timeout=2.0):
     """Remove an emptied cgroup and any the job made below it; True when it is gone."""
     end = time.time() + timeout
+    delay = 0.001
     while True:
         for d, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
             try:
@@ -2258,7 +2259,8 @@ def cgroup_remove(path, timeout=2.0):
                 pass
         if not os.path.isdir(path) or time.time() > end:
             return not os.path.isdir(path)
-        time.sleep(0.02)  # EBUSY while the last process's exit completes
+        time.sleep(delay)  # EBUSY while the last process's exit completes: about a millisecond
+        delay = min(delay * 2, 0.02)
 
 
 def cgroup_enter(path):
