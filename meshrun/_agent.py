@@ -3997,6 +3997,24 @@ def server_spawn(path, job_dir, env=None, timeout=2.0):
 SERVER_MAX_REQUEST = 64 << 20  # bytes: a request is one JSON line (the environment is the big part)
 
 
+def listen_aside(path):
+    """A unix socket listening beside ``path`` (at ``path.<pid>``), created 0600 whatever the umask: (the
+    socket, its name). The caller moves it to ``path`` once it accepts."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = "%s.%d" % (path, os.getpid())
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    old = os.umask(0o077)
+    try:
+        sock.bind(tmp)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    return sock, tmp
+
+
 def serve(path, idle=600.0):
     """Accept spawn requests on a unix socket until idle for ``idle`` seconds.
 
@@ -4024,18 +4042,7 @@ def serve(path, idle=600.0):
         os.chdir("/")  # hold no directory of whoever started us (each job has its own cwd in launch.json)
     except OSError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = "%s.%d" % (path, os.getpid())
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
-    old = os.umask(0o077)
-    try:
-        sock.bind(tmp)
-    finally:
-        os.umask(old)
-    sock.listen(64)
+    sock, tmp = listen_aside(path)
     os.replace(tmp, path)  # the socket appears only once it accepts
     ino = os.stat(path).st_ino
 

@@ -68,7 +68,7 @@ def server_path() -> str | None:
 # ---- the caller ---------------------------------------------------------------------------------------------
 
 
-def peer_uid(s: socket.socket) -> int | None:
+def peer_uid(s: socket.socket) -> int | None:  # _agent.peer_uid, without importing the agent for every command
     opt = getattr(socket, "SO_PEERCRED", None)
     if opt is None:  # pragma: no cover - not Linux
         return None

@@ -132,6 +132,12 @@ def _api_child(conn: socket.socket, req: dict) -> int:
             msg["pickled"] = base64.b64encode(data).decode()
         except Exception:
             pass
+    _reply(conn, msg)
+    return 0
+
+
+def _reply(conn: socket.socket, msg: dict) -> None:
+    """The command's last word to its caller, after everything it printed."""
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
@@ -141,7 +147,6 @@ def _api_child(conn: socket.socket, req: dict) -> int:
         conn.sendall((json.dumps(msg) + "\n").encode())
     except OSError:
         pass
-    return 0
 
 
 def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
@@ -206,15 +211,7 @@ def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
 
             traceback.print_exc()
             rc = 1
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except (OSError, ValueError):
-                pass
-        try:
-            conn.sendall((json.dumps({"exit": rc}) + "\n").encode())
-        except OSError:
-            pass
+        _reply(conn, {"exit": rc})
     finally:
         try:
             conn.close()
@@ -234,18 +231,9 @@ def serve(path: str, idle: float = IDLE) -> None:
     seen = _watched()
     os.setsid() if os.getsid(0) != os.getpid() else None
     os.chdir("/")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{path}.{os.getpid()}"
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
-    old = os.umask(0o077)
-    try:
-        sock.bind(tmp)
-    finally:
-        os.umask(old)
-    sock.listen(64)
+    from ._agent import listen_aside
+
+    sock, tmp = listen_aside(path)
     if os.path.lexists(path) and not answers(path):  # a killed server's socket (our private directory)
         try:
             os.unlink(path)
