@@ -3093,7 +3093,7 @@ class Supervisor:
 
     def _reap_all(self):
         """Reap every child (we are a subreaper, so orphaned grandchildren come to us too)."""
-        _reap_children()
+        reap_children()
 
     def _contain(self, env):
         """Set up the job's containment (its own cgroup, or tracking by the subreaper) and mark its
@@ -4047,10 +4047,7 @@ def serve(path, idle=600.0):
     ino = os.stat(path).st_ino
 
     def still_ours():
-        try:
-            return os.stat(path).st_ino == ino
-        except OSError:
-            return False
+        return same_inode(path, ino)
 
     def maybe_hand_over():
         nonlocal warm_seen, handed_over
@@ -4073,7 +4070,7 @@ def serve(path, idle=600.0):
             try:
                 conn, _ = sock.accept()
             except socket.timeout:
-                _reap_children()
+                reap_children()
                 if not still_ours():
                     return  # removed, or another server took the path over
                 maybe_hand_over()
@@ -4113,7 +4110,7 @@ def serve(path, idle=600.0):
                     pass
             finally:
                 conn.close()
-            _reap_children()
+            reap_children()
             maybe_hand_over()
     finally:
         if still_ours():
@@ -4132,7 +4129,7 @@ def _mtime(path):
 
 
 def _spawn_detached(argv):
-    """Start ``argv`` in a session of its own, its standard streams on /dev/null (reaped by _reap_children)."""
+    """Start ``argv`` in a session of its own, its standard streams on /dev/null (reaped by reap_children)."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -4147,7 +4144,15 @@ def _spawn_detached(argv):
     return pid
 
 
-def _reap_children():
+def same_inode(path, ino):
+    """Whether ``path`` is still the file (a server's socket) that had inode ``ino``: not removed, not replaced."""
+    try:
+        return os.stat(path).st_ino == ino
+    except OSError:
+        return False
+
+
+def reap_children():
     """Reap every child that has exited, without waiting for the others."""
     while True:
         try:

@@ -231,7 +231,7 @@ def serve(path: str, idle: float = IDLE) -> None:
     seen = _watched()
     os.setsid() if os.getsid(0) != os.getpid() else None
     os.chdir("/")
-    from ._agent import listen_aside
+    from ._agent import listen_aside, reap_children, same_inode
 
     sock, tmp = listen_aside(path)
     if os.path.lexists(path) and not answers(path):  # a killed server's socket (our private directory)
@@ -248,19 +248,7 @@ def serve(path: str, idle: float = IDLE) -> None:
     ino = os.stat(path).st_ino
 
     def still_ours() -> bool:
-        try:
-            return os.stat(path).st_ino == ino
-        except OSError:
-            return False
-
-    def reap() -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        return same_inode(path, ino)
 
     sock.settimeout(1.0)
     last = time.monotonic()
@@ -269,7 +257,7 @@ def serve(path: str, idle: float = IDLE) -> None:
             try:
                 conn, _ = sock.accept()
             except socket.timeout:
-                reap()
+                reap_children()
                 if not still_ours():
                     return
                 continue
@@ -318,7 +306,7 @@ def serve(path: str, idle: float = IDLE) -> None:
                     except OSError:
                         pass
                 conn.close()
-            reap()
+            reap_children()
     finally:
         if still_ours():
             try:

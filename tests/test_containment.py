@@ -397,17 +397,9 @@ def raise_unprintable():
 
 
 def _server_answers() -> bool:
-    import socket
+    from meshrun._cliclient import answers
 
-    path = meshrun.get_backend("local")._server_path()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return answers(meshrun.get_backend("local")._server_path())
 
 
 @pytest.mark.parametrize("how", ["sys", "fd"])
