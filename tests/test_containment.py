@@ -529,3 +529,81 @@ def test_a_marked_process_is_followed_until_it_has_ended(tmp_path):
         assert c.empty() and p.pid not in c.members()
     finally:
         p.kill()
+
+
+# ---- a command job is born in its cgroup (clone3 CLONE_INTO_CGROUP), not moved there after it started ----
+
+
+@pytest.fixture
+def fresh_cgroup():
+    parent = _agent.delegated_cgroup()[0]
+    if parent is None:
+        pytest.skip("no cgroup v2 can be had here")
+    path = os.path.join(parent, f"meshrun-test-born-{os.getpid()}")
+    os.mkdir(path)
+    yield path
+    _wait_until(lambda: not _agent.cgroup_populated(path), timeout=10)
+    os.rmdir(path)
+
+
+def test_a_command_is_born_in_its_cgroup_with_its_argv_env_cwd_and_only_the_kept_descriptor(tmp_path, fresh_cgroup):
+    if _agent.fork_into_cgroup.__globals__["_clone3"]() is None:
+        pytest.skip("clone3 is not available on this machine (architecture)")
+    out = tmp_path / "out"
+    kept_r, kept = os.pipe()
+    stray_r, stray = os.pipe()  # not kept: the job must not get it
+    os.set_inheritable(kept, True)
+    os.set_inheritable(stray, True)
+    hostile = "$(touch /tmp/pwned) 'q\" \n;x"
+    script = ('import os, sys, json; fds = sorted(int(f) for f in os.listdir("/proc/self/fd")); '
+              'json.dump({"cg": open("/proc/self/cgroup").read(), "argv": sys.argv[1:], "env": os.environ["X"], '
+              '"cwd": os.getcwd(), "fds": fds}, open(sys.argv[2], "w"))')
+    try:
+        pid = _agent.spawn_in_cgroup([sys.executable, "-c", script, hostile, str(out)],
+                                     {"X": hostile, "PATH": os.environ["PATH"]}, str(tmp_path), fresh_cgroup, (kept,))
+        assert pid, "clone3 was refused here although the kernel offers it"
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for fd in (kept_r, kept, stray_r, stray):
+            os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    got = json.loads(out.read_text())
+    rel = fresh_cgroup[len(_agent.cgroup2_mount()[0]):] or "/"
+    assert f"0::{rel}" in got["cg"].splitlines(), got["cg"]
+    assert got["argv"] == [hostile, str(out)] and got["env"] == hostile and got["cwd"] == str(tmp_path)
+    assert kept in got["fds"] and stray not in got["fds"], got["fds"]
+    assert not os.path.exists("/tmp/pwned")
+
+
+def test_a_command_that_cannot_start_in_its_cgroup_says_why(tmp_path, fresh_cgroup):
+    if _agent.fork_into_cgroup.__globals__["_clone3"]() is None:
+        pytest.skip("clone3 is not available on this machine (architecture)")
+    with pytest.raises(OSError) as e:
+        _agent.spawn_in_cgroup(["no-such-program-here"], {"PATH": "/usr/bin:/bin"}, str(tmp_path), fresh_cgroup)
+    assert e.value.filename == "no-such-program-here" and e.value.errno == 2
+    with pytest.raises(OSError) as e:
+        _agent.spawn_in_cgroup(["true"], {"PATH": "/usr/bin:/bin"}, str(tmp_path / "gone"), fresh_cgroup)
+    assert e.value.filename == str(tmp_path / "gone")
+    assert not _agent.cgroup_populated(fresh_cgroup)
+
+
+def test_where_clone3_is_refused_the_job_is_moved_into_its_cgroup_instead(tmp_path, monkeypatch):
+    """A kernel or seccomp filter without clone3: spawn_in_cgroup says so (None) and the supervisor forks and
+    moves the child, as before; the job still runs inside its cgroup."""
+    if not CAN_CGROUP:
+        pytest.skip("no cgroup v2 can be had here")
+    monkeypatch.setattr(_agent, "_CLONE3", [None])
+    assert _agent.spawn_in_cgroup(["true"], {}, str(tmp_path), str(tmp_path)) is None
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "launch.json").write_text(json.dumps({"kind": "command", "job_id": "clone3-refused",
+                                                     "argv": ["sh", "-c", "cat /proc/self/cgroup > cg.txt"],
+                                                     "cwd": str(tmp_path)}))
+    # in a process of its own (a supervisor takes over signals and becomes a subreaper)
+    code = ("import sys; from meshrun import _agent; _agent._CLONE3[:] = [None]; "
+            "sys.exit(_agent.Supervisor(sys.argv[1]).run())")
+    subprocess.run([sys.executable, "-c", code, str(job_dir)], check=True,
+                   env=dict(os.environ, MESHRUN_CONTAINMENT="cgroup"))
+    cg = json.loads((job_dir / "state.json").read_text())["cgroup"]
+    rel = cg[len(_agent.cgroup2_mount()[0]):]
+    assert f"0::{rel}" in (tmp_path / "cg.txt").read_text().splitlines()
