@@ -2282,7 +2282,7 @@ def cgroup_enter(path):
 
 CLONE_INTO_CGROUP = 0x200000000
 _SYS_CLONE3 = 435  # the same number on x86_64 and arm64 (and every architecture that got it with Linux 5.3)
-_CLONE3 = []  # [syscall] once set up; [None] where clone3 cannot be used here (not Linux, refused once)
+_CLONE3 = []  # type: list  # [syscall] once set up; [None] where clone3 cannot be used here (not Linux, refused once)
 
 
 def _clone3():
