@@ -1,5 +1,5 @@
 import sys
 
-from ._cli import main
+from ._cliclient import program  # standard library only: a served command loads nothing of the CLI
 
-sys.exit(main())
+sys.exit(program())

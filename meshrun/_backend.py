@@ -209,6 +209,9 @@ class Backend(ABC):
     #: the typed ``backend_options[<name>]`` of a job (a ``meshrun.backend.BackendOptions`` subclass); the core
     #: validates every job's options against it before placement, and ``self.options(spec)`` returns it
     options_model: ClassVar[Any] = None
+    #: True for a backend that can always be used (this machine): placement then asks ``offers()`` straight
+    #: away, without ``check()`` first (whose detail, e.g. the local GPU inventory, may cost more than the offer)
+    always_available: ClassVar[bool] = False
 
     @property
     def poll_interval(self) -> tuple[float, float]:

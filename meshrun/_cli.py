@@ -554,7 +554,7 @@ def _follow(job: Any) -> int:
     status_line = is_terminal(sys.stderr)
     try:
         start = time.monotonic()
-        nap = 0.005  # a job that starts at once is seen at once; then backing off to every 50 ms, later to 1 s
+        nap = 0.002  # a job that starts at once is seen at once (every 2 ms for 0.1 s); then backing off to 1 s
         while True:
             st = job.advance()  # waiting: a job pending past max_pending moves on
             if st is not JobState.PENDING and st is not JobState.SUBMITTING:
@@ -568,7 +568,8 @@ def _follow(job: Any) -> int:
                 sys.stderr.flush()
                 shown_state = msg
             time.sleep(min(nap, 1.0, 0.05 + (time.monotonic() - start) / 20))
-            nap *= 1.5
+            if time.monotonic() - start > 0.1:
+                nap *= 1.5
         if status_line and shown_state:
             sys.stderr.write("\r" + " " * 120 + "\r")
         for chunk in job.logs(follow=True):

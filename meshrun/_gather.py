@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 from dataclasses import replace
 
-from ._backend import Feature, Offer
+from ._backend import Availability, Feature, Offer
 from ._errors import MeshrunError, SpecError
 from ._options import (
     DEFAULT_CLOUD_LAUNCHER,
@@ -80,7 +80,7 @@ def _ask(name: str, spec: Any, probe: Any = None) -> tuple[list[Offer], str | No
             return [Offer(backend=name, where="-", fits=False, reason=f"the {name} backend cannot move the job's "
                           f"object-store inputs/outputs: {why}")], None
         doing("checking availability")
-        av = b.check()
+        av = Availability(True) if type(b).always_available else b.check()
         if not av.ok:
             why = f"unavailable: {av.reason or 'check failed'}" + (f" (hint: {av.hint})" if av.hint else "")
             return [Offer(backend=name, where="-", fits=False, reason=why)], av.reason or "check failed"

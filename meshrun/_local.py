@@ -118,6 +118,7 @@ class LocalBackend(Backend):
     install_hint = "built in"
     poll_interval = (0.002, 0.25)
     shared_filesystem = True
+    always_available = True  # this machine: placement goes straight to offers(), which discover GPUs only for a GPU job
     settings_model = _ModelOnFirstUse(_settings_model)
 
     def __init__(self, config: Mapping[str, Any] | None = None):
@@ -171,7 +172,9 @@ class LocalBackend(Backend):
         r = spec.resources
         host = socket.gethostname()
         env = self._env()
-        gpus, source, err = self._discover()
+        # a CPU job needs no GPU inventory (asking nvidia-smi takes ~20 ms, more where it is missing)
+        wants_gpus = bool(r.gpus or r.gpu_type or r.gpu_memory)
+        gpus, source, err = self._discover() if wants_gpus else ([], None, None)
         # a job gets GPUs of one vendor and model: the first kind with enough of them, else the largest
         groups = _agent.gpu_groups(gpus, r.gpu_type)
         matching: list[Any] = next((g for g in groups if len(g) >= r.gpus), max(groups, key=len, default=[]))
@@ -184,7 +187,7 @@ class LocalBackend(Backend):
             cpus=r.cpus,
             memory=r.memory,
             nodes=1,
-            detail={"gpu_source": source},
+            detail={"gpu_source": source} if source else {},
         )
         if r.nodes > 1:
             return [base.rejected(f"the local backend runs single-node jobs; the job asks for {r.nodes} nodes")]

@@ -63,7 +63,9 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
     """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
     and EOF. Only one chunk is held at a time."""
     pos = start
-    wait = min(poll, 0.005)  # a short job's output is there within milliseconds: look again soon, then back off
+    # a short job's output and end come within milliseconds: look every 2 ms for the first 0.1 s, then back off
+    wait = min(poll, 0.002)
+    brisk = time.monotonic() + 0.1
     import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")("replace")
@@ -77,7 +79,7 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
                     if not chunk:
                         break
                     pos += len(chunk)
-                    wait = min(poll, 0.005)
+                    wait = min(poll, 0.002)
                     text = dec.decode(chunk)
                     if text:
                         yield text
@@ -89,4 +91,5 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
                 yield rest
             return
         time.sleep(wait)
-        wait = min(poll, wait * 1.5)
+        if time.monotonic() > brisk:
+            wait = min(poll, wait * 1.5)

@@ -106,6 +106,20 @@ def test_run_through_the_server_is_the_same_command(served, tmp_path):
     assert checks["command server"]["detail"] == f"answers at {served.sock}", checks["command server"]
 
 
+def test_the_program_hands_a_served_command_over_without_loading_the_cli(served, tmp_path):
+    """``python -m meshrun`` (and the installed script, meshrun._cliclient:program): a served command imports
+    nothing of the CLI in the caller, gives the job's output and exit code, and the caller ends right after."""
+    served.start()
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "meshrun", "run", "--", "/bin/sh", "-c",
+                        "echo served; exit 7"], env=served.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 7 and r.stdout == "served\n", r.stderr
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "meshrun._cliclient" in imported and "meshrun._cli" not in imported and "pydantic" not in imported
+    off = subprocess.run([sys.executable, "-m", "meshrun", "run", "--", "/bin/sh", "-c", "exit 7"],
+                         env=dict(served.env, MESHRUN_CLI_SERVER="0"), capture_output=True, text=True, timeout=120)
+    assert off.returncode == 7, off.stderr
+
+
 def test_without_a_server_the_command_runs_itself_and_starts_one(served):
     """No server: the caller does the work (loading pydantic) and starts one; the next command is served."""
     assert not os.path.exists(served.sock)

@@ -414,3 +414,19 @@ def test_a_job_that_starts_within_a_slow_submit_is_submitted_before_it_runs(monk
     assert job.wait(timeout=60) is meshrun.JobState.SUCCEEDED
     events = [h["event"] for h in job.history]
     assert events.index("submitted") < events.index("running"), events
+
+
+def test_a_cpu_job_is_placed_without_asking_for_the_gpu_inventory(monkeypatch):
+    """The local backend is always there (``always_available``): placement asks its offers straight away, and a
+    job without GPUs places without running nvidia-smi/amd-smi (tens of milliseconds); a GPU job still asks."""
+    from meshrun import _agent
+    from meshrun._local import LocalBackend
+
+    asked = []
+    real = _agent.discover_gpus
+    monkeypatch.setattr(_agent, "discover_gpus", lambda env=None: asked.append(1) or real(env))
+    monkeypatch.setattr(LocalBackend, "check", lambda self: pytest.fail("placement called local check()"))
+    p = meshrun.plan(meshrun.JobSpec(command=["true"], cpus=1), backends=["local"])
+    assert p.chosen is not None and p.chosen.backend == "local" and asked == []
+    meshrun.plan(meshrun.JobSpec(command=["true"], gpus=1), backends=["local"], raise_on_empty=False)
+    assert asked, "a GPU job's offer must come from the GPU inventory"
