@@ -248,7 +248,10 @@ def _args_bench(sub: Any) -> None:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The ``meshrun`` parser, with every subcommand (``meshrun --help``) or, given ``only``, with that one
     alone: a command line that names its subcommand parses the same either way, without building ~15
-    subparsers and their help first (a good part of a CLI start)."""
+    subparsers and their help first (a good part of a CLI start). Built once per process (the warm command
+    server builds the served ones before it forks: its children parse at once)."""
+    if only in _PARSERS:
+        return _PARSERS[only]
     import argparse
 
     from ._version import __version__
@@ -264,7 +267,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (add_args, _) in COMMANDS.items():
         if only is None or name == only:
             add_args(sub)
+    _PARSERS[only] = p
     return p
+
+
+_PARSERS: dict[str | None, argparse.ArgumentParser] = {}
 
 
 # The reading commands' command lines, parsed without argparse (importing it and building a parser is a good

@@ -224,8 +224,11 @@ def offers(
     if fresh:
         _announced.update((n, time.time()) for n in fresh)
         _notice("skipping " + "; ".join(f"{n}: {_registry.unresponsive_text(marks[n])}" for n in fresh))
+    if len(probes) == 1 and probes[0][1] == "local":
+        probes[0][2].run_here()  # this machine alone: no thread to start (milliseconds in a forked process)
     for _, _, probe, _, _ in probes:
-        probe.start()
+        if not probe.done.is_set():
+            probe.start()
 
     t0 = time.monotonic()
     open_ = list(probes)

@@ -455,6 +455,12 @@ class Probe:
         self._thread.start()
         return self
 
+    def run_here(self) -> "Probe":
+        """Ask in the calling thread instead (nothing else to wait for, and nothing to give up on)."""
+        self.started = time.monotonic()
+        self._run()
+        return self
+
     def running_for(self) -> float:
         return (self.elapsed if self.elapsed is not None else time.monotonic() - self.started)
 
