@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
 from ._state import JobState as JobState  # defined apart: reading the job store needs nothing else here
+from ._state import agent_status_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._spec import JobSpec
@@ -296,33 +297,6 @@ def wait_interval(start: float, first: float, longest: float) -> float:
     return min(longest, max(first, waited / 10.0))
 
 
-# the host agent's record states (state.json / exit.json), as every backend reads them
-_AGENT_STATES = {
-    "starting": JobState.PENDING,
-    "pending": JobState.PENDING,
-    "queued": JobState.PENDING,
-    "running": JobState.RUNNING,
-    "succeeded": JobState.SUCCEEDED,
-    "failed": JobState.FAILED,
-    "cancelled": JobState.CANCELLED,
-    "timeout": JobState.TIMEOUT,
-    "lost": JobState.LOST,
-}
-
-
 def map_agent_status(rec: Mapping[str, Any]) -> JobStatus:
     """Translate one agent status record (``exit.json``/``state.json``) into a :class:`JobStatus`."""
-    state = _AGENT_STATES.get(str(rec.get("state")), JobState.UNKNOWN)
-    where = rec.get("host")
-    gpus = rec.get("gpus")
-    if gpus and where:
-        where = f"{where} GPU {','.join(str(g.get('index', g)) if isinstance(g, dict) else str(g) for g in gpus)}"
-    return JobStatus(
-        state=state,
-        reason=rec.get("reason"),
-        exit_code=rec.get("exit_code"),
-        started_at=rec.get("started_at"),
-        ended_at=rec.get("ended_at"),
-        where=where,
-        detail={k: rec[k] for k in ("pid", "position", "gpu_uuids", "containment", "cgroup") if k in rec},
-    )
+    return JobStatus(**agent_status_fields(dict(rec)))

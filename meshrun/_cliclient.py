@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from typing import Any
 
 SERVED = frozenset({"run", "offers"})  # the commands that import pydantic and the backends
@@ -69,6 +69,8 @@ def server_path() -> str | None:
 
 
 def peer_uid(s: socket.socket) -> int | None:  # _agent.peer_uid, without importing the agent for every command
+    import socket  # here: a command that is not served never loads it
+
     opt = getattr(socket, "SO_PEERCRED", None)
     if opt is None:  # pragma: no cover - not Linux
         return None
@@ -214,6 +216,8 @@ def _request(what: dict) -> dict | None:
     path = server_path()
     if path is None:
         return None
+    import socket
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(2.0)
@@ -322,6 +326,8 @@ def stop() -> bool:
 
 
 def answers(path: str) -> bool:
+    import socket
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(1.0)

@@ -1,4 +1,5 @@
-"""JobState: where a job is in its life (its own module so that reading the job store loads nothing else)."""
+"""JobState: where a job is in its life, and what the host agent's records say of it (their own module so
+that reading the job store, and a local job's end, loads nothing else)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,35 @@ class JobState(str, enum.Enum):
 _TERMINAL = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.PREEMPTED, JobState.LOST}
 )
+
+
+# the host agent's record states (state.json / exit.json), as every backend reads them
+AGENT_STATES = {
+    "starting": JobState.PENDING,
+    "pending": JobState.PENDING,
+    "queued": JobState.PENDING,
+    "running": JobState.RUNNING,
+    "succeeded": JobState.SUCCEEDED,
+    "failed": JobState.FAILED,
+    "cancelled": JobState.CANCELLED,
+    "timeout": JobState.TIMEOUT,
+    "lost": JobState.LOST,
+}
+
+
+def agent_status_fields(rec: dict) -> dict:
+    """One agent status record (``exit.json``/``state.json``) as the fields of a ``JobStatus``."""
+    state = AGENT_STATES.get(str(rec.get("state")), JobState.UNKNOWN)
+    where = rec.get("host")
+    gpus = rec.get("gpus")
+    if gpus and where:
+        where = f"{where} GPU {','.join(str(g.get('index', g)) if isinstance(g, dict) else str(g) for g in gpus)}"
+    return {
+        "state": state,
+        "reason": rec.get("reason"),
+        "exit_code": rec.get("exit_code"),
+        "started_at": rec.get("started_at"),
+        "ended_at": rec.get("ended_at"),
+        "where": where,
+        "detail": {k: rec[k] for k in ("pid", "position", "gpu_uuids", "containment", "cgroup") if k in rec},
+    }

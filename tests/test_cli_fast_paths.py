@@ -13,6 +13,7 @@ import sys
 
 import meshrun
 from meshrun._cli import _fast_args, build_parser
+from meshrun.testing import wait_until
 
 
 def _imports(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], set[str]]:
@@ -75,6 +76,37 @@ def test_a_job_that_ends_while_ls_reads_it_is_recorded_without_the_spec_model(tm
     assert p.returncode == 0, p.stderr[-2000:]
     assert not {"pydantic", "meshrun._spec", "meshrun._attempts"} & mods
     assert store.get(job.id).state is meshrun.JobState.FAILED
+
+
+def test_ls_records_a_local_job_s_end_from_its_exit_record_as_the_backend_would():
+    """A local job that just ended is recorded by ``ls`` from its agent's exit record, without the backend
+    machinery (dataclasses, meshrun._backend), and the record is what the full path records: state, exit code,
+    reason, times, where, and a history with its start and its end."""
+    recorded = {}
+    for how in ("lean", "full"):
+        job = meshrun.run(["bash", "-c", "echo out; exit 3"], retries=0)
+        exit_json = job.job_dir / "exit.json"
+        wait_until(exit_json.exists, 60, 0.01, "the job's exit record")
+        assert not job._store.get(job.id).terminal  # nobody has recorded the end yet
+        if how == "lean":
+            p, mods = _imports("ls", "--json")
+            assert p.returncode == 0, p.stderr[-2000:]
+            assert not {"meshrun._backend", "dataclasses", "meshrun._local"} & mods, sorted(mods & MACHINERY)
+        else:
+            import meshrun._job as mj
+
+            real = mj._plain_local_backend
+            mj._plain_local_backend = lambda: False  # the local backend's own status()
+            try:
+                mj.refresh([job])
+            finally:
+                mj._plain_local_backend = real
+        r = job._store.get(job.id)
+        recorded[how] = (r.state, r.exit_code, r.reason, r.where, bool(r.started_at), bool(r.ended_at),
+                         [h["event"] for h in r.history])
+    assert recorded["lean"] == recorded["full"], recorded
+    assert recorded["lean"][0] is meshrun.JobState.FAILED and recorded["lean"][1] == 3
+    assert recorded["lean"][-1][-2:] == ["running", "failed"], recorded
 
 
 def test_retry_counts_read_from_the_spec_file_agree_with_the_spec_model(tmp_path):
