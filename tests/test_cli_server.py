@@ -59,8 +59,10 @@ def served(tmp_path, monkeypatch):
     def server_pid() -> int:
         out = subprocess.run(["pgrep", "-f", f"meshrun._cliserver {sock}"], capture_output=True, text=True).stdout
         pids = [int(p) for p in out.split()]
-        assert len(pids) == 1, out
-        return pids[0]
+        # the server, not its spare (a child with the same command line)
+        servers = [p for p in pids if _ppid(p) not in pids]
+        assert len(servers) == 1, out
+        return servers[0]
 
     class Served:
         pass
@@ -179,9 +181,8 @@ def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served):
     p = subprocess.Popen([sys.executable, "-c", CLIENT, "run", "--", "sleep", "300"], env=served.env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def children() -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout
-        return [int(x) for x in out.split()]
+    def children() -> list[int]:  # the server's children that serve a command (not its spare)
+        return [p for p in server_children(server) if comm(p) != "meshrun-spare"]
 
     wait_until(lambda: children(), 60, 0.05, "the served command")
     time.sleep(1.0)  # the job is submitted and followed
@@ -199,6 +200,60 @@ def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served):
     p.kill()
     p.wait()
     wait_until(lambda: not children(), 30, 0.05, "the command of the killed caller to end")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def server_children(server: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def gone(pid: int) -> bool:  # ended (a zombie not yet reaped counts as ended)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_a_spare_forked_ahead_becomes_the_command_and_ends_with_the_server(served):
+    """The server keeps one child forked ahead (named meshrun-spare in ps), which becomes the next command; a
+    fresh spare follows; when the server ends, so does its spare (no orphan is left)."""
+    server = served.start()
+    warm = client(served, "run", "--", "true")  # the first command teaches the server its imports (a new spare)
+    assert warm.returncode == 0, warm.stderr
+
+    def spare() -> int | None:
+        spares = [p for p in server_children(server) if comm(p) == "meshrun-spare"]
+        assert len(spares) <= 1, spares
+        return spares[0] if spares else None
+
+    first = wait_until(spare, 30, 0.02, "the server's spare")
+    p = subprocess.Popen([sys.executable, "-c", CLIENT, "run", "--", "sleep", "300"], env=served.env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: comm(first) not in ("meshrun-spare", ""), 30, 0.02, "the spare to take the command")
+        assert first in server_children(server)
+        second = wait_until(spare, 30, 0.02, "the next spare")
+        assert second != first
+    finally:
+        p.kill()
+        p.wait()
+    wait_until(lambda: gone(first), 30, 0.05, "the command of the killed caller to end")
+    os.unlink(served.sock)  # the server ends within a second of its socket going, and its spare with it
+    wait_until(lambda: gone(second) and gone(server), 30, 0.05, "the server and its spare to end")
 
 
 def test_a_server_steps_aside_when_what_it_imported_changed(served):
