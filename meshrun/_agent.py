@@ -309,7 +309,20 @@ def boot_id():
 # GPUs
 
 
+def _missing(prog):
+    """An error like the one starting ``prog`` would give when it is on no PATH directory, else None: a tool
+    that is not installed (amd-smi on an NVIDIA machine) costs a few stats, not a process start."""
+    dirs = [""] if os.sep in prog else os.environ.get("PATH", os.defpath).split(os.pathsep)
+    for d in dirs:
+        if os.access(os.path.join(d, prog) if d else prog, os.X_OK):
+            return None
+    return "[Errno %d] %s: %r" % (errno.ENOENT, os.strerror(errno.ENOENT), prog)
+
+
 def _run(argv, timeout=15):
+    missing = _missing(argv[0])
+    if missing:
+        return None, missing
     try:
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -353,6 +366,8 @@ NVIDIA_APPS = ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory,proc
 def _start(argv):
     """``argv`` started now, its answer read later by ``_finish`` (two tools asked at once); None if it
     cannot start."""
+    if _missing(argv[0]):
+        return None
     try:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError:

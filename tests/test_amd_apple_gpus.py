@@ -142,3 +142,25 @@ def test_apple_silicon_is_one_mps_device_and_jobs_take_turns(monkeypatch, tmp_pa
     assert main(["gpus"]) == 0
     shown = capfd.readouterr().out
     assert "mps" in shown and "Apple Silicon: one MPS device" in shown
+
+
+def test_a_gpu_tool_that_is_not_installed_costs_no_process_start(monkeypatch, tmp_path):
+    """Discovery asks nvidia-smi, amd-smi and rocm-smi; one on no PATH directory is reported missing, as a
+    failed start would be, without starting a process (each start of a large Python process costs
+    milliseconds); one that is there is still run."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    def no_start(*a, **k):
+        raise AssertionError(f"started a process for a tool that is not installed: {a}")
+
+    monkeypatch.setattr(_agent.subprocess, "run", no_start)
+    monkeypatch.setattr(_agent.subprocess, "Popen", no_start)
+    gpus, source, err = _agent.discover_gpus({})
+    assert gpus == [] and "No such file or directory: 'nvidia-smi'" in err, (source, err)
+    assert _agent.gpu_processes([]) == ([], None)
+    monkeypatch.undo()
+    tool = tmp_path / "amd-smi"
+    tool.write_text("#!/bin/sh\necho 'amd-smi was run' >&2\nexit 3\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _agent.amd_smi_gpus() == ([], "amd-smi was run")
