@@ -34,11 +34,36 @@ import errno
 import json
 import os
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import time
+
+
+class _OnFirstUse(object):
+    """A standard module imported where it is first used: reading a job's records (``meshrun ls`` of a running
+    job, ``meshrun gpus``) needs neither sockets nor subprocesses, a few milliseconds of imports each."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module  # later uses go straight to the module
+        return getattr(module, attr)
+
+
+def hostname():
+    """This machine's name, as ``socket.gethostname()`` gives it (the kernel's nodename), without socket."""
+    return os.uname()[1]
+
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    import subprocess
+else:
+    socket = _OnFirstUse("socket")
+    subprocess = _OnFirstUse("subprocess")
 
 AGENT_VERSION = "4"  # 2: the GPU queue served by fair share across users; 3: by recent GPU use;
 # 4: leases as flocked per-job hold files, the lease directory treated as hostile
@@ -1454,7 +1479,7 @@ class Leases:
         """Append one ended lease to this user's usage record (under the lock). Never fails the caller: the
         record is a report, not the lease."""
         line = {"v": 1, "uid": rec.get("uid", os.getuid()), "user": rec.get("user"), "job_id": rec.get("job_id"),
-                "name": rec.get("name"), "host": rec.get("host") or socket.gethostname(), "gpus": rec.get("gpus"),
+                "name": rec.get("name"), "host": rec.get("host") or hostname(), "gpus": rec.get("gpus"),
                 "gpu_names": rec.get("gpu_names"), "gpu_type": rec.get("gpu_type"), "queued_at": rec.get("since"),
                 "granted_at": rec.get("granted_at"), "ended_at": t}
         if rec.get("ended_by"):
@@ -1796,7 +1821,7 @@ def snapshot(env=None, with_processes=True, leases=None):
     # tickets that would start now
     recent = dict((uid_name(int(k)) if k.isdigit() else k, round(v / 3600.0, 4)) for k, v in usage.items())
     return {
-        "host": socket.gethostname(),
+        "host": hostname(),
         "agent_version": AGENT_VERSION,
         "gpus": gpus,
         "source": source,
@@ -1968,7 +1993,7 @@ class LeaseService:
         gpu_type = req.get("gpu_type")
         if not _opt_str(gpu_type, 100):
             raise ValueError("gpu_type must be a string of up to 100 characters")
-        meta = {"pid": pid, "host": socket.gethostname()}
+        meta = {"pid": pid, "host": hostname()}
         for k in ("job_id", "name", "job_dir"):
             if not _opt_str(req.get(k), 4096):
                 raise ValueError("%s must be a string" % k)
@@ -2853,7 +2878,7 @@ class Supervisor:
             "pid": self.pid,
             "pid_start": self.pid_start,
             "sid": self.sid,
-            "host": socket.gethostname(),
+            "host": hostname(),
             "user": user_name(),
             "since": now(),
             "agent_version": AGENT_VERSION,
@@ -2880,7 +2905,7 @@ class Supervisor:
             "started_at": self.started_at,
             "ended_at": now(),
             "gpus": self.gpus,
-            "host": socket.gethostname(),
+            "host": hostname(),
         }
         rec.update(result_digest(self._path(RESULT)) if state == "succeeded" else {})
         try:
@@ -2953,7 +2978,7 @@ class Supervisor:
             "pid_start": self.pid_start,
             "sid": self.sid,
             "job_dir": self.job_dir,
-            "host": socket.gethostname(),
+            "host": hostname(),
         }
         delay, warned = 0.01, set()
         while True:
@@ -3141,7 +3166,7 @@ class Supervisor:
         env["MESHRUN_JOB_DIR"] = self.job_dir
         if env.get("WANDB_RUN_ID") == env["MESHRUN_JOB_ID"] and env.get("WANDB_TAGS"):
             # a W&B run meshrun tracks: the host the job landed on, known only here
-            env["WANDB_TAGS"] += ",host:" + socket.gethostname().replace(",", "_")
+            env["WANDB_TAGS"] += ",host:" + hostname().replace(",", "_")
         if self.launch.get("name") is not None:
             env["MESHRUN_JOB_NAME"] = self.launch["name"]
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -3768,7 +3793,7 @@ def job_status(job_dir, rank=0):
             return _with_containment(ex, job_dir, rank)
         reason = "the job's supervisor (pid %s on %s) died without writing an exit record" % (
             st.get("pid"), st.get("host"))
-        if st.get("host") in (None, socket.gethostname()):
+        if st.get("host") in (None, hostname()):
             left = _leftovers(job_dir, st, rank).members()
             if left:
                 reason += "; %d process(es) of the job still run (meshrun cancel stops them and frees its GPUs)" % len(left)
@@ -3792,7 +3817,7 @@ def job_status(job_dir, rank=0):
 def supervisor_alive(job_dir, st, rank=0):
     """Whether the supervisor that wrote state record ``st`` still lives: its flock on ``.started`` when it
     holds one (agent version 4 on this host), else its pid and start time."""
-    if st.get("alive_lock") and st.get("host") in (None, socket.gethostname()):
+    if st.get("alive_lock") and st.get("host") in (None, hostname()):
         import fcntl
 
         try:
@@ -4613,7 +4638,7 @@ def main(argv=None):
     if cmd == "version":
         py, cp = _version_tuple()
         out.write(json.dumps({"agent_version": AGENT_VERSION, "python": py, "cloudpickle": cp,
-                              "executable": sys.executable, "host": socket.gethostname(),
+                              "executable": sys.executable, "host": hostname(),
                               "user": user_name()}) + "\n")
         return 0
     if cmd == "gpus":
