@@ -2406,6 +2406,8 @@ def spawn_in_cgroup(argv, env, cwd, cgroup, keep=()):
                 os.closerange(top, fd)
                 top = fd + 1
             os.closerange(top, max(hi, top))
+            for fd in keep:  # passed on through the exec (as Popen's pass_fds)
+                os.set_inheritable(fd, True)
             os.execvpe(argv[0], argv, env)
         except OSError as e:
             os.write(w, ("%s:%d" % (stage, e.errno or 0)).encode())

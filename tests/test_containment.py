@@ -552,8 +552,7 @@ def test_a_command_is_born_in_its_cgroup_with_its_argv_env_cwd_and_only_the_kept
     out = tmp_path / "out"
     kept_r, kept = os.pipe()
     stray_r, stray = os.pipe()  # not kept: the job must not get it
-    os.set_inheritable(kept, True)
-    os.set_inheritable(stray, True)
+    os.set_inheritable(stray, True)  # inheritable, but not kept: closed all the same
     hostile = "$(touch /tmp/pwned) 'q\" \n;x"
     script = ('import os, sys, json; fds = sorted(int(f) for f in os.listdir("/proc/self/fd")); '
               'json.dump({"cg": open("/proc/self/cgroup").read(), "argv": sys.argv[1:], "env": os.environ["X"], '
