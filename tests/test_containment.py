@@ -270,6 +270,10 @@ def test_cancel_after_the_supervisor_was_killed(tmp_path, mechanism):
     wait_until(lambda: job.status() is JobState.LOST, what="lost")
     assert "still run" in job.reason and "meshrun cancel" in job.reason
     assert alive(pids), "the escapees should have outlived their supervisor"
+    # the job's processes hold its lease (they inherited the hold): the GPU goes to no one else meanwhile
+    waiting = meshrun.run(["true"], gpus=1)
+    time.sleep(1.5)
+    assert not waiting.done(), "the GPU went to another job while the killed supervisor's job still ran on it"
     out = subprocess.run([sys.executable, "-m", "meshrun", "cancel", job.id], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -281,8 +285,7 @@ def test_cancel_after_the_supervisor_was_killed(tmp_path, mechanism):
     assert job.record.state is JobState.CANCELLED
     if mechanism == "cgroup":
         assert not os.path.exists(st["cgroup"])
-    nxt = meshrun.run(["true"], gpus=1)
-    assert nxt.wait(timeout=60) is JobState.SUCCEEDED
+    assert waiting.wait(timeout=60) is JobState.SUCCEEDED
 
 
 # ---- cancel while the submitter died mid-submit (state "submitting") --------------------------------
