@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -448,6 +447,8 @@ def _wandb_close(store: Store, job_id: str, state: str, reason: str | None, wher
         try:
             out, err = p.communicate(timeout=_WANDB_TIMEOUT)
         except subprocess.TimeoutExpired:
+            import signal
+
             with contextlib.suppress(OSError):
                 os.killpg(p.pid, signal.SIGKILL)  # the process and the wandb service it started
             p.communicate()
