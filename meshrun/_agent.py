@@ -187,12 +187,19 @@ def read_json(path, default=None):
 
 
 def user_name():
-    try:
-        import pwd
+    """This process's user name (looked up once per uid: a supervisor records it in every state it writes)."""
+    uid = os.getuid()
+    if uid not in _USER_NAMES:
+        try:
+            import pwd
 
-        return pwd.getpwuid(os.getuid()).pw_name
-    except Exception:  # pragma: no cover - no passwd entry (containers)
-        return os.environ.get("USER") or str(os.getuid())
+            _USER_NAMES[uid] = pwd.getpwuid(uid).pw_name
+        except Exception:  # pragma: no cover - no passwd entry (containers)
+            return os.environ.get("USER") or str(uid)
+    return _USER_NAMES[uid]
+
+
+_USER_NAMES = {}  # type: dict
 
 
 _LIBC = []  # type: list
