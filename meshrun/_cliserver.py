@@ -253,7 +253,6 @@ def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
     send its exit code and end. Never returns."""
     import io
     import signal
-    import threading
 
     rc = 1
     before = set(sys.modules)
@@ -286,15 +285,7 @@ def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
         argv = [str(a) for a in req["argv"]]
         sys.argv = [sys.argv[0]] + argv
 
-        def hang_up() -> None:  # the caller went away: end as a command whose terminal hung up
-            try:
-                while conn.recv(4096):
-                    pass
-            except OSError:
-                pass
-            os.kill(os.getpid(), signal.SIGHUP)
-
-        threading.Thread(target=hang_up, daemon=True).start()
+        _on_hang_up(conn)
         from ._cli import main
 
         try:
@@ -310,6 +301,7 @@ def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
 
             traceback.print_exc()
             rc = 1
+        signal.signal(signal.SIGIO, signal.SIG_IGN)  # done: the caller may go as soon as it has the exit code
         _reply(conn, {"exit": rc})
     finally:
         try:
@@ -318,6 +310,24 @@ def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
         except BaseException:  # noqa: BLE001 - the command is done; nothing here may change its exit code
             pass
         os._exit(rc if isinstance(rc, int) and 0 <= rc < 256 else 1)
+
+
+def _on_hang_up(conn: socket.socket) -> None:
+    """When the caller goes away (its end of ``conn`` closes; it sends nothing after its request), end as a
+    command whose terminal hung up: SIGHUP. The kernel says so with SIGIO (``O_ASYNC``), no thread needed."""
+    import fcntl
+    import select
+    import signal
+
+    def hung_up(_sig: int, _frame: object) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    signal.signal(signal.SIGIO, hung_up)
+    fd = conn.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    if select.select([fd], [], [], 0)[0]:  # it went away before the kernel was asked to tell
+        os.kill(os.getpid(), signal.SIGHUP)
 
 
 def serve(path: str, idle: float = IDLE) -> None:
