@@ -391,6 +391,66 @@ def nvidia_smi_gpus():
     return gpus, None
 
 
+def nvml_query(with_processes=True):
+    """NVIDIA GPUs and their compute processes asked of NVML (``libnvidia-ml.so.1``, what nvidia-smi itself
+    asks) in this process: ``(gpus, procs)`` in the shapes ``nvidia_smi_gpus`` and ``nvidia_smi_processes``
+    give, or None where NVML cannot be loaded or answers with an error (then nvidia-smi is asked). Only for a
+    process that starts no job afterwards (``meshrun gpus``): NVML keeps the driver's control device open."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return None  # no NVIDIA driver here: not even ctypes is loaded
+    try:
+        import ctypes
+
+        nv = ctypes.CDLL("libnvidia-ml.so.1")
+    except (OSError, ImportError):
+        return None
+
+    class Memory(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    class Process(ctypes.Structure):
+        _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                    ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+    try:
+        if nv.nvmlInit_v2() != 0:
+            return None
+    except AttributeError:
+        return None
+    try:
+        count = ctypes.c_uint()
+        if nv.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return None
+        gpus, procs = [], []
+        for i in range(count.value):
+            h = ctypes.c_void_p()
+            name, uuid, mem = ctypes.create_string_buffer(96), ctypes.create_string_buffer(96), Memory()
+            if (nv.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(h)) or nv.nvmlDeviceGetName(h, name, 96)
+                    or nv.nvmlDeviceGetUUID(h, uuid, 96) or nv.nvmlDeviceGetMemoryInfo(h, ctypes.byref(mem))):
+                return None
+            u = uuid.value.decode(errors="replace")
+            gpus.append({"index": i, "uuid": u, "name": name.value.decode(errors="replace"),
+                         "memory": (mem.total >> 20) << 20})  # whole MiB, as nvidia-smi reports it
+            if not with_processes:
+                continue
+            n = ctypes.c_uint(0)
+            table = (Process * 256)()
+            n.value = 256
+            if nv.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(n), table) != 0:
+                return None
+            for p in table[: n.value]:
+                pname = ctypes.create_string_buffer(1024)
+                got = nv.nvmlSystemGetProcessName(p.pid, pname, 1024) == 0
+                used = "" if p.usedGpuMemory >= (1 << 63) else str(p.usedGpuMemory >> 20)
+                procs.append({"pid": int(p.pid), "gpu_uuid": u, "used_memory": used,
+                              "process_name": pname.value.decode(errors="replace") if got else ""})
+        return gpus, procs
+    except AttributeError:  # a driver too old for these calls
+        return None
+    finally:
+        nv.nvmlShutdown()
+
+
 NVIDIA_APPS = ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory,process_name",
                "--format=csv,noheader,nounits"]
 
@@ -696,16 +756,17 @@ def _declared(vendor, i):
             "memory": None}
 
 
-def discover_gpus(env=None):
+def discover_gpus(env=None, nvidia=None):
     """The GPUs meshrun may hand out here: (gpus, source, error), each GPU with its ``vendor``, its
-    ``device`` index (the vendor's numbering) and its ``label`` in ``meshrun gpus``; see ``_discover``."""
-    gpus, source, err = _discover(os.environ if env is None else env)
+    ``device`` index (the vendor's numbering) and its ``label`` in ``meshrun gpus``; see ``_discover``.
+    ``nvidia``: the NVIDIA GPUs already asked of NVML (``nvml_query``), instead of nvidia-smi."""
+    gpus, source, err = _discover(os.environ if env is None else env, nvidia)
     for g in gpus:
         g["label"] = gpu_label(g)
     return gpus, source, err
 
 
-def _discover(env):
+def _discover(env, nvidia=None):
     """The GPUs meshrun may hand out here: (gpus, source, error).
 
     NVIDIA GPUs from nvidia-smi, AMD GPUs from amd-smi (or rocm-smi), a Mac's MPS device from the platform.
@@ -717,7 +778,7 @@ def _discover(env):
         if declared is not None and not parse_declared_gpus(declared):
             return [], "MESHRUN_GPUS", None
         return [mps], "platform (Apple Silicon: one MPS device)", None
-    smi, err = nvidia_smi_gpus()
+    smi, err = (nvidia, None) if nvidia is not None else nvidia_smi_gpus()
     for g in smi:
         g.setdefault("vendor", "nvidia")
         g.setdefault("device", g["index"])
@@ -729,7 +790,7 @@ def _discover(env):
             return smi + amd, "nvidia-smi, " + tool, None
         if amd:
             return amd, tool, None
-        return smi, "nvidia-smi", err
+        return smi, "NVML" if nvidia is not None else "nvidia-smi", err
     wanted = parse_declared_gpus(declared)
     by_key = dict(((g["vendor"], g["device"]), g) for g in smi + amd)
     gpus = [by_key.get(k) or _declared(*k) for k in wanted]
@@ -760,11 +821,14 @@ def _real_gpus(gpus, vendor=None):
                for g in gpus)
 
 
-def gpu_processes(gpus, started=None):
+def gpu_processes(gpus, started=None, nvidia=None):
     """Compute processes on ``gpus`` from each vendor's tool: (list of {pid, gpu_uuid, used_memory (MiB),
-    process_name}, error or None). ``started``: nvidia-smi's query started ahead (ended here if not needed)."""
+    process_name}, error or None). ``started``: nvidia-smi's query started ahead (ended here if not needed);
+    ``nvidia``: the NVIDIA processes already asked of NVML."""
     procs, errs = [], []
-    if _real_gpus(gpus, "nvidia"):
+    if nvidia is not None:
+        procs.extend(nvidia)
+    elif _real_gpus(gpus, "nvidia"):
         p, e = nvidia_smi_processes(started)
         procs.extend(p)
         errs.append(e)
@@ -1785,9 +1849,10 @@ def serve_order(gpus, state, busy_uuids, t=None):
     return order, grants, usage
 
 
-def snapshot(env=None, with_processes=True, leases=None):
+def snapshot(env=None, with_processes=True, leases=None, direct=False):
     """Everything ``meshrun gpus`` shows: inventory, leases, queue and foreign processes (from the lease
-    service in the enforced mode)."""
+    service in the enforced mode). ``direct``: a process that starts no job afterwards asks NVML itself
+    (one library call instead of two nvidia-smi runs, ~20 ms each) where it can (see ``nvml_query``)."""
     env = os.environ if env is None else env
     try:
         svc = lease_service(env) if leases is None else None
@@ -1797,10 +1862,13 @@ def snapshot(env=None, with_processes=True, leases=None):
         gpus, source, _ = discover_gpus(env)
         return {"gpus": gpus, "source": source, "error": str(e), "leases": {}, "queue": [], "foreign": {},
                 "mode": "enforced", "warnings": []}
+    nv = None
+    if direct and apple_gpu(env) is None and env.get("MESHRUN_GPUS") is None and not env.get("FAKE_NVIDIA_SMI"):
+        nv = nvml_query(with_processes)
     # nvidia-smi answers in ~20 ms per question: ask for the processes while the inventory is being read
-    ahead = _start(NVIDIA_APPS) if with_processes and apple_gpu(env) is None else None
-    gpus, source, err = discover_gpus(env)
-    procs, perr = gpu_processes(gpus, ahead) if with_processes else ([], None)
+    ahead = _start(NVIDIA_APPS) if with_processes and apple_gpu(env) is None and nv is None else None
+    gpus, source, err = discover_gpus(env, nv[0] if nv else None)
+    procs, perr = gpu_processes(gpus, ahead, nv[1] if nv else None) if with_processes else ([], None)
     leases = leases or Leases(lease_dir(env), env)
     try:
         with leases:
@@ -4651,7 +4719,7 @@ def main(argv=None):
                               "user": user_name()}) + "\n")
         return 0
     if cmd == "gpus":
-        out.write(json.dumps(snapshot()) + "\n")
+        out.write(json.dumps(snapshot(direct=True)) + "\n")
         return 0
     if cmd == "run":
         return _run_command(rest)

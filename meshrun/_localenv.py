@@ -34,10 +34,10 @@ def agent_env(lease_dir: Any = None, share_gpu_below_mib: Any = None, warm_file:
     return env
 
 
-def gpu_snapshot(env: Mapping[str, str]) -> dict[str, Any]:
+def gpu_snapshot(env: Mapping[str, str], direct: bool = False) -> dict[str, Any]:
     """Who holds which GPU of this machine, the queue and foreign processes, and the containment a job
-    started from here gets."""
-    snap = _agent.snapshot(dict(env))
+    started from here gets. ``direct``: this process starts no job afterwards (``_agent.snapshot``)."""
+    snap = _agent.snapshot(dict(env), direct=direct)
     mode, detail = _agent.containment_available(dict(env))
     snap["containment"] = {"mode": mode, "detail": detail}
     return snap
@@ -48,4 +48,4 @@ def local_gpus() -> dict[str, Any]:
     from ._config import get_config
 
     table = get_config().backend("local")
-    return gpu_snapshot(agent_env(table.get("lease_dir"), table.get("share_gpu_below_mib")))
+    return gpu_snapshot(agent_env(table.get("lease_dir"), table.get("share_gpu_below_mib")), direct=True)
