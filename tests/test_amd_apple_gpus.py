@@ -26,8 +26,10 @@ def _local_backend(monkeypatch):
 
 @pytest.fixture
 def amd(monkeypatch):
-    """Put the fake amd-smi/rocm-smi on PATH; call with the recorded outputs' folder(s)."""
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    """Put the fake amd-smi/rocm-smi on PATH; call with the recorded outputs' folder(s). An AMD machine: the
+    fake nvidia-smi before any real one answers as where no NVIDIA driver is (and NVML is not asked)."""
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{FAKES.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_NVIDIA_SMI", str(DATA / "no-nvidia-driver.json"))  # absent: "no driver"
     monkeypatch.delenv("FAKE_AMD_SMI_DIR", raising=False)
     monkeypatch.delenv("FAKE_ROCM_SMI_DIR", raising=False)
 
@@ -164,3 +166,30 @@ def test_a_gpu_tool_that_is_not_installed_costs_no_process_start(monkeypatch, tm
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert _agent.amd_smi_gpus() == ([], "amd-smi was run")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA driver (a GPU machine)")
+def test_meshrun_gpus_from_nvml_agrees_with_nvidia_smi(tmp_path):
+    """``meshrun gpus`` asks NVML in-process; the supervisor asks nvidia-smi: both must see the same GPUs and
+    the same compute processes (a CUDA context held here, by the driver API, is one)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, time; cu = ctypes.CDLL('libcuda.so.1'); assert cu.cuInit(0) == 0; d = ctypes.c_int(); "
+        "cu.cuDeviceGet(ctypes.byref(d), 0); c = ctypes.c_void_p(); "
+        "assert cu.cuCtxCreate_v2(ctypes.byref(c), 0, d) == 0; print('ready', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        env = {"MESHRUN_LEASE_DIR": str(tmp_path / "leases"), "PATH": os.environ["PATH"]}
+        direct, smi = _agent.snapshot(env, direct=True), _agent.snapshot(env, direct=False)
+        assert direct["source"] == "NVML" and smi["source"] == "nvidia-smi"
+        key = [(g["index"], g["uuid"], g["name"], g["memory"], g["label"]) for g in smi["gpus"]]
+        assert key and [(g["index"], g["uuid"], g["name"], g["memory"], g["label"]) for g in direct["gpus"]] == key
+        assert direct["foreign"] == smi["foreign"] and any(
+            p["pid"] == holder.pid for ps in direct["foreign"].values() for p in ps), direct["foreign"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -16,11 +16,19 @@ from meshrun._cli import _fast_args, build_parser
 from meshrun.testing import wait_until
 
 
+def _imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
 def _imports(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """The command's run and the modules it imported beyond what a bare interpreter imports here (a site's
+    startup hooks, e.g. a .pth file that imports typing, are the machine's, not meshrun's)."""
+    full_env = {**os.environ, **(env or {})}
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "meshrun", *args], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, **(env or {})})
-    mods = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
-    return p, mods
+                       text=True, timeout=120, env=full_env)
+    bare = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+                          timeout=120, env=full_env)
+    return p, _imported(p.stderr) - _imported(bare.stderr)
 
 
 HEAVY = {"pydantic", "cloudpickle", "meshrun._settings", "meshrun._spec", "meshrun_slurm", "meshrun_ssh",
