@@ -978,6 +978,16 @@ def _rewrite_in_place(fd, data, old_size):
         os.ftruncate(fd, len(data))
 
 
+def read_to_end(fd):
+    """Everything a pipe's writers send until the last of them closes it (or exits, or execs: close-on-exec)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def _read_fd(fd, limit):
     chunks, off = [], 0
     while off < limit:
@@ -2494,12 +2504,7 @@ def spawn_in_cgroup(argv, env, cwd, cgroup, keep=()):
     try:
         if pid is None:
             return None
-        msg = b""
-        while True:
-            chunk = os.read(r, 256)
-            if not chunk:
-                break
-            msg += chunk
+        msg = read_to_end(r)
     finally:
         os.close(r)
     if msg:

@@ -329,12 +329,7 @@ def spawn(job_dir):
             pass
         os._exit(code)
     os.close(w)
-    data = b""
-    while True:
-        chunk = os.read(r, 64)
-        if not chunk:
-            break
-        data += chunk
+    data = _agent.read_to_end(r)
     os.close(r)
     os.waitpid(child, 0)
     return int(data) if data.strip() else None
