@@ -161,12 +161,16 @@ SPARE_NAME = "meshrun-spare"
 
 def _name(name: str) -> str:
     """Set this process's name (``/proc/self/comm``, what ps shows); returns the one it had."""
+    from ._agent import _libc
+
+    libc = _libc()
     try:
         with open("/proc/self/comm") as f:
             old = f.read().strip()
         import ctypes
 
-        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+        if libc is not None:
+            libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
         return old
     except (OSError, ImportError, AttributeError):
         return name
@@ -175,10 +179,14 @@ def _name(name: str) -> str:
 def _populate() -> None:
     """Take private copies of the writable memory inherited from the server now, before a command runs (see
     :class:`_Spare`); nothing where the kernel cannot (it then copies page by page, as after any fork)."""
+    from ._agent import _libc
+
+    libc = _libc()
+    if libc is None:
+        return
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as f:
             maps = f.read().splitlines()

@@ -551,13 +551,6 @@ class _AgentStatus:
         return bool(self.state.terminal)
 
 
-class _SharedFilesystem:
-    """The local backend as :func:`_apply` uses it: its results are already in the job folder."""
-
-    def fetch_results(self, ref: Any, job_dir: Path) -> None:
-        return None
-
-
 def _local_settled(job: Job) -> bool:
     """Bring a job of the built-in local backend up to date from its agent's records alone; False when they
     need the backend itself (no backend id yet, a lost supervisor, a record that cannot be read)."""
@@ -574,7 +567,7 @@ def _local_settled(job: Job) -> bool:
     if fields is None or fields["state"] in (JobState.LOST, JobState.UNKNOWN):
         return False  # local_status's corrections (a complete result, a full disk) apply: the full path
     status: Any = _AgentStatus(fields)  # read by _apply as a JobStatus
-    _apply(job, status, _SharedFilesystem())
+    _apply(job, status, None)  # no backend: a local job's results are in its folder already
     return True
 
 
@@ -627,7 +620,7 @@ def _apply(job: Job, st: JobStatus, backend: Any) -> None:
         changes["started_at"] = st.started_at
     if st.state is JobState.RUNNING and not rec.started_at and "started_at" not in changes:
         changes["started_at"] = time.time()
-    if st.terminal and not isinstance(backend, _SharedFilesystem):
+    if st.terminal and backend is not None:
         try:
             backend.fetch_results(job._ref(), job.job_dir)
         except BackendError as e:
