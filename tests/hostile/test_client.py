@@ -420,6 +420,13 @@ def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_
     os.chmod(link, 0o777)
     mark = bob_area / "pwned"
     before = len(alice_jobs(alice, env))
+
+    def spares() -> list[int]:  # her server's child forked ahead for her next command (meshrun-spare in ps)
+        out = subprocess.run(["pgrep", "-x", "-u", str(alice.uid), "meshrun-spare"], capture_output=True,
+                             text=True).stdout.split()
+        return sorted(int(p) for p in out)
+
+    spare = wait_until(spares, timeout=60, what="alice's spare")
     try:
         r = py(bob, BOB_COMMAND, link, mark, key)
         assert r.returncode == 0, r.stderr
@@ -427,6 +434,7 @@ def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_
         assert "pid" not in reply and "refused" in reply.get("error", ""), reply
         time.sleep(1)
         assert not mark.exists()
+        assert spares() == spare, "bob's connection reached her spare"  # still waiting, for her alone
         assert len(alice_jobs(alice, env)) == before  # no job of bob's in her store
         r = cli(alice, "run", "--", "/bin/echo", "still-serving", env=env)
         assert r.returncode == 0 and "still-serving" in r.stdout, r.stderr
