@@ -229,6 +229,9 @@ def _request(what: dict) -> dict | None:
             sent = s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", streams))])
             if sent < len(data):
                 s.sendall(data[sent:])
+            # the server has the request: wait for its answer however long it takes (a caller that gave up
+            # and ran the command itself could run it twice); nothing ran if it closes without one
+            s.settimeout(None)
             hello = _read_line(s)
         except OSError:
             return None

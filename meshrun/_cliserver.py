@@ -117,8 +117,9 @@ class _Spare:
             try:
                 listener.close()
                 here.close()
-                name = _name(SPARE_NAME)  # what ps shows while it waits
                 _populate()
+                there.sendall(b"r")  # ready: the server hands commands only to a spare that has said so
+                name = _name(SPARE_NAME)  # what ps shows while it waits, ready
                 try:
                     req, fds = _recv_request(there, 1 + len(STREAMS))
                 except (OSError, ValueError):
@@ -135,9 +136,20 @@ class _Spare:
                 os._exit(code)
         there.close()
         self.sock = here
+        self.ready = False
+
+    def is_ready(self) -> bool:
+        """Whether the spare has its copies made and waits (a command never waits for them)."""
+        if not self.ready:
+            import select
+
+            if select.select([self.sock], [], [], 0)[0]:
+                self.ready = self.sock.recv(1) == b"r"
+        return self.ready
 
     def take(self, conn: socket.socket, req: dict, fds: list[int]) -> bool:
-        """Hand the command to the spare; False when it is gone (then the server forks as before)."""
+        """Hand the command to the spare; False when it is gone (then the server forks as before). Once
+        called, this spare is used up either way."""
         import array
 
         data = (json.dumps(req) + "\n").encode()
@@ -414,8 +426,10 @@ def serve(path: str, idle: float = IDLE) -> None:
                     conn.sendall((json.dumps({"error": "stale: " + why}) + "\n").encode())
                     return
                 conn.settimeout(None)
-                taken, spare = spare is not None and spare.take(conn, req, fds), None
-                want_spare = time.monotonic() + SPARE_AFTER
+                taken = False
+                if spare is not None and spare.is_ready():
+                    taken, spare = spare.take(conn, req, fds), None
+                    want_spare = time.monotonic() + SPARE_AFTER
                 if not taken:
                     pid = os.fork()
                     if pid == 0:
