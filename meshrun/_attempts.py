@@ -85,6 +85,9 @@ def save_plan(job_dir: Path, p: Plan | None, launch: Mapping[str, Any], max_pend
         "rejected": [{"backend": g["backend"], "where": g["where"], "count": int(g["count"]), "reason": g["reason"]}
                      for g in group_rejections(p.rejected)][:MAX_STORED] if p is not None else [],
     }
+    if p is not None and p.unasked:  # settled early: what a later move asks (the options it was made with)
+        data["unasked"] = list(p.unasked)
+        data["options"] = p.options.model_dump(mode="json", exclude_none=True) if p.options is not None else {}
     _atomic_write(Path(job_dir) / PLAN_FILE, (json.dumps(data, indent=1, default=str) + "\n").encode())
 
 
@@ -206,7 +209,17 @@ def submit_with_failover(
     errors: list[str] = []
     dead: set[str] = set()
     fails: dict[str, int] = {}
-    for cand in cands:
+    rest = plan if plan is not None and plan.unasked else None  # settled early: the others, asked if need be
+    i = 0
+    while True:
+        if i == len(cands):
+            if rest is None:
+                break
+            cands += _the_rest(prepared, store, spec, rest.options, errors)
+            rest = None
+            continue
+        cand = cands[i]
+        i += 1
         bname = (cand.launcher or cand.backend) if cand is not None else name
         key = cand.key if cand is not None else None
         if bname in dead:
@@ -248,6 +261,23 @@ def submit_with_failover(
         return
     store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
     raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])
+
+
+def _the_rest(prepared: Prepared, store: Store, spec: JobSpec, options: Any, errors: list[str]) -> list[Offer]:
+    """The offers of the backends a plan settled early did not ask (this machine did not take the job), with
+    the new plan recorded (plan.json and a ``placed`` event); none when nothing else fits."""
+    from ._placement import rest_of
+
+    try:
+        p = rest_of(spec, options)
+    except MeshrunError as e:
+        errors.append(f"the other backends: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return []
+    if p.chosen is None:
+        errors += [f"{o.key}: {why}" for o, why in p.rejected][:10]
+        return []
+    record_plan(prepared, store, p)
+    return list(p.offers)
 
 
 def _use_gpu_choice(sub: Submission, spec: JobSpec, offer: Offer | None) -> None:
@@ -359,6 +389,15 @@ def move_to_next_offer(store: Store, rec: JobRecord, job_dir: Path, *, waited: f
         current = next((h.get("offer") for h in reversed(rec.history) if h.get("event") == "submitted"), None)
         cands = [o for o in data["offers"] if o.key not in tried]
         why = f"pending for {format_duration(waited)}, longer than max_pending {format_duration(max_pending)}"
+        if not cands and data.get("unasked"):  # settled early on this machine: the others are asked now
+            from ._options import PlacementOptions
+            from ._placement import rest_of
+
+            p = rest_of(_resubmission(store, rec.id, job_dir, rec.attempt).submission.spec,
+                        PlacementOptions(**data.get("options") or {}))
+            cands = [o for o in p.offers if o.key not in tried]
+            if cands:
+                save_plan(job_dir, p, data.get("launch") or {}, data.get("max_pending"))
         if not cands:
             store.add_event(rec.id, "failover_exhausted", reason=f"{why}, but every offer of its plan was tried; "
                             f"it stays on {rec.backend}")

@@ -153,8 +153,10 @@ def offers(
     timeout: float | None = None,
     catalog_dir: str | os.PathLike[str] | None = None,
     options: PlacementOptions | None = None,
+    asked: Sequence[str] = (),
 ) -> list[Offer]:
-    """Every offer for ``spec``: from each installed backend (or those named), asked in parallel.
+    """Every offer for ``spec``: from each installed backend (or those named), asked in parallel (``asked``:
+    backends whose offers the caller has already, left out here).
 
     A backend has ``respond_within`` seconds (1 s) to check and make its offers; one that does not is listed
     as ``not responding (<what it was doing>, >1s)``, skipped, and remembered so (per user, in
@@ -177,6 +179,7 @@ def offers(
     exclude_backends = given.exclude_backends
     names, catalog_launcher = _sources(backends, exclude_backends, opts)
     named = backends is not None and len(names) == 1  # one backend asked for by name: waited for, never skipped
+    names = [n for n in names if n not in asked]
     marks = {} if named or limits.skip_for <= 0 else _registry.unresponsive()
     prices = price_table()
     out: list[list[Offer] | None] = []

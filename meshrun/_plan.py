@@ -81,6 +81,10 @@ class Plan:
     rejected: list[Rejection] = field(default_factory=list)
     objective: Objective = Objective.COST
     inputs: dict[str, Any] = field(default_factory=dict)
+    #: sources not asked: the plan was settled early (``meshrun.plan(settle_early=True)``), see ``rest_of``
+    unasked: list[str] = field(default_factory=list)
+    #: the placement options it was made with (the config's are read again)
+    options: Any = field(default=None, repr=False, compare=False)
 
     @property
     def offers(self) -> list[Offer]:
@@ -112,12 +116,15 @@ class Plan:
         late = sum(1 for r in self.rejected if _LATE in r.reason or _LATE_MID in r.reason)
         if late and self.inputs.get("deadline") is not None:
             line += f"; {late} option{'s' if late != 1 else ''} could not start within the deadline"
+        if self.unasked:
+            line += f"; the others not asked ({', '.join(self.unasked)}): nothing beats free and now"
         return line
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "objective": self.objective.value,
             "inputs": _jsonable(self.inputs),
+            "unasked": list(self.unasked),
             "chosen": offer_to_dict(self.chosen) if self.chosen is not None else None,
             "explanation": self.explain_choice(),
             "ranked": [
@@ -342,6 +349,8 @@ def _rank(spec: Any, offers: list[Offer], inputs: dict[str, Any]) -> Plan:
         if regions and o.region is not None and not any(fnmatch.fnmatchcase(o.region, p) for p in regions):
             reasons.append(f"region {o.region} is not among the allowed regions ({', '.join(regions)})")
         total = o.total_price_per_hour
+        if total < 0 or not math.isfinite(total):  # a backend's bug: ranking (and settling early) assume >= 0
+            reasons.append(f"its price ({total}/h) is not a price: the {o.backend} backend's offer is wrong")
         if mpp is not None and total > mpp + 1e-12:
             reasons.append(f"{_money(total)}/h is above max_price_per_hour {_money(mpp)}/h")
         wait = o.expected_start

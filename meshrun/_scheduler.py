@@ -122,7 +122,7 @@ def choose(spec: JobSpec, backend: str | None = None,
             reasons = rejection_lines(p.rejected) or [f"{name}: no offers"]
             raise NoPlacementError(f"the {name} backend cannot run {spec.display_name!r}", reasons)
         return name, p.chosen, None
-    p = make_plan(spec, options=options)
+    p = make_plan(spec, options=options, settle_early=True)
     chosen = p.chosen
     assert chosen is not None  # make_plan raises NoPlacementError when nothing fits
     return chosen.launcher or chosen.backend, chosen, p

@@ -507,6 +507,86 @@ def test_pending_with_no_offer_left_stays_put_and_says_so_once(register):
     assert "every offer of its plan was tried" in [h for h in job.history if h["event"] == "failover_exhausted"][0]["reason"]
 
 
+class Counted:
+    """An offers function that counts its calls."""
+
+    def __init__(self, make: Callable[[Any], list[Offer]]):
+        self.make, self.calls = make, 0
+
+    def __call__(self, s: Any) -> list[Offer]:
+        self.calls += 1
+        return self.make(s)
+
+
+NOT_ASKED = "not asked: this machine can start it now at no cost, which no offer can beat"
+
+
+def test_a_free_machine_that_starts_the_job_now_settles_it_without_asking_the_others(register):
+    """A submit asks this machine first; free and starting now, it wins whatever the others say (no price is
+    below zero, ties go to this machine), so they are not asked: listed as such in the plan. `meshrun.plan`
+    still asks everyone, and so does a submit this machine cannot settle (a price of its own here)."""
+    hpc_offers = Counted(cluster_offers(start=0.0))
+    register(Scripted("hpc", hpc_offers))
+    job = meshrun.run(["true"], name="settled", backends=["local", "hpc"])
+    assert job.wait(timeout=60) is JobState.SUCCEEDED and job.backend == "local"
+    assert hpc_offers.calls == 0
+    saved = json.loads((job.job_dir / "plan.json").read_text())
+    assert "hpc" in saved["unasked"] and [o["backend"] for o in saved["ranked"]] == ["local"]
+    assert {"backend": "hpc", "where": "-", "count": 1, "reason": NOT_ASKED + " (`meshrun offers` asks every "
+            "backend)"} in saved["rejected"]
+    placed = [h for h in job.history if h["event"] == "placed"]
+    assert len(placed) == 1 and "others not asked" in placed[0]["why"]
+    p = meshrun.plan(spec(), backends=["local", "hpc"])  # explaining: everyone is asked
+    assert hpc_offers.calls == 1 and p.unasked == [] and p.chosen.backend == "local"
+    meshrun.configure({"prices": {"local": {"cpu": 0.5}}})  # this machine now costs something for a CPU
+    job = meshrun.run(["true"], cpus=1, backends=["local", "hpc"])
+    assert hpc_offers.calls == 2 and job.backend == "hpc"  # free there: asked, and cheaper
+
+
+def test_an_offer_with_a_price_below_zero_is_refused(register):
+    register(Scripted("odd", lambda s: [offer("odd", price=-1.0)]))
+    p = meshrun.plan(spec(), backends=["odd"], raise_on_empty=False)
+    assert p.chosen is None and "is not a price" in p.rejected[0].reason
+
+
+def test_a_settled_job_this_machine_does_not_take_goes_to_the_others(register, monkeypatch):
+    """Nothing is lost by not asking: when this machine's submit fails, the backends not asked are asked then,
+    and the job goes to the best of them (the new plan recorded, every attempt in the history)."""
+    from meshrun._local import LocalBackend
+
+    def refuse(self, submission, offer=None):
+        raise BackendError("this machine refused it", backend="local")
+
+    hpc_offers = Counted(cluster_offers(start=0.0))
+    hpc = register(Scripted("hpc", hpc_offers))
+    monkeypatch.setattr(LocalBackend, "submit", refuse)
+    job = meshrun.run(["true"], name="goes-on", backends=["local", "hpc"])
+    assert job.backend == "hpc" and hpc_offers.calls == 1 and len(hpc.submitted) == 1
+    events = [(h["event"], h.get("backend")) for h in job.history]
+    assert events == [("placed", None), ("submit_failed", "local"), ("placed", None), ("submitted", "hpc")]
+    assert json.loads((job.job_dir / "plan.json").read_text())["ranked"][0]["backend"] == "hpc"
+
+
+def test_a_settled_job_pending_past_max_pending_moves_to_a_backend_not_asked_before(register, monkeypatch):
+    """A job settled on this machine that then waits (here: its start is held back) past ``max_pending``
+    moves on as any other: the backends not asked at placement are asked when it moves."""
+    from meshrun._local import LocalBackend
+
+    held: list[str] = []
+    monkeypatch.setattr(LocalBackend, "submit", lambda self, sub, offer=None: held.append(sub.job_id) or sub.job_id)
+    monkeypatch.setattr(LocalBackend, "status", lambda self, refs: {r: JobStatus(JobState.PENDING) for r in refs})
+    monkeypatch.setattr(LocalBackend, "cancel", lambda self, ref: held.remove(ref.backend_id))
+    hpc_offers = Counted(cluster_offers(start=0.0))
+    hpc = register(Scripted("hpc", hpc_offers, state=JobState.RUNNING))
+    job = meshrun.run(["true"], max_pending=0.2, backends=["local", "hpc"])
+    assert job.backend == "local" and hpc_offers.calls == 0
+    time.sleep(0.3)
+    job.advance()
+    assert job.backend == "hpc" and job.status() is JobState.RUNNING and hpc_offers.calls == 1 and held == [] and len(hpc.submitted) == 1
+    moved = [h for h in job.history if h["event"] == "moved"]
+    assert len(moved) == 1 and moved[0]["next"].startswith("hpc/")
+
+
 def test_named_backend_is_not_moved_or_replanned(register):
     hpc = register(Scripted("hpc", cluster_offers(start=0.0)))
     job = meshrun.run(["true"], max_pending=0.1, backend="hpc")

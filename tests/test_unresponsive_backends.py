@@ -4,6 +4,9 @@ Real processes throughout: the ``meshrun`` command with a test-only backend plug
 entry point (a ``*.dist-info`` folder on PYTHONPATH, as a real distribution would be), whose ``check()``
 does what a file tells it (hang for 30 s, fail late, answer at once) and appends a line to a calls file on
 every call; and the real Slurm backend pointed at a controller address with nothing listening.
+
+This machine is given a price here (``LOCAL_PRICE``) and the jobs ask for a CPU: a free machine that can start a
+job now settles it without asking any other backend (tests/test_placement.py), and these submits must ask.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytest
 
 MESHRUN = [sys.executable, "-m", "meshrun"]
+LOCAL_PRICE = '[prices.local]\ncpu = 0.01\n'  # see above: so that placement asks every backend
 
 PLUGIN = '''
 import os
@@ -95,7 +99,7 @@ class Env:
         self.set_mode("hang")
 
     def configure(self, placement: str) -> None:
-        self.config.write_text(f"[placement]\n{placement}\n")
+        self.config.write_text(f"{LOCAL_PRICE}[placement]\n{placement}\n")
 
     def set_mode(self, mode: str) -> None:
         self.mode.write_text(mode)
@@ -112,7 +116,7 @@ class Env:
 
     def submit(self, *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
         """``meshrun run -d`` (no backend named); returns (the job folder's plan.json, the process)."""
-        p = self.cli("run", "-d", *extra, "--", "true")
+        p = self.cli("run", "-d", "--cpus", "1", *extra, "--", "true")
         job_id = json.loads(p.stdout)["id"] if "--json" in extra else p.stdout.strip()
         st = json.loads(self.cli("status", "--json", job_id).stdout)
         assert st["backend"] == "local", st
@@ -367,13 +371,13 @@ def test_slurm_with_its_controller_down_costs_one_second_once(tmp_path, meshrun_
     (bin_dir / "sinfo").write_text(f"#!/bin/sh\necho sinfo >> {calls}\nexec {shutil.which('sinfo')} \"$@\"\n")
     (bin_dir / "sinfo").chmod(0o755)
     config = tmp_path / "config.toml"
-    config.write_text('[placement]\nbackends = ["local", "slurm"]\n')
+    config.write_text(LOCAL_PRICE + '[placement]\nbackends = ["local", "slurm"]\n')
     env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "MESHRUN_CONFIG": str(config)}
 
     def run() -> tuple[dict, str]:
-        p = subprocess.run([*MESHRUN, "run", "-d", "--", "true"], capture_output=True, text=True, timeout=120,
-                           env=env)
+        p = subprocess.run([*MESHRUN, "run", "-d", "--cpus", "1", "--", "true"], capture_output=True, text=True,
+                           timeout=120, env=env)
         assert p.returncode == 0, p.stderr
         st = json.loads(subprocess.run([*MESHRUN, "status", "--json", p.stdout.strip()], capture_output=True,
                                        text=True, timeout=60, env=env, check=True).stdout)
