@@ -225,6 +225,59 @@ def prctl(option, value):
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
+
+#: a forked spare copies its parent's writable memory ahead only up to this much (a fork server with large
+#: warm imports, e.g. torch, would double its memory for little gain)
+POPULATE_MAX = 256 << 20
+
+
+def set_name(name):
+    """Set this process's name (``/proc/self/comm``, what ps shows); returns the one it had."""
+    libc = _libc()
+    try:
+        with open("/proc/self/comm") as f:
+            old = f.read().strip()
+        if libc is not None:
+            import ctypes
+
+            libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+        return old
+    except (OSError, ImportError, AttributeError):
+        return name
+
+
+def populate_memory(limit=POPULATE_MAX):
+    """In a process forked ahead of its work (a spare): take private copies of the writable memory inherited
+    from the parent now (``MADV_POPULATE_WRITE``, Linux 5.14+), so that the work runs without the
+    copy-on-write faults (a thousand or more, milliseconds, for a command). Nothing where the kernel cannot,
+    or when that memory is over ``limit`` bytes (it is then copied page by page, as after any fork)."""
+    libc = _libc()
+    if libc is None:
+        return
+    try:
+        import ctypes
+
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except (OSError, ImportError, AttributeError):
+        return
+    spans = []
+    for line in maps:
+        fields = line.split()
+        if len(fields) < 5 or fields[1][:2] != "rw" or fields[1][3] != "p":
+            continue  # only private writable mappings: what a fork shares copy-on-write
+        if len(fields) > 5 and fields[5].startswith("[") and fields[5] != "[heap]":
+            continue  # the stack, vvar, vdso
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        spans.append((lo, hi - lo))
+    if sum(n for _, n in spans) > limit:
+        return
+    MADV_POPULATE_WRITE = 23
+    for lo, n in spans:
+        if libc.madvise(lo, n, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
+            return  # a kernel before 5.14 knows no such advice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -4191,20 +4244,27 @@ def current_umask():
     return mask
 
 
-def current_rlimits():
-    """{"RLIMIT_NAME": [soft, hard]} for every resource limit this system has (one name per resource)."""
+def current_rlimits(pid=None):
+    """{"RLIMIT_NAME": [soft, hard]} for every resource limit this system has (one name per resource), of this
+    process or of process ``pid`` (``prlimit``: a process of our own uid). OSError when ``pid``'s cannot be
+    read."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not Unix
         return {}
+    get = resource.getrlimit if pid is None else (lambda res: resource.prlimit(pid, res))
     out, seen = {}, set()
     for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
         res = getattr(resource, name)
         if res in seen:
             continue  # RLIMIT_OFILE is RLIMIT_NOFILE
         try:
-            out[name] = list(resource.getrlimit(res))
-        except (ValueError, OSError):
+            out[name] = list(get(res))
+        except ValueError:
+            continue
+        except OSError:
+            if pid is not None:
+                raise
             continue
         seen.add(res)
     return out
@@ -4272,8 +4332,10 @@ def serve(path, idle=600.0):
     checked with ``SO_PEERCRED``: a peer of another uid is answered with an error and nothing is started."""
     try:  # warm what every supervisor and function job will import, so forks start ready
         import binascii  # noqa: F401
+        import fcntl  # noqa: F401
         import hashlib  # noqa: F401
         import pickle  # noqa: F401
+        import pwd  # noqa: F401
         import resource  # noqa: F401
         import traceback  # noqa: F401
         import types  # noqa: F401
@@ -4288,6 +4350,7 @@ def serve(path, idle=600.0):
     warm_seen = _mtime(warm_file)
     handed_over = False
     _libc()
+    user_name()  # every supervisor records it
     os.setsid() if os.getsid(0) != os.getpid() else None
     try:
         os.chdir("/")  # hold no directory of whoever started us (each job has its own cwd in launch.json)
@@ -4314,10 +4377,14 @@ def serve(path, idle=600.0):
             _spawn_detached([sys.executable] + sys.argv)
             handed_over = True
 
-    sock.settimeout(1.0)
+    spare = None
+    want_spare = now()  # when to fork the next spare: a moment after a job was handed over, not during it
     last = now()
     try:
         while now() - last < idle:
+            if spare is None and now() >= want_spare and not handed_over and not fork_unsafe():
+                spare = _Spare((sock,))
+            sock.settimeout(1.0 if spare is not None else max(0.01, min(1.0, want_spare - now())))
             try:
                 conn, _ = sock.accept()
             except socket.timeout:
@@ -4344,15 +4411,21 @@ def serve(path, idle=600.0):
                         raise ValueError("request larger than %d bytes" % SERVER_MAX_REQUEST)
                 req = json.loads(buf.decode())
                 stale = _warm_changed(warm)
-                why = fork_unsafe() or (("%s changed on disk since this server imported it" % stale) if stale else None)
+                why = (fork_unsafe() or (("%s changed on disk since this server imported it" % stale) if stale else None)
+                       or limits_out_of_reach(req.get("rlimits")))
                 if why:
                     # never fork a job from a state it cannot trust: the submitter starts it directly, and the
                     # next submit starts a fresh server
                     conn.sendall((json.dumps({"error": "not forking: " + why}) + "\n").encode())
                     os.unlink(path) if still_ours() else None
                     return
-                pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn,
-                                       umask=req.get("umask"), rlimits=req.get("rlimits"))
+                pid = None
+                if spare is not None and spare.is_ready():
+                    pid, spare = spare.take(req["job_dir"], req.get("env"), req.get("umask"), req.get("rlimits")), None
+                    want_spare = now() + SPARE_AFTER
+                if pid is None:
+                    pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn,
+                                           umask=req.get("umask"), rlimits=req.get("rlimits"))
                 conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
             except Exception as e:  # a bad request must not take the server down
                 try:
@@ -4364,6 +4437,8 @@ def serve(path, idle=600.0):
             reap_children()
             maybe_hand_over()
     finally:
+        if spare is not None:
+            spare.close()
         if still_ours():
             try:
                 os.unlink(path)
@@ -4452,6 +4527,45 @@ def _take_on_limits(umask, rlimits):
     return notes
 
 
+def limits_out_of_reach(rlimits):
+    """Why a child of this process could not take on the submitter's ``rlimits`` (a hard limit above this
+    process's own, which only a privileged process may raise), or None. A warm server steps aside for such a
+    submitter: a server it starts itself has its limits."""
+    if not rlimits or _may_raise_hard_limits():
+        return None
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return None
+    for name, pair in sorted(rlimits.items()):
+        res = getattr(resource, name, None) if str(name).startswith("RLIMIT_") else None
+        if res is None:
+            continue
+        try:
+            want, have = int(pair[1]), resource.getrlimit(res)[1]
+        except (ValueError, OSError, TypeError, IndexError):
+            continue
+        if _rl_min(want, have) != want:
+            return "the submitter's hard %s (%s) is above this server's (%s)" % (name, _rl(pair, 1), _rl((0, have), 1))
+    return None
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def _may_raise_hard_limits():
+    """Whether this process may raise a hard resource limit: it has CAP_SYS_RESOURCE (root usually has, not
+    always: a container may drop it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 def _rl_min(a, b):
     """The lower of two resource limits (RLIM_INFINITY is the highest)."""
     import resource
@@ -4482,31 +4596,105 @@ def _fork_supervisor(job_dir, env, *close, umask=None, rlimits=None):
     pid = os.fork()
     if pid:
         return pid
+    code = 70
     try:
         for c in close:
             try:
                 c.close()
             except Exception:
                 pass
-        os.setsid()
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(env)
-        notes = _take_on_limits(umask, rlimits)
-        if notes and not os.path.exists(os.path.join(job_dir, STARTED)):
-            # the job's log is where its owner looks; the supervisor appends to it from here on
-            fd = os.open(os.path.join(job_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, "".join("[meshrun] %s\n" % n for n in notes).encode())
-            finally:
-                os.close(fd)
-        code = run_job(job_dir, env)
+        code = _supervise(job_dir, env, umask, rlimits)
     except BaseException:
         import traceback
 
         traceback.print_exc()
-        code = 70
     os._exit(code)
+
+
+def _supervise(job_dir, env, umask=None, rlimits=None):
+    """In a child of the fork server: become the job's supervisor, with the submitter's environment, umask
+    and resource limits; returns its exit code."""
+    os.setsid()
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    notes = _take_on_limits(umask, rlimits)
+    if notes and not os.path.exists(os.path.join(job_dir, STARTED)):
+        # the job's log is where its owner looks; the supervisor appends to it from here on
+        fd = os.open(os.path.join(job_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, "".join("[meshrun] %s\n" % n for n in notes).encode())
+        finally:
+            os.close(fd)
+    return run_job(job_dir, env)
+
+
+class _Spare(object):
+    """A child the fork server forks ahead of the next job, waiting on a socket pair for it: it becomes that
+    job's supervisor (as :func:`_fork_supervisor`'s child does) without the fork, and without the copy-on-write
+    faults of its first steps (:func:`populate_memory`), both done while the server was idle."""
+
+    NAME = "meshrun-nextjob"  # what ps shows while it waits
+
+    def __init__(self, close):
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 0
+            try:
+                for c in close:
+                    c.close()
+                here.close()
+                populate_memory()
+                there.sendall(b"r")  # ready: the server hands a job only to a spare that has said so
+                name = set_name(self.NAME)
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = there.recv(1 << 20)
+                    if not chunk:
+                        os._exit(0)  # the server replaced or ended us
+                    buf += chunk
+                there.close()
+                set_name(name)
+                req = json.loads(buf.decode())
+                code = 70
+                code = _supervise(req["job_dir"], req.get("env"), req.get("umask"), req.get("rlimits"))
+            except BaseException:  # a spare must never return into the server's loop
+                import traceback
+
+                traceback.print_exc()
+                code = code or 70
+            finally:
+                os._exit(code)
+        there.close()
+        self.sock = here
+        self.ready = False
+
+    def is_ready(self):
+        if not self.ready:
+            import select
+
+            if select.select([self.sock], [], [], 0)[0]:
+                self.ready = self.sock.recv(1) == b"r"
+        return self.ready
+
+    def take(self, job_dir, env, umask, rlimits):
+        """Hand the job over: the supervisor's pid, or None when the spare is gone. Used up either way."""
+        try:
+            self.sock.sendall((json.dumps({"job_dir": job_dir, "env": env, "umask": umask, "rlimits": rlimits})
+                               + "\n").encode())
+            return self.pid
+        except OSError:
+            return None
+        finally:
+            self.close()
+
+    def close(self):
+        self.sock.close()  # a spare still waiting sees the end, and exits
+
+
+#: seconds after a job was handed over before the next spare is forked (not while that job starts)
+SPARE_AFTER = 0.1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,27 +6,28 @@ but importing pydantic, building the spec models and loading the backends: ~200-
 the first such command starts, after it has done its work the ordinary way, a server that has imported all
 of that (imports only: no configuration, no job, no backend instance is kept in it). The next command's
 process stays small: it connects, hands over its argv, working directory, environment, umask and standard
-streams (the file descriptors themselves, ``SCM_RIGHTS``), and the server hands them to a child it forked
+streams (the file descriptors themselves, ``SCM_RIGHTS``; its resource limits the server reads itself), and the server hands them to a child it forked
 ahead (its spare, ``_cliserver._Spare``), or forks one, which becomes that command: it takes all of those
 on, reads the configuration afresh and runs ``meshrun.main`` as the process
 would have, writing straight to the caller's terminal. The caller waits for the child's exit code, passing
 on Ctrl-C and other signals; when the caller goes away, the child is ended as a hung-up terminal would end it.
 
 Trust, as with the fork server: the socket lives only in this user's private socket directory (``_rundir``),
-the caller sends nothing before ``SO_PEERCRED`` shows the server runs as its own uid, and the server forks
-nothing for a peer of another uid. The socket's name is keyed by the interpreter, ``PYTHONPATH`` and
+the caller sends nothing before ``SO_PEERCRED`` shows the server runs as its own uid, and the server reads
+nothing from, and forks nothing for, a peer of another uid. Messages are :func:`frame`\ s: a length, then the
+message in the interpreter's own ``marshal`` format, which only ever passes between two processes of one
+uid and one interpreter (the server's key names it). The socket's name is keyed by the interpreter, ``PYTHONPATH`` and
 meshrun's location; before every fork the server checks that no module it imported and no directory on its
 ``sys.path`` changed since it started (an upgrade, a new backend installed), and if one did it steps aside
 (the caller runs the command itself, and starts a fresh server). It ends after ``IDLE`` seconds unused.
 
 ``MESHRUN_CLI_SERVER=0`` turns it off (every command then runs in its own process, as before); any other
-value, or none, leaves it on. Standard library only on the caller's side: importing this module costs the
-caller a few milliseconds.
+value, or none, leaves it on. Standard library only on the caller's side, and little of it: the caller
+loads ``_socket`` (not ``socket``, whose enums and selectors cost milliseconds) and no json.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -56,43 +57,94 @@ def server_key() -> str:
 
 def server_path() -> str | None:
     """This caller's server socket, in the private socket directory; None where there is no private one."""
-    import zlib
-
     from ._rundir import socket_dir
 
     d = socket_dir(warn=False)
     if d is None:
         return None
-    return os.path.join(d, "cli-%08x.sock" % zlib.crc32(server_key().encode()))
+    h = 0x811C9DC5  # FNV-1a, 32 bits: a short stable name for the key (nothing to import for it)
+    for b in server_key().encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return os.path.join(d, "cli-%08x.sock" % h)
+
+
+# ---- the protocol -------------------------------------------------------------------------------------------
+
+
+def frame(msg: dict) -> bytes:
+    """One message: its length (4 bytes, big-endian), then ``marshal.dumps(msg)`` (plain values only)."""
+    import marshal  # built in: nothing to load
+
+    data = marshal.dumps(msg)
+    return len(data).to_bytes(4, "big") + data
+
+
+def unframe(data: bytes, limit: int = MAX_REQUEST) -> tuple[dict | None, int]:
+    """(the message at the start of ``data``, or None when it is not all there yet, its length in bytes).
+    Raises ValueError for a message over ``limit`` bytes, or one that is not a dict."""
+    if len(data) < 4:
+        return None, 0
+    n = int.from_bytes(data[:4], "big")
+    if n > limit:
+        raise ValueError(f"message larger than {limit} bytes")
+    if len(data) < 4 + n:
+        return None, 0
+    import marshal
+
+    try:
+        msg = marshal.loads(data[4:4 + n])
+    except (EOFError, TypeError) as e:
+        raise ValueError(f"not a message: {e}") from None
+    if not isinstance(msg, dict):
+        raise ValueError("not a message: not a dict")
+    return msg, 4 + n
+
+
+class Frames:
+    """The messages arriving on a socket, one by one (a message may share a read with the next)."""
+
+    def __init__(self, s: Any):
+        self.s = s
+        self.buf = b""
+
+    def next(self) -> dict | None:
+        """The next message, or None when the socket closes (or sends something else) first."""
+        while True:
+            try:
+                msg, n = unframe(self.buf)
+            except ValueError:
+                return None
+            if msg is not None:
+                self.buf = self.buf[n:]
+                return msg
+            chunk = self.s.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+def read_frame(s: Any) -> dict | None:
+    """The one message a socket sends (a reply), or None."""
+    return Frames(s).next()
 
 
 # ---- the caller ---------------------------------------------------------------------------------------------
 
 
-def peer_uid(s: socket.socket) -> int | None:  # _agent.peer_uid, without importing the agent for every command
-    import socket  # here: a command that is not served never loads it
+def peer_cred(s: Any) -> tuple[int, int] | None:
+    """(pid, uid) of the process at the other end of unix socket ``s``, from the kernel (``SO_PEERCRED``)."""
+    import _socket  # here: a command that is not served never loads it
 
-    opt = getattr(socket, "SO_PEERCRED", None)
+    opt = getattr(_socket, "SO_PEERCRED", None)
     if opt is None:  # pragma: no cover - not Linux
         return None
-    import struct
-
-    _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
-    return int(uid)
+    pid, uid, _gid = memoryview(s.getsockopt(_socket.SOL_SOCKET, opt, 12)).cast("i")  # struct ucred
+    return int(pid), int(uid)
 
 
-def _read_line(s: socket.socket) -> dict | None:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            return None
-        buf += chunk
-    try:
-        msg = json.loads(buf.decode())
-    except ValueError:
-        return None
-    return msg if isinstance(msg, dict) else None
+def peer_uid(s: Any) -> int | None:  # _agent.peer_uid, without importing the agent (or socket) for every command
+    cred = peer_cred(s)
+    return None if cred is None else cred[1]
 
 
 def call(argv: list[str]) -> int | None:
@@ -150,7 +202,8 @@ def api_run(command: object, fields: dict) -> str | None:
 
 
 def _plain(v: object, depth: int = 0) -> bool:
-    """JSON carries it unchanged (a tuple would come back a list, a Path a string: those stay in-process)."""
+    """Plain JSON-like values, which the server's child rebuilds as the caller gave them (a tuple, a Path or
+    anything else stays in-process: the child would not see the same object)."""
     if v is None or isinstance(v, (str, bool, int, float)):
         return True
     if depth > 20:
@@ -191,9 +244,9 @@ def _request(what: dict) -> dict | None:
     path = server_path()
     if path is None:
         return None
-    import socket
+    import _socket
 
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(2.0)
         try:
@@ -219,37 +272,35 @@ def _request(what: dict) -> dict | None:
         mask = os.umask(0o022)
         os.umask(mask)
         out = sys.stdout
-        req = {**what, "key": server_key(), "cwd": cwd, "env": dict(os.environ), "umask": mask,
-               "streams": streams, "encoding": getattr(out, "encoding", None) or "utf-8",
+        req = {**what, "key": server_key(), "cwd": cwd, "env": dict(os.environ), "umask": mask, "streams": streams, "encoding": getattr(out, "encoding", None) or "utf-8",
                "errors": getattr(out, "errors", None) or "strict"}
-        import array
-
-        data = (json.dumps(req) + "\n").encode()
+        data = frame(req)
+        fds = b"".join(n.to_bytes(4, sys.byteorder, signed=True) for n in streams)  # an int array, as SCM_RIGHTS
         try:
-            sent = s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", streams))])
+            sent = s.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
             if sent < len(data):
                 s.sendall(data[sent:])
             # the server has the request: wait for its answer however long it takes (a caller that gave up
             # and ran the command itself could run it twice); nothing ran if it closes without one
             s.settimeout(None)
-            hello = _read_line(s)
+            frames = Frames(s)
+            hello = frames.next()
         except OSError:
             return None
         if not hello or "pid" not in hello:
             return None  # refused (stale, not ours, a bad request): nothing ran
-        return _wait_for(s, int(hello["pid"]), forward_signals="argv" in what)
+        return _wait_for(frames, int(hello["pid"]), forward_signals="argv" in what)
     finally:
         s.close()
 
 
-def _wait_for(s: socket.socket, pid: int, forward_signals: bool) -> dict:
+def _wait_for(frames: Frames, pid: int, forward_signals: bool) -> dict:
     """The command runs as ``pid``: pass our signals on to it (a command line's) and return its last word."""
     if forward_signals:
         _forward_signals(pid)
-    s.settimeout(None)
     while True:
         try:
-            done = _read_line(s)
+            done = frames.next()
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries recv itself
             continue
@@ -262,7 +313,7 @@ def _wait_for(s: socket.socket, pid: int, forward_signals: bool) -> dict:
 
 
 def _forward_signals(pid: int) -> None:
-    import signal
+    import _signal as signal  # built in (the signal module's enums cost a millisecond)
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -304,9 +355,9 @@ def stop() -> bool:
 
 
 def answers(path: str) -> bool:
-    import socket
+    import _socket
 
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(1.0)
         s.connect(path)

@@ -6,12 +6,12 @@ child per command that becomes the caller's command (``_cliclient`` describes th
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
 
-from ._cliclient import IDLE, MAX_REQUEST, SERVED, STREAMS, answers, peer_uid, server_key
+from ._agent import current_rlimits, limits_out_of_reach, populate_memory, set_name
+from ._cliclient import IDLE, SERVED, STREAMS, answers, frame, peer_cred, peer_uid, server_key, unframe
 
 def _prewarm() -> None:
     """Import what the served commands need, and build what pydantic builds lazily; keep no state."""
@@ -27,8 +27,12 @@ def _prewarm() -> None:
             pass
     for cmd in SERVED:
         _cli.build_parser(cmd)  # kept: a pure function of the code, which the stale check watches
+    _cli.build_parser("run").parse_args(["run", "--", "true"])  # argparse's patterns, compiled and cached
     _spec.JobSpec(command=["true"])
     _local._agent_digest()  # the agent file's hash, likewise (names the fork server's socket)
+    from ._agent import _libc
+
+    _libc()  # ctypes and the C library: what each spare uses to name itself and copy its memory
 
 
 def _freeze() -> None:
@@ -76,12 +80,16 @@ def _why_not_fork(seen: dict[str, int]) -> str | None:
 
 
 def _recv_request(conn: socket.socket, nfds: int = len(STREAMS)) -> tuple[dict, list[int]]:
+    """One :func:`frame` and the file descriptors that came with it. Raises ValueError for anything else."""
     import array
 
     fds: list[int] = []
     buf = b""
     size = array.array("i").itemsize
-    while not buf.endswith(b"\n"):
+    while True:
+        req, _ = unframe(buf)
+        if req is not None:
+            return req, fds
         chunk, anc, _flags, _addr = conn.recvmsg(1 << 20, socket.CMSG_SPACE(nfds * size))
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -89,14 +97,10 @@ def _recv_request(conn: socket.socket, nfds: int = len(STREAMS)) -> tuple[dict, 
                 a.frombytes(payload[: len(payload) - len(payload) % size])
                 fds.extend(a)
         if not chunk:
-            break
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("the connection closed before the whole request came")
         buf += chunk
-        if len(buf) > MAX_REQUEST:
-            raise ValueError(f"request larger than {MAX_REQUEST} bytes")
-    req = json.loads(buf.decode())
-    if not isinstance(req, dict):
-        raise ValueError("a request is a JSON object")
-    return req, fds
 
 
 class _Spare:
@@ -117,18 +121,19 @@ class _Spare:
             try:
                 listener.close()
                 here.close()
-                _populate()
+                populate_memory()
                 there.sendall(b"r")  # ready: the server hands commands only to a spare that has said so
-                name = _name(SPARE_NAME)  # what ps shows while it waits, ready
+                name = set_name(SPARE_NAME)  # what ps shows while it waits, ready
                 try:
                     req, fds = _recv_request(there, 1 + len(STREAMS))
                 except (OSError, ValueError):
                     os._exit(0)  # the server replaced or ended us
                 if not fds:
                     os._exit(0)
-                _name(name)
+                set_name(name)
                 conn = socket.socket(fileno=fds[0])
-                there.close()
+                global _to_server
+                _to_server = there  # held to the end: its close tells the server this command is done
                 _become(conn, req, fds[1:], path)  # never returns
             except BaseException:  # noqa: BLE001 - a spare must never return into the server's loop
                 code = 1
@@ -149,10 +154,11 @@ class _Spare:
 
     def take(self, conn: socket.socket, req: dict, fds: list[int]) -> bool:
         """Hand the command to the spare; False when it is gone (then the server forks as before). Once
-        called, this spare is used up either way."""
+        called, this spare is used up either way; after a True, :attr:`sock` reads its end once the command is
+        done (:meth:`close` it then)."""
         import array
 
-        data = (json.dumps(req) + "\n").encode()
+        data = frame(req)
         try:
             sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", [conn.fileno()] + list(fds)))])
@@ -160,60 +166,15 @@ class _Spare:
                 self.sock.sendall(data[sent:])
             return True
         except OSError:
-            return False
-        finally:
             self.close()
+            return False
 
     def close(self) -> None:
         self.sock.close()  # a spare still waiting sees the end, and exits
 
 
 SPARE_NAME = "meshrun-spare"
-
-
-def _name(name: str) -> str:
-    """Set this process's name (``/proc/self/comm``, what ps shows); returns the one it had."""
-    from ._agent import _libc
-
-    libc = _libc()
-    try:
-        with open("/proc/self/comm") as f:
-            old = f.read().strip()
-        import ctypes
-
-        if libc is not None:
-            libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
-        return old
-    except (OSError, ImportError, AttributeError):
-        return name
-
-
-def _populate() -> None:
-    """Take private copies of the writable memory inherited from the server now, before a command runs (see
-    :class:`_Spare`); nothing where the kernel cannot (it then copies page by page, as after any fork)."""
-    from ._agent import _libc
-
-    libc = _libc()
-    if libc is None:
-        return
-    try:
-        import ctypes
-
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as f:
-            maps = f.read().splitlines()
-    except (OSError, ImportError, AttributeError):
-        return
-    MADV_POPULATE_WRITE = 23
-    for line in maps:
-        fields = line.split()
-        if len(fields) < 5 or fields[1][:2] != "rw" or fields[1][3] != "p":
-            continue  # only private writable mappings: what a fork shares copy-on-write
-        if len(fields) > 5 and fields[5].startswith("[") and fields[5] != "[heap]":
-            continue  # the stack, vvar, vdso
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        if libc.madvise(lo, hi - lo, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == 22:  # EINVAL: a kernel
-            return  # before 5.14 knows no such advice
+_to_server: socket.socket | None = None  # in a spare that took a command: its pair, closed only by its exit
 
 
 def _learn(path: str, before: set[str]) -> None:
@@ -226,7 +187,7 @@ def _learn(path: str, before: set[str]) -> None:
         s.settimeout(2.0)
         s.connect(path)
         if peer_uid(s) in (None, os.getuid()):
-            s.sendall((json.dumps({"op": "learn", "modules": new[:1000]}) + "\n").encode())
+            s.sendall(frame({"op": "learn", "modules": new[:1000]}))
     except OSError:
         pass
     finally:
@@ -263,7 +224,7 @@ def _reply(conn: socket.socket, msg: dict) -> None:
         except (OSError, ValueError):
             pass
     try:
-        conn.sendall((json.dumps(msg) + "\n").encode())
+        conn.sendall(frame(msg))
     except OSError:
         pass
 
@@ -298,7 +259,13 @@ def _become(conn: socket.socket, req: dict, fds: list[int], path: str) -> None:
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(req["env"]).items()})
         os.umask(int(req.get("umask", 0o022)))
-        conn.sendall((json.dumps({"pid": os.getpid()}) + "\n").encode())
+        from ._agent import _take_on_limits
+
+        notes = _take_on_limits(None, req.get("rlimits"))  # the caller's resource limits, as if it ran there
+        if notes:  # one this process cannot take on (a hard limit above the server's): the caller runs it
+            conn.sendall(frame({"error": "refused: " + notes[0]}))
+            return
+        conn.sendall(frame({"pid": os.getpid()}))
         if req.get("api") == "run":
             rc = _api_child(conn, req)
             return
@@ -379,27 +346,38 @@ def serve(path: str, idle: float = IDLE) -> None:
     def still_ours() -> bool:
         return same_inode(path, ino)
 
+    import select
+
     spare: _Spare | None = None
-    want_spare = time.monotonic()  # when to fork the next spare: a moment after a command, not during it
+    busy: _Spare | None = None  # the spare running the last command handed over, until it ends
+    want_spare = time.monotonic()  # when to fork the next spare: once a command is done, not while it runs
     last = time.monotonic()
+    sock.settimeout(1.0)  # accept() after select(): never blocks on a caller that went away in between
     try:
         while time.monotonic() - last < idle:
+            if busy is not None and (time.monotonic() >= want_spare or select.select([busy.sock], [], [], 0)[0]):
+                busy.close()  # done (or running long: the next spare need not wait for it)
+                busy, want_spare = None, time.monotonic() + SPARE_AFTER_DONE
             if spare is None and time.monotonic() >= want_spare:
                 spare = _Spare(path, sock)
-            sock.settimeout(1.0 if spare is not None else max(0.01, want_spare - time.monotonic()))
+            wait = 1.0 if spare is not None else max(0.01, want_spare - time.monotonic())
+            readable = select.select([sock] + ([busy.sock] if busy is not None else []), [], [], wait)[0]
+            if sock not in readable:
+                if not readable:
+                    reap_children()
+                    if not still_ours():
+                        return
+                continue  # (or the busy spare is done: the next turn forks a spare)
             try:
                 conn, _ = sock.accept()
-            except socket.timeout:
-                reap_children()
-                if not still_ours():
-                    return
+            except (BlockingIOError, socket.timeout):
                 continue
             fds: list[int] = []
             try:
-                uid = peer_uid(conn)
+                cred = peer_cred(conn)
+                uid = None if cred is None else cred[1]
                 if uid is not None and uid != os.getuid():
-                    conn.sendall((json.dumps({"error": f"refused: this server serves uid {os.getuid()} only"})
-                                  + "\n").encode())
+                    conn.sendall(frame({"error": f"refused: this server serves uid {os.getuid()} only"}))
                     continue
                 last = time.monotonic()
                 conn.settimeout(5)
@@ -419,16 +397,24 @@ def serve(path: str, idle: float = IDLE) -> None:
                         spare = None
                     continue
                 if req.get("key") != key:
-                    conn.sendall((json.dumps({"error": "not this server: a different interpreter"}) + "\n").encode())
+                    conn.sendall(frame({"error": "not this server: a different interpreter"}))
                     continue
-                why = _why_not_fork(seen)
+                try:  # the caller's resource limits, read from the kernel: the command takes them on
+                    req["rlimits"] = current_rlimits(cred[0]) if cred is not None else None
+                except OSError as e:  # e.g. a caller in another PID namespace: it runs the command itself
+                    conn.sendall(frame({"error": f"refused: cannot read the caller's resource limits ({e})"}))
+                    continue
+                why = _why_not_fork(seen) or limits_out_of_reach(req.get("rlimits"))
                 if why:  # the caller runs the command itself, and starts a fresh server
-                    conn.sendall((json.dumps({"error": "stale: " + why}) + "\n").encode())
+                    conn.sendall(frame({"error": "stale: " + why}))
                     return
                 conn.settimeout(None)
                 taken = False
                 if spare is not None and spare.is_ready():
-                    taken, spare = spare.take(conn, req, fds), None
+                    if busy is not None:
+                        busy.close()
+                    taken, busy, spare = spare.take(conn, req, fds), spare, None
+                    busy = busy if taken else None
                     want_spare = time.monotonic() + SPARE_AFTER
                 if not taken:
                     pid = os.fork()
@@ -437,7 +423,7 @@ def serve(path: str, idle: float = IDLE) -> None:
                         _become(conn, req, fds, path)
             except Exception as e:  # a bad request must not take the server down
                 try:
-                    conn.sendall((json.dumps({"error": str(e)}) + "\n").encode())
+                    conn.sendall(frame({"error": str(e)}))
                 except OSError:
                     pass
             finally:
@@ -449,8 +435,9 @@ def serve(path: str, idle: float = IDLE) -> None:
                 conn.close()
             reap_children()
     finally:
-        if spare is not None:
-            spare.close()
+        for s in (spare, busy):
+            if s is not None:
+                s.close()
         if still_ours():
             try:
                 os.unlink(path)
@@ -459,7 +446,8 @@ def serve(path: str, idle: float = IDLE) -> None:
         sock.close()
 
 
-SPARE_AFTER = 0.05  # seconds after handing a command over before the next spare is forked (not during it)
+SPARE_AFTER = 0.5  # seconds after handing a command over before the next spare is forked, if it is not done by then
+SPARE_AFTER_DONE = 0.02  # seconds after a command is done before the next spare is forked (its caller exits then)
 
 
 if __name__ == "__main__":  # python -m meshrun._cliserver PATH

@@ -30,7 +30,13 @@ INVENTORY_TTL = 10.0
 
 def agent_file() -> Path:
     """Path of the stdlib-only host agent, for backends that upload it to another machine."""
-    return Path(_agent.__file__).resolve()
+    f = _agent.__file__
+    if _AGENT_FILE.get(f) is None:
+        _AGENT_FILE[f] = Path(f).resolve()  # once: resolving walks every directory of the path
+    return _AGENT_FILE[f]
+
+
+_AGENT_FILE: dict[str, Path] = {}
 
 
 def agent_version() -> str:
@@ -142,8 +148,9 @@ class LocalBackend(Backend):
     def home(self) -> Path:
         return get_config().home
 
-    def _env(self) -> dict[str, str]:
-        path = self._server_path() if self.settings.fork_server and self.settings.warm_imports else None
+    def _env(self, server: str | None = None) -> dict[str, str]:
+        """The agent's environment (``server``: the fork server's socket, when the caller has it already)."""
+        path = (server or self._server_path()) if self.settings.fork_server and self.settings.warm_imports else None
         return agent_env(self.settings.lease_dir, self.settings.share_gpu_below_mib,
                          path + ".warm.json" if path is not None else None)
 
@@ -171,7 +178,6 @@ class LocalBackend(Backend):
     def offers(self, spec: Any) -> list[Offer]:
         r = spec.resources
         host = socket.gethostname()
-        env = self._env()
         # a CPU job needs no GPU inventory (asking nvidia-smi takes ~20 ms, more where it is missing)
         wants_gpus = bool(r.gpus or r.gpu_type or r.gpu_memory)
         gpus, source, err = self._discover() if wants_gpus else ([], None, None)
@@ -209,6 +215,7 @@ class LocalBackend(Backend):
             return [base.rejected("no GPU here has the requested GPU memory")]
         if not r.gpus:
             return [base]
+        env = self._env()
         # a stuck lease lock must not outlast the offers deadline: give up sooner and say who holds it
         lock_timeout = min(float(env.get("MESHRUN_LEASE_LOCK_TIMEOUT") or _agent.LOCK_TIMEOUT), 1.5)
         snap = _agent.snapshot({**env, "MESHRUN_LEASE_LOCK_TIMEOUT": str(lock_timeout)})
@@ -229,8 +236,8 @@ class LocalBackend(Backend):
         launch = dict(submission.launch)
         launch.setdefault("grace_period", self.settings.grace_period)
         _agent.write_json(os.path.join(job_dir, _agent.LAUNCH), launch, mode=0o600)
-        env = {**self._env(), **submission.secrets}  # the supervisor's environment, passed on to the job
         path = self._server_path() if self.settings.fork_server else None
+        env = {**self._env(path), **submission.secrets}  # the supervisor's environment, passed on to the job
         if path is not None:  # None: no private directory for the socket; start the job directly
             if _agent.server_spawn(path, job_dir, env):
                 return submission.job_id

@@ -268,3 +268,86 @@ def test_a_server_steps_aside_when_what_it_imported_changed(served):
                "the stale server to end")
     wait_until(lambda: os.path.exists(served.sock), 60, 0.05, "a fresh server")
     assert served.server_pid() != old
+
+
+def test_messages_that_share_a_read_each_come_whole():
+    """The protocol's frames: two messages sent at once (a fast command's hello and its exit code) are read
+    as two, in order; a torn or oversized message is refused, not misread."""
+    import socket
+
+    from meshrun._cliclient import Frames, frame, unframe
+
+    a, b = socket.socketpair()
+    try:
+        a.sendall(frame({"pid": 12}) + frame({"exit": 2, "error": HOSTILE}))
+        a.close()
+        frames = Frames(b)
+        assert frames.next() == {"pid": 12}
+        assert frames.next() == {"exit": 2, "error": HOSTILE}
+        assert frames.next() is None  # closed
+    finally:
+        b.close()
+    assert unframe(frame({"x": 1})[:-1]) == (None, 0)  # not all there yet
+    with pytest.raises(ValueError):
+        unframe((100).to_bytes(4, "big") + b"x" * 100, limit=10)
+    with pytest.raises(ValueError):
+        unframe((3).to_bytes(4, "big") + b"\x00\x01\x02")
+
+
+LIMITS = "ulimit -Sn; ulimit -Hn"
+
+
+def test_the_callers_resource_limits_hold_and_a_server_below_them_steps_aside(served):
+    """A served command runs with its caller's resource limits (``ulimit -n`` before ``meshrun run``), as it
+    would have run in the caller. A hard limit above the server's is one only a process with CAP_SYS_RESOURCE
+    may raise: such a caller is still served with it; any other runs the command itself, and the server
+    steps aside (the next one is started with the caller's limits). tests/hostile/test_client.py plays an
+    unprivileged user."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(hard, 4096) // 2
+
+    def limited(s: int, h: int):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (s, h))
+
+    subprocess.run([sys.executable, "-c", "from meshrun._cliclient import start; start()"], env=served.env,
+                   check=True, preexec_fn=limited(low // 2, low))
+    wait_until(lambda: os.path.exists(served.sock), 60, 0.05, "the command server's socket")
+    old = served.server_pid()
+    r = subprocess.run([sys.executable, "-c", CLIENT, "run", "--", "/bin/sh", "-c", LIMITS], env=served.env,
+                       capture_output=True, text=True, timeout=120, preexec_fn=limited(low // 4, low))
+    assert r.returncode == 0 and r.stdout.split() == [str(low // 4), str(low)], r.stdout + r.stderr
+    assert "LOADED-PYDANTIC=False" in r.stderr  # served, with the caller's soft limit
+    r = subprocess.run([sys.executable, "-c", CLIENT, "run", "--", "/bin/sh", "-c", LIMITS], env=served.env,
+                       capture_output=True, text=True, timeout=120, preexec_fn=limited(low // 4, low + 1))
+    assert r.returncode == 0 and r.stdout.split() == [str(low // 4), str(low + 1)], r.stdout + r.stderr
+    from meshrun._agent import _may_raise_hard_limits
+
+    if _may_raise_hard_limits():
+        assert "LOADED-PYDANTIC=False" in r.stderr and served.server_pid() == old  # it may raise it
+    else:
+        assert "LOADED-PYDANTIC=True" in r.stderr  # ran itself: the server could not have given it that
+        wait_until(lambda: subprocess.run(["kill", "-0", str(old)], capture_output=True).returncode != 0, 30,
+                   0.1, "the server below the caller's limits to end")
+
+
+def test_limits_out_of_reach_are_named(monkeypatch):
+    """What makes a warm server step aside: a hard limit above its own, for a server that may not raise it."""
+    import resource
+
+    from meshrun._agent import limits_out_of_reach
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    from meshrun import _agent
+
+    monkeypatch.setattr(_agent, "_may_raise_hard_limits", lambda: False)
+    assert limits_out_of_reach({"RLIMIT_NOFILE": [soft, hard]}) is None
+    assert limits_out_of_reach({"RLIMIT_NOFILE": [1, 1], "RLIMIT_NOPE": [1, 2]}) is None
+    assert limits_out_of_reach(None) is None
+    if hard != resource.RLIM_INFINITY:
+        why = limits_out_of_reach({"RLIMIT_NOFILE": [soft, hard + 1]})
+        assert why == f"the submitter's hard RLIMIT_NOFILE ({hard + 1}) is above this server's ({hard})", why
+        assert "above" in limits_out_of_reach({"RLIMIT_NOFILE": [soft, resource.RLIM_INFINITY]})
+    monkeypatch.setattr(_agent, "_may_raise_hard_limits", lambda: True)
+    assert limits_out_of_reach({"RLIMIT_NOFILE": [soft, resource.RLIM_INFINITY]}) is None

@@ -138,3 +138,65 @@ def test_umask_of_each_submitter_through_the_warm_server(tmp_path, helpers):
         parents.add(parent)
     assert seen == {"027": "0027", "077": "0077", "002": "0002"}
     assert len(parents) == 1
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat_ = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat_.rpartition(")")[2].split()[1]) == pid:
+            out.append(int(p))
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_the_fork_servers_spare_becomes_the_next_jobs_supervisor_as_that_submitter(helpers):
+    """The warm fork server keeps a child forked ahead (meshrun-nextjob in ps), which becomes the next job's
+    supervisor with that submitter's environment, umask and resource limits, as a child forked for the job
+    would; a fresh spare follows, and when the server ends its spare ends too."""
+    meshrun.run(["true"]).result(timeout=60)  # starts the fork server
+    path = _local.fork_server_path(meshrun.get_config().home, warn=False)
+    helpers.wait_until(lambda: os.path.exists(path), what="the fork server")
+
+    def server() -> int | None:
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in argv and path.encode() in argv:
+                return int(p)
+        return None
+
+    srv = helpers.wait_until(server, what="the fork server's process")
+
+    def spare() -> int | None:
+        found = [p for p in _children(srv) if _comm(p) == "meshrun-nextjob"]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    first = helpers.wait_until(spare, what="the fork server's spare")
+    probe = 'echo "$PPID $(umask) $(ulimit -Sn) $MR_PROBE"'
+    code = ("import os, resource, sys, meshrun; os.umask(0o077);"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (321, resource.getrlimit(resource.RLIMIT_NOFILE)[1]));"
+            "j = meshrun.run(['/bin/sh', '-c', sys.argv[1]]); j.result(timeout=60); print(j.logs().strip())")
+    p = subprocess.run([sys.executable, "-c", code, probe], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, MR_PROBE="it's $(id) \"q\""))
+    assert p.returncode == 0, p.stderr
+    supervisor, umask, nofile, value = p.stdout.split(" ", 3)
+    assert int(supervisor) == first  # the spare became the supervisor ...
+    assert (umask, nofile, value.strip()) == ("0077", "321", "it's $(id) \"q\"")  # ... as this submitter
+    second = helpers.wait_until(spare, what="the next spare")
+    assert second != first
+    os.unlink(path)  # the server ends within a second of its socket going, and its spare with it
+    helpers.wait_until(lambda: not helpers.proc_alive(srv) and not helpers.proc_alive(second), timeout=30,
+                       what="the fork server and its spare to end")
