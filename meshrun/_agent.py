@@ -342,6 +342,52 @@ def proc_start(pid):
     return 0
 
 
+class ExitWatch(object):
+    """Wakes a waiter as soon as the supervisor of the job in ``job_dir`` (on this machine) exits, which it does
+    right after writing the job's exit record: a pidfd (Linux 5.3+, Python 3.9+) of the pid its ``state.json``
+    names, once that is there. Elsewhere, and before that, :meth:`wait` only sleeps; it never waits past its
+    timeout. (inotify would also see the job's output, but closing its last watch waits for an RCU grace period,
+    ~10 ms, where this closes at once.)"""
+
+    def __init__(self, job_dir, rank=0):
+        self.state = os.path.join(str(job_dir), rank_name(STATE, rank))
+        self.fd = None
+        self.spent = not hasattr(os, "pidfd_open")
+
+    def _open(self):
+        st = read_json(self.state)
+        pid = st.get("pid") if isinstance(st, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            return
+        self.spent = True  # one try: a supervisor gone (or a pid reused) is waited for by polling alone
+        if st.get("pid_start") is not None and proc_start(pid) != st.get("pid_start"):
+            return
+        try:
+            self.fd = os.pidfd_open(pid)
+        except OSError:
+            return
+
+    def wait(self, timeout):
+        """Sleep up to ``timeout`` seconds, less when the supervisor exits meanwhile."""
+        if self.fd is None and not self.spent:
+            self._open()
+        if self.fd is None:
+            time.sleep(timeout)
+            return
+        import select
+
+        if select.select([self.fd], [], [], timeout)[0]:
+            self.close()  # it has exited: from here on, polls alone
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.close()
+
+
 def pid_alive(pid, start=None):
     s = proc_start(pid)
     if s is None:

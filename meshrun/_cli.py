@@ -559,6 +559,11 @@ def _follow(job: Any) -> int:
 
     shown_state = None
     status_line = is_terminal(sys.stderr)
+    wake = None
+    if job.backend == "local":  # its supervisor runs here: its exit (the job's end) wakes the wait below
+        from ._agent import ExitWatch
+
+        wake = ExitWatch(job.job_dir)
     try:
         start = time.monotonic()
         nap = 0.002  # a job that starts at once is seen at once (every 2 ms for 0.1 s); then backing off to 1 s
@@ -574,7 +579,8 @@ def _follow(job: Any) -> int:
                     sys.stderr.write(msg + "\n")
                 sys.stderr.flush()
                 shown_state = msg
-            time.sleep(min(nap, 1.0, 0.05 + (time.monotonic() - start) / 20))
+            pause = min(nap, 1.0, 0.05 + (time.monotonic() - start) / 20)
+            wake.wait(pause) if wake is not None else time.sleep(pause)
             if time.monotonic() - start > 0.1:
                 nap *= 1.5
         if status_line and shown_state:
@@ -587,6 +593,9 @@ def _follow(job: Any) -> int:
         print(f"\nmeshrun: detached; job {job.id} keeps running (meshrun cancel {job.id} to stop it)",
               file=sys.stderr)
         return 130
+    finally:
+        if wake is not None:
+            wake.close()
     rec = job.record
     if rec.state is JobState.SUCCEEDED:
         return 0

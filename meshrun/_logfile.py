@@ -21,7 +21,12 @@ def local_logs(job_dir: Path, *, follow: bool = False, tail: int | None = None,
     most ``max_bytes`` bytes from its end; with ``follow``, until the agent has recorded the job's end."""
     log = job_dir / LOG
     start = tail_offset(log, tail, max_bytes) if (tail is not None or max_bytes is not None) else 0
-    return tail_file(log, follow=follow, done=lambda: (job_dir / EXIT).exists(), start=start)
+    wake = None
+    if follow:  # the supervisor's exit wakes the reader (a short job's end is seen as it is written)
+        from ._agent import ExitWatch
+
+        wake = ExitWatch(job_dir)
+    return tail_file(log, follow=follow, done=lambda: (job_dir / EXIT).exists(), start=start, wake=wake)
 
 
 def tail_offset(path: Path, tail: int | None = None, max_bytes: int | None = None, block: int = 65536) -> int:
@@ -59,9 +64,11 @@ def tail_offset(path: Path, tail: int | None = None, max_bytes: int | None = Non
         return floor
 
 
-def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: int = 0) -> Iterator[str]:
+def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: int = 0,
+              wake: Any = None) -> Iterator[str]:
     """Yield a growing text file's content in chunks from byte ``start``; with ``follow``, until ``done()``
-    and EOF. Only one chunk is held at a time."""
+    and EOF. Only one chunk is held at a time. ``wake`` (an ``_agent.ExitWatch``) ends a wait between looks
+    as soon as the job's supervisor exits."""
     pos = start
     # a short job's output and end come within milliseconds: look every 2 ms for the first 0.1 s, then back off
     wait = min(poll, 0.002)
@@ -90,6 +97,9 @@ def tail_file(path: Path, *, follow: bool, done: Any, poll: float = 0.1, start: 
             if rest:
                 yield rest
             return
-        time.sleep(wait)
+        if wake is not None:
+            wake.wait(wait)
+        else:
+            time.sleep(wait)
         if time.monotonic() > brisk:
             wait = min(poll, wait * 1.5)

@@ -430,3 +430,24 @@ def test_a_cpu_job_is_placed_without_asking_for_the_gpu_inventory(monkeypatch):
     assert p.chosen is not None and p.chosen.backend == "local" and asked == []
     meshrun.plan(meshrun.JobSpec(command=["true"], gpus=1), backends=["local"], raise_on_empty=False)
     assert asked, "a GPU job's offer must come from the GPU inventory"
+
+
+def test_following_a_local_job_wakes_when_its_supervisor_exits(helpers):
+    """What `meshrun run` and `logs -f` wait on between looks at a local job: its supervisor's pidfd, which
+    is readable as the supervisor exits, right after it wrote the exit record; a wait for it does not last its
+    whole timeout. Once it fired (or where there is none) waits only sleep."""
+    from meshrun import _agent
+
+    job = meshrun.run(["sleep", "1"])
+    w = _agent.ExitWatch(job.job_dir)
+    if w.spent:
+        pytest.skip("no pidfd here (Linux 5.3+, Python 3.9+): waits only sleep")
+    helpers.wait_until(lambda: (w.wait(0.01), w.fd)[1] is not None, what="the supervisor's pid in state.json")
+    t0 = time.monotonic()
+    w.wait(120)
+    assert time.monotonic() - t0 < 60 and (job.job_dir / "exit.json").exists()
+    assert w.fd is None  # fired and closed: from here on it only sleeps
+    t0 = time.monotonic()
+    w.wait(0.2)
+    assert time.monotonic() - t0 >= 0.2
+    assert job.wait(timeout=60) is JobState.SUCCEEDED
