@@ -4428,6 +4428,9 @@ def serve(path, idle=600.0):
     last = now()
     try:
         while now() - last < idle:
+            if spare is not None and spare.gone:  # killed while it waited: fork another
+                spare.close()
+                spare = None
             if spare is None and now() >= want_spare and not handed_over and not fork_unsafe():
                 spare = _Spare((sock,))
             sock.settimeout(1.0 if spare is not None else max(0.01, min(1.0, want_spare - now())))
@@ -4714,14 +4717,16 @@ class _Spare(object):
                 os._exit(code)
         there.close()
         self.sock = here
-        self.ready = False
+        self.ready = self.gone = False
 
     def is_ready(self):
-        if not self.ready:
+        """Whether it has its copies made and waits (a job never waits for them)."""
+        if not self.ready and not self.gone:
             import select
 
             if select.select([self.sock], [], [], 0)[0]:
-                self.ready = self.sock.recv(1) == b"r"
+                got = self.sock.recv(1)
+                self.ready, self.gone = got == b"r", got == b""  # gone: it ended (killed)
         return self.ready
 
     def take(self, job_dir, env, umask, rlimits):

@@ -141,15 +141,16 @@ class _Spare:
                 os._exit(code)
         there.close()
         self.sock = here
-        self.ready = False
+        self.ready = self.gone = False
 
     def is_ready(self) -> bool:
         """Whether the spare has its copies made and waits (a command never waits for them)."""
-        if not self.ready:
+        if not self.ready and not self.gone:
             import select
 
             if select.select([self.sock], [], [], 0)[0]:
-                self.ready = self.sock.recv(1) == b"r"
+                got = self.sock.recv(1)
+                self.ready, self.gone = got == b"r", got == b""  # gone: it ended (killed)
         return self.ready
 
     def take(self, conn: socket.socket, req: dict, fds: list[int]) -> bool:
@@ -358,6 +359,9 @@ def serve(path: str, idle: float = IDLE) -> None:
             if busy is not None and (time.monotonic() >= want_spare or select.select([busy.sock], [], [], 0)[0]):
                 busy.close()  # done (or running long: the next spare need not wait for it)
                 busy, want_spare = None, time.monotonic() + SPARE_AFTER_DONE
+            if spare is not None and spare.gone:  # killed while it waited: fork another
+                spare.close()
+                spare = None
             if spare is None and time.monotonic() >= want_spare:
                 spare = _Spare(path, sock)
             wait = 1.0 if spare is not None else max(0.01, want_spare - time.monotonic())

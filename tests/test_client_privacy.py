@@ -5,6 +5,7 @@ shows, and that a job through the warm fork server carries its submitter's umask
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -197,6 +198,11 @@ def test_the_fork_servers_spare_becomes_the_next_jobs_supervisor_as_that_submitt
     assert (umask, nofile, value.strip()) == ("0077", "321", "it's $(id) \"q\"")  # ... as this submitter
     second = helpers.wait_until(spare, what="the next spare")
     assert second != first
+    os.kill(second, signal.SIGKILL)  # a spare killed while it waits: the next job is forked, and a spare follows
+    helpers.wait_until(lambda: not helpers.proc_alive(second), what="the killed spare to go")
+    assert meshrun.run(["true"]).result(timeout=60) == 0
+    third = helpers.wait_until(lambda: (lambda p: p if p not in (None, second) else None)(spare(), ),
+                               what="a spare after the killed one")
     os.unlink(path)  # the server ends within a second of its socket going, and its spare with it
-    helpers.wait_until(lambda: not helpers.proc_alive(srv) and not helpers.proc_alive(second), timeout=30,
+    helpers.wait_until(lambda: not helpers.proc_alive(srv) and not helpers.proc_alive(third), timeout=30,
                        what="the fork server and its spare to end")
