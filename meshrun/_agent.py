@@ -4460,7 +4460,8 @@ def serve(path, idle=600.0):
                         raise ValueError("request larger than %d bytes" % SERVER_MAX_REQUEST)
                 req = json.loads(buf.decode())
                 stale = _warm_changed(warm)
-                why = (fork_unsafe() or (("%s changed on disk since this server imported it" % stale) if stale else None)
+                why = (fork_unsafe()
+                       or (("%s changed on disk since this server imported it" % stale) if stale else None)
                        or limits_out_of_reach(req.get("rlimits")))
                 if why:
                     # never fork a job from a state it cannot trust: the submitter starts it directly, and the

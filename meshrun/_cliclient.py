@@ -6,10 +6,10 @@ but importing pydantic, building the spec models and loading the backends: ~200-
 the first such command starts, after it has done its work the ordinary way, a server that has imported all
 of that (imports only: no configuration, no job, no backend instance is kept in it). The next command's
 process stays small: it connects, hands over its argv, working directory, environment, umask and standard
-streams (the file descriptors themselves, ``SCM_RIGHTS``; its resource limits the server reads itself), and the server hands them to a child it forked
-ahead (its spare, ``_cliserver._Spare``), or forks one, which becomes that command: it takes all of those
-on, reads the configuration afresh and runs ``meshrun.main`` as the process
-would have, writing straight to the caller's terminal. The caller waits for the child's exit code, passing
+streams (the file descriptors themselves, ``SCM_RIGHTS``; its resource limits the server reads itself), and
+the server hands them to a child it forked ahead (its spare, ``_cliserver._Spare``), or forks one, which
+becomes that command: it takes all of those on, reads the configuration afresh and runs ``meshrun.main`` as
+the process would have, writing straight to the caller's terminal. The caller waits for the child's exit code, passing
 on Ctrl-C and other signals; when the caller goes away, the child is ended as a hung-up terminal would end it.
 
 Trust, as with the fork server: the socket lives only in this user's private socket directory (``_rundir``),
@@ -272,7 +272,8 @@ def _request(what: dict) -> dict | None:
         mask = os.umask(0o022)
         os.umask(mask)
         out = sys.stdout
-        req = {**what, "key": server_key(), "cwd": cwd, "env": dict(os.environ), "umask": mask, "streams": streams, "encoding": getattr(out, "encoding", None) or "utf-8",
+        req = {**what, "key": server_key(), "cwd": cwd, "env": dict(os.environ), "umask": mask, "streams": streams,
+               "encoding": getattr(out, "encoding", None) or "utf-8",
                "errors": getattr(out, "errors", None) or "strict"}
         data = frame(req)
         fds = b"".join(n.to_bytes(4, sys.byteorder, signed=True) for n in streams)  # an int array, as SCM_RIGHTS
@@ -313,7 +314,8 @@ def _wait_for(frames: Frames, pid: int, forward_signals: bool) -> dict:
 
 
 def _forward_signals(pid: int) -> None:
-    import _signal as signal  # built in (the signal module's enums cost a millisecond)
+    # built in (the signal module's enums cost a millisecond); typeshed has no stub for it
+    import _signal as signal  # type: ignore[import-not-found]
 
     def forward(signum: int, _frame: object) -> None:
         try:

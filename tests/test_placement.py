@@ -582,7 +582,8 @@ def test_a_settled_job_pending_past_max_pending_moves_to_a_backend_not_asked_bef
     assert job.backend == "local" and hpc_offers.calls == 0
     time.sleep(0.3)
     job.advance()
-    assert job.backend == "hpc" and job.status() is JobState.RUNNING and hpc_offers.calls == 1 and held == [] and len(hpc.submitted) == 1
+    assert job.backend == "hpc" and job.status() is JobState.RUNNING
+    assert hpc_offers.calls == 1 and held == [] and len(hpc.submitted) == 1
     moved = [h for h in job.history if h["event"] == "moved"]
     assert len(moved) == 1 and moved[0]["next"].startswith("hpc/")
 
