@@ -14,7 +14,7 @@ on Ctrl-C and other signals; when the caller goes away, the child is ended as a 
 
 Trust, as with the fork server: the socket lives only in this user's private socket directory (``_rundir``),
 the caller sends nothing before ``SO_PEERCRED`` shows the server runs as its own uid, and the server reads
-nothing from, and forks nothing for, a peer of another uid. Messages are :func:`frame`\ s: a length, then the
+nothing from, and forks nothing for, a peer of another uid. Each message is a :func:`frame`: a length, then the
 message in the interpreter's own ``marshal`` format, which only ever passes between two processes of one
 uid and one interpreter (the server's key names it). The socket's name is keyed by the interpreter, ``PYTHONPATH`` and
 meshrun's location; before every fork the server checks that no module it imported and no directory on its
