@@ -4432,7 +4432,7 @@ def serve(path, idle=600.0):
                 spare.close()
                 spare = None
             if spare is None and now() >= want_spare and not handed_over and not fork_unsafe():
-                spare = _Spare((sock,))
+                spare = Spare((sock,), _become_supervisor, SPARE_NAME)
             sock.settimeout(1.0 if spare is not None else max(0.01, min(1.0, want_spare - now())))
             try:
                 conn, _ = sock.accept()
@@ -4471,8 +4471,10 @@ def serve(path, idle=600.0):
                     return
                 pid = None
                 if spare is not None and spare.is_ready():
-                    pid, spare = spare.take(req["job_dir"], req.get("env"), req.get("umask"), req.get("rlimits")), None
-                    want_spare = now() + SPARE_AFTER
+                    work = {k: req.get(k) for k in ("job_dir", "env", "umask", "rlimits")}
+                    pid = spare.pid if spare.hand((json.dumps(work) + "\n").encode()) else None
+                    spare.close()  # used up either way
+                    spare, want_spare = None, now() + SPARE_AFTER
                 if pid is None:
                     pid = _fork_supervisor(req["job_dir"], req.get("env"), sock, conn,
                                            umask=req.get("umask"), rlimits=req.get("rlimits"))
@@ -4679,41 +4681,31 @@ def _supervise(job_dir, env, umask=None, rlimits=None):
     return run_job(job_dir, env)
 
 
-class _Spare(object):
-    """A child the fork server forks ahead of the next job, waiting on a socket pair for it: it becomes that
-    job's supervisor (as :func:`_fork_supervisor`'s child does) without the fork, and without the copy-on-write
-    faults of its first steps (:func:`populate_memory`), both done while the server was idle."""
+class Spare(object):
+    """A child forked ahead of a server's next piece of work, waiting on a socket pair for it: the fork server's
+    next job supervisor, the command server's next command. The fork, and the copy-on-write faults of the
+    work's first steps (:func:`populate_memory`), are done while the server is idle.
 
-    NAME = "meshrun-nextjob"  # what ps shows while it waits
+    In the child, once it is ready, ``become(sock, name)`` runs: ``sock`` is its end of the pair, on which the
+    work comes (its end, when the server replaced or ended the spare), ``name`` the process name to take back
+    from ``spare_name`` (what ps shows while it waits); it returns the child's exit code. ``close``: what the
+    child must not hold (the server's listening socket)."""
 
-    def __init__(self, close):
+    def __init__(self, close, become, spare_name):
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pid = os.fork()
         if self.pid == 0:
-            code = 0
+            code = 70
             try:
-                for c in close:
+                for c in tuple(close) + (here,):
                     c.close()
-                here.close()
                 populate_memory()
-                there.sendall(b"r")  # ready: the server hands a job only to a spare that has said so
-                name = set_name(self.NAME)
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = there.recv(1 << 20)
-                    if not chunk:
-                        os._exit(0)  # the server replaced or ended us
-                    buf += chunk
-                there.close()
-                set_name(name)
-                req = json.loads(buf.decode())
-                code = 70
-                code = _supervise(req["job_dir"], req.get("env"), req.get("umask"), req.get("rlimits"))
+                there.sendall(b"r")  # ready: the server hands work only to a spare that has said so
+                code = become(there, set_name(spare_name))
             except BaseException:  # a spare must never return into the server's loop
                 import traceback
 
                 traceback.print_exc()
-                code = code or 70
             finally:
                 os._exit(code)
         there.close()
@@ -4721,7 +4713,7 @@ class _Spare(object):
         self.ready = self.gone = False
 
     def is_ready(self):
-        """Whether it has its copies made and waits (a job never waits for them)."""
+        """Whether it has its copies made and waits (work never waits for them)."""
         if not self.ready and not self.gone:
             import select
 
@@ -4730,20 +4722,41 @@ class _Spare(object):
                 self.ready, self.gone = got == b"r", got == b""  # gone: it ended (killed)
         return self.ready
 
-    def take(self, job_dir, env, umask, rlimits):
-        """Hand the job over: the supervisor's pid, or None when the spare is gone. Used up either way."""
+    def hand(self, data, fds=()):
+        """Send it the work (``fds``: file descriptors that go along, ``SCM_RIGHTS``); False when it is gone
+        (it is closed then)."""
+        import array
+
         try:
-            self.sock.sendall((json.dumps({"job_dir": job_dir, "env": env, "umask": umask, "rlimits": rlimits})
-                               + "\n").encode())
-            return self.pid
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+            sent = self.sock.sendmsg([data], anc)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+            return True
         except OSError:
-            return None
-        finally:
             self.close()
+            return False
 
     def close(self):
         self.sock.close()  # a spare still waiting sees the end, and exits
 
+
+def _become_supervisor(sock, name):
+    """What the fork server's spare does with its job (a JSON line): supervise it, as :func:`_fork_supervisor`'s
+    child does."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return 0  # the server replaced or ended us
+        buf += chunk
+    sock.close()
+    set_name(name)
+    req = json.loads(buf.decode())
+    return _supervise(req["job_dir"], req.get("env"), req.get("umask"), req.get("rlimits"))
+
+
+SPARE_NAME = "meshrun-nextjob"  # the fork server's spare, in ps
 
 #: seconds after a job was handed over before the next spare is forked (not while that job starts)
 SPARE_AFTER = 0.1

@@ -209,17 +209,10 @@ def submit_with_failover(
     errors: list[str] = []
     dead: set[str] = set()
     fails: dict[str, int] = {}
-    rest = plan if plan is not None and plan.unasked else None  # settled early: the others, asked if need be
-    i = 0
-    while True:
-        if i == len(cands):
-            if rest is None:
-                break
-            cands += _the_rest(prepared, store, spec, rest.options, errors)
-            rest = None
-            continue
-        cand = cands[i]
-        i += 1
+    # a plan settled early on this machine: the backends it did not ask are asked once its offers are spent
+    rest = (lambda: _the_rest(prepared, store, spec, plan.options, errors)) if plan is not None and plan.unasked \
+        else None
+    for cand in _and_then(cands, rest):
         bname = (cand.launcher or cand.backend) if cand is not None else name
         key = cand.key if cand is not None else None
         if bname in dead:
@@ -261,6 +254,13 @@ def submit_with_failover(
         return
     store.update(job_id, state=JobState.FAILED, reason="every offer failed to submit", ended_at=time.time())
     raise NoPlacementError(f"every offer failed to submit job {job_id}", errors or ["no offer left to try"])
+
+
+def _and_then(first: Sequence[Offer | None], more: Any) -> Iterator[Offer | None]:
+    """``first``, then (if they were not enough) what ``more()`` gives."""
+    yield from first
+    if more is not None:
+        yield from more()
 
 
 def _the_rest(prepared: Prepared, store: Store, spec: JobSpec, options: Any, errors: list[str]) -> list[Offer]:

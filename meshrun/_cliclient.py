@@ -7,7 +7,7 @@ the first such command starts, after it has done its work the ordinary way, a se
 of that (imports only: no configuration, no job, no backend instance is kept in it). The next command's
 process stays small: it connects, hands over its argv, working directory, environment, umask and standard
 streams (the file descriptors themselves, ``SCM_RIGHTS``; its resource limits the server reads itself), and
-the server hands them to a child it forked ahead (its spare, ``_cliserver._Spare``), or forks one, which
+the server hands them to a child it forked ahead (its spare, ``_agent.Spare``), or forks one, which
 becomes that command: it takes all of those on, reads the configuration afresh and runs ``meshrun.main`` as
 the process would have, writing straight to the caller's terminal. The caller waits for the child's exit code, passing
 on Ctrl-C and other signals; when the caller goes away, the child is ended as a hung-up terminal would end it.

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Callable
 
-from ._agent import current_rlimits, limits_out_of_reach, populate_memory, set_name
+from ._agent import Spare, current_rlimits, limits_out_of_reach, set_name
 from ._cliclient import IDLE, SERVED, STREAMS, answers, frame, peer_cred, peer_uid, server_key, unframe
 
 def _prewarm() -> None:
@@ -103,75 +104,25 @@ def _recv_request(conn: socket.socket, nfds: int = len(STREAMS)) -> tuple[dict, 
         buf += chunk
 
 
-class _Spare:
-    """A child forked ahead of the next command, waiting on a socket pair for it (the request and its file
-    descriptors: the caller's connection, then its streams).
+def _command_spare(path: str) -> Callable[[socket.socket, str], int]:
+    """What a spare of this server does with its command (``_agent.Spare``): the request, and the caller's
+    connection and streams as file descriptors; it becomes that command and never returns."""
 
-    Forking the server and the first touches of its memory in the child (copy-on-write faults: over a thousand
-    for a submit) are a good part of a served command's time; the spare does both while the server is idle.
-    It asks the kernel to give it private copies of the server's writable memory at once
-    (``MADV_POPULATE_WRITE``, Linux 5.14+), so the command it becomes runs without those faults. It holds no
-    state of its own: it is the server as it was, and is replaced whenever the server imports more."""
-
-    def __init__(self, path: str, listener: socket.socket):
-        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.pid = os.fork()
-        if self.pid == 0:  # the spare
-            code = 0
-            try:
-                listener.close()
-                here.close()
-                populate_memory()
-                there.sendall(b"r")  # ready: the server hands commands only to a spare that has said so
-                name = set_name(SPARE_NAME)  # what ps shows while it waits, ready
-                try:
-                    req, fds = _recv_request(there, 1 + len(STREAMS))
-                except (OSError, ValueError):
-                    os._exit(0)  # the server replaced or ended us
-                if not fds:
-                    os._exit(0)
-                set_name(name)
-                conn = socket.socket(fileno=fds[0])
-                global _to_server
-                _to_server = there  # held to the end: its close tells the server this command is done
-                _become(conn, req, fds[1:], path)  # never returns
-            except BaseException:  # noqa: BLE001 - a spare must never return into the server's loop
-                code = 1
-            finally:
-                os._exit(code)
-        there.close()
-        self.sock = here
-        self.ready = self.gone = False
-
-    def is_ready(self) -> bool:
-        """Whether the spare has its copies made and waits (a command never waits for them)."""
-        if not self.ready and not self.gone:
-            import select
-
-            if select.select([self.sock], [], [], 0)[0]:
-                got = self.sock.recv(1)
-                self.ready, self.gone = got == b"r", got == b""  # gone: it ended (killed)
-        return self.ready
-
-    def take(self, conn: socket.socket, req: dict, fds: list[int]) -> bool:
-        """Hand the command to the spare; False when it is gone (then the server forks as before). Once
-        called, this spare is used up either way; after a True, :attr:`sock` reads its end once the command is
-        done (:meth:`close` it then)."""
-        import array
-
-        data = frame(req)
+    def become(there: socket.socket, name: str) -> int:
         try:
-            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                               array.array("i", [conn.fileno()] + list(fds)))])
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
-            return True
-        except OSError:
-            self.close()
-            return False
+            req, fds = _recv_request(there, 1 + len(STREAMS))
+        except (OSError, ValueError):
+            return 0  # the server replaced or ended us
+        if not fds:
+            return 0
+        set_name(name)
+        conn = socket.socket(fileno=fds[0])
+        global _to_server
+        _to_server = there  # held to the end: its close tells the server this command is done
+        _become(conn, req, fds[1:], path)  # never returns
+        return 1
 
-    def close(self) -> None:
-        self.sock.close()  # a spare still waiting sees the end, and exits
+    return become
 
 
 SPARE_NAME = "meshrun-spare"
@@ -349,8 +300,8 @@ def serve(path: str, idle: float = IDLE) -> None:
 
     import select
 
-    spare: _Spare | None = None
-    busy: _Spare | None = None  # the spare running the last command handed over, until it ends
+    spare: Spare | None = None
+    busy: Spare | None = None  # the spare running the last command handed over, until it ends
     want_spare = time.monotonic()  # when to fork the next spare: once a command is done, not while it runs
     last = time.monotonic()
     sock.settimeout(1.0)  # accept() after select(): never blocks on a caller that went away in between
@@ -363,7 +314,7 @@ def serve(path: str, idle: float = IDLE) -> None:
                 spare.close()
                 spare = None
             if spare is None and time.monotonic() >= want_spare:
-                spare = _Spare(path, sock)
+                spare = Spare((sock,), _command_spare(path), SPARE_NAME)
             wait = 1.0 if spare is not None else max(0.01, want_spare - time.monotonic())
             readable = select.select([sock] + ([busy.sock] if busy is not None else []), [], [], wait)[0]
             if sock not in readable:
@@ -417,8 +368,8 @@ def serve(path: str, idle: float = IDLE) -> None:
                 if spare is not None and spare.is_ready():
                     if busy is not None:
                         busy.close()
-                    taken, busy, spare = spare.take(conn, req, fds), spare, None
-                    busy = busy if taken else None
+                    taken = spare.hand(frame(req), [conn.fileno()] + fds)
+                    busy, spare = (spare if taken else None), None  # a spare that took it: done when it ends
                     want_spare = time.monotonic() + SPARE_AFTER
                 if not taken:
                     pid = os.fork()

@@ -79,7 +79,7 @@ def plan(
         here: list[Offer] = []
         first = settle_early and _local_first(spec, inputs)
         if first:
-            here = gather_offers(spec, ["local"], options=opts.model_copy(update={"exclude_backends": ()}))
+            here = gather_offers(spec, ["local"], options=opts)
             p = _rank(spec, here, inputs)
             if _unbeatable(p):
                 names, catalog = _sources(inputs["backends"], inputs["exclude_backends"], effective(opts))
