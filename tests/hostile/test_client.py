@@ -346,11 +346,19 @@ print(buf.decode().strip())
 
 def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, clean_sockets):
     """SO_PEERCRED on the server: bob reaching alice's fork server (through a link root made to it) and asking
-    it to start a job folder he wrote gets a refusal, and nothing runs as alice."""
+    it to start a job folder he wrote gets a refusal, nothing runs as alice, and the supervisor her server
+    keeps forked ahead (meshrun-nextjob) still waits for her next job."""
     path = Path(server_path(alice))
     r = cli(alice, "run", "--", "/bin/true")
     assert r.returncode == 0, r.stderr
     wait_until(path.exists, what="alice's fork server")
+
+    def spares() -> list[int]:
+        out = subprocess.run(["pgrep", "-x", "-u", str(alice.uid), "meshrun-nextjob"], capture_output=True,
+                             text=True).stdout.split()
+        return sorted(int(p) for p in out)
+
+    spare = wait_until(spares, what="alice's fork-server spare")
     bob_area = shared_for(bob, shared_dir, "bob", 0o755)
     link = bob_area / "alice-server.sock"
     os.link(path, link)
@@ -366,6 +374,8 @@ def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, cle
     reply = json.loads(r.stdout)
     assert "pid" not in reply and "refused" in reply.get("error", ""), reply
     assert not (job / ".started").exists() and not mark.exists()
+    time.sleep(0.5)
+    assert spares() == spare, "bob's request reached her spare"
     # the server itself still serves alice
     r = cli(alice, "run", "--", "/bin/echo", "still-serving")
     assert r.returncode == 0 and "still-serving" in r.stdout, r.stderr
