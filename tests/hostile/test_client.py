@@ -31,6 +31,24 @@ if TYPE_CHECKING:
     from .conftest import User
 
 
+def spares_of(server_path: str | Path, name: str) -> list[int]:
+    """The children named `name` (meshrun-nextjob, meshrun-spare) of the server whose argv names `server_path`.
+    Other servers of the same user (another MESHRUN_HOME of an earlier test, ending as its socket goes) keep
+    spares of their own, so a count of the user's processes by name alone would race with them."""
+    want = str(server_path).encode()
+    servers, parent = set(), {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            stat_ = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        comm, _, rest = stat_.partition(" (")[2].rpartition(")")
+        if want in argv and comm != name:
+            servers.add(int(p))
+        if comm == name:
+            parent[int(p)] = int(rest.split()[1])
+    return sorted(p for p, pp in parent.items() if pp in servers)
 
 
 def _reachable_by_others(path: str) -> bool:
@@ -354,9 +372,7 @@ def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, cle
     wait_until(path.exists, what="alice's fork server")
 
     def spares() -> list[int]:
-        out = subprocess.run(["pgrep", "-x", "-u", str(alice.uid), "meshrun-nextjob"], capture_output=True,
-                             text=True).stdout.split()
-        return sorted(int(p) for p in out)
+        return spares_of(path, "meshrun-nextjob")
 
     spare = wait_until(spares, what="alice's fork-server spare")
     bob_area = shared_for(bob, shared_dir, "bob", 0o755)
@@ -429,9 +445,7 @@ def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_
     before = len(alice_jobs(alice, env))
 
     def spares() -> list[int]:  # her server's child forked ahead for her next command (meshrun-spare in ps)
-        out = subprocess.run(["pgrep", "-x", "-u", str(alice.uid), "meshrun-spare"], capture_output=True,
-                             text=True).stdout.split()
-        return sorted(int(p) for p in out)
+        return spares_of(path, "meshrun-spare")
 
     spare = wait_until(spares, timeout=60, what="alice's spare")
     try:
