@@ -226,13 +226,55 @@ def wandb_runs(wandb_tmp):
     return read
 
 
-def proc_alive(pid: int) -> bool:
-    """True for a live process, False for a dead or zombie one."""
+# ---- the process table (/proc), for tests of what meshrun leaves running -----------------------------------
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the name: state, ppid, ...; [] for a process that is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def proc_alive(pid: int) -> bool:
+    """True for a live process, False for a dead or zombie one."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def proc_comm(pid: int) -> str:
+    """A process's name (``/proc/<pid>/comm``, what ps shows; meshrun names its spares); "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return False
+        return ""
+
+
+def proc_children(pid: int, name: str | None = None) -> list[int]:
+    """The children of process ``pid`` (only those named ``name``, when given), in pid order."""
+    out = []
+    for p in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        fields = _stat_fields(p)
+        if len(fields) > 1 and int(fields[1]) == pid and (name is None or proc_comm(p) == name):
+            out.append(p)
+    return out
+
+
+def proc_serving(path: str | os.PathLike[str]) -> list[int]:
+    """The warm servers (meshrun's fork server, its command server) whose command line names socket ``path``:
+    each process whose argv holds it and whose parent's does not (its forks, its spare among them, share its
+    argv)."""
+    want = os.fsencode(path)
+    found = set()
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if want in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0"):
+                found.add(int(p))
+        except OSError:
+            continue
+    return sorted(p for p in found if (f := _stat_fields(p)) and int(f[1]) not in found)
 
 
 @pytest.fixture
@@ -240,6 +282,9 @@ def helpers():
     class H:
         wait_until = staticmethod(wait_until)
         proc_alive = staticmethod(proc_alive)
+        comm = staticmethod(proc_comm)
+        children = staticmethod(proc_children)
+        serving = staticmethod(proc_serving)
         repo = REPO
         fakes = FAKES
 

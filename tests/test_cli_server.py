@@ -32,7 +32,7 @@ sys.exit(rc)
 
 
 @pytest.fixture
-def served(tmp_path, monkeypatch):
+def served(tmp_path, monkeypatch, helpers):
     """This test's server: the environment that reaches it (a PYTHONPATH of its own) and a function that
     starts it and waits until it answers."""
     marker = tmp_path / "path-entry"
@@ -57,11 +57,8 @@ def served(tmp_path, monkeypatch):
         return server_pid()
 
     def server_pid() -> int:
-        out = subprocess.run(["pgrep", "-f", f"meshrun._cliserver {sock}"], capture_output=True, text=True).stdout
-        pids = [int(p) for p in out.split()]
-        # the server, not its spare (a child with the same command line)
-        servers = [p for p in pids if _ppid(p) not in pids]
-        assert len(servers) == 1, out
+        servers = helpers.serving(sock)  # the server, not its spare (a child with the same command line)
+        assert len(servers) == 1, servers
         return servers[0]
 
     class Served:
@@ -174,7 +171,7 @@ def test_a_fresh_interpreters_first_submit_is_served(served):
     assert got["served"] is True, "the first submit was not served"
 
 
-def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served):
+def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served, helpers):
     """Ctrl-C on the caller is passed to the command (which detaches from the job, as it does unserved); a
     caller killed outright takes its command with it, as a hung-up terminal would."""
     server = served.start()
@@ -182,7 +179,7 @@ def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def children() -> list[int]:  # the server's children that serve a command (not its spare)
-        return [p for p in server_children(server) if comm(p) != "meshrun-spare"]
+        return [p for p in helpers.children(server) if helpers.comm(p) != "meshrun-spare"]
 
     wait_until(lambda: children(), 60, 0.05, "the served command")
     time.sleep(1.0)  # the job is submitted and followed
@@ -202,33 +199,7 @@ def test_ctrl_c_reaches_the_command_and_a_killed_caller_leaves_nothing(served):
     wait_until(lambda: not children(), 30, 0.05, "the command of the killed caller to end")
 
 
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def server_children(server: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(server)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def gone(pid: int) -> bool:  # ended (a zombie not yet reaped counts as ended)
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def test_a_spare_forked_ahead_becomes_the_command_and_ends_with_the_server(served):
+def test_a_spare_forked_ahead_becomes_the_command_and_ends_with_the_server(served, helpers):
     """The server keeps one child forked ahead (named meshrun-spare in ps), which becomes the next command; a
     fresh spare follows; when the server ends, so does its spare (no orphan is left)."""
     server = served.start()
@@ -236,7 +207,7 @@ def test_a_spare_forked_ahead_becomes_the_command_and_ends_with_the_server(serve
     assert warm.returncode == 0, warm.stderr
 
     def spare() -> int | None:
-        spares = [p for p in server_children(server) if comm(p) == "meshrun-spare"]
+        spares = helpers.children(server, "meshrun-spare")
         assert len(spares) <= 1, spares
         return spares[0] if spares else None
 
@@ -244,16 +215,18 @@ def test_a_spare_forked_ahead_becomes_the_command_and_ends_with_the_server(serve
     p = subprocess.Popen([sys.executable, "-c", CLIENT, "run", "--", "sleep", "300"], env=served.env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: comm(first) not in ("meshrun-spare", ""), 30, 0.02, "the spare to take the command")
-        assert first in server_children(server)
+        wait_until(lambda: helpers.comm(first) not in ("meshrun-spare", ""), 30, 0.02,
+                   "the spare to take the command")
+        assert first in helpers.children(server)
         second = wait_until(spare, 30, 0.02, "the next spare")
         assert second != first
     finally:
         p.kill()
         p.wait()
-    wait_until(lambda: gone(first), 30, 0.05, "the command of the killed caller to end")
+    wait_until(lambda: not helpers.proc_alive(first), 30, 0.05, "the command of the killed caller to end")
     os.unlink(served.sock)  # the server ends within a second of its socket going, and its spare with it
-    wait_until(lambda: gone(second) and gone(server), 30, 0.05, "the server and its spare to end")
+    wait_until(lambda: not helpers.proc_alive(second) and not helpers.proc_alive(server), 30, 0.05,
+               "the server and its spare to end")
 
 
 def test_a_server_steps_aside_when_what_it_imported_changed(served):

@@ -141,25 +141,6 @@ def test_umask_of_each_submitter_through_the_warm_server(tmp_path, helpers):
     assert len(parents) == 1
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat_ = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat_.rpartition(")")[2].split()[1]) == pid:
-            out.append(int(p))
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def test_the_fork_servers_spare_becomes_the_next_jobs_supervisor_as_that_submitter(helpers):
     """The warm fork server keeps a child forked ahead (meshrun-nextjob in ps), which becomes the next job's
     supervisor with that submitter's environment, umask and resource limits, as a child forked for the job
@@ -168,20 +149,10 @@ def test_the_fork_servers_spare_becomes_the_next_jobs_supervisor_as_that_submitt
     path = _local.fork_server_path(meshrun.get_config().home, warn=False)
     helpers.wait_until(lambda: os.path.exists(path), what="the fork server")
 
-    def server() -> int | None:
-        for p in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" in argv and path.encode() in argv:
-                return int(p)
-        return None
-
-    srv = helpers.wait_until(server, what="the fork server's process")
+    srv, = helpers.wait_until(lambda: helpers.serving(path), what="the fork server's process")
 
     def spare() -> int | None:
-        found = [p for p in _children(srv) if _comm(p) == "meshrun-nextjob"]
+        found = helpers.children(srv, "meshrun-nextjob")
         assert len(found) <= 1, found
         return found[0] if found else None
 

@@ -31,26 +31,6 @@ if TYPE_CHECKING:
     from .conftest import User
 
 
-def spares_of(server_path: str | Path, name: str) -> list[int]:
-    """The children named `name` (meshrun-nextjob, meshrun-spare) of the server whose argv names `server_path`.
-    Other servers of the same user (another MESHRUN_HOME of an earlier test, ending as its socket goes) keep
-    spares of their own, so a count of the user's processes by name alone would race with them."""
-    want = str(server_path).encode()
-    servers, parent = set(), {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-            stat_ = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        comm, _, rest = stat_.partition(" (")[2].rpartition(")")
-        if want in argv and comm != name:
-            servers.add(int(p))
-        if comm == name:
-            parent[int(p)] = int(rest.split()[1])
-    return sorted(p for p, pp in parent.items() if pp in servers)
-
-
 def _reachable_by_others(path: str) -> bool:
     p = Path(os.path.realpath(path))
     if not os.stat(p).st_mode & stat.S_IXOTH:
@@ -362,7 +342,7 @@ print(buf.decode().strip())
 """
 
 
-def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, clean_sockets):
+def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, clean_sockets, helpers):
     """SO_PEERCRED on the server: bob reaching alice's fork server (through a link root made to it) and asking
     it to start a job folder he wrote gets a refusal, nothing runs as alice, and the supervisor her server
     keeps forked ahead (meshrun-nextjob) still waits for her next job."""
@@ -371,8 +351,8 @@ def test_the_server_refuses_a_client_of_another_user(alice, bob, shared_dir, cle
     assert r.returncode == 0, r.stderr
     wait_until(path.exists, what="alice's fork server")
 
-    def spares() -> list[int]:
-        return spares_of(path, "meshrun-nextjob")
+    def spares() -> list[int]:  # of this server: another MESHRUN_HOME's (an earlier test's) may end meanwhile
+        return [p for s in helpers.serving(path) for p in helpers.children(s, "meshrun-nextjob")]
 
     spare = wait_until(spares, what="alice's fork-server spare")
     bob_area = shared_for(bob, shared_dir, "bob", 0o755)
@@ -427,7 +407,7 @@ print(json.dumps(reply or {}))
 """
 
 
-def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_dir, clean_sockets):
+def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_dir, clean_sockets, helpers):
     """SO_PEERCRED on alice's command server: bob, reaching it through a link root made (her socket directory
     is private), asks it to run a command with his streams; he is refused, nothing runs as alice, and her
     own commands are still served."""
@@ -445,7 +425,7 @@ def test_the_command_server_refuses_a_client_of_another_user(alice, bob, shared_
     before = len(alice_jobs(alice, env))
 
     def spares() -> list[int]:  # her server's child forked ahead for her next command (meshrun-spare in ps)
-        return spares_of(path, "meshrun-spare")
+        return [p for s in helpers.serving(path) for p in helpers.children(s, "meshrun-spare")]
 
     spare = wait_until(spares, timeout=60, what="alice's spare")
     try:
